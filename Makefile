@@ -1,0 +1,57 @@
+# doppel — real-time block replication and failover for Linux.
+# `make` (or `make help`) lists the targets.
+
+GO        ?= go
+CLANG     ?= clang-14
+BIN       := bin/doppel
+GOFLAGS_STATIC := CGO_ENABLED=0
+TEST_TIMEOUT ?= 25m
+
+.DEFAULT_GOAL := help
+.PHONY: help deps build static generate check-generate vet test test-unit test-vm bench bench-nbd bench-repl demo clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+deps: ## install what the tests need (Debian packages when missing, Go modules)
+	@test/deps.sh
+	$(GO) mod download
+
+build: ## build bin/doppel
+	$(GO) build -o $(BIN) ./cmd/doppel
+
+static: ## build a static bin/doppel (for initramfs and VMs)
+	$(GOFLAGS_STATIC) $(GO) build -trimpath -ldflags '-s -w' -o $(BIN) ./cmd/doppel
+
+generate: ## regenerate the XDP probe's Go bindings and object (needs $(CLANG))
+	cd ebpf && CLANG=$(CLANG) $(GO) generate ./...
+
+check-generate: generate ## fail if regenerating the eBPF bindings changes anything
+	git diff --exit-code -- ebpf/
+
+vet: ## gofmt and go vet
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
+	$(GO) vet ./...
+
+test: deps vet ## run every test tier this machine can run (root tiers need root; the VM tier needs qemu)
+	$(GO) test -timeout $(TEST_TIMEOUT) ./...
+
+test-unit: ## unit tests only (no root, no network namespaces, no VMs)
+	$(GO) test -short ./...
+
+test-vm: deps ## the qemu VM tier alone (downloads a Debian kernel with apt-get download)
+	$(GO) test -timeout $(TEST_TIMEOUT) -v ./test/vm/...
+
+bench: bench-nbd bench-repl ## every benchmark; results go to bench/RESULTS.md
+
+bench-nbd: deps build ## fio's nbd engine against doppel, nbdkit, qemu-nbd and go-nbd
+	@echo "bench-nbd: not built yet" && exit 1
+
+bench-repl: deps build ## fio through a replicated export: unreplicated vs async vs sync
+	@echo "bench-repl: not built yet" && exit 1
+
+demo: deps build ## two-host lab in network namespaces: protect, fail over, reverse, fail back (root)
+	@echo "demo: not built yet" && exit 1
+
+clean: ## remove build output
+	rm -rf bin
