@@ -1,0 +1,576 @@
+// Package ha is the failover state machine of a doppel job: protect, mirror,
+// replicate, detect the source's failure, fail over (automatically or on the
+// operator's word), fence the returned old source, reverse protection and
+// fail back.
+//
+// It is a pure state machine in the style of etcd raft's RawNode: one Node
+// per job per agent; the driver steps it with events (Step), advances its
+// clock by one monitor interval (Tick) and collects what to do (Ready):
+// state to persist, messages for the peer's node and actions (serve the
+// volume, take the service IP, promote, run a script...). There are no
+// sockets, netlink, goroutines or wall clock inside: all time is ticks, all
+// effects are returned, so every scenario is a deterministic transcript
+// (testdata/*.txt, regenerated with go test -rewrite).
+//
+// Safety rules it enforces:
+//   - the target declares the source failed only when every monitored path
+//     has been silent for Missed ticks (interval × missed);
+//   - automatic failover only in auto mode and only onto a consistent target;
+//     the operator's failover is refused for an inconsistent target, a source
+//     still alive, or a job already failed over (the first two unless forced);
+//   - a restarted source neither serves nor takes the service IP until it has
+//     heard its peer (or StartGrace ticks passed); a source that learns of a
+//     newer epoch fences itself ("superseded, run doppel reverse");
+//   - equal epochs claimed by two sources is split brain, reported, never
+//     resolved silently.
+package ha
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+)
+
+// Config is a node's static configuration for one job.
+type Config struct {
+	Job  string
+	Self string // this agent's name in the job
+	Peer string // the other agent's name
+	// Home is the job's original source: failback returns the role to it.
+	Home     string
+	Failover FailoverMode
+	// Paths names the monitored paths (e.g. "repl", "app").
+	Paths []string
+	// Missed is the number of silent ticks on every path after which the
+	// source is declared failed.
+	Missed int
+	// StartGrace is how many ticks a restarted source waits to hear its
+	// peer before serving; 0 means 2 × Missed.
+	StartGrace int
+}
+
+// Node is the state machine of one job on one agent.
+type Node struct {
+	cfg Config
+	hs  HardState
+
+	state      State
+	started    bool
+	linkUp     bool
+	silent     map[string]int // path -> ticks since last heard
+	sourceDown bool           // target: monitor declared the source failed
+	startTicks int            // ticks spent in StateStarting
+
+	peerKnown      bool
+	peerRole       Role
+	peerEpoch      uint64
+	peerSuperseded bool
+
+	reason  string
+	lastErr string
+
+	pending  Ready
+	dirtyHS  bool
+	lastSent HardState
+}
+
+// NewNode returns a node for cfg resuming from hs (the zero HardState is not
+// valid: a new job starts from Initial).
+func NewNode(cfg Config, hs HardState) (*Node, error) {
+	if cfg.Job == "" || cfg.Self == "" || cfg.Peer == "" || cfg.Self == cfg.Peer {
+		return nil, fmt.Errorf("ha: job %q: need distinct self and peer names (%q, %q)", cfg.Job, cfg.Self, cfg.Peer)
+	}
+	if cfg.Home != cfg.Self && cfg.Home != cfg.Peer {
+		return nil, fmt.Errorf("ha: job %q: home %q is neither %q nor %q", cfg.Job, cfg.Home, cfg.Self, cfg.Peer)
+	}
+	if cfg.Failover != FailoverAuto && cfg.Failover != FailoverManual {
+		return nil, fmt.Errorf("ha: job %q: failover mode %q is neither auto nor manual", cfg.Job, cfg.Failover)
+	}
+	if len(cfg.Paths) == 0 {
+		return nil, fmt.Errorf("ha: job %q: no monitored path", cfg.Job)
+	}
+	if cfg.Missed < 1 {
+		return nil, fmt.Errorf("ha: job %q: missed must be at least 1, got %d", cfg.Job, cfg.Missed)
+	}
+	if hs.Role != RoleSource && hs.Role != RoleTarget {
+		return nil, fmt.Errorf("ha: job %q: role %q is neither source nor target", cfg.Job, hs.Role)
+	}
+	if cfg.StartGrace == 0 {
+		cfg.StartGrace = 2 * cfg.Missed
+	}
+	n := &Node{cfg: cfg, hs: hs, lastSent: hs, silent: map[string]int{}}
+	for _, p := range cfg.Paths {
+		n.silent[p] = 0
+	}
+	n.state = StateDisconnected
+	return n, nil
+}
+
+// Initial is the hard state of a freshly created job on the named agent.
+func Initial(cfg Config) HardState {
+	if cfg.Self == cfg.Home {
+		return HardState{Role: RoleSource, Epoch: 1}
+	}
+	return HardState{Role: RoleTarget, Epoch: 1}
+}
+
+// HardState returns the node's current persistent state.
+func (n *Node) HardState() HardState { return n.hs }
+
+// Tick advances the node's clock by one monitor interval.
+func (n *Node) Tick() {
+	if !n.started {
+		return
+	}
+	for _, p := range n.cfg.Paths {
+		if n.silent[p] < 1<<30 {
+			n.silent[p]++
+		}
+	}
+	switch {
+	case n.state == StateStarting:
+		n.startTicks++
+		if n.startTicks >= n.cfg.StartGrace {
+			n.reason = ""
+			n.hs.Alone = true
+			n.becomeActiveSource()
+		}
+	case n.hs.Role == RoleTarget && !n.sourceDown && n.allSilent():
+		n.sourceDown = true
+		n.onSourceDown()
+	}
+}
+
+// Step feeds one event. Operator commands return a *RefusedError when they
+// do not apply, and change nothing then.
+func (n *Node) Step(ev Event) error {
+	if !n.started && ev.Type != EvStart {
+		return fmt.Errorf("ha: job %q: %s before start", n.cfg.Job, ev.Type)
+	}
+	switch ev.Type {
+	case EvStart:
+		if n.started {
+			return nil
+		}
+		n.started = true
+		n.start()
+	case EvLinkUp:
+		n.linkUp = true
+		n.hello(false)
+		n.refreshState()
+	case EvLinkDown:
+		n.linkUp = false
+		n.refreshState()
+	case EvResync:
+		n.setConsistent(false)
+		n.refreshState()
+	case EvSynced:
+		n.setConsistent(true)
+		n.refreshState()
+	case EvHeartbeat:
+		if _, ok := n.silent[ev.Path]; !ok {
+			return fmt.Errorf("ha: job %q: heartbeat on unknown path %q", n.cfg.Job, ev.Path)
+		}
+		n.silent[ev.Path] = 0
+		if n.sourceDown {
+			n.sourceDown = false
+			if n.state == StateSourceDown {
+				n.reason = ""
+				n.state = ""
+				n.refreshState()
+			}
+		}
+	case EvDrained:
+		n.onDrained()
+	case EvActionFailed:
+		n.lastErr = fmt.Sprintf("%s: %s", ev.Action, ev.Err)
+	case EvMessage:
+		if ev.Msg == nil {
+			return fmt.Errorf("ha: job %q: message event without message", n.cfg.Job)
+		}
+		n.onMessage(*ev.Msg)
+	case CmdFailover:
+		return n.failover(ev, false)
+	case CmdReverse:
+		return n.reverse()
+	case CmdFailback:
+		return n.failback()
+	case CmdPause:
+		return n.pause()
+	case CmdResume:
+		return n.resume()
+	default:
+		return fmt.Errorf("ha: job %q: unknown event %q", n.cfg.Job, ev.Type)
+	}
+	return nil
+}
+
+// HasReady reports whether Ready has anything to do.
+func (n *Node) HasReady() bool {
+	return n.hs != n.lastSent || len(n.pending.Messages) > 0 || len(n.pending.Actions) > 0
+}
+
+// Ready returns what the driver must do now and forgets it: the driver
+// persists HardState (when MustPersist) before sending the messages and
+// doing the actions, in order.
+func (n *Node) Ready() Ready {
+	rd := n.pending
+	rd.HardState = n.hs
+	rd.MustPersist = n.hs != n.lastSent
+	n.lastSent = n.hs
+	n.pending = Ready{}
+	return rd
+}
+
+// Status reports the node's view of the job.
+func (n *Node) Status() Status {
+	st := Status{
+		Job: n.cfg.Job, Self: n.cfg.Self, Peer: n.cfg.Peer,
+		Role: n.hs.Role, State: n.state, Epoch: n.hs.Epoch,
+		Consistent: n.hs.Consistent, Failover: n.cfg.Failover,
+		LinkUp: n.linkUp, Reason: n.reason, LastError: n.lastErr,
+		TicksToFail: -1,
+	}
+	minSilent := -1
+	for _, p := range n.cfg.Paths {
+		s := n.silent[p]
+		st.Paths = append(st.Paths, PathStatus{Name: p, SilentTicks: s, Up: s < n.cfg.Missed})
+		if minSilent < 0 || s < minSilent {
+			minSilent = s
+		}
+	}
+	if n.hs.Role == RoleTarget && !n.hs.Superseded && !n.sourceDown && minSilent > 0 {
+		st.TicksToFail = n.cfg.Missed - minSilent
+	}
+	return st
+}
+
+func (n *Node) allSilent() bool {
+	for _, p := range n.cfg.Paths {
+		if n.silent[p] < n.cfg.Missed {
+			return false
+		}
+	}
+	return true
+}
+
+func (n *Node) peerAlive() bool { return !n.allSilent() }
+
+func (n *Node) act(a ...Action) { n.pending.Actions = append(n.pending.Actions, a...) }
+
+func (n *Node) send(t MessageType, reply bool) {
+	n.pending.Messages = append(n.pending.Messages, Message{
+		Type: t, From: n.cfg.Self, To: n.cfg.Peer, Role: n.hs.Role,
+		Epoch: n.hs.Epoch, Superseded: n.hs.Superseded, Reply: reply,
+	})
+}
+
+func (n *Node) hello(reply bool) { n.send(MsgHello, reply) }
+
+func (n *Node) setConsistent(c bool) { n.hs.Consistent = c }
+
+func (n *Node) start() {
+	switch {
+	case n.hs.Superseded:
+		n.fence() // announces itself
+		return
+	case n.hs.Role == RoleSource:
+		n.state = StateStarting
+		n.reason = "waiting to hear " + n.cfg.Peer + " before serving"
+	default:
+		n.act(Action{Type: ActStartTarget})
+		n.refreshState()
+	}
+	n.hello(false)
+}
+
+// becomeActiveSource serves the volume, takes the service IP and starts
+// shipping: the end of StateStarting.
+func (n *Node) becomeActiveSource() {
+	n.act(Action{Type: ActServe}, Action{Type: ActApplyIdentity})
+	if n.hs.Paused {
+		n.act(Action{Type: ActPauseRepl})
+	}
+	n.act(Action{Type: ActStartSource})
+	n.state = "" // leave Starting
+	n.refreshState()
+}
+
+// refreshState recomputes the state from the facts for the states that
+// follow from them (not the ones held by a procedure in progress).
+func (n *Node) refreshState() {
+	switch n.state {
+	case StateStarting, StateSuperseded, StateSplitBrain, StateFailingBack, StateSourceDown:
+		return
+	case StateFailedOver:
+		if n.hs.FailedOver {
+			return
+		}
+	}
+	switch {
+	case n.hs.Role == RoleSource && n.hs.Paused:
+		n.state = StatePaused
+	case n.hs.Role == RoleSource && n.hs.FailedOver:
+		n.state = StateFailedOver
+	case !n.linkUp:
+		n.state = StateDisconnected
+	case !n.hs.Consistent && n.state == StateReversing:
+		// stays reversing until synced
+	case !n.hs.Consistent:
+		n.state = StateMirroring
+	default:
+		n.state = StateReplicating
+	}
+}
+
+func (n *Node) onSourceDown() {
+	switch {
+	case n.cfg.Failover == FailoverAuto && n.hs.Consistent:
+		// Every path is silent: the source is gone.
+		_ = n.failover(Event{Type: CmdFailover}, true)
+	case n.cfg.Failover == FailoverAuto:
+		n.state = StateSourceDown
+		n.reason = "source " + n.cfg.Peer + " is down but the target is inconsistent (mirror incomplete): no automatic failover; doppel failover --force takes over with incomplete data"
+	default:
+		n.state = StateSourceDown
+		n.reason = "source " + n.cfg.Peer + " is down: run doppel failover"
+	}
+}
+
+func (n *Node) refuse(cmd EventType, err error, format string, a ...any) error {
+	return &RefusedError{Command: cmd, Err: err, Reason: fmt.Sprintf(format, a...)}
+}
+
+func (n *Node) failover(ev Event, auto bool) error {
+	switch {
+	case n.hs.Role == RoleSource && n.hs.FailedOver:
+		return n.refuse(CmdFailover, ErrAlreadyFailedOver, "job %s already failed over to %s (epoch %d); next step: doppel reverse", n.cfg.Job, n.cfg.Self, n.hs.Epoch)
+	case n.hs.Superseded:
+		return n.refuse(CmdFailover, ErrWrongRole, "%s is the superseded old source of job %s; %s holds the job", n.cfg.Self, n.cfg.Job, n.cfg.Peer)
+	case n.hs.Role == RoleSource:
+		return n.refuse(CmdFailover, ErrWrongRole, "%s is the source of job %s: fail over on its target %s", n.cfg.Self, n.cfg.Job, n.cfg.Peer)
+	case n.state == StateFailingBack:
+		return n.refuse(CmdFailover, ErrBadState, "job %s is failing back", n.cfg.Job)
+	case !n.hs.Consistent && !ev.Force:
+		return n.refuse(CmdFailover, ErrInconsistent, "target %s is inconsistent (mirror or resync incomplete): its data is not a usable image; --force takes over anyway", n.cfg.Self)
+	case !auto && n.peerAlive() && !ev.Force:
+		return n.refuse(CmdFailover, ErrSourceAlive, "source %s is still heard on %s: use doppel failback for a planned switchover, or --force (the source will be fenced)", n.cfg.Peer, n.alivePaths())
+	}
+	epoch := max(n.hs.Epoch, n.peerEpoch) + 1
+	n.act(
+		Action{Type: ActRunScript, Hook: HookPreFailover},
+		Action{Type: ActStopTarget, ApplyQueue: !ev.DiscardQueue},
+		Action{Type: ActPromote, Epoch: epoch},
+		Action{Type: ActServe},
+		Action{Type: ActApplyIdentity},
+		Action{Type: ActRunScript, Hook: HookPostFailover},
+	)
+	n.hs.Role = RoleSource
+	n.hs.Epoch = epoch
+	n.hs.FailedOver = true
+	n.hs.Paused = false
+	n.sourceDown = false
+	n.state = StateFailedOver
+	n.reason = ""
+	n.lastErr = ""
+	// Tell the old source, in case it hears: it fences itself.
+	n.send(MsgPromoted, false)
+	return nil
+}
+
+func (n *Node) alivePaths() string {
+	var alive []string
+	for _, p := range n.cfg.Paths {
+		if n.silent[p] < n.cfg.Missed {
+			alive = append(alive, p)
+		}
+	}
+	return fmt.Sprint(alive)
+}
+
+// fence makes this node the superseded old source: no service IP, volume
+// not served, nothing shipped.
+func (n *Node) fence() {
+	n.hs.Superseded = true
+	n.hs.FailedOver = false
+	n.state = StateSuperseded
+	n.reason = "superseded by " + n.cfg.Peer + ", run doppel reverse"
+	if n.hs.Alone {
+		n.reason = "split brain: " + n.cfg.Self + " served alone while " + n.cfg.Peer + " took over; superseded by " + n.cfg.Peer + ", run doppel reverse (" + n.cfg.Self + "'s divergent blocks are saved before the resync)"
+	}
+	n.act(Action{Type: ActReleaseIdentity}, Action{Type: ActStopServe}, Action{Type: ActStopSource})
+	n.hello(false) // the new source learns that this node is fenced
+}
+
+func (n *Node) onMessage(m Message) {
+	if m.From != n.cfg.Peer || m.To != n.cfg.Self {
+		n.lastErr = fmt.Sprintf("message %s not for this job's pair", m)
+		return
+	}
+	n.peerKnown = true
+	n.peerRole, n.peerEpoch, n.peerSuperseded = m.Role, m.Epoch, m.Superseded
+	switch m.Type {
+	case MsgHello, MsgPromoted:
+		n.onPeerState(m)
+		if m.Type == MsgHello && !m.Reply {
+			n.hello(true)
+		}
+	case MsgReverse:
+		if !n.hs.Superseded || m.Epoch < n.hs.Epoch {
+			n.lastErr = fmt.Sprintf("ignored %s: not superseded by that epoch", m)
+			return
+		}
+		n.hs = HardState{Role: RoleTarget, Epoch: m.Epoch, Consistent: false}
+		n.state = StateReversing
+		n.reason = ""
+		n.act(Action{Type: ActStartTarget})
+	case MsgHandover:
+		if n.hs.Role != RoleTarget || !n.hs.Consistent {
+			n.lastErr = fmt.Sprintf("refused %s: role %s consistent=%t", m, n.hs.Role, n.hs.Consistent)
+			return
+		}
+		epoch := max(n.hs.Epoch, m.Epoch) + 1
+		n.act(
+			Action{Type: ActStopTarget, ApplyQueue: true},
+			Action{Type: ActPromote, Epoch: epoch},
+			Action{Type: ActServe},
+			Action{Type: ActApplyIdentity},
+			Action{Type: ActStartSource},
+			Action{Type: ActRunScript, Hook: HookPostFailback},
+		)
+		n.hs.Role, n.hs.Epoch = RoleSource, epoch
+		n.sourceDown = false
+		n.linkUp = false
+		n.state = ""
+		n.refreshState()
+		n.send(MsgHandoverDone, false)
+	case MsgHandoverDone:
+		if n.state != StateFailingBack {
+			return
+		}
+		n.hs.Epoch = max(n.hs.Epoch, m.Epoch)
+		n.linkUp = false
+		n.state = ""
+		n.refreshState()
+	}
+}
+
+// onPeerState reconciles this node with the peer's announced role/epoch.
+func (n *Node) onPeerState(m Message) {
+	if n.hs.Superseded {
+		return
+	}
+	if n.hs.Role == RoleTarget {
+		if m.Role == RoleSource && m.Epoch > n.hs.Epoch && n.state != StateFailingBack {
+			n.hs.Epoch = m.Epoch
+		}
+		return
+	}
+	// This node is a source.
+	if m.Role == RoleTarget && m.Epoch == n.hs.Epoch {
+		n.hs.Alone = false
+	}
+	if m.Role != RoleSource || m.Superseded {
+		if n.state == StateStarting {
+			n.reason = ""
+			n.becomeActiveSource()
+		}
+		return
+	}
+	switch {
+	case m.Epoch > n.hs.Epoch:
+		n.fence()
+	case m.Epoch == n.hs.Epoch:
+		n.state = StateSplitBrain
+		n.reason = fmt.Sprintf("split brain: %s and %s both claim source at epoch %d; resolve by hand (doppel verify, then reverse on the host whose data you keep)", n.cfg.Self, n.cfg.Peer, m.Epoch)
+	default:
+		// The peer is an older source: our reply hello fences it.
+		if n.state == StateStarting {
+			n.reason = ""
+			n.becomeActiveSource()
+		}
+	}
+}
+
+func (n *Node) reverse() error {
+	switch {
+	case n.hs.Superseded:
+		return n.refuse(CmdReverse, ErrWrongRole, "%s is the superseded side of job %s: run doppel reverse against %s, which holds the job", n.cfg.Self, n.cfg.Job, n.cfg.Peer)
+	case !n.hs.FailedOver:
+		return n.refuse(CmdReverse, ErrBadState, "job %s is %s: reverse applies to a failed-over job", n.cfg.Job, n.state)
+	case !n.peerKnown || !n.peerSuperseded || !n.peerAlive():
+		return n.refuse(CmdReverse, ErrPeerUnreachable, "old source %s has not reported back fenced: start its agent (it must be reachable on %v) and retry", n.cfg.Peer, n.cfg.Paths)
+	}
+	n.hs.FailedOver = false
+	n.hs.Consistent = false
+	n.state = StateReversing
+	n.reason = ""
+	n.act(Action{Type: ActStartSource})
+	n.send(MsgReverse, false)
+	return nil
+}
+
+func (n *Node) failback() error {
+	switch {
+	case n.hs.Role != RoleSource || n.hs.Superseded:
+		return n.refuse(CmdFailback, ErrWrongRole, "%s is not the source of job %s: run failback against %s", n.cfg.Self, n.cfg.Job, n.cfg.Peer)
+	case n.cfg.Self == n.cfg.Home:
+		return n.refuse(CmdFailback, ErrBadState, "job %s already runs on its original source %s", n.cfg.Job, n.cfg.Self)
+	case n.hs.FailedOver:
+		return n.refuse(CmdFailback, ErrBadState, "job %s is failed over and not protected: run doppel reverse first, then failback once replicating", n.cfg.Job)
+	case n.state != StateReplicating:
+		return n.refuse(CmdFailback, ErrBadState, "failback needs job %s replicating with both hosts up (state: %s)", n.cfg.Job, n.state)
+	}
+	n.state = StateFailingBack
+	n.act(Action{Type: ActRunScript, Hook: HookPreFailback}, Action{Type: ActQuiesce})
+	return nil
+}
+
+func (n *Node) onDrained() {
+	if n.state != StateFailingBack || n.hs.Role != RoleSource {
+		return
+	}
+	// Everything acknowledged is on the peer: hand over.
+	n.act(
+		Action{Type: ActReleaseIdentity},
+		Action{Type: ActStopServe},
+		Action{Type: ActStopSource},
+		Action{Type: ActStartTarget},
+	)
+	n.hs.Role = RoleTarget
+	n.hs.Consistent = true
+	n.send(MsgHandover, false)
+}
+
+func (n *Node) pause() error {
+	if n.hs.Role != RoleSource || n.hs.Superseded {
+		return n.refuse(CmdPause, ErrWrongRole, "%s is not the source of job %s: pause on %s", n.cfg.Self, n.cfg.Job, n.cfg.Peer)
+	}
+	if n.hs.Paused {
+		return n.refuse(CmdPause, ErrBadState, "job %s is already paused", n.cfg.Job)
+	}
+	if !slices.Contains([]State{StateMirroring, StateReplicating, StateDisconnected, StateReversing}, n.state) {
+		return n.refuse(CmdPause, ErrBadState, "job %s is %s: only a protecting job can be paused", n.cfg.Job, n.state)
+	}
+	n.hs.Paused = true
+	n.state = StatePaused
+	n.act(Action{Type: ActPauseRepl})
+	return nil
+}
+
+func (n *Node) resume() error {
+	if !n.hs.Paused {
+		return n.refuse(CmdResume, ErrBadState, "job %s is not paused (state: %s)", n.cfg.Job, n.state)
+	}
+	n.hs.Paused = false
+	n.state = ""
+	n.act(Action{Type: ActResumeRepl})
+	n.refreshState()
+	return nil
+}
+
+// IsRefused reports whether err is a refusal of an operator command.
+func IsRefused(err error) bool {
+	var r *RefusedError
+	return errors.As(err, &r)
+}
