@@ -1,0 +1,241 @@
+package blockdev
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"runtime"
+
+	"golang.org/x/sys/unix"
+)
+
+// File is a Backend over a regular file or a block device, with pread and
+// pwrite straight on the descriptor. On a regular file Trim punches a hole
+// and WriteZeroes uses FALLOC_FL_ZERO_RANGE (or a hole when the range may be
+// deallocated); on a block device both use the kernel's zeroing discard and
+// BLKZEROOUT. Sync is fdatasync.
+type File struct {
+	f      *os.File
+	fd     int
+	size   int64
+	dev    bool // block device
+	sector int64
+	path   string
+}
+
+var (
+	_ Backend = (*File)(nil)
+	_ Trimmer = (*File)(nil)
+	_ Zeroer  = (*File)(nil)
+)
+
+// OpenFile opens the regular file at path for reading and writing. When it
+// does not exist it is created sparse with size bytes (size must then be
+// positive). When it exists, size 0 means "use its size"; a different
+// positive size is refused, except that an empty file is extended.
+func OpenFile(path string, size int64) (*File, error) {
+	if size < 0 {
+		return nil, fmt.Errorf("open %s: negative size %d", path, size)
+	}
+	fi, err := os.Stat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if size == 0 {
+			return nil, fmt.Errorf("open %s: file does not exist and no size was given to create it", path)
+		}
+		f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("create %s: %w", path, err)
+		}
+		if err := f.Truncate(size); err != nil {
+			f.Close()
+			os.Remove(path)
+			return nil, fmt.Errorf("size %s to %d bytes: %w", path, size, err)
+		}
+		return newFile(f, path, size, false), nil
+	case err != nil:
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	case !fi.Mode().IsRegular():
+		return nil, fmt.Errorf("open %s: not a regular file (%s)", path, fi.Mode().Type())
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	cur := fi.Size()
+	switch {
+	case size == 0 && cur == 0:
+		f.Close()
+		return nil, fmt.Errorf("open %s: file is empty; give a size to extend it", path)
+	case size == 0:
+		size = cur
+	case cur == 0:
+		if err := f.Truncate(size); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("size %s to %d bytes: %w", path, size, err)
+		}
+	case size != cur:
+		f.Close()
+		return nil, fmt.Errorf("open %s: file is %d bytes, not the %d requested (resize it yourself if that is intended)", path, cur, size)
+	}
+	return newFile(f, path, size, false), nil
+}
+
+func newFile(f *os.File, path string, size int64, dev bool) *File {
+	return &File{f: f, fd: int(f.Fd()), size: size, dev: dev, sector: 512, path: path}
+}
+
+// Open opens a regular file (see OpenFile) or a block device, chosen by
+// stat. A block device is opened exclusively (O_EXCL) and refused when it,
+// one of its partitions or a holder (device-mapper, md) is in use, with the
+// reason; size must be 0 or the device's size.
+func Open(path string, size int64) (Backend, error) {
+	fi, err := os.Stat(path)
+	if err == nil && fi.Mode().Type() == fs.ModeDevice {
+		return OpenDevice(path, size)
+	}
+	return OpenFile(path, size)
+}
+
+// Path is the file or device path the backend was opened from.
+func (f *File) Path() string { return f.path }
+
+// Size is the export size in bytes.
+func (f *File) Size() int64 { return f.size }
+
+// ReadAt reads len(p) bytes at off with pread. Bytes past the end of a
+// regular file that is shorter than Size (truncated behind our back) read
+// as zeroes.
+func (f *File) ReadAt(p []byte, off int64) (int, error) {
+	n := 0
+	for n < len(p) {
+		m, err := unix.Pread(f.fd, p[n:], off+int64(n))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			runtime.KeepAlive(f.f)
+			return n, &fs.PathError{Op: "pread", Path: f.path, Err: err}
+		}
+		if m == 0 {
+			clear(p[n:])
+			n = len(p)
+			break
+		}
+		n += m
+	}
+	runtime.KeepAlive(f.f)
+	return n, nil
+}
+
+// WriteAt writes p at off with pwrite.
+func (f *File) WriteAt(p []byte, off int64) (int, error) {
+	n := 0
+	for n < len(p) {
+		m, err := unix.Pwrite(f.fd, p[n:], off+int64(n))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			runtime.KeepAlive(f.f)
+			return n, &fs.PathError{Op: "pwrite", Path: f.path, Err: err}
+		}
+		if m == 0 {
+			runtime.KeepAlive(f.f)
+			return n, &fs.PathError{Op: "pwrite", Path: f.path, Err: unix.EIO}
+		}
+		n += m
+	}
+	runtime.KeepAlive(f.f)
+	return n, nil
+}
+
+// Sync makes completed writes durable (fdatasync).
+func (f *File) Sync() error {
+	for {
+		err := unix.Fdatasync(f.fd)
+		if err == unix.EINTR {
+			continue
+		}
+		runtime.KeepAlive(f.f)
+		if err != nil {
+			return &fs.PathError{Op: "fdatasync", Path: f.path, Err: err}
+		}
+		return nil
+	}
+}
+
+// Trim discards the range; it reads as zeroes afterwards.
+func (f *File) Trim(off, length int64) error {
+	return f.zero(off, length, false)
+}
+
+// WriteZeroes zeroes the range; with noHole false it may be deallocated.
+func (f *File) WriteZeroes(off, length int64, noHole bool) error {
+	return f.zero(off, length, noHole)
+}
+
+func (f *File) zero(off, length int64, noHole bool) error {
+	if length <= 0 {
+		return nil
+	}
+	if off < 0 || off+length > f.size || off+length < off {
+		return &fs.PathError{Op: "zero", Path: f.path, Err: unix.EINVAL}
+	}
+	if f.dev {
+		return f.devZero(off, length, noHole)
+	}
+	mode := uint32(unix.FALLOC_FL_PUNCH_HOLE | unix.FALLOC_FL_KEEP_SIZE)
+	if noHole {
+		mode = unix.FALLOC_FL_ZERO_RANGE | unix.FALLOC_FL_KEEP_SIZE
+	}
+	err := f.fallocate(mode, off, length)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
+		return err
+	}
+	if !noHole {
+		// No hole punching here: zero the range in place instead.
+		if err := f.fallocate(unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length); err == nil {
+			return nil
+		}
+	}
+	return f.writeZeroBytes(off, length)
+}
+
+func (f *File) fallocate(mode uint32, off, length int64) error {
+	for {
+		err := unix.Fallocate(f.fd, mode, off, length)
+		if err == unix.EINTR {
+			continue
+		}
+		runtime.KeepAlive(f.f)
+		if err != nil {
+			return &fs.PathError{Op: "fallocate", Path: f.path, Err: err}
+		}
+		return nil
+	}
+}
+
+func (f *File) writeZeroBytes(off, length int64) error {
+	for length > 0 {
+		n := min(length, int64(len(zeroBuf)))
+		if _, err := f.WriteAt(zeroBuf[:n], off); err != nil {
+			return err
+		}
+		off += n
+		length -= n
+	}
+	return nil
+}
+
+// Close closes the descriptor (without syncing: call Sync first).
+func (f *File) Close() error {
+	if err := f.f.Close(); err != nil {
+		return fmt.Errorf("close %s: %w", f.path, err)
+	}
+	return nil
+}

@@ -1,0 +1,269 @@
+package blockdev
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+)
+
+// Export is one named volume served over NBD.
+type Export struct {
+	// Name is the export name clients ask for (at most 4096 bytes). A server
+	// with a single export also answers to the empty (default) name.
+	Name string
+	// Description is sent in NBD_INFO_DESCRIPTION and NBD_OPT_LIST replies.
+	Description string
+	// Backend holds the data. Reads go straight to Backend.ReadAt.
+	Backend Backend
+	// Mutator receives every mutating request (write, trim, write-zeroes,
+	// flush, FUA) before it is acknowledged; nil means Direct(Backend).
+	//
+	// The *Mutation passed to Apply, and its Data, belong to the server and
+	// are reused once Apply returns: an implementation that keeps them must
+	// copy them. Because the server advertises NBD_FLAG_CAN_MULTI_CONN, a
+	// flush on any connection must make every write acknowledged on any
+	// connection durable; Direct does (fdatasync covers the whole backend).
+	Mutator Mutator
+	// ReadOnly refuses writes, trims and write-zeroes with EPERM and
+	// advertises NBD_FLAG_READ_ONLY.
+	ReadOnly bool
+}
+
+// export is an Export with its derived state.
+type export struct {
+	Export
+	mut   Mutator
+	size  uint64
+	flags uint16 // transmission flags
+	fast  bool   // NBD_CMD_FLAG_FAST_ZERO honoured (never, for now)
+}
+
+// Stats counts the requests a Server has handled since it was created.
+// Errors counts requests answered with an NBD error (any command).
+type Stats struct {
+	Connections   uint64 // connections accepted (including refused ones)
+	Reads         uint64
+	Writes        uint64
+	Flushes       uint64
+	Trims         uint64
+	Zeroes        uint64 // NBD_CMD_WRITE_ZEROES
+	Errors        uint64
+	BytesRead     uint64
+	BytesWritten  uint64
+	BytesTrimmed  uint64
+	BytesZeroed   uint64
+	FUA           uint64 // requests carrying NBD_CMD_FLAG_FUA
+	ProtocolFault uint64 // connections closed for a protocol violation
+}
+
+type counters struct {
+	conns, reads, writes, flushes, trims, zeroes, errors        atomic.Uint64
+	bytesRead, bytesWritten, bytesTrimmed, bytesZeroed, fua, pf atomic.Uint64
+}
+
+// Server is an NBD server (fixed newstyle negotiation, simple replies) for
+// one or more exports. Requests on one connection are processed
+// concurrently and answered as each completes; any number of connections
+// may share an export.
+type Server struct {
+	log     *slog.Logger
+	exports []*export
+	stats   counters
+
+	// MaxInFlight bounds the requests processed concurrently on one
+	// connection (default 128). Set it before serving.
+	MaxInFlight int
+
+	mu    sync.Mutex
+	conns sync.WaitGroup
+}
+
+// NewServer returns a server for exports. Export names must be unique and
+// every export needs a Backend with a positive size.
+func NewServer(log *slog.Logger, exports ...Export) (*Server, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if len(exports) == 0 {
+		return nil, errors.New("nbd server: no export")
+	}
+	s := &Server{log: log, MaxInFlight: 128}
+	seen := map[string]bool{}
+	for _, e := range exports {
+		if e.Backend == nil {
+			return nil, fmt.Errorf("nbd server: export %q: no backend", e.Name)
+		}
+		if len(e.Name) > maxNameLength || len(e.Description) > maxNameLength {
+			return nil, fmt.Errorf("nbd server: export %q: name or description longer than %d bytes", e.Name, maxNameLength)
+		}
+		if seen[e.Name] {
+			return nil, fmt.Errorf("nbd server: duplicate export name %q", e.Name)
+		}
+		seen[e.Name] = true
+		size := e.Backend.Size()
+		if size <= 0 {
+			return nil, fmt.Errorf("nbd server: export %q: size %d is not positive", e.Name, size)
+		}
+		x := &export{Export: e, mut: e.Mutator, size: uint64(size)}
+		if x.mut == nil {
+			x.mut = Direct(e.Backend)
+		}
+		// FAST_ZERO would need the backend to promise that zeroing never
+		// falls back to writing; File cannot know that before trying, so
+		// it is not advertised and FAST_ZERO requests get ENOTSUP.
+		x.flags = tflagHasFlags | tflagSendFlush | tflagCanMultiConn
+		if e.ReadOnly {
+			x.flags |= tflagReadOnly
+		} else {
+			x.flags |= tflagSendFUA | tflagSendTrim | tflagSendWriteZeroes
+			if x.fast {
+				x.flags |= tflagSendFastZero
+			}
+		}
+		s.exports = append(s.exports, x)
+	}
+	return s, nil
+}
+
+// lookup finds an export by name; a single-export server also answers to "".
+func (s *Server) lookup(name string) *export {
+	for _, x := range s.exports {
+		if x.Name == name {
+			return x
+		}
+	}
+	if name == "" && len(s.exports) == 1 {
+		return s.exports[0]
+	}
+	return nil
+}
+
+// Stats returns a snapshot of the request counters.
+func (s *Server) Stats() Stats {
+	c := &s.stats
+	return Stats{
+		Connections: c.conns.Load(), Reads: c.reads.Load(), Writes: c.writes.Load(),
+		Flushes: c.flushes.Load(), Trims: c.trims.Load(), Zeroes: c.zeroes.Load(),
+		Errors: c.errors.Load(), BytesRead: c.bytesRead.Load(), BytesWritten: c.bytesWritten.Load(),
+		BytesTrimmed: c.bytesTrimmed.Load(), BytesZeroed: c.bytesZeroed.Load(), FUA: c.fua.Load(),
+		ProtocolFault: c.pf.Load(),
+	}
+}
+
+// Serve accepts connections on l and serves each until ctx is cancelled.
+// Then it stops accepting (closing l), lets every connection finish the
+// requests already received, syncs the backends and returns nil. Any other
+// accept failure is returned after the same drain.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	stop := context.AfterFunc(ctx, func() { l.Close() })
+	defer stop()
+	var err error
+	var delay time.Duration
+	for {
+		c, aerr := l.Accept()
+		if aerr != nil {
+			if ctx.Err() != nil {
+				break
+			}
+			if isTemporaryAccept(aerr) {
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				s.log.Warn("nbd accept failed; retrying", "err", aerr, "delay", delay)
+				time.Sleep(delay)
+				continue
+			}
+			err = fmt.Errorf("nbd serve: accept: %w", aerr)
+			break
+		}
+		delay = 0
+		s.conns.Add(1)
+		go func() {
+			defer s.conns.Done()
+			if cerr := s.ServeConn(ctx, c); cerr != nil {
+				s.log.Warn("nbd connection closed", "remote", remoteName(c), "err", cerr)
+			}
+		}()
+	}
+	l.Close()
+	s.conns.Wait()
+	if serr := s.syncAll(); serr != nil && err == nil {
+		err = serr
+	}
+	return err
+}
+
+// isTemporaryAccept reports accept errors worth retrying: running out of
+// descriptors or memory, or a connection aborted before it was accepted.
+func isTemporaryAccept(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	for _, e := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ECONNABORTED, syscall.ENOBUFS, syscall.ENOMEM, syscall.EINTR} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
+}
+
+// syncAll flushes every writable export's backend.
+func (s *Server) syncAll() error {
+	var errs []error
+	for _, x := range s.exports {
+		if x.ReadOnly {
+			continue
+		}
+		if err := x.Backend.Sync(); err != nil {
+			errs = append(errs, fmt.Errorf("sync export %q: %w", x.Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func remoteName(c net.Conn) string {
+	if a := c.RemoteAddr(); a != nil && a.String() != "" && a.String() != "@" {
+		return a.String()
+	}
+	if a := c.LocalAddr(); a != nil {
+		return a.String()
+	}
+	return "?"
+}
+
+// ServeConn serves one connected client (negotiation, then transmission)
+// and closes c when done. It returns nil when the client disconnects
+// (NBD_CMD_DISC, NBD_OPT_ABORT or EOF between requests) or ctx is
+// cancelled (requests already received are finished and answered first),
+// and an error describing a protocol violation or I/O failure otherwise.
+func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
+	s.stats.conns.Add(1)
+	defer c.Close()
+	cn := newConn(s, c)
+	// Cancellation unblocks the reader; replies still go out.
+	stop := context.AfterFunc(ctx, cn.cancel)
+	defer stop()
+	x, err := cn.negotiate()
+	if err != nil || x == nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err != nil {
+			s.stats.pf.Add(1)
+		}
+		return err
+	}
+	err = cn.transmit(ctx, x)
+	if ctx.Err() != nil && isReadInterrupt(err) {
+		err = nil
+	}
+	if err != nil {
+		s.stats.pf.Add(1)
+	}
+	return err
+}

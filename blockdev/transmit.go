@@ -1,0 +1,343 @@
+package blockdev
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"runtime/debug"
+	"sync"
+	"sync/atomic"
+)
+
+// op is one request in flight. ops are pooled; an op's buffer holds the
+// write payload or the read data.
+type op struct {
+	cn     *tconn
+	req    request
+	buf    *[]byte // payload (write) or data (read); nil otherwise
+	errno  uint32
+	m      Mutation
+	header [replyHeaderLen]byte
+}
+
+var opPool = sync.Pool{New: func() any { return new(op) }}
+
+// tconn is the transmission phase of one connection.
+type tconn struct {
+	*conn
+	ctx  context.Context // requests run under it (not cancelled by shutdown)
+	x    *export
+	sem  chan struct{}
+	wg   sync.WaitGroup
+	w    replyWriter
+	wrot atomic.Bool // a write, trim or zero was applied: sync at disconnect
+}
+
+// transmit runs the transmission phase until the client disconnects, the
+// connection fails or is cancelled.
+func (cn *conn) transmit(ctx context.Context, x *export) error {
+	n := cn.s.MaxInFlight
+	if n <= 0 {
+		n = 128
+	}
+	t := &tconn{
+		conn: cn,
+		ctx:  context.WithoutCancel(ctx),
+		x:    x,
+		sem:  make(chan struct{}, n),
+	}
+	t.w.c = cn.c
+	err := t.readLoop()
+	// Finish what was received: every request read gets its reply.
+	t.wg.Wait()
+	if t.wrot.Load() {
+		if serr := x.mut.Apply(t.ctx, &Mutation{Op: OpFlush}); serr != nil {
+			cn.log.Warn("nbd: sync at disconnect failed", "export", x.Name, "err", serr)
+		}
+	}
+	if werr := t.w.failed(); werr != nil && err == nil {
+		err = fmt.Errorf("send reply: %w", werr)
+	}
+	return err
+}
+
+// isReadInterrupt reports whether err is the read deadline set by cancel.
+func isReadInterrupt(err error) bool {
+	return errors.Is(err, os.ErrDeadlineExceeded)
+}
+
+// readLoop reads requests and dispatches each to its own goroutine
+// (bounded by sem). It returns nil on NBD_CMD_DISC or EOF between requests.
+func (t *tconn) readLoop() error {
+	var hb [requestHeaderLen]byte
+	for {
+		if _, err := io.ReadFull(t.br, hb[:]); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil // hung up between requests
+			}
+			if errors.Is(err, io.ErrUnexpectedEOF) {
+				return errors.New("truncated request header")
+			}
+			if t.w.failed() != nil {
+				return nil // the writer closed the connection; it reports
+			}
+			return fmt.Errorf("read request: %w", err)
+		}
+		req, err := parseRequest(hb[:])
+		if err != nil {
+			return err
+		}
+		if req.typ == cmdDisc {
+			return nil
+		}
+		t.sem <- struct{}{}
+		o := opPool.Get().(*op)
+		o.cn, o.req, o.errno = t, req, 0
+		if req.typ == cmdWrite {
+			if err := t.readPayload(o); err != nil {
+				if o.errno != 0 {
+					// Oversized beyond skipping: answer, then close.
+					t.wg.Add(1)
+					t.handle(o)
+				} else {
+					t.release(o)
+					<-t.sem
+				}
+				return err
+			}
+		}
+		t.wg.Add(1)
+		go t.handle(o)
+	}
+}
+
+// readPayload reads a write's payload into o.buf. An oversized write is
+// answered with EINVAL; its payload is skipped when it is at most twice the
+// limit and the connection is closed otherwise (re-synchronising would mean
+// reading up to 4 GiB from a misbehaving client).
+func (t *tconn) readPayload(o *op) error {
+	n := int64(o.req.length)
+	if n > MaxPayload {
+		o.errno = nbdEINVAL
+		t.s.stats.writes.Add(1)
+		if n > 2*MaxPayload {
+			return fmt.Errorf("write of %d bytes exceeds the %d-byte limit", n, MaxPayload)
+		}
+		if _, err := io.CopyN(io.Discard, t.br, n); err != nil {
+			return fmt.Errorf("skip oversized write payload: %w", err)
+		}
+		return nil
+	}
+	o.buf = getBuf(int(n))
+	if _, err := io.ReadFull(t.br, *o.buf); err != nil {
+		return fmt.Errorf("read write payload (%d bytes): %w", n, err)
+	}
+	return nil
+}
+
+// handle processes one request and sends its reply.
+func (t *tconn) handle(o *op) {
+	defer func() { <-t.sem; t.wg.Done() }()
+	if o.errno == 0 {
+		o.errno = t.do(o)
+	}
+	if o.errno != 0 {
+		t.s.stats.errors.Add(1)
+		if o.buf != nil {
+			putBuf(o.buf)
+			o.buf = nil
+		}
+	}
+	t.reply(o)
+}
+
+// do performs o and returns its NBD error (0 on success). A panic in a
+// backend or Mutator is contained here and answered with EIO.
+func (t *tconn) do(o *op) (errno uint32) {
+	defer func() {
+		if r := recover(); r != nil {
+			t.log.Error("nbd: request handler panicked", "op", cmdName(o.req.typ), "panic", r, "stack", string(debug.Stack()))
+			errno = nbdEIO
+		}
+	}()
+	x, r := t.x, &o.req
+	st := &t.s.stats
+	if r.flags&^knownCmdFlags != 0 {
+		return nbdEINVAL
+	}
+	fua := r.flags&cmdFlagFUA != 0
+	if fua {
+		st.fua.Add(1)
+	}
+	end := r.offset + uint64(r.length)
+	inRange := end >= r.offset && end <= x.size
+	switch r.typ {
+	case cmdRead:
+		st.reads.Add(1)
+		if r.length > MaxPayload || !inRange {
+			return nbdEINVAL
+		}
+		o.buf = getBuf(int(r.length))
+		if _, err := x.Backend.ReadAt(*o.buf, int64(r.offset)); err != nil {
+			t.log.Debug("nbd: read failed", "off", r.offset, "len", r.length, "err", err)
+			return nbdError(err)
+		}
+		st.bytesRead.Add(uint64(r.length))
+		return 0
+	case cmdWrite:
+		st.writes.Add(1)
+		defer func() { putBuf(o.buf); o.buf = nil }()
+		switch {
+		case x.ReadOnly:
+			return nbdEPERM
+		case !inRange:
+			return nbdENOSPC
+		}
+		o.m = Mutation{Op: OpWrite, Offset: int64(r.offset), Length: int64(r.length), Data: *o.buf, FUA: fua}
+		if errno := t.apply(o); errno != 0 {
+			return errno
+		}
+		st.bytesWritten.Add(uint64(r.length))
+		return 0
+	case cmdFlush:
+		st.flushes.Add(1)
+		o.m = Mutation{Op: OpFlush}
+		if errno := t.apply(o); errno != 0 {
+			return errno
+		}
+		return 0
+	case cmdTrim:
+		st.trims.Add(1)
+		switch {
+		case x.ReadOnly:
+			return nbdEPERM
+		case !inRange:
+			return nbdEINVAL
+		}
+		o.m = Mutation{Op: OpTrim, Offset: int64(r.offset), Length: int64(r.length), FUA: fua}
+		if errno := t.apply(o); errno != 0 {
+			return errno
+		}
+		st.bytesTrimmed.Add(uint64(r.length))
+		return 0
+	case cmdWriteZeroes:
+		st.zeroes.Add(1)
+		switch {
+		case x.ReadOnly:
+			return nbdEPERM
+		case !inRange:
+			return nbdENOSPC
+		case r.flags&cmdFlagFastZero != 0 && !x.fast:
+			return nbdENOTSUP
+		}
+		o.m = Mutation{Op: OpWriteZeroes, Offset: int64(r.offset), Length: int64(r.length), FUA: fua, NoHole: r.flags&cmdFlagNoHole != 0}
+		if errno := t.apply(o); errno != 0 {
+			return errno
+		}
+		st.bytesZeroed.Add(uint64(r.length))
+		return 0
+	}
+	return nbdEINVAL
+}
+
+// apply passes o.m through the export's Mutator.
+func (t *tconn) apply(o *op) uint32 {
+	if o.m.Length == 0 && o.m.Op != OpFlush {
+		return 0
+	}
+	err := t.x.mut.Apply(t.ctx, &o.m)
+	o.m.Data = nil
+	if err != nil {
+		t.log.Debug("nbd: mutation failed", "op", o.m.Op, "off", o.m.Offset, "len", o.m.Length, "err", err)
+		return nbdError(err)
+	}
+	if o.m.Op != OpFlush {
+		t.wrot.Store(true)
+	}
+	return 0
+}
+
+// reply encodes o's reply and hands it to the writer, which releases o.
+func (t *tconn) reply(o *op) {
+	putReply(o.header[:], o.errno, o.req.cookie)
+	t.w.send(o)
+}
+
+// release returns o (and its buffer) to the pools.
+func (t *tconn) release(o *op) {
+	if o.buf != nil {
+		putBuf(o.buf)
+		o.buf = nil
+	}
+	o.cn = nil
+	o.m = Mutation{}
+	opPool.Put(o)
+}
+
+// replyWriter serialises replies on the connection. The goroutine that
+// finds it idle becomes the writer and keeps writing until no reply is
+// queued, so at queue depth 1 a reply goes out from the request's own
+// goroutine, and under load several replies leave in one writev.
+type replyWriter struct {
+	c       net.Conn
+	mu      sync.Mutex
+	pending []*op
+	spare   []*op
+	writing bool
+	err     error
+	iov     net.Buffers
+}
+
+func (w *replyWriter) failed() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.err
+}
+
+func (w *replyWriter) send(o *op) {
+	w.mu.Lock()
+	w.pending = append(w.pending, o)
+	if w.writing {
+		w.mu.Unlock()
+		return
+	}
+	w.writing = true
+	for len(w.pending) > 0 {
+		batch := w.pending
+		w.pending = w.spare[:0]
+		err := w.err
+		w.mu.Unlock()
+
+		if err == nil {
+			iov := w.iov[:0]
+			for _, b := range batch {
+				iov = append(iov, b.header[:])
+				if b.errno == 0 && b.req.typ == cmdRead && b.buf != nil {
+					iov = append(iov, *b.buf)
+				}
+			}
+			w.iov = iov[:0]
+			bufs := iov
+			if _, err = bufs.WriteTo(w.c); err != nil {
+				// The client is gone: stop the reader too.
+				w.c.Close()
+			}
+			clear(iov)
+		}
+		for i, b := range batch {
+			b.cn.release(b)
+			batch[i] = nil
+		}
+
+		w.mu.Lock()
+		if err != nil && w.err == nil {
+			w.err = err
+		}
+		w.spare = batch[:0]
+	}
+	w.writing = false
+	w.mu.Unlock()
+}
