@@ -44,8 +44,9 @@ test-vm: deps ## the qemu VM tier alone (downloads a Debian kernel with apt-get 
 
 bench: bench-nbd bench-repl ## every benchmark; results go to bench/RESULTS.md
 
-bench-nbd: deps build ## fio's nbd engine against doppel, nbdkit, qemu-nbd and go-nbd
-	@echo "bench-nbd: not built yet" && exit 1
+bench-nbd: deps build ## fio's nbd engine against doppel, nbdkit, qemu-nbd and go-nbd (~12 min; BENCH_FLAGS=-short for a quick check)
+	$(GO) build -o bin/gonbd-serve ./bench/cmd/gonbd-serve
+	$(GO) run ./bench/cmd/nbdbench -doppel $(BIN) -gonbd bin/gonbd-serve $(BENCH_FLAGS)
 
 bench-repl: deps build ## fio through a replicated export: unreplicated vs async vs sync
 	@echo "bench-repl: not built yet" && exit 1
