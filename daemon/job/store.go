@@ -1,0 +1,179 @@
+package job
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/doppelha/doppel/daemon/ha"
+)
+
+// Record is what the store keeps for a job on one agent.
+type Record struct {
+	Spec Spec `json:"spec"`
+	// Self is this agent's server name in the job (Spec.Source.Name or
+	// Spec.Target.Name).
+	Self    string       `json:"self"`
+	HA      ha.HardState `json:"ha"`
+	Created time.Time    `json:"created"`
+}
+
+// Store keeps one record per job under DIR/jobs.
+type Store struct {
+	dir string
+	mu  sync.Mutex
+}
+
+// OpenStore opens (creating when missing) the job store under stateDir.
+func OpenStore(stateDir string) (*Store, error) {
+	dir := filepath.Join(stateDir, "jobs")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("open job store: %w", err)
+	}
+	return &Store{dir: dir}, nil
+}
+
+func (s *Store) path(name string) string { return filepath.Join(s.dir, name+".json") }
+
+// Create stores a new record; ErrExists if the job is already there.
+func (s *Store) Create(r Record) error {
+	if err := ValidName("job", r.Spec.Name); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, err := os.Stat(s.path(r.Spec.Name)); err == nil {
+		return fmt.Errorf("%w: %s", ErrExists, r.Spec.Name)
+	}
+	return s.write(r)
+}
+
+// Put replaces a job's record.
+func (s *Store) Put(r Record) error {
+	if err := ValidName("job", r.Spec.Name); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.write(r)
+}
+
+func (s *Store) write(r Record) error {
+	data, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode job %s: %w", r.Spec.Name, err)
+	}
+	if err := WriteFileAtomic(s.path(r.Spec.Name), append(data, '\n'), 0o600); err != nil {
+		return fmt.Errorf("store job %s: %w", r.Spec.Name, err)
+	}
+	return nil
+}
+
+// Get reads a job's record; ErrNotFound when there is none.
+func (s *Store) Get(name string) (Record, error) {
+	if err := ValidName("job", name); err != nil {
+		return Record{}, fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	data, err := os.ReadFile(s.path(name))
+	if errors.Is(err, fs.ErrNotExist) {
+		return Record{}, fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	if err != nil {
+		return Record{}, fmt.Errorf("read job %s: %w", name, err)
+	}
+	var r Record
+	if err := json.Unmarshal(data, &r); err != nil {
+		return Record{}, fmt.Errorf("decode job %s: %w", name, err)
+	}
+	return r, nil
+}
+
+// List returns every record, sorted by name.
+func (s *Store) List() ([]Record, error) {
+	ents, err := os.ReadDir(s.dir)
+	if err != nil {
+		return nil, fmt.Errorf("list jobs: %w", err)
+	}
+	var out []Record
+	for _, e := range ents {
+		name, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok || e.IsDir() || strings.HasPrefix(name, ".") {
+			continue
+		}
+		r, err := s.Get(name)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	slices.SortFunc(out, func(a, b Record) int { return strings.Compare(a.Spec.Name, b.Spec.Name) })
+	return out, nil
+}
+
+// Delete removes a job's record; ErrNotFound when there is none.
+func (s *Store) Delete(name string) error {
+	if err := ValidName("job", name); err != nil {
+		return fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	err := os.Remove(s.path(name))
+	if errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%w: %s", ErrNotFound, name)
+	}
+	if err != nil {
+		return fmt.Errorf("delete job %s: %w", name, err)
+	}
+	return syncDir(s.dir)
+}
+
+// WriteFileAtomic writes data to path so that a crash leaves the old or the
+// new content: a temp file in the same directory, fsync, rename, fsync of
+// the directory.
+func WriteFileAtomic(path string, data []byte, perm os.FileMode) (err error) {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			os.Remove(tmp)
+		}
+	}()
+	if err := f.Chmod(perm); err != nil {
+		f.Close()
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	return syncDir(dir)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	return errors.Join(d.Sync(), d.Close())
+}
