@@ -1,0 +1,162 @@
+package kernel
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestConfigRequest(t *testing.T) {
+	serve := func(context.Context, net.Conn) error { return nil }
+	const all = FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagCanMultiConn
+	for _, tc := range []struct {
+		cfg   Config
+		info  exportInfo
+		conns int
+		want  string // error substring; "" = valid
+		bs    uint64
+		idx   int32
+	}{
+		{cfg: Config{Serve: serve}, info: exportInfo{Size: 1 << 20, Flags: all}, bs: 4096, idx: -1},
+		{cfg: Config{Device: "/dev/nbd3", Serve: serve}, info: exportInfo{Size: 1536, Flags: all}, bs: 512, idx: 3},
+		{cfg: Config{Device: "nbd12", BlockSize: 1024, Serve: serve}, info: exportInfo{Size: 4096, Flags: all}, bs: 1024, idx: 12},
+		{cfg: Config{Serve: serve}, info: exportInfo{Size: 3072, Flags: all, MinBlock: 1024}, bs: 1024, idx: -1},
+		{cfg: Config{}, want: "no Serve function"},
+		{cfg: Config{Serve: serve}, info: exportInfo{Size: 0, Flags: all}, want: "not a positive multiple of 512"},
+		{cfg: Config{Serve: serve}, info: exportInfo{Size: 1000, Flags: all}, want: "not a positive multiple of 512"},
+		{cfg: Config{Serve: serve, BlockSize: 3000}, want: "not a power of two"},
+		{cfg: Config{Serve: serve, BlockSize: 8192}, want: "not a power of two"},
+		{cfg: Config{Serve: serve, BlockSize: 1024}, info: exportInfo{Size: 1536, Flags: all}, want: "not a multiple of the block size"},
+		{cfg: Config{Serve: serve, Device: "/dev/sda"}, want: "not an nbd device"},
+		{cfg: Config{Serve: serve, Device: "/dev/nbd-1"}, want: "not an nbd device"},
+		{cfg: Config{Serve: serve, Connections: 65}, want: "connections"},
+		{cfg: Config{Serve: serve}, conns: 2, info: exportInfo{Size: 4096, Flags: FlagHasFlags}, want: "no CAN_MULTI_CONN"},
+	} {
+		r, err := tc.cfg.request()
+		if err == nil {
+			err = r.fill(&tc.cfg, tc.info, max(tc.conns, 1))
+		}
+		if tc.want != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("%+v: err %v, want %q", tc.cfg, err, tc.want)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%+v: %v", tc.cfg, err)
+			continue
+		}
+		if r.BlockSize != tc.bs || r.Index != tc.idx || r.Size != tc.info.Size {
+			t.Errorf("%+v: block size %d index %d size %d, want %d %d %d", tc.cfg, r.BlockSize, r.Index, r.Size, tc.bs, tc.idx, tc.info.Size)
+		}
+		if r.ServerFlags != all {
+			t.Errorf("flags %#x, want %#x", r.ServerFlags, all)
+		}
+	}
+	cfg := Config{Serve: serve, Timeout: 1500 * time.Millisecond, DeadConnTimeout: 10 * time.Second, ReadOnly: true}
+	r, _ := cfg.request()
+	if err := r.fill(&cfg, exportInfo{Size: 4096, Flags: FlagHasFlags}, 1); err != nil {
+		t.Fatal(err)
+	}
+	if r.TimeoutSec != 2 || r.DeadConnTimeout != 10 || r.ServerFlags != FlagHasFlags|FlagReadOnly {
+		t.Errorf("timeouts/read-only: %+v", r)
+	}
+}
+
+// fakeSysfs builds /sys/module and /sys/block/nbdN entries under a temp dir.
+func fakeSysfs(t *testing.T, module bool, devs map[int][2]string) string {
+	t.Helper()
+	root := t.TempDir()
+	if module {
+		os.MkdirAll(filepath.Join(root, "module", "nbd"), 0o755)
+	}
+	for i, d := range devs {
+		dir := filepath.Join(root, "block", "nbd"+string(rune('0'+i)))
+		os.MkdirAll(dir, 0o755)
+		os.WriteFile(filepath.Join(dir, "size"), []byte(d[0]+"\n"), 0o644)
+		if d[1] != "" {
+			os.WriteFile(filepath.Join(dir, "pid"), []byte(d[1]+"\n"), 0o644)
+		}
+	}
+	return root
+}
+
+func TestEnsureModule(t *testing.T) {
+	calls := 0
+	h := host{sysfs: fakeSysfs(t, false, nil), modprobe: func(context.Context) ([]byte, error) {
+		calls++
+		return []byte("modprobe: FATAL: Module nbd not found in directory /lib/modules/6.18.0\n"), errors.New("exit status 1")
+	}}
+	err := h.ensureModule(t.Context())
+	if !errors.Is(err, ErrNoNBD) || !strings.Contains(err.Error(), "kernel has no nbd support: modprobe nbd failed: exit status 1: modprobe: FATAL: Module nbd not found") {
+		t.Errorf("got %v", err)
+	}
+	// modprobe "succeeds" but nothing appears.
+	h.modprobe = func(context.Context) ([]byte, error) { calls++; return nil, nil }
+	if err := h.ensureModule(t.Context()); !errors.Is(err, ErrNoNBD) {
+		t.Errorf("got %v", err)
+	}
+	// Loaded already: modprobe is not run.
+	calls = 0
+	h.sysfs = fakeSysfs(t, true, nil)
+	if err := h.ensureModule(t.Context()); err != nil || calls != 0 {
+		t.Errorf("loaded module: err %v, %d modprobe calls", err, calls)
+	}
+}
+
+func TestCheckFree(t *testing.T) {
+	h := host{sysfs: fakeSysfs(t, true, map[int][2]string{0: {"0", ""}, 1: {"2097152", "4242"}, 2: {"8", ""}})}
+	if err := h.checkFree(0); err != nil {
+		t.Errorf("idle nbd0: %v", err)
+	}
+	if err := h.checkFree(5); err != nil {
+		t.Errorf("missing nbd5 (the kernel creates it): %v", err)
+	}
+	err := h.checkFree(1)
+	if !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "/dev/nbd1 is connected (1073741824 bytes, served by pid 4242)") {
+		t.Errorf("busy nbd1: %v", err)
+	}
+	if err := h.checkFree(2); !errors.Is(err, ErrBusy) {
+		t.Errorf("nbd2 with a size and no pid: %v", err)
+	}
+}
+
+// TestAttachBusyDeviceTouchesNothing: a busy device is refused before any
+// socket is made or any netlink message is sent.
+func TestAttachBusyDeviceTouchesNothing(t *testing.T) {
+	h := host{sysfs: fakeSysfs(t, true, map[int][2]string{0: {"2048", "99"}})}
+	served := false
+	_, err := h.attach(t.Context(), Config{Device: "/dev/nbd0", Serve: func(context.Context, net.Conn) error { served = true; return nil }})
+	if !errors.Is(err, ErrBusy) || served {
+		t.Errorf("err %v, served %v", err, served)
+	}
+}
+
+// TestAttachWithoutNBD runs on hosts whose kernel has no nbd driver (like
+// the development machines): Attach must say so plainly and leave nothing
+// behind.
+func TestAttachWithoutNBD(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: modprobe")
+	}
+	if _, err := os.Stat("/sys/module/nbd"); err == nil {
+		t.Skip("this kernel has nbd loaded: the VM tier and the attach test cover it")
+	}
+	served := false
+	_, err := Attach(t.Context(), Config{Serve: func(context.Context, net.Conn) error { served = true; return nil }})
+	if err == nil {
+		t.Skip("modprobe nbd worked on this host: the no-nbd path is not reachable here")
+	}
+	if !errors.Is(err, ErrNoNBD) || !strings.Contains(err.Error(), "kernel has no nbd support: modprobe nbd failed:") {
+		t.Errorf("got %v", err)
+	}
+	if served {
+		t.Error("a connection was served")
+	}
+	t.Log(err)
+}
