@@ -92,7 +92,8 @@ func ParseCIDR(s string) (netip.Prefix, error) {
 }
 
 // CheckIfaceName reports whether name is a valid Linux interface name: 1 to
-// 15 bytes, no '/', ':' or white space, not "." or "..".
+// 15 bytes, no '/', ':' or white space, not "." or "..". The separators of
+// doppel's specs ('@', '=', ',') are refused too, though Linux allows them.
 func CheckIfaceName(name string) error {
 	switch {
 	case name == "":
@@ -103,7 +104,7 @@ func CheckIfaceName(name string) error {
 		return fmt.Errorf("%w %q", ErrBadIface, name)
 	}
 	for _, c := range []byte(name) {
-		if c == '/' || c == ':' || c <= ' ' || c == 0x7f {
+		if c == '/' || c == ':' || c <= ' ' || c == 0x7f || c == '@' || c == '=' || c == ',' {
 			return fmt.Errorf("%w %q: contains %q", ErrBadIface, name, c)
 		}
 	}
