@@ -1,0 +1,402 @@
+// Package agent is the doppel agent (doppel agent): one struct that owns
+// the daemon's subsystems, in the style of tailscale's tsd.System. It loads
+// the jobs from the state directory, runs one failover state machine
+// (daemon/ha) per job, serves the control API (daemon/api) and maps the
+// state machine's actions onto the subsystems through small interfaces
+// (seams.go): the data plane (replication), volume serving (blockdev),
+// network identity (netident), the liveness probe (ebpf + monitor), peer
+// messages and hook scripts. A subsystem left nil is "not wired": the
+// actions that need it fail with api.ErrNotWired and status says so; the
+// agent never pretends.
+package agent
+
+import (
+	"context"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/ha"
+	"github.com/doppelha/doppel/daemon/job"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Config is the agent's configuration (flags or /etc/doppel/agent.yaml).
+type Config struct {
+	StateDir      string `yaml:"state_dir"`      // default /var/lib/doppel
+	ControlListen string `yaml:"control_listen"` // default :6320
+	ReplListen    string `yaml:"repl_listen"`    // default :6325
+	HeartbeatPort int    `yaml:"heartbeat_port"` // default 6326
+	// ProbeMode is auto, xdp-driver, xdp-generic or userspace; ProbeIfaces
+	// are the interfaces the XDP probe attaches to (none: userspace).
+	ProbeMode   string   `yaml:"probe_mode"`
+	ProbeIfaces []string `yaml:"probe_interfaces"`
+	// MountInfo is where mounts are read from (default /proc/self/mountinfo).
+	MountInfo string `yaml:"-"`
+	Version   string `yaml:"-"`
+}
+
+// Defaults fills unset fields.
+func (c *Config) Defaults() {
+	if c.StateDir == "" {
+		c.StateDir = "/var/lib/doppel"
+	}
+	if c.ControlListen == "" {
+		c.ControlListen = fmt.Sprintf(":%d", api.DefaultPort)
+	}
+	if c.ReplListen == "" {
+		c.ReplListen = ":6325"
+	}
+	if c.HeartbeatPort == 0 {
+		c.HeartbeatPort = 6326
+	}
+	if c.ProbeMode == "" {
+		c.ProbeMode = "auto"
+	}
+	if c.MountInfo == "" {
+		c.MountInfo = "/proc/self/mountinfo"
+	}
+}
+
+// Agent owns every subsystem of a running doppel agent.
+type Agent struct {
+	Log      *slog.Logger
+	Config   Config
+	Hostname string
+	// Identity is the agent's certificate and API token.
+	Identity *api.Identity
+	// Store persists job records under StateDir/jobs.
+	Store *job.Store
+	// Metrics is the registry served on /metrics.
+	Metrics *prometheus.Registry
+	// API is the control API server.
+	API *api.Server
+	// Subsystems are the effects the state machines drive.
+	Subsystems Subsystems
+
+	ctx     context.Context // set by Serve; runners live as long as it
+	control string          // the control listener's address
+
+	mu   sync.Mutex
+	jobs map[string]*runner
+}
+
+// New creates an agent: it loads (creating at first start) its identity
+// and opens the job store. Subsystems left nil are reported as not wired.
+func New(log *slog.Logger, cfg Config, subs Subsystems) (*Agent, error) {
+	cfg.Defaults()
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	host, _ := os.Hostname()
+	id, created, err := api.LoadOrCreateIdentity(cfg.StateDir, host)
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range created {
+		log.Info("created", "file", f)
+	}
+	store, err := job.OpenStore(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	if subs.Peers == nil {
+		subs.Peers = peerClient{}
+	}
+	if subs.Scripts == nil {
+		subs.Scripts = &Scripts{Log: log}
+	}
+	a := &Agent{
+		Log: log, Config: cfg, Hostname: host, Identity: id, Store: store,
+		Metrics: prometheus.NewRegistry(), Subsystems: subs, jobs: map[string]*runner{},
+	}
+	a.Metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), jobCollector{a})
+	a.API, err = api.NewServer(log, id, a, a.Metrics)
+	if err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+// Run listens on the control address and serves until ctx is cancelled.
+func (a *Agent) Run(ctx context.Context) error {
+	l, err := net.Listen("tcp", a.Config.ControlListen)
+	if err != nil {
+		return fmt.Errorf("listen on control address: %w", err)
+	}
+	return a.Serve(ctx, l)
+}
+
+// Serve resumes the stored jobs and serves the control API on l until ctx
+// is cancelled; then it stops the jobs' runners and returns nil.
+func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
+	a.ctx = ctx
+	a.control = l.Addr().String()
+	recs, err := a.Store.List()
+	if err != nil {
+		l.Close()
+		return err
+	}
+	for _, rec := range recs {
+		if err := a.startJob(rec); err != nil {
+			a.Log.Error("resume job", "job", rec.Spec.Name, "err", err)
+			continue
+		}
+		a.Log.Info("resumed job", "job", rec.Spec.Name, "role", rec.HA.Role, "epoch", rec.HA.Epoch)
+	}
+	a.Log.Info("agent ready", "control", a.control, "fingerprint", a.Identity.Fingerprint, "jobs", len(recs), "state_dir", a.Config.StateDir)
+	err = a.API.Serve(ctx, l)
+	a.mu.Lock()
+	runners := a.jobs
+	a.jobs = map[string]*runner{}
+	a.mu.Unlock()
+	for _, r := range runners {
+		r.stop()
+	}
+	return err
+}
+
+func (a *Agent) startJob(rec job.Record) error {
+	r, err := newRunner(a, rec)
+	if err != nil {
+		return err
+	}
+	a.mu.Lock()
+	a.jobs[rec.Spec.Name] = r
+	a.mu.Unlock()
+	r.start(a.ctx)
+	return nil
+}
+
+func (a *Agent) runner(name string) (*runner, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	r, ok := a.jobs[name]
+	if !ok {
+		return nil, fmt.Errorf("%w: no job %q on this agent", job.ErrNotFound, name)
+	}
+	return r, nil
+}
+
+// Info implements api.Backend.
+func (a *Agent) Info() api.Info {
+	subs := map[string]string{}
+	note := func(name string, wired bool, why string) {
+		if wired {
+			subs[name] = "ok"
+		} else {
+			subs[name] = "not wired: " + why
+		}
+	}
+	note("replication", a.Subsystems.DataPlane != nil, "daemon/repl is not connected to the agent yet")
+	note("volumes", a.Subsystems.Volumes != nil, "no volume server")
+	note("netident", a.Subsystems.NetIdent != nil, "service IPs cannot move")
+	note("probe", a.Subsystems.Liveness != nil, "failure detection off")
+	if a.Subsystems.Liveness != nil {
+		subs["probe"] = "ok: " + a.Subsystems.Liveness.Mode()
+	}
+	return api.Info{
+		Hostname: a.Hostname, Version: a.Config.Version, Fingerprint: a.Identity.Fingerprint,
+		Control: a.control, Repl: a.Config.ReplListen, HeartbeatPort: a.Config.HeartbeatPort,
+		Subsystems: subs,
+	}
+}
+
+// Jobs implements api.Backend.
+func (a *Agent) Jobs(ctx context.Context) ([]api.JobStatus, error) {
+	a.mu.Lock()
+	rs := make([]*runner, 0, len(a.jobs))
+	for _, r := range a.jobs {
+		rs = append(rs, r)
+	}
+	a.mu.Unlock()
+	out := make([]api.JobStatus, 0, len(rs))
+	for _, r := range rs {
+		out = append(out, r.status())
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Spec.Name < out[j].Spec.Name })
+	return out, nil
+}
+
+// Job implements api.Backend.
+func (a *Agent) Job(ctx context.Context, name string) (api.JobStatus, error) {
+	r, err := a.runner(name)
+	if err != nil {
+		return api.JobStatus{}, err
+	}
+	return r.status(), nil
+}
+
+// CreateJob implements api.Backend: it validates the spec, finds which
+// side of the job this agent is (by its certificate's fingerprint), checks
+// the volume, stores the job and starts it.
+func (a *Agent) CreateJob(ctx context.Context, spec job.Spec) (api.JobStatus, error) {
+	spec.Defaults()
+	if err := spec.Validate(); err != nil {
+		return api.JobStatus{}, err
+	}
+	var self string
+	switch a.Identity.Fingerprint {
+	case spec.Source.Fingerprint:
+		self = spec.Source.Name
+	case spec.Target.Fingerprint:
+		self = spec.Target.Name
+	default:
+		return api.JobStatus{}, fmt.Errorf("%w %q: this agent (%s) is neither its source %s nor its target %s (fingerprints differ: was the server re-added?)", job.ErrInvalid, spec.Name, a.Identity.Fingerprint, spec.Source.Name, spec.Target.Name)
+	}
+	if _, err := a.runner(spec.Name); err == nil {
+		return api.JobStatus{}, fmt.Errorf("%w: %s", job.ErrExists, spec.Name)
+	}
+	// The volume must not be in use on either side: on the source writes
+	// must go through doppel, on the target doppel overwrites it.
+	if err := job.CheckVolume(spec.Volume, spec.Size, a.Config.MountInfo); err != nil {
+		return api.JobStatus{}, fmt.Errorf("job %s on %s: %w", spec.Name, self, err)
+	}
+	cfg := ha.Config{Self: self, Home: spec.Source.Name}
+	rec := job.Record{Spec: spec, Self: self, HA: ha.Initial(cfg), Created: time.Now().UTC()}
+	if err := a.Store.Create(rec); err != nil {
+		return api.JobStatus{}, err
+	}
+	if err := a.startJob(rec); err != nil {
+		a.Store.Delete(spec.Name)
+		return api.JobStatus{}, err
+	}
+	a.Log.Info("job created", "job", spec.Name, "self", self, "role", rec.HA.Role, "volume", spec.Volume, "mode", spec.Mode, "failover", spec.Failover)
+	return a.Job(ctx, spec.Name)
+}
+
+// DeleteJob implements api.Backend: it stops the job and forgets it. The
+// volume's data and any service IP stay as they are.
+func (a *Agent) DeleteJob(ctx context.Context, name string) error {
+	r, err := a.runner(name)
+	if err != nil {
+		return err
+	}
+	a.mu.Lock()
+	delete(a.jobs, name)
+	a.mu.Unlock()
+	r.stop()
+	if err := a.Store.Delete(name); err != nil {
+		return err
+	}
+	a.Log.Info("job deleted", "job", name)
+	return nil
+}
+
+// Command implements api.Backend: an operator command stepped into the
+// job's state machine. A refusal changes nothing (409); when the command is
+// accepted but an action it needs fails (for example a subsystem not wired
+// in), the error says what was done and what failed.
+func (a *Agent) Command(ctx context.Context, name string, cmd ha.EventType, opts api.CommandOptions) (api.JobStatus, error) {
+	r, err := a.runner(name)
+	if err != nil {
+		return api.JobStatus{}, err
+	}
+	a.Log.Info("operator command", "job", name, "command", cmd, "force", opts.Force, "discard_queue", opts.DiscardQueue)
+	done, errs, err := r.step(ctx, ha.Event{Type: cmd, Force: opts.Force, DiscardQueue: opts.DiscardQueue})
+	if err != nil {
+		return api.JobStatus{}, err
+	}
+	st := r.status()
+	st.Actions = done
+	if len(errs) > 0 {
+		return st, fmt.Errorf("%s of job %s: now %s (epoch %d), but %d of %d actions failed: %w", cmd, name, st.HA.State, st.HA.Epoch, len(errs), len(done), errors.Join(errs...))
+	}
+	return st, nil
+}
+
+// Verify implements api.Backend.
+func (a *Agent) Verify(ctx context.Context, name string) (api.VerifyResult, error) {
+	r, err := a.runner(name)
+	if err != nil {
+		return api.VerifyResult{}, err
+	}
+	r.mu.Lock()
+	dp, err := r.dataPlane()
+	r.mu.Unlock()
+	if err != nil {
+		return api.VerifyResult{}, fmt.Errorf("verify %s: %w", name, err)
+	}
+	return dp.Verify(ctx)
+}
+
+// PeerSecret implements api.Backend.
+func (a *Agent) PeerSecret(name string) (string, error) {
+	r, err := a.runner(name)
+	if err != nil {
+		return "", err
+	}
+	return r.rec.Spec.Secret, nil
+}
+
+// PeerMessage implements api.Backend.
+func (a *Agent) PeerMessage(ctx context.Context, name string, m ha.Message) error {
+	r, err := a.runner(name)
+	if err != nil {
+		return err
+	}
+	_, peer, _ := r.rec.Spec.Endpoints(r.rec.Self)
+	if subtle.ConstantTimeCompare([]byte(m.From), []byte(peer.Name)) != 1 {
+		return fmt.Errorf("%w: message from %q, the peer of job %s is %s", job.ErrInvalid, m.From, name, peer.Name)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.stepLocked(ctx, ha.Event{Type: ha.EvMessage, Msg: &m})
+	return nil
+}
+
+// jobCollector exports every job's status as Prometheus metrics.
+type jobCollector struct{ a *Agent }
+
+var (
+	descState      = prometheus.NewDesc("doppel_job_state", "1 for the job's current state on this agent.", []string{"job", "state", "role"}, nil)
+	descEpoch      = prometheus.NewDesc("doppel_job_epoch", "Generation epoch (promotions so far).", []string{"job"}, nil)
+	descConsistent = prometheus.NewDesc("doppel_job_target_consistent", "1 when the target's copy is consistent.", []string{"job"}, nil)
+	descRemaining  = prometheus.NewDesc("doppel_job_sync_remaining_bytes", "Bytes left to mirror or resync.", []string{"job"}, nil)
+	descQueue      = prometheus.NewDesc("doppel_job_queue_bytes", "Replication queue bytes.", []string{"job", "where"}, nil)
+	descRPO        = prometheus.NewDesc("doppel_job_rpo_seconds", "Age of the oldest unacknowledged write.", []string{"job"}, nil)
+	descTTF        = prometheus.NewDesc("doppel_job_time_to_fail_seconds", "Countdown to declaring the source failed (-1: not counting).", []string{"job"}, nil)
+	descPathUp     = prometheus.NewDesc("doppel_job_path_up", "1 when the peer is heard on the path.", []string{"job", "path"}, nil)
+)
+
+func (c jobCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descState, descEpoch, descConsistent, descRemaining, descQueue, descRPO, descTTF, descPathUp} {
+		ch <- d
+	}
+}
+
+func (c jobCollector) Collect(ch chan<- prometheus.Metric) {
+	jobs, _ := c.a.Jobs(context.Background())
+	b2f := func(b bool) float64 {
+		if b {
+			return 1
+		}
+		return 0
+	}
+	for _, j := range jobs {
+		n := j.Spec.Name
+		ch <- prometheus.MustNewConstMetric(descState, prometheus.GaugeValue, 1, n, string(j.HA.State), string(j.HA.Role))
+		ch <- prometheus.MustNewConstMetric(descEpoch, prometheus.GaugeValue, float64(j.HA.Epoch), n)
+		ch <- prometheus.MustNewConstMetric(descConsistent, prometheus.GaugeValue, b2f(j.HA.Consistent), n)
+		ch <- prometheus.MustNewConstMetric(descTTF, prometheus.GaugeValue, j.Probe.TimeToFail.Seconds(), n)
+		for _, p := range j.HA.Paths {
+			ch <- prometheus.MustNewConstMetric(descPathUp, prometheus.GaugeValue, b2f(p.Up), n, p.Name)
+		}
+		if j.Data.Known {
+			ch <- prometheus.MustNewConstMetric(descRemaining, prometheus.GaugeValue, float64(j.Data.BytesRemaining), n)
+			ch <- prometheus.MustNewConstMetric(descQueue, prometheus.GaugeValue, float64(j.Data.QueueMemory), n, "memory")
+			ch <- prometheus.MustNewConstMetric(descQueue, prometheus.GaugeValue, float64(j.Data.QueueDisk), n, "disk")
+			if j.Data.RPO >= 0 {
+				ch <- prometheus.MustNewConstMetric(descRPO, prometheus.GaugeValue, j.Data.RPO.Seconds(), n)
+			}
+		}
+	}
+}

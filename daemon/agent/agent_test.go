@@ -1,0 +1,356 @@
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/ha"
+	"github.com/doppelha/doppel/daemon/job"
+)
+
+// testAgent is an agent serving on loopback for a test.
+type testAgent struct {
+	t      *testing.T
+	a      *Agent
+	dir    string
+	addr   string
+	cancel context.CancelFunc
+	done   chan error
+	client *api.Client
+	subs   Subsystems
+}
+
+func startAgent(t *testing.T, dir string, subs Subsystems) *testAgent {
+	t.Helper()
+	return startAgentAt(t, dir, "127.0.0.1:0", subs)
+}
+
+// startAgentAt starts an agent listening on addr (an agent that restarts
+// keeps its address: its peer's job spec names it).
+func startAgentAt(t *testing.T, dir, addr string, subs Subsystems) *testAgent {
+	t.Helper()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	if testing.Verbose() {
+		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("agent", filepath.Base(dir))
+	}
+	a, err := New(log, Config{StateDir: dir, MountInfo: filepath.Join(dir, "..", "mountinfo")}, subs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ta := &testAgent{t: t, a: a, dir: dir, addr: l.Addr().String(), cancel: cancel, done: make(chan error, 1), subs: subs}
+	go func() { ta.done <- a.Serve(ctx, l) }()
+	ta.client, err = api.NewClient(ta.addr, a.Identity.Token, a.Identity.Fingerprint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ta.stop)
+	return ta
+}
+
+func (ta *testAgent) stop() {
+	if ta.cancel == nil {
+		return
+	}
+	ta.cancel()
+	ta.cancel = nil
+	if err := <-ta.done; err != nil {
+		ta.t.Errorf("agent stopped with %v", err)
+	}
+}
+
+func newSecret() string {
+	b := make([]byte, 32)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func endpoint(name string, ta *testAgent) job.Endpoint {
+	return job.Endpoint{Name: name, Control: ta.addr, Repl: "127.0.0.1:6325", Fingerprint: ta.a.Identity.Fingerprint}
+}
+
+func testSpec(t *testing.T, src, tgt job.Endpoint) job.Spec {
+	s := job.Spec{
+		Name: "web", Source: src, Target: tgt,
+		Volume:   filepath.Join(t.TempDir(), "vol.img"),
+		Size:     4 << 20,
+		Monitor:  job.Monitor{Interval: 50 * time.Millisecond, Missed: 3},
+		Failover: ha.FailoverAuto,
+		Secret:   newSecret(),
+	}
+	s.Defaults()
+	return s
+}
+
+func TestIdentityCreatedOnceWithModes(t *testing.T) {
+	root := t.TempDir()
+	os.WriteFile(filepath.Join(root, "mountinfo"), nil, 0o644)
+	dir := filepath.Join(root, "a")
+	ta := startAgent(t, dir, Subsystems{})
+	fp, token := ta.a.Identity.Fingerprint, ta.a.Identity.Token
+	for path, want := range map[string]os.FileMode{"token": 0o600, "tls/key.pem": 0o600} {
+		fi, err := os.Stat(filepath.Join(dir, path))
+		if err != nil || fi.Mode().Perm() != want {
+			t.Errorf("%s: %v mode %v, want %v", path, err, fi.Mode().Perm(), want)
+		}
+	}
+	ta.stop()
+	tb := startAgent(t, dir, Subsystems{})
+	if tb.a.Identity.Fingerprint != fp || tb.a.Identity.Token != token {
+		t.Fatal("restart created a new identity: clients' pins and tokens would break")
+	}
+	// A token readable by others is refused at start.
+	tb.stop()
+	os.Chmod(filepath.Join(dir, "token"), 0o644)
+	if _, err := New(slog.New(slog.DiscardHandler), Config{StateDir: dir}, Subsystems{}); err == nil || !strings.Contains(err.Error(), "chmod 600") {
+		t.Fatalf("world-readable token accepted: %v", err)
+	}
+}
+
+func TestAPIErrorsAndPersistence(t *testing.T) {
+	root := t.TempDir()
+	os.WriteFile(filepath.Join(root, "mountinfo"), nil, 0o644)
+	ta := startAgent(t, filepath.Join(root, "a"), Subsystems{})
+	ctx := context.Background()
+	other := job.Endpoint{Name: "vm2", Control: "127.0.0.1:1", Repl: "127.0.0.1:6325", Fingerprint: "sha256:" + strings.Repeat("b", 64)}
+	spec := testSpec(t, endpoint("vm1", ta), other)
+
+	// Wrong token: 401, and nothing changed.
+	bad, _ := api.NewClient(ta.addr, "not-the-token-at-all", ta.a.Identity.Fingerprint)
+	_, err := bad.CreateJob(ctx, spec)
+	var ae *api.Error
+	if !errors.As(err, &ae) || ae.Status != http.StatusUnauthorized {
+		t.Fatalf("create with wrong token: %v, want 401", err)
+	}
+	if jobs, err := ta.client.Jobs(ctx); err != nil || len(jobs) != 0 {
+		t.Fatalf("after a 401, jobs = %v, %v; want none", jobs, err)
+	}
+	if recs, _ := ta.a.Store.List(); len(recs) != 0 {
+		t.Fatalf("after a 401 the store holds %d jobs", len(recs))
+	}
+
+	// Wrong pin: the client refuses the agent.
+	pinned, _ := api.NewClient(ta.addr, ta.a.Identity.Token, "sha256:"+strings.Repeat("0", 64))
+	if _, err := pinned.Info(ctx); !errors.Is(err, api.ErrFingerprintMismatch) {
+		t.Fatalf("wrong fingerprint: %v, want ErrFingerprintMismatch", err)
+	}
+	if fp, err := api.FetchFingerprint(ctx, ta.addr); err != nil || fp != ta.a.Identity.Fingerprint {
+		t.Fatalf("FetchFingerprint = %q, %v", fp, err)
+	}
+
+	// Unknown job: 404 naming it.
+	if _, err := ta.client.Job(ctx, "nosuchjob"); !api.IsKind(err, "not_found") || !strings.Contains(err.Error(), "nosuchjob") {
+		t.Fatalf("unknown job: %v", err)
+	}
+	if _, err := ta.client.Command(ctx, "nosuchjob", ha.CmdFailover, api.CommandOptions{}); !api.IsKind(err, "not_found") {
+		t.Fatalf("failover of unknown job: %v", err)
+	}
+
+	// A missing device is refused with the reason.
+	missing := spec
+	missing.Volume, missing.Size = "/dev/doppel-no-such-disk", 0
+	if _, err := ta.client.CreateJob(ctx, missing); !api.IsKind(err, "invalid") || !strings.Contains(err.Error(), "does not exist") {
+		t.Fatalf("missing volume: %v", err)
+	}
+	// Bad input is refused before anything is stored.
+	invalid := spec
+	invalid.Mode = "eventually"
+	if _, err := ta.client.CreateJob(ctx, invalid); !api.IsKind(err, "invalid") || !strings.Contains(err.Error(), "sync or async") {
+		t.Fatalf("bad mode: %v", err)
+	}
+	// A job naming neither this agent is refused.
+	foreign := spec
+	foreign.Source.Fingerprint = "sha256:" + strings.Repeat("c", 64)
+	if _, err := ta.client.CreateJob(ctx, foreign); !api.IsKind(err, "invalid") || !strings.Contains(err.Error(), "neither its source") {
+		t.Fatalf("foreign job: %v", err)
+	}
+
+	st, err := ta.client.CreateJob(ctx, spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Self != "vm1" || st.HA.Role != ha.RoleSource || st.Spec.Secret != "" {
+		t.Fatalf("created: self %s role %s secret shown %t", st.Self, st.HA.Role, st.Spec.Secret != "")
+	}
+	if _, err := ta.client.CreateJob(ctx, spec); !api.IsKind(err, "exists") {
+		t.Fatalf("second create: %v", err)
+	}
+	// A command the state refuses is a 409 with the reason.
+	if _, err := ta.client.Command(ctx, "web", ha.CmdFailover, api.CommandOptions{}); !api.IsKind(err, "refused") || !strings.Contains(err.Error(), "is the source") {
+		t.Fatalf("failover on the source: %v", err)
+	}
+	// Verify needs the replication engine: a clear 501, not a fake result.
+	if _, err := ta.client.Verify(ctx, "web"); !api.IsKind(err, "not_wired") {
+		t.Fatalf("verify: %v", err)
+	}
+	// /metrics carries the job.
+	resp, err := (&http.Client{Transport: &http.Transport{TLSClientConfig: ta.a.API.TLSConfig().Clone()}}).Get("https://" + ta.addr + "/metrics")
+	if err == nil {
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !strings.Contains(string(b), `doppel_job_state{job="web"`) {
+			t.Errorf("/metrics lacks the job: %.300s", b)
+		}
+	}
+
+	// Restart: the job is still there with its state.
+	ta.stop()
+	tb := startAgent(t, filepath.Join(root, "a"), Subsystems{})
+	got, err := tb.client.Job(ctx, "web")
+	if err != nil || got.HA.Role != ha.RoleSource || got.Spec.Volume != spec.Volume {
+		t.Fatalf("after restart: %+v, %v", got.HA, err)
+	}
+	if err := tb.client.DeleteJob(ctx, "web"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tb.client.Job(ctx, "web"); !api.IsKind(err, "not_found") {
+		t.Fatalf("deleted job: %v", err)
+	}
+}
+
+// memLiveness is an in-memory probe: a job's peer is heard on every path
+// while the test says it is alive.
+type memLiveness struct {
+	mu    sync.Mutex
+	alive map[string]bool
+	n     map[string]uint64
+}
+
+func (m *memLiveness) Watch(job string, _ map[string]netip.Addr, _ uint64, _ time.Duration) error {
+	return nil
+}
+func (m *memLiveness) Unwatch(string) {}
+func (m *memLiveness) Packets(job, path string) (uint64, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.alive[job] {
+		m.n[job+path]++
+	}
+	return m.n[job+path], nil
+}
+func (m *memLiveness) Mode() string { return "memory" }
+func (m *memLiveness) set(job string, alive bool) {
+	m.mu.Lock()
+	m.alive[job] = alive
+	m.mu.Unlock()
+}
+
+func waitFor(t *testing.T, what string, f func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !f() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestTwoAgentsFailoverAndFence runs two agents on loopback exchanging
+// state-machine messages over their real HTTPS APIs. The replication engine
+// is not wired: the target never becomes consistent, so a failover is
+// refused unless forced, and the forced one says which actions could not be
+// done. The old source, restarted, is fenced.
+func TestTwoAgentsFailoverAndFence(t *testing.T) {
+	root := t.TempDir()
+	os.WriteFile(filepath.Join(root, "mountinfo"), nil, 0o644)
+	live1 := &memLiveness{alive: map[string]bool{"web": true}, n: map[string]uint64{}}
+	live2 := &memLiveness{alive: map[string]bool{"web": true}, n: map[string]uint64{}}
+	vols1 := &NBDVolumes{Log: slog.New(slog.DiscardHandler), RunDir: filepath.Join(root, "run1")}
+	vols2 := &NBDVolumes{Log: slog.New(slog.DiscardHandler), RunDir: filepath.Join(root, "run2")}
+	a1 := startAgent(t, filepath.Join(root, "vm1"), Subsystems{Liveness: live1, Volumes: vols1})
+	a2 := startAgent(t, filepath.Join(root, "vm2"), Subsystems{Liveness: live2, Volumes: vols2})
+	ctx := context.Background()
+	spec := testSpec(t, endpoint("vm1", a1), endpoint("vm2", a2))
+	spec.Volume = filepath.Join(root, "vol1.img") // both agents share the tempdir: distinct files
+	s1 := spec
+	s2 := spec
+	s2.Volume = filepath.Join(root, "vol2.img")
+	if _, err := a1.client.CreateJob(ctx, s1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a2.client.CreateJob(ctx, s2); err != nil {
+		t.Fatal(err)
+	}
+	// The source hears its target and serves the volume on a Unix socket.
+	waitFor(t, "vm1 serving", func() bool {
+		st, _ := a1.client.Job(ctx, "web")
+		return strings.HasPrefix(st.Data.Device, "unix:")
+	})
+	st1, _ := a1.client.Job(ctx, "web")
+	if !strings.Contains(strings.Join(st1.Actions, ";"), "start-source FAILED") || st1.HA.LastError == "" {
+		t.Errorf("source status hides the unwired replication: actions %v last error %q", st1.Actions, st1.HA.LastError)
+	}
+	if st1.Data.Known {
+		t.Error("data status claims known numbers without a replication engine")
+	}
+
+	// vm1 dies: agent stopped, its heartbeats stop.
+	a1.stop()
+	live2.set("web", false)
+	waitFor(t, "vm2 source-down", func() bool {
+		st, _ := a2.client.Job(ctx, "web")
+		return st.HA.State == ha.StateSourceDown
+	})
+	st2, _ := a2.client.Job(ctx, "web")
+	if !strings.Contains(st2.HA.Reason, "inconsistent") {
+		t.Errorf("reason %q does not say why there was no automatic failover", st2.HA.Reason)
+	}
+	if _, err := a2.client.Command(ctx, "web", ha.CmdFailover, api.CommandOptions{}); !api.IsKind(err, "refused") || !strings.Contains(err.Error(), "inconsistent") {
+		t.Fatalf("failover of inconsistent target: %v", err)
+	}
+	if got, _ := a2.client.Job(ctx, "web"); got.HA.Role != ha.RoleTarget {
+		t.Fatal("refused failover changed the role")
+	}
+	// Forced: the state machine fails over; promote needs the engine, so
+	// the command says so (501) while the volume is served and the state
+	// is failed-over.
+	_, err := a2.client.Command(ctx, "web", ha.CmdFailover, api.CommandOptions{Force: true})
+	if !api.IsKind(err, "not_wired") || !strings.Contains(err.Error(), "promote") {
+		t.Fatalf("forced failover: %v, want a not_wired error naming promote", err)
+	}
+	st2, _ = a2.client.Job(ctx, "web")
+	if st2.HA.State != ha.StateFailedOver || st2.HA.Epoch != 2 || !strings.HasPrefix(st2.Data.Device, "unix:") {
+		t.Fatalf("after forced failover: state %s epoch %d device %q", st2.HA.State, st2.HA.Epoch, st2.Data.Device)
+	}
+	if _, err := a2.client.Command(ctx, "web", ha.CmdFailover, api.CommandOptions{Force: true}); !api.IsKind(err, "refused") || !strings.Contains(err.Error(), "already failed over") {
+		t.Fatalf("second failover: %v", err)
+	}
+
+	// vm1 returns: fenced, not serving.
+	live2.set("web", true)
+	b1 := startAgentAt(t, filepath.Join(root, "vm1"), a1.addr, Subsystems{Liveness: live1, Volumes: vols1})
+	waitFor(t, "vm1 superseded", func() bool {
+		st, _ := b1.client.Job(ctx, "web")
+		return st.HA.State == ha.StateSuperseded
+	})
+	st1, _ = b1.client.Job(ctx, "web")
+	if st1.Data.Device != "" || !strings.Contains(st1.HA.Reason, "run doppel reverse") {
+		t.Fatalf("fenced vm1: device %q reason %q", st1.Data.Device, st1.HA.Reason)
+	}
+	// Peer messages need the job's secret.
+	c, _ := api.NewClient(a2.addr, "wrong-secret-wrong-secret", a2.a.Identity.Fingerprint)
+	if err := c.PeerMessage(ctx, "web", ha.Message{Type: ha.MsgPromoted, From: "vm1", To: "vm2", Role: ha.RoleSource, Epoch: 99}); !api.IsKind(err, "unauthorized") {
+		t.Fatalf("peer message with a wrong secret: %v", err)
+	}
+	fmt.Fprint(io.Discard, st1)
+}

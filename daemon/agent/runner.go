@@ -1,0 +1,452 @@
+package agent
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/ha"
+	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/netident"
+)
+
+// runner drives one job's state machine: it ticks it every monitor
+// interval, feeds it the probe's and the data plane's facts and the peer's
+// messages, persists its hard state and performs its actions.
+type runner struct {
+	a    *Agent
+	log  *slog.Logger
+	subs Subsystems
+
+	mu          sync.Mutex
+	rec         job.Record
+	node        *ha.Node
+	dp          DataPlane
+	dpErr       error // why dp is nil
+	paths       map[string]netip.Addr
+	lastPkts    map[string]uint64
+	lastActions []string
+
+	events chan ha.Event   // from the data plane and async actions
+	outbox chan ha.Message // to the peer, in order
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func newRunner(a *Agent, rec job.Record) (*runner, error) {
+	me, peer, ok := rec.Spec.Endpoints(rec.Self)
+	if !ok {
+		return nil, fmt.Errorf("job %s: this agent %q is neither its source nor its target", rec.Spec.Name, rec.Self)
+	}
+	r := &runner{
+		a: a, subs: a.Subsystems, rec: rec,
+		log:      a.Log.With("job", rec.Spec.Name, "self", me.Name),
+		lastPkts: map[string]uint64{},
+		events:   make(chan ha.Event, 64),
+		outbox:   make(chan ha.Message, 64),
+		done:     make(chan struct{}),
+	}
+	var err error
+	r.paths, err = monitoredPaths(peer)
+	if err != nil {
+		return nil, fmt.Errorf("job %s: %w", rec.Spec.Name, err)
+	}
+	names := make([]string, 0, len(r.paths))
+	for _, p := range []string{"repl", "app"} {
+		if _, ok := r.paths[p]; ok {
+			names = append(names, p)
+		}
+	}
+	r.node, err = ha.NewNode(ha.Config{
+		Job: rec.Spec.Name, Self: me.Name, Peer: peer.Name, Home: rec.Spec.Source.Name,
+		Failover: rec.Spec.Failover, Paths: names, Missed: rec.Spec.Monitor.Missed,
+	}, rec.HA)
+	if err != nil {
+		return nil, err
+	}
+	if r.subs.DataPlane == nil {
+		r.dpErr = fmt.Errorf("%w: the replication engine (daemon/repl) is not connected to the agent yet", api.ErrNotWired)
+	} else if r.dp, err = r.subs.DataPlane(rec, r.notify); err != nil {
+		r.dpErr = fmt.Errorf("open data plane: %w", err)
+		r.dp = nil
+	}
+	return r, nil
+}
+
+// monitoredPaths are the peer's addresses per path: "repl" (its
+// replication address) and "app" (its control address, when different).
+func monitoredPaths(peer job.Endpoint) (map[string]netip.Addr, error) {
+	out := map[string]netip.Addr{}
+	for name, hp := range map[string]string{"repl": peer.Repl, "app": peer.Control} {
+		host, _, err := net.SplitHostPort(hp)
+		if err != nil {
+			return nil, fmt.Errorf("peer %s address %q: %w", peer.Name, hp, err)
+		}
+		addr, err := netip.ParseAddr(host)
+		if err != nil {
+			ips, lerr := net.DefaultResolver.LookupNetIP(context.Background(), "ip", host)
+			if lerr != nil || len(ips) == 0 {
+				return nil, fmt.Errorf("peer %s host %q: %v", peer.Name, host, lerr)
+			}
+			addr = ips[0]
+		}
+		out[name] = addr.Unmap()
+	}
+	if out["app"] == out["repl"] {
+		delete(out, "app")
+	}
+	return out, nil
+}
+
+// peerToken is the heartbeat token both agents derive from the job secret.
+func peerToken(secret string) uint64 {
+	sum := sha256.Sum256([]byte("doppel heartbeat token\x00" + secret))
+	return binary.BigEndian.Uint64(sum[:8])
+}
+
+func (r *runner) notify(ev ha.Event) {
+	select {
+	case r.events <- ev:
+	default:
+		r.log.Error("state machine event dropped: queue full", "event", ev.Type)
+	}
+}
+
+func (r *runner) start(ctx context.Context) {
+	ctx, r.cancel = context.WithCancel(ctx)
+	if r.subs.Liveness != nil {
+		if err := r.subs.Liveness.Watch(r.rec.Spec.Name, r.paths, peerToken(r.rec.Spec.Secret), r.rec.Spec.Monitor.Interval); err != nil {
+			r.log.Error("probe: watch peer", "err", err)
+		}
+	}
+	r.mu.Lock()
+	r.stepLocked(ctx, ha.Event{Type: ha.EvStart})
+	r.mu.Unlock()
+	go r.sendLoop(ctx)
+	go r.loop(ctx)
+}
+
+// stop stops the runner and releases what it serves (not the service IPs:
+// deleting a job does not move addresses).
+func (r *runner) stop() {
+	r.cancel()
+	<-r.done
+	if r.subs.Liveness != nil {
+		r.subs.Liveness.Unwatch(r.rec.Spec.Name)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.subs.Volumes != nil {
+		r.subs.Volumes.Stop(r.rec.Spec.Name)
+	}
+	if r.dp != nil {
+		r.dp.Close()
+	}
+}
+
+func (r *runner) loop(ctx context.Context) {
+	defer close(r.done)
+	t := time.NewTicker(r.rec.Spec.Monitor.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev := <-r.events:
+			r.mu.Lock()
+			r.stepLocked(ctx, ev)
+			r.mu.Unlock()
+		case <-t.C:
+			r.tick(ctx)
+		}
+	}
+}
+
+// tick feeds the probe's facts (a path whose packet count grew since the
+// last tick was heard) and advances the state machine by one interval.
+// Without a probe the state machine is not ticked at all: no failure is
+// ever declared from silence that nobody measured.
+func (r *runner) tick(ctx context.Context) {
+	if r.subs.Liveness == nil {
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for name := range r.paths {
+		n, err := r.subs.Liveness.Packets(r.rec.Spec.Name, name)
+		if err != nil {
+			continue
+		}
+		if n != r.lastPkts[name] {
+			r.lastPkts[name] = n
+			r.node.Step(ha.Event{Type: ha.EvHeartbeat, Path: name})
+		}
+	}
+	r.node.Tick()
+	r.process(ctx)
+}
+
+// step feeds one event and performs what follows; it returns the refusal
+// of an operator command, the actions done and the errors of those that
+// failed.
+func (r *runner) step(ctx context.Context, ev ha.Event) ([]string, []error, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err := r.node.Step(ev); err != nil {
+		return nil, nil, err
+	}
+	acts, errs := r.process(ctx)
+	return acts, errs, nil
+}
+
+func (r *runner) stepLocked(ctx context.Context, ev ha.Event) {
+	if err := r.node.Step(ev); err != nil {
+		r.log.Warn("state machine event", "event", ev.Type, "err", err)
+	}
+	r.process(ctx)
+}
+
+// process performs every pending Ready: persist, send, act.
+func (r *runner) process(ctx context.Context) (done []string, errs []error) {
+	for i := 0; r.node.HasReady() && i < 16; i++ {
+		before := r.node.Status().State
+		rd := r.node.Ready()
+		if rd.MustPersist {
+			r.rec.HA = rd.HardState
+			if err := r.a.Store.Put(r.rec); err != nil {
+				// Acting on a state that is not durable could repeat a
+				// promotion after a crash: log loudly, keep going (the
+				// state machine is still consistent in memory).
+				r.log.Error("persist job state", "err", err)
+				errs = append(errs, err)
+			}
+		}
+		for _, m := range rd.Messages {
+			select {
+			case r.outbox <- m:
+			default:
+				r.log.Error("peer message dropped: outbox full", "msg", m.String())
+			}
+		}
+		for _, a := range rd.Actions {
+			err := r.do(ctx, a)
+			desc := a.String()
+			if err != nil {
+				desc += " FAILED: " + err.Error()
+				errs = append(errs, fmt.Errorf("%s: %w", a.Type, err))
+				r.log.Error("action failed", "action", a.String(), "err", err)
+				r.node.Step(ha.Event{Type: ha.EvActionFailed, Action: a.Type, Err: err.Error()})
+			} else {
+				r.log.Info("action done", "action", a.String())
+			}
+			done = append(done, desc)
+		}
+		if after := r.node.Status().State; after != before {
+			r.log.Info("job state", "from", before, "to", after, "epoch", r.node.HardState().Epoch)
+		}
+	}
+	if len(done) > 0 {
+		r.lastActions = done
+	}
+	return done, errs
+}
+
+func (r *runner) sendLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case m := <-r.outbox:
+			if r.subs.Peers == nil {
+				continue
+			}
+			// Hellos are repeated by the protocol; role changes are
+			// retried for a while.
+			tries := 1
+			if m.Type != ha.MsgHello {
+				tries = 10
+			}
+			for i := range tries {
+				sctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+				err := r.subs.Peers.Send(sctx, r.rec.Spec, m)
+				cancel()
+				if err == nil {
+					break
+				}
+				r.log.Debug("peer message not delivered", "msg", m.String(), "try", i+1, "err", err)
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(time.Second):
+				}
+			}
+		}
+	}
+}
+
+func (r *runner) dataPlane() (DataPlane, error) {
+	if r.dp == nil {
+		return nil, r.dpErr
+	}
+	return r.dp, nil
+}
+
+// serviceAddrs are the job's service addresses on this host: as given on
+// the source, through the interface map on the target.
+func (r *runner) serviceAddrs() ([]netident.Addr, error) {
+	var out []netident.Addr
+	for _, ip := range r.rec.Spec.ServiceIPs {
+		p, err := netip.ParsePrefix(ip.Prefix)
+		if err != nil {
+			return nil, err
+		}
+		iface := ip.Iface
+		if r.rec.Self == r.rec.Spec.Target.Name {
+			if m, ok := r.rec.Spec.MapIface[iface]; ok {
+				iface = m
+			}
+		}
+		out = append(out, netident.Addr{Prefix: p, Iface: iface})
+	}
+	return out, nil
+}
+
+func (r *runner) do(ctx context.Context, a ha.Action) error {
+	spec := r.rec.Spec
+	switch a.Type {
+	case ha.ActServe:
+		if r.subs.Volumes == nil {
+			return fmt.Errorf("%w: volume serving (blockdev)", api.ErrNotWired)
+		}
+		var m = r.mutator()
+		_, err := r.subs.Volumes.Serve(ctx, spec, m)
+		return err
+	case ha.ActStopServe:
+		if r.subs.Volumes == nil {
+			return nil
+		}
+		return r.subs.Volumes.Stop(spec.Name)
+	case ha.ActApplyIdentity, ha.ActReleaseIdentity:
+		addrs, err := r.serviceAddrs()
+		if err != nil || len(addrs) == 0 {
+			return err
+		}
+		if r.subs.NetIdent == nil {
+			return fmt.Errorf("%w: network identity (netident)", api.ErrNotWired)
+		}
+		if a.Type == ha.ActApplyIdentity {
+			return r.subs.NetIdent.Apply(ctx, addrs)
+		}
+		return r.subs.NetIdent.Release(ctx, addrs)
+	case ha.ActRunScript:
+		path, ok := spec.Scripts[a.Hook]
+		if !ok {
+			return nil
+		}
+		if r.subs.Scripts == nil {
+			return fmt.Errorf("%w: hook scripts", api.ErrNotWired)
+		}
+		addrs, _ := r.serviceAddrs()
+		ips := make([]string, len(addrs))
+		for i, ad := range addrs {
+			ips[i] = ad.String()
+		}
+		device := ""
+		if r.subs.Volumes != nil {
+			device = r.subs.Volumes.Device(spec.Name)
+		}
+		return r.subs.Scripts.Run(ctx, a.Hook, path, ScriptEnv(spec, r.rec.Self, a.Hook, r.node.Status(), device, ips))
+	case ha.ActQuiesce:
+		dp, err := r.dataPlane()
+		if err != nil {
+			return err
+		}
+		go func() {
+			qctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+			defer cancel()
+			if err := dp.Quiesce(qctx); err != nil {
+				r.notify(ha.Event{Type: ha.EvActionFailed, Action: ha.ActQuiesce, Err: err.Error()})
+				return
+			}
+			r.notify(ha.Event{Type: ha.EvDrained})
+		}()
+		return nil
+	}
+	dp, err := r.dataPlane()
+	if err != nil {
+		switch a.Type {
+		case ha.ActStopSource, ha.ActStopTarget:
+			return nil // nothing runs, nothing to stop
+		}
+		return err
+	}
+	switch a.Type {
+	case ha.ActStartSource:
+		return dp.StartSource(ctx)
+	case ha.ActStopSource:
+		return dp.StopSource()
+	case ha.ActStartTarget:
+		return dp.StartTarget(ctx)
+	case ha.ActStopTarget:
+		return dp.StopTarget(a.ApplyQueue)
+	case ha.ActPromote:
+		return dp.Promote(a.Epoch)
+	case ha.ActPauseRepl:
+		return dp.Pause()
+	case ha.ActResumeRepl:
+		return dp.Resume()
+	}
+	return fmt.Errorf("unknown action %q", a.Type)
+}
+
+func (r *runner) mutator() blockdev.Mutator {
+	if r.dp != nil {
+		return r.dp.Mutator()
+	}
+	return nil
+}
+
+// status reports the job as this agent sees it.
+func (r *runner) status() api.JobStatus {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	hs := r.node.Status()
+	st := api.JobStatus{
+		Spec:    r.rec.Spec.Redacted(),
+		Self:    r.rec.Self,
+		HA:      hs,
+		Actions: r.lastActions,
+		Updated: time.Now().UTC(),
+	}
+	if r.dp != nil {
+		st.Data = r.dp.Status()
+	} else {
+		st.Data = api.DataStatus{RPO: -1, Note: "replication engine not wired in this build: mirror progress, queue and RPO are unknown"}
+		if r.dpErr != nil && !errors.Is(r.dpErr, api.ErrNotWired) {
+			st.Data.Note = r.dpErr.Error()
+		}
+	}
+	if r.subs.Volumes != nil {
+		st.Data.Device = r.subs.Volumes.Device(r.rec.Spec.Name)
+	}
+	interval := r.rec.Spec.Monitor.Interval
+	st.Probe = api.ProbeStatus{Interval: interval, Missed: r.rec.Spec.Monitor.Missed, TimeToFail: -1}
+	if r.subs.Liveness != nil {
+		st.Probe.Mode = r.subs.Liveness.Mode()
+	} else {
+		st.Probe.Mode = "none: probe not wired, failure detection off"
+	}
+	if hs.TicksToFail >= 0 {
+		st.Probe.TimeToFail = time.Duration(hs.TicksToFail) * interval
+	}
+	return st
+}

@@ -1,0 +1,114 @@
+package agent
+
+import (
+	"context"
+	"net/netip"
+	"time"
+
+	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/ha"
+	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/netident"
+)
+
+// The agent reaches every effect through the small interfaces below, so the
+// state machine's actions map one-to-one onto them and each can be replaced
+// in tests. A nil field of Subsystems means "not wired in this build": the
+// actions that need it fail with api.ErrNotWired and status says so.
+
+// DataPlane is the data side of one job on this agent: the replication
+// engine (daemon/repl) with its bitmap, queue and generations. It reports
+// link and sync facts to the state machine through the notify function its
+// factory received (ha.EvLinkUp, EvLinkDown, EvResync, EvSynced).
+type DataPlane interface {
+	// StartSource connects to the peer and ships writes, mirroring or
+	// resyncing (dirty chunks only) as the generations require.
+	StartSource(ctx context.Context) error
+	StopSource() error
+	// StartTarget accepts the peer's stream and applies it.
+	StartTarget(ctx context.Context) error
+	// StopTarget stops applying; applyQueue first applies what is queued.
+	StopTarget(applyQueue bool) error
+	// Promote starts a new generation at epoch (failover, failback).
+	Promote(epoch uint64) error
+	Pause() error
+	Resume() error
+	// Quiesce pauses application writes and returns when every
+	// acknowledged write is on the peer (failback).
+	Quiesce(ctx context.Context) error
+	// Mutator is the write path of the served volume (nil: direct).
+	Mutator() blockdev.Mutator
+	Status() api.DataStatus
+	Verify(ctx context.Context) (api.VerifyResult, error)
+	Close() error
+}
+
+// DataPlaneFactory opens the data plane of a job on this agent.
+type DataPlaneFactory func(rec job.Record, notify func(ha.Event)) (DataPlane, error)
+
+// Volumes serves a job's volume to local applications.
+type Volumes interface {
+	// Serve exports the volume with writes going through m (nil: direct)
+	// and returns where applications find it (/dev/nbdN or unix:PATH).
+	Serve(ctx context.Context, spec job.Spec, m blockdev.Mutator) (device string, err error)
+	// Stop stops serving the job's volume (no-op when not served).
+	Stop(job string) error
+	// Device returns where the job's volume is served, "" when it is not.
+	Device(job string) string
+}
+
+// NetIdent takes and releases service addresses (netident).
+type NetIdent interface {
+	Apply(ctx context.Context, addrs []netident.Addr) error
+	Release(ctx context.Context, addrs []netident.Addr) error
+}
+
+// Liveness is the probe side of failure detection: it sends heartbeats to
+// the peer on every path and counts the peer's packets per path.
+type Liveness interface {
+	// Watch starts heartbeats every interval to, and counting of, the peer
+	// addresses of a job's paths (path name -> peer address).
+	Watch(job string, paths map[string]netip.Addr, token uint64, interval time.Duration) error
+	Unwatch(job string)
+	// Packets is the cumulative count of the peer's packets on a path.
+	Packets(job, path string) (uint64, error)
+	// Mode is the probe mode in use (xdp-generic, userspace...).
+	Mode() string
+}
+
+// Peers delivers state-machine messages to the peer agent of a job.
+type Peers interface {
+	Send(ctx context.Context, spec job.Spec, m ha.Message) error
+}
+
+// Subsystems are the parts the agent drives. Nil means not wired.
+type Subsystems struct {
+	DataPlane DataPlaneFactory
+	Volumes   Volumes
+	NetIdent  NetIdent
+	Liveness  Liveness
+	Peers     Peers
+	Scripts   *Scripts
+}
+
+// peerClient delivers messages over the peer's control API, pinning its
+// certificate and authenticating with the job's secret.
+type peerClient struct{}
+
+func (peerClient) Send(ctx context.Context, spec job.Spec, m ha.Message) error {
+	var ep job.Endpoint
+	switch m.To {
+	case spec.Source.Name:
+		ep = spec.Source
+	case spec.Target.Name:
+		ep = spec.Target
+	default:
+		return api.ErrNotWired
+	}
+	c, err := api.NewClient(ep.Control, spec.Secret, ep.Fingerprint)
+	if err != nil {
+		return err
+	}
+	return c.PeerMessage(ctx, spec.Name, m)
+}

@@ -1,0 +1,279 @@
+package api
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/doppelha/doppel/daemon/ha"
+	"github.com/doppelha/doppel/daemon/job"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Backend is what the API serves: the agent implements it.
+type Backend interface {
+	Info() Info
+	Jobs(ctx context.Context) ([]JobStatus, error)
+	Job(ctx context.Context, name string) (JobStatus, error)
+	CreateJob(ctx context.Context, spec job.Spec) (JobStatus, error)
+	DeleteJob(ctx context.Context, name string) error
+	Command(ctx context.Context, name string, cmd ha.EventType, opts CommandOptions) (JobStatus, error)
+	Verify(ctx context.Context, name string) (VerifyResult, error)
+	// PeerSecret returns the job's peer secret (job.ErrNotFound if none).
+	PeerSecret(name string) (string, error)
+	PeerMessage(ctx context.Context, name string, m ha.Message) error
+}
+
+// Server is the control API's HTTPS server.
+type Server struct {
+	log      *slog.Logger
+	id       *Identity
+	b        Backend
+	reg      *prometheus.Registry
+	requests *prometheus.CounterVec
+	mux      *http.ServeMux
+}
+
+// maxBody bounds request bodies.
+const maxBody = 1 << 20
+
+// NewServer returns the API for b, authenticated by id. Metrics are
+// registered on reg and served, with reg's other collectors, on /metrics.
+func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Registry) (*Server, error) {
+	s := &Server{log: log, id: id, b: b, reg: reg, mux: http.NewServeMux()}
+	s.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "doppel_api_requests_total",
+		Help: "Control API requests by route and HTTP status.",
+	}, []string{"route", "code"})
+	if err := reg.Register(s.requests); err != nil {
+		return nil, fmt.Errorf("register api metrics: %w", err)
+	}
+	s.handle("GET /v1/info", s.auth(func(w http.ResponseWriter, r *http.Request) error {
+		return writeJSON(w, http.StatusOK, b.Info())
+	}))
+	s.handle("GET /v1/jobs", s.auth(func(w http.ResponseWriter, r *http.Request) error {
+		jobs, err := b.Jobs(r.Context())
+		if err != nil {
+			return err
+		}
+		if jobs == nil {
+			jobs = []JobStatus{}
+		}
+		return writeJSON(w, http.StatusOK, jobs)
+	}))
+	s.handle("POST /v1/jobs", s.auth(func(w http.ResponseWriter, r *http.Request) error {
+		var spec job.Spec
+		if err := readJSON(r, &spec); err != nil {
+			return err
+		}
+		st, err := b.CreateJob(r.Context(), spec)
+		if err != nil {
+			return err
+		}
+		return writeJSON(w, http.StatusCreated, st)
+	}))
+	s.handle("GET /v1/jobs/{name}", s.auth(func(w http.ResponseWriter, r *http.Request) error {
+		st, err := b.Job(r.Context(), r.PathValue("name"))
+		if err != nil {
+			return err
+		}
+		return writeJSON(w, http.StatusOK, st)
+	}))
+	s.handle("DELETE /v1/jobs/{name}", s.auth(func(w http.ResponseWriter, r *http.Request) error {
+		if err := b.DeleteJob(r.Context(), r.PathValue("name")); err != nil {
+			return err
+		}
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	}))
+	s.handle("POST /v1/jobs/{name}/verify", s.auth(func(w http.ResponseWriter, r *http.Request) error {
+		res, err := b.Verify(r.Context(), r.PathValue("name"))
+		if err != nil {
+			return err
+		}
+		return writeJSON(w, http.StatusOK, res)
+	}))
+	s.handle("POST /v1/jobs/{name}/{command}", s.auth(func(w http.ResponseWriter, r *http.Request) error {
+		cmd := ha.EventType(r.PathValue("command"))
+		switch cmd {
+		case ha.CmdFailover, ha.CmdReverse, ha.CmdFailback, ha.CmdPause, ha.CmdResume:
+		default:
+			return &httpError{http.StatusNotFound, "not_found", fmt.Sprintf("unknown command %q: use failover, reverse, failback, pause, resume or verify", cmd)}
+		}
+		var opts CommandOptions
+		if err := readJSON(r, &opts); err != nil {
+			return err
+		}
+		st, err := b.Command(r.Context(), r.PathValue("name"), cmd, opts)
+		if err != nil {
+			return err
+		}
+		return writeJSON(w, http.StatusOK, st)
+	}))
+	s.handle("POST /v1/peer/jobs/{name}/message", func(w http.ResponseWriter, r *http.Request) error {
+		name := r.PathValue("name")
+		secret, err := b.PeerSecret(name)
+		if err != nil {
+			return err
+		}
+		if !bearerOK(r, secret) {
+			return errUnauthorized
+		}
+		var m ha.Message
+		if err := readJSON(r, &m); err != nil {
+			return err
+		}
+		if err := b.PeerMessage(r.Context(), name, m); err != nil {
+			return err
+		}
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	})
+	s.mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		s.writeError(w, r, &httpError{http.StatusNotFound, "not_found", fmt.Sprintf("no route %s %s", r.Method, r.URL.Path)})
+	})
+	return s, nil
+}
+
+// Handler returns the API's HTTP handler (without TLS), for tests.
+func (s *Server) Handler() http.Handler { return s.mux }
+
+// TLSConfig returns the server-side TLS configuration.
+func (s *Server) TLSConfig() *tls.Config {
+	return &tls.Config{Certificates: []tls.Certificate{s.id.Cert}, MinVersion: tls.VersionTLS13}
+}
+
+// Serve serves HTTPS on l until ctx is cancelled, then shuts down
+// gracefully and returns nil.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	hs := &http.Server{
+		Handler:           s.mux,
+		ReadHeaderTimeout: 10 * time.Second,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		BaseContext:       func(net.Listener) context.Context { return ctx },
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(tls.NewListener(l, s.TLSConfig())) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serve control API: %w", err)
+	case <-ctx.Done():
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		hs.Shutdown(sctx)
+		return nil
+	}
+}
+
+type handlerFunc func(http.ResponseWriter, *http.Request) error
+
+func (s *Server) handle(pattern string, h handlerFunc) {
+	route := pattern
+	s.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+		rw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
+		if err := h(rw, r); err != nil {
+			s.writeError(rw, r, err)
+		}
+		s.requests.WithLabelValues(route, strconv.Itoa(rw.code)).Inc()
+	})
+}
+
+func (s *Server) auth(h handlerFunc) handlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		if !bearerOK(r, s.id.Token) {
+			return errUnauthorized
+		}
+		return h(w, r)
+	}
+}
+
+func bearerOK(r *http.Request, want string) bool {
+	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	return ok && want != "" && fingerprintEqual(got, want)
+}
+
+type httpError struct {
+	code int
+	kind string
+	msg  string
+}
+
+func (e *httpError) Error() string { return e.msg }
+
+var errUnauthorized = &httpError{http.StatusUnauthorized, "unauthorized", "wrong or missing API token (the agent's token is in its state dir, file token)"}
+
+// classify maps an error to an HTTP status and kind.
+func classify(err error) (int, string) {
+	var he *httpError
+	switch {
+	case errors.As(err, &he):
+		return he.code, he.kind
+	case errors.Is(err, job.ErrNotFound):
+		return http.StatusNotFound, "not_found"
+	case errors.Is(err, job.ErrExists):
+		return http.StatusConflict, "exists"
+	case ha.IsRefused(err):
+		return http.StatusConflict, "refused"
+	case errors.Is(err, job.ErrInvalid), errors.Is(err, job.ErrVolumeMissing), errors.Is(err, job.ErrVolumeMounted):
+		return http.StatusBadRequest, "invalid"
+	case errors.Is(err, ErrNotWired):
+		return http.StatusNotImplemented, "not_wired"
+	}
+	return http.StatusInternalServerError, "internal"
+}
+
+func (s *Server) writeError(w http.ResponseWriter, r *http.Request, err error) {
+	code, kind := classify(err)
+	if code >= 500 {
+		s.log.Error("api request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+	} else {
+		s.log.Info("api request refused", "method", r.Method, "path", r.URL.Path, "code", code, "err", err)
+	}
+	writeJSON(w, code, errorBody{Error: err.Error(), Kind: kind})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) error {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	return json.NewEncoder(w).Encode(v)
+}
+
+func readJSON(r *http.Request, v any) error {
+	body, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
+	if err != nil {
+		return &httpError{http.StatusBadRequest, "invalid", "read request: " + err.Error()}
+	}
+	if len(body) > maxBody {
+		return &httpError{http.StatusRequestEntityTooLarge, "invalid", "request body over 1 MiB"}
+	}
+	if len(strings.TrimSpace(string(body))) == 0 {
+		return nil
+	}
+	dec := json.NewDecoder(strings.NewReader(string(body)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return &httpError{http.StatusBadRequest, "invalid", "decode request: " + err.Error()}
+	}
+	return nil
+}
+
+type statusWriter struct {
+	http.ResponseWriter
+	code int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	w.code = code
+	w.ResponseWriter.WriteHeader(code)
+}

@@ -1,0 +1,111 @@
+// Package api is the doppel agent's control API: HTTPS with the agent's
+// self-signed certificate (clients pin its SHA-256 fingerprint), a bearer
+// token created at first start (mode 0600), JSON bodies, and errors that
+// say what is wrong: 401 for a wrong token, 404 naming the unknown job,
+// 409 for a command the job's state refuses (with the reason), 400 for bad
+// input, 501 for a subsystem this build does not have wired.
+//
+// Routes (all under the token except /metrics and /v1/peer, which uses the
+// job's peer secret):
+//
+//	GET    /v1/info                     the agent: hostname, fingerprint, ports, subsystems
+//	GET    /v1/jobs                     every job's status
+//	POST   /v1/jobs                     create a job (job.Spec)
+//	GET    /v1/jobs/{name}              one job's status
+//	DELETE /v1/jobs/{name}              delete a job
+//	POST   /v1/jobs/{name}/{command}    failover | reverse | failback | pause | resume (CommandOptions)
+//	POST   /v1/jobs/{name}/verify       compare source and target
+//	POST   /v1/peer/jobs/{name}/message a state-machine message from the peer agent
+//	GET    /metrics                     Prometheus metrics
+//
+// The package also holds the Go client the CLI and the agents use.
+package api
+
+import (
+	"errors"
+	"time"
+
+	"github.com/doppelha/doppel/daemon/ha"
+	"github.com/doppelha/doppel/daemon/job"
+)
+
+// DefaultPort is the control API's port.
+const DefaultPort = 6320
+
+// ErrNotWired is returned (and served as 501) for an operation whose
+// subsystem is not part of this build yet: doppel never fakes a result.
+var ErrNotWired = errors.New("not wired in this build")
+
+// Info describes an agent.
+type Info struct {
+	Hostname      string `json:"hostname"`
+	Version       string `json:"version"`
+	Fingerprint   string `json:"fingerprint"`
+	Control       string `json:"control"`        // the control listener
+	Repl          string `json:"repl"`           // the replication listener (host may be empty: any)
+	HeartbeatPort int    `json:"heartbeat_port"` // UDP
+	// Subsystems says, per subsystem, "ok" or why it is unavailable.
+	Subsystems map[string]string `json:"subsystems"`
+}
+
+// CommandOptions are the flags of an operator command.
+type CommandOptions struct {
+	Force        bool `json:"force,omitempty"`
+	DiscardQueue bool `json:"discard_queue,omitempty"`
+}
+
+// DataStatus is the data side of a job on one agent.
+type DataStatus struct {
+	// Device is where applications use the volume on this host (/dev/nbdN
+	// or unix:PATH of an NBD export); empty when not served here.
+	Device string `json:"device,omitempty"`
+	// Progress of the current mirror or resync, in bytes.
+	SyncTotal      int64 `json:"sync_total"`
+	SyncDone       int64 `json:"sync_done"`
+	BytesRemaining int64 `json:"bytes_remaining"`
+	// Queue bytes (async mode): in memory and spilled to disk.
+	QueueMemory int64 `json:"queue_memory"`
+	QueueDisk   int64 `json:"queue_disk"`
+	// RPO estimate: the age of the oldest unacknowledged write; -1 unknown.
+	RPO time.Duration `json:"rpo"`
+	// Known is false when the replication engine is not wired in: the
+	// numbers above are then unknown, not zero.
+	Known bool   `json:"known"`
+	Note  string `json:"note,omitempty"`
+}
+
+// ProbeStatus is the failure detector's view.
+type ProbeStatus struct {
+	Mode     string        `json:"mode"` // xdp, userspace, or why none
+	Interval time.Duration `json:"interval"`
+	Missed   int           `json:"missed"`
+	// TimeToFail counts down to the source being declared failed; -1 when
+	// not counting.
+	TimeToFail time.Duration `json:"time_to_fail"`
+}
+
+// JobStatus is a job as one agent sees it.
+type JobStatus struct {
+	Spec    job.Spec    `json:"spec"` // without its secret
+	Self    string      `json:"self"`
+	HA      ha.Status   `json:"ha"`
+	Data    DataStatus  `json:"data"`
+	Probe   ProbeStatus `json:"probe"`
+	Actions []string    `json:"actions,omitempty"` // what the last command did
+	Updated time.Time   `json:"updated"`
+}
+
+// VerifyResult is the outcome of doppel verify.
+type VerifyResult struct {
+	Job       string `json:"job"`
+	Bytes     int64  `json:"bytes"`
+	Chunks    int64  `json:"chunks"`
+	Differing int64  `json:"differing"`
+	Equal     bool   `json:"equal"`
+}
+
+// errorBody is every error response.
+type errorBody struct {
+	Error string `json:"error"`
+	Kind  string `json:"kind"`
+}
