@@ -1,16 +1,51 @@
 package main
 
 import (
-	"errors"
-
+	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/urfave/cli/v2"
 )
 
-// failoverCommand is scaffolding: the owner of this command group replaces it.
+// failoverCommand fails a job over to its target.
 func failoverCommand() *cli.Command {
 	return &cli.Command{
-		Name:   "failover",
-		Usage:  "fail a job over to its target",
-		Action: func(*cli.Context) error { return errors.New("failover: not built yet") },
+		Name:      "failover",
+		Usage:     "fail a job over to its target",
+		ArgsUsage: "NAME",
+		Description: "Runs on the job's target: it stops applying (after applying what is queued,\n" +
+			"unless --discard-queue), promotes its copy to a new generation, serves the\n" +
+			"volume, takes the service IPs and runs the post-failover script.\n" +
+			"Refused, unless --force: an inconsistent target (mirror incomplete), a source\n" +
+			"still heard on some path (use doppel failback for a planned switchover).\n" +
+			"Always refused: a job already failed over (next step: doppel reverse).",
+		Flags: append(connFlags(),
+			&cli.BoolFlag{Name: "apply-queue", Usage: "apply the target's queued writes first (default)"},
+			&cli.BoolFlag{Name: "discard-queue", Usage: "drop the target's unapplied queue (faster, loses those writes)"},
+			&cli.BoolFlag{Name: "force", Usage: "override the data-safety refusals"},
+		),
+		Action: func(c *cli.Context) error {
+			if c.Bool("apply-queue") && c.Bool("discard-queue") {
+				return usageErrorf("--apply-queue and --discard-queue exclude each other")
+			}
+			opts := api.CommandOptions{Force: c.Bool("force"), DiscardQueue: c.Bool("discard-queue")}
+			return sendCommand(c, ha.CmdFailover, opts, pickFailover)
+		},
 	}
+}
+
+// pickFailover sends a failover to the job's target; when no side is a
+// target any more, to the failed-over side (whose state machine refuses a
+// second failover with the reason).
+func pickFailover(views []view) (string, error) {
+	for _, v := range views {
+		if v.Status != nil && v.Status.HA.Role == ha.RoleTarget {
+			return v.Server, nil
+		}
+	}
+	for _, v := range views {
+		if v.Status != nil && v.Status.HA.State == ha.StateFailedOver {
+			return v.Server, nil
+		}
+	}
+	return "", unreachableErr(views, "the job's target (a failover runs there)")
 }

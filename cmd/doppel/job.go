@@ -1,16 +1,506 @@
 package main
 
 import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
 
+	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/ha"
+	"github.com/doppelha/doppel/daemon/job"
 	"github.com/urfave/cli/v2"
 )
 
-// jobCommand is scaffolding: the owner of this command group replaces it.
+// jobCommand creates and manages protection jobs.
 func jobCommand() *cli.Command {
 	return &cli.Command{
-		Name:   "job",
-		Usage:  "create and manage protection jobs",
-		Action: func(*cli.Context) error { return errors.New("job: not built yet") },
+		Name:  "job",
+		Usage: "create and manage protection jobs",
+		Subcommands: []*cli.Command{
+			{
+				Name:      "create",
+				Usage:     "protect a volume of SOURCE on TARGET",
+				ArgsUsage: "NAME",
+				Description: "Creates the job on both agents (source first: it refuses a mounted or\n" +
+					"missing volume). Example, the seed's lab:\n" +
+					"  doppel job create web --source vm1 --target vm2 --volume /dev/vdb \\\n" +
+					"    --service-ip 172.17.22.187/24@eth0 --failover auto",
+				Flags: append(connFlags(),
+					&cli.StringFlag{Name: "source", Usage: "source server (doppel server list)"},
+					&cli.StringFlag{Name: "target", Usage: "target server"},
+					&cli.StringFlag{Name: "volume", Usage: "block device or file to protect (same path on the target)"},
+					&cli.StringFlag{Name: "size", Usage: "create a file volume of this size when missing (e.g. 1G)"},
+					&cli.StringFlag{Name: "mode", Value: job.ModeSync, Usage: "sync (ack after the target applied) or async"},
+					&cli.StringSliceFlag{Name: "service-ip", Usage: "CIDR@IFACE that follows the active side (repeatable)"},
+					&cli.StringSliceFlag{Name: "map-iface", Usage: "SRCIFACE=TGTIFACE: where the target puts a source interface's IPs (repeatable)"},
+					&cli.StringFlag{Name: "monitor", Value: "interval=250ms,missed=8", Usage: "failure detection: interval=DURATION,missed=N"},
+					&cli.StringFlag{Name: "failover", Value: string(ha.FailoverManual), Usage: "auto (when every path is down) or manual (doppel failover)"},
+					&cli.StringSliceFlag{Name: "script", Usage: "HOOK=PATH, hook one of pre-failover, post-failover, pre-failback, post-failback (repeatable)"},
+				),
+				Action: jobCreate,
+			},
+			{
+				Name:   "list",
+				Usage:  "list the jobs of every server",
+				Flags:  append(connFlags(), &cli.BoolFlag{Name: "json", Usage: "machine-readable output"}),
+				Action: jobList,
+			},
+			{
+				Name:      "status",
+				Usage:     "show a job as both agents see it",
+				ArgsUsage: "NAME",
+				Flags: append(connFlags(),
+					&cli.BoolFlag{Name: "json", Usage: "machine-readable output"},
+					&cli.BoolFlag{Name: "watch", Usage: "refresh every --interval until interrupted"},
+					&cli.DurationFlag{Name: "interval", Value: time.Second, Usage: "refresh interval of --watch"},
+				),
+				Action: jobStatus,
+			},
+			{Name: "pause", Usage: "pause replication (writes are tracked, resynced on resume)", ArgsUsage: "NAME", Flags: connFlags(), Action: jobSimple(ha.CmdPause)},
+			{Name: "resume", Usage: "resume replication", ArgsUsage: "NAME", Flags: connFlags(), Action: jobSimple(ha.CmdResume)},
+			{
+				Name:      "delete",
+				Usage:     "delete a job on both agents (data and service IPs stay as they are)",
+				ArgsUsage: "NAME",
+				Flags:     connFlags(),
+				Action:    jobDelete,
+			},
+		},
 	}
+}
+
+func oneArg(c *cli.Context, usage string) (string, error) {
+	args, err := positional(c)
+	if err != nil {
+		return "", err
+	}
+	if len(args) != 1 {
+		return "", usageErrorf("usage: %s", usage)
+	}
+	name := args[0]
+	if err := job.ValidName("job", name); err != nil {
+		return "", usageErrorf("%v", err)
+	}
+	return name, nil
+}
+
+// buildSpec turns the create flags into a job spec (without endpoints).
+func buildSpec(c *cli.Context, name string) (job.Spec, error) {
+	spec := job.Spec{Name: name, Volume: c.String("volume"), Mode: c.String("mode"), Failover: ha.FailoverMode(c.String("failover"))}
+	if s := c.String("size"); s != "" {
+		n, err := job.ParseSize(s)
+		if err != nil {
+			return spec, err
+		}
+		spec.Size = n
+	}
+	for _, s := range c.StringSlice("service-ip") {
+		ip, err := job.ParseServiceIP(s)
+		if err != nil {
+			return spec, err
+		}
+		spec.ServiceIPs = append(spec.ServiceIPs, ip)
+	}
+	for _, s := range c.StringSlice("map-iface") {
+		src, tgt, ok := strings.Cut(s, "=")
+		if !ok || src == "" || tgt == "" {
+			return spec, fmt.Errorf("%w: --map-iface %q: want SRCIFACE=TGTIFACE", job.ErrInvalid, s)
+		}
+		if spec.MapIface == nil {
+			spec.MapIface = map[string]string{}
+		}
+		if _, dup := spec.MapIface[src]; dup {
+			return spec, fmt.Errorf("%w: --map-iface maps %s twice", job.ErrInvalid, src)
+		}
+		spec.MapIface[src] = tgt
+	}
+	m, err := job.ParseMonitor(c.String("monitor"))
+	if err != nil {
+		return spec, err
+	}
+	spec.Monitor = m
+	for _, s := range c.StringSlice("script") {
+		hook, path, ok := strings.Cut(s, "=")
+		if !ok {
+			return spec, fmt.Errorf("%w: --script %q: want HOOK=PATH", job.ErrInvalid, s)
+		}
+		if spec.Scripts == nil {
+			spec.Scripts = map[ha.Hook]string{}
+		}
+		spec.Scripts[ha.Hook(hook)] = path
+	}
+	b := make([]byte, 32)
+	rand.Read(b)
+	spec.Secret = hex.EncodeToString(b)
+	return spec, nil
+}
+
+// endpointOf describes a server as a job endpoint: its control address,
+// its replication address (the repl listener's host, or the control host
+// when it listens on every address) and its pinned fingerprint.
+func endpointOf(ctx context.Context, e *clientEnv, name string) (job.Endpoint, error) {
+	s, err := e.cfg.Server(name)
+	if err != nil {
+		return job.Endpoint{}, err
+	}
+	cl, err := e.client(name)
+	if err != nil {
+		return job.Endpoint{}, err
+	}
+	info, err := cl.Info(ctx)
+	if err != nil {
+		return job.Endpoint{}, fmt.Errorf("server %s: %w", name, err)
+	}
+	chost, _, _ := net.SplitHostPort(s.Addr)
+	rhost, rport, err := net.SplitHostPort(info.Repl)
+	if err != nil {
+		return job.Endpoint{}, fmt.Errorf("server %s reports replication address %q: %w", name, info.Repl, err)
+	}
+	if a, err := netip.ParseAddr(rhost); rhost == "" || (err == nil && a.IsUnspecified()) {
+		rhost = chost
+	}
+	return job.Endpoint{Name: name, Control: s.Addr, Repl: net.JoinHostPort(rhost, rport), Fingerprint: s.Fingerprint}, nil
+}
+
+func jobCreate(c *cli.Context) error {
+	name, err := oneArg(c, "doppel job create NAME --source SRV --target SRV --volume PATH [flags]")
+	if err != nil {
+		return err
+	}
+	if err := required(c, "source", "target", "volume"); err != nil {
+		return err
+	}
+	spec, err := buildSpec(c, name)
+	if err != nil {
+		return usageErrorf("%v", err)
+	}
+	e, err := newClientEnv(c)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
+	defer cancel()
+	if spec.Source, err = endpointOf(ctx, e, c.String("source")); err != nil {
+		return err
+	}
+	if spec.Target, err = endpointOf(ctx, e, c.String("target")); err != nil {
+		return err
+	}
+	spec.Defaults()
+	if err := spec.Validate(); err != nil {
+		return usageErrorf("%v", err)
+	}
+	src, _ := e.client(spec.Source.Name)
+	tgt, _ := e.client(spec.Target.Name)
+	if _, err := src.CreateJob(ctx, spec); err != nil {
+		return fmt.Errorf("create job %s on source %s: %w", name, spec.Source.Name, err)
+	}
+	if _, err := tgt.CreateJob(ctx, spec); err != nil {
+		if derr := src.DeleteJob(ctx, name); derr != nil {
+			err = fmt.Errorf("%w (and removing it from the source %s failed: %v)", err, spec.Source.Name, derr)
+		}
+		return fmt.Errorf("create job %s on target %s: %w", name, spec.Target.Name, err)
+	}
+	fmt.Fprintf(c.App.Writer, "created job %s: %s %s -> %s:%s, %s, failover %s\n", name, spec.Source.Name, spec.Volume, spec.Target.Name, spec.Volume, spec.Mode, spec.Failover)
+	fmt.Fprintf(c.App.Writer, "follow it with: doppel job status %s --watch\n", name)
+	return nil
+}
+
+func jobList(c *cli.Context) error {
+	e, err := newClientEnv(c)
+	if err != nil {
+		return err
+	}
+	type row struct {
+		Server string          `json:"server"`
+		Jobs   []api.JobStatus `json:"jobs"`
+		Err    string          `json:"error,omitempty"`
+	}
+	var rows []row
+	for _, s := range e.servers() {
+		r := row{Server: s}
+		ctx, cancel := context.WithTimeout(c.Context, 5*time.Second)
+		cl, err := e.client(s)
+		if err == nil {
+			r.Jobs, err = cl.Jobs(ctx)
+		}
+		cancel()
+		if err != nil {
+			r.Err = err.Error()
+		}
+		rows = append(rows, r)
+	}
+	if c.Bool("json") {
+		return writeJSONOut(c.App.Writer, rows)
+	}
+	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "JOB\tSERVER\tROLE\tSTATE\tEPOCH\tTARGET DATA\tDIRECTION")
+	for _, r := range rows {
+		if r.Err != "" {
+			fmt.Fprintf(tw, "-\t%s\t-\tunreachable: %s\t\t\t\n", r.Server, r.Err)
+			continue
+		}
+		for _, j := range r.Jobs {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s -> %s\n", j.Spec.Name, r.Server, j.HA.Role, j.HA.State, j.HA.Epoch, dataState(j.HA), j.Spec.Source.Name, j.Spec.Target.Name)
+		}
+	}
+	return tw.Flush()
+}
+
+func dataState(s ha.Status) string {
+	if s.Consistent {
+		return "consistent"
+	}
+	return "inconsistent"
+}
+
+func jobStatus(c *cli.Context) error {
+	name, err := oneArg(c, "doppel job status NAME [--watch] [--json]")
+	if err != nil {
+		return err
+	}
+	e, err := newClientEnv(c)
+	if err != nil {
+		return err
+	}
+	for {
+		views, err := e.findJob(c.Context, name)
+		if err != nil && !c.Bool("watch") {
+			return err
+		}
+		if c.Bool("json") {
+			if err == nil {
+				writeJSONOut(c.App.Writer, views)
+			}
+		} else {
+			if c.Bool("watch") {
+				fmt.Fprint(c.App.Writer, "\033[H\033[2J")
+			}
+			if err != nil {
+				fmt.Fprintf(c.App.Writer, "%s  %v\n", time.Now().Format(time.TimeOnly), err)
+			} else {
+				renderStatus(c.App.Writer, views, time.Now())
+			}
+		}
+		if !c.Bool("watch") {
+			return nil
+		}
+		select {
+		case <-c.Context.Done():
+			return nil
+		case <-time.After(c.Duration("interval")):
+		}
+	}
+}
+
+func writeJSONOut(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// renderStatus prints a job as both agents see it, in the operator's words.
+func renderStatus(w io.Writer, views []view, now time.Time) {
+	var spec job.Spec
+	for _, v := range views {
+		if v.Status != nil {
+			spec = v.Status.Spec
+			break
+		}
+	}
+	fmt.Fprintf(w, "job %s  %s:%s -> %s  mode %s  failover %s  (%s)\n", spec.Name, spec.Source.Name, spec.Volume, spec.Target.Name, spec.Mode, spec.Failover, now.Format(time.TimeOnly))
+	for _, ip := range spec.ServiceIPs {
+		fmt.Fprintf(w, "  service IP %s@%s\n", ip.Prefix, ip.Iface)
+	}
+	for _, v := range views {
+		if v.Status == nil {
+			fmt.Fprintf(w, "\n  %-6s unreachable: %s\n", v.Server, v.Err)
+			continue
+		}
+		st := v.Status
+		fmt.Fprintf(w, "\n  %-6s %-7s %-13s epoch %d", v.Server, st.HA.Role, st.HA.State, st.HA.Epoch)
+		if st.HA.Role == ha.RoleTarget {
+			fmt.Fprintf(w, "  target data %s", dataState(st.HA))
+		}
+		fmt.Fprintln(w)
+		if st.Data.Device != "" {
+			fmt.Fprintf(w, "         volume served at %s\n", st.Data.Device)
+		}
+		if st.HA.Reason != "" {
+			fmt.Fprintf(w, "         ! %s\n", st.HA.Reason)
+		}
+		if st.Data.Known {
+			if st.Data.SyncTotal > 0 && st.Data.BytesRemaining > 0 {
+				fmt.Fprintf(w, "         sync     %s %s remaining\n", progressBar(st.Data.SyncDone, st.Data.SyncTotal, 30), bytesHuman(st.Data.BytesRemaining))
+			}
+			fmt.Fprintf(w, "         queue    memory %s, disk %s", bytesHuman(st.Data.QueueMemory), bytesHuman(st.Data.QueueDisk))
+			if st.Data.RPO >= 0 {
+				fmt.Fprintf(w, "   RPO %v", st.Data.RPO.Round(time.Millisecond))
+			}
+			fmt.Fprintln(w)
+		} else if st.Data.Note != "" {
+			fmt.Fprintf(w, "         data     unknown: %s\n", st.Data.Note)
+		}
+		var paths []string
+		for _, p := range st.HA.Paths {
+			state := "up"
+			if !p.Up {
+				state = "SILENT"
+			}
+			paths = append(paths, p.Name+" "+state)
+		}
+		fmt.Fprintf(w, "         probe    %s, %v × %d; peer %s; link %s", st.Probe.Mode, st.Probe.Interval, st.Probe.Missed, strings.Join(paths, ", "), upDown(st.HA.LinkUp))
+		if st.Probe.TimeToFail >= 0 {
+			fmt.Fprintf(w, "; source declared failed in %v", st.Probe.TimeToFail)
+		}
+		fmt.Fprintln(w)
+		if st.HA.LastError != "" {
+			fmt.Fprintf(w, "         last error: %s\n", st.HA.LastError)
+		}
+	}
+}
+
+func upDown(b bool) string {
+	if b {
+		return "up"
+	}
+	return "down"
+}
+
+// progressBar draws [#####-----] 50.0%.
+func progressBar(done, total int64, width int) string {
+	if total <= 0 {
+		return ""
+	}
+	done = min(max(done, 0), total)
+	n := int(int64(width) * done / total)
+	return "[" + strings.Repeat("#", n) + strings.Repeat("-", width-n) + "] " + strconv.FormatFloat(100*float64(done)/float64(total), 'f', 1, 64) + "%"
+}
+
+func bytesHuman(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// sendCommand runs an operator command on the server that must act: the
+// one --server names, else the one pick chooses among the job's sides.
+func sendCommand(c *cli.Context, cmd ha.EventType, opts api.CommandOptions, pick func([]view) (string, error)) error {
+	name, err := oneArg(c, "doppel "+string(cmd)+" NAME")
+	if err != nil {
+		return err
+	}
+	e, err := newClientEnv(c)
+	if err != nil {
+		return err
+	}
+	server := e.only
+	if server == "" {
+		views, err := e.findJob(c.Context, name)
+		if err != nil {
+			return err
+		}
+		if server, err = pick(views); err != nil {
+			return err
+		}
+	}
+	cl, err := e.client(server)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(c.Context, 2*time.Minute)
+	defer cancel()
+	st, err := cl.Command(ctx, name, cmd, opts)
+	for _, a := range st.Actions {
+		fmt.Fprintf(c.App.Writer, "  %s: %s\n", server, a)
+	}
+	if err != nil {
+		return fmt.Errorf("%s on %s: %w", cmd, server, err)
+	}
+	fmt.Fprintf(c.App.Writer, "%s %s on %s: now %s %s (epoch %d)\n", cmd, name, server, st.HA.Role, st.HA.State, st.HA.Epoch)
+	if st.HA.Reason != "" {
+		fmt.Fprintf(c.App.Writer, "  ! %s\n", st.HA.Reason)
+	}
+	return nil
+}
+
+// activeSource picks the side that serves the job (role source, not fenced).
+func activeSource(views []view) (string, error) {
+	for _, v := range views {
+		if v.Status != nil && v.Status.HA.Role == ha.RoleSource && v.Status.HA.State != ha.StateSuperseded {
+			return v.Server, nil
+		}
+	}
+	return "", unreachableErr(views, "the job's active source")
+}
+
+func unreachableErr(views []view, what string) error {
+	var parts []string
+	for _, v := range views {
+		if v.Status == nil {
+			parts = append(parts, fmt.Sprintf("%s: %s", v.Server, v.Err))
+		} else {
+			parts = append(parts, fmt.Sprintf("%s: %s %s", v.Server, v.Status.HA.Role, v.Status.HA.State))
+		}
+	}
+	return errors.New("cannot reach " + what + " (" + strings.Join(parts, "; ") + ")")
+}
+
+func jobSimple(cmd ha.EventType) cli.ActionFunc {
+	return func(c *cli.Context) error {
+		return sendCommand(c, cmd, api.CommandOptions{}, activeSource)
+	}
+}
+
+func jobDelete(c *cli.Context) error {
+	name, err := oneArg(c, "doppel job delete NAME")
+	if err != nil {
+		return err
+	}
+	e, err := newClientEnv(c)
+	if err != nil {
+		return err
+	}
+	views, err := e.findJob(c.Context, name)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, v := range views {
+		if v.Status == nil {
+			if v.err != nil && !api.IsKind(v.err, "not_found") {
+				errs = append(errs, fmt.Errorf("%s: %s (delete it there when it is back)", v.Server, v.Err))
+			}
+			continue
+		}
+		cl, err := e.client(v.Server)
+		if err == nil {
+			ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
+			err = cl.DeleteJob(ctx, name)
+			cancel()
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", v.Server, err))
+			continue
+		}
+		fmt.Fprintf(c.App.Writer, "deleted job %s on %s\n", name, v.Server)
+	}
+	return errors.Join(errs...)
 }

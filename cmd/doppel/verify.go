@@ -1,16 +1,57 @@
 package main
 
 import (
-	"errors"
+	"context"
+	"fmt"
+	"time"
 
 	"github.com/urfave/cli/v2"
 )
 
-// verifyCommand is scaffolding: the owner of this command group replaces it.
+// verifyCommand compares a job's source and target.
 func verifyCommand() *cli.Command {
 	return &cli.Command{
-		Name:   "verify",
-		Usage:  "compare source and target by checksums",
-		Action: func(*cli.Context) error { return errors.New("verify: not built yet") },
+		Name:      "verify",
+		Usage:     "compare a job's source and target chunk by chunk",
+		ArgsUsage: "NAME",
+		Flags:     append(connFlags(), &cli.BoolFlag{Name: "json", Usage: "machine-readable output"}),
+		Action: func(c *cli.Context) error {
+			name, err := oneArg(c, "doppel verify NAME")
+			if err != nil {
+				return err
+			}
+			e, err := newClientEnv(c)
+			if err != nil {
+				return err
+			}
+			server := e.only
+			if server == "" {
+				views, err := e.findJob(c.Context, name)
+				if err != nil {
+					return err
+				}
+				if server, err = activeSource(views); err != nil {
+					return err
+				}
+			}
+			cl, err := e.client(server)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(c.Context, 6*time.Hour)
+			defer cancel()
+			res, err := cl.Verify(ctx, name)
+			if err != nil {
+				return fmt.Errorf("verify on %s: %w", server, err)
+			}
+			if c.Bool("json") {
+				return writeJSONOut(c.App.Writer, res)
+			}
+			fmt.Fprintf(c.App.Writer, "verify %s: %d chunks, %s compared, %d differ\n", name, res.Chunks, bytesHuman(res.Bytes), res.Differing)
+			if !res.Equal {
+				return fmt.Errorf("job %s: source and target differ in %d chunks", name, res.Differing)
+			}
+			return nil
+		},
 	}
 }

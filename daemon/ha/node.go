@@ -239,7 +239,7 @@ func (n *Node) Status() Status {
 			minSilent = s
 		}
 	}
-	if n.hs.Role == RoleTarget && !n.hs.Superseded && !n.sourceDown && minSilent > 0 {
+	if n.hs.Role == RoleTarget && !n.hs.Superseded && !n.sourceDown && minSilent > 1 {
 		st.TicksToFail = n.cfg.Missed - minSilent
 	}
 	return st

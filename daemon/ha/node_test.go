@@ -80,24 +80,23 @@ func TestRefusalChangesNothing(t *testing.T) {
 	}
 }
 
-// TestCountdown: the time-to-fail countdown follows the least silent path.
+// TestCountdown: the time-to-fail countdown follows the least silent path
+// and shows once every path has missed an interval.
 func TestCountdown(t *testing.T) {
 	c := testConfig("vm2")
 	c.Paths = []string{"repl", "app"}
 	c.Failover = FailoverManual
+	c.Missed = 4
 	n, _ := NewNode(c, HardState{Role: RoleTarget, Epoch: 1, Consistent: true})
 	n.Step(Event{Type: EvStart})
-	n.Step(Event{Type: EvHeartbeat, Path: "repl"})
-	n.Step(Event{Type: EvHeartbeat, Path: "app"})
-	want := []int{2, 1, -1}
-	for i, w := range want {
+	n.Tick()
+	n.Tick()
+	n.Step(Event{Type: EvHeartbeat, Path: "app"}) // repl silent 2, app heard: countdown restarts from app
+	// app silent after each tick: 1 (within the interval: no countdown), 2, 3, 4 (down).
+	for i, want := range []int{-1, 2, 1, -1} {
 		n.Tick()
-		if i == 0 {
-			n.Step(Event{Type: EvHeartbeat, Path: "app"}) // app heard again: countdown restarts from app
-			n.Tick()
-		}
-		if got := n.Status().TicksToFail; got != w {
-			t.Fatalf("tick %d: ticks to fail %d, want %d", i, got, w)
+		if got := n.Status().TicksToFail; got != want {
+			t.Fatalf("tick %d: ticks to fail %d, want %d", i, got, want)
 		}
 	}
 	if n.Status().State != StateSourceDown {

@@ -316,7 +316,8 @@ type Status struct {
 	LinkUp     bool         `json:"link_up"`
 	Paths      []PathStatus `json:"paths"`
 	// TicksToFail counts down to the source being declared failed (target
-	// side, while every path is silent); -1 when not counting.
+	// side, once every path has missed at least one interval); -1 when
+	// not counting.
 	TicksToFail int `json:"ticks_to_fail"`
 	// Reason explains a state that needs the operator.
 	Reason    string `json:"reason,omitempty"`
