@@ -154,6 +154,20 @@ func (f *Fake) DelAddr(l Link, p netip.Prefix) error {
 	return nil
 }
 
+// Local implements Kernel: an address held by an up link, not tentative.
+func (f *Fake) Local(addr netip.Addr) (bool, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, l := range f.links {
+		for _, a := range l.addrs {
+			if a.Prefix.Addr() == addr && !a.Tentative {
+				return true, nil
+			}
+		}
+	}
+	return false, nil
+}
+
 // PromoteSecondaries implements Kernel.
 func (f *Fake) PromoteSecondaries(l Link) error {
 	f.mu.Lock()

@@ -26,6 +26,9 @@ type HostAddr struct {
 	// Secondary marks an IPv4 address the kernel keeps as a secondary of a
 	// primary in the same subnet (ip addr: "secondary").
 	Secondary bool
+	// Tentative marks an IPv6 address under duplicate address detection
+	// (ip addr: "tentative").
+	Tentative bool
 }
 
 // Kernel is the kernel state netident reads and changes: interfaces,
@@ -46,6 +49,11 @@ type Kernel interface {
 	// primary IPv4 address also deletes its secondaries unless
 	// PromoteSecondaries was enabled on l.
 	DelAddr(l Link, p netip.Prefix) error
+	// Local reports whether the kernel takes packets to addr as its own
+	// right now (a local route exists: ip route get ADDR says "local").
+	// A new IPv6 address is not local at once even with NODAD: the kernel
+	// finishes it from a work queue.
+	Local(addr netip.Addr) (bool, error)
 	// PromoteSecondaries makes the kernel promote a secondary IPv4 address
 	// when its primary is deleted (net.ipv4.conf.IFACE.promote_secondaries=1).
 	PromoteSecondaries(l Link) error

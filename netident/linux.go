@@ -143,7 +143,7 @@ func (s *Linux) Addrs(l Link) ([]HostAddr, error) {
 			continue
 		}
 		bits, _ := a.Mask.Size()
-		out = append(out, HostAddr{Prefix: netip.PrefixFrom(ip.Unmap(), bits), Secondary: a.Flags&unix.IFA_F_SECONDARY != 0})
+		out = append(out, HostAddr{Prefix: netip.PrefixFrom(ip.Unmap(), bits), Secondary: a.Flags&unix.IFA_F_SECONDARY != 0, Tentative: a.Flags&unix.IFA_F_TENTATIVE != 0})
 	}
 	return out, nil
 }
@@ -176,6 +176,15 @@ func (s *Linux) DelAddr(l Link, p netip.Prefix) error {
 		return fmt.Errorf("%w %q", ErrNoInterface, l.Name)
 	}
 	return fmt.Errorf("delete %s from %s: %w", p, l.Name, err)
+}
+
+// Local implements Kernel.
+func (s *Linux) Local(addr netip.Addr) (bool, error) {
+	rs, err := s.h.RouteGet(addr.AsSlice())
+	if err != nil {
+		return false, fmt.Errorf("route get %s: %w", addr, err)
+	}
+	return len(rs) > 0 && rs[0].Type == unix.RTN_LOCAL, nil
 }
 
 // PromoteSecondaries implements Kernel.

@@ -285,6 +285,8 @@ func (m *Manager) Apply(ctx context.Context, id Identity, opts ApplyOptions) (Re
 		r.Added = append(r.Added, t.Addr)
 	}
 
+	m.waitUsable(ctx, r.Added)
+
 	if id.Hostname != "" {
 		cur, err := m.k.Hostname()
 		if err == nil && cur != id.Hostname {
@@ -335,6 +337,37 @@ func (m *Manager) probe(ctx context.Context, ts []*target, force bool) ([]Confli
 		}
 	}
 	return conflicts, nil
+}
+
+// usableWait bounds how long Apply waits for new addresses to become
+// local before announcing them anyway.
+const usableWait = 2 * time.Second
+
+// waitUsable waits until the kernel takes every address just added as
+// local. IPv4 addresses are at once; IPv6 ones, even with NODAD, a few
+// milliseconds later (the kernel finishes them from a work queue). A
+// neighbour told about an address before then sends its first packets into
+// a void: a TCP SYN lost that way costs the client a 1 s retransmission.
+func (m *Manager) waitUsable(ctx context.Context, added []Addr) {
+	start := time.Now()
+	for _, a := range added {
+		for {
+			ok, err := m.k.Local(a.Prefix.Addr())
+			if err != nil {
+				m.log.Warn("cannot tell whether the address is usable yet", "addr", a.String(), "err", err)
+				break
+			}
+			if ok {
+				break
+			}
+			if time.Since(start) > usableWait || ctx.Err() != nil {
+				m.log.Warn("address not local yet; announcing anyway", "addr", a.String(), "waited", time.Since(start))
+				return
+			}
+			time.Sleep(500 * time.Microsecond)
+		}
+	}
+	m.log.Debug("new addresses usable", "waited", time.Since(start))
 }
 
 // undo removes addresses this Apply added, after a later step failed.

@@ -445,3 +445,37 @@ func TestApplyCancelled(t *testing.T) {
 		t.Fatal("cancelled Apply changed the host")
 	}
 }
+
+// slowKernel takes a while to make new addresses local, like Linux with a
+// new IPv6 address.
+type slowKernel struct {
+	*Fake
+	until time.Time
+}
+
+func (k slowKernel) Local(addr netip.Addr) (bool, error) {
+	if time.Now().Before(k.until) {
+		return false, nil
+	}
+	return k.Fake.Local(addr)
+}
+
+// TestAnnounceWaitsUntilLocal: nothing is announced before the kernel takes
+// the address as its own (else a client's first SYN is lost).
+func TestAnnounceWaitsUntilLocal(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := testHost(t)
+		w := NewFakeWire()
+		start := time.Now()
+		ready := start.Add(30 * time.Millisecond)
+		m := New(slog.New(slog.DiscardHandler), slowKernel{f, ready}, w, Config{ProbeWait: -1, SecondBurst: -1})
+		if _, err := m.Apply(context.Background(), id(Addr{v6, "eth0"}), ApplyOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		ann := w.Announcements()
+		if len(ann) != 1 || ann[0].At.Before(ready) || ann[0].At.Sub(ready) > time.Millisecond {
+			t.Fatalf("first announcement at %v, want just after %v", ann[0].At.Sub(start), ready.Sub(start))
+		}
+		m.Close()
+	})
+}
