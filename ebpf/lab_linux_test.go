@@ -1,0 +1,253 @@
+package ebpf
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/doppelha/doppel/daemon/monitor"
+)
+
+// lab is two network namespaces joined by a veth pair: the sender (peer)
+// in A, the probe in B. Names are unique per lab; everything is removed in
+// t.Cleanup.
+type lab struct {
+	t            testing.TB
+	nsA, nsB     string
+	vethA, vethB string
+	addrA, addrB netip.Addr
+}
+
+func needRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: network namespaces, veth, XDP")
+	}
+	if testing.Short() {
+		t.Skip("network-namespace tier skipped in -short mode")
+	}
+}
+
+func run(t testing.TB, name string, args ...string) {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+}
+
+func newLab(t testing.TB) *lab {
+	t.Helper()
+	needRoot(t)
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Fatalf("ip (iproute2) not found: %v", err)
+	}
+	b := make([]byte, 3)
+	rand.Read(b)
+	id := hex.EncodeToString(b)
+	l := &lab{t: t, nsA: "dpa-" + id, nsB: "dpb-" + id, vethA: "dpva" + id, vethB: "dpvb" + id,
+		addrA: netip.MustParseAddr("10.98.0.1"), addrB: netip.MustParseAddr("10.98.0.2")}
+	run(t, "ip", "netns", "add", l.nsA)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", l.nsA).Run() })
+	run(t, "ip", "netns", "add", l.nsB)
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", l.nsB).Run() })
+	run(t, "ip", "link", "add", l.vethA, "netns", l.nsA, "type", "veth", "peer", "name", l.vethB, "netns", l.nsB)
+	for _, s := range []struct {
+		ns, dev string
+		a       netip.Addr
+	}{{l.nsA, l.vethA, l.addrA}, {l.nsB, l.vethB, l.addrB}} {
+		run(t, "ip", "-n", s.ns, "addr", "add", s.a.String()+"/24", "dev", s.dev)
+		run(t, "ip", "-n", s.ns, "link", "set", s.dev, "up")
+		run(t, "ip", "-n", s.ns, "link", "set", "lo", "up")
+	}
+	return l
+}
+
+// inNS runs f on an OS thread switched into the named namespace. Sockets
+// and attachments made by f stay in that namespace.
+func inNS(t testing.TB, ns string, f func() error) error {
+	t.Helper()
+	errc := make(chan error)
+	go func() {
+		runtime.LockOSThread() // never unlocked if restoring fails: the thread dies with the goroutine
+		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer orig.Close()
+		target, err := os.Open("/var/run/netns/" + ns)
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer target.Close()
+		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("setns %s: %w", ns, err)
+			return
+		}
+		ferr := f()
+		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+			errc <- fmt.Errorf("restore netns: %w", err)
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// openProbe opens a probe in B on B's veth, watching A's address.
+func (l *lab) openProbe(mode Mode, token uint64) Probe {
+	l.t.Helper()
+	var p Probe
+	err := inNS(l.t, l.nsB, func() (err error) {
+		p, err = Open(Config{Interfaces: []string{l.vethB}, Mode: mode})
+		return err
+	})
+	if err != nil {
+		l.t.Fatalf("open probe (%q): %v", mode, err)
+	}
+	l.t.Cleanup(func() { p.Close() })
+	if err := p.SetPeer(l.addrA, token); err != nil {
+		l.t.Fatal(err)
+	}
+	return p
+}
+
+// pacedSender sends heartbeats from A every interval. cutAfterSend runs a
+// fault right after a heartbeat went out, so the silence starts at the
+// fault (to within the time the send takes).
+type pacedSender struct {
+	s     *Sender
+	hooks chan func()
+	stop  context.CancelFunc
+	done  chan struct{}
+}
+
+func (l *lab) startSender(interval time.Duration, token uint64) *pacedSender {
+	l.t.Helper()
+	var s *Sender
+	err := inNS(l.t, l.nsA, func() (err error) {
+		s, err = NewSender([]netip.AddrPort{netip.AddrPortFrom(l.addrB, HeartbeatPort)}, Heartbeat{Token: token, Generation: 1})
+		return err
+	})
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	ps := &pacedSender{s: s, hooks: make(chan func()), stop: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(ps.done)
+		tk := time.NewTicker(interval)
+		defer tk.Stop()
+		for {
+			s.Send() // errors while the link is cut are expected
+			select {
+			case h := <-ps.hooks:
+				h()
+			default:
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-tk.C:
+			}
+		}
+	}()
+	l.t.Cleanup(ps.Stop)
+	return ps
+}
+
+// Stop stops sending (idempotent) and returns when the last send is done.
+func (ps *pacedSender) Stop() {
+	ps.stop()
+	<-ps.done
+	ps.s.Close()
+}
+
+// cutAfterSend runs cut right after the next heartbeat and returns the
+// monotonic time just after that heartbeat was sent.
+func (ps *pacedSender) cutAfterSend(cut func()) time.Duration {
+	var at time.Duration
+	ran := make(chan struct{})
+	ps.hooks <- func() {
+		defer close(ran)
+		at = Now()
+		cut()
+	}
+	<-ran
+	return at
+}
+
+// watcher runs monitor.Watch over a probe in this process.
+type watcher struct {
+	changes chan monitor.Change
+	mu      sync.Mutex
+	all     []monitor.Change
+}
+
+func startWatch(t testing.TB, p Probe, peer netip.Addr, cfg monitor.Config) *watcher {
+	t.Helper()
+	m, err := monitor.New(cfg, []string{peer.String()}, Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &watcher{changes: make(chan monitor.Change, 100)}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- monitor.Watch(ctx, m, Now, func(string) (monitor.Sample, error) {
+			s, err := p.Stats(peer)
+			return monitor.Sample{LastSeen: s.LastSeen(), Packets: s.Packets()}, err
+		}, func(c monitor.Change) {
+			w.mu.Lock()
+			w.all = append(w.all, c)
+			w.mu.Unlock()
+			w.changes <- c
+		})
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("watch: %v", err)
+		}
+	})
+	return w
+}
+
+// next waits for the next change, which must be to want.
+func (w *watcher) next(t testing.TB, want monitor.State, within time.Duration) monitor.Change {
+	t.Helper()
+	select {
+	case c := <-w.changes:
+		if c.To != want {
+			t.Fatalf("change %v, want -> %v", c, want)
+		}
+		return c
+	case <-time.After(within):
+		t.Fatalf("no change to %v within %v", want, within)
+	}
+	panic("unreachable")
+}
+
+// quiet fails if any change arrives within d.
+func (w *watcher) quiet(t testing.TB, d time.Duration) {
+	t.Helper()
+	select {
+	case c := <-w.changes:
+		t.Fatalf("unexpected change %v", c)
+	case <-time.After(d):
+	}
+}
