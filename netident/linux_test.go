@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"runtime"
 	"slices"
 	"strings"
@@ -34,12 +35,13 @@ var (
 )
 
 type node struct {
-	name string // src, tgt, client
-	ns   netns.NsHandle
-	h    *netlink.Handle
-	sys  *Linux
-	link Link // eth0
-	m    *Manager
+	name   string // src, tgt, client
+	nsName string // ip netns name
+	ns     netns.NsHandle
+	h      *netlink.Handle
+	sys    *Linux
+	link   Link // eth0
+	m      *Manager
 }
 
 type lab struct {
@@ -118,7 +120,8 @@ func newLab(t *testing.T) *lab {
 
 	l := &lab{}
 	for i, name := range []string{"src", "tgt", "client"} {
-		n := &node{name: name, ns: newNS(t, "dpl-"+name+"-"+sfx)}
+		n := &node{name: name, nsName: "dpl-" + name + "-" + sfx}
+		n.ns = newNS(t, n.nsName)
 		n.h, err = netlink.NewHandleAt(n.ns)
 		must(t, err)
 		t.Cleanup(n.h.Close)
@@ -287,26 +290,36 @@ func TestTakeover(t *testing.T) {
 			}
 			t.Logf("refused: %v", err)
 
-			trials := 10
-			var took, tcp []time.Duration
 			from, to := l.src, l.tgt
-			for range trials {
-				n, c := l.takeover(t, from, to, p)
-				took, tcp = append(took, n), append(tcp, c)
-				from, to = to, from
-			}
-			slices.Sort(took)
-			slices.Sort(tcp)
-			t.Logf("TAKEOVER %s: neighbour entry updated after median %v (min %v, max %v), TCP answered after median %v (max %v), over %d trials from Apply start (probe wait %v)",
-				p.Addr(), took[len(took)/2].Round(time.Microsecond*100), took[0].Round(time.Microsecond*100), took[len(took)-1].Round(time.Microsecond*100),
-				tcp[len(tcp)/2].Round(time.Microsecond*100), tcp[len(tcp)-1].Round(time.Microsecond*100), trials, DefaultProbeWait)
-			if took[len(took)-1] > 300*time.Millisecond {
-				t.Errorf("a client's neighbour entry took %v to move, want ≤ 300 ms (all: %v)", took[len(took)-1], took)
-			}
-			// A TCP connection answered after a second means its first SYN was
-			// lost (the address was announced before the kernel took it as local).
-			if tcp[len(tcp)/2] > 300*time.Millisecond || tcp[len(tcp)-1] > time.Second {
-				t.Errorf("TCP answered after median %v, max %v; want ≤ 300 ms and no SYN retransmission (all: %v)", tcp[len(tcp)/2], tcp[len(tcp)-1], tcp)
+			// With the conflict probe (the default), then without it, to
+			// show what the mechanics alone cost.
+			for _, probe := range []time.Duration{DefaultProbeWait, -1} {
+				if probe < 0 {
+					for _, n := range []*node{l.src, l.tgt} {
+						n.m.Close()
+						n.m = New(n.m.log, n.sys, n.sys, Config{ProbeWait: -1})
+					}
+				}
+				const trials = 10
+				var took, tcp []time.Duration
+				for range trials {
+					n, c := l.takeover(t, from, to, p)
+					took, tcp = append(took, n), append(tcp, c)
+					from, to = to, from
+				}
+				slices.Sort(took)
+				slices.Sort(tcp)
+				ms := func(d time.Duration) time.Duration { return d.Round(100 * time.Microsecond) }
+				t.Logf("TAKEOVER %s probe %v: neighbour entry updated after median %v (min %v, max %v), TCP answered after median %v (max %v), over %d trials from Apply start",
+					p.Addr(), max(probe, 0), ms(took[trials/2]), ms(took[0]), ms(took[trials-1]), ms(tcp[trials/2]), ms(tcp[trials-1]), trials)
+				if took[trials-1] > 300*time.Millisecond {
+					t.Errorf("a client's neighbour entry took %v to move, want ≤ 300 ms (all: %v)", took[trials-1], took)
+				}
+				// A TCP connection answered after a second means its first SYN was
+				// lost (the address was announced before the kernel took it as local).
+				if tcp[trials/2] > 300*time.Millisecond || tcp[trials-1] > time.Second {
+					t.Errorf("TCP answered after median %v, max %v; want ≤ 300 ms and no SYN retransmission (all: %v)", tcp[trials/2], tcp[trials-1], tcp)
+				}
 			}
 			if p.Addr().Is6() {
 				checkNotTentative(t, from, p)
@@ -333,36 +346,78 @@ func checkNotTentative(t *testing.T, n *node, p netip.Prefix) {
 	t.Fatalf("%s not on %s", p, n.name)
 }
 
-// TestKernelDADDelay measures what waiting for the kernel's duplicate
-// address detection would cost (why netident adds IPv6 with NODAD after
-// its own short probe): the address stays tentative, unusable, for about
-// RetransTimer × dad_transmits (1 s by default).
-func TestKernelDADDelay(t *testing.T) {
+// TestTakeoverPeers measures the usual ways to move an address, for
+// comparison with TestTakeover (bench/RESULTS.md): IPv4 with `ip addr add`
+// and `arping -U` (keepalived-style scripts), IPv6 with a plain address add,
+// the kernel's DAD and the unsolicited NA it sends afterwards with
+// ndisc_notify=1. The second is why netident adds IPv6 with NODAD.
+func TestTakeoverPeers(t *testing.T) {
 	l := newLab(t)
+	for _, n := range []*node{l.src, l.tgt} {
+		n.m.Close()
+		n.m = New(n.m.log, n.sys, n.sys, Config{ProbeWait: -1, SecondBurst: -1})
+	}
+	sysctl(t, l.tgt.ns, "/proc/sys/net/ipv6/conf/eth0/ndisc_notify", "1")
 	eth0, err := l.tgt.h.LinkByIndex(l.tgt.link.Index)
 	must(t, err)
-	a, _ := netlink.ParseAddr("fd77::200/64")
-	start := time.Now()
-	must(t, l.tgt.h.AddrAdd(eth0, a))
-	for {
-		list, err := l.tgt.h.AddrList(eth0, netlink.FAMILY_V6)
-		must(t, err)
-		i := slices.IndexFunc(list, func(x netlink.Addr) bool { return x.IP.Equal(a.IP) })
-		if i < 0 {
-			t.Fatal("address vanished")
+	move := func(p netip.Prefix, add func() (wait func())) time.Duration {
+		if _, err := l.src.m.Apply(t.Context(), ident(p), ApplyOptions{}); err != nil {
+			t.Fatal(err)
 		}
-		if list[i].Flags&unix.IFA_F_TENTATIVE == 0 {
-			break
+		if name, err := l.who(t, p.Addr()); name != "src" {
+			t.Fatalf("before: %s answered by %q (%v)", p.Addr(), name, err)
 		}
-		if time.Since(start) > 5*time.Second {
-			t.Fatal("still tentative after 5 s")
+		if _, err := l.src.m.Release(t.Context(), ident(p)); err != nil {
+			t.Fatal(err)
 		}
-		time.Sleep(5 * time.Millisecond)
+		start := time.Now()
+		wait := add()
+		for !bytes.Equal(l.neighMAC(t, p.Addr()), l.tgt.link.MAC) {
+			if time.Since(start) > 10*time.Second {
+				t.Fatalf("client's entry for %s not moved after 10 s", p.Addr())
+			}
+			time.Sleep(200 * time.Microsecond)
+		}
+		took := time.Since(start)
+		wait()
+		if name, err := l.who(t, p.Addr()); name != "tgt" {
+			t.Fatalf("after: %s answered by %q (%v)", p.Addr(), name, err)
+		}
+		must(t, l.tgt.sys.DelAddr(l.tgt.link, p))
+		return took
 	}
-	d := time.Since(start)
-	t.Logf("KERNEL DAD: fd77::200 tentative for %v", d)
-	if d < 500*time.Millisecond {
-		t.Fatalf("kernel DAD took only %v: NODAD would not be worth it", d)
+	report := func(what string, took []time.Duration) {
+		slices.Sort(took)
+		t.Logf("PEER %s: neighbour entry updated after median %v (min %v, max %v) over %d trials", what,
+			took[len(took)/2].Round(100*time.Microsecond), took[0].Round(100*time.Microsecond), took[len(took)-1].Round(100*time.Microsecond), len(took))
+	}
+
+	if _, err := exec.LookPath("arping"); err != nil {
+		t.Log("arping not installed (test/deps.sh installs it): IPv4 peer skipped")
+	} else {
+		var took []time.Duration
+		for range 3 {
+			took = append(took, move(svc4, func() func() {
+				cmd := exec.Command("ip", "netns", "exec", l.tgt.nsName, "sh", "-c",
+					"ip addr add "+svc4.String()+" dev eth0 && arping -q -U -S "+svc4.Addr().String()+" -c 1 -i eth0 "+svc4.Addr().String())
+				must(t, cmd.Start())
+				return func() { cmd.Wait() } // arping exits 1: nobody replies to an unsolicited ARP
+			}))
+		}
+		report("ip addr add + arping -U, "+svc4.Addr().String(), took)
+	}
+
+	var took []time.Duration
+	for range 3 {
+		took = append(took, move(svc6, func() func() {
+			a, _ := netlink.ParseAddr(svc6.String())
+			must(t, l.tgt.h.AddrAdd(eth0, a))
+			return func() {}
+		}))
+	}
+	report("ip addr add (kernel DAD, ndisc_notify=1), "+svc6.Addr().String(), took)
+	if took[0] < 500*time.Millisecond {
+		t.Errorf("the kernel's DAD path took only %v: NODAD would not be worth it", took[0])
 	}
 }
 
