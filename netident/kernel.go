@@ -18,6 +18,9 @@ type Link struct {
 	// NoIPv6 is set when IPv6 is disabled on the interface
 	// (net.ipv6.conf.IFACE.disable_ipv6=1, or no IPv6 in the kernel).
 	NoIPv6 bool
+	// NoARP is set for interfaces without neighbour resolution (loopback,
+	// NOARP, not Ethernet: tun, WireGuard...): nothing to probe or announce.
+	NoARP bool
 }
 
 // HostAddr is one address as the kernel holds it on a link.

@@ -107,6 +107,7 @@ func (s *Linux) Link(name string) (Link, error) {
 	}
 	a := nl.Attrs()
 	l := Link{Name: a.Name, Index: a.Index, MAC: a.HardwareAddr, MTU: a.MTU, Up: a.Flags&net.FlagUp != 0}
+	l.NoARP = a.RawFlags&unix.IFF_NOARP != 0 || a.Flags&net.FlagLoopback != 0 || len(a.HardwareAddr) != 6
 	switch v, err := s.sysctl("/proc/sys/net/ipv6/conf/" + name + "/disable_ipv6"); {
 	case errors.Is(err, os.ErrNotExist):
 		l.NoIPv6 = true // no IPv6 in this kernel or namespace

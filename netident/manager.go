@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -319,6 +320,10 @@ func (m *Manager) probe(ctx context.Context, ts []*target, force bool) ([]Confli
 	res := make([]result, len(ts))
 	var wg sync.WaitGroup
 	for i, t := range ts {
+		if t.link.NoARP {
+			m.log.Debug("no neighbour resolution on the interface: not probed", "addr", t.Addr.String())
+			continue
+		}
 		wg.Go(func() {
 			mac, err := m.w.Probe(ctx, t.link, t.Prefix.Addr(), m.conf.ProbeWait)
 			res[i] = result{mac, err}
@@ -390,6 +395,7 @@ func (m *Manager) undo(added []Addr) error {
 // returns the first send error of the first round. Called with m.mu held.
 func (m *Manager) startAnnouncing(ts []target) error {
 	m.stopAnnouncing()
+	ts = slices.DeleteFunc(slices.Clone(ts), func(t target) bool { return t.link.NoARP })
 	if len(ts) == 0 {
 		return nil
 	}

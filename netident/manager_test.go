@@ -27,6 +27,7 @@ func testHost(t *testing.T, extra ...string) *Fake {
 		Link{Name: "eth0", Up: true},
 		Link{Name: "eth1", Up: true, NoIPv6: true},
 		Link{Name: "eth2"},
+		Link{Name: "wg0", Up: true, NoARP: true},
 	)
 	run(t, f, "ip addr add 192.168.0.222/24 dev eth0", "ip addr add fe80::2/64 dev eth0")
 	run(t, f, extra...)
@@ -141,6 +142,13 @@ func TestApplyTable(t *testing.T) {
 			added:  1,
 		},
 		{
+			name:   "no ARP: neither probed nor announced",
+			id:     id(Addr{v4, "wg0"}),
+			holder: v4.Addr(),
+			want:   "ip addr add 172.17.22.187/24 dev wg0\n",
+			added:  1,
+		},
+		{
 			name:    "interface down",
 			id:      id(Addr{v4, "eth2"}),
 			wantErr: ErrLinkDown,
@@ -208,11 +216,11 @@ func TestApplyTable(t *testing.T) {
 			// Apply returned, except on a down interface (reported).
 			wantAnn := 0
 			for _, a := range tt.id.Addrs {
-				if a.Iface != "eth2" {
+				if a.Iface != "eth2" && a.Iface != "wg0" {
 					wantAnn++
 				}
 			}
-			if n := len(w.Announcements()); n != wantAnn || (wantAnn < len(tt.id.Addrs)) != (r.AnnounceErr != nil) {
+			if n := len(w.Announcements()); n != wantAnn || (tt.id.Addrs[0].Iface == "eth2") != (r.AnnounceErr != nil) {
 				t.Fatalf("%d announcements after Apply, want %d; report: %v", n, wantAnn, r.AnnounceErr)
 			}
 
