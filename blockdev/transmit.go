@@ -30,7 +30,10 @@ type tconn struct {
 	*conn
 	ctx  context.Context // requests run under it (not cancelled by shutdown)
 	x    *export
-	sem  chan struct{}
+	sem  chan struct{} // bounds requests in flight (and their buffers)
+	work chan *op      // requests for the workers
+	idle atomic.Int32  // workers waiting on work
+	nwrk int           // workers started (reader goroutine only)
 	wg   sync.WaitGroup
 	w    replyWriter
 	wrot atomic.Bool // a write, trim or zero was applied: sync at disconnect
@@ -48,10 +51,12 @@ func (cn *conn) transmit(ctx context.Context, x *export) error {
 		ctx:  context.WithoutCancel(ctx),
 		x:    x,
 		sem:  make(chan struct{}, n),
+		work: make(chan *op, n),
 	}
 	t.w.c = cn.c
 	err := t.readLoop()
 	// Finish what was received: every request read gets its reply.
+	close(t.work)
 	t.wg.Wait()
 	if t.wrot.Load() {
 		if serr := x.mut.Apply(t.ctx, &Mutation{Op: OpFlush}); serr != nil {
@@ -109,8 +114,32 @@ func (t *tconn) readLoop() error {
 				return err
 			}
 		}
-		t.wg.Add(1)
-		go t.handle(o)
+		t.dispatch(o)
+	}
+}
+
+// dispatch hands o to the connection's workers, started on demand up to
+// MaxInFlight (a parked worker costs less to wake than a new goroutine and
+// allocates nothing), so requests overlap and replies go out as each
+// completes.
+func (t *tconn) dispatch(o *op) {
+	t.wg.Add(1)
+	if t.idle.Load() == 0 && t.nwrk < cap(t.sem) {
+		t.nwrk++
+		go t.worker()
+	}
+	t.work <- o
+}
+
+func (t *tconn) worker() {
+	for {
+		t.idle.Add(1)
+		o, ok := <-t.work
+		t.idle.Add(-1)
+		if !ok {
+			return
+		}
+		t.handle(o)
 	}
 }
 
@@ -288,7 +317,8 @@ type replyWriter struct {
 	spare   []*op
 	writing bool
 	err     error
-	iov     net.Buffers
+	iov     net.Buffers // reused vector of the batch
+	bufs    net.Buffers // what WriteTo consumes (a field: no escape)
 }
 
 func (w *replyWriter) failed() error {
@@ -320,12 +350,13 @@ func (w *replyWriter) send(o *op) {
 				}
 			}
 			w.iov = iov[:0]
-			bufs := iov
-			if _, err = bufs.WriteTo(w.c); err != nil {
+			w.bufs = iov
+			if _, err = w.bufs.WriteTo(w.c); err != nil {
 				// The client is gone: stop the reader too.
 				w.c.Close()
 			}
 			clear(iov)
+			w.bufs = nil
 		}
 		for i, b := range batch {
 			b.cn.release(b)
