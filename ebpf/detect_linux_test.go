@@ -2,6 +2,7 @@ package ebpf
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -247,11 +248,52 @@ func (l *lab) helperWatch(mode Mode, cfg monitor.Config, token uint64) (*exec.Cm
 		for sc.Scan() {
 			if strings.HasPrefix(sc.Text(), "HELPER ") {
 				lines <- strings.TrimPrefix(sc.Text(), "HELPER ")
+			} else {
+				fmt.Fprintln(os.Stderr, "helper:", sc.Text())
 			}
 		}
 		close(lines)
 	}()
 	return cmd, lines
+}
+
+// helperSend starts this test binary in A as a separate heartbeat sender
+// process (TestHelperSend) at real-time priority (chrt -f 10), like
+// corosync's: the sender stands for the peer host, which the busy loops
+// of this host must not starve. It is stopped at cleanup.
+func (l *lab) helperSend(interval time.Duration, token uint64) *exec.Cmd {
+	l.t.Helper()
+	cmd := exec.Command("ip", "netns", "exec", l.nsA, "chrt", "-f", "10", os.Args[0], "-test.run=^TestHelperSend$")
+	cmd.Env = append(os.Environ(), "DOPPEL_PROBE_HELPER=1",
+		fmt.Sprintf("DOPPEL_HELPER_SEND=%s,%v,%d", l.addrB, interval, token))
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Start(); err != nil {
+		l.t.Fatal(err)
+	}
+	l.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd
+}
+
+// TestHelperSend is the sender process of helperSend.
+func TestHelperSend(t *testing.T) {
+	if os.Getenv("DOPPEL_PROBE_HELPER") != "1" {
+		t.Skip("helper process for TestNoFalseDown*")
+	}
+	f := strings.Split(os.Getenv("DOPPEL_HELPER_SEND"), ",")
+	if len(f) != 3 {
+		t.Fatalf("bad DOPPEL_HELPER_SEND %q", os.Getenv("DOPPEL_HELPER_SEND"))
+	}
+	iv, err1 := time.ParseDuration(f[1])
+	token, err2 := strconv.ParseUint(f[2], 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewSender([]netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr(f[0]), HeartbeatPort)}, Heartbeat{Token: token})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Run(t.Context(), iv, nil)
 }
 
 // TestHelperWatch is the monitor process of the SIGSTOP and busy-CPU tests;
@@ -260,10 +302,15 @@ func TestHelperWatch(t *testing.T) {
 	if os.Getenv("DOPPEL_PROBE_HELPER") != "1" {
 		t.Skip("helper process for TestNoFalseDown*")
 	}
-	var iv time.Duration
-	var missed, rise int
-	var token uint64
-	if _, err := fmt.Sscanf(strings.ReplaceAll(os.Getenv("DOPPEL_HELPER_CFG"), ",", " "), "%v %d %d %d", &iv, &missed, &rise, &token); err != nil {
+	f := strings.Split(os.Getenv("DOPPEL_HELPER_CFG"), ",")
+	if len(f) != 4 {
+		t.Fatalf("bad DOPPEL_HELPER_CFG %q", os.Getenv("DOPPEL_HELPER_CFG"))
+	}
+	iv, err1 := time.ParseDuration(f[0])
+	missed, err2 := strconv.Atoi(f[1])
+	rise, err3 := strconv.Atoi(f[2])
+	token, err4 := strconv.ParseUint(f[3], 10, 64)
+	if err := errors.Join(err1, err2, err3, err4); err != nil {
 		t.Fatal(err)
 	}
 	mode, err := ParseMode(os.Getenv("DOPPEL_HELPER_MODE"))
@@ -330,7 +377,7 @@ func TestNoFalseDownSIGSTOP(t *testing.T) {
 		t.Run(modeName(mode), func(t *testing.T) {
 			l := newLab(t)
 			cfg := monitor.Config{Interval: 50 * time.Millisecond, Missed: 3, Rise: 3}
-			s := l.startSender(cfg.Interval, tok2)
+			sender := l.helperSend(cfg.Interval, tok2)
 			cmd, lines := l.helperWatch(mode, cfg, tok2)
 			t.Log(expectLine(t, lines, "mode ", 10*time.Second))
 			expectLine(t, lines, "up ", 2*time.Second)
@@ -344,7 +391,7 @@ func TestNoFalseDownSIGSTOP(t *testing.T) {
 			// Control: the same pause with the peer silent is a down, reported
 			// as soon as the monitor runs again.
 			cmd.Process.Signal(syscall.SIGSTOP)
-			s.Stop()
+			sender.Process.Kill()
 			time.Sleep(pause)
 			cont := Now()
 			cmd.Process.Signal(syscall.SIGCONT)
@@ -374,7 +421,7 @@ func TestNoFalseDownBusyCPU(t *testing.T) {
 	t.Parallel()
 	l := newLab(t)
 	cfg := monitor.Config{Interval: 50 * time.Millisecond, Missed: 3, Rise: 3}
-	l.startSender(cfg.Interval, tok2)
+	l.helperSend(cfg.Interval, tok2)
 	_, lines := l.helperWatch(ModeAuto, cfg, tok2)
 	expectLine(t, lines, "mode ", 10*time.Second)
 	expectLine(t, lines, "up ", 2*time.Second)
