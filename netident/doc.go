@@ -39,8 +39,12 @@
 // for RetransTimer × dad_transmits, 1 s by default and more on a loaded
 // host, and a detected duplicate only shows as a "dadfailed" flag, naming
 // nobody. netident's own probe finds the duplicate in 150 ms and says who
-// holds it, so the address is added usable at once; TestKernelDADDelay
-// measures the second that waiting for the kernel would cost.
+// holds it, so the address is added usable at once; TestTakeoverPeers
+// measures the second or more that waiting for the kernel costs. Even with
+// NODAD the kernel finishes a new IPv6 address from a work queue a few
+// milliseconds later: Apply announces only once the kernel takes every new
+// address as local, else a client's first SYN would be dropped and retried
+// a second later.
 //
 // # Giving an address up
 //
