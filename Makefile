@@ -24,10 +24,12 @@ static: ## build a static bin/doppel (for initramfs and VMs)
 	$(GOFLAGS_STATIC) $(GO) build -trimpath -ldflags '-s -w' -o $(BIN) ./cmd/doppel
 
 generate: ## regenerate the XDP probe's Go bindings and object (needs $(CLANG))
-	cd ebpf && CLANG=$(CLANG) $(GO) generate ./...
+	@$(CLANG) --version | head -1
+	cd ebpf && BPF2GO_CC=$(CLANG) BPF2GO_STRIP=$(subst clang,llvm-strip,$(CLANG)) $(GO) generate ./...
 
 check-generate: generate ## fail if regenerating the eBPF bindings changes anything
 	git diff --exit-code -- ebpf/
+	@untracked="$$(git ls-files --others --exclude-standard -- ebpf/)"; test -z "$$untracked" || { echo "generated but not committed: $$untracked"; exit 1; }
 
 vet: ## gofmt and go vet
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
