@@ -560,3 +560,42 @@ func TestHostnameLinux(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestForceAndIdempotenceLinux: a forced Apply takes the address from a
+// host that still answers (reporting that host's MAC) and clients follow;
+// Apply twice equals once, and releasing an absent address is no error.
+func TestForceAndIdempotenceLinux(t *testing.T) {
+	l := newLab(t)
+	if _, err := l.src.m.Apply(t.Context(), ident(svc4), ApplyOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if name, err := l.who(t, svc4.Addr()); name != "src" {
+		t.Fatalf("before: answered by %q (%v)", name, err)
+	}
+	r, err := l.tgt.m.Apply(t.Context(), ident(svc4), ApplyOptions{Force: true})
+	if err != nil || len(r.Added) != 1 || len(r.Conflicts) != 1 || !bytes.Equal(r.Conflicts[0].MAC, l.src.link.MAC) {
+		t.Fatalf("forced Apply: %v, report %+v", err, r)
+	}
+	deadline := time.Now().Add(time.Second)
+	for !bytes.Equal(l.neighMAC(t, svc4.Addr()), l.tgt.link.MAC) {
+		if time.Now().After(deadline) {
+			t.Fatalf("client still at %v after a forced takeover", l.neighMAC(t, svc4.Addr()))
+		}
+		time.Sleep(time.Millisecond)
+	}
+
+	before, _ := l.tgt.sys.Addrs(l.tgt.link)
+	r, err = l.tgt.m.Apply(t.Context(), ident(svc4), ApplyOptions{})
+	if after, _ := l.tgt.sys.Addrs(l.tgt.link); err != nil || r.Changed() || !slices.Equal(before, after) {
+		t.Fatalf("second Apply: %v, %+v, %v → %v", err, r, before, after)
+	}
+	for i := range 2 {
+		r, err := l.tgt.m.Release(t.Context(), ident(svc4))
+		if err != nil || len(r.Removed)+len(r.Absent) != 1 || (i == 1) != (len(r.Absent) == 1) {
+			t.Fatalf("Release %d: %v, %+v", i+1, err, r)
+		}
+	}
+	if after, _ := l.tgt.sys.Addrs(l.tgt.link); slices.ContainsFunc(after, func(a HostAddr) bool { return a.Prefix == svc4 }) {
+		t.Fatalf("address still there: %v", after)
+	}
+}
