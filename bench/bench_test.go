@@ -113,6 +113,7 @@ func TestFormat(t *testing.T) {
 		{FormatMicros(64_200), "64.2 µs"},
 		{FormatMicros(240_000), "240 µs"},
 		{FormatMicros(1_500_000), "1.5 ms"},
+		{ShellJoin([]string{"-note", "8 helpers, noisy", "-runs=3", "it's", ""}), `-note '8 helpers, noisy' -runs=3 'it'\''s' ''`},
 	} {
 		if tc.got != tc.want {
 			t.Errorf("got %q, want %q", tc.got, tc.want)

@@ -247,12 +247,18 @@ func profileDoppel(ctx context.Context, cfg NBDConfig, rep *NBDReport, file stri
 		if serr != nil {
 			return serr
 		}
-		top, err := exec.CommandContext(ctx, "go", "tool", "pprof", "-top", "-nodecount=40", cfg.Doppel, prof).Output()
+		// Cumulative order shows where the time goes (which syscall, the
+		// scheduler, the reply path); the flat order follows in the file.
+		top, err := exec.CommandContext(ctx, "go", "tool", "pprof", "-top", "-cum", "-nodecount=45", cfg.Doppel, prof).Output()
+		if err != nil {
+			return fmt.Errorf("pprof %s: %w", prof, err)
+		}
+		flat, err := exec.CommandContext(ctx, "go", "tool", "pprof", "-top", "-nodecount=25", cfg.Doppel, prof).Output()
 		if err != nil {
 			return fmt.Errorf("pprof %s: %w", prof, err)
 		}
 		txt := strings.TrimSuffix(prof, ".prof") + ".txt"
-		if err := os.WriteFile(txt, top, 0o644); err != nil {
+		if err := os.WriteFile(txt, append(append(top, "\n# flat\n"...), flat...), 0o644); err != nil {
 			return err
 		}
 		log.Info("profiled", "row", row.Slug, "profile", prof, "iops", math.Round(res.IOPS))
@@ -418,9 +424,9 @@ func (r *NBDReport) Markdown(command, note string) string {
 		}
 		for _, p := range r.Profiles {
 			unit, f := Headline(p.Row)
-			w("%s (profiled run: %s %s; `go tool pprof -top bin/doppel bench/profiles/%s`, text in `bench/profiles/%s`):\n\n```\n%s```\n\n",
+			w("%s (profiled run: %s %s; `go tool pprof -top -cum bin/doppel bench/profiles/%s`, cumulative and flat tops in `bench/profiles/%s`):\n\n```\n%s```\n\n",
 				p.Row.Name, FormatCount(f(p.Res)), unit, filepath.Base(p.Path),
-				strings.TrimSuffix(filepath.Base(p.Path), ".prof")+".txt", TopLines(p.Top, 15))
+				strings.TrimSuffix(filepath.Base(p.Path), ".prof")+".txt", TopLines(p.Top, 22))
 		}
 	}
 	return b.String()

@@ -40,13 +40,13 @@ func run(ctx context.Context, args []string) error {
 		dir      = fs.String("dir", "/var/tmp", "parent of the working directory (volumes, sockets, server logs)")
 		size     = fs.Int64("size", 1<<30, "volume size in bytes")
 		runs     = fs.Int("runs", 5, "runs per row and server")
-		runtime  = fs.Duration("runtime", 4*time.Second, "measured time per run")
+		runtime  = fs.Duration("runtime", 3*time.Second, "measured time per run")
 		ramp     = fs.Duration("ramp", time.Second, "ramp time per run (not measured)")
 		rows     = fs.String("rows", "", "comma-separated row slugs (default: all)")
 		servers  = fs.String("servers", "", "comma-separated servers (default: doppel,nbdkit,qemu-nbd,go-nbd)")
 		results  = fs.String("results", "bench/RESULTS.md", "Markdown file whose NBD section is replaced (empty: print only)")
 		profDir  = fs.String("profile-dir", "bench/profiles", "where doppel's CPU profiles go (empty: no profiling)")
-		profRows = fs.String("profile-rows", "randread-4k-qd32,randwrite-4k-qd32,write-1m-qd16", "rows to profile doppel on")
+		profRows = fs.String("profile-rows", "randread-4k-qd32,randwrite-4k-qd32,read-1m-qd16,write-1m-qd16", "rows to profile doppel on")
 		note     = fs.String("note", "", "remark on the conditions, printed in bold in the report")
 		short    = fs.Bool("short", false, "quick check of the harness: 64 MiB, 1 run of 1 s, no ramp, results printed not written, no profiles")
 		keep     = fs.Bool("keep", false, "keep the working directory")
@@ -139,7 +139,7 @@ func run(ctx context.Context, args []string) error {
 		return err
 	}
 	rep.Machine = machine
-	md := rep.Markdown("go run ./bench/cmd/nbdbench "+strings.Join(args, " "), *note)
+	md := rep.Markdown("go run ./bench/cmd/nbdbench "+bench.ShellJoin(args), *note)
 	if *results == "" {
 		fmt.Print(md)
 		return nil

@@ -128,7 +128,7 @@ func run(ctx context.Context, args []string) error {
 		return err
 	}
 	rep.Machine = machine
-	md := rep.Markdown("go run ./bench/cmd/replbench "+strings.Join(args, " "), *note)
+	md := rep.Markdown("go run ./bench/cmd/replbench "+bench.ShellJoin(args), *note)
 	fmt.Print(md)
 	if *results == "" {
 		return nil
