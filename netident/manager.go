@@ -273,6 +273,7 @@ func (m *Manager) Apply(ctx context.Context, id Identity, opts ApplyOptions) (Re
 		return Report{}, fmt.Errorf("apply: %w", err)
 	}
 
+	var fresh []Addr // added on links that are up
 	for _, t := range missing {
 		if err := m.k.AddAddr(t.link, t.Prefix); err != nil {
 			if errors.Is(err, ErrExists) { // appeared since resolve: someone else added it
@@ -284,9 +285,14 @@ func (m *Manager) Apply(ctx context.Context, id Identity, opts ApplyOptions) (Re
 		}
 		m.log.Info("service address added", "addr", t.Addr.String())
 		r.Added = append(r.Added, t.Addr)
+		if t.link.Up {
+			// (On a down link an IPv6 address stays tentative until it
+			// comes up: nothing to wait for.)
+			fresh = append(fresh, t.Addr)
+		}
 	}
 
-	m.waitUsable(ctx, r.Added)
+	m.waitUsable(ctx, fresh)
 
 	if id.Hostname != "" {
 		cur, err := m.k.Hostname()
