@@ -161,6 +161,13 @@ func TestApplyTable(t *testing.T) {
 			added: 1,
 		},
 		{
+			name:  "interface down, forced, IPv6 (tentative until up: not waited for)",
+			id:    id(Addr{v6, "eth2"}),
+			force: true,
+			want:  "ip addr add fd00:17::187/64 dev eth2\n",
+			added: 1,
+		},
+		{
 			name:  "host name",
 			id:    Identity{Addrs: []Addr{{v4, "eth0"}}, Hostname: "vm1"},
 			want:  "ip addr add 172.17.22.187/24 dev eth0\n",
@@ -182,7 +189,11 @@ func TestApplyTable(t *testing.T) {
 			}
 			m := newTestManager(f, w)
 			defer m.Close()
+			start := time.Now()
 			r, err := m.Apply(t.Context(), tt.id, ApplyOptions{Force: tt.force})
+			if d := time.Since(start); d > time.Second {
+				t.Errorf("Apply took %v (waiting for something that cannot happen?)", d)
+			}
 			if tt.wantErr != nil || tt.errText != "" {
 				if err == nil || (tt.wantErr != nil && !errors.Is(err, tt.wantErr)) || !strings.Contains(err.Error(), tt.errText) {
 					t.Fatalf("Apply error = %v, want %v containing %q", err, tt.wantErr, tt.errText)
