@@ -118,10 +118,10 @@ func (f *Fake) AddAddr(l Link, p netip.Prefix) error {
 			return fmt.Errorf("%w: %s on %s", ErrExists, a.Prefix, l.Name)
 		}
 	}
-	// With NODAD an IPv6 address is usable at once, but on a down link it
-	// stays tentative until the link comes up.
-	tentative := p.Addr().Is6() && !fl.Up
-	fl.addrs = append(fl.addrs, HostAddr{Prefix: p, Secondary: secondary, Tentative: tentative})
+	// Added with NODAD, an IPv6 address is never tentative (even on a down
+	// link); Linux finishes it a few milliseconds later, which the fake
+	// does not model (see slowKernel in the tests).
+	fl.addrs = append(fl.addrs, HostAddr{Prefix: p, Secondary: secondary})
 	f.calls++
 	return nil
 }

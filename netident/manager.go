@@ -286,9 +286,7 @@ func (m *Manager) Apply(ctx context.Context, id Identity, opts ApplyOptions) (Re
 		m.log.Info("service address added", "addr", t.Addr.String())
 		r.Added = append(r.Added, t.Addr)
 		if t.link.Up {
-			// (On a down link an IPv6 address stays tentative until it
-			// comes up: nothing to wait for.)
-			fresh = append(fresh, t.Addr)
+			fresh = append(fresh, t.Addr) // announced: worth waiting for
 		}
 	}
 

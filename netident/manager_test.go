@@ -161,7 +161,7 @@ func TestApplyTable(t *testing.T) {
 			added: 1,
 		},
 		{
-			name:  "interface down, forced, IPv6 (tentative until up: not waited for)",
+			name:  "interface down, forced, IPv6",
 			id:    id(Addr{v6, "eth2"}),
 			force: true,
 			want:  "ip addr add fd00:17::187/64 dev eth2\n",
