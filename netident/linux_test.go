@@ -599,3 +599,116 @@ func TestForceAndIdempotenceLinux(t *testing.T) {
 		t.Fatalf("address still there: %v", after)
 	}
 }
+
+// TestFakeMatchesLinux runs the same address operations on Fake and on a
+// real kernel (a veth in a fresh namespace) and compares every error class
+// and the resulting addresses, secondaries included: the fake the unit
+// tests trust must behave like Linux.
+func TestFakeMatchesLinux(t *testing.T) {
+	needRoot(t)
+	ns := newNS(t, fmt.Sprintf("dpl-fake-%06x", rand.Uint32()&0xffffff))
+	h, err := netlink.NewHandleAt(ns)
+	must(t, err)
+	t.Cleanup(h.Close)
+	must(t, h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: "eth0p"}))
+	must(t, h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth1"}, PeerName: "eth1p"}))
+	sysctl(t, ns, "/proc/sys/net/ipv6/conf/eth1/disable_ipv6", "1")
+	for _, n := range []string{"eth0", "eth0p", "eth1", "eth1p"} {
+		lk, err := h.LinkByName(n)
+		must(t, err)
+		must(t, h.LinkSetUp(lk))
+	}
+	real, err := OpenLinux(h, ns)
+	must(t, err)
+	fake := NewFake("x", Link{Name: "eth0", Up: true}, Link{Name: "eth1", Up: true, NoIPv6: true})
+
+	type op struct {
+		do   string // add, del, promote, local
+		dev  string
+		cidr string
+	}
+	ops := []op{
+		{"add", "eth0", "10.1.0.5/24"}, {"add", "eth0", "10.1.0.6/24"}, {"add", "eth0", "10.1.0.5/24"},
+		{"add", "eth0", "10.1.0.5/16"}, {"add", "eth0", "10.2.0.1/24"}, {"add", "eth0", "fd01::5/64"},
+		{"add", "eth0", "fd01::5/48"}, {"del", "eth0", "fd01::5/48"}, {"del", "eth0", "10.1.0.7/24"},
+		{"local", "", "10.1.0.6/32"}, {"local", "", "fd01::5/128"}, {"local", "", "10.1.0.7/32"},
+		{"del", "eth0", "10.1.0.5/24"}, // takes its secondary 10.1.0.6 along
+		{"local", "", "10.1.0.6/32"},
+		{"add", "eth0", "10.1.0.5/24"}, {"add", "eth0", "10.1.0.6/24"}, {"add", "eth0", "10.1.0.7/24"},
+		{"promote", "eth0", ""}, {"del", "eth0", "10.1.0.5/24"}, // 10.1.0.6 promoted, 10.1.0.7 its secondary
+		{"add", "eth0", "10.1.0.8/24"}, {"del", "eth0", "10.1.0.6/24"},
+		{"add", "eth1", "fd01::9/64"}, {"add", "eth1", "10.9.0.1/24"}, {"del", "eth1", "10.9.0.1/24"},
+		{"del", "eth0", "fd01::5/64"}, {"del", "eth0", "fd01::5/64"},
+	}
+	class := func(err error) string {
+		for _, e := range []error{ErrExists, ErrAbsent, ErrFamily, ErrNoInterface} {
+			if errors.Is(err, e) {
+				return e.Error()
+			}
+		}
+		if err != nil {
+			return "other: " + err.Error()
+		}
+		return "ok"
+	}
+	state := func(k Kernel) string {
+		var out []string
+		for _, n := range []string{"eth0", "eth1"} {
+			l, err := k.Link(n)
+			must(t, err)
+			as, err := k.Addrs(l)
+			must(t, err)
+			for _, a := range as {
+				if a.Prefix.Addr().IsLinkLocalUnicast() {
+					continue
+				}
+				out = append(out, fmt.Sprintf("%s %s secondary=%v", n, a.Prefix, a.Secondary))
+			}
+		}
+		slices.Sort(out)
+		return strings.Join(out, "\n")
+	}
+	for i, o := range ops {
+		var got [2]string
+		for j, k := range []Kernel{real, fake} {
+			var err error
+			var p netip.Prefix
+			if o.cidr != "" {
+				p = netip.MustParsePrefix(o.cidr)
+			}
+			var l Link
+			if o.dev != "" {
+				l, err = k.Link(o.dev)
+				must(t, err)
+			}
+			switch o.do {
+			case "add":
+				err = k.AddAddr(l, p)
+			case "del":
+				err = k.DelAddr(l, p)
+			case "promote":
+				err = k.PromoteSecondaries(l)
+			case "local":
+				var ok bool
+				ok, err = k.Local(p.Addr())
+				if err == nil {
+					got[j] = fmt.Sprint("local=", ok)
+					continue
+				}
+			}
+			got[j] = class(err)
+		}
+		if got[0] != got[1] {
+			t.Fatalf("step %d %v: Linux says %q, the fake %q", i, o, got[0], got[1])
+		}
+		if r, f := state(real), state(fake); r != f {
+			t.Fatalf("step %d %v: Linux holds\n%s\nthe fake\n%s", i, o, r, f)
+		}
+	}
+	if _, err := fake.Link("eth9"); !errors.Is(err, ErrNoInterface) {
+		t.Fatal(err)
+	}
+	if _, err := real.Link("eth9"); !errors.Is(err, ErrNoInterface) {
+		t.Fatal(err)
+	}
+}
