@@ -391,6 +391,9 @@ func (h host) state(index int) (DeviceState, error) {
 	return s, nil
 }
 
+// CheckFree returns an error wrapping [ErrBusy] when /dev/nbdN is connected.
+func CheckFree(index int) error { return realHost.checkFree(index) }
+
 func (h host) checkFree(index int) error {
 	s, err := h.state(index)
 	if err != nil {

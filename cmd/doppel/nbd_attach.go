@@ -95,6 +95,12 @@ func nbdAttach(ctx context.Context, log *slog.Logger, cfg nbdAttachConfig) (err 
 	if err := kernel.Probe(ctx); err != nil {
 		return err
 	}
+	if cfg.device != "" {
+		idx, _ := kernel.ParseDevice(cfg.device)
+		if err := kernel.CheckFree(idx); err != nil {
+			return err
+		}
+	}
 	b, err := blockdev.Open(cfg.file, cfg.size)
 	if err != nil {
 		return err

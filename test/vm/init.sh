@@ -1,0 +1,65 @@
+#!/bin/busybox sh
+# /init of the VM tier's guests (embedded by initramfs.go). It mounts the
+# pseudo filesystems, loads the modules named on the kernel command line,
+# configures the two NICs from it, then runs the commands the Go harness
+# sends on /dev/ttyS1:
+#   harness -> guest: "<id> <base64 script>\n"
+#   guest -> harness: "@@BEGIN <id>\n" output "\n@@END <id> <exit code>\n"
+# Kernel and init messages go to the console, /dev/ttyS0.
+/bin/busybox --install -s
+export PATH=/sbin:/usr/sbin:/bin:/usr/bin HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm /sys/fs/bpf /root
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
+
+# doppel.KEY=VALUE parameters of the kernel command line.
+for kv in $(cat /proc/cmdline); do
+	case "$kv" in
+	doppel.*=*)
+		k=${kv%%=*}
+		k=${k#doppel.}
+		eval "P_$k=\${kv#*=}"
+		;;
+	esac
+done
+
+hostname "${P_hostname:-guest}"
+for m in $(echo "$P_modules" | tr , ' '); do
+	modprobe "$m" || echo "init: modprobe $m failed"
+done
+
+ip link set lo up
+# NICs are named after their role, found by MAC address.
+for role in app repl; do
+	eval "mac=\$P_${role}mac ip=\$P_${role}ip"
+	[ -n "$mac" ] || continue
+	for d in /sys/class/net/*; do
+		if [ "$(cat "$d/address")" = "$mac" ]; then
+			ip link set "${d##*/}" name "$role"
+			ip addr add "$ip" dev "$role"
+			ip link set "$role" up
+		fi
+	done
+done
+
+stty -F /dev/ttyS1 raw -echo 115200
+exec 3<>/dev/ttyS1
+echo "init: ready" >/dev/console
+printf '@@READY\n' >&3
+while read -r id b64 <&3; do
+	[ -n "$id" ] || continue
+	echo "$b64" | base64 -d >"/run/cmd.$id"
+	sh "/run/cmd.$id" >"/run/out.$id" 2>&1 </dev/null 3>&-
+	rc=$?
+	printf '@@BEGIN %s\n' "$id" >&3
+	cat "/run/out.$id" >&3
+	printf '\n@@END %s %d\n' "$id" "$rc" >&3
+	rm -f "/run/cmd.$id" "/run/out.$id"
+done
+echo "init: control channel closed" >/dev/console
+while :; do sleep 3600; done

@@ -1,0 +1,246 @@
+package vm
+
+import (
+	"bufio"
+	"bytes"
+	"compress/gzip"
+	"debug/elf"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path"
+	"path/filepath"
+	"sort"
+	"strings"
+)
+
+// cpioWriter writes a "newc" cpio archive, the format of an initramfs.
+type cpioWriter struct {
+	w    io.Writer
+	ino  uint32
+	err  error
+	dirs map[string]bool
+}
+
+func newCPIO(w io.Writer) *cpioWriter {
+	return &cpioWriter{w: w, ino: 1, dirs: map[string]bool{"": true, "/": true}}
+}
+
+const (
+	sIFDIR = 0o040000
+	sIFREG = 0o100000
+	sIFLNK = 0o120000
+	sIFCHR = 0o020000
+)
+
+func (c *cpioWriter) entry(name string, mode uint32, data []byte, rmajor, rminor uint32) {
+	if c.err != nil {
+		return
+	}
+	name = strings.TrimPrefix(path.Clean("/"+name), "/")
+	if name == "" {
+		name = "."
+	}
+	nlink := uint32(1)
+	if mode&sIFDIR == sIFDIR && mode&sIFREG == 0 {
+		nlink = 2
+	}
+	hdr := fmt.Sprintf("070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X",
+		c.ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rmajor, rminor, len(name)+1, 0)
+	c.ino++
+	var b bytes.Buffer
+	b.WriteString(hdr)
+	b.WriteString(name)
+	b.WriteByte(0)
+	for b.Len()%4 != 0 {
+		b.WriteByte(0)
+	}
+	b.Write(data)
+	for b.Len()%4 != 0 {
+		b.WriteByte(0)
+	}
+	_, c.err = c.w.Write(b.Bytes())
+}
+
+// mkdirAll adds dir and its missing parents.
+func (c *cpioWriter) mkdirAll(dir string) {
+	dir = path.Clean("/" + dir)
+	if c.dirs[dir] {
+		return
+	}
+	c.mkdirAll(path.Dir(dir))
+	c.dirs[dir] = true
+	c.entry(dir, sIFDIR|0o755, nil, 0, 0)
+}
+
+func (c *cpioWriter) file(name string, perm uint32, data []byte) {
+	c.mkdirAll(path.Dir(name))
+	c.entry(name, sIFREG|perm, data, 0, 0)
+}
+
+func (c *cpioWriter) symlink(name, target string) {
+	c.mkdirAll(path.Dir(name))
+	c.entry(name, sIFLNK|0o777, []byte(target), 0, 0)
+}
+
+func (c *cpioWriter) chardev(name string, major, minor uint32) {
+	c.mkdirAll(path.Dir(name))
+	c.entry(name, sIFCHR|0o600, nil, major, minor)
+}
+
+// hostFile copies a host file (following symlinks) to name.
+func (c *cpioWriter) hostFile(src, name string) {
+	if c.err != nil {
+		return
+	}
+	b, err := os.ReadFile(src)
+	if err != nil {
+		c.err = err
+		return
+	}
+	st, err := os.Stat(src)
+	if err != nil {
+		c.err = err
+		return
+	}
+	c.file(name, uint32(st.Mode().Perm()), b)
+}
+
+func (c *cpioWriter) close() error {
+	c.entry("TRAILER!!!", 0, nil, 0, 0)
+	return c.err
+}
+
+// sharedLibs lists what the dynamic loader needs to run bin: the libraries
+// ldd resolves and the loader itself.
+func sharedLibs(bin string) ([]string, error) {
+	f, err := elf.Open(bin)
+	if err != nil {
+		return nil, err
+	}
+	static := true
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			static = false
+		}
+	}
+	f.Close()
+	if static {
+		return nil, nil
+	}
+	out, err := exec.Command("ldd", bin).Output()
+	if err != nil {
+		return nil, fmt.Errorf("ldd %s: %w", bin, err)
+	}
+	return parseLdd(out)
+}
+
+// parseLdd reads ldd's output: "name => /path (addr)" and "/path (addr)".
+func parseLdd(out []byte) ([]string, error) {
+	var libs []string
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		switch {
+		case len(f) >= 3 && f[1] == "=>":
+			if f[2] == "not" {
+				return nil, fmt.Errorf("ldd: %s not found", f[0])
+			}
+			if strings.HasPrefix(f[2], "/") {
+				libs = append(libs, f[2])
+			}
+		case len(f) >= 1 && strings.HasPrefix(f[0], "/"):
+			libs = append(libs, f[0])
+		}
+	}
+	return libs, sc.Err()
+}
+
+// guestTools are the host binaries copied into every guest: path on the
+// host -> paths in the guest.
+var guestTools = []struct {
+	host  string
+	guest []string
+}{
+	{"/sbin/mke2fs", []string{"/sbin/mke2fs", "/sbin/mkfs.ext4"}},
+	{"/sbin/e2fsck", []string{"/sbin/e2fsck", "/sbin/fsck.ext4"}},
+	{"/usr/bin/fio", []string{"/usr/bin/fio"}},
+}
+
+// buildBase writes the part of the initramfs that does not change between
+// runs: busybox, the tools and their libraries, the kernel modules and
+// /init. It is not compressed: under software emulation the kernel takes
+// seconds to gunzip it, far longer than qemu takes to read it.
+func buildBase(w io.Writer, k *KernelImage, initScript []byte) error {
+	c := newCPIO(w)
+	for _, d := range []string{"/bin", "/sbin", "/usr/bin", "/usr/sbin", "/proc", "/sys", "/dev", "/tmp", "/run", "/mnt", "/etc", "/var/lib/doppel"} {
+		c.mkdirAll(d)
+	}
+	c.chardev("/dev/console", 5, 1)
+	c.chardev("/dev/null", 1, 3)
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		return fmt.Errorf("busybox-static: %w", err)
+	}
+	if libs, err := sharedLibs(bb); err != nil || len(libs) > 0 {
+		return fmt.Errorf("%s is not static (install busybox-static): %v", bb, err)
+	}
+	c.hostFile(bb, "/bin/busybox")
+	c.symlink("/bin/sh", "busybox")
+	libs := map[string]bool{}
+	for _, t := range guestTools {
+		if _, err := os.Stat(t.host); err != nil {
+			return fmt.Errorf("guest tool: %w", err)
+		}
+		for _, g := range t.guest {
+			c.hostFile(t.host, g)
+		}
+		ls, err := sharedLibs(t.host)
+		if err != nil {
+			return err
+		}
+		for _, l := range ls {
+			libs[l] = true
+		}
+	}
+	sorted := make([]string, 0, len(libs))
+	for l := range libs {
+		sorted = append(sorted, l)
+	}
+	sort.Strings(sorted)
+	for _, l := range sorted {
+		c.hostFile(l, l) // at the path the loader will look for
+	}
+	if _, err := os.Stat("/etc/mke2fs.conf"); err == nil {
+		c.hostFile("/etc/mke2fs.conf", "/etc/mke2fs.conf")
+	}
+	modRoot := "/lib/modules/" + k.Release
+	err = filepath.WalkDir(k.ModDir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		rel, _ := filepath.Rel(k.ModDir, p)
+		c.hostFile(p, path.Join(modRoot, filepath.ToSlash(rel)))
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	c.file("/init", 0o755, initScript)
+	return c.close()
+}
+
+// buildOverlay writes the small archive appended to the base one: the
+// doppel binary. The kernel unpacks concatenated archives in order.
+func buildOverlay(w io.Writer, doppel string) error {
+	zw, _ := gzip.NewWriterLevel(w, gzip.BestSpeed)
+	c := newCPIO(zw)
+	c.mkdirAll("/bin")
+	c.hostFile(doppel, "/bin/doppel")
+	if err := c.close(); err != nil {
+		return err
+	}
+	return zw.Close()
+}

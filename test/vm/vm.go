@@ -1,0 +1,497 @@
+// Package vm is doppel's qemu VM tier: stock Debian kernels (declared as
+// data in [Kernels], fetched with apt-get download) booted under qemu with
+// an initramfs that holds busybox, e2fsprogs, fio and a static doppel, on a
+// private virtual network (a network namespace with one bridge per subnet:
+// application 172.17.22.0/24, replication 192.168.0.0/24) so that the real
+// /dev/nbdN, XDP and IP takeover can be tested where the host kernel cannot.
+//
+// A test asks for a [Lab] of guests, drives each through a control serial
+// port (commands in, output and exit codes out), and gets every qemu process
+// and the namespace removed in t.Cleanup. Guest consoles are written to the
+// test log only when the test fails.
+package vm
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	_ "embed"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+//go:embed init.sh
+var initScript []byte
+
+// The seed's subnets.
+const (
+	AppNet  = "172.17.22"
+	ReplNet = "192.168.0"
+)
+
+// Assets are the files every guest boots from.
+type Assets struct {
+	Kernel *KernelImage
+	Initrd string // base archive + doppel overlay, concatenated
+}
+
+var (
+	assetsOnce sync.Once
+	assets     *Assets
+	assetsErr  error
+	assetsSkip string
+)
+
+// repoRoot is the module root (test/vm is two levels below it).
+func repoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Clean(filepath.Join(filepath.Dir(file), "..", ".."))
+}
+
+// CacheDir is where kernels and images are kept between runs (gitignored).
+func CacheDir() string { return filepath.Join(repoRoot(), "test", "vm", "cache") }
+
+// Need skips t when this tier cannot run here, with the reason: -short,
+// not root, or no qemu-system-x86_64.
+func Need(t testing.TB) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("VM tier skipped in -short mode")
+	}
+	if _, err := exec.LookPath("qemu-system-x86_64"); err != nil {
+		t.Skip("qemu-system-x86_64 is not installed: the VM tier needs it (make deps installs qemu-system-x86)")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: the VM tier creates network namespaces and tap devices")
+	}
+}
+
+// GetAssets downloads and builds (once per test binary) what guests boot.
+func GetAssets(t testing.TB) *Assets {
+	t.Helper()
+	Need(t)
+	assetsOnce.Do(func() { assets, assetsSkip, assetsErr = buildAssets() })
+	if assetsSkip != "" {
+		t.Skip(assetsSkip)
+	}
+	if assetsErr != nil {
+		t.Fatalf("VM tier assets: %v", assetsErr)
+	}
+	return assets
+}
+
+func buildAssets() (*Assets, string, error) {
+	cache := CacheDir()
+	if err := os.MkdirAll(cache, 0o755); err != nil {
+		return nil, "", err
+	}
+	k := Kernels[0]
+	if pkg, err := cachedKernel(cache, k); err == nil && pkg == "" {
+		if _, err := exec.LookPath("apt-get"); err != nil {
+			return nil, "the VM tier downloads Debian kernels with apt-get, which this host lacks (and " + cache + " holds none)", nil
+		}
+	}
+	start := time.Now()
+	img, err := fetchKernel(cache, k)
+	if err != nil {
+		return nil, "", err
+	}
+	// The base archive changes only with the kernel, the tools and /init.
+	key := fmt.Sprintf("%s-%x", img.Package, crc(initScript))
+	base := filepath.Join(cache, "initrd-base-"+key+".cpio")
+	if _, err := os.Stat(base); err != nil {
+		var buf bytes.Buffer
+		if err := buildBase(&buf, img, initScript); err != nil {
+			return nil, "", fmt.Errorf("initramfs: %w", err)
+		}
+		if err := writeAtomic(base, buf.Bytes()); err != nil {
+			return nil, "", err
+		}
+	}
+	work, err := os.MkdirTemp("", "doppel-vm-")
+	if err != nil {
+		return nil, "", err
+	}
+	// The binary under test: static, built from this tree (or given by
+	// DOPPEL_VM_BINARY, which must be a static build).
+	doppel := os.Getenv("DOPPEL_VM_BINARY")
+	if doppel == "" {
+		doppel = filepath.Join(work, "doppel")
+		defer os.Remove(doppel)
+		gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
+		if _, err := os.Stat(gobin); err != nil {
+			gobin = "go"
+		}
+		cmd := exec.Command(gobin, "build", "-trimpath", "-ldflags", "-s -w", "-o", doppel, "./cmd/doppel")
+		cmd.Dir = repoRoot()
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return nil, "", fmt.Errorf("build static doppel: %v: %s", err, out)
+		}
+	}
+	var buf bytes.Buffer
+	b, err := os.ReadFile(base)
+	if err != nil {
+		return nil, "", err
+	}
+	buf.Write(b)
+	if err := buildOverlay(&buf, doppel); err != nil {
+		return nil, "", err
+	}
+	initrd := filepath.Join(work, "initrd.cpio.gz")
+	if err := os.WriteFile(initrd, buf.Bytes(), 0o644); err != nil {
+		return nil, "", err
+	}
+	fmt.Fprintf(os.Stderr, "vm: kernel %s (%s), initramfs %d MiB, prepared in %v\n",
+		img.Package, img.Release, buf.Len()>>20, time.Since(start).Round(time.Millisecond))
+	return &Assets{Kernel: img, Initrd: initrd}, "", nil
+}
+
+func crc(b []byte) uint32 {
+	var h uint32 = 2166136261
+	for _, c := range b {
+		h = (h ^ uint32(c)) * 16777619
+	}
+	return h
+}
+
+func writeAtomic(path string, b []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// GuestConfig describes one guest of a lab.
+type GuestConfig struct {
+	Name  string // hostname; also names its log
+	MemMB int    // default 512
+}
+
+// Lab is a set of guests on one private network: a network namespace with
+// the bridges br-app (172.17.22.0/24) and br-repl (192.168.0.0/24). Guest
+// i (from 1) has app 172.17.22.(10+i) and repl 192.168.0.(10+i).
+type Lab struct {
+	t      testing.TB
+	NS     string
+	Guests []*Guest
+	dir    string // sockets and logs
+}
+
+// Guest is one running qemu.
+type Guest struct {
+	Name    string
+	N       int    // 1-based
+	AppIP   string // without prefix length
+	ReplIP  string
+	cmd     *exec.Cmd
+	console string // path of the console log
+	ctl     net.Conn
+	rd      *bufio.Reader
+	mu      sync.Mutex
+	seq     int
+	exited  chan struct{}
+}
+
+// bootTimeout bounds a guest's boot, generously: software emulation on a
+// shared 2-core machine.
+const bootTimeout = 3 * time.Minute
+
+// NewLab boots guests (in parallel) and returns when every one is ready.
+func NewLab(t testing.TB, guests ...GuestConfig) *Lab {
+	t.Helper()
+	a := GetAssets(t)
+	var suffix [4]byte
+	rand.Read(suffix[:])
+	l := &Lab{t: t, NS: "dvm-" + hex.EncodeToString(suffix[:])}
+	dir, err := os.MkdirTemp("", "dvm-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.dir = dir
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if out, err := exec.Command("ip", "netns", "add", l.NS).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v: %s", err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("ip", "netns", "del", l.NS).CombinedOutput(); err != nil {
+			t.Errorf("ip netns del %s: %v: %s", l.NS, err, out)
+		}
+	})
+	ip := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command("ip", append([]string{"-n", l.NS}, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	ip("link", "set", "lo", "up")
+	for _, br := range []string{"br-app", "br-repl"} {
+		ip("link", "add", br, "type", "bridge", "stp_state", "0", "forward_delay", "0")
+		ip("link", "set", br, "up")
+	}
+	for i, gc := range guests {
+		n := i + 1
+		g := &Guest{
+			Name: gc.Name, N: n,
+			AppIP:  fmt.Sprintf("%s.%d", AppNet, 10+n),
+			ReplIP: fmt.Sprintf("%s.%d", ReplNet, 10+n),
+		}
+		if g.Name == "" {
+			g.Name = "vm" + strconv.Itoa(n)
+		}
+		for _, nic := range []struct{ tap, br string }{{fmt.Sprintf("tap%da", n), "br-app"}, {fmt.Sprintf("tap%dr", n), "br-repl"}} {
+			ip("tuntap", "add", "dev", nic.tap, "mode", "tap")
+			ip("link", "set", nic.tap, "master", nic.br, "up")
+		}
+		l.start(g, gc, a)
+		l.Guests = append(l.Guests, g)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, g := range l.Guests {
+				b, _ := os.ReadFile(g.console)
+				t.Logf("==== console of %s ====\n%s", g.Name, b)
+			}
+		}
+	})
+	var wg sync.WaitGroup
+	errs := make([]error, len(l.Guests))
+	for i, g := range l.Guests {
+		wg.Go(func() { errs[i] = g.waitReady() })
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
+	return l
+}
+
+// mac returns the MAC of guest n's NIC (role 0 app, 1 repl).
+func mac(n, role int) string { return fmt.Sprintf("52:54:00:d0:%02x:%02x", n, role) }
+
+func (l *Lab) start(g *Guest, gc GuestConfig, a *Assets) {
+	t := l.t
+	sock := filepath.Join(l.dir, g.Name+".sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	g.console = filepath.Join(l.dir, g.Name+".console")
+	mem := gc.MemMB
+	if mem == 0 {
+		mem = 512
+	}
+	append_ := strings.Join([]string{
+		"console=ttyS0", "panic=-1", "quiet", "loglevel=4", "8250.nr_uarts=2",
+		"doppel.hostname=" + g.Name,
+		"doppel.modules=" + strings.Join(a.Kernel.Load, ","),
+		"doppel.appmac=" + mac(g.N, 0), fmt.Sprintf("doppel.appip=%s/24", g.AppIP),
+		"doppel.replmac=" + mac(g.N, 1), fmt.Sprintf("doppel.replip=%s/24", g.ReplIP),
+	}, " ")
+	args := []string{"netns", "exec", l.NS, "qemu-system-x86_64"}
+	if kvmWorks(a.Kernel.Vmlinuz) {
+		args = append(args, "-accel", "kvm", "-accel", "tcg")
+	} else {
+		args = append(args, "-accel", "tcg")
+	}
+	args = append(args,
+		"-cpu", "max", "-smp", "1", "-m", strconv.Itoa(mem), "-bios", "qboot.rom",
+		"-nographic", "-monitor", "none", "-no-reboot", "-nodefaults",
+		"-kernel", a.Kernel.Vmlinuz, "-initrd", a.Initrd, "-append", append_,
+		"-serial", "file:"+g.console,
+		"-chardev", "socket,id=ctl,path="+sock,
+		"-serial", "chardev:ctl",
+		"-device", "virtio-rng-pci",
+	)
+	for role, tap := range []string{fmt.Sprintf("tap%da", g.N), fmt.Sprintf("tap%dr", g.N)} {
+		id := fmt.Sprintf("n%d", role)
+		args = append(args,
+			"-netdev", fmt.Sprintf("tap,id=%s,ifname=%s,script=no,downscript=no", id, tap),
+			"-device", fmt.Sprintf("virtio-net-pci,netdev=%s,mac=%s,romfile=", id, mac(g.N, role)))
+	}
+	qlog, err := os.Create(filepath.Join(l.dir, g.Name+".qemu"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.cmd = exec.Command("ip", args...) // ip netns exec execs qemu: same PID
+	g.cmd.Stdout, g.cmd.Stderr = qlog, qlog
+	if err := g.cmd.Start(); err != nil {
+		qlog.Close()
+		t.Fatalf("start qemu: %v", err)
+	}
+	g.exited = make(chan struct{})
+	go func() { g.cmd.Wait(); qlog.Close(); close(g.exited) }()
+	t.Cleanup(g.Kill)
+	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(qlog.Name())
+			if len(b) > 0 {
+				t.Logf("==== qemu of %s ====\n%s", g.Name, b)
+			}
+		}
+	})
+	type res struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() { c, err := ln.Accept(); ch <- res{c, err} }()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			t.Fatalf("%s: control channel: %v", g.Name, r.err)
+		}
+		g.ctl = r.c
+		g.rd = bufio.NewReaderSize(r.c, 64<<10)
+	case <-g.exited:
+		b, _ := os.ReadFile(qlog.Name())
+		t.Fatalf("%s: qemu exited at start: %s", g.Name, b)
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s: qemu did not connect its control channel", g.Name)
+	}
+}
+
+var (
+	kvmOnce sync.Once
+	kvmOK   bool
+)
+
+// kvmWorks reports whether KVM can run our kernel: /dev/kvm opens and a
+// probe boot under -accel kvm (the kernel panics at once for want of a
+// root filesystem, and qemu exits) succeeds. Some nested hosts expose a
+// /dev/kvm that aborts qemu.
+func kvmWorks(vmlinuz string) bool {
+	kvmOnce.Do(func() {
+		f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+		if err != nil {
+			return
+		}
+		f.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		err = exec.CommandContext(ctx, "qemu-system-x86_64", "-accel", "kvm", "-cpu", "max", "-m", "256",
+			"-nographic", "-nodefaults", "-monitor", "none", "-no-reboot",
+			"-kernel", vmlinuz, "-append", "panic=-1").Run()
+		kvmOK = err == nil
+	})
+	return kvmOK
+}
+
+func (g *Guest) waitReady() error {
+	start := time.Now()
+	g.ctl.SetReadDeadline(start.Add(bootTimeout))
+	defer g.ctl.SetReadDeadline(time.Time{})
+	for {
+		line, err := g.rd.ReadString('\n')
+		if err != nil {
+			return fmt.Errorf("%s: no ready signal after %v: %w", g.Name, time.Since(start).Round(time.Millisecond), err)
+		}
+		if strings.TrimSpace(line) == "@@READY" {
+			return nil
+		}
+	}
+}
+
+// Kill stops the guest's qemu at once (SIGKILL by PID), like pulling the
+// plug. It is safe to call more than once.
+func (g *Guest) Kill() {
+	if g.cmd == nil || g.cmd.Process == nil {
+		return
+	}
+	select {
+	case <-g.exited:
+		return
+	default:
+	}
+	g.cmd.Process.Kill()
+	<-g.exited
+	if g.ctl != nil {
+		g.ctl.Close()
+	}
+}
+
+// Run runs script with sh in the guest and returns its combined output and
+// exit code. err is set only when the control channel fails or ctx ends.
+func (g *Guest) Run(ctx context.Context, script string) (string, int, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.seq++
+	id := strconv.Itoa(g.seq)
+	if dl, ok := ctx.Deadline(); ok {
+		g.ctl.SetDeadline(dl)
+		defer g.ctl.SetDeadline(time.Time{})
+	}
+	stop := context.AfterFunc(ctx, func() { g.ctl.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+	msg := id + " " + base64.StdEncoding.EncodeToString([]byte(script)) + "\n"
+	if _, err := g.ctl.Write([]byte(msg)); err != nil {
+		return "", -1, fmt.Errorf("%s: send command: %w", g.Name, err)
+	}
+	out, rc, err := readReply(g.rd, id)
+	if err != nil {
+		return out, rc, fmt.Errorf("%s: %w", g.Name, err)
+	}
+	return out, rc, nil
+}
+
+// readReply reads "@@BEGIN id\n" output "\n@@END id rc\n" from r.
+func readReply(r *bufio.Reader, id string) (string, int, error) {
+	begin := "@@BEGIN " + id
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return "", -1, fmt.Errorf("waiting for command %s: %w", id, err)
+		}
+		if strings.TrimRight(line, "\r\n") == begin {
+			break
+		}
+	}
+	end := "\n@@END " + id + " "
+	var out strings.Builder
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return out.String(), -1, fmt.Errorf("reading output of command %s: %w", id, err)
+		}
+		out.WriteString(line)
+		s := out.String()
+		if i := strings.LastIndex(s, end); i >= 0 && strings.HasSuffix(s, "\n") {
+			rcs := strings.TrimSpace(s[i+len(end):])
+			rc, err := strconv.Atoi(rcs)
+			if err != nil {
+				return s[:i], -1, fmt.Errorf("command %s: bad exit code %q", id, rcs)
+			}
+			return s[:i], rc, nil
+		}
+	}
+}
+
+// MustRun runs script and fails t unless it exits 0.
+func (g *Guest) MustRun(t testing.TB, timeout time.Duration, script string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	out, rc, err := g.Run(ctx, script)
+	if err != nil {
+		t.Fatalf("%s: %v\n%s", g.Name, err, out)
+	}
+	if rc != 0 {
+		t.Fatalf("%s: exit %d: %s\n%s", g.Name, rc, script, out)
+	}
+	return out
+}
