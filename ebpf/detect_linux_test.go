@@ -1,8 +1,6 @@
 package ebpf
 
 import (
-	"bufio"
-	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -80,14 +78,26 @@ var cutMethods = []cutMethod{
 
 const tok2 = 0xfeedfacecafe0001
 
+func cutMethodByName(name string) (cutMethod, bool) {
+	for _, cm := range cutMethods {
+		if cm.name == name {
+			return cm, true
+		}
+	}
+	return cutMethod{}, false
+}
+
 // TestDetect cuts the link between sender and probe, repeatedly, and
 // checks when the monitor declares the peer down: the silence it measured
 // (from the kernel's arrival time of the last heartbeat) is at least
-// interval×missed, and the time from the cut (made right after a heartbeat
-// left) is within [interval×missed − 5 ms, interval×missed + 2 intervals].
-// The 5 ms allow for the last heartbeat's own flight; nothing else may make
-// it early. Each probe mode is run: auto (must be XDP here), forced XDP
-// generic, forced userspace fallback.
+// interval×missed, and the time from the cut (made by the sender right
+// after a heartbeat left) is within [interval×missed − 5 ms,
+// interval×missed + 2 intervals]. The 5 ms allow for the last heartbeat's
+// own flight; nothing else may make it early. Each probe mode is run: auto
+// (must be XDP here), forced XDP generic, forced userspace fallback. Sender
+// and monitor are separate processes at real-time priority (as an agent
+// should run them; see README), so the figures measure the detector, not
+// the scheduling of this shared machine.
 func TestDetect(t *testing.T) {
 	needRoot(t)
 	trials := envInt("DOPPEL_PROBE_TRIALS", 3)
@@ -98,45 +108,35 @@ func TestDetect(t *testing.T) {
 				name := fmt.Sprintf("%v*%d/%s/%s", cfg.Interval, cfg.Missed, modeName(mode), cm.name)
 				t.Run(name, func(t *testing.T) {
 					l := newLab(t)
-					p := l.openProbe(mode, tok2)
-					switch mode {
-					case ModeAuto:
-						if m := p.Mode(); m != ModeXDPDriver && m != ModeXDPGeneric {
-							t.Fatalf("auto mode as root fell back to %s", m)
-						}
-					default:
-						if p.Mode() != mode {
-							t.Fatalf("mode %s, want %s", p.Mode(), mode)
-						}
-					}
 					timeout, iv := cfg.Timeout(), cfg.Interval
-					s := l.startSender(iv, tok2)
-					w := startWatch(t, p, l.addrA, cfg)
-					w.next(t, monitor.Up, 2*time.Second)
+					snd := l.helperSend(iv, tok2)
+					mon := l.helperWatch(mode, cfg, tok2, true)
+					got := Mode(mon.expect(t, "mode ", 10*time.Second)[1])
+					switch {
+					case mode == ModeAuto && got != ModeXDPDriver && got != ModeXDPGeneric:
+						t.Fatalf("auto mode as root fell back to %s", got)
+					case mode != ModeAuto && got != mode:
+						t.Fatalf("mode %s, want %s", got, mode)
+					}
+					mon.expect(t, "up ", 2*time.Second)
 					var fromCut, silence []time.Duration
 					for i := range trials {
-						var restore func() error
-						var err error
-						cutAt := s.cutAfterSend(func() { restore, err = cm.cut(l) })
-						if err != nil {
-							t.Fatal(err)
-						}
-						c := w.next(t, monitor.Down, timeout+2*iv+3*time.Second)
-						d := c.At - cutAt
-						fromCut, silence = append(fromCut, d), append(silence, c.Silence)
-						if c.Silence < timeout {
-							t.Errorf("trial %d: down after %v of silence, before the %v timeout", i, c.Silence, timeout)
+						time.Sleep(timeout / 2)
+						cutAt := parseNs(t, snd.command(t, "cut "+cm.name, "cut ")[1])
+						f := mon.expect(t, "down ", timeout+2*iv+3*time.Second)
+						at, sil := parseNs(t, f[1]), parseNs(t, f[2])
+						d := at - cutAt
+						fromCut, silence = append(fromCut, d), append(silence, sil)
+						if sil < timeout {
+							t.Errorf("trial %d: down after %v of silence, before the %v timeout", i, sil, timeout)
 						}
 						if d < timeout-5*time.Millisecond || d > timeout+2*iv {
 							t.Errorf("trial %d: down %v after the cut, want within [%v, %v]", i, d, timeout, timeout+2*iv)
 						}
-						if err := restore(); err != nil {
-							t.Fatal(err)
-						}
-						w.next(t, monitor.Up, timeout+5*time.Second)
-						time.Sleep(timeout / 2)
+						snd.command(t, "restore", "restored")
+						mon.expect(t, "up ", timeout+5*time.Second)
 					}
-					row := fmt.Sprintf("| %v × %d | %s | %s | %d | %s | %s |", iv, cfg.Missed, p.Mode(), cm.name, trials,
+					row := fmt.Sprintf("| %v × %d | %s | %s | %d | %s | %s |", iv, cfg.Missed, got, cm.name, trials,
 						summary(fromCut), summary(silence))
 					t.Log(row)
 					report = append(report, row)
@@ -169,28 +169,43 @@ func summary(ds []time.Duration) string {
 }
 
 // TestWrongToken: a peer whose real heartbeats stop is declared down on
-// time although heartbeats with a wrong token keep coming from its address.
+// time although heartbeats with a wrong token keep coming from its address,
+// and they never bring it back up.
 func TestWrongToken(t *testing.T) {
 	l := newLab(t)
 	cfg := monitor.Config{Interval: 100 * time.Millisecond, Missed: 3, Rise: 1}
-	p := l.openProbe(ModeAuto, tok2)
-	good := l.startSender(cfg.Interval, tok2)
-	spoof := l.startSender(cfg.Interval/2, tok2+1)
-	w := startWatch(t, p, l.addrA, cfg)
-	w.next(t, monitor.Up, 2*time.Second)
+	good := l.helperSend(cfg.Interval, tok2)
+	l.helperSend(cfg.Interval/2, tok2+1) // the spoofer, twice as often
+	mon := l.helperWatch(ModeAuto, cfg, tok2, true)
+	mon.expect(t, "mode ", 10*time.Second)
+	mon.expect(t, "up ", 2*time.Second)
 	time.Sleep(500 * time.Millisecond)
-	var stopAt time.Duration
-	good.cutAfterSend(func() { stopAt = Now(); go good.stop() })
-	c := w.next(t, monitor.Down, 3*time.Second)
-	if d := c.At - stopAt; d < cfg.Timeout()-5*time.Millisecond || d > cfg.Timeout()+2*cfg.Interval {
-		t.Errorf("down %v after the real heartbeats stopped, want about %v", d, cfg.Timeout())
+	stopAt := parseNs(t, good.command(t, "stop", "stopped ")[1])
+	at := parseNs(t, mon.expect(t, "down ", 3*time.Second)[1])
+	if d := at - stopAt; d < cfg.Timeout()-5*time.Millisecond || d > cfg.Timeout()+2*cfg.Interval {
+		t.Errorf("down %v after the real heartbeats stopped, want within [%v, %v]", d, cfg.Timeout(), cfg.Timeout()+2*cfg.Interval)
 	}
-	w.quiet(t, time.Second) // the spoofer never brings it back
-	st, _ := p.Stats(l.addrA)
-	if st.BadToken < 20 {
-		t.Errorf("bad-token count %d: the spoofed heartbeats did not arrive", st.BadToken)
+	mon.quiet(t, 2*time.Second)
+}
+
+// TestWrongTokenCounted: the probe counts the spoofed heartbeats as such.
+func TestWrongTokenCounted(t *testing.T) {
+	for _, mode := range []Mode{ModeAuto, ModeUserspace} {
+		t.Run(modeName(mode), func(t *testing.T) {
+			l := newLab(t)
+			p := l.openProbe(mode, tok2)
+			s := l.startSender(20*time.Millisecond, tok2+1)
+			time.Sleep(500 * time.Millisecond)
+			s.Stop()
+			st, err := p.Stats(l.addrA)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.BadToken < 10 || st.Heartbeats != 0 || st.LastSeen() != 0 {
+				t.Fatalf("stats %+v: want only bad-token heartbeats", st)
+			}
+		})
 	}
-	spoof.Stop()
 }
 
 // TestReplicationTrafficIsLiveness: with XDP, packets on the replication
@@ -221,153 +236,6 @@ func TestReplicationTrafficIsLiveness(t *testing.T) {
 	w.next(t, monitor.Down, time.Second)
 }
 
-// helperWatch starts this test binary in B as a separate monitor process
-// (TestHelperWatch) and returns it and its output lines.
-func (l *lab) helperWatch(mode Mode, cfg monitor.Config, token uint64) (*exec.Cmd, <-chan string) {
-	l.t.Helper()
-	cmd := exec.Command("ip", "netns", "exec", l.nsB, os.Args[0], "-test.run=^TestHelperWatch$", "-test.v")
-	cmd.Env = append(os.Environ(), "DOPPEL_PROBE_HELPER=1",
-		"DOPPEL_HELPER_IFACE="+l.vethB, "DOPPEL_HELPER_PEER="+l.addrA.String(), "DOPPEL_HELPER_MODE="+modeName(mode),
-		fmt.Sprintf("DOPPEL_HELPER_CFG=%v,%d,%d,%d", cfg.Interval, cfg.Missed, cfg.Rise, token))
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		l.t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		l.t.Fatal(err)
-	}
-	l.t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGCONT)
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	lines := make(chan string, 100)
-	go func() {
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			if strings.HasPrefix(sc.Text(), "HELPER ") {
-				lines <- strings.TrimPrefix(sc.Text(), "HELPER ")
-			} else {
-				fmt.Fprintln(os.Stderr, "helper:", sc.Text())
-			}
-		}
-		close(lines)
-	}()
-	return cmd, lines
-}
-
-// helperSend starts this test binary in A as a separate heartbeat sender
-// process (TestHelperSend) at real-time priority (chrt -f 10), like
-// corosync's: the sender stands for the peer host, which the busy loops
-// of this host must not starve. It is stopped at cleanup.
-func (l *lab) helperSend(interval time.Duration, token uint64) *exec.Cmd {
-	l.t.Helper()
-	cmd := exec.Command("ip", "netns", "exec", l.nsA, "chrt", "-f", "10", os.Args[0], "-test.run=^TestHelperSend$")
-	cmd.Env = append(os.Environ(), "DOPPEL_PROBE_HELPER=1",
-		fmt.Sprintf("DOPPEL_HELPER_SEND=%s,%v,%d", l.addrB, interval, token))
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Start(); err != nil {
-		l.t.Fatal(err)
-	}
-	l.t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	return cmd
-}
-
-// TestHelperSend is the sender process of helperSend.
-func TestHelperSend(t *testing.T) {
-	if os.Getenv("DOPPEL_PROBE_HELPER") != "1" {
-		t.Skip("helper process for TestNoFalseDown*")
-	}
-	f := strings.Split(os.Getenv("DOPPEL_HELPER_SEND"), ",")
-	if len(f) != 3 {
-		t.Fatalf("bad DOPPEL_HELPER_SEND %q", os.Getenv("DOPPEL_HELPER_SEND"))
-	}
-	iv, err1 := time.ParseDuration(f[1])
-	token, err2 := strconv.ParseUint(f[2], 10, 64)
-	if err := errors.Join(err1, err2); err != nil {
-		t.Fatal(err)
-	}
-	s, err := NewSender([]netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr(f[0]), HeartbeatPort)}, Heartbeat{Token: token})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	s.Run(t.Context(), iv, nil)
-}
-
-// TestHelperWatch is the monitor process of the SIGSTOP and busy-CPU tests;
-// it only runs when started by helperWatch.
-func TestHelperWatch(t *testing.T) {
-	if os.Getenv("DOPPEL_PROBE_HELPER") != "1" {
-		t.Skip("helper process for TestNoFalseDown*")
-	}
-	f := strings.Split(os.Getenv("DOPPEL_HELPER_CFG"), ",")
-	if len(f) != 4 {
-		t.Fatalf("bad DOPPEL_HELPER_CFG %q", os.Getenv("DOPPEL_HELPER_CFG"))
-	}
-	iv, err1 := time.ParseDuration(f[0])
-	missed, err2 := strconv.Atoi(f[1])
-	rise, err3 := strconv.Atoi(f[2])
-	token, err4 := strconv.ParseUint(f[3], 10, 64)
-	if err := errors.Join(err1, err2, err3, err4); err != nil {
-		t.Fatal(err)
-	}
-	mode, err := ParseMode(os.Getenv("DOPPEL_HELPER_MODE"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := Open(Config{Interfaces: []string{os.Getenv("DOPPEL_HELPER_IFACE")}, Mode: mode})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
-	peer := netip.MustParseAddr(os.Getenv("DOPPEL_HELPER_PEER"))
-	if err := p.SetPeer(peer, token); err != nil {
-		t.Fatal(err)
-	}
-	m, err := monitor.New(monitor.Config{Interval: iv, Missed: missed, Rise: rise}, []string{"p"}, Now())
-	if err != nil {
-		t.Fatal(err)
-	}
-	fmt.Printf("HELPER mode %s\n", p.Mode())
-	err = monitor.Watch(t.Context(), m, Now, func(string) (monitor.Sample, error) {
-		s, err := p.Stats(peer)
-		return monitor.Sample{LastSeen: s.LastSeen(), Packets: s.Packets()}, err
-	}, func(c monitor.Change) {
-		fmt.Printf("HELPER %s %d %d\n", c.To, c.At, c.Silence)
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-}
-
-func expectLine(t *testing.T, lines <-chan string, prefix string, within time.Duration) string {
-	t.Helper()
-	select {
-	case s, ok := <-lines:
-		if !ok {
-			t.Fatalf("helper exited, waiting for %q", prefix)
-		}
-		if !strings.HasPrefix(s, prefix) {
-			t.Fatalf("helper said %q, want %q", s, prefix)
-		}
-		return s
-	case <-time.After(within):
-		t.Fatalf("helper did not say %q within %v", prefix, within)
-	}
-	return ""
-}
-
-func expectNoLine(t *testing.T, lines <-chan string, d time.Duration) {
-	t.Helper()
-	select {
-	case s := <-lines:
-		t.Fatalf("helper said %q", s)
-	case <-time.After(d):
-	}
-}
-
 // TestNoFalseDownSIGSTOP stops the monitor process for 2 × interval ×
 // missed while heartbeats keep arriving: after SIGCONT it must not declare
 // the peer down (the probe timestamped the heartbeats on arrival). The
@@ -378,26 +246,25 @@ func TestNoFalseDownSIGSTOP(t *testing.T) {
 			l := newLab(t)
 			cfg := monitor.Config{Interval: 50 * time.Millisecond, Missed: 3, Rise: 3}
 			sender := l.helperSend(cfg.Interval, tok2)
-			cmd, lines := l.helperWatch(mode, cfg, tok2)
-			t.Log(expectLine(t, lines, "mode ", 10*time.Second))
-			expectLine(t, lines, "up ", 2*time.Second)
+			mon := l.helperWatch(mode, cfg, tok2, false)
+			t.Log(mon.expect(t, "mode ", 10*time.Second))
+			mon.expect(t, "up ", 2*time.Second)
 			pause := 2 * cfg.Timeout()
 			for range envInt("DOPPEL_PROBE_STOPS", 5) {
-				cmd.Process.Signal(syscall.SIGSTOP)
+				mon.cmd.Process.Signal(syscall.SIGSTOP)
 				time.Sleep(pause)
-				cmd.Process.Signal(syscall.SIGCONT)
-				expectNoLine(t, lines, 500*time.Millisecond)
+				mon.cmd.Process.Signal(syscall.SIGCONT)
+				mon.quiet(t, 500*time.Millisecond)
 			}
 			// Control: the same pause with the peer silent is a down, reported
 			// as soon as the monitor runs again.
-			cmd.Process.Signal(syscall.SIGSTOP)
-			sender.Process.Kill()
+			mon.cmd.Process.Signal(syscall.SIGSTOP)
+			sender.command(t, "stop", "stopped ")
 			time.Sleep(pause)
 			cont := Now()
-			cmd.Process.Signal(syscall.SIGCONT)
-			f := strings.Fields(expectLine(t, lines, "down ", time.Second))
-			at, _ := strconv.ParseInt(f[1], 10, 64)
-			if d := time.Duration(at) - cont; d > 100*time.Millisecond {
+			mon.cmd.Process.Signal(syscall.SIGCONT)
+			at := parseNs(t, mon.expect(t, "down ", time.Second)[1])
+			if d := at - cont; d > 100*time.Millisecond {
 				t.Errorf("control: down %v after SIGCONT", d)
 			}
 		})
@@ -422,11 +289,11 @@ func TestNoFalseDownBusyCPU(t *testing.T) {
 	l := newLab(t)
 	cfg := monitor.Config{Interval: 50 * time.Millisecond, Missed: 3, Rise: 3}
 	l.helperSend(cfg.Interval, tok2)
-	_, lines := l.helperWatch(ModeAuto, cfg, tok2)
-	expectLine(t, lines, "mode ", 10*time.Second)
-	expectLine(t, lines, "up ", 2*time.Second)
+	mon := l.helperWatch(ModeAuto, cfg, tok2, false) // normal priority: it competes with the busy loops
+	mon.expect(t, "mode ", 10*time.Second)
+	mon.expect(t, "up ", 2*time.Second)
 	busyCPUs(t)
-	expectNoLine(t, lines, envDuration("DOPPEL_PROBE_SOAK", 20*time.Second))
+	mon.quiet(t, envDuration("DOPPEL_PROBE_SOAK", 20*time.Second))
 }
 
 // TestNoFalseDownLoss: 250 ms × 8 with 10% random loss on the link, for
