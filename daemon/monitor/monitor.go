@@ -100,7 +100,7 @@ func (c Change) String() string {
 	if c.To == Up {
 		return fmt.Sprintf("%s -> %s (path %s)", c.From, c.To, c.Path)
 	}
-	return fmt.Sprintf("%s -> %s after %v of silence on every path", c.From, c.To, c.Silence)
+	return fmt.Sprintf("%s -> %s after %v of silence on every path", c.From, c.To, c.Silence.Round(100*time.Microsecond))
 }
 
 // PathStatus describes one path, for status output.
