@@ -1,0 +1,57 @@
+// Package repl is doppel's replication engine: the source that sequences
+// and ships every write, the target applier, mirror, verify, and their
+// transport (TLS 1.3 with pinned certificates, optional compression and a
+// bandwidth limit). The frame codec is the sub-package wire.
+//
+// # Source
+//
+// [Source] is a [blockdev.Mutator]: the NBD server calls Apply concurrently
+// and acknowledges on return. For a write, trim or write-zeroes, Apply
+//
+//  1. locks the byte range (overlapping requests in arrival order),
+//  2. calls [Tracker.Mark] (issue 4: bitmap + activity log),
+//  3. applies it locally (blockdev.ApplyTo),
+//  4. sequences it and pushes the frame to the [Queue] (one mutex: sequence
+//     order is queue order),
+//  5. unlocks; syncs locally for FUA; in sync mode waits until the target
+//     acknowledged the sequence (the target fsyncs FUA frames first).
+//
+// A flush is sequenced first, then synced locally, then (sync mode) waited
+// for: every write acknowledged before the flush arrived has a lower
+// sequence, and the target fsyncs when it applies the flush. So FLUSH and
+// FUA are barriers in both modes, and in sync mode durable on the target.
+//
+// [Source.Run] owns the connection (dial, handshake, sender, receiver,
+// reconnect with backoff resuming from the target's applied sequence): all
+// connection handling is in session.go. [Source.Mirror] and [Source.Verify]
+// read ranges under the same range lock and sequence their frames into the
+// same stream as application writes (the DRBD "application vs resync IO"
+// rule made structural): a mirror chunk read before a write is ordered
+// before it on the target, one read after it holds its data, so it can never
+// overwrite a newer write. Checksum requests are sequenced too, with the
+// source's checksums computed under the lock at the same point: verify is
+// exact while the application writes.
+//
+// # Target
+//
+// [Target] accepts one source at a time (a new authenticated connection
+// replaces a half-dead one), applies frames strictly in sequence order,
+// fsyncs at flush, FUA and the end of a mirror, acknowledges (coalesced),
+// and persists {stream, durable sequence, data state} atomically to
+// TargetConfig.StatePath. Its data state is inconsistent from the start to
+// the end of a mirror or resync pass.
+//
+// # Seams for issue 4 (daemon/bitmap, daemon/queue, daemon/gen)
+//
+//   - [Queue]: Push / Read(after) / Release(seq) / Len. The default
+//     [MemQueue] is bounded (128 MiB) and applies back pressure when full;
+//     a spilling queue (memory → disk) implements the same interface and
+//     should not block; when it cannot take an entry, Push fails and the
+//     source reports the range to Tracker.Sequenced with seq 0.
+//   - [Tracker]: Mark (before the local write), Sequenced (seq assigned, or
+//     0 = not queued), Acked (target applied up to seq). The default tracks
+//     nothing.
+//   - Resume: Hello carries the source's stream ID and the sequence it can
+//     resend from; Welcome carries the target's stream and applied
+//     sequence. A generation layer decides before Run whether to resync.
+package repl

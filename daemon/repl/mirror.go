@@ -1,0 +1,355 @@
+package repl
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/doppelha/doppel/daemon/repl/wire"
+)
+
+// MirrorKind selects how the initial copy is made.
+type MirrorKind int
+
+// Mirror kinds.
+const (
+	MirrorNone MirrorKind = iota // the operator vouches that the target already matches
+	MirrorFull                   // copy every allocated, non-zero range; holes are punched
+	MirrorDiff                   // compare chunk checksums, copy differing chunks only
+)
+
+// ParseMirrorKind parses "full", "diff" or "none".
+func ParseMirrorKind(s string) (MirrorKind, error) {
+	switch s {
+	case "full":
+		return MirrorFull, nil
+	case "diff":
+		return MirrorDiff, nil
+	case "none", "":
+		return MirrorNone, nil
+	}
+	return 0, fmt.Errorf("unknown mirror kind %q (want full, diff or none)", s)
+}
+
+func (k MirrorKind) String() string {
+	return [...]string{"none", "full", "diff"}[k]
+}
+
+// Range is a byte range of the volume.
+type Range struct{ Offset, Length int64 }
+
+// MirrorResult summarises a mirror, diff mirror, verify or resync pass.
+type MirrorResult struct {
+	Scanned   int64   // bytes of the volume covered
+	Sent      int64   // payload bytes sent (data chunks)
+	Holes     int64   // bytes sent as holes
+	Differing []Range // verify / diff: ranges whose checksums differed (coalesced)
+	Duration  time.Duration
+}
+
+// DifferingBytes sums the lengths of r.Differing.
+func (r MirrorResult) DifferingBytes() int64 {
+	var n int64
+	for _, d := range r.Differing {
+		n += d.Length
+	}
+	return n
+}
+
+const (
+	mirrorIO     = 1 << 20 // bytes read under one range lock
+	sumWindow    = 128     // chunks per checksum request
+	sumsInFlight = 4       // checksum requests outstanding
+)
+
+// mirrorQueueCap is how full the queue may be before a mirror waits for
+// acks, so that mirror traffic never crowds out application writes.
+func (s *Source) mirrorQueueCap() int64 { return 32 << 20 }
+
+// Mirror copies the volume to the target while the application keeps
+// writing, and marks the target consistent when done. Every range is read
+// under the range lock and its frame sequenced before the lock is released,
+// so a mirror chunk can never overtake (and overwrite) a newer application
+// write on the target: both travel in the one ordered stream.
+func (s *Source) Mirror(ctx context.Context, kind MirrorKind) (MirrorResult, error) {
+	switch kind {
+	case MirrorNone:
+		return MirrorResult{}, nil
+	case MirrorFull, MirrorDiff:
+	default:
+		return MirrorResult{}, fmt.Errorf("mirror: unknown kind %d", kind)
+	}
+	if err := s.waitConnected(ctx); err != nil {
+		return MirrorResult{}, err
+	}
+	start := time.Now()
+	s.log.Info("mirror started", "kind", kind, "bytes", s.size)
+	s.st.mirrorActive.Store(true)
+	defer s.st.mirrorActive.Store(false)
+	s.st.mirrorDone.Store(0)
+	s.st.mirrorTotal.Store(s.size)
+	if _, err := s.push(&wire.MirrorState{Phase: wire.PhaseBegin, Purpose: wire.PurposeMirror, Total: uint64(s.size)}); err != nil {
+		return MirrorResult{}, err
+	}
+	s.setTargetState(wire.StateInconsistent)
+	var res MirrorResult
+	var err error
+	if kind == MirrorFull {
+		res, err = s.fullPass(ctx)
+	} else {
+		res, err = s.sumPass(ctx, wire.PurposeMirror, true)
+	}
+	if err == nil {
+		err = s.endPass(ctx, wire.PurposeMirror)
+	}
+	res.Duration = time.Since(start)
+	if err != nil {
+		s.log.Error("mirror failed", "kind", kind, "err", err, "scanned", res.Scanned)
+		return res, fmt.Errorf("%v mirror: %w", kind, err)
+	}
+	s.log.Info("mirror done", "kind", kind, "scanned", res.Scanned, "sent", res.Sent, "holes", res.Holes,
+		"differing", res.DifferingBytes(), "took", res.Duration.Round(time.Millisecond))
+	return res, nil
+}
+
+// endPass sequences the end of a pass and waits for the target to apply it.
+func (s *Source) endPass(ctx context.Context, p wire.Purpose) error {
+	seq, err := s.push(&wire.MirrorState{Phase: wire.PhaseEnd, Purpose: p})
+	if err != nil {
+		return err
+	}
+	if err := s.waitAck(ctx, seq); err != nil {
+		return err
+	}
+	s.setTargetState(wire.StateConsistent)
+	return nil
+}
+
+// fullPass sends every allocated non-zero range and a hole for the rest.
+func (s *Source) fullPass(ctx context.Context) (MirrorResult, error) {
+	var res MirrorResult
+	for off := int64(0); off < s.size; {
+		if err := s.waitQueueBelow(ctx, s.mirrorQueueCap()); err != nil {
+			return res, err
+		}
+		if d := s.ext.nextData(off, s.size); d > off {
+			// A hole: re-check under the lock so that a write landing in
+			// it meanwhile is seen (and then ordered before the hole).
+			unlock := s.locks.lock(off, d-off)
+			d = s.ext.nextData(off, d)
+			var err error
+			if d > off {
+				_, err = s.push(&wire.MirrorHole{Offset: uint64(off), Length: uint64(d - off), Purpose: wire.PurposeMirror})
+			}
+			unlock()
+			if err != nil {
+				return res, err
+			}
+			res.Holes += d - off
+			off = d
+			res.Scanned = off
+			s.st.mirrorDone.Store(off)
+			continue
+		}
+		end := min(s.ext.nextHole(off, s.size), alignUp(off+1, mirrorIO), s.size)
+		sent, holes, err := s.sendRange(off, end-off, wire.PurposeMirror)
+		if err != nil {
+			return res, err
+		}
+		res.Sent += sent
+		res.Holes += holes
+		off = end
+		res.Scanned = off
+		s.st.mirrorDone.Store(off)
+	}
+	return res, nil
+}
+
+func alignUp(v, a int64) int64 { return (v + a - 1) / a * a }
+
+// sendRange reads [off, off+n) under the range lock and sequences it as
+// data frames for the non-zero chunks and hole frames for zero ones.
+func (s *Source) sendRange(off, n int64, p wire.Purpose) (sent, holes int64, err error) {
+	for n > 0 {
+		step := min(n, mirrorIO)
+		bp := bufPool.Get().(*[]byte)
+		buf := (*bp)[:step]
+		unlock := s.locks.lock(off, step)
+		if err = readFull(s.b, buf, off); err != nil {
+			unlock()
+			bufPool.Put(bp)
+			return sent, holes, fmt.Errorf("read %d+%d: %w", off, step, err)
+		}
+		var frames []wire.Sequenced
+		// Runs of zero / non-zero chunks, on the chunk grid.
+		for i := int64(0); i < step; {
+			j := min(alignUp(off+i+1, s.chunk)-off, step)
+			zero := isZero(buf[i:j])
+			k := j
+			for k < step {
+				next := min(alignUp(off+k+1, s.chunk)-off, step)
+				if isZero(buf[k:next]) != zero {
+					break
+				}
+				k = next
+			}
+			if zero {
+				frames = append(frames, &wire.MirrorHole{Offset: uint64(off + i), Length: uint64(k - i), Purpose: p})
+				holes += k - i
+			} else {
+				frames = append(frames, &wire.MirrorData{Offset: uint64(off + i), Purpose: p, Data: append([]byte{}, buf[i:k]...)})
+				sent += k - i
+			}
+			i = k
+		}
+		_, err = s.push(frames...)
+		unlock()
+		bufPool.Put(bp)
+		if err != nil {
+			return sent, holes, err
+		}
+		off += step
+		n -= step
+	}
+	return sent, holes, nil
+}
+
+// pendingSums is a checksum request in flight.
+type pendingSums struct {
+	seq   uint64
+	off   int64
+	local []wire.Sum
+}
+
+// sumPass compares chunk checksums of the whole volume with the target's,
+// each pair taken at the same point of the stream. With send, differing
+// chunks are sent (purpose p); otherwise they are only reported.
+func (s *Source) sumPass(ctx context.Context, p wire.Purpose, send bool) (MirrorResult, error) {
+	var res MirrorResult
+	var pending []pendingSums
+	window := s.chunk * sumWindow
+	collect := func() error {
+		ps := pending[0]
+		pending = pending[1:]
+		box := s.sumBox(ps.seq)
+		var reply *wire.SumReply
+		select {
+		case reply = <-box:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		s.sums.Delete(ps.seq)
+		if reply == nil {
+			return errors.New("connection lost while waiting for checksums")
+		}
+		if len(reply.Sums) != len(ps.local) || reply.Offset != uint64(ps.off) {
+			return fmt.Errorf("checksum reply for %d: %d sums at %d, want %d at %d", ps.seq, len(reply.Sums), reply.Offset, len(ps.local), ps.off)
+		}
+		for i := 0; i < len(ps.local); {
+			if reply.Sums[i] == ps.local[i] {
+				i++
+				continue
+			}
+			j := i + 1
+			for j < len(ps.local) && reply.Sums[j] != ps.local[j] {
+				j++
+			}
+			off := ps.off + int64(i)*s.chunk
+			n := min(int64(j-i)*s.chunk, s.size-off)
+			res.Differing = appendRange(res.Differing, Range{off, n})
+			if send {
+				sent, holes, err := s.sendRange(off, n, p)
+				if err != nil {
+					return err
+				}
+				res.Sent += sent
+				res.Holes += holes
+			}
+			i = j
+		}
+		res.Scanned = min(ps.off+window, s.size)
+		if p != wire.PurposeVerify {
+			s.st.mirrorDone.Store(res.Scanned)
+		}
+		return nil
+	}
+	for off := int64(0); off < s.size; off += window {
+		if err := s.waitQueueBelow(ctx, s.mirrorQueueCap()); err != nil {
+			return res, err
+		}
+		count := int((min(off+window, s.size) - off + s.chunk - 1) / s.chunk)
+		unlock := s.locks.lock(off, min(window, s.size-off))
+		local, err := chunkSums(s.b, s.ext, off, s.chunk, count, s.size)
+		var seq uint64
+		if err == nil {
+			seq, err = s.push(&wire.SumRequest{Offset: uint64(off), ChunkSize: uint32(s.chunk), Count: uint32(count), Purpose: p})
+		}
+		unlock()
+		if err != nil {
+			return res, err
+		}
+		pending = append(pending, pendingSums{seq: seq, off: off, local: local})
+		if len(pending) >= sumsInFlight {
+			if err := collect(); err != nil {
+				return res, err
+			}
+		}
+	}
+	for len(pending) > 0 {
+		if err := collect(); err != nil {
+			return res, err
+		}
+	}
+	return res, nil
+}
+
+func appendRange(rs []Range, r Range) []Range {
+	if n := len(rs); n > 0 && rs[n-1].Offset+rs[n-1].Length == r.Offset {
+		rs[n-1].Length += r.Length
+		return rs
+	}
+	return append(rs, r)
+}
+
+// Verify compares source and target chunk checksums while the application
+// keeps writing (each pair is taken at the same point of the stream, so a
+// write in flight is never reported as a difference) and reports the
+// differing ranges. With resync, it then sends them, marking the target
+// inconsistent for the duration.
+func (s *Source) Verify(ctx context.Context, resync bool) (MirrorResult, error) {
+	if err := s.waitConnected(ctx); err != nil {
+		return MirrorResult{}, err
+	}
+	start := time.Now()
+	res, err := s.sumPass(ctx, wire.PurposeVerify, false)
+	res.Duration = time.Since(start)
+	if err != nil {
+		return res, fmt.Errorf("verify: %w", err)
+	}
+	for _, r := range res.Differing {
+		s.log.Warn("verify: target differs", "offset", r.Offset, "length", r.Length)
+	}
+	s.log.Info("verify done", "scanned", res.Scanned, "differing_bytes", res.DifferingBytes(), "ranges", len(res.Differing),
+		"took", res.Duration.Round(time.Millisecond))
+	if !resync || len(res.Differing) == 0 {
+		return res, nil
+	}
+	if _, err := s.push(&wire.MirrorState{Phase: wire.PhaseBegin, Purpose: wire.PurposeResync, Total: uint64(res.DifferingBytes())}); err != nil {
+		return res, err
+	}
+	s.setTargetState(wire.StateInconsistent)
+	for _, r := range res.Differing {
+		sent, holes, err := s.sendRange(r.Offset, r.Length, wire.PurposeResync)
+		res.Sent += sent
+		res.Holes += holes
+		if err != nil {
+			return res, fmt.Errorf("resync: %w", err)
+		}
+	}
+	if err := s.endPass(ctx, wire.PurposeResync); err != nil {
+		return res, fmt.Errorf("resync: %w", err)
+	}
+	s.log.Info("resync done", "sent", res.Sent, "holes", res.Holes)
+	return res, nil
+}

@@ -1,0 +1,160 @@
+package repl
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/doppelha/doppel/daemon/repl/wire"
+)
+
+// DefaultQueueBytes is the default bound of the in-memory replication queue.
+const DefaultQueueBytes = 128 << 20
+
+// Entry is one sequenced frame waiting to be sent to (or acknowledged by)
+// the target. Frame is plain data (a wire frame), so a queue may serialise it
+// with [wire.Append] and read it back with [wire.Decode].
+type Entry struct {
+	Seq   uint64
+	Frame wire.Sequenced
+	Size  int64 // bytes the entry accounts for (payload + header)
+}
+
+// Queue holds the sequenced frames between the sequencer and the sender, in
+// sequence order, until the target acknowledges them. It is the seam where
+// issue 4's memory → disk spilling queue (daemon/queue) plugs in.
+//
+// Seqs pushed are consecutive. Entries stay readable after they were read
+// (a reconnect re-sends from the target's applied sequence) until Release.
+type Queue interface {
+	// Push appends e. The in-memory queue waits while it is full (back
+	// pressure) until ctx is done; a spilling queue should not wait. An
+	// error means the entry was not queued: the caller treats its range
+	// as out of sync (see [Tracker]).
+	Push(ctx context.Context, e Entry) error
+	// Read returns up to max entries with Seq > after, in order, waiting
+	// until at least one exists or ctx is done. It returns ErrGone when
+	// after+1 was already released (the stream cannot be resumed there).
+	Read(ctx context.Context, after uint64, max int) ([]Entry, error)
+	// Release drops every entry with Seq ≤ seq (the target applied them).
+	Release(seq uint64)
+	// Len reports the bytes and entries held.
+	Len() (bytes int64, entries int)
+}
+
+// ErrGone reports that a queue no longer holds the entry a reader asked for.
+var ErrGone = errors.New("replication queue: entry already released")
+
+// MemQueue is the bounded in-memory [Queue].
+type MemQueue struct {
+	limit int64
+
+	mu      sync.Mutex
+	changed chan struct{} // closed and replaced on every change
+	ents    []Entry
+	head    int    // ents[head:] are live
+	first   uint64 // Seq that ents[head] has (or will have when empty)
+	bytes   int64
+}
+
+// NewMemQueue returns an in-memory queue holding at most limit bytes
+// (one entry larger than limit is admitted when the queue is empty).
+func NewMemQueue(limit int64) *MemQueue {
+	if limit <= 0 {
+		limit = DefaultQueueBytes
+	}
+	return &MemQueue{limit: limit, changed: make(chan struct{}), first: 1}
+}
+
+func (q *MemQueue) signal() {
+	close(q.changed)
+	q.changed = make(chan struct{})
+}
+
+// Push implements [Queue]: it waits while the queue is full.
+func (q *MemQueue) Push(ctx context.Context, e Entry) error {
+	q.mu.Lock()
+	for q.bytes > 0 && q.bytes+e.Size > q.limit {
+		ch := q.changed
+		q.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("replication queue full (%d bytes): %w", q.limit, ctx.Err())
+		}
+		q.mu.Lock()
+	}
+	defer q.mu.Unlock()
+	if n := len(q.ents) - q.head; n == 0 {
+		q.first = e.Seq
+	} else if want := q.first + uint64(n); e.Seq != want {
+		return fmt.Errorf("replication queue: push seq %d, want %d", e.Seq, want)
+	}
+	q.ents = append(q.ents, e)
+	q.bytes += e.Size
+	q.signal()
+	return nil
+}
+
+// Read implements [Queue].
+func (q *MemQueue) Read(ctx context.Context, after uint64, max int) ([]Entry, error) {
+	q.mu.Lock()
+	for {
+		n := len(q.ents) - q.head
+		if after+1 < q.first {
+			q.mu.Unlock()
+			return nil, fmt.Errorf("read after %d, oldest held %d: %w", after, q.first, ErrGone)
+		}
+		if i := int(after + 1 - q.first); i < n {
+			k := min(n-i, max)
+			out := make([]Entry, k)
+			copy(out, q.ents[q.head+i:q.head+i+k])
+			q.mu.Unlock()
+			return out, nil
+		}
+		ch := q.changed
+		q.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		q.mu.Lock()
+	}
+}
+
+// Release implements [Queue].
+func (q *MemQueue) Release(seq uint64) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	changed := false
+	for q.head < len(q.ents) && q.ents[q.head].Seq <= seq {
+		q.bytes -= q.ents[q.head].Size
+		q.ents[q.head] = Entry{}
+		q.head++
+		changed = true
+	}
+	if q.head == len(q.ents) {
+		q.ents, q.head = q.ents[:0], 0
+		if seq+1 > q.first {
+			q.first = seq + 1
+		}
+	} else {
+		q.first = q.ents[q.head].Seq
+		if q.head > 1024 && q.head > len(q.ents)/2 {
+			q.ents = append(q.ents[:0:0], q.ents[q.head:]...)
+			q.head = 0
+		}
+	}
+	if changed {
+		q.signal()
+	}
+}
+
+// Len implements [Queue].
+func (q *MemQueue) Len() (int64, int) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.bytes, len(q.ents) - q.head
+}

@@ -1,0 +1,269 @@
+package repl
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"time"
+
+	"golang.org/x/time/rate"
+
+	"github.com/doppelha/doppel/daemon/repl/wire"
+)
+
+// handshakeTimeout bounds the TLS handshake and the Hello/Welcome exchange.
+const handshakeTimeout = 15 * time.Second
+
+// FatalError is a session failure that reconnecting cannot fix (the peer
+// refused us, or the stream cannot be resumed). Run returns it.
+type FatalError struct{ Err error }
+
+func (e *FatalError) Error() string { return e.Err.Error() }
+func (e *FatalError) Unwrap() error { return e.Err }
+
+func fatalf(format string, a ...any) error { return &FatalError{Err: fmt.Errorf(format, a...)} }
+
+// Run connects to the target and streams the queue to it until ctx is
+// done, reconnecting with backoff after a lost connection (the target
+// resumes from its applied sequence). It returns nil when ctx is done and
+// a *FatalError when the target refuses the source or the stream cannot be
+// resumed; waiters then fail with that error.
+//
+// All connection handling of the source lives here and in session.
+func (s *Source) Run(ctx context.Context) error {
+	if s.cfg.Dial == nil {
+		return errors.New("replication source: no Dial")
+	}
+	backoff := 100 * time.Millisecond
+	for {
+		conn, err := s.cfg.Dial(ctx)
+		if err == nil {
+			start := time.Now()
+			err = s.session(ctx, conn)
+			if time.Since(start) > 10*time.Second {
+				backoff = 100 * time.Millisecond
+			}
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		var fatal *FatalError
+		if errors.As(err, &fatal) {
+			s.log.Error("replication stopped", "err", err)
+			s.fail(err)
+			return err
+		}
+		s.log.Warn("replication link down; reconnecting", "err", err, "in", backoff)
+		select {
+		case <-time.After(backoff):
+		case <-ctx.Done():
+			return nil
+		}
+		backoff = min(backoff*2, 5*time.Second)
+	}
+}
+
+// session runs one connection: handshake, then a sender and a receiver
+// until either fails.
+func (s *Source) session(ctx context.Context, conn net.Conn) error {
+	defer conn.Close()
+	peer := conn.RemoteAddr().String()
+	conn.SetDeadline(time.Now().Add(handshakeTimeout))
+	if tc, ok := conn.(*tls.Conn); ok {
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return fatalf("TLS handshake with target %s: %w", peer, err)
+		}
+	}
+	hello := &wire.Hello{MinVersion: wire.MinVersion, MaxVersion: wire.MaxVersion, Mode: s.cfg.Mode,
+		StreamID: s.streamID, VolumeSize: uint64(s.size), ChunkSize: uint32(s.chunk)}
+	s.ackMu.Lock()
+	hello.BaseSeq = s.acked
+	s.ackMu.Unlock()
+	b, err := wire.Encode(hello)
+	if err != nil {
+		return err
+	}
+	if _, err := conn.Write(b); err != nil {
+		return fmt.Errorf("send hello to %s: %w", peer, err)
+	}
+	r := wire.NewReader(conn)
+	f, err := r.Read()
+	if err != nil {
+		if errors.Is(err, wire.ErrMalformed) {
+			return fatalf("target %s: bad welcome: %w", peer, err)
+		}
+		return fmt.Errorf("read welcome from %s: %w", peer, err)
+	}
+	var w *wire.Welcome
+	switch f := f.(type) {
+	case *wire.Welcome:
+		w = f
+	case *wire.Error:
+		return fatalf("target %s refused the connection: %s", peer, f.Message)
+	default:
+		return fatalf("target %s: expected welcome, got %v", peer, f.Type())
+	}
+	if w.Version < wire.MinVersion || w.Version > wire.MaxVersion {
+		return fatalf("target %s chose protocol version %d, outside %d-%d", peer, w.Version, wire.MinVersion, wire.MaxVersion)
+	}
+	if w.VolumeSize != uint64(s.size) {
+		return fatalf("target %s volume is %d bytes, source is %d", peer, w.VolumeSize, s.size)
+	}
+	from := hello.BaseSeq
+	if w.StreamID == s.streamID {
+		from = w.Applied
+	} else if hello.BaseSeq > 0 {
+		return fatalf("target %s has no record of this replication stream (it was replaced or lost its state): restart the source with a mirror", peer)
+	}
+	if from < hello.BaseSeq {
+		return fatalf("target %s applied up to %d but the source already released up to %d (target lost acknowledged writes): a resync is needed", peer, from, hello.BaseSeq)
+	}
+	conn.SetDeadline(time.Time{})
+	s.onAck(from, 0)
+	s.st.connects.Add(1)
+	s.setConnected(true, w.State)
+	defer s.setConnected(false, 0)
+	s.log.Info("replicating", "target", peer, "mode", s.cfg.Mode, "version", w.Version, "resume_after", from,
+		"target_state", stateName(w.State), "compression", s.cfg.Codec.String())
+
+	sctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	go func() {
+		cancel(s.receive(r))
+	}()
+	go func() {
+		<-sctx.Done()
+		conn.SetDeadline(time.Now()) // unblock the sender's and receiver's I/O
+	}()
+	err = s.send(sctx, conn, from)
+	cancel(err)
+	if cause := context.Cause(sctx); cause != nil && !errors.Is(cause, context.Canceled) {
+		err = cause
+	}
+	s.failSums()
+	return err
+}
+
+// send writes queued frames after seq `from` until ctx is done.
+func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
+	bw := bufio.NewWriterSize(conn, 1<<20)
+	var lim *rate.Limiter
+	if s.cfg.RateLimit > 0 {
+		lim = rate.NewLimiter(rate.Limit(s.cfg.RateLimit), max(int(s.cfg.RateLimit), wire.MaxFrame+4))
+	}
+	buf := make([]byte, 0, wire.MaxFrame+4)
+	for {
+		ents, err := s.queue.Read(ctx, from, 512)
+		if err != nil {
+			if errors.Is(err, ErrGone) {
+				return &FatalError{Err: fmt.Errorf("resume replication after %d: %w", from, err)}
+			}
+			return err
+		}
+		for _, e := range ents {
+			buf, err = wire.Append(buf[:0], e.Frame, s.cfg.Codec)
+			if err != nil {
+				return fmt.Errorf("encode frame %d: %w", e.Seq, err)
+			}
+			if lim != nil {
+				if err := lim.WaitN(ctx, len(buf)); err != nil {
+					return err
+				}
+			}
+			if _, err := bw.Write(buf); err != nil {
+				return fmt.Errorf("send frame %d: %w", e.Seq, err)
+			}
+			k, payload := frameKind(e.Frame)
+			s.st.sentBytes[k].Add(int64(len(buf)))
+			s.st.payloadBytes[k].Add(payload)
+			s.st.sentFrames.Add(1)
+			from = e.Seq
+		}
+		if err := bw.Flush(); err != nil {
+			return fmt.Errorf("send: %w", err)
+		}
+		s.st.sentSeq.Store(from)
+	}
+}
+
+// frameKind classifies a frame for the metrics.
+func frameKind(f wire.Sequenced) (kind int, payload int64) {
+	switch f := f.(type) {
+	case *wire.Write:
+		return KindWrite, int64(len(f.Data))
+	case *wire.MirrorData:
+		return purposeKind(f.Purpose), int64(len(f.Data))
+	case *wire.MirrorHole:
+		return purposeKind(f.Purpose), 0
+	case *wire.MirrorState:
+		return purposeKind(f.Purpose), 0
+	case *wire.SumRequest:
+		return purposeKind(f.Purpose), 0
+	}
+	return KindWrite, 0
+}
+
+func purposeKind(p wire.Purpose) int {
+	switch p {
+	case wire.PurposeResync:
+		return KindResync
+	case wire.PurposeVerify:
+		return KindVerify
+	}
+	return KindMirror
+}
+
+// receive reads the target's frames until the connection fails.
+func (s *Source) receive(r *wire.Reader) error {
+	for {
+		n := r.N
+		f, err := r.Read()
+		s.st.recvBytes.Add(r.N - n)
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return errors.New("target closed the connection")
+			}
+			if errors.Is(err, wire.ErrMalformed) {
+				return fatalf("target sent a malformed frame: %w", err)
+			}
+			return fmt.Errorf("receive: %w", err)
+		}
+		switch f := f.(type) {
+		case *wire.Ack:
+			s.onAck(f.Applied, f.Durable)
+		case *wire.SumReply:
+			s.sumBox(f.Seq) <- f
+		case *wire.Error:
+			if f.Code == wire.CodeIO {
+				return fatalf("target failed: %s", f.Message)
+			}
+			return fmt.Errorf("target error %d: %s", f.Code, f.Message)
+		case *wire.Bye:
+			return fmt.Errorf("target said bye: %s", f.Reason)
+		default:
+			return fatalf("target sent an unexpected %v frame", f.Type())
+		}
+	}
+}
+
+// sumBox is the mailbox of the checksum reply for seq; whoever comes first
+// (the requester or the receiver) creates it.
+func (s *Source) sumBox(seq uint64) chan *wire.SumReply {
+	ch, _ := s.sums.LoadOrStore(seq, make(chan *wire.SumReply, 1))
+	return ch.(chan *wire.SumReply)
+}
+
+// failSums wakes every pending checksum request after a lost session.
+func (s *Source) failSums() {
+	s.sums.Range(func(k, v any) bool {
+		select {
+		case v.(chan *wire.SumReply) <- nil:
+		default:
+		}
+		return true
+	})
+}

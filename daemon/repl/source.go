@@ -1,0 +1,448 @@
+package repl
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/daemon/repl/wire"
+)
+
+// DefaultChunkSize is the mirror / checksum chunk.
+const DefaultChunkSize = 64 << 10
+
+// Errors reported by the source.
+var (
+	ErrClosed = errors.New("replication source closed")
+)
+
+// SourceConfig configures a [Source].
+type SourceConfig struct {
+	// Backend is the protected volume: the local half of every mutation.
+	Backend blockdev.Backend
+	// Mode is wire.ModeSync or wire.ModeAsync.
+	Mode wire.Mode
+	// ChunkSize is the mirror and checksum chunk (power of two, ≥ 4 KiB);
+	// 0 means DefaultChunkSize.
+	ChunkSize int64
+	// Queue holds sequenced frames until the target acknowledges them;
+	// nil means NewMemQueue(DefaultQueueBytes).
+	Queue Queue
+	// Tracker records ranges not yet on the target; nil tracks nothing.
+	Tracker Tracker
+	// Dial connects to the target; TLS, if any, is the dialer's business
+	// (see [ClientTLS]). Run calls it again after a lost connection.
+	Dial func(ctx context.Context) (net.Conn, error)
+	// Codec compresses Write and MirrorData payloads; nil sends them raw.
+	Codec *wire.Codec
+	// RateLimit caps the bytes per second written to the target; 0 means
+	// unlimited.
+	RateLimit int64
+	// Log receives structured logs; nil discards them.
+	Log *slog.Logger
+}
+
+// Source is the replicating side: a [blockdev.Mutator] that applies each
+// mutation locally, sequences it, and ships it to the target.
+type Source struct {
+	cfg     SourceConfig
+	log     *slog.Logger
+	b       blockdev.Backend
+	size    int64
+	chunk   int64
+	queue   Queue
+	tracker Tracker
+	ext     extents
+
+	streamID uint64
+	life     context.Context // cancelled by Close
+	stop     context.CancelFunc
+
+	locks rangeLock
+
+	seqMu sync.Mutex
+	last  uint64 // last sequence assigned
+
+	ackMu   sync.Mutex
+	acked   uint64 // target applied every sequence ≤ acked
+	durable uint64
+	ackCh   chan struct{} // closed and replaced when acked moves or the state changes
+	failed  error         // set when Run gives up: waiters fail with it
+	conn    bool          // a session is established
+	tstate  uint8         // target data state as last known (0: unknown)
+
+	sums sync.Map // seq → chan *wire.SumReply
+
+	st stats
+}
+
+// stats are the source's counters (read by Stats and the collector).
+type stats struct {
+	sentBytes    [kinds]atomic.Int64 // wire bytes by kind
+	payloadBytes [kinds]atomic.Int64 // data bytes (writes, mirror chunks) by kind
+	sentFrames   atomic.Int64
+	recvBytes    atomic.Int64
+	sentSeq      atomic.Uint64
+	mirrorDone   atomic.Int64
+	mirrorTotal  atomic.Int64
+	mirrorActive atomic.Bool
+	connects     atomic.Int64
+}
+
+// Traffic kinds for metrics.
+const (
+	KindWrite = iota
+	KindMirror
+	KindResync
+	KindVerify
+	kinds
+)
+
+var kindNames = [kinds]string{"write", "mirror", "resync", "verify"}
+
+// NewSource returns a source for cfg. Call Run to connect it.
+func NewSource(cfg SourceConfig) (*Source, error) {
+	if cfg.Backend == nil {
+		return nil, errors.New("replication source: no backend")
+	}
+	if cfg.Mode != wire.ModeSync && cfg.Mode != wire.ModeAsync {
+		return nil, fmt.Errorf("replication source: unknown mode %v", cfg.Mode)
+	}
+	if cfg.ChunkSize == 0 {
+		cfg.ChunkSize = DefaultChunkSize
+	}
+	if c := cfg.ChunkSize; c < 4096 || c > 1<<24 || c&(c-1) != 0 {
+		return nil, fmt.Errorf("replication source: chunk size %d is not a power of two in 4 KiB..16 MiB", c)
+	}
+	if cfg.Queue == nil {
+		cfg.Queue = NewMemQueue(DefaultQueueBytes)
+	}
+	if cfg.Tracker == nil {
+		cfg.Tracker = nopTracker{}
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	var id [8]byte
+	if _, err := rand.Read(id[:]); err != nil {
+		return nil, err
+	}
+	s := &Source{
+		cfg: cfg, log: cfg.Log, b: cfg.Backend, size: cfg.Backend.Size(), chunk: cfg.ChunkSize,
+		queue: cfg.Queue, tracker: cfg.Tracker, ext: newExtents(cfg.Backend),
+		streamID: binary.BigEndian.Uint64(id[:]) | 1, ackCh: make(chan struct{}),
+	}
+	s.life, s.stop = context.WithCancel(context.Background())
+	return s, nil
+}
+
+// Mode returns the replication mode.
+func (s *Source) Mode() wire.Mode { return s.cfg.Mode }
+
+// Close stops the source: waiters fail with ErrClosed. It does not close
+// the backend.
+func (s *Source) Close() error {
+	s.stop()
+	s.fail(ErrClosed)
+	return s.ext.Close()
+}
+
+// Apply implements [blockdev.Mutator]: the local write, then the frame in
+// the replication stream, then (sync mode, or a durable request) the wait
+// for the target.
+func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
+	if m.Op == blockdev.OpFlush {
+		seq, err := s.push(&wire.Flush{})
+		if err != nil {
+			return err
+		}
+		if err := s.b.Sync(); err != nil {
+			return err
+		}
+		if s.cfg.Mode == wire.ModeSync {
+			return s.waitAck(ctx, seq)
+		}
+		return nil
+	}
+	if m.Offset < 0 || m.Length < 0 || m.Offset+m.Length > s.size {
+		return fmt.Errorf("%v [%d,+%d) beyond volume of %d bytes: %w", m.Op, m.Offset, m.Length, s.size, syscall.EINVAL)
+	}
+	unlock := s.locks.lock(m.Offset, m.Length)
+	if err := s.tracker.Mark(m.Offset, m.Length); err != nil {
+		unlock()
+		return fmt.Errorf("track %v: %w", m.Op, err)
+	}
+	if err := blockdev.ApplyTo(s.b, m); err != nil {
+		unlock()
+		return err
+	}
+	seq, err := s.push(mutationFrames(m)...)
+	s.tracker.Sequenced(seq, m.Offset, m.Length)
+	unlock()
+	if err != nil {
+		s.log.Error("mutation applied locally but not queued for the target", "op", m.Op, "offset", m.Offset, "length", m.Length, "err", err)
+		return err
+	}
+	if m.FUA {
+		if err := s.b.Sync(); err != nil {
+			return err
+		}
+	}
+	if s.cfg.Mode == wire.ModeSync {
+		return s.waitAck(ctx, seq)
+	}
+	return nil
+}
+
+// mutationFrames converts m into wire frames (copying its data; writes
+// larger than wire.MaxData are split).
+func mutationFrames(m *blockdev.Mutation) []wire.Sequenced {
+	off := uint64(m.Offset)
+	switch m.Op {
+	case blockdev.OpWrite:
+		var fs []wire.Sequenced
+		data := m.Data
+		for {
+			n := min(len(data), wire.MaxData)
+			fs = append(fs, &wire.Write{Offset: off, FUA: m.FUA && n == len(data), Data: append([]byte{}, data[:n]...)})
+			data, off = data[n:], off+uint64(n)
+			if len(data) == 0 {
+				return fs
+			}
+		}
+	case blockdev.OpTrim:
+		return []wire.Sequenced{&wire.Trim{Offset: off, Length: uint64(m.Length), FUA: m.FUA}}
+	default: // OpWriteZeroes
+		return []wire.Sequenced{&wire.Zeroes{Offset: off, Length: uint64(m.Length), FUA: m.FUA, NoHole: m.NoHole}}
+	}
+}
+
+func setSeq(f wire.Sequenced, seq uint64) {
+	switch f := f.(type) {
+	case *wire.Write:
+		f.Seq = seq
+	case *wire.Trim:
+		f.Seq = seq
+	case *wire.Zeroes:
+		f.Seq = seq
+	case *wire.Flush:
+		f.Seq = seq
+	case *wire.MirrorData:
+		f.Seq = seq
+	case *wire.MirrorHole:
+		f.Seq = seq
+	case *wire.MirrorState:
+		f.Seq = seq
+	case *wire.SumRequest:
+		f.Seq = seq
+	default:
+		panic(fmt.Sprintf("repl: cannot sequence %T", f))
+	}
+}
+
+func entrySize(f wire.Sequenced) int64 {
+	switch f := f.(type) {
+	case *wire.Write:
+		return int64(len(f.Data)) + 64
+	case *wire.MirrorData:
+		return int64(len(f.Data)) + 64
+	}
+	return 64
+}
+
+// push sequences fs (consecutively) and queues them; it returns the last
+// sequence.
+func (s *Source) push(fs ...wire.Sequenced) (uint64, error) {
+	s.seqMu.Lock()
+	defer s.seqMu.Unlock()
+	if err := s.life.Err(); err != nil {
+		return 0, ErrClosed
+	}
+	for _, f := range fs {
+		seq := s.last + 1
+		setSeq(f, seq)
+		if err := s.queue.Push(s.life, Entry{Seq: seq, Frame: f, Size: entrySize(f)}); err != nil {
+			return 0, fmt.Errorf("queue frame %d: %w", seq, err)
+		}
+		s.last = seq
+	}
+	return s.last, nil
+}
+
+// LastSeq is the last sequence assigned.
+func (s *Source) LastSeq() uint64 {
+	s.seqMu.Lock()
+	defer s.seqMu.Unlock()
+	return s.last
+}
+
+func (s *Source) signalLocked() {
+	close(s.ackCh)
+	s.ackCh = make(chan struct{})
+}
+
+// onAck records the target's progress.
+func (s *Source) onAck(applied, durable uint64) {
+	s.ackMu.Lock()
+	moved := applied > s.acked
+	if moved {
+		s.acked = applied
+	}
+	if durable > s.durable {
+		s.durable = durable
+	}
+	if moved {
+		s.signalLocked()
+	}
+	s.ackMu.Unlock()
+	if moved {
+		s.queue.Release(applied)
+		s.tracker.Acked(applied)
+	}
+}
+
+func (s *Source) setConnected(up bool, tstate uint8) {
+	s.ackMu.Lock()
+	s.conn = up
+	if tstate != 0 {
+		s.tstate = tstate
+	}
+	s.signalLocked()
+	s.ackMu.Unlock()
+}
+
+func (s *Source) setTargetState(st uint8) {
+	s.ackMu.Lock()
+	s.tstate = st
+	s.ackMu.Unlock()
+}
+
+func (s *Source) fail(err error) {
+	s.ackMu.Lock()
+	if s.failed == nil {
+		s.failed = err
+	}
+	s.signalLocked()
+	s.ackMu.Unlock()
+}
+
+// waitAck waits until the target applied seq.
+func (s *Source) waitAck(ctx context.Context, seq uint64) error {
+	for {
+		s.ackMu.Lock()
+		acked, failed, ch := s.acked, s.failed, s.ackCh
+		s.ackMu.Unlock()
+		if acked >= seq {
+			return nil
+		}
+		if failed != nil {
+			return fmt.Errorf("wait for target to apply %d: %w", seq, failed)
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// WaitAcked waits until the target applied everything sequenced so far
+// (a drain, e.g. before a clean shutdown).
+func (s *Source) WaitAcked(ctx context.Context) error { return s.waitAck(ctx, s.LastSeq()) }
+
+// waitConnected waits until a session is established.
+func (s *Source) waitConnected(ctx context.Context) error {
+	for {
+		s.ackMu.Lock()
+		conn, failed, ch := s.conn, s.failed, s.ackCh
+		s.ackMu.Unlock()
+		if conn {
+			return nil
+		}
+		if failed != nil {
+			return failed
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// waitQueueBelow waits until the queue holds at most n bytes.
+func (s *Source) waitQueueBelow(ctx context.Context, n int64) error {
+	for {
+		s.ackMu.Lock()
+		failed, ch := s.failed, s.ackCh
+		s.ackMu.Unlock()
+		if b, _ := s.queue.Len(); b <= n {
+			return nil
+		}
+		if failed != nil {
+			return failed
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// SourceStats is a snapshot of a source's state and counters.
+type SourceStats struct {
+	Mode         string
+	Connected    bool
+	LastSeq      uint64           // last sequence assigned
+	SentSeq      uint64           // last sequence written to the connection
+	AckedSeq     uint64           // target applied everything up to here
+	DurableSeq   uint64           // ... and fsynced up to here
+	QueueBytes   int64            // bytes waiting for an ack
+	QueueEntries int              // frames waiting for an ack
+	SentBytes    map[string]int64 // wire bytes by kind (write, mirror, resync, verify)
+	PayloadBytes map[string]int64 // data bytes by kind
+	SentFrames   int64
+	RecvBytes    int64
+	MirrorActive bool
+	MirrorDone   int64 // bytes of the volume scanned by the current/last mirror
+	MirrorTotal  int64
+	TargetState  string // consistent, inconsistent, unknown
+	Connects     int64
+}
+
+// Stats returns a snapshot.
+func (s *Source) Stats() SourceStats {
+	st := SourceStats{Mode: s.cfg.Mode.String(), LastSeq: s.LastSeq(), SentSeq: s.st.sentSeq.Load(),
+		SentBytes: map[string]int64{}, PayloadBytes: map[string]int64{},
+		SentFrames: s.st.sentFrames.Load(), RecvBytes: s.st.recvBytes.Load(),
+		MirrorActive: s.st.mirrorActive.Load(), MirrorDone: s.st.mirrorDone.Load(),
+		MirrorTotal: s.st.mirrorTotal.Load(), Connects: s.st.connects.Load()}
+	s.ackMu.Lock()
+	st.Connected, st.AckedSeq, st.DurableSeq, st.TargetState = s.conn, s.acked, s.durable, stateName(s.tstate)
+	s.ackMu.Unlock()
+	st.QueueBytes, st.QueueEntries = s.queue.Len()
+	for k := range kinds {
+		st.SentBytes[kindNames[k]] = s.st.sentBytes[k].Load()
+		st.PayloadBytes[kindNames[k]] = s.st.payloadBytes[k].Load()
+	}
+	return st
+}
+
+func stateName(st uint8) string {
+	switch st {
+	case wire.StateConsistent:
+		return "consistent"
+	case wire.StateInconsistent:
+		return "inconsistent"
+	}
+	return "unknown"
+}

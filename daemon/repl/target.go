@@ -1,0 +1,553 @@
+package repl
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/daemon/repl/wire"
+)
+
+// TargetConfig configures a [Target].
+type TargetConfig struct {
+	// Backend receives the replicated data.
+	Backend blockdev.Backend
+	// StatePath is where the target persists its stream, last durable
+	// sequence and data state (JSON, written atomically); "" keeps them
+	// in memory only.
+	StatePath string
+	// Log receives structured logs; nil discards them.
+	Log *slog.Logger
+}
+
+// TargetState is what a target persists.
+type TargetState struct {
+	StreamID   uint64 `json:"stream_id"`
+	Applied    uint64 `json:"applied_seq"` // durable when persisted
+	State      string `json:"data_state"`  // consistent | inconsistent
+	VolumeSize int64  `json:"volume_size"`
+}
+
+// Target is the receiving side: it accepts one source at a time and applies
+// its frames in sequence order.
+type Target struct {
+	cfg  TargetConfig
+	log  *slog.Logger
+	b    blockdev.Backend
+	size int64
+	ext  extents
+
+	applyMu   sync.Mutex // held while a frame is applied (Quiesce)
+	mu        sync.Mutex
+	stream    uint64
+	applied   uint64
+	durable   uint64
+	state     uint8
+	persisted time.Time
+	peer      string
+	cancelCur context.CancelFunc // the current session
+	curDone   chan struct{}
+
+	sessMu sync.Mutex // one session at a time
+
+	tst targetStats
+}
+
+type targetStats struct {
+	recvBytes    atomic.Int64
+	frames       atomic.Int64
+	appliedBytes atomic.Int64
+	sessions     atomic.Int64
+	refused      atomic.Int64
+}
+
+// NewTarget returns a target, loading its persisted state when present.
+func NewTarget(cfg TargetConfig) (*Target, error) {
+	if cfg.Backend == nil {
+		return nil, errors.New("replication target: no backend")
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	t := &Target{cfg: cfg, log: cfg.Log, b: cfg.Backend, size: cfg.Backend.Size(), ext: newExtents(cfg.Backend),
+		state: wire.StateConsistent}
+	if cfg.StatePath != "" {
+		data, err := os.ReadFile(cfg.StatePath)
+		switch {
+		case err == nil:
+			var st TargetState
+			if err := json.Unmarshal(data, &st); err != nil {
+				return nil, fmt.Errorf("replication target: state %s: %w", cfg.StatePath, err)
+			}
+			if st.VolumeSize != t.size {
+				return nil, fmt.Errorf("replication target: state %s is for a %d-byte volume, this one has %d", cfg.StatePath, st.VolumeSize, t.size)
+			}
+			t.stream, t.applied, t.durable = st.StreamID, st.Applied, st.Applied
+			if st.State == "inconsistent" {
+				t.state = wire.StateInconsistent
+			}
+		case errors.Is(err, os.ErrNotExist):
+		default:
+			return nil, fmt.Errorf("replication target: %w", err)
+		}
+	}
+	return t, nil
+}
+
+// Status returns the target's state.
+func (t *Target) Status() (st TargetState, durable uint64, peer string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return TargetState{StreamID: t.stream, Applied: t.applied, State: stateName(t.state), VolumeSize: t.size}, t.durable, t.peer
+}
+
+// Quiesce runs f while no frame is being applied, with the last applied
+// sequence: the backend then holds exactly the source's history up to it.
+func (t *Target) Quiesce(f func(applied uint64) error) error {
+	t.applyMu.Lock()
+	defer t.applyMu.Unlock()
+	t.mu.Lock()
+	a := t.applied
+	t.mu.Unlock()
+	return f(a)
+}
+
+// Close syncs the backend and persists the state.
+func (t *Target) Close() error {
+	t.applyMu.Lock()
+	defer t.applyMu.Unlock()
+	err := t.b.Sync()
+	if err == nil {
+		t.mu.Lock()
+		t.durable = t.applied
+		t.mu.Unlock()
+		err = t.persist(true)
+	}
+	return errors.Join(err, t.ext.Close())
+}
+
+// persist writes the state file (temp, fsync, rename, fsync dir). Unless
+// force, it writes at most once a second: a lagging durable sequence only
+// makes a resume after a target crash more conservative.
+func (t *Target) persist(force bool) error {
+	if t.cfg.StatePath == "" {
+		return nil
+	}
+	t.mu.Lock()
+	if !force && time.Since(t.persisted) < time.Second {
+		t.mu.Unlock()
+		return nil
+	}
+	st := TargetState{StreamID: t.stream, Applied: t.durable, State: stateName(t.state), VolumeSize: t.size}
+	t.persisted = time.Now()
+	t.mu.Unlock()
+	data, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(t.cfg.StatePath, append(data, '\n'))
+}
+
+// writeFileAtomic replaces path with data: temp file, fsync, rename, fsync
+// of the directory.
+func writeFileAtomic(path string, data []byte) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(f.Name(), path); err != nil {
+		return fmt.Errorf("replace %s: %w", path, err)
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// Serve accepts sources on l until ctx is done. A newly authenticated
+// source replaces the current one (a reconnect after a partition finds the
+// old session half dead).
+func (t *Target) Serve(ctx context.Context, l net.Listener) error {
+	go func() {
+		<-ctx.Done()
+		l.Close()
+	}()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := t.ServeConn(ctx, c); err != nil && ctx.Err() == nil {
+				t.log.Warn("replication session ended", "peer", c.RemoteAddr().String(), "err", err)
+			}
+		}()
+	}
+}
+
+// refuse logs why a peer was refused and tells it (best effort).
+func (t *Target) refuse(c net.Conn, code uint16, msg string, err error) error {
+	t.tst.refused.Add(1)
+	t.log.Error("refused replication peer", "peer", c.RemoteAddr().String(), "reason", msg, "err", err)
+	if code != 0 {
+		if b, e := wire.Encode(&wire.Error{Code: code, Message: truncate(msg, wire.MaxText)}); e == nil {
+			c.SetWriteDeadline(time.Now().Add(time.Second))
+			c.Write(b)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("%s: %w", msg, err)
+	}
+	return errors.New(msg)
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}
+
+// ServeConn runs one source connection: handshake, then apply frames
+// until it ends.
+func (t *Target) ServeConn(ctx context.Context, c net.Conn) error {
+	defer c.Close()
+	peer := c.RemoteAddr().String()
+	c.SetDeadline(time.Now().Add(handshakeTimeout))
+	if tc, ok := c.(*tls.Conn); ok {
+		if err := tc.HandshakeContext(ctx); err != nil {
+			return t.refuse(c, 0, "TLS handshake failed", err)
+		}
+	}
+	r := wire.NewReader(c)
+	f, err := r.Read()
+	if err != nil {
+		return t.refuse(c, wire.CodeProtocol, "not a doppel replication source (bad hello)", err)
+	}
+	h, ok := f.(*wire.Hello)
+	if !ok {
+		return t.refuse(c, wire.CodeProtocol, fmt.Sprintf("expected hello, got %v", f.Type()), nil)
+	}
+	v := min(h.MaxVersion, wire.MaxVersion)
+	if v < max(h.MinVersion, wire.MinVersion) {
+		return t.refuse(c, wire.CodeVersion, fmt.Sprintf("protocol version %d-%d not supported (this target speaks %d-%d)",
+			h.MinVersion, h.MaxVersion, wire.MinVersion, wire.MaxVersion), nil)
+	}
+	if h.VolumeSize != uint64(t.size) {
+		return t.refuse(c, wire.CodeVolume, fmt.Sprintf("source volume is %d bytes, target volume is %d", h.VolumeSize, t.size), nil)
+	}
+
+	// Replace the current session, if any.
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	t.mu.Lock()
+	if t.cancelCur != nil {
+		t.log.Info("new source connection replaces the current one", "old", t.peer, "new", peer)
+		t.cancelCur()
+	}
+	t.mu.Unlock()
+	t.sessMu.Lock()
+	defer t.sessMu.Unlock()
+	done := make(chan struct{})
+	defer close(done)
+	t.mu.Lock()
+	t.cancelCur, t.peer, t.curDone = cancel, peer, done
+	w := &wire.Welcome{Version: v, StreamID: t.stream, Applied: t.applied, VolumeSize: uint64(t.size), State: t.state}
+	newStream := h.StreamID != t.stream
+	if newStream {
+		t.stream, t.applied, t.durable = h.StreamID, h.BaseSeq, h.BaseSeq
+	}
+	t.mu.Unlock()
+	defer func() {
+		t.mu.Lock()
+		if t.curDone == done {
+			t.cancelCur, t.peer, t.curDone = nil, "", nil
+		}
+		t.mu.Unlock()
+	}()
+	if newStream {
+		if err := t.persist(true); err != nil {
+			return t.refuse(c, wire.CodeIO, "persist target state", err)
+		}
+	}
+	b, _ := wire.Encode(w)
+	if _, err := c.Write(b); err != nil {
+		return fmt.Errorf("send welcome: %w", err)
+	}
+	c.SetDeadline(time.Time{})
+	t.tst.sessions.Add(1)
+	t.log.Info("source connected", "peer", peer, "mode", h.Mode, "version", v, "stream", fmt.Sprintf("%016x", h.StreamID),
+		"new_stream", newStream, "applied", w.Applied, "data_state", stateName(w.State))
+	return t.session(sctx, c, r)
+}
+
+// session applies frames from r and acknowledges them on c.
+func (t *Target) session(ctx context.Context, c net.Conn, r *wire.Reader) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	go func() {
+		<-ctx.Done()
+		c.SetDeadline(time.Now())
+	}()
+
+	frames := make(chan wire.Sequenced, 256)
+	replies := make(chan wire.Frame, 16)
+	ackNote := make(chan struct{}, 1)
+	var wg sync.WaitGroup
+
+	// Writer: acks (coalesced) and checksum replies.
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		bw := bufio.NewWriterSize(c, 256<<10)
+		var buf []byte
+		var lastAck uint64
+		for {
+			var f wire.Frame
+			select {
+			case <-ctx.Done():
+				return
+			case f = <-replies:
+			case <-ackNote:
+				t.mu.Lock()
+				a, d := t.applied, t.durable
+				t.mu.Unlock()
+				if a != lastAck {
+					lastAck = a
+					f = &wire.Ack{Applied: a, Durable: d}
+				}
+			}
+			var err error
+			if f != nil {
+				if buf, err = wire.Append(buf[:0], f, nil); err == nil {
+					_, err = bw.Write(buf)
+				}
+			}
+			if err == nil && bw.Buffered() > 0 && len(replies) == 0 && len(ackNote) == 0 {
+				err = bw.Flush()
+			}
+			if err != nil {
+				cancel(fmt.Errorf("send to source: %w", err))
+				return
+			}
+		}
+	}()
+
+	// Applier: in sequence order.
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case f := <-frames:
+				reply, err := t.apply(f)
+				if err != nil {
+					t.log.Error("apply failed: replication stopped", "seq", f.Sequence(), "frame", f.Type(), "err", err)
+					if b, e := wire.Encode(&wire.Error{Code: wire.CodeIO, Message: truncate(err.Error(), wire.MaxText)}); e == nil {
+						c.SetWriteDeadline(time.Now().Add(time.Second))
+						c.Write(b)
+					}
+					cancel(err)
+					return
+				}
+				if reply != nil {
+					select {
+					case replies <- reply:
+					case <-ctx.Done():
+						return
+					}
+				}
+				select {
+				case ackNote <- struct{}{}:
+				default:
+				}
+			}
+		}
+	}()
+
+	t.mu.Lock()
+	next := t.applied + 1
+	t.mu.Unlock()
+	err := func() error {
+		for {
+			n := r.N
+			f, err := r.Read()
+			t.tst.recvBytes.Add(r.N - n)
+			if err != nil {
+				if errors.Is(err, io.EOF) {
+					return errors.New("source closed the connection")
+				}
+				if errors.Is(err, wire.ErrMalformed) {
+					return t.refuse(c, wire.CodeProtocol, "malformed frame from source", err)
+				}
+				return err
+			}
+			switch f := f.(type) {
+			case *wire.Bye:
+				t.log.Info("source said bye", "reason", f.Reason)
+				return nil
+			case wire.Sequenced:
+				if f.Sequence() != next {
+					return t.refuse(c, wire.CodeStream, fmt.Sprintf("frame %d out of order (want %d)", f.Sequence(), next), nil)
+				}
+				if err := t.check(f); err != nil {
+					return t.refuse(c, wire.CodeProtocol, "invalid frame", err)
+				}
+				next++
+				t.tst.frames.Add(1)
+				select {
+				case frames <- f:
+				case <-ctx.Done():
+					return context.Cause(ctx)
+				}
+			default:
+				return t.refuse(c, wire.CodeProtocol, fmt.Sprintf("unexpected %v frame from source", f.Type()), nil)
+			}
+		}
+	}()
+	if err != nil {
+		cancel(err)
+	} else {
+		cancel(nil)
+	}
+	wg.Wait()
+	if cause := context.Cause(ctx); err == nil && cause != nil && !errors.Is(cause, context.Canceled) {
+		err = cause
+	}
+	return err
+}
+
+// check validates a frame's range before it is queued for application.
+func (t *Target) check(f wire.Sequenced) error {
+	var off, n uint64
+	switch f := f.(type) {
+	case *wire.Write:
+		off, n = f.Offset, uint64(len(f.Data))
+	case *wire.Trim:
+		off, n = f.Offset, f.Length
+	case *wire.Zeroes:
+		off, n = f.Offset, f.Length
+	case *wire.MirrorData:
+		off, n = f.Offset, uint64(len(f.Data))
+	case *wire.MirrorHole:
+		off, n = f.Offset, f.Length
+	case *wire.SumRequest:
+		off = f.Offset
+		if off%uint64(f.ChunkSize) != 0 || off >= uint64(t.size) && f.Count > 0 {
+			return fmt.Errorf("checksum request at %d (chunk %d) outside the %d-byte volume", off, f.ChunkSize, t.size)
+		}
+		return nil
+	}
+	if off > uint64(t.size) || n > uint64(t.size)-off {
+		return fmt.Errorf("%v [%d,+%d) outside the %d-byte volume", f.Type(), off, n, t.size)
+	}
+	return nil
+}
+
+// apply applies one frame; it returns a reply to send, if any.
+func (t *Target) apply(f wire.Sequenced) (wire.Frame, error) {
+	t.applyMu.Lock()
+	defer t.applyMu.Unlock()
+	var (
+		err     error
+		durable bool
+		reply   wire.Frame
+		persist bool
+	)
+	switch f := f.(type) {
+	case *wire.Write:
+		err = blockdev.ApplyTo(t.b, &blockdev.Mutation{Op: blockdev.OpWrite, Offset: int64(f.Offset), Length: int64(len(f.Data)), Data: f.Data})
+		t.tst.appliedBytes.Add(int64(len(f.Data)))
+		durable = f.FUA
+	case *wire.Trim:
+		err = blockdev.ApplyTo(t.b, &blockdev.Mutation{Op: blockdev.OpTrim, Offset: int64(f.Offset), Length: int64(f.Length)})
+		durable = f.FUA
+	case *wire.Zeroes:
+		err = blockdev.ApplyTo(t.b, &blockdev.Mutation{Op: blockdev.OpWriteZeroes, Offset: int64(f.Offset), Length: int64(f.Length), NoHole: f.NoHole})
+		durable = f.FUA
+	case *wire.Flush:
+		durable = true
+	case *wire.MirrorData:
+		_, err = t.b.WriteAt(f.Data, int64(f.Offset))
+		t.tst.appliedBytes.Add(int64(len(f.Data)))
+	case *wire.MirrorHole:
+		err = blockdev.ApplyTo(t.b, &blockdev.Mutation{Op: blockdev.OpTrim, Offset: int64(f.Offset), Length: int64(f.Length)})
+	case *wire.MirrorState:
+		if f.Phase == wire.PhaseBegin {
+			t.mu.Lock()
+			t.state = wire.StateInconsistent
+			t.mu.Unlock()
+			persist = true
+			t.log.Info("mirror started: target data inconsistent until it ends", "purpose", f.Purpose, "bytes", f.Total)
+		} else {
+			durable = true
+		}
+	case *wire.SumRequest:
+		var sums []wire.Sum
+		sums, err = chunkSums(t.b, t.ext, int64(f.Offset), int64(f.ChunkSize), int(f.Count), t.size)
+		reply = &wire.SumReply{Seq: f.Seq, Offset: f.Offset, ChunkSize: f.ChunkSize, Sums: sums}
+	}
+	if err == nil && durable {
+		err = t.b.Sync()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("apply %v %d: %w", f.Type(), f.Sequence(), err)
+	}
+	t.mu.Lock()
+	t.applied = f.Sequence()
+	if durable {
+		t.durable = t.applied
+	}
+	if ms, ok := f.(*wire.MirrorState); ok && ms.Phase == wire.PhaseEnd {
+		t.state = wire.StateConsistent
+		persist = true
+		t.log.Info("mirror ended: target data consistent", "purpose", ms.Purpose)
+	}
+	t.mu.Unlock()
+	if persist || durable {
+		if err := t.persist(persist); err != nil {
+			return nil, err
+		}
+	}
+	return reply, nil
+}
