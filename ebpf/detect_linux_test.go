@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
@@ -166,6 +167,51 @@ func summary(ds []time.Duration) string {
 	ms := func(d time.Duration) string { return strconv.FormatFloat(float64(d)/1e6, 'f', 1, 64) }
 	p95 := s[(len(s)*95+99)/100-1]
 	return fmt.Sprintf("%s / %s / %s / %s ms", ms(s[0]), ms(s[len(s)/2]), ms(p95), ms(s[len(s)-1]))
+}
+
+// TestUnprivilegedFallback runs the monitor as nobody (no CAP_BPF, no
+// CAP_NET_ADMIN): the probe must fall back to the userspace listener by
+// itself, say so once in the log, and still detect a link cut on time.
+func TestUnprivilegedFallback(t *testing.T) {
+	l := newLab(t)
+	if _, err := exec.LookPath("setpriv"); err != nil {
+		t.Fatalf("setpriv (util-linux) not found: %v", err)
+	}
+	// A copy of this binary that nobody may execute.
+	dir := t.TempDir()
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "ebpf.test")
+	b, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cfg := monitor.Config{Interval: 100 * time.Millisecond, Missed: 3, Rise: 3}
+	snd := l.helperSend(cfg.Interval, tok2)
+	mon := l.startHelperAs(l.nsB, false, []string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"}, bin, "TestHelperWatch",
+		"DOPPEL_HELPER_IFACE="+l.vethB, "DOPPEL_HELPER_PEER="+l.addrA.String(), "DOPPEL_HELPER_MODE=auto",
+		fmt.Sprintf("DOPPEL_HELPER_CFG=%v,%d,%d,%d", cfg.Interval, cfg.Missed, cfg.Rise, uint64(tok2)))
+	logLine := strings.Join(mon.expect(t, "log ", 10*time.Second), " ")
+	if !strings.Contains(logLine, "level=WARN") || !strings.Contains(logLine, "falling back to the userspace heartbeat listener") {
+		t.Errorf("fallback log line %q", logLine)
+	}
+	if m := mon.expect(t, "mode ", 5*time.Second)[1]; m != string(ModeUserspace) {
+		t.Fatalf("unprivileged mode %s, want userspace", m)
+	}
+	mon.expect(t, "up ", 2*time.Second)
+	time.Sleep(cfg.Timeout() / 2)
+	cutAt := parseNs(t, snd.command(t, "cut link-down", "cut ")[1])
+	f := mon.expect(t, "down ", 3*time.Second)
+	if d := parseNs(t, f[1]) - cutAt; d < cfg.Timeout()-5*time.Millisecond || d > cfg.Timeout()+2*cfg.Interval {
+		t.Errorf("down %v after the cut, want within [%v, %v]", d, cfg.Timeout(), cfg.Timeout()+2*cfg.Interval)
+	}
+	snd.command(t, "restore", "restored")
+	mon.expect(t, "up ", 5*time.Second)
+	mon.quiet(t, 500*time.Millisecond) // logged once, not per evaluation
 }
 
 // TestWrongToken: a peer whose real heartbeats stop is declared down on

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -30,12 +31,18 @@ type helper struct {
 }
 
 func (l *lab) startHelper(ns string, rt bool, test string, env ...string) *helper {
+	return l.startHelperAs(ns, rt, nil, os.Args[0], test, env...)
+}
+
+// startHelperAs is startHelper with a command prefix (e.g. setpriv) and
+// test binary of its own.
+func (l *lab) startHelperAs(ns string, rt bool, prefix []string, bin, test string, env ...string) *helper {
 	l.t.Helper()
 	args := []string{"netns", "exec", ns}
 	if rt {
 		args = append(args, "chrt", "-f", "10")
 	}
-	args = append(args, os.Args[0], "-test.run=^"+test+"$", "-test.v")
+	args = append(append(args, prefix...), bin, "-test.run=^"+test+"$", "-test.v")
 	cmd := exec.Command("ip", args...)
 	cmd.Env = append(append(os.Environ(), "DOPPEL_PROBE_HELPER=1"), env...)
 	out, err := cmd.StdoutPipe()
@@ -202,6 +209,19 @@ func TestHelperSend(t *testing.T) {
 	}
 }
 
+// prefixWriter prefixes every write (one slog record) with p.
+type prefixWriter struct {
+	w io.Writer
+	p string
+}
+
+func (w prefixWriter) Write(b []byte) (int, error) {
+	if _, err := io.WriteString(w.w, w.p+string(b)); err != nil {
+		return 0, err
+	}
+	return len(b), nil
+}
+
 // TestHelperWatch runs the probe and monitor.Watch, printing "mode M",
 // then "up|down <At ns> <silence ns>" for each change.
 func TestHelperWatch(t *testing.T) {
@@ -223,7 +243,8 @@ func TestHelperWatch(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p, err := Open(Config{Interfaces: []string{os.Getenv("DOPPEL_HELPER_IFACE")}, Mode: mode})
+	log := slog.New(slog.NewTextHandler(prefixWriter{os.Stdout, "HELPER log "}, nil))
+	p, err := Open(Config{Interfaces: []string{os.Getenv("DOPPEL_HELPER_IFACE")}, Mode: mode, Logger: log})
 	if err != nil {
 		t.Fatal(err)
 	}
