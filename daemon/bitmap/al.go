@@ -286,34 +286,50 @@ func (l *ActivityLog) extents(off, n int64) (first, last uint64, ok bool) {
 // (one fdatasync) is written, shared with every concurrent Begin. Each
 // successful Begin must be paired with an End for the same range.
 func (l *ActivityLog) Begin(off, n int64) error {
+	_, err := l.begin(off, n, true)
+	return err
+}
+
+// TryBegin is Begin that does not wait for a slot: it returns false (and
+// takes nothing) when every slot is held by a Begin not yet Ended. The caller
+// can then release extents (e.g. by marking queued writes in the bitmap and
+// calling End) and retry.
+func (l *ActivityLog) TryBegin(off, n int64) (bool, error) {
+	return l.begin(off, n, false)
+}
+
+func (l *ActivityLog) begin(off, n int64, wait bool) (bool, error) {
 	first, last, ok := l.extents(off, n)
 	if !ok {
-		return nil
+		return true, nil
 	}
 	if last-first+1 > uint64(l.slots) {
-		return fmt.Errorf("%w: %d extents, %d slots", ErrTooLarge, last-first+1, l.slots)
+		return false, fmt.Errorf("%w: %d extents, %d slots", ErrTooLarge, last-first+1, l.slots)
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	var need uint64
 	for {
 		if l.closed {
-			return ErrClosed
+			return false, ErrClosed
 		}
 		if l.err != nil {
-			return l.err
+			return false, l.err
 		}
 		var ok bool
 		if need, ok = l.acquire(first, last); ok {
 			break
 		}
+		if !wait {
+			return false, nil
+		}
 		l.cond.Wait() // every slot busy: wait for an End
 	}
 	if err := l.waitCommitted(need); err != nil {
 		l.release(first, last)
-		return err
+		return false, err
 	}
-	return nil
+	return true, nil
 }
 
 // acquire takes a reference on each extent in [first, last], making room by

@@ -509,6 +509,41 @@ func (q *Queue) Rewind() {
 	}
 }
 
+// Seek makes Next hand out, from now on, the unacknowledged records with a
+// sequence greater than after (a reconnect where the peer reports the last
+// sequence it applied).
+func (q *Queue) Seek(after uint64) error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return ErrClosed
+	}
+	q.memShip, _ = slices.BinarySearchFunc(q.mem, after+1, func(r Record, seq uint64) int {
+		switch {
+		case r.Seq < seq:
+			return -1
+		case r.Seq > seq:
+			return 1
+		}
+		return 0
+	})
+	if len(q.segs) == 0 {
+		return nil
+	}
+	p := diskPos{q.segs[0].id, q.segs[0].ackOff}
+	for {
+		r, at, n, ok, err := q.readDisk(p)
+		if err != nil {
+			return err
+		}
+		if !ok || r.Seq > after {
+			q.ship = at
+			return nil
+		}
+		p = diskPos{at.id, at.off + n}
+	}
+}
+
 // Peek returns the oldest unacknowledged record without removing it.
 func (q *Queue) Peek() (Record, bool, error) {
 	q.mu.Lock()

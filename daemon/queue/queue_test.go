@@ -475,3 +475,30 @@ func BenchmarkPushDisk(b *testing.B) {
 		})
 	}
 }
+
+func TestSeek(t *testing.T) {
+	q := mustOpen(t, t.TempDir(), Options{MemLimit: 5 * (100 + Overhead), SegmentSize: 3 * (100 + Overhead)})
+	defer q.Close()
+	for s := uint64(1); s <= 20; s++ {
+		if err := q.Push(s*2, payload(s, 100)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q.Ack(4)
+	for _, tc := range []struct{ after, want uint64 }{{0, 6}, {5, 6}, {6, 8}, {9, 10}, {10, 12}, {25, 26}, {39, 40}} {
+		if err := q.Seek(tc.after); err != nil {
+			t.Fatal(err)
+		}
+		r, ok, err := q.Next()
+		if err != nil || !ok || r.Seq != tc.want {
+			t.Fatalf("seek %d: next %d %v %v, want %d", tc.after, r.Seq, ok, err, tc.want)
+		}
+		if r2, _, _ := q.Next(); tc.want < 40 && r2.Seq != tc.want+2 {
+			t.Fatalf("seek %d: then %d", tc.after, r2.Seq)
+		}
+	}
+	q.Seek(40)
+	if _, ok, _ := q.Next(); ok {
+		t.Fatal("seek past the end still hands out records")
+	}
+}
