@@ -32,7 +32,8 @@
 // rounds 200 ms apart and a second burst 5 s later (keepalived's
 // garp_master_delay), for stale caches and switches that missed the first.
 // The first round is sent before Apply returns; the rest run in the
-// background until done or stopped by Release, Close or the next Apply.
+// background, per address, until done or stopped by a Release or the next
+// Apply of that address, or Close; one Manager can serve several jobs.
 //
 // IPv6 addresses are added with IFA_F_NODAD. Kernel DAD would leave a new
 // address tentative (unusable as a source, not answering solicitations)

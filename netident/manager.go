@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"slices"
 	"strings"
 	"sync"
@@ -141,18 +142,26 @@ type ApplyOptions struct {
 }
 
 // Manager applies and releases a host's network identity. Its methods are
-// safe for concurrent use; Apply and Release are serialized.
+// safe for concurrent use; Apply and Release are serialized. One Manager
+// can serve several identities (jobs) at once: announcements are tracked
+// per address, so applying or releasing one identity leaves the
+// announcements of another alone.
 type Manager struct {
 	log  *slog.Logger
 	k    Kernel
 	w    Wire
 	conf Config
 
-	mu        sync.Mutex // serializes Apply/Release/Close
-	prevHost  string     // host name Apply replaced ("" when it did not)
-	ourHost   string     // host name Apply set
-	stop      context.CancelFunc
-	announced chan struct{} // closed when the current announcements end
+	mu       sync.Mutex // serializes Apply/Release/Close
+	prevHost string     // host name Apply replaced ("" when it did not)
+	ourHost  string     // host name Apply set
+	runs     map[netip.Addr]*announceRun
+}
+
+// announceRun is the background announcement schedule of one address.
+type announceRun struct {
+	cancel context.CancelFunc
+	done   chan struct{} // closed when the run ends
 }
 
 // New returns a Manager changing k and talking on w (for the real host:
@@ -161,9 +170,7 @@ func New(log *slog.Logger, k Kernel, w Wire, conf Config) *Manager {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	done := make(chan struct{})
-	close(done)
-	return &Manager{log: log, k: k, w: w, conf: conf.withDefaults(), announced: done}
+	return &Manager{log: log, k: k, w: w, conf: conf.withDefaults(), runs: map[netip.Addr]*announceRun{}}
 }
 
 // target is one address of an identity with its resolved link.
@@ -227,8 +234,9 @@ func (m *Manager) resolve(id Identity) ([]target, error) {
 // this call are removed again.
 //
 // The first announcement of every address is sent before Apply returns; the
-// rest run in the background until done, or until Release, Close or the next
-// Apply stops them. ctx bounds the probe and the changes, not the
+// rest run in the background until done, or until a Release or the next
+// Apply of the same address, or Close, stops them (other addresses'
+// announcements go on). ctx bounds the probe and the changes, not the
 // announcements.
 func (m *Manager) Apply(ctx context.Context, id Identity, opts ApplyOptions) (Report, error) {
 	m.mu.Lock()
@@ -394,32 +402,30 @@ func (m *Manager) undo(added []Addr) error {
 	return errors.Join(errs...)
 }
 
-// startAnnouncing stops the running announcements, sends the first
-// announcement of every target and starts the rest in the background. It
-// returns the first send error of the first round. Called with m.mu held.
+// startAnnouncing stops the running announcements of the targets' addresses,
+// sends the first announcement of every target and starts the rest in the
+// background, one schedule per address. It returns the first send error of
+// the first round. Called with m.mu held.
 func (m *Manager) startAnnouncing(ts []target) error {
-	m.stopAnnouncing()
 	ts = slices.DeleteFunc(slices.Clone(ts), func(t target) bool { return t.link.NoARP })
-	if len(ts) == 0 {
-		return nil
+	for _, t := range ts {
+		m.stopAnnouncing(t.Prefix.Addr())
 	}
-	round := func() error {
-		var first error
-		for _, t := range ts {
-			if err := m.w.Announce(t.link, t.Prefix.Addr()); err != nil {
-				if first == nil {
-					first = fmt.Errorf("announce %s: %w", t.Addr, err)
-				}
-				m.log.Warn("announcement failed", "addr", t.Addr.String(), "err", err)
-			}
+	announce := func(t target) error {
+		err := m.w.Announce(t.link, t.Prefix.Addr())
+		if err != nil {
+			m.log.Warn("announcement failed", "addr", t.Addr.String(), "err", err)
+			err = fmt.Errorf("announce %s: %w", t.Addr, err)
 		}
-		return first
+		return err
 	}
 	start := time.Now()
-	err := round()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	m.stop, m.announced = cancel, done
+	var first error
+	for _, t := range ts {
+		if err := announce(t); err != nil && first == nil {
+			first = err
+		}
+	}
 	// Offsets from start of every announcement after the first.
 	var at []time.Duration
 	for burst := range 2 {
@@ -434,50 +440,60 @@ func (m *Manager) startAnnouncing(ts []target) error {
 			at = append(at, base+time.Duration(i)*m.conf.AnnounceInterval)
 		}
 	}
-	go func() {
-		defer close(done)
-		t := time.NewTimer(0)
-		defer t.Stop()
-		<-t.C
-		for _, d := range at {
-			t.Reset(time.Until(start.Add(d)))
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
+	for _, t := range ts {
+		ctx, cancel := context.WithCancel(context.Background())
+		run := &announceRun{cancel: cancel, done: make(chan struct{})}
+		m.runs[t.Prefix.Addr()] = run
+		go func() {
+			defer close(run.done)
+			timer := time.NewTimer(0)
+			defer timer.Stop()
+			<-timer.C
+			for _, d := range at {
+				timer.Reset(time.Until(start.Add(d)))
+				select {
+				case <-ctx.Done():
+					return
+				case <-timer.C:
+				}
+				announce(t)
 			}
-			round()
-		}
-		m.log.Debug("announcements done", "rounds", len(at)+1)
-	}()
-	return err
-}
-
-// stopAnnouncing cancels the running announcements and waits for them to
-// stop. Called with m.mu held.
-func (m *Manager) stopAnnouncing() {
-	if m.stop != nil {
-		m.stop()
-		m.stop = nil
+			m.log.Debug("announcements done", "addr", t.Addr.String(), "rounds", len(at)+1)
+		}()
 	}
-	<-m.announced
+	return first
 }
 
-// Wait blocks until the announcements started by the last Apply are done (or
-// stopped), or ctx ends.
+// stopAnnouncing cancels the announcements of addr, if any, and waits for
+// them to stop. Called with m.mu held.
+func (m *Manager) stopAnnouncing(addr netip.Addr) {
+	if run, ok := m.runs[addr]; ok {
+		run.cancel()
+		<-run.done
+		delete(m.runs, addr)
+	}
+}
+
+// Wait blocks until the running announcements are done (or stopped), or
+// ctx ends.
 func (m *Manager) Wait(ctx context.Context) error {
 	m.mu.Lock()
-	done := m.announced
-	m.mu.Unlock()
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+	var dones []chan struct{}
+	for _, run := range m.runs {
+		dones = append(dones, run.done)
 	}
+	m.mu.Unlock()
+	for _, done := range dones {
+		select {
+		case <-done:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return nil
 }
 
-// Release gives id up: it stops the announcements, removes id's addresses
+// Release gives id up: it stops the announcements of id's addresses, removes id's addresses
 // that are present, and restores the host name Apply replaced. Addresses
 // already gone are not an error, and addresses not in id are never touched:
 // before removing a primary IPv4 address that has secondaries in its subnet
@@ -493,7 +509,9 @@ func (m *Manager) Release(ctx context.Context, id Identity) (Report, error) {
 	if err != nil {
 		return r, fmt.Errorf("release: %w", err)
 	}
-	m.stopAnnouncing()
+	for _, t := range ts {
+		m.stopAnnouncing(t.Prefix.Addr())
+	}
 	var errs []error
 	promoted := map[string]bool{}
 	for _, t := range ts {
@@ -573,10 +591,12 @@ func (m *Manager) hasSecondaries(t target) (bool, error) {
 	return primary && others, nil
 }
 
-// Close stops the announcements. The addresses stay.
+// Close stops all announcements. The addresses stay.
 func (m *Manager) Close() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.stopAnnouncing()
+	for addr := range m.runs {
+		m.stopAnnouncing(addr)
+	}
 	return nil
 }

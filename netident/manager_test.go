@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"testing/synctest"
@@ -397,6 +398,8 @@ func TestAnnounceSchedule(t *testing.T) {
 			d := time.Duration(ms) * time.Millisecond
 			want = append(want, fmt.Sprintf("%v %s", d, v4.Addr()), fmt.Sprintf("%v %s", d, v6.Addr()))
 		}
+		slices.Sort(got) // the addresses of one instant come in any order
+		slices.Sort(want)
 		if strings.Join(got, "\n") != strings.Join(want, "\n") {
 			t.Fatalf("announcements:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
 		}
@@ -496,5 +499,32 @@ func TestAnnounceWaitsUntilLocal(t *testing.T) {
 			t.Fatalf("first announcement at %v, want just after %v", ann[0].At.Sub(start), ready.Sub(start))
 		}
 		m.Close()
+	})
+}
+
+// TestAnnouncementsPerIdentity: one Manager serving two jobs; applying the
+// second does not cut the first one's announcements short, and releasing
+// the first leaves the second's running.
+func TestAnnouncementsPerIdentity(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := testHost(t)
+		w := NewFakeWire()
+		m := New(slog.New(slog.DiscardHandler), f, w, Config{ProbeWait: -1})
+		job1, job2 := id(Addr{v4, "eth0"}), id(Addr{v6, "eth0"})
+		m.Apply(context.Background(), job1, ApplyOptions{})
+		time.Sleep(100 * time.Millisecond)
+		m.Apply(context.Background(), job2, ApplyOptions{})
+		time.Sleep(1 * time.Second)
+		if _, err := m.Release(context.Background(), job1); err != nil {
+			t.Fatal(err)
+		}
+		m.Wait(context.Background())
+		count := map[netip.Addr]int{}
+		for _, a := range w.Announcements() {
+			count[a.Addr]++
+		}
+		if count[v4.Addr()] != 5 || count[v6.Addr()] != 10 {
+			t.Fatalf("announcements per address: %v; want job1's first burst only (5), all of job2's (10)", count)
+		}
 	})
 }
