@@ -40,7 +40,7 @@ func dataRegions(t *testing.T, path string) []Range {
 func TestSaveHoldsExactlyTheDivergentChunks(t *testing.T) {
 	for _, chunk := range []int64{4096, 64 << 10} {
 		dir := t.TempDir()
-		const size = 64<<20 + 12288 // short last chunk at 64 KiB
+		const size = 16<<20 + 12288 // short last chunk at 64 KiB
 		vol := make([]byte, size)
 		r := rand.New(rand.NewPCG(uint64(chunk), 1))
 		for i := range vol {
