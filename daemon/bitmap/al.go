@@ -281,6 +281,13 @@ func (l *ActivityLog) extents(off, n int64) (first, last uint64, ok bool) {
 	return uint64(off) >> l.shift, uint64(end-1) >> l.shift, true
 }
 
+// Fits reports whether [off, off+n) spans no more extents than the log has
+// slots (Begin returns ErrTooLarge otherwise).
+func (l *ActivityLog) Fits(off, n int64) bool {
+	first, last, ok := l.extents(off, n)
+	return !ok || last-first+1 <= uint64(l.slots)
+}
+
 // Begin returns once every extent touched by [off, off+n) is durably hot. A
 // range entirely in hot extents costs no I/O; otherwise one transaction
 // (one fdatasync) is written, shared with every concurrent Begin. Each

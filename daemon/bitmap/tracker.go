@@ -16,7 +16,9 @@ import (
 // queued change keeps its extents hot until acknowledged; if the log runs
 // out of slots because too many queued changes wait for a slow or absent
 // peer, the oldest are marked in the bitmap and released, so Mark never
-// waits on the peer. After a crash, bitmap + hot extents cover every change
+// waits on the peer. Every Mark must be followed by one Sequenced for the
+// same range, also when the local write fails (seq 0), or its extents stay
+// held. After a crash, bitmap + hot extents cover every change
 // the peer may lack. It is safe for concurrent use.
 type Tracker struct {
 	bm *Bitmap
@@ -37,8 +39,15 @@ func NewTracker(bm *Bitmap, al *ActivityLog) *Tracker {
 	return &Tracker{bm: bm, al: al, sorted: true}
 }
 
-// Mark makes the extents of [off, off+n) durably hot.
+// Mark makes the extents of [off, off+n) durably hot. A range larger than
+// the activity log (a whole-device discard, say) is instead set in the
+// bitmap and flushed; it stays dirty until a resync sends it or the engine
+// clears it.
 func (t *Tracker) Mark(off, n int64) error {
+	if !t.al.Fits(off, n) {
+		t.bm.Set(off, n)
+		return t.bm.Flush()
+	}
 	ok, err := t.al.TryBegin(off, n)
 	if err != nil || ok {
 		return err
@@ -68,6 +77,9 @@ func (t *Tracker) spill() {
 // with seq 0, that it was not queued (queue full, or the local write failed)
 // and must be resynced from the bitmap.
 func (t *Tracker) Sequenced(seq uint64, off, n int64) {
+	if !t.al.Fits(off, n) {
+		return // already in the bitmap, no extent held
+	}
 	if seq == 0 {
 		t.bm.Set(off, n)
 		t.al.End(off, n)

@@ -2,6 +2,7 @@ package bitmap
 
 import (
 	"math/rand/v2"
+	"runtime"
 	"testing"
 	"time"
 )
@@ -107,4 +108,49 @@ func TestTrackerCrashCoverage(t *testing.T) {
 		al.Close()
 		bm.Close()
 	}
+}
+
+func TestTrackerHugeRange(t *testing.T) {
+	dir := t.TempDir()
+	bm, al := openPair(t, dir, 1024*mib, LogOptions{Slots: 4})
+	defer al.Close()
+	tr := NewTracker(bm, al)
+	// A whole-device discard spans 256 extents; the log has 4 slots.
+	if err := tr.Mark(0, 1024*mib); err != nil {
+		t.Fatalf("huge range: %v", err)
+	}
+	tr.Sequenced(1, 0, 1024*mib)
+	tr.Acked(1)
+	if al.HotExtents() != 0 || bm.DirtyBytes() != 1024*mib {
+		t.Fatalf("hot %d dirty %d", al.HotExtents(), bm.DirtyBytes())
+	}
+	// Durable without Close: a crash keeps it.
+	b2, a2 := openPair(t, crashCopy(t, dir), 1024*mib, LogOptions{Slots: 4})
+	defer a2.Close()
+	if b2.DirtyBytes() != 1024*mib {
+		t.Fatalf("after crash: dirty %d", b2.DirtyBytes())
+	}
+	// Normal writes still take the log and leave no refs behind.
+	tr.Mark(4096, 4096)
+	tr.Sequenced(2, 4096, 4096)
+	tr.Acked(2)
+	if tr.Pending() != 0 {
+		t.Fatal("pending after ack")
+	}
+}
+
+func TestBitmapMemoryIsBounded(t *testing.T) {
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	bm, _ := New(1<<40, 64<<10) // 1 TiB at 64 KiB: 16 Mi bits = 2 MiB
+	r := rand.New(rand.NewPCG(1, 1))
+	for range 200000 {
+		bm.Set(r.Int64N(1<<40), 4096)
+	}
+	runtime.ReadMemStats(&after)
+	if grew := after.TotalAlloc - before.TotalAlloc; grew > 2<<20+64<<10 {
+		t.Fatalf("1 TiB bitmap plus 200k writes allocated %d bytes, want ~2 MiB", grew)
+	}
+	runtime.KeepAlive(bm)
 }
