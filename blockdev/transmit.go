@@ -10,6 +10,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // op is one request in flight. ops are pooled; an op's buffer holds the
@@ -26,17 +27,31 @@ type op struct {
 var opPool = sync.Pool{New: func() any { return new(op) }}
 
 // tconn is the transmission phase of one connection.
+//
+// Requests are served by a pool of worker goroutines in leader/follower
+// fashion (as nbdkit's threads do): the worker holding the read lock reads
+// one request (and a write's payload), passes the lock on and processes the
+// request itself, then queues for the lock again. At queue depth 1 a
+// request is therefore read, executed and answered by one goroutine with
+// no hand-off; under load up to MaxInFlight requests run at once. Workers
+// start on demand: when the reader finds nobody queued behind it.
 type tconn struct {
 	*conn
-	ctx  context.Context // requests run under it (not cancelled by shutdown)
-	x    *export
-	sem  chan struct{} // bounds requests in flight (and their buffers)
-	work chan *op      // requests for the workers
-	idle atomic.Int32  // workers waiting on work
-	nwrk int           // workers started (reader goroutine only)
-	wg   sync.WaitGroup
-	w    replyWriter
-	wrot atomic.Bool // a write, trim or zero was applied: sync at disconnect
+	ctx     context.Context // requests run under it (not cancelled by shutdown)
+	x       *export
+	max     int32
+	nwrk    atomic.Int32 // workers started
+	waiting atomic.Int32 // workers queued for the read lock
+	wg      sync.WaitGroup
+	w       replyWriter
+	wrot    atomic.Bool  // a write, trim or zero was applied: sync at disconnect
+	avgNs   atomic.Int64 // moving average of small read/write service times
+	samples atomic.Int32
+
+	rmu  sync.Mutex // the reading role; guards the fields below and cn.br
+	done bool       // no more requests: DISC, EOF, error
+	err  error      // why reading ended, when it is a failure
+	hb   [requestHeaderLen]byte
 }
 
 // transmit runs the transmission phase until the client disconnects, the
@@ -46,23 +61,19 @@ func (cn *conn) transmit(ctx context.Context, x *export) error {
 	if n <= 0 {
 		n = 128
 	}
-	t := &tconn{
-		conn: cn,
-		ctx:  context.WithoutCancel(ctx),
-		x:    x,
-		sem:  make(chan struct{}, n),
-		work: make(chan *op, n),
-	}
+	t := &tconn{conn: cn, ctx: context.WithoutCancel(ctx), x: x, max: int32(n)}
 	t.w.c = cn.c
-	err := t.readLoop()
-	// Finish what was received: every request read gets its reply.
-	close(t.work)
+	t.nwrk.Store(1)
+	t.wg.Add(1)
+	go t.worker()
+	// Every request read gets its reply before the workers exit.
 	t.wg.Wait()
 	if t.wrot.Load() {
 		if serr := x.mut.Apply(t.ctx, &Mutation{Op: OpFlush}); serr != nil {
 			cn.log.Warn("nbd: sync at disconnect failed", "export", x.Name, "err", serr)
 		}
 	}
+	err := t.err
 	if werr := t.w.failed(); werr != nil && err == nil {
 		err = fmt.Errorf("send reply: %w", werr)
 	}
@@ -74,73 +85,104 @@ func isReadInterrupt(err error) bool {
 	return errors.Is(err, os.ErrDeadlineExceeded)
 }
 
-// readLoop reads requests and dispatches each to its own goroutine
-// (bounded by sem). It returns nil on NBD_CMD_DISC or EOF between requests.
-func (t *tconn) readLoop() error {
-	var hb [requestHeaderLen]byte
-	for {
-		if _, err := io.ReadFull(t.br, hb[:]); err != nil {
-			if errors.Is(err, io.EOF) {
-				return nil // hung up between requests
-			}
-			if errors.Is(err, io.ErrUnexpectedEOF) {
-				return errors.New("truncated request header")
-			}
-			if t.w.failed() != nil {
-				return nil // the writer closed the connection; it reports
-			}
-			return fmt.Errorf("read request: %w", err)
-		}
-		req, err := parseRequest(hb[:])
-		if err != nil {
-			return err
-		}
-		if req.typ == cmdDisc {
-			return nil
-		}
-		t.sem <- struct{}{}
-		o := opPool.Get().(*op)
-		o.cn, o.req, o.errno = t, req, 0
-		if req.typ == cmdWrite {
-			if err := t.readPayload(o); err != nil {
-				if o.errno != 0 {
-					// Oversized beyond skipping: answer, then close.
-					t.wg.Add(1)
-					t.handle(o)
-				} else {
-					t.release(o)
-					<-t.sem
-				}
-				return err
-			}
-		}
-		t.dispatch(o)
-	}
-}
-
-// dispatch hands o to the connection's workers, started on demand up to
-// MaxInFlight (a parked worker costs less to wake than a new goroutine and
-// allocates nothing), so requests overlap and replies go out as each
-// completes.
-func (t *tconn) dispatch(o *op) {
-	t.wg.Add(1)
-	if t.idle.Load() == 0 && t.nwrk < cap(t.sem) {
-		t.nwrk++
-		go t.worker()
-	}
-	t.work <- o
-}
-
 func (t *tconn) worker() {
+	defer t.wg.Done()
 	for {
-		t.idle.Add(1)
-		o, ok := <-t.work
-		t.idle.Add(-1)
-		if !ok {
+		t.waiting.Add(1)
+		t.rmu.Lock()
+		t.waiting.Add(-1)
+		var o *op
+		for !t.done {
+			o = t.next()
+			if o == nil || !t.inline(o) {
+				break
+			}
+			// Small, recently fast, and nothing else received: run it
+			// while keeping the read role (no goroutine wake-up).
+			t.handle(o)
+			o = nil
+		}
+		if o != nil && !t.done && t.waiting.Load() == 0 && t.nwrk.Load() < t.max {
+			t.nwrk.Add(1)
+			t.wg.Add(1)
+			go t.worker()
+		}
+		t.rmu.Unlock()
+		if o == nil {
 			return
 		}
 		t.handle(o)
 	}
+}
+
+// Inline execution. Waking another goroutine to take over reading costs a
+// thread switch, which on small requests at queue depth 1 is most of the
+// time spent. So the reader runs a request itself when it is a plain READ
+// or WRITE of at most inlineMaxLen bytes, no other request is already
+// buffered, and such requests have recently completed in under
+// inlineMaxLatency on average: a slow backend or Mutator (a disk cache
+// miss, synchronous replication) turns inlining off, and then a slow
+// request never holds up reading the next one.
+const (
+	inlineMaxLen     = 256 << 10
+	inlineMaxLatency = 50_000 // ns, moving average
+	inlineMinSamples = 16
+)
+
+func (t *tconn) inline(o *op) bool {
+	r := &o.req
+	return (r.typ == cmdRead || r.typ == cmdWrite && r.flags == 0) && r.length <= inlineMaxLen &&
+		o.errno == 0 && t.br.Buffered() == 0 &&
+		t.samples.Load() >= inlineMinSamples && t.avgNs.Load() < inlineMaxLatency
+}
+
+// observe folds the duration of a small read or write into the average.
+func (t *tconn) observe(d time.Duration) {
+	avg := t.avgNs.Load()
+	t.avgNs.Store(avg + (int64(d)-avg)/8)
+	if t.samples.Load() < inlineMinSamples {
+		t.samples.Add(1)
+	}
+}
+
+// next reads one request under the read lock. It returns nil and sets done
+// (and err for a failure) when the connection ends; an oversized write
+// that ends the connection is returned with done set so that it is answered.
+func (t *tconn) next() *op {
+	if _, err := io.ReadFull(t.br, t.hb[:]); err != nil {
+		t.done = true
+		switch {
+		case errors.Is(err, io.EOF): // hung up between requests
+		case errors.Is(err, io.ErrUnexpectedEOF):
+			t.err = errors.New("truncated request header")
+		case t.w.failed() != nil: // the writer closed the connection; it reports
+		default:
+			t.err = fmt.Errorf("read request: %w", err)
+		}
+		return nil
+	}
+	req, err := parseRequest(t.hb[:])
+	if err != nil {
+		t.done, t.err = true, err
+		return nil
+	}
+	if req.typ == cmdDisc {
+		t.done = true
+		return nil
+	}
+	o := opPool.Get().(*op)
+	o.cn, o.req, o.errno = t, req, 0
+	if req.typ == cmdWrite {
+		if err := t.readPayload(o); err != nil {
+			t.done, t.err = true, err
+			if o.errno != 0 {
+				return o // oversized beyond skipping: answer, then close
+			}
+			t.release(o)
+			return nil
+		}
+	}
+	return o
 }
 
 // readPayload reads a write's payload into o.buf. An oversized write is
@@ -169,9 +211,14 @@ func (t *tconn) readPayload(o *op) error {
 
 // handle processes one request and sends its reply.
 func (t *tconn) handle(o *op) {
-	defer func() { <-t.sem; t.wg.Done() }()
 	if o.errno == 0 {
-		o.errno = t.do(o)
+		if r := &o.req; (r.typ == cmdRead || r.typ == cmdWrite) && r.length <= inlineMaxLen {
+			start := time.Now()
+			o.errno = t.do(o)
+			t.observe(time.Since(start))
+		} else {
+			o.errno = t.do(o)
+		}
 	}
 	if o.errno != 0 {
 		t.s.stats.errors.Add(1)
