@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -572,5 +573,53 @@ func TestManyClients(t *testing.T) {
 		if err != nil {
 			t.Error(err)
 		}
+	}
+}
+
+// After a streak of fast requests the reader runs small requests itself;
+// once the backend turns slow it must go back to handing them off, so that
+// a request blocked in the backend does not hold up the next one.
+func TestSlowBackendDisablesInline(t *testing.T) {
+	m := newMem(1 << 20)
+	var slow atomic.Bool
+	secondDone := make(chan struct{})
+	m.hook = func(op string, off int64, n int) error {
+		if !slow.Load() || op != "read" {
+			return nil
+		}
+		if off == 0 {
+			select {
+			case <-secondDone:
+			case <-time.After(5 * time.Second):
+				return syscall.ETIMEDOUT
+			}
+			return nil
+		}
+		time.Sleep(2 * time.Millisecond)
+		return nil
+	}
+	s := serve(t, Export{Name: "a", Backend: m})
+	cl := s.dial(t, "a")
+	buf := make([]byte, 4096)
+	for range 64 { // fast: inlining turns on
+		if _, err := cl.ReadAt(buf, 8192); err != nil {
+			t.Fatal(err)
+		}
+	}
+	slow.Store(true)
+	for range 16 { // 2 ms each: inlining turns off
+		if _, err := cl.ReadAt(buf, 8192); err != nil {
+			t.Fatal(err)
+		}
+	}
+	first := make(chan error, 1)
+	go func() { _, err := cl.ReadAt(make([]byte, 10), 0); first <- err }()
+	time.Sleep(20 * time.Millisecond)
+	if _, err := cl.ReadAt(make([]byte, 10), 4096); err != nil {
+		t.Fatal(err)
+	}
+	close(secondDone)
+	if err := <-first; err != nil {
+		t.Fatalf("blocked read: %v", err)
 	}
 }
