@@ -366,3 +366,44 @@ func TestNoFalseDownLoss(t *testing.T) {
 		t.Error("no sequence gap: the 10% loss was not applied")
 	}
 }
+
+// TestIPv6EndToEnd: heartbeats over IPv6 through the veth count in every
+// mode (the XDP parser's IPv6 path, the dual-stack fallback socket).
+func TestIPv6EndToEnd(t *testing.T) {
+	for _, mode := range []Mode{ModeAuto, ModeXDPGeneric, ModeUserspace} {
+		t.Run(modeName(mode), func(t *testing.T) {
+			l := newLab(t)
+			a6, b6 := netip.MustParseAddr("fd98::1"), netip.MustParseAddr("fd98::2")
+			run(t, "ip", "-n", l.nsA, "addr", "add", a6.String()+"/64", "dev", l.vethA, "nodad")
+			run(t, "ip", "-n", l.nsB, "addr", "add", b6.String()+"/64", "dev", l.vethB, "nodad")
+			p := l.openProbe(mode, tok2)
+			if err := p.SetPeer(a6, tok2); err != nil {
+				t.Fatal(err)
+			}
+			var s *Sender
+			if err := inNS(t, l.nsA, func() (err error) {
+				s, err = NewSender([]netip.AddrPort{netip.AddrPortFrom(b6, HeartbeatPort)}, Heartbeat{Token: tok2})
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			for range 10 {
+				s.Send()
+				time.Sleep(10 * time.Millisecond)
+			}
+			time.Sleep(50 * time.Millisecond)
+			st, err := p.Stats(a6)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The first one or two may wait for neighbour discovery.
+			if st.Heartbeats < 8 || st.LastSeq != 10 || st.LastSeen() == 0 {
+				t.Fatalf("IPv6 stats %+v", st)
+			}
+			if v4, _ := p.Stats(l.addrA); v4.Heartbeats != 0 {
+				t.Fatalf("IPv6 heartbeats counted for the IPv4 peer: %+v", v4)
+			}
+		})
+	}
+}
