@@ -4,11 +4,15 @@
 // interrupted resync resumes where it stopped instead of restarting at 0%.
 //
 // The engine walks the chunks to resync (the union of both sides' dirty
-// bitmaps) in disk order from Cursor.Next, calls Limiter.Wait before sending
-// each run, and Cursor.Advance after the peer acknowledged it, saving the
-// cursor every few MiB. A chunk below the cursor that is written again
-// during the resync is marked in the bitmap by the write path, so a final
-// pass from 0 over the bitmap picks it up: resuming never skips a change.
+// bitmaps) in disk order from Cursor.Next to the end, then once more from 0,
+// calling Limiter.Wait before sending each run. When the peer acknowledges a
+// run, the engine clears it in both bitmaps and calls Cursor.Advance; every
+// few MiB it flushes the bitmaps and then saves the cursor (in that order,
+// so the cursor never passes a clear that is not durable). A chunk below the
+// cursor that is dirtied again (a write while disconnected) is set in the
+// bitmap, so the pass from 0 picks it up: resuming never skips a change, and
+// never resends what was already sent (sim_test.go plays this with crashes,
+// partitions, failovers and split brains).
 package resync
 
 import (
