@@ -12,6 +12,7 @@ package resync
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -60,7 +61,7 @@ func (n *node) open() {
 	// (with the hot extents) covers them, and replaying a tail whose head
 	// was in memory would break the order.
 	n.q.Ack(n.q.LastSeq())
-	if n.g, err = gen.Load(filepath.Join(n.dir, "gen")); err != nil && !os.IsNotExist(err) && n.g.Current != 0 {
+	if n.g, err = gen.Load(filepath.Join(n.dir, "gen")); err != nil && !errors.Is(err, os.ErrNotExist) {
 		t.Fatal(err)
 	}
 	n.seq = max(n.g.AckedSeq, n.g.AppliedSeq, n.q.LastSeq())
@@ -296,7 +297,7 @@ func (s *sim) writer() *node {
 }
 
 func TestSimulatedFailures(t *testing.T) {
-	seeds := 12
+	seeds := 10
 	if testing.Short() {
 		seeds = 3
 	}
