@@ -61,11 +61,13 @@ const negotiationTimeout = 30 * time.Second
 // tests can point it at a fake sysfs tree and a fake modprobe.
 type host struct {
 	sysfs    string                                    // "/sys"
+	proc     string                                    // "/proc"
 	modprobe func(ctx context.Context) ([]byte, error) // loads the nbd module
 }
 
 var realHost = host{
 	sysfs: "/sys",
+	proc:  "/proc",
 	modprobe: func(ctx context.Context) ([]byte, error) {
 		return exec.CommandContext(ctx, "modprobe", "nbd").CombinedOutput()
 	},
@@ -399,14 +401,58 @@ func (h host) checkFree(index int) error {
 	if err != nil {
 		return fmt.Errorf("attach: %w", err)
 	}
-	if s.Busy() {
-		who := "no serving process"
-		if s.PID != 0 {
-			who = "served by pid " + strconv.Itoa(s.PID)
-		}
-		return fmt.Errorf("%w: %s is connected (%d bytes, %s); detach it first", ErrBusy, devPath(index), s.Size, who)
+	if !s.Busy() {
+		return nil
 	}
-	return nil
+	if h.stale(s) {
+		return fmt.Errorf("%w: %s is connected (%d bytes) but its server (pid %d) is gone: the device is stale; reclaim it (doppel nbd attach --reclaim)",
+			ErrBusy, devPath(index), s.Size, s.PID)
+	}
+	who := "no serving process"
+	if s.PID != 0 {
+		who = "served by pid " + strconv.Itoa(s.PID)
+	}
+	return fmt.Errorf("%w: %s is connected (%d bytes, %s); detach it first", ErrBusy, devPath(index), s.Size, who)
+}
+
+// stale reports whether a connected device's serving process is gone (its
+// sockets are dead; only a disconnect frees the device).
+func (h host) stale(s DeviceState) bool {
+	if s.PID == 0 {
+		return false
+	}
+	_, err := os.Stat(filepath.Join(h.proc, strconv.Itoa(s.PID)))
+	return errors.Is(err, os.ErrNotExist)
+}
+
+// Reclaim disconnects /dev/nbdN when it is connected but its serving
+// process is gone (a crash), and waits until the kernel releases it. A
+// free device is left alone; a device served by a live process is refused.
+func Reclaim(ctx context.Context, index int, log *slog.Logger) error {
+	return realHost.reclaim(ctx, index, log)
+}
+
+func (h host) reclaim(ctx context.Context, index int, log *slog.Logger) error {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s, err := h.state(index)
+	if err != nil || !s.Busy() {
+		return err
+	}
+	if !h.stale(s) {
+		return h.checkFree(index)
+	}
+	fam, err := h.probe(ctx)
+	if err != nil {
+		return err
+	}
+	log.Warn("reclaiming a stale nbd device", "device", devPath(index), "dead_pid", s.PID, "size", s.Size)
+	if err := genlDisconnect(fam.ID, index); err != nil {
+		return fmt.Errorf("reclaim %s: nbd netlink disconnect: %w", devPath(index), err)
+	}
+	d := &Device{index: index, host: h}
+	return d.waitFree(ctx)
 }
 
 // genlConnect sends NBD_CMD_CONNECT and returns the device index.

@@ -110,7 +110,9 @@ func TestEnsureModule(t *testing.T) {
 }
 
 func TestCheckFree(t *testing.T) {
-	h := host{sysfs: fakeSysfs(t, true, map[int][2]string{0: {"0", ""}, 1: {"2097152", "4242"}, 2: {"8", ""}})}
+	proc := t.TempDir()
+	os.Mkdir(filepath.Join(proc, "4242"), 0o755) // a live server
+	h := host{sysfs: fakeSysfs(t, true, map[int][2]string{0: {"0", ""}, 1: {"2097152", "4242"}, 2: {"8", ""}, 3: {"8", "777"}}), proc: proc}
 	if err := h.checkFree(0); err != nil {
 		t.Errorf("idle nbd0: %v", err)
 	}
@@ -123,6 +125,16 @@ func TestCheckFree(t *testing.T) {
 	}
 	if err := h.checkFree(2); !errors.Is(err, ErrBusy) {
 		t.Errorf("nbd2 with a size and no pid: %v", err)
+	}
+	if err := h.checkFree(3); !errors.Is(err, ErrBusy) || !strings.Contains(err.Error(), "its server (pid 777) is gone: the device is stale") {
+		t.Errorf("nbd3 served by a dead pid: %v", err)
+	}
+	// Reclaim leaves free and live devices alone.
+	if err := h.reclaim(t.Context(), 0, nil); err != nil {
+		t.Errorf("reclaim free nbd0: %v", err)
+	}
+	if err := h.reclaim(t.Context(), 1, nil); !errors.Is(err, ErrBusy) {
+		t.Errorf("reclaim live nbd1: %v", err)
 	}
 }
 

@@ -40,6 +40,7 @@ func nbdAttachCommand() *cli.Command {
 			&cli.DurationFlag{Name: "dead-conn-timeout", Value: 10 * time.Second, Usage: "how long the kernel waits for a dead connection before failing its requests (`D`)"},
 			&cli.BoolFlag{Name: "read-only", Usage: "attach read-only"},
 			&cli.StringFlag{Name: "stats-file", Usage: "write the server's request counters as JSON to `PATH` on SIGUSR1 and at exit"},
+			&cli.BoolFlag{Name: "reclaim", Usage: "first disconnect --device if it is stale (connected, but its server process died)"},
 			&cli.DurationFlag{Name: "detach-timeout", Value: 60 * time.Second, Usage: "how long to wait for the kernel to release the device (`D`)"},
 		},
 		Action: func(c *cli.Context) error {
@@ -50,7 +51,7 @@ func nbdAttachCommand() *cli.Command {
 				file: c.String("file"), device: c.String("device"), statsFile: c.String("stats-file"),
 				connections: c.Int("connections"), timeout: c.Duration("timeout"),
 				deadConn: c.Duration("dead-conn-timeout"), detachTimeout: c.Duration("detach-timeout"),
-				readOnly: c.Bool("read-only"),
+				readOnly: c.Bool("read-only"), reclaim: c.Bool("reclaim"),
 			}
 			if s := c.String("size"); s != "" {
 				var err error
@@ -65,6 +66,8 @@ func nbdAttachCommand() *cli.Command {
 				if _, err := kernel.ParseDevice(cfg.device); err != nil {
 					return usageErrorf("%v", err)
 				}
+			} else if cfg.reclaim {
+				return usageErrorf("attach: --reclaim needs --device")
 			}
 			if cfg.connections < 1 || cfg.connections > 64 {
 				return usageErrorf("attach: --connections %d: want 1 to 64", cfg.connections)
@@ -82,7 +85,7 @@ type nbdAttachConfig struct {
 	size                             int64
 	connections                      int
 	timeout, deadConn, detachTimeout time.Duration
-	readOnly                         bool
+	readOnly, reclaim                bool
 }
 
 func nbdAttach(ctx context.Context, log *slog.Logger, cfg nbdAttachConfig) (err error) {
@@ -97,6 +100,11 @@ func nbdAttach(ctx context.Context, log *slog.Logger, cfg nbdAttachConfig) (err 
 	}
 	if cfg.device != "" {
 		idx, _ := kernel.ParseDevice(cfg.device)
+		if cfg.reclaim {
+			if err := kernel.Reclaim(ctx, idx, log); err != nil {
+				return err
+			}
+		}
 		if err := kernel.CheckFree(idx); err != nil {
 			return err
 		}

@@ -10,9 +10,10 @@ import (
 // attachScript starts `doppel nbd attach` in the background of the guest
 // (its exit code lands in /run/attach.rc) and waits until the device is
 // connected.
-const attachScript = `
+func attachScript(flags string) string {
+	return `
 rm -f /run/attach.rc /run/attach.out /run/attach.log
-( doppel nbd attach --file /var/lib/doppel/disk.img --size 128M --device /dev/nbd0 \
+( doppel nbd attach --file /var/lib/doppel/disk.img --size 128M --device /dev/nbd0 ` + flags + ` \
 	--connections 2 --stats-file /run/stats.json >/run/attach.out 2>/run/attach.log
   echo $? >/run/attach.rc ) &
 for i in $(seq 300); do
@@ -25,6 +26,7 @@ if ! [ -e /sys/block/nbd0/pid ]; then
 fi
 cat /run/attach.out
 `
+}
 
 // detachScript sends SIGTERM and waits for the process to exit.
 const detachScript = `
@@ -61,7 +63,7 @@ cat /run/stats.json`)
 // verification, a clean detach, and the bad inputs: no module, a busy
 // device, a bad device name.
 func TestNBDAttach(t *testing.T) {
-	l := NewLab(t, GuestConfig{Name: "vm1"})
+	l := NewLab(t, GuestConfig{Name: "vm1", Fio: true})
 	g := l.Guests[0]
 	long := 3 * time.Minute
 
@@ -86,7 +88,7 @@ exit $rc`)
 	})
 
 	t.Run("attach", func(t *testing.T) {
-		out := g.MustRun(t, long, attachScript)
+		out := g.MustRun(t, long, attachScript(""))
 		if strings.TrimSpace(out) != "/dev/nbd0" {
 			t.Fatalf("attach printed %q", out)
 		}
@@ -159,8 +161,12 @@ mount -t ext4 /dev/nbd0 /mnt/v
 grep -v -e /f1 -e /f2 /run/sums | md5sum -c
 umount /mnt/v`)
 		t.Logf("%s", out)
-		if st := stats(t, g); st["Trims"] == 0 {
+		st := stats(t, g)
+		if st["Trims"] == 0 {
 			t.Errorf("fstrim sent no TRIM: %v", st)
+		}
+		if st["Errors"] != 0 {
+			t.Errorf("the server answered errors: %v", st)
 		}
 	})
 
@@ -195,7 +201,7 @@ exit $rc`)
 			t.Errorf("after detach:\n%s", out)
 		}
 		// The device is reusable at once, and the data survived.
-		out = g.MustRun(t, long, attachScript+`
+		out = g.MustRun(t, long, attachScript("")+`
 mount -t ext4 /dev/nbd0 /mnt/v && grep -v -e /f1 -e /f2 /run/sums | md5sum -c && umount /mnt/v`)
 		if !strings.Contains(out, "/mnt/v/f8: OK") {
 			t.Errorf("re-attach:\n%s", out)
@@ -204,12 +210,45 @@ mount -t ext4 /dev/nbd0 /mnt/v && grep -v -e /f1 -e /f2 /run/sums | md5sum -c &&
 		if strings.TrimSpace(out) != "size=0" {
 			t.Errorf("after second detach:\n%s", out)
 		}
-		out = g.MustRun(t, 30*time.Second, "dmesg | grep -i -E 'nbd|BUG|WARNING|blocked for more' || true")
-		for _, bad := range []string{"BUG", "WARNING", "blocked for more", "Dead connection", "timed out"} {
+		var final map[string]uint64
+		if err := json.Unmarshal([]byte(g.MustRun(t, 30*time.Second, "cat /run/stats.json")), &final); err != nil {
+			t.Fatal(err)
+		}
+		if final["Errors"] != 0 || final["ProtocolFault"] != 0 || final["Reads"] == 0 {
+			t.Errorf("final counters: %v", final)
+		}
+		out = g.MustRun(t, 30*time.Second, "dmesg | grep -i -E 'nbd|BUG|WARNING|blocked for more|error' || true")
+		for _, bad := range []string{"BUG", "WARNING", "blocked for more", "Dead connection", "timed out", "I/O error", "returned error"} {
 			if strings.Contains(out, bad) {
 				t.Errorf("kernel log has %q:\n%s", bad, out)
 			}
 		}
 		t.Logf("kernel log:\n%s", out)
+	})
+
+	t.Run("crash and reclaim", func(t *testing.T) {
+		g.MustRun(t, long, attachScript(""))
+		// The server dies: the kernel keeps the device, with dead sockets.
+		out, _, err := g.Run(t.Context(), `
+kill -KILL $(pidof doppel)
+for i in $(seq 100); do [ -e /run/attach.rc ] && break; sleep 0.1; done
+[ -e /sys/block/nbd0/pid ] && echo "still connected"
+doppel nbd attach --file /var/lib/doppel/disk.img --device /dev/nbd0 2>&1
+echo "rc=$?"`)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(out, "still connected") || !strings.Contains(out, "is gone: the device is stale") || !strings.Contains(out, "rc=1") {
+			t.Fatalf("after kill -9:\n%s", out)
+		}
+		out = g.MustRun(t, long, attachScript("--reclaim")+`
+grep -q "reclaiming a stale nbd device" /run/attach.log || { echo "no reclaim logged"; cat /run/attach.log; exit 1; }
+mount -t ext4 /dev/nbd0 /mnt/v && grep -v -e /f1 -e /f2 /run/sums | md5sum -c && umount /mnt/v`)
+		if !strings.Contains(out, "/mnt/v/f8: OK") {
+			t.Errorf("after reclaim:\n%s", out)
+		}
+		if out := g.MustRun(t, long, detachScript); strings.TrimSpace(out) != "size=0" {
+			t.Errorf("after detach:\n%s", out)
+		}
 	})
 }

@@ -14,6 +14,8 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm /sys/fs/bpf /root
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
+# Volumes live in RAM, beyond the rootfs's limit of half of it.
+mount -t tmpfs -o size=70% tmpfs /var/lib/doppel
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 

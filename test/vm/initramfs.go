@@ -3,7 +3,6 @@ package vm
 import (
 	"bufio"
 	"bytes"
-	"compress/gzip"
 	"debug/elf"
 	"fmt"
 	"io"
@@ -158,39 +157,26 @@ func parseLdd(out []byte) ([]string, error) {
 	return libs, sc.Err()
 }
 
-// guestTools are the host binaries copied into every guest: path on the
-// host -> paths in the guest.
-var guestTools = []struct {
-	host  string
-	guest []string
-}{
-	{"/sbin/mke2fs", []string{"/sbin/mke2fs", "/sbin/mkfs.ext4"}},
-	{"/sbin/e2fsck", []string{"/sbin/e2fsck", "/sbin/fsck.ext4"}},
-	{"/usr/bin/fio", []string{"/usr/bin/fio"}},
+// tool is a host binary copied into guests, with its shared libraries.
+type tool struct {
+	host  string   // path on the host
+	guest []string // paths in the guest
 }
 
-// buildBase writes the part of the initramfs that does not change between
-// runs: busybox, the tools and their libraries, the kernel modules and
-// /init. It is not compressed: under software emulation the kernel takes
-// seconds to gunzip it, far longer than qemu takes to read it.
-func buildBase(w io.Writer, k *KernelImage, initScript []byte) error {
-	c := newCPIO(w)
-	for _, d := range []string{"/bin", "/sbin", "/usr/bin", "/usr/sbin", "/proc", "/sys", "/dev", "/tmp", "/run", "/mnt", "/etc", "/var/lib/doppel"} {
-		c.mkdirAll(d)
+// baseTools are in every guest; fioTools only where a test asks for fio
+// (its libraries weigh 80 MiB, which every boot would copy).
+var (
+	baseTools = []tool{
+		{"/sbin/mke2fs", []string{"/sbin/mke2fs", "/sbin/mkfs.ext4"}},
+		{"/sbin/e2fsck", []string{"/sbin/e2fsck", "/sbin/fsck.ext4"}},
 	}
-	c.chardev("/dev/console", 5, 1)
-	c.chardev("/dev/null", 1, 3)
-	bb, err := exec.LookPath("busybox")
-	if err != nil {
-		return fmt.Errorf("busybox-static: %w", err)
-	}
-	if libs, err := sharedLibs(bb); err != nil || len(libs) > 0 {
-		return fmt.Errorf("%s is not static (install busybox-static): %v", bb, err)
-	}
-	c.hostFile(bb, "/bin/busybox")
-	c.symlink("/bin/sh", "busybox")
+	fioTools = []tool{{"/usr/bin/fio", []string{"/usr/bin/fio"}}}
+)
+
+// addTools copies tools and the libraries they load.
+func (c *cpioWriter) addTools(tools []tool) error {
 	libs := map[string]bool{}
-	for _, t := range guestTools {
+	for _, t := range tools {
 		if _, err := os.Stat(t.host); err != nil {
 			return fmt.Errorf("guest tool: %w", err)
 		}
@@ -213,6 +199,32 @@ func buildBase(w io.Writer, k *KernelImage, initScript []byte) error {
 	for _, l := range sorted {
 		c.hostFile(l, l) // at the path the loader will look for
 	}
+	return nil
+}
+
+// buildBase writes the part of the initramfs that does not change between
+// runs: busybox, e2fsprogs and their libraries, the kernel modules and
+// /init. Archives are not compressed: under software emulation the kernel
+// takes seconds to gunzip them, far longer than qemu takes to read them.
+func buildBase(w io.Writer, k *KernelImage, initScript []byte) error {
+	c := newCPIO(w)
+	for _, d := range []string{"/bin", "/sbin", "/usr/bin", "/usr/sbin", "/proc", "/sys", "/dev", "/tmp", "/run", "/mnt", "/etc", "/var/lib/doppel"} {
+		c.mkdirAll(d)
+	}
+	c.chardev("/dev/console", 5, 1)
+	c.chardev("/dev/null", 1, 3)
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		return fmt.Errorf("busybox-static: %w", err)
+	}
+	if libs, err := sharedLibs(bb); err != nil || len(libs) > 0 {
+		return fmt.Errorf("%s is not static (install busybox-static): %v", bb, err)
+	}
+	c.hostFile(bb, "/bin/busybox")
+	c.symlink("/bin/sh", "busybox")
+	if err := c.addTools(baseTools); err != nil {
+		return err
+	}
 	if _, err := os.Stat("/etc/mke2fs.conf"); err == nil {
 		c.hostFile("/etc/mke2fs.conf", "/etc/mke2fs.conf")
 	}
@@ -232,15 +244,20 @@ func buildBase(w io.Writer, k *KernelImage, initScript []byte) error {
 	return c.close()
 }
 
-// buildOverlay writes the small archive appended to the base one: the
-// doppel binary. The kernel unpacks concatenated archives in order.
-func buildOverlay(w io.Writer, doppel string) error {
-	zw, _ := gzip.NewWriterLevel(w, gzip.BestSpeed)
-	c := newCPIO(zw)
-	c.mkdirAll("/bin")
-	c.hostFile(doppel, "/bin/doppel")
-	if err := c.close(); err != nil {
+// buildFio writes the archive that adds fio to a guest.
+func buildFio(w io.Writer) error {
+	c := newCPIO(w)
+	if err := c.addTools(fioTools); err != nil {
 		return err
 	}
-	return zw.Close()
+	return c.close()
+}
+
+// buildOverlay writes the small archive appended to the base ones: the
+// doppel binary. The kernel unpacks concatenated archives in order.
+func buildOverlay(w io.Writer, doppel string) error {
+	c := newCPIO(w)
+	c.mkdirAll("/bin")
+	c.hostFile(doppel, "/bin/doppel")
+	return c.close()
 }

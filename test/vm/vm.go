@@ -21,6 +21,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -44,8 +45,10 @@ const (
 
 // Assets are the files every guest boots from.
 type Assets struct {
-	Kernel *KernelImage
-	Initrd string // base archive + doppel overlay, concatenated
+	Kernel    *KernelImage
+	Initrd    string // base archive + doppel overlay, concatenated
+	InitrdFio string // the same with fio
+	work      string // temporary directory of the above
 }
 
 var (
@@ -109,15 +112,25 @@ func buildAssets() (*Assets, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
-	// The base archive changes only with the kernel, the tools and /init.
-	key := fmt.Sprintf("%s-%x", img.Package, crc(initScript))
+	// The base archives change only with the kernel, the tools and /init.
+	key := fmt.Sprintf("%s-%x", img.Package, crc(fmt.Appendf(initScript, "%v%v", baseTools, fioTools)))
 	base := filepath.Join(cache, "initrd-base-"+key+".cpio")
-	if _, err := os.Stat(base); err != nil {
+	fio := filepath.Join(cache, "initrd-fio-"+key+".cpio")
+	for _, a := range []struct {
+		path  string
+		build func(io.Writer) error
+	}{
+		{base, func(w io.Writer) error { return buildBase(w, img, initScript) }},
+		{fio, buildFio},
+	} {
+		if _, err := os.Stat(a.path); err == nil {
+			continue
+		}
 		var buf bytes.Buffer
-		if err := buildBase(&buf, img, initScript); err != nil {
+		if err := a.build(&buf); err != nil {
 			return nil, "", fmt.Errorf("initramfs: %w", err)
 		}
-		if err := writeAtomic(base, buf.Bytes()); err != nil {
+		if err := writeAtomic(a.path, buf.Bytes()); err != nil {
 			return nil, "", err
 		}
 	}
@@ -139,25 +152,48 @@ func buildAssets() (*Assets, string, error) {
 		cmd.Dir = repoRoot()
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
+			os.RemoveAll(work)
 			return nil, "", fmt.Errorf("build static doppel: %v: %s", err, out)
 		}
 	}
-	var buf bytes.Buffer
-	b, err := os.ReadFile(base)
-	if err != nil {
+	var overlay bytes.Buffer
+	if err := buildOverlay(&overlay, doppel); err != nil {
+		os.RemoveAll(work)
 		return nil, "", err
 	}
-	buf.Write(b)
-	if err := buildOverlay(&buf, doppel); err != nil {
-		return nil, "", err
+	as := &Assets{Kernel: img, work: work,
+		Initrd: filepath.Join(work, "initrd"), InitrdFio: filepath.Join(work, "initrd-fio")}
+	for _, out := range []struct {
+		path  string
+		parts []string
+	}{{as.Initrd, []string{base}}, {as.InitrdFio, []string{base, fio}}} {
+		var buf bytes.Buffer
+		for _, p := range out.parts {
+			b, err := os.ReadFile(p)
+			if err != nil {
+				os.RemoveAll(work)
+				return nil, "", err
+			}
+			buf.Write(b)
+		}
+		buf.Write(overlay.Bytes())
+		if err := os.WriteFile(out.path, buf.Bytes(), 0o644); err != nil {
+			os.RemoveAll(work)
+			return nil, "", err
+		}
 	}
-	initrd := filepath.Join(work, "initrd.cpio.gz")
-	if err := os.WriteFile(initrd, buf.Bytes(), 0o644); err != nil {
-		return nil, "", err
+	st, _ := os.Stat(as.Initrd)
+	stf, _ := os.Stat(as.InitrdFio)
+	fmt.Fprintf(os.Stderr, "vm: kernel %s (%s), initramfs %d MiB (%d MiB with fio), prepared in %v\n",
+		img.Package, img.Release, st.Size()>>20, stf.Size()>>20, time.Since(start).Round(time.Millisecond))
+	return as, "", nil
+}
+
+// CleanupAssets removes the per-run files of GetAssets (TestMain calls it).
+func CleanupAssets() {
+	if assets != nil {
+		os.RemoveAll(assets.work)
 	}
-	fmt.Fprintf(os.Stderr, "vm: kernel %s (%s), initramfs %d MiB, prepared in %v\n",
-		img.Package, img.Release, buf.Len()>>20, time.Since(start).Round(time.Millisecond))
-	return &Assets{Kernel: img, Initrd: initrd}, "", nil
 }
 
 func crc(b []byte) uint32 {
@@ -180,6 +216,7 @@ func writeAtomic(path string, b []byte) error {
 type GuestConfig struct {
 	Name  string // hostname; also names its log
 	MemMB int    // default 512
+	Fio   bool   // include fio (80 MiB more to boot)
 }
 
 // Lab is a set of guests on one private network: a network namespace with
@@ -303,6 +340,10 @@ func (l *Lab) start(g *Guest, gc GuestConfig, a *Assets) {
 		"doppel.appmac=" + mac(g.N, 0), fmt.Sprintf("doppel.appip=%s/24", g.AppIP),
 		"doppel.replmac=" + mac(g.N, 1), fmt.Sprintf("doppel.replip=%s/24", g.ReplIP),
 	}, " ")
+	initrd := a.Initrd
+	if gc.Fio {
+		initrd = a.InitrdFio
+	}
 	args := []string{"netns", "exec", l.NS, "qemu-system-x86_64"}
 	if kvmWorks(a.Kernel.Vmlinuz) {
 		args = append(args, "-accel", "kvm", "-accel", "tcg")
@@ -312,7 +353,7 @@ func (l *Lab) start(g *Guest, gc GuestConfig, a *Assets) {
 	args = append(args,
 		"-cpu", "max", "-smp", "1", "-m", strconv.Itoa(mem), "-bios", "qboot.rom",
 		"-nographic", "-monitor", "none", "-no-reboot", "-nodefaults",
-		"-kernel", a.Kernel.Vmlinuz, "-initrd", a.Initrd, "-append", append_,
+		"-kernel", a.Kernel.Vmlinuz, "-initrd", initrd, "-append", append_,
 		"-serial", "file:"+g.console,
 		"-chardev", "socket,id=ctl,path="+sock,
 		"-serial", "chardev:ctl",
