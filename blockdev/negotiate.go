@@ -41,19 +41,27 @@ func newConn(s *Server, c net.Conn) *conn {
 	}
 }
 
-// cancel makes every pending and future read fail at once.
+// shutdownGrace bounds how long replies may take to leave once the server
+// is shutting down (a client that stopped reading must not hold it). A
+// variable for tests.
+var shutdownGrace = 10 * time.Second
+
+// cancel makes every pending and future read fail at once, and writes fail
+// after shutdownGrace.
 func (cn *conn) cancel() {
 	cn.dlMu.Lock()
 	cn.cancelled = true
 	cn.c.SetReadDeadline(time.Unix(1, 0))
+	cn.c.SetWriteDeadline(time.Now().Add(shutdownGrace))
 	cn.dlMu.Unlock()
 }
 
-// setReadDeadline sets the read deadline unless the connection was cancelled.
-func (cn *conn) setReadDeadline(t time.Time) {
+// setDeadlines sets the read and write deadlines unless the connection was
+// cancelled.
+func (cn *conn) setDeadlines(t time.Time) {
 	cn.dlMu.Lock()
 	if !cn.cancelled {
-		cn.c.SetReadDeadline(t)
+		cn.c.SetDeadline(t)
 	}
 	cn.dlMu.Unlock()
 }
@@ -64,11 +72,9 @@ var errAbort = errors.New("client aborted negotiation")
 // negotiate runs the fixed-newstyle handshake and returns the export the
 // client chose, or (nil, nil) when the client aborted or hung up cleanly.
 func (cn *conn) negotiate() (*export, error) {
-	cn.setReadDeadline(time.Now().Add(negotiationTimeout))
-	cn.c.SetWriteDeadline(time.Now().Add(negotiationTimeout))
+	cn.setDeadlines(time.Now().Add(negotiationTimeout))
 	x, err := cn.handshake()
-	cn.setReadDeadline(time.Time{})
-	cn.c.SetWriteDeadline(time.Time{})
+	cn.setDeadlines(time.Time{})
 	if errors.Is(err, errAbort) {
 		return nil, nil
 	}

@@ -20,6 +20,7 @@ type op struct {
 	req    request
 	buf    *[]byte // payload (write) or data (read); nil otherwise
 	errno  uint32
+	big    bool // holds a slot of tconn.big
 	m      Mutation
 	header [replyHeaderLen]byte
 }
@@ -48,6 +49,9 @@ type tconn struct {
 	avgNs   atomic.Int64 // moving average of small read/write service times
 	samples atomic.Int32
 
+	slots chan struct{} // one per request alive (read, running or replying)
+	big   chan struct{} // one per request with a buffer over bigBuffer
+
 	rmu  sync.Mutex // the reading role; guards the fields below and cn.br
 	done bool       // no more requests: DISC, EOF, error
 	err  error      // why reading ended, when it is a failure
@@ -61,7 +65,8 @@ func (cn *conn) transmit(ctx context.Context, x *export) error {
 	if n <= 0 {
 		n = 128
 	}
-	t := &tconn{conn: cn, ctx: context.WithoutCancel(ctx), x: x, max: int32(n)}
+	t := &tconn{conn: cn, ctx: context.WithoutCancel(ctx), x: x, max: int32(n),
+		slots: make(chan struct{}, n), big: make(chan struct{}, maxBig)}
 	t.w.c = cn.c
 	t.nwrk.Store(1)
 	t.wg.Add(1)
@@ -170,6 +175,10 @@ func (t *tconn) next() *op {
 		t.done = true
 		return nil
 	}
+	// Bound the requests alive on this connection, replies not yet sent
+	// included: a client that sends without reading replies is paused
+	// here instead of growing the server's memory.
+	t.slots <- struct{}{}
 	o := opPool.Get().(*op)
 	o.cn, o.req, o.errno = t, req, 0
 	if req.typ == cmdWrite {
@@ -183,6 +192,21 @@ func (t *tconn) next() *op {
 		}
 	}
 	return o
+}
+
+// Requests with buffers over bigBuffer also take one of maxBig slots, so
+// that one connection holds at most maxBig*MaxPayload (256 MiB) of payload
+// buffers however its client pipelines.
+const (
+	bigBuffer = 1 << 20
+	maxBig    = 8
+)
+
+func (t *tconn) bigSlot(o *op) {
+	if o.req.length > bigBuffer && !o.big {
+		t.big <- struct{}{}
+		o.big = true
+	}
 }
 
 // readPayload reads a write's payload into o.buf. An oversized write is
@@ -202,6 +226,7 @@ func (t *tconn) readPayload(o *op) error {
 		}
 		return nil
 	}
+	t.bigSlot(o)
 	o.buf = getBuf(int(n))
 	if _, err := io.ReadFull(t.br, *o.buf); err != nil {
 		return fmt.Errorf("read write payload (%d bytes): %w", n, err)
@@ -256,6 +281,7 @@ func (t *tconn) do(o *op) (errno uint32) {
 		if r.length > MaxPayload || !inRange {
 			return nbdEINVAL
 		}
+		t.bigSlot(o)
 		o.buf = getBuf(int(r.length))
 		if _, err := x.Backend.ReadAt(*o.buf, int64(r.offset)); err != nil {
 			t.log.Debug("nbd: read failed", "off", r.offset, "len", r.length, "err", err)
@@ -348,6 +374,11 @@ func (t *tconn) release(o *op) {
 		putBuf(o.buf)
 		o.buf = nil
 	}
+	if o.big {
+		o.big = false
+		<-t.big
+	}
+	<-t.slots
 	o.cn = nil
 	o.m = Mutation{}
 	opPool.Put(o)

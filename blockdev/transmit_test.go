@@ -623,3 +623,41 @@ func TestSlowBackendDisablesInline(t *testing.T) {
 		t.Fatalf("blocked read: %v", err)
 	}
 }
+
+// A client that pipelines large reads and never reads the replies is
+// paused by the server (bounded memory), and does not stop shutdown.
+func TestClientNotReadingReplies(t *testing.T) {
+	old := shutdownGrace
+	shutdownGrace = 500 * time.Millisecond
+	defer func() { shutdownGrace = old }()
+	m := newMem(64 << 20)
+	var reads atomic.Int64
+	m.hook = func(op string, off int64, n int) error {
+		if op == "read" {
+			reads.Add(1)
+		}
+		return nil
+	}
+	s := serve(t, Export{Name: "a", Backend: m})
+	c := s.rawGo(t, "a")
+	go func() { // never reads a reply
+		for i := range 10000 {
+			if _, err := c.Write(appendRequest(nil, request{typ: cmdRead, cookie: uint64(i), length: 4 << 20})); err != nil {
+				return
+			}
+		}
+	}()
+	time.Sleep(500 * time.Millisecond)
+	// 4 MiB replies: one or two fill the socket buffer; then at most 8
+	// requests hold big buffers and the reader stops.
+	if n := reads.Load(); n == 0 || n > 12 {
+		t.Fatalf("%d reads executed for a client that reads no reply; want 1..12", n)
+	}
+	start := time.Now()
+	if err := s.stop(); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Fatalf("shutdown took %v", d)
+	}
+}
