@@ -107,6 +107,7 @@ type pair struct {
 	log    *logBuf
 	cancel context.CancelFunc
 	runErr chan error
+	once   sync.Once
 }
 
 type pairOpts struct {
@@ -162,13 +163,18 @@ func newPair(t *testing.T, srcB, tgtB blockdev.Backend, o pairOpts) *pair {
 	}
 	p := &pair{src: src, tgt: tgt, srcB: srcB, tgtB: tgtB, addr: addr, log: lb, cancel: cancel, runErr: make(chan error, 1)}
 	go func() { p.runErr <- src.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		<-p.runErr
-		src.Close()
-		tgt.Close()
-	})
+	t.Cleanup(p.stop)
 	return p
+}
+
+// stop stops the source and the target (idempotent).
+func (p *pair) stop() {
+	p.once.Do(func() {
+		p.cancel()
+		<-p.runErr
+		p.src.Close()
+		p.tgt.Close()
+	})
 }
 
 // serveNBD serves src's backend through the NBD server with src as the

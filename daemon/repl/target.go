@@ -533,10 +533,11 @@ func (t *Target) apply(f wire.Sequenced) (wire.Frame, error) {
 	if err != nil {
 		return nil, fmt.Errorf("apply %v %d: %w", f.Type(), f.Sequence(), err)
 	}
+	// Persist before publishing the new applied sequence, so that the
+	// ack of a barrier or of the end of a mirror follows its record.
 	t.mu.Lock()
-	t.applied = f.Sequence()
 	if durable {
-		t.durable = t.applied
+		t.durable = f.Sequence()
 	}
 	if ms, ok := f.(*wire.MirrorState); ok && ms.Phase == wire.PhaseEnd {
 		t.state = wire.StateConsistent
@@ -549,5 +550,8 @@ func (t *Target) apply(f wire.Sequenced) (wire.Frame, error) {
 			return nil, err
 		}
 	}
+	t.mu.Lock()
+	t.applied = f.Sequence()
+	t.mu.Unlock()
 	return reply, nil
 }
