@@ -201,3 +201,26 @@ func TestRunNBDAgainstNbdkit(t *testing.T) {
 		t.Errorf("report:\n%s", md)
 	}
 }
+
+func TestSummarizeProfile(t *testing.T) {
+	top := `File: doppel
+Duration: 4.65s, Total samples = 1.23s (26.45%)
+Showing nodes accounting for 1.06s, 86.18% of 1.23s total
+      flat  flat%   sum%        cum   cum%
+     0.82s 66.67% 66.67%      0.82s 66.67%  internal/runtime/syscall/linux.Syscall6
+         0     0% 68.29%      0.37s 30.08%  golang.org/x/sys/unix.Pread (inline)
+         0     0% 68.29%      0.37s 30.08%  golang.org/x/sys/unix.pread
+         0     0% 70.73%      0.25s 20.33%  internal/poll.(*FD).Writev
+     0.10s  6.58% 95.39%      0.10s  6.58%  runtime.futex
+`
+	s := SummarizeProfile(top)
+	want := map[string]string{"pread (backend)": "30%", "pwrite (backend)": "0%", "socket writev (replies)": "20%", "futex": "7%"}
+	if s.CPU != "26%" {
+		t.Errorf("CPU %q", s.CPU)
+	}
+	for k, v := range want {
+		if s.Share[k] != v {
+			t.Errorf("%s = %q, want %q", k, s.Share[k], v)
+		}
+	}
+}

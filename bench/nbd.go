@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -20,7 +21,7 @@ const NBDSection = "## NBD server: fio nbd engine vs peers"
 type NBDServer struct {
 	Name string
 	// Argv returns the command line serving file on the Unix socket sock.
-	Argv func(file, sock string) []string
+	Argv func(file, sock string) []string `json:"-"`
 	// Why explains the options chosen, for the report.
 	Why string
 }
@@ -80,11 +81,13 @@ type NBDConfig struct {
 	ProfileDir  string
 	ProfileRows []Job
 
-	Log *slog.Logger
+	Log *slog.Logger `json:"-"`
 }
 
 // NBDReport holds every run's figures.
 type NBDReport struct {
+	Command    string // the command line that produced it
+	Note       string // remark on the conditions
 	Config     NBDConfig
 	Machine    Machine
 	Start, End time.Time
@@ -422,11 +425,32 @@ func (r *NBDReport) Markdown(command, note string) string {
 		if r.ProfileNote != "" {
 			w("%s\n", r.ProfileNote)
 		}
-		for _, p := range r.Profiles {
-			unit, f := Headline(p.Row)
-			w("%s (profiled run: %s %s; `go tool pprof -top -cum bin/doppel bench/profiles/%s`, cumulative and flat tops in `bench/profiles/%s`):\n\n```\n%s```\n\n",
-				p.Row.Name, FormatCount(f(p.Res)), unit, filepath.Base(p.Path),
-				strings.TrimSuffix(filepath.Base(p.Path), ".prof")+".txt", TopLines(p.Top, 22))
+		if len(r.Profiles) > 0 {
+			w("One extra run per row against a doppel started with `--cpuprofile` (not part of the medians). " +
+				"CPU is the profile's samples over its duration (100%% = one core); the other columns are cumulative shares of those samples " +
+				"(`go tool pprof -top -cum`; the profiles and their full cumulative and flat tops are left in `bench/profiles/`, which git ignores).\n\n")
+			w("| profiled row | run | CPU |")
+			for _, c := range profileColumns {
+				w(" %s |", c.label)
+			}
+			w("\n|---|--:|--:|")
+			for range profileColumns {
+				w("--:|")
+			}
+			w("\n")
+			for _, p := range r.Profiles {
+				unit, f := Headline(p.Row)
+				sum := SummarizeProfile(p.Top)
+				w("| %s | %s %s | %s |", p.Row.Name, FormatCount(f(p.Res)), unit, sum.CPU)
+				for _, c := range profileColumns {
+					w(" %s |", sum.Share[c.label])
+				}
+				w("\n")
+			}
+			w("\n")
+			for _, p := range r.Profiles {
+				w("<details><summary>%s: top of <code>go tool pprof -top -cum</code></summary>\n\n```\n%s```\n\n</details>\n\n", p.Row.Name, TopLines(p.Top, 30))
+			}
 		}
 	}
 	return b.String()
@@ -494,4 +518,53 @@ func fioTemplate(runtime, ramp time.Duration) string {
 		}
 	}
 	return "`fio " + strings.Join(args, " ") + "` (random rows add `--norandommap --randrepeat=0`)"
+}
+
+// profileColumns are the call sites a profile summary reports, by label.
+var profileColumns = []struct{ label, fn string }{
+	{"pread (backend)", "golang.org/x/sys/unix.pread"},
+	{"pwrite (backend)", "golang.org/x/sys/unix.pwrite"},
+	{"socket read (requests)", "internal/poll.(*FD).Read"},
+	{"socket writev (replies)", "internal/poll.(*FD).Writev"},
+	{"Go scheduler", "runtime.schedule"},
+	{"futex", "runtime.futex"},
+	{"GC", "runtime.gcBgMarkWorker"},
+}
+
+// ProfileSummary is the compact form of a CPU profile.
+type ProfileSummary struct {
+	CPU   string            // samples over duration, e.g. "26%"
+	Share map[string]string // column label -> cumulative share, e.g. "30%"
+}
+
+// SummarizeProfile reads `go tool pprof -top -cum` output.
+func SummarizeProfile(top string) ProfileSummary {
+	sum := ProfileSummary{CPU: "?", Share: map[string]string{}}
+	for _, c := range profileColumns {
+		sum.Share[c.label] = "0%"
+	}
+	for l := range strings.Lines(top) {
+		t := strings.TrimSpace(l)
+		if strings.HasPrefix(t, "Duration:") {
+			if i := strings.LastIndex(t, "("); i >= 0 {
+				sum.CPU = strings.TrimSuffix(strings.TrimSpace(t[i+1:]), ")")
+				if v, err := strconv.ParseFloat(strings.TrimSuffix(sum.CPU, "%"), 64); err == nil {
+					sum.CPU = fmt.Sprintf("%.0f%%", v)
+				}
+			}
+			continue
+		}
+		f := strings.Fields(t)
+		if len(f) < 6 || !strings.HasSuffix(f[4], "%") {
+			continue
+		}
+		for _, c := range profileColumns {
+			if f[5] == c.fn {
+				if v, err := strconv.ParseFloat(strings.TrimSuffix(f[4], "%"), 64); err == nil {
+					sum.Share[c.label] = fmt.Sprintf("%.0f%%", v)
+				}
+			}
+		}
+	}
+	return sum
 }

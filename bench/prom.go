@@ -87,3 +87,15 @@ func Scrape(ctx context.Context, client *http.Client, url string) (Metrics, erro
 	}
 	return ParseMetrics(resp.Body)
 }
+
+// Names lists the distinct metric names starting with prefix, sorted.
+func (m Metrics) Names(prefix string) string {
+	seen := map[string]bool{}
+	for series := range m {
+		n, _, _ := strings.Cut(series, "{")
+		if strings.HasPrefix(n, prefix) {
+			seen[n] = true
+		}
+	}
+	return strings.Join(sortedKeys(seen), ", ")
+}

@@ -38,18 +38,22 @@ var ReplModes = []string{ModeUnreplicated, ModeAsync, ModeSync}
 type ReplMetricNames struct {
 	MirrorDone      string // bytes of the volume the mirror has covered
 	MirrorRemaining string // bytes left to mirror (0 when done)
-	MirrorSent      string // bytes of chunk data the mirror sent
+	MirrorActive    string // 1 while a mirror runs
+	MirrorSent      string // bytes the mirror put on the wire
+	Consistent      string // 1 when the target's data is consistent
 	Sequence        string // last sequence number assigned by the source
 	Acked           string // last sequence number the target acknowledged
 }
 
 // DefaultReplMetrics are the names `doppel repl` exposes.
 var DefaultReplMetrics = ReplMetricNames{
-	MirrorDone:      "doppel_repl_mirror_done_bytes",
-	MirrorRemaining: "doppel_repl_mirror_remaining_bytes",
+	MirrorDone:      `doppel_repl_mirror_bytes stage="done"`,
+	MirrorRemaining: `doppel_repl_mirror_bytes stage="remaining"`,
+	MirrorActive:    `doppel_repl_mirror_active`,
 	MirrorSent:      `doppel_repl_sent_bytes_total kind="mirror"`,
-	Sequence:        "doppel_repl_sequence",
-	Acked:           "doppel_repl_acked_sequence",
+	Consistent:      `doppel_repl_target_data_state state="consistent"`,
+	Sequence:        `doppel_repl_sequence stage="assigned"`,
+	Acked:           `doppel_repl_sequence stage="acknowledged"`,
 }
 
 // get reads the series spec ("name label=..." ...) from m.
@@ -74,7 +78,7 @@ type ReplConfig struct {
 	MirrorSize int64 // volume mirrored (filled with pseudo-random data)
 	MirrorRuns int   // runs of each of doppel's mirror and nbdcopy, alternated
 	Metrics    ReplMetricNames
-	Log        *slog.Logger
+	Log        *slog.Logger `json:"-"`
 }
 
 // ReplReport holds the replication benchmark's figures.
@@ -321,6 +325,7 @@ func runMirror(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Link,
 		tArgv := In(link.Tgt, cfg.Doppel, "repl", "target", "--file", tgt, "--size", fmt.Sprint(cfg.MirrorSize),
 			"--listen", fmt.Sprintf("tcp:%s:%d", replTgtIP, port), "--insecure")
 		sock := filepath.Join(cfg.Dir, "mirror.sock")
+		os.Remove(sock)
 		sArgv := In(link.Src, cfg.Doppel, "repl", "source", "--file", vol, "--size", fmt.Sprint(cfg.MirrorSize),
 			"--listen", "unix:"+sock, "--target", fmt.Sprintf("tcp:%s:%d", replTgtIP, port),
 			"--mode", "async", "--mirror", "full", "--insecure",
@@ -440,7 +445,7 @@ func waitDrained(ctx context.Context, client *http.Client, url string, names Rep
 			seq, ok1 := m.series(names.Sequence)
 			ack, ok2 := m.series(names.Acked)
 			if !ok1 || !ok2 {
-				return fmt.Errorf("metrics %s lack %q or %q", url, names.Sequence, names.Acked)
+				return fmt.Errorf("metrics %s lack %q or %q (it has: %s)", url, names.Sequence, names.Acked, m.Names("doppel_"))
 			}
 			if ack >= seq {
 				return nil
@@ -460,12 +465,12 @@ func waitDrained(ctx context.Context, client *http.Client, url string, names Rep
 	}
 }
 
-// waitMirrored waits until the mirror has covered size bytes, and returns
-// the mirror's sent bytes.
+// waitMirrored waits until the mirror has covered size bytes, is no longer
+// active, every frame is acknowledged and the target reports consistent data
+// (each where the metric exists), and returns the mirror's sent bytes.
 func waitMirrored(ctx context.Context, p *Proc, client *http.Client, url string, names ReplMetricNames, size int64, timeout time.Duration) (float64, error) {
 	deadline := time.Now().Add(timeout)
 	var last string
-	seen := false
 	for {
 		if !p.Alive() {
 			return 0, p.Exited()
@@ -474,15 +479,26 @@ func waitMirrored(ctx context.Context, p *Proc, client *http.Client, url string,
 		if err == nil {
 			done, okD := m.series(names.MirrorDone)
 			rem, okR := m.series(names.MirrorRemaining)
-			sent, _ := m.series(names.MirrorSent)
-			if !okD && !okR {
-				return 0, fmt.Errorf("metrics %s lack %q and %q", url, names.MirrorDone, names.MirrorRemaining)
+			if !okD {
+				return 0, fmt.Errorf("metrics %s lack %q (it has: %s)", url, names.MirrorDone, m.Names("doppel_"))
 			}
-			seen = seen || (okR && rem > 0)
-			if (okD && done >= float64(size)) || (okR && rem == 0 && (seen || okD && done > 0)) {
+			finished := done >= float64(size) && (!okR || rem == 0)
+			if v, ok := m.series(names.MirrorActive); ok && v != 0 {
+				finished = false
+			}
+			if v, ok := m.series(names.Consistent); ok && v != 1 {
+				finished = false
+			}
+			seq, ok1 := m.series(names.Sequence)
+			ack, ok2 := m.series(names.Acked)
+			if ok1 && ok2 && ack < seq {
+				finished = false
+			}
+			if finished {
+				sent, _ := m.series(names.MirrorSent)
 				return sent, nil
 			}
-			last = fmt.Sprintf("done %.0f, remaining %.0f", done, rem)
+			last = fmt.Sprintf("done %.0f of %d, remaining %.0f, acknowledged %.0f of %.0f", done, size, rem, ack, seq)
 		} else {
 			last = err.Error()
 		}

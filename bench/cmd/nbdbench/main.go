@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -50,6 +51,8 @@ func run(ctx context.Context, args []string) error {
 		note     = fs.String("note", "", "remark on the conditions, printed in bold in the report")
 		short    = fs.Bool("short", false, "quick check of the harness: 64 MiB, 1 run of 1 s, no ramp, results printed not written, no profiles")
 		keep     = fs.Bool("keep", false, "keep the working directory")
+		rawOut   = fs.String("json", "bench/profiles/nbdbench.json", "where every run's figures are saved as JSON (empty: not saved)")
+		render   = fs.String("render", "", "re-render the report from a JSON file saved by -json instead of running")
 	)
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -65,6 +68,20 @@ func run(ctx context.Context, args []string) error {
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 
+	if *render != "" {
+		b, err := os.ReadFile(*render)
+		if err != nil {
+			return err
+		}
+		var rep bench.NBDReport
+		if err := json.Unmarshal(b, &rep); err != nil {
+			return fmt.Errorf("%s: %w", *render, err)
+		}
+		if *note != "" {
+			rep.Note = *note
+		}
+		return output(&rep, *results)
+	}
 	doppelAbs, _ := filepath.Abs(*doppel)
 	gonbdAbs, _ := filepath.Abs(*gonbd)
 	all := bench.NBDServers(doppelAbs, gonbdAbs)
@@ -139,17 +156,36 @@ func run(ctx context.Context, args []string) error {
 		return err
 	}
 	rep.Machine = machine
-	md := rep.Markdown("go run ./bench/cmd/nbdbench "+bench.ShellJoin(args), *note)
-	if *results == "" {
-		fmt.Print(md)
-		return nil
+	rep.Command = "go run ./bench/cmd/nbdbench " + bench.ShellJoin(args)
+	rep.Note = *note
+	if *rawOut != "" && !*short {
+		b, err := json.MarshalIndent(rep, "", " ")
+		if err != nil {
+			return err
+		}
+		if err := os.MkdirAll(filepath.Dir(*rawOut), 0o755); err != nil {
+			return err
+		}
+		if err := os.WriteFile(*rawOut, b, 0o644); err != nil {
+			return err
+		}
 	}
-	if err := bench.ReplaceSection(*results, bench.NBDSection, md); err != nil {
+	if err := output(rep, *results); err != nil {
 		return err
 	}
-	fmt.Print(md)
-	log.Info("results written", "file", *results, "took", time.Since(rep.Start).Round(time.Second))
+	log.Info("done", "took", time.Since(rep.Start).Round(time.Second))
 	return nil
+}
+
+// output prints the report and replaces its section of results (unless
+// results is empty).
+func output(rep *bench.NBDReport, results string) error {
+	md := rep.Markdown(rep.Command, rep.Note)
+	fmt.Print(md)
+	if results == "" {
+		return nil
+	}
+	return bench.ReplaceSection(results, bench.NBDSection, md)
 }
 
 // pick selects the items named in the comma-separated list (all when empty),
