@@ -115,7 +115,8 @@ type pairOpts struct {
 	queue Queue
 	codec string
 	chunk int64
-	dial  func(ctx context.Context) (net.Conn, error)
+	dial  func(ctx context.Context, addr string) (net.Conn, error)
+	rate  int64
 }
 
 func startTarget(t *testing.T, ctx context.Context, b blockdev.Backend, log *slog.Logger, wrap func(net.Listener) net.Listener) (*Target, string) {
@@ -149,15 +150,15 @@ func newPair(t *testing.T, srcB, tgtB blockdev.Backend, o pairOpts) *pair {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dial := o.dial
-	if dial == nil {
-		dial = func(ctx context.Context) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "tcp", addr)
+	dial := func(ctx context.Context) (net.Conn, error) {
+		if o.dial != nil {
+			return o.dial(ctx, addr)
 		}
+		var d net.Dialer
+		return d.DialContext(ctx, "tcp", addr)
 	}
 	src, err := NewSource(SourceConfig{Backend: srcB, Mode: o.mode, Queue: o.queue, ChunkSize: o.chunk,
-		Dial: dial, Codec: codec, Log: log.With("side", "source")})
+		Dial: dial, Codec: codec, RateLimit: o.rate, Log: log.With("side", "source")})
 	if err != nil {
 		t.Fatal(err)
 	}

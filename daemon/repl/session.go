@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -41,6 +42,9 @@ func (s *Source) Run(ctx context.Context) error {
 	backoff := 100 * time.Millisecond
 	for {
 		conn, err := s.cfg.Dial(ctx)
+		if errors.Is(err, ErrNotPinned) {
+			err = &FatalError{Err: fmt.Errorf("target refused: %w", err)}
+		}
 		if err == nil {
 			start := time.Now()
 			err = s.session(ctx, conn)
@@ -93,6 +97,9 @@ func (s *Source) session(ctx context.Context, conn net.Conn) error {
 	r := wire.NewReader(conn)
 	f, err := r.Read()
 	if err != nil {
+		if strings.Contains(err.Error(), "remote error: tls:") {
+			return fatalf("target %s refused this source's certificate (is its fingerprint pinned there?): %w", peer, err)
+		}
 		if errors.Is(err, wire.ErrMalformed) {
 			return fatalf("target %s: bad welcome: %w", peer, err)
 		}
@@ -153,7 +160,7 @@ func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
 	bw := bufio.NewWriterSize(conn, 1<<20)
 	var lim *rate.Limiter
 	if s.cfg.RateLimit > 0 {
-		lim = rate.NewLimiter(rate.Limit(s.cfg.RateLimit), max(int(s.cfg.RateLimit), wire.MaxFrame+4))
+		lim = rate.NewLimiter(rate.Limit(s.cfg.RateLimit), burstFor(s.cfg.RateLimit))
 	}
 	buf := make([]byte, 0, wire.MaxFrame+4)
 	for {
@@ -170,8 +177,12 @@ func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
 				return fmt.Errorf("encode frame %d: %w", e.Seq, err)
 			}
 			if lim != nil {
-				if err := lim.WaitN(ctx, len(buf)); err != nil {
-					return err
+				for n := len(buf); n > 0; {
+					k := min(n, lim.Burst())
+					if err := lim.WaitN(ctx, k); err != nil {
+						return err
+					}
+					n -= k
 				}
 			}
 			if _, err := bw.Write(buf); err != nil {
@@ -189,6 +200,10 @@ func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
 		s.st.sentSeq.Store(from)
 	}
 }
+
+// burstFor is the limiter burst: a tenth of a second of traffic, at least
+// 64 KiB, so the limit holds over short intervals too.
+func burstFor(limit int64) int { return int(max(limit/10, 64<<10)) }
 
 // frameKind classifies a frame for the metrics.
 func frameKind(f wire.Sequenced) (kind int, payload int64) {
