@@ -1,16 +1,409 @@
 package main
 
 import (
+	"context"
+	"crypto/tls"
 	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/urfave/cli/v2"
+
+	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/daemon/repl"
+	"github.com/doppelha/doppel/daemon/repl/wire"
 )
 
-// replCommand is scaffolding: the owner of this command group replaces it.
+const defaultCertDir = "/var/lib/doppel/repl-tls"
+
+// replCommand is `doppel repl`: the replication engine as plumbing
+// commands (source, target, fingerprint), used by tests and benchmarks.
 func replCommand() *cli.Command {
 	return &cli.Command{
-		Name:   "repl",
-		Usage:  "plumbing: run a replication source or target",
-		Action: func(*cli.Context) error { return errors.New("repl: not built yet") },
+		Name:        "repl",
+		Usage:       "plumbing: run a replication source or target",
+		Subcommands: []*cli.Command{replSourceCommand(), replTargetCommand(), replFingerprintCommand()},
+	}
+}
+
+// transportFlags are shared by source and target.
+func transportFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.BoolFlag{Name: "insecure", Usage: "plaintext replication (no TLS, no authentication): only on a trusted, private link"},
+		&cli.StringFlag{Name: "cert-dir", Value: defaultCertDir, Usage: "`DIR` holding this side's TLS certificate (a self-signed ECDSA one is created on first use)"},
+		&cli.StringFlag{Name: "peer-fingerprint", Usage: "`SHA256` fingerprint of the peer's certificate (see `doppel repl fingerprint`)"},
+		&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics on `HOST:PORT` (/metrics)"},
+		&cli.BoolFlag{Name: "json", Usage: "log as JSON lines"},
+		&cli.BoolFlag{Name: "debug", Usage: "debug logs"},
+	}
+}
+
+func replLogger(c *cli.Context) *slog.Logger {
+	opts := &slog.HandlerOptions{}
+	if c.Bool("debug") {
+		opts.Level = slog.LevelDebug
+	}
+	if c.Bool("json") {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}
+
+// replTLS returns this side's TLS configuration, or nil with --insecure.
+func replTLS(c *cli.Context, log *slog.Logger, server bool) (*tls.Config, error) {
+	if c.Bool("insecure") {
+		if c.String("peer-fingerprint") != "" {
+			return nil, usageErrorf("--insecure and --peer-fingerprint exclude each other")
+		}
+		log.Warn("replication link is plaintext and unauthenticated (--insecure)")
+		return nil, nil
+	}
+	if c.String("peer-fingerprint") == "" {
+		return nil, usageErrorf("--peer-fingerprint is required (the peer's `doppel repl fingerprint`), or --insecure for plaintext")
+	}
+	if _, err := repl.ParseFingerprint(c.String("peer-fingerprint")); err != nil {
+		return nil, usageErrorf("--peer-fingerprint: %v", err)
+	}
+	cert, fp, err := repl.LoadOrCreateCert(c.String("cert-dir"))
+	if err != nil {
+		return nil, err
+	}
+	log.Info("TLS certificate", "fingerprint", fp, "cert_dir", c.String("cert-dir"))
+	if server {
+		return repl.ServerTLS(cert, c.String("peer-fingerprint"))
+	}
+	return repl.ClientTLS(cert, c.String("peer-fingerprint"))
+}
+
+// serveMetrics serves reg on addr until ctx is done.
+func serveMetrics(ctx context.Context, log *slog.Logger, addr string, cs ...prometheus.Collector) (func(), error) {
+	if addr == "" {
+		return func() {}, nil
+	}
+	reg := prometheus.NewRegistry()
+	for _, c := range cs {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(l)
+	log.Info("metrics", "listen", l.Addr().String())
+	return func() {
+		sctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	}, nil
+}
+
+func optionalSize(c *cli.Context, name string) (int64, error) {
+	s := c.String(name)
+	if s == "" {
+		return 0, nil
+	}
+	v, err := parseSize(s)
+	if err != nil {
+		return 0, usageErrorf("--%s: %v", name, err)
+	}
+	return v, nil
+}
+
+func closeBackend(b blockdev.Backend) error {
+	if c, ok := b.(interface{ Close() error }); ok {
+		return c.Close()
+	}
+	return nil
+}
+
+func replSourceCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "source",
+		Usage:     "serve a volume over NBD and replicate every write to a target",
+		ArgsUsage: " ",
+		Description: "Serves --file as an NBD export on --listen (also under the default, empty\n" +
+			"export name) and replicates every write, trim, write-zeroes and flush to the\n" +
+			"target, in order: --mode sync acknowledges a write once the target applied it,\n" +
+			"--mode async once it is written locally and queued. Flush and FUA are barriers\n" +
+			"in both modes. --mirror copies the volume first (full: allocated non-zero\n" +
+			"ranges; diff: only chunks whose checksums differ) while writes continue.\n" +
+			"SIGINT/SIGTERM stop the NBD server, wait until the target has applied\n" +
+			"everything (up to --drain-timeout), and exit.",
+		Flags: append([]cli.Flag{
+			&cli.StringFlag{Name: "file", Required: true, Usage: "`PATH` of the protected file or block device"},
+			&cli.StringFlag{Name: "size", Usage: "`SIZE` to create a missing file with (1G, 512M, bytes)"},
+			&cli.StringFlag{Name: "listen", Required: true, Usage: "NBD `ADDR`: unix:PATH or tcp:HOST:PORT"},
+			&cli.StringFlag{Name: "name", Usage: "NBD export `NAME` (the default name is served too)"},
+			&cli.StringFlag{Name: "target", Required: true, Usage: "replication target `ADDR`: tcp:HOST:PORT"},
+			&cli.StringFlag{Name: "mode", Required: true, Usage: "`sync` or `async`"},
+			&cli.StringFlag{Name: "mirror", Value: "full", Usage: "initial copy: `full`, diff or none"},
+			&cli.BoolFlag{Name: "verify", Usage: "after the mirror, compare checksums and log differing ranges"},
+			&cli.BoolFlag{Name: "verify-resync", Usage: "like --verify, and resync the differing ranges"},
+			&cli.StringFlag{Name: "chunk-size", Value: "64K", Usage: "mirror/checksum chunk `SIZE` (power of two, 4K..16M)"},
+			&cli.StringFlag{Name: "queue-size", Value: "128M", Usage: "memory queue `SIZE` (async back pressure beyond it)"},
+			&cli.StringFlag{Name: "compress", Value: "none", Usage: "payload compression: `none`, zstd or lz4"},
+			&cli.StringFlag{Name: "bwlimit", Usage: "cap replication traffic at `RATE` bytes/s (100M, 1G)"},
+			&cli.DurationFlag{Name: "drain-timeout", Value: 60 * time.Second, Usage: "on shutdown, wait at most `DURATION` for the target"},
+		}, transportFlags()...),
+		Action: replSource,
+	}
+}
+
+func replSource(c *cli.Context) error {
+	if c.NArg() > 0 {
+		return usageErrorf("repl source: unexpected argument %q", c.Args().First())
+	}
+	log := replLogger(c)
+	size, err := optionalSize(c, "size")
+	if err != nil {
+		return err
+	}
+	var mode wire.Mode
+	switch c.String("mode") {
+	case "sync":
+		mode = wire.ModeSync
+	case "async":
+		mode = wire.ModeAsync
+	default:
+		return usageErrorf("--mode %q: want sync or async", c.String("mode"))
+	}
+	mirror, err := repl.ParseMirrorKind(c.String("mirror"))
+	if err != nil {
+		return usageErrorf("--mirror: %v", err)
+	}
+	if _, _, err := blockdev.ParseListen(c.String("listen")); err != nil {
+		return usageErrorf("--listen: %v", err)
+	}
+	tnet, taddr, err := blockdev.ParseListen(c.String("target"))
+	if err != nil || !strings.HasPrefix(tnet, "tcp") {
+		return usageErrorf("--target %q: want tcp:HOST:PORT", c.String("target"))
+	}
+	chunk, err := optionalSize(c, "chunk-size")
+	if err != nil {
+		return err
+	}
+	queueSize, err := optionalSize(c, "queue-size")
+	if err != nil {
+		return err
+	}
+	var rateLimit int64
+	if s := strings.TrimSuffix(c.String("bwlimit"), "/s"); s != "" {
+		if rateLimit, err = parseSize(s); err != nil {
+			return usageErrorf("--bwlimit: %v", err)
+		}
+	}
+	codec, err := wire.NewCodec(c.String("compress"))
+	if err != nil {
+		return usageErrorf("--compress: %v", err)
+	}
+	tlsConf, err := replTLS(c, log, false)
+	if err != nil {
+		return err
+	}
+
+	b, err := blockdev.Open(c.String("file"), size)
+	if err != nil {
+		return err
+	}
+	defer closeBackend(b)
+	dial := func(ctx context.Context) (net.Conn, error) {
+		d := net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}
+		if tlsConf != nil {
+			td := tls.Dialer{NetDialer: &d, Config: tlsConf}
+			return td.DialContext(ctx, tnet, taddr)
+		}
+		return d.DialContext(ctx, tnet, taddr)
+	}
+	src, err := repl.NewSource(repl.SourceConfig{Backend: b, Mode: mode, ChunkSize: chunk,
+		Queue: repl.NewMemQueue(queueSize), Dial: dial, Codec: codec, RateLimit: rateLimit, Log: log})
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	srv, err := blockdev.NewServer(log, blockdev.Export{Name: c.String("name"), Description: "doppel replicated " + filepath.Base(c.String("file")),
+		Backend: b, Mutator: src})
+	if err != nil {
+		return err
+	}
+	stopMetrics, err := serveMetrics(c.Context, log, c.String("metrics-listen"), src.Collector())
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
+	l, err := blockdev.Listen(c.String("listen"))
+	if err != nil {
+		return err
+	}
+
+	// The link outlives the NBD server so that shutdown can drain.
+	linkCtx, stopLink := context.WithCancel(context.Background())
+	defer stopLink()
+	runErr := make(chan error, 1)
+	go func() { runErr <- src.Run(linkCtx) }()
+	nbdCtx, stopNBD := context.WithCancel(c.Context)
+	defer stopNBD()
+	nbdErr := make(chan error, 1)
+	go func() { nbdErr <- srv.Serve(nbdCtx, l) }()
+	log.Info("replication source serving", "file", c.String("file"), "size", b.Size(), "listen", c.String("listen"),
+		"target", taddr, "mode", mode, "mirror", mirror, "tls", tlsConf != nil)
+
+	go func() {
+		if _, err := src.Mirror(nbdCtx, mirror); err != nil {
+			if nbdCtx.Err() == nil {
+				log.Error("mirror failed", "err", err)
+			}
+			return
+		}
+		if c.Bool("verify") || c.Bool("verify-resync") {
+			if _, err := src.Verify(nbdCtx, c.Bool("verify-resync")); err != nil && nbdCtx.Err() == nil {
+				log.Error("verify failed", "err", err)
+			}
+		}
+	}()
+
+	var fatal error
+	select {
+	case <-c.Context.Done():
+		log.Info("shutting down: stopping the NBD server")
+	case err := <-runErr:
+		fatal = err
+		runErr <- err
+		log.Error("replication failed: stopping the NBD server", "err", err)
+	case err := <-nbdErr:
+		nbdErr <- err
+		fatal = fmt.Errorf("nbd server: %w", err)
+	}
+	stopNBD()
+	if err := <-nbdErr; err != nil && fatal == nil {
+		fatal = err
+	}
+	if fatal == nil {
+		dctx, cancel := context.WithTimeout(context.Background(), c.Duration("drain-timeout"))
+		if err := src.WaitAcked(dctx); err != nil {
+			st := src.Stats()
+			fatal = fmt.Errorf("drain: target applied up to %d of %d: %w", st.AckedSeq, st.LastSeq, err)
+		} else {
+			log.Info("drained: the target applied everything", "seq", src.LastSeq())
+		}
+		cancel()
+	}
+	stopLink()
+	if err := <-runErr; err != nil && fatal == nil {
+		fatal = err
+	}
+	st := src.Stats()
+	log.Info("replication source stopped", "acked_seq", st.AckedSeq, "sent_bytes", st.SentBytes, "payload_bytes", st.PayloadBytes)
+	return errors.Join(fatal, b.Sync())
+}
+
+func replTargetCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "target",
+		Usage:     "receive a replicated volume and apply it in order",
+		ArgsUsage: " ",
+		Description: "Listens on --listen for a replication source and applies its writes to\n" +
+			"--file in sequence order, fsyncing at every barrier. The last durable sequence\n" +
+			"and the data state (consistent, or inconsistent during a mirror) persist in\n" +
+			"the state directory. SIGINT/SIGTERM sync and exit.",
+		Flags: append([]cli.Flag{
+			&cli.StringFlag{Name: "file", Required: true, Usage: "`PATH` of the file or block device receiving the copy"},
+			&cli.StringFlag{Name: "size", Usage: "`SIZE` to create a missing file with"},
+			&cli.StringFlag{Name: "listen", Required: true, Usage: "replication `ADDR`: tcp:HOST:PORT"},
+			&cli.StringFlag{Name: "state-dir", Usage: "`DIR` for the target state (default: next to --file)"},
+		}, transportFlags()...),
+		Action: replTarget,
+	}
+}
+
+func replTarget(c *cli.Context) (err error) {
+	if c.NArg() > 0 {
+		return usageErrorf("repl target: unexpected argument %q", c.Args().First())
+	}
+	log := replLogger(c)
+	size, err := optionalSize(c, "size")
+	if err != nil {
+		return err
+	}
+	network, _, err := blockdev.ParseListen(c.String("listen"))
+	if err != nil || !strings.HasPrefix(network, "tcp") {
+		return usageErrorf("--listen %q: want tcp:HOST:PORT", c.String("listen"))
+	}
+	file := c.String("file")
+	if size == 0 {
+		if _, err := os.Stat(file); errors.Is(err, os.ErrNotExist) {
+			return usageErrorf("%s does not exist: give --size to create it", file)
+		}
+	}
+	tlsConf, err := replTLS(c, log, true)
+	if err != nil {
+		return err
+	}
+	statePath := file + ".repl-target.json"
+	if d := c.String("state-dir"); d != "" {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return err
+		}
+		statePath = filepath.Join(d, "repl-target.json")
+	}
+	b, err := blockdev.Open(file, size)
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, closeBackend(b)) }()
+	tgt, err := repl.NewTarget(repl.TargetConfig{Backend: b, StatePath: statePath, Log: log})
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, tgt.Close()) }()
+	stopMetrics, err := serveMetrics(c.Context, log, c.String("metrics-listen"), tgt.Collector())
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
+	l, err := blockdev.Listen(c.String("listen"))
+	if err != nil {
+		return err
+	}
+	if tlsConf != nil {
+		l = tls.NewListener(l, tlsConf)
+	}
+	st, _, _ := tgt.Status()
+	log.Info("replication target listening", "file", file, "size", b.Size(), "listen", l.Addr().String(),
+		"state", statePath, "data_state", st.State, "applied_seq", st.Applied, "tls", tlsConf != nil)
+	err = tgt.Serve(c.Context, l)
+	st, durable, _ := tgt.Status()
+	log.Info("replication target stopped", "applied_seq", st.Applied, "durable_seq", durable, "data_state", st.State)
+	return err
+}
+
+func replFingerprintCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "fingerprint",
+		Usage:     "print this host's replication certificate fingerprint (creating the certificate if needed)",
+		ArgsUsage: " ",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "cert-dir", Value: defaultCertDir, Usage: "certificate `DIR`"},
+		},
+		Action: func(c *cli.Context) error {
+			_, fp, err := repl.LoadOrCreateCert(c.String("cert-dir"))
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(c.App.Writer, fp)
+			return nil
+		},
 	}
 }
