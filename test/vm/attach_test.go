@@ -63,7 +63,8 @@ cat /run/stats.json`)
 // verification, a clean detach, and the bad inputs: no module, a busy
 // device, a bad device name.
 func TestNBDAttach(t *testing.T) {
-	l := NewLab(t, GuestConfig{Name: "vm1", Fio: true})
+	kernelTests := GoTestBinary(t, "./blockdev/kernel")
+	l := NewLab(t, GuestConfig{Name: "vm1", Fio: true, Files: map[string]string{"/bin/kernel.test": kernelTests}})
 	g := l.Guests[0]
 	long := 3 * time.Minute
 
@@ -250,5 +251,14 @@ mount -t ext4 /dev/nbd0 /mnt/v && grep -v -e /f1 -e /f2 /run/sums | md5sum -c &&
 		if out := g.MustRun(t, long, detachScript); strings.TrimSpace(out) != "size=0" {
 			t.Errorf("after detach:\n%s", out)
 		}
+	})
+
+	// blockdev/kernel's own root test, which needs a kernel with nbd.
+	t.Run("package tests", func(t *testing.T) {
+		out := g.MustRun(t, long, "cd /tmp && kernel.test -test.v -test.run 'TestAttachHost' 2>&1")
+		if !strings.Contains(out, "--- PASS: TestAttachHost") {
+			t.Errorf("TestAttachHost did not pass:\n%s", out)
+		}
+		t.Logf("in the guest:\n%s", out)
 	})
 }

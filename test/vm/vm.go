@@ -30,6 +30,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -101,6 +102,15 @@ func buildAssets() (*Assets, string, error) {
 	if err := os.MkdirAll(cache, 0o755); err != nil {
 		return nil, "", err
 	}
+	// One test binary at a time fills the cache.
+	lock, err := os.OpenFile(filepath.Join(cache, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, "", err
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		return nil, "", fmt.Errorf("lock %s: %w", cache, err)
+	}
 	k := Kernels[0]
 	if pkg, err := cachedKernel(cache, k); err == nil && pkg == "" {
 		if _, err := exec.LookPath("apt-get"); err != nil {
@@ -116,6 +126,13 @@ func buildAssets() (*Assets, string, error) {
 	key := fmt.Sprintf("%s-%x", img.Package, crc(fmt.Appendf(initScript, "%v%v", baseTools, fioTools)))
 	base := filepath.Join(cache, "initrd-base-"+key+".cpio")
 	fio := filepath.Join(cache, "initrd-fio-"+key+".cpio")
+	// Archives of other kernels, tools or /init versions are stale.
+	old, _ := filepath.Glob(filepath.Join(cache, "initrd-*.cpio"))
+	for _, p := range old {
+		if p != base && p != fio {
+			os.Remove(p)
+		}
+	}
 	for _, a := range []struct {
 		path  string
 		build func(io.Writer) error
@@ -217,6 +234,8 @@ type GuestConfig struct {
 	Name  string // hostname; also names its log
 	MemMB int    // default 512
 	Fio   bool   // include fio (80 MiB more to boot)
+	// Files are copied into the guest: guest path -> host path.
+	Files map[string]string
 }
 
 // Lab is a set of guests on one private network: a network namespace with
@@ -344,6 +363,9 @@ func (l *Lab) start(g *Guest, gc GuestConfig, a *Assets) {
 	if gc.Fio {
 		initrd = a.InitrdFio
 	}
+	if len(gc.Files) > 0 {
+		initrd = l.withFiles(g.Name, initrd, gc.Files)
+	}
 	args := []string{"netns", "exec", l.NS, "qemu-system-x86_64"}
 	if kvmWorks(a.Kernel.Vmlinuz) {
 		args = append(args, "-accel", "kvm", "-accel", "tcg")
@@ -405,6 +427,46 @@ func (l *Lab) start(g *Guest, gc GuestConfig, a *Assets) {
 	case <-time.After(30 * time.Second):
 		t.Fatalf("%s: qemu did not connect its control channel", g.Name)
 	}
+}
+
+// withFiles writes a per-guest initramfs: initrd and an archive of files.
+func (l *Lab) withFiles(name, initrd string, files map[string]string) string {
+	t := l.t
+	b, err := os.ReadFile(initrd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := bytes.NewBuffer(b)
+	c := newCPIO(buf)
+	for guest, host := range files {
+		c.hostFile(host, guest)
+	}
+	if err := c.close(); err != nil {
+		t.Fatalf("files for %s: %v", name, err)
+	}
+	out := filepath.Join(l.dir, name+".initrd")
+	if err := os.WriteFile(out, buf.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// GoTestBinary builds a static test binary of pkg (a path from the module
+// root, like "./blockdev/kernel") for a guest.
+func GoTestBinary(t testing.TB, pkg string) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), filepath.Base(pkg)+".test")
+	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	if _, err := os.Stat(gobin); err != nil {
+		gobin = "go"
+	}
+	cmd := exec.Command(gobin, "test", "-c", "-trimpath", "-o", out, pkg)
+	cmd.Dir = repoRoot()
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go test -c %s: %v: %s", pkg, err, b)
+	}
+	return out
 }
 
 var (
