@@ -250,24 +250,34 @@ func profileDoppel(ctx context.Context, cfg NBDConfig, rep *NBDReport, file stri
 		if serr != nil {
 			return serr
 		}
-		// Cumulative order shows where the time goes (which syscall, the
-		// scheduler, the reply path); the flat order follows in the file.
-		top, err := exec.CommandContext(ctx, "go", "tool", "pprof", "-top", "-cum", "-nodecount=45", cfg.Doppel, prof).Output()
+		top, err := PprofTop(ctx, cfg.Doppel, prof)
 		if err != nil {
-			return fmt.Errorf("pprof %s: %w", prof, err)
-		}
-		flat, err := exec.CommandContext(ctx, "go", "tool", "pprof", "-top", "-nodecount=25", cfg.Doppel, prof).Output()
-		if err != nil {
-			return fmt.Errorf("pprof %s: %w", prof, err)
-		}
-		txt := strings.TrimSuffix(prof, ".prof") + ".txt"
-		if err := os.WriteFile(txt, append(append(top, "\n# flat\n"...), flat...), 0o644); err != nil {
 			return err
 		}
 		log.Info("profiled", "row", row.Slug, "profile", prof, "iops", math.Round(res.IOPS))
 		rep.Profiles = append(rep.Profiles, Profile{Row: row, Path: prof, Top: string(top), Res: res})
 	}
 	return nil
+}
+
+// PprofTop runs `go tool pprof -top -cum` (and the flat top) on prof,
+// saves both next to it as .txt and returns the cumulative top.
+func PprofTop(ctx context.Context, bin, prof string) (string, error) {
+	// Cumulative order shows where the time goes (which syscall, the
+	// scheduler, the reply path); the flat order follows in the file.
+	top, err := exec.CommandContext(ctx, "go", "tool", "pprof", "-top", "-cum", "-nodecount=45", bin, prof).Output()
+	if err != nil {
+		return "", fmt.Errorf("pprof %s: %w", prof, err)
+	}
+	flat, err := exec.CommandContext(ctx, "go", "tool", "pprof", "-top", "-nodecount=25", bin, prof).Output()
+	if err != nil {
+		return "", fmt.Errorf("pprof %s: %w", prof, err)
+	}
+	txt := strings.TrimSuffix(prof, ".prof") + ".txt"
+	if err := os.WriteFile(txt, append(append(top, "\n# flat\n"...), flat...), 0o644); err != nil {
+		return "", err
+	}
+	return string(top), nil
 }
 
 // Median returns the median of a figure over the runs of row on server.
@@ -420,12 +430,19 @@ func (r *NBDReport) Markdown(command, note string) string {
 	}
 	w("\n</details>\n")
 
-	if len(r.Profiles) > 0 || r.ProfileNote != "" {
-		w("\n### CPU profile of doppel's server\n\n")
-		if r.ProfileNote != "" {
-			w("%s\n", r.ProfileNote)
+	writeProfiles(&b, "doppel's server", r.Profiles, r.ProfileNote)
+	return b.String()
+}
+
+// writeProfiles renders the profile summary table and the tops.
+func writeProfiles(b *strings.Builder, what string, profiles []Profile, note string) {
+	w := func(format string, a ...any) { fmt.Fprintf(b, format, a...) }
+	if len(profiles) > 0 || note != "" {
+		w("\n### CPU profile of %s\n\n", what)
+		if note != "" {
+			w("%s\n", note)
 		}
-		if len(r.Profiles) > 0 {
+		if len(profiles) > 0 {
 			w("One extra run per row against a doppel started with `--cpuprofile` (not part of the medians). " +
 				"CPU is the profile's samples over its duration (100%% = one core); the other columns are cumulative shares of those samples " +
 				"(`go tool pprof -top -cum`; the profiles and their full cumulative and flat tops are left in `bench/profiles/`, which git ignores).\n\n")
@@ -438,7 +455,7 @@ func (r *NBDReport) Markdown(command, note string) string {
 				w("--:|")
 			}
 			w("\n")
-			for _, p := range r.Profiles {
+			for _, p := range profiles {
 				unit, f := Headline(p.Row)
 				sum := SummarizeProfile(p.Top)
 				w("| %s | %s %s | %s |", p.Row.Name, FormatCount(f(p.Res)), unit, sum.CPU)
@@ -448,12 +465,11 @@ func (r *NBDReport) Markdown(command, note string) string {
 				w("\n")
 			}
 			w("\n")
-			for _, p := range r.Profiles {
+			for _, p := range profiles {
 				w("<details><summary>%s: top of <code>go tool pprof -top -cum</code></summary>\n\n```\n%s```\n\n</details>\n\n", p.Row.Name, TopLines(p.Top, 30))
 			}
 		}
 	}
-	return b.String()
 }
 
 // TopLines returns the header and the first n function lines of `go tool

@@ -78,11 +78,24 @@ type ReplConfig struct {
 	MirrorSize int64 // volume mirrored (filled with pseudo-random data)
 	MirrorRuns int   // runs of each of doppel's mirror and nbdcopy, alternated
 	Metrics    ReplMetricNames
-	Log        *slog.Logger `json:"-"`
+	// Profiling (optional): each ProfileRows entry is run once more against
+	// a fresh pair whose source has --cpuprofile, when `doppel repl source`
+	// has that flag. Profiles go to ProfileDir.
+	ProfileDir  string
+	ProfileRows []ReplProfileRow
+	Log         *slog.Logger `json:"-"`
+}
+
+// ReplProfileRow is a row to profile the replication source on, in a mode.
+type ReplProfileRow struct {
+	Mode string
+	Row  Job
 }
 
 // ReplReport holds the replication benchmark's figures.
 type ReplReport struct {
+	Command    string // the command line that produced it
+	Note       string // remark on the conditions
 	Config     ReplConfig
 	Machine    Machine
 	Start, End time.Time
@@ -101,6 +114,8 @@ type ReplReport struct {
 	MirrorNbdcopy []float64
 	MirrorSent    []float64
 	MirrorFailed  []string
+	Profiles      []Profile
+	ProfileNote   string
 }
 
 // Addresses on the veth pair and the ports of each configuration.
@@ -132,6 +147,56 @@ type replSetup struct {
 	src, tgt      string // files (tgt empty when unreplicated)
 	metrics       string // source metrics URL (empty when unreplicated)
 	srcProc, tgtP *Proc
+}
+
+// replPair is one source/target pair of `doppel repl` across the link.
+type replPair struct {
+	cfg            ReplConfig
+	link           *Link
+	mode           string // sync or async
+	src, tgt, sock string
+	size           int64 // for the target's --size when its file is missing (0: not passed)
+	port           int   // replication port; metrics on port+1 (target) and port+2 (source)
+	mirror         string
+	srcExtra       []string
+}
+
+func (p replPair) argv() (tgt, src []string) {
+	tgt = In(p.link.Tgt, p.cfg.Doppel, "repl", "target", "--file", p.tgt)
+	if p.size > 0 {
+		tgt = append(tgt, "--size", fmt.Sprint(p.size))
+	}
+	tgt = append(tgt, "--listen", fmt.Sprintf("tcp:%s:%d", replTgtIP, p.port), "--insecure",
+		"--metrics-listen", fmt.Sprintf("%s:%d", replTgtIP, p.port+1))
+	size := p.size
+	if size == 0 {
+		size = p.cfg.Size
+	}
+	src = In(p.link.Src, p.cfg.Doppel, "repl", "source", "--file", p.src, "--size", fmt.Sprint(size),
+		"--listen", "unix:"+p.sock, "--target", fmt.Sprintf("tcp:%s:%d", replTgtIP, p.port),
+		"--mode", p.mode, "--mirror", p.mirror, "--insecure",
+		"--metrics-listen", fmt.Sprintf("%s:%d", replSrcIP, p.port+2))
+	return tgt, append(src, p.srcExtra...)
+}
+
+func (p replPair) metricsURL() string {
+	return fmt.Sprintf("http://%s:%d/metrics", replSrcIP, p.port+2)
+}
+
+// start starts the target, waits for its listener, then starts the source
+// (without waiting for its socket: the mirror timing starts here).
+func (p replPair) start(ctx context.Context, start func(string, []string) (*Proc, error)) (tgt, src *Proc, err error) {
+	tArgv, sArgv := p.argv()
+	os.Remove(p.sock)
+	if tgt, err = start(p.mode+" target", tArgv); err != nil {
+		return nil, nil, err
+	}
+	addr := fmt.Sprintf("%s:%d", replTgtIP, p.port)
+	if err := tgt.WaitReady(ctx, 15*time.Second, func() error { return dialClose(ctx, p.link.Tgt, addr) }); err != nil {
+		return tgt, nil, err
+	}
+	src, err = start(p.mode+" source", sArgv)
+	return tgt, src, err
 }
 
 // RunRepl measures unreplicated, async and sync writes through doppel's NBD
@@ -198,25 +263,12 @@ func RunRepl(ctx context.Context, cfg ReplConfig) (*ReplReport, error) {
 			if err := PrepareVolume(s.tgt, cfg.Size, false, 0); err != nil {
 				return nil, err
 			}
-			port := 16325 + 10*i
-			tgtArgv := In(link.Tgt, cfg.Doppel, "repl", "target", "--file", s.tgt,
-				"--listen", fmt.Sprintf("tcp:%s:%d", replTgtIP, port), "--insecure",
-				"--metrics-listen", fmt.Sprintf("%s:%d", replTgtIP, port+1))
-			srcArgv := In(link.Src, cfg.Doppel, "repl", "source", "--file", s.src, "--size", fmt.Sprint(cfg.Size),
-				"--listen", "unix:"+s.sock, "--target", fmt.Sprintf("tcp:%s:%d", replTgtIP, port),
-				"--mode", mode, "--mirror", "none", "--insecure",
-				"--metrics-listen", fmt.Sprintf("%s:%d", replSrcIP, port+2))
-			s.metrics = fmt.Sprintf("http://%s:%d/metrics", replSrcIP, port+2)
+			pair := replPair{cfg: cfg, link: link, mode: mode, src: s.src, tgt: s.tgt, sock: s.sock, port: 16325 + 10*i, mirror: "none"}
+			tgtArgv, srcArgv := pair.argv()
+			s.metrics = pair.metricsURL()
 			rep.Argv[mode+" target"] = displayArgv(tgtArgv, cfg.Dir)
 			rep.Argv[mode+" source"] = displayArgv(srcArgv, cfg.Dir)
-			if s.tgtP, err = start(mode+" target", tgtArgv); err != nil {
-				return nil, err
-			}
-			addr := fmt.Sprintf("%s:%d", replTgtIP, port)
-			if err := s.tgtP.WaitReady(ctx, 15*time.Second, func() error { return dialClose(ctx, link.Tgt, addr) }); err != nil {
-				return nil, err
-			}
-			if s.srcProc, err = start(mode+" source", srcArgv); err != nil {
+			if s.tgtP, s.srcProc, err = pair.start(ctx, start); err != nil {
 				return nil, err
 			}
 		}
@@ -300,6 +352,12 @@ func RunRepl(ctx context.Context, cfg ReplConfig) (*ReplReport, error) {
 		}
 	}
 
+	if cfg.ProfileDir != "" && len(cfg.ProfileRows) > 0 {
+		if err := profileRepl(ctx, cfg, rep, link, start, log); err != nil {
+			rep.ProfileNote = err.Error()
+			log.Warn("profiling", "err", err)
+		}
+	}
 	if cfg.MirrorRuns > 0 {
 		if err := runMirror(ctx, cfg, rep, link, srcHTTP, start, log); err != nil {
 			return nil, err
@@ -308,6 +366,66 @@ func RunRepl(ctx context.Context, cfg ReplConfig) (*ReplReport, error) {
 	rep.LoadEnd = LoadAvg()
 	rep.End = time.Now().UTC()
 	return rep, nil
+}
+
+// profileRepl profiles the source of a fresh pair during each profile row.
+func profileRepl(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Link, start func(string, []string) (*Proc, error), log *slog.Logger) error {
+	help, _ := exec.Command(cfg.Doppel, "repl", "source", "--help").CombinedOutput()
+	if !strings.Contains(string(help), "--cpuprofile") {
+		return fmt.Errorf("no CPU profile of the source: `%s repl source` has no --cpuprofile flag", filepath.Base(cfg.Doppel))
+	}
+	if err := os.MkdirAll(cfg.ProfileDir, 0o755); err != nil {
+		return err
+	}
+	for _, pr := range cfg.ProfileRows {
+		prof, err := filepath.Abs(filepath.Join(cfg.ProfileDir, "repl-"+pr.Mode+"-"+pr.Row.Slug+".prof"))
+		if err != nil {
+			return err
+		}
+		pair := replPair{cfg: cfg, link: link, mode: pr.Mode, port: 16375, mirror: "none",
+			src: filepath.Join(cfg.Dir, "prof-src.img"), tgt: filepath.Join(cfg.Dir, "prof-tgt.img"),
+			sock: filepath.Join(cfg.Dir, "prof.sock"), srcExtra: []string{"--cpuprofile", prof}}
+		for _, f := range []string{pair.src, pair.tgt} {
+			if err := PrepareVolume(f, cfg.Size, false, 0); err != nil {
+				return err
+			}
+		}
+		tp, sp, err := pair.start(ctx, start)
+		stop := func() error {
+			var errs []error
+			if sp != nil {
+				errs = append(errs, sp.Stop(30*time.Second))
+			}
+			if tp != nil {
+				errs = append(errs, tp.Stop(30*time.Second))
+			}
+			return errors.Join(errs...)
+		}
+		if err == nil {
+			err = sp.WaitUnix(ctx, pair.sock, 15*time.Second)
+		}
+		if err != nil {
+			stop()
+			return err
+		}
+		res, ferr := RunFio(ctx, cfg.Fio, FioArgs(pr.Row, "nbd+unix:///?socket="+pair.sock, cfg.Runtime, cfg.Ramp), true)
+		serr := stop()
+		if ferr != nil {
+			return ferr
+		}
+		if serr != nil {
+			return serr
+		}
+		top, err := PprofTop(ctx, cfg.Doppel, prof)
+		if err != nil {
+			return err
+		}
+		row := pr.Row
+		row.Name = pr.Mode + ": " + row.Name
+		rep.Profiles = append(rep.Profiles, Profile{Row: row, Path: prof, Top: top, Res: res})
+		log.Info("profiled", "mode", pr.Mode, "row", pr.Row.Slug, "iops", math.Round(res.IOPS))
+	}
+	return nil
 }
 
 // runMirror times doppel's full mirror of a filled volume across the veth
@@ -690,6 +808,7 @@ func (r *ReplReport) Markdown(command, note string) string {
 			w("- failed run: %s\n", strings.ReplaceAll(truncate([]byte(e), 200), "\n", " "))
 		}
 	}
+	writeProfiles(&b, "the replication source", r.Profiles, r.ProfileNote)
 	w("\n<details><summary>Every run</summary>\n\n| workload | mode | runs |\n|---|---|---|\n")
 	for _, row := range cfg.Rows {
 		_, f := Headline(row)

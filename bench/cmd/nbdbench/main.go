@@ -65,6 +65,9 @@ func run(ctx context.Context, args []string) error {
 		if !flagSet(fs, "profile-dir") {
 			*profDir = ""
 		}
+		if !flagSet(fs, "json") {
+			*rawOut = ""
+		}
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 
@@ -158,7 +161,7 @@ func run(ctx context.Context, args []string) error {
 	rep.Machine = machine
 	rep.Command = "go run ./bench/cmd/nbdbench " + bench.ShellJoin(args)
 	rep.Note = *note
-	if *rawOut != "" && !*short {
+	if *rawOut != "" {
 		b, err := json.MarshalIndent(rep, "", " ")
 		if err != nil {
 			return err

@@ -8,6 +8,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -50,17 +51,41 @@ func run(ctx context.Context, args []string) error {
 		note       = fs.String("note", "", "remark on the conditions, printed in bold in the report")
 		short      = fs.Bool("short", false, "quick check of the harness: 64 MiB volumes, 1 run of 1 s, one mirror run, results printed not written")
 		keep       = fs.Bool("keep", false, "keep the working directory")
+		profDir    = fs.String("profile-dir", "bench/profiles", "where the source's CPU profiles go (empty: no profiling)")
+		profRows   = fs.String("profile-rows", "sync:randwrite-4k-qd32,sync:write-1m-qd16,async:write-1m-qd16", "MODE:ROW pairs to profile the source on")
+		rawOut     = fs.String("json", "bench/profiles/replbench.json", "where every run's figures are saved as JSON (empty: not saved)")
+		render     = fs.String("render", "", "re-render the report from a JSON file saved by -json instead of running")
 	)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *short {
 		*size, *mirrorSize, *runs, *mirrorRuns, *runtime, *ramp = 64<<20, 64<<20, 1, 1, time.Second, 0
-		set := false
-		fs.Visit(func(f *flag.Flag) { set = set || f.Name == "results" })
-		if !set {
+		set := map[string]bool{}
+		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		if !set["results"] {
 			*results = ""
 		}
+		if !set["profile-dir"] {
+			*profDir = ""
+		}
+		if !set["json"] {
+			*rawOut = ""
+		}
+	}
+	if *render != "" {
+		b, err := os.ReadFile(*render)
+		if err != nil {
+			return err
+		}
+		var rep bench.ReplReport
+		if err := json.Unmarshal(b, &rep); err != nil {
+			return fmt.Errorf("%s: %w", *render, err)
+		}
+		if *note != "" {
+			rep.Note = *note
+		}
+		return output(&rep, *results)
 	}
 	if os.Geteuid() != 0 {
 		return errors.New("needs root: it creates network namespaces and a veth pair")
@@ -93,6 +118,22 @@ func run(ctx context.Context, args []string) error {
 			}
 		}
 	}
+	var prows []bench.ReplProfileRow
+	if *profDir != "" && *profRows != "" {
+		for _, pr := range strings.Split(*profRows, ",") {
+			mode, slug, ok := strings.Cut(strings.TrimSpace(pr), ":")
+			found := false
+			for _, j := range bench.NBDRows {
+				if ok && j.Slug == slug && (mode == bench.ModeSync || mode == bench.ModeAsync) {
+					prows = append(prows, bench.ReplProfileRow{Mode: mode, Row: j})
+					found = true
+				}
+			}
+			if !found {
+				return fmt.Errorf("bad -profile-rows entry %q: want sync|async:ROW", pr)
+			}
+		}
+	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
 	work, err := os.MkdirTemp(*dir, "doppel-replbench-")
 	if err != nil {
@@ -111,31 +152,53 @@ func run(ctx context.Context, args []string) error {
 	machine.Versions["doppel"] = "doppel " + bench.BinaryRevision(doppelAbs, ".")
 
 	rep, err := bench.RunRepl(ctx, bench.ReplConfig{
-		Doppel:     doppelAbs,
-		Fio:        *fio,
-		Dir:        work,
-		Size:       *size,
-		Runs:       *runs,
-		Runtime:    *runtime,
-		Ramp:       *ramp,
-		Rows:       jobs,
-		MirrorSize: *mirrorSize,
-		MirrorRuns: *mirrorRuns,
-		Metrics:    bench.DefaultReplMetrics,
-		Log:        log,
+		Doppel:      doppelAbs,
+		Fio:         *fio,
+		Dir:         work,
+		Size:        *size,
+		Runs:        *runs,
+		Runtime:     *runtime,
+		Ramp:        *ramp,
+		Rows:        jobs,
+		MirrorSize:  *mirrorSize,
+		MirrorRuns:  *mirrorRuns,
+		Metrics:     bench.DefaultReplMetrics,
+		ProfileDir:  *profDir,
+		ProfileRows: prows,
+		Log:         log,
 	})
 	if err != nil {
 		return err
 	}
 	rep.Machine = machine
-	md := rep.Markdown("go run ./bench/cmd/replbench "+bench.ShellJoin(args), *note)
-	fmt.Print(md)
-	if *results == "" {
-		return nil
+	rep.Command = "go run ./bench/cmd/replbench " + bench.ShellJoin(args)
+	rep.Note = *note
+	if *rawOut != "" {
+		b, err := json.MarshalIndent(rep, "", " ")
+		if err != nil {
+			return err
+		}
+		if err := os.MkdirAll(filepath.Dir(*rawOut), 0o755); err != nil {
+			return err
+		}
+		if err := os.WriteFile(*rawOut, b, 0o644); err != nil {
+			return err
+		}
 	}
-	if err := bench.ReplaceSection(*results, bench.ReplSection, md); err != nil {
+	if err := output(rep, *results); err != nil {
 		return err
 	}
-	log.Info("results written", "file", *results, "took", time.Since(rep.Start).Round(time.Second))
+	log.Info("done", "took", time.Since(rep.Start).Round(time.Second))
 	return nil
+}
+
+// output prints the report and replaces its section of results (unless
+// results is empty).
+func output(rep *bench.ReplReport, results string) error {
+	md := rep.Markdown(rep.Command, rep.Note)
+	fmt.Print(md)
+	if results == "" {
+		return nil
+	}
+	return bench.ReplaceSection(results, bench.ReplSection, md)
 }
