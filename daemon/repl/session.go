@@ -142,12 +142,21 @@ func (s *Source) session(ctx context.Context, conn net.Conn) error {
 	go func() {
 		cancel(s.receive(r))
 	}()
+	unblocked := make(chan struct{})
 	go func() {
 		<-sctx.Done()
 		conn.SetDeadline(time.Now()) // unblock the sender's and receiver's I/O
+		close(unblocked)
 	}()
 	err = s.send(sctx, conn, from)
 	cancel(err)
+	<-unblocked
+	if ctx.Err() != nil { // clean stop: tell the target
+		if b, e := wire.Encode(&wire.Bye{Reason: "source stopping"}); e == nil {
+			conn.SetWriteDeadline(time.Now().Add(time.Second))
+			conn.Write(b)
+		}
+	}
 	if cause := context.Cause(sctx); cause != nil && !errors.Is(cause, context.Canceled) {
 		err = cause
 	}

@@ -1,0 +1,212 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/doppelha/doppel/daemon/repl"
+)
+
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func waitSocket(t *testing.T, network, addr string, done <-chan error) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if c, err := net.Dial(network, addr); err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case err := <-done:
+			t.Fatalf("command exited before listening on %s: %v", addr, err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing listens on %s %s", network, addr)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func metric(t *testing.T, addr, name string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(name) + ` (\S+)$`).FindSubmatch(body)
+	if m == nil {
+		t.Fatalf("metric %s not found in:\n%s", name, body)
+	}
+	v, _ := strconv.ParseFloat(string(m[1]), 64)
+	return v
+}
+
+// TestReplFioEndToEnd runs `doppel repl target` and `doppel repl source`
+// over real TCP with pinned TLS certificates, writes with fio's nbd engine
+// (verify=crc32c) into the source's socket, stops both, and compares the
+// files with cmp.
+func TestReplFioEndToEnd(t *testing.T) {
+	if testing.Short() {
+		t.Skip("fio end to end: not in -short")
+	}
+	fio, err := exec.LookPath("fio")
+	if err != nil {
+		t.Skip("fio is not installed (test/deps.sh installs it)")
+	}
+	if out, _ := exec.Command(fio, "--enghelp=nbd").CombinedOutput(); !strings.Contains(string(out), "uri") {
+		t.Skip("this fio has no nbd engine")
+	}
+	for _, mode := range []string{"sync", "async"} {
+		t.Run(mode, func(t *testing.T) {
+			dir := t.TempDir()
+			srcCerts, tgtCerts := filepath.Join(dir, "src-tls"), filepath.Join(dir, "tgt-tls")
+			_, srcFP, err := repl.LoadOrCreateCert(srcCerts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, tgtFP, err := repl.LoadOrCreateCert(tgtCerts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			srcFile, tgtFile := filepath.Join(dir, "src.img"), filepath.Join(dir, "tgt.img")
+			sock := filepath.Join(dir, "nbd.sock")
+			replAddr, srcMetrics := freePort(t), freePort(t)
+
+			tctx, tcancel := context.WithCancel(context.Background())
+			defer tcancel()
+			tdone := make(chan error, 1)
+			go func() {
+				tdone <- run(tctx, []string{"doppel", "repl", "target", "--file", tgtFile, "--size", "64M",
+					"--listen", "tcp:" + replAddr, "--cert-dir", tgtCerts, "--peer-fingerprint", srcFP})
+			}()
+			waitSocket(t, "tcp", replAddr, tdone)
+			sctx, scancel := context.WithCancel(context.Background())
+			defer scancel()
+			sdone := make(chan error, 1)
+			go func() {
+				sdone <- run(sctx, []string{"doppel", "repl", "source", "--file", srcFile, "--size", "64M",
+					"--listen", "unix:" + sock, "--target", "tcp:" + replAddr, "--mode", mode, "--mirror", "full",
+					"--cert-dir", srcCerts, "--peer-fingerprint", tgtFP, "--compress", "lz4",
+					"--metrics-listen", srcMetrics})
+			}()
+			waitSocket(t, "unix", sock, sdone)
+
+			uri := "nbd+unix:///?socket=" + sock
+			for _, job := range [][]string{
+				{"--rw=randwrite", "--bs=4k", "--iodepth=16", "--io_size=16M"},
+				{"--rw=write", "--bs=1M", "--iodepth=4", "--io_size=32M"},
+				{"--rw=randtrim", "--bs=64k", "--iodepth=4", "--io_size=4M"},
+			} {
+				args := append([]string{"--name=repl", "--ioengine=nbd", "--uri=" + uri, "--size=64M",
+					"--verify=crc32c", "--do_verify=1", "--randrepeat=0", "--output-format=terse"}, job...)
+				if strings.Contains(job[0], "trim") {
+					args = slicesWithout(args, "--verify=crc32c", "--do_verify=1")
+				}
+				cmd := exec.Command(fio, args...)
+				if out, err := cmd.CombinedOutput(); err != nil {
+					t.Fatalf("fio %v: %v\n%s", job, err, out)
+				}
+			}
+			if v := metric(t, srcMetrics, `doppel_repl_payload_bytes_total{kind="write"}`); v < 48<<20 {
+				t.Errorf("only %v write bytes replicated", v)
+			}
+			if v := metric(t, srcMetrics, `doppel_repl_target_data_state{state="consistent"}`); v != 1 {
+				t.Errorf("target data state consistent = %v", v)
+			}
+			scancel()
+			if err := <-sdone; err != nil {
+				t.Fatalf("source: %v", err)
+			}
+			tcancel()
+			if err := <-tdone; err != nil {
+				t.Fatalf("target: %v", err)
+			}
+			if out, err := exec.Command("cmp", srcFile, tgtFile).CombinedOutput(); err != nil {
+				t.Fatalf("cmp: %v: %s", err, out)
+			}
+			state, err := os.ReadFile(tgtFile + ".repl-target.json")
+			if err != nil || !strings.Contains(string(state), `"consistent"`) {
+				t.Fatalf("target state: %s %v", state, err)
+			}
+		})
+	}
+}
+
+func slicesWithout(s []string, drop ...string) []string {
+	var out []string
+	for _, v := range s {
+		keep := true
+		for _, d := range drop {
+			keep = keep && v != d
+		}
+		if keep {
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+func TestReplRejectsBadInput(t *testing.T) {
+	dir := t.TempDir()
+	f := filepath.Join(dir, "v.img")
+	for _, args := range [][]string{
+		{"source", "--file", f, "--size", "1M", "--listen", "unix:" + dir + "/s", "--target", "tcp:127.0.0.1:1", "--mode", "sync"}, // no pin, no --insecure
+		{"source", "--file", f, "--size", "1M", "--listen", "unix:" + dir + "/s", "--target", "tcp:127.0.0.1:1", "--mode", "fast", "--insecure"},
+		{"source", "--file", f, "--size", "1M", "--listen", "unix:" + dir + "/s", "--target", "unix:/x", "--mode", "sync", "--insecure"},
+		{"source", "--file", f, "--size", "1M", "--listen", "unix:" + dir + "/s", "--target", "tcp:127.0.0.1:1", "--mode", "sync", "--insecure", "--mirror", "half"},
+		{"source", "--file", f, "--size", "1M", "--listen", "unix:" + dir + "/s", "--target", "tcp:127.0.0.1:1", "--mode", "sync", "--insecure", "--compress", "gzip"},
+		{"source", "--file", f, "--size", "1M", "--listen", "unix:" + dir + "/s", "--target", "tcp:127.0.0.1:1", "--mode", "sync", "--peer-fingerprint", "abc"},
+		{"target", "--file", f, "--listen", "tcp:127.0.0.1:0", "--insecure"}, // missing file, no size
+		{"target", "--file", f, "--size", "1M", "--listen", "unix:/x", "--insecure"},
+	} {
+		err := run(context.Background(), append([]string{"doppel", "repl"}, args...))
+		var ec cli.ExitCoder
+		if !errors.As(err, &ec) || ec.ExitCode() != exitUsage {
+			t.Errorf("%v: err = %v, want a usage error", args, err)
+		}
+	}
+	if _, err := os.Stat(f); err == nil {
+		t.Error("a refused command created the volume file")
+	}
+}
+
+func TestReplFingerprint(t *testing.T) {
+	dir := t.TempDir()
+	var out strings.Builder
+	app := &cli.App{Writer: &out, Commands: []*cli.Command{replCommand()}}
+	if err := app.Run([]string{"doppel", "repl", "fingerprint", "--cert-dir", dir}); err != nil {
+		t.Fatal(err)
+	}
+	_, fp, err := repl.LoadOrCreateCert(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(out.String()); got != fp {
+		t.Fatalf("printed %q, want %q", got, fp)
+	}
+}
