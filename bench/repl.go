@@ -162,7 +162,7 @@ type replPair struct {
 }
 
 func (p replPair) argv() (tgt, src []string) {
-	tgt = In(p.link.Tgt, p.cfg.Doppel, "repl", "target", "--file", p.tgt)
+	tgt = In(p.link.Tgt, p.cfg.Doppel, "repl", "target", "--file", p.tgt, "--state-dir", p.tgt+".state")
 	if p.size > 0 {
 		tgt = append(tgt, "--size", fmt.Sprint(p.size))
 	}
@@ -440,7 +440,8 @@ func runMirror(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Link,
 	const port = 16355
 	doppelRun := func(run int) error {
 		os.Remove(tgt)
-		tArgv := In(link.Tgt, cfg.Doppel, "repl", "target", "--file", tgt, "--size", fmt.Sprint(cfg.MirrorSize),
+		os.RemoveAll(tgt + ".state")
+		tArgv := In(link.Tgt, cfg.Doppel, "repl", "target", "--file", tgt, "--state-dir", tgt+".state", "--size", fmt.Sprint(cfg.MirrorSize),
 			"--listen", fmt.Sprintf("tcp:%s:%d", replTgtIP, port), "--insecure")
 		sock := filepath.Join(cfg.Dir, "mirror.sock")
 		os.Remove(sock)
