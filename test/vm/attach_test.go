@@ -98,6 +98,7 @@ exit $rc`)
 echo write_cache=$(cat /sys/block/nbd0/queue/write_cache)
 echo fua=$(cat /sys/block/nbd0/queue/fua)
 echo discard=$(cat /sys/block/nbd0/queue/discard_max_bytes)
+echo write_zeroes=$(cat /sys/block/nbd0/queue/write_zeroes_max_bytes)
 echo size=$(cat /sys/block/nbd0/size)
 echo backend=$(cat /sys/block/nbd0/backend)
 # PF_MEMALLOC_NOIO|PF_LOCAL_THROTTLE (PR_SET_IO_FLUSHER) on every thread.
@@ -109,6 +110,7 @@ done`)
 				t.Errorf("want %q in:\n%s", want, out)
 			}
 		}
+		t.Logf("queue limits:\n%s", out)
 		if strings.Contains(out, "not an io flusher") {
 			t.Errorf("PR_SET_IO_FLUSHER missing:\n%s", out)
 		}
