@@ -132,15 +132,14 @@ func runAgent(c *cli.Context) error {
 		defer probe.Close()
 		subs.Liveness = &agent.ProbeLiveness{Log: log, Probe: probe, Port: uint16(cfg.HeartbeatPort)}
 	}
-	// Integration seam: the replication engine (daemon/repl) plugs in as
-	// subs.DataPlane. Until then the agent says so in status and refuses
-	// what needs it (api.ErrNotWired), never pretending.
-	log.Warn("replication engine not wired into the agent in this build: jobs are created, monitored and failed over by the state machine, but no data is shipped")
-
 	a, err := agent.New(log, cfg, subs)
 	if err != nil {
 		return err
 	}
+	// The replication engine authenticates with the agent's certificate:
+	// the one pinned at doppel server add.
+	planes := &agent.ReplPlanes{Log: log, Cert: a.Identity.Cert, ReplListen: cfg.ReplListen, StateDir: cfg.StateDir}
+	a.Subsystems.DataPlane = planes.Open
 	err = a.Run(c.Context)
 	if errors.Is(err, c.Context.Err()) {
 		return nil

@@ -39,6 +39,7 @@ func jobCommand() *cli.Command {
 					&cli.StringFlag{Name: "source", Usage: "source server (doppel server list)"},
 					&cli.StringFlag{Name: "target", Usage: "target server"},
 					&cli.StringFlag{Name: "volume", Usage: "block device or file to protect (same path on the target)"},
+					&cli.StringFlag{Name: "target-volume", Usage: "the volume's path on the target, when not the same as --volume"},
 					&cli.StringFlag{Name: "size", Usage: "create a file volume of this size when missing (e.g. 1G)"},
 					&cli.StringFlag{Name: "mode", Value: job.ModeSync, Usage: "sync (ack after the target applied) or async"},
 					&cli.StringSliceFlag{Name: "service-ip", Usage: "CIDR@IFACE that follows the active side (repeatable)"},
@@ -96,7 +97,7 @@ func oneArg(c *cli.Context, usage string) (string, error) {
 
 // buildSpec turns the create flags into a job spec (without endpoints).
 func buildSpec(c *cli.Context, name string) (job.Spec, error) {
-	spec := job.Spec{Name: name, Volume: c.String("volume"), Mode: c.String("mode"), Failover: ha.FailoverMode(c.String("failover"))}
+	spec := job.Spec{Name: name, Volume: c.String("volume"), TargetVolume: c.String("target-volume"), Mode: c.String("mode"), Failover: ha.FailoverMode(c.String("failover"))}
 	if s := c.String("size"); s != "" {
 		n, err := job.ParseSize(s)
 		if err != nil {
@@ -211,7 +212,7 @@ func jobCreate(c *cli.Context) error {
 		}
 		return fmt.Errorf("create job %s on target %s: %w", name, spec.Target.Name, err)
 	}
-	fmt.Fprintf(c.App.Writer, "created job %s: %s %s -> %s:%s, %s, failover %s\n", name, spec.Source.Name, spec.Volume, spec.Target.Name, spec.Volume, spec.Mode, spec.Failover)
+	fmt.Fprintf(c.App.Writer, "created job %s: %s:%s -> %s:%s, %s, failover %s\n", name, spec.Source.Name, spec.Volume, spec.Target.Name, spec.VolumeOn(spec.Target.Name), spec.Mode, spec.Failover)
 	fmt.Fprintf(c.App.Writer, "follow it with: doppel job status %s --watch\n", name)
 	return nil
 }
@@ -318,7 +319,7 @@ func renderStatus(w io.Writer, views []view, now time.Time) {
 			break
 		}
 	}
-	fmt.Fprintf(w, "job %s  %s:%s -> %s  mode %s  failover %s  (%s)\n", spec.Name, spec.Source.Name, spec.Volume, spec.Target.Name, spec.Mode, spec.Failover, now.Format(time.TimeOnly))
+	fmt.Fprintf(w, "job %s  %s:%s -> %s:%s  mode %s  failover %s  (%s)\n", spec.Name, spec.Source.Name, spec.Volume, spec.Target.Name, spec.VolumeOn(spec.Target.Name), spec.Mode, spec.Failover, now.Format(time.TimeOnly))
 	for _, ip := range spec.ServiceIPs {
 		fmt.Fprintf(w, "  service IP %s@%s\n", ip.Prefix, ip.Iface)
 	}

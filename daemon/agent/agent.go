@@ -257,7 +257,7 @@ func (a *Agent) CreateJob(ctx context.Context, spec job.Spec) (api.JobStatus, er
 	}
 	// The volume must not be in use on either side: on the source writes
 	// must go through doppel, on the target doppel overwrites it.
-	if err := job.CheckVolume(spec.Volume, spec.Size, a.Config.MountInfo); err != nil {
+	if err := job.CheckVolume(spec.VolumeOn(self), spec.Size, a.Config.MountInfo); err != nil {
 		return api.JobStatus{}, fmt.Errorf("job %s on %s: %w", spec.Name, self, err)
 	}
 	cfg := ha.Config{Self: self, Home: spec.Source.Name}

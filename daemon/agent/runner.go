@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/doppelha/doppel/blockdev"
@@ -18,6 +19,11 @@ import (
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/netident"
 )
+
+type snapshot struct {
+	ha      ha.Status
+	actions []string
+}
 
 // runner drives one job's state machine: it ticks it every monitor
 // interval, feeds it the probe's and the data plane's facts and the peer's
@@ -35,6 +41,10 @@ type runner struct {
 	paths       map[string]netip.Addr
 	lastPkts    map[string]uint64
 	lastActions []string
+
+	// snap is the status as of the last processed event, readable while
+	// an action holds mu (a fence waiting on the volume, a script).
+	snap atomic.Pointer[snapshot]
 
 	events chan ha.Event   // from the data plane and async actions
 	outbox chan ha.Message // to the peer, in order
@@ -73,6 +83,7 @@ func newRunner(a *Agent, rec job.Record) (*runner, error) {
 	if err != nil {
 		return nil, err
 	}
+	r.snap.Store(&snapshot{ha: r.node.Status()})
 	if r.subs.DataPlane == nil {
 		r.dpErr = fmt.Errorf("%w: the replication engine (daemon/repl) is not connected to the agent yet", api.ErrNotWired)
 	} else if r.dp, err = r.subs.DataPlane(rec, r.notify); err != nil {
@@ -193,6 +204,7 @@ func (r *runner) tick(ctx context.Context) {
 	}
 	r.node.Tick()
 	r.process(ctx)
+	r.snap.Store(&snapshot{ha: r.node.Status(), actions: r.lastActions})
 }
 
 // step feeds one event and performs what follows; it returns the refusal
@@ -217,8 +229,8 @@ func (r *runner) stepLocked(ctx context.Context, ev ha.Event) {
 
 // process performs every pending Ready: persist, send, act.
 func (r *runner) process(ctx context.Context) (done []string, errs []error) {
+	defer func() { r.snap.Store(&snapshot{ha: r.node.Status(), actions: r.lastActions}) }()
 	for i := 0; r.node.HasReady() && i < 16; i++ {
-		before := r.node.Status().State
 		rd := r.node.Ready()
 		if rd.MustPersist {
 			r.rec.HA = rd.HardState
@@ -250,9 +262,9 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 			}
 			done = append(done, desc)
 		}
-		if after := r.node.Status().State; after != before {
-			r.log.Info("job state", "from", before, "to", after, "epoch", r.node.HardState().Epoch)
-		}
+	}
+	if prev, now := r.snap.Load().ha, r.node.Status(); prev.State != now.State || prev.Role != now.Role {
+		r.log.Info("job state", "from", prev.State, "to", now.State, "role", now.Role, "epoch", now.Epoch, "reason", now.Reason)
 	}
 	if len(done) > 0 {
 		r.lastActions = done
@@ -328,7 +340,7 @@ func (r *runner) do(ctx context.Context, a ha.Action) error {
 			return fmt.Errorf("%w: volume serving (blockdev)", api.ErrNotWired)
 		}
 		var m = r.mutator()
-		_, err := r.subs.Volumes.Serve(ctx, spec, m)
+		_, err := r.subs.Volumes.Serve(ctx, spec, r.rec.Self, m)
 		return err
 	case ha.ActStopServe:
 		if r.subs.Volumes == nil {
@@ -417,14 +429,13 @@ func (r *runner) mutator() blockdev.Mutator {
 
 // status reports the job as this agent sees it.
 func (r *runner) status() api.JobStatus {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	hs := r.node.Status()
+	snap := r.snap.Load()
+	hs := snap.ha
 	st := api.JobStatus{
 		Spec:    r.rec.Spec.Redacted(),
 		Self:    r.rec.Self,
 		HA:      hs,
-		Actions: r.lastActions,
+		Actions: snap.actions,
 		Updated: time.Now().UTC(),
 	}
 	if r.dp != nil {

@@ -49,7 +49,7 @@ func ScriptEnv(spec job.Spec, self string, hook ha.Hook, st ha.Status, device st
 		"DOPPEL_HOST=" + self,
 		"DOPPEL_PEER=" + peer.Name,
 		"DOPPEL_DEVICE=" + device,
-		"DOPPEL_VOLUME=" + spec.Volume,
+		"DOPPEL_VOLUME=" + spec.VolumeOn(self),
 		"DOPPEL_EPOCH=" + strconv.FormatUint(st.Epoch, 10),
 		"DOPPEL_SERVICE_IPS=" + strings.Join(ips, " "),
 	}

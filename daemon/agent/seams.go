@@ -49,9 +49,9 @@ type DataPlaneFactory func(rec job.Record, notify func(ha.Event)) (DataPlane, er
 
 // Volumes serves a job's volume to local applications.
 type Volumes interface {
-	// Serve exports the volume with writes going through m (nil: direct)
+	// Serve exports the volume (its path on self) with writes going through m (nil: direct)
 	// and returns where applications find it (/dev/nbdN or unix:PATH).
-	Serve(ctx context.Context, spec job.Spec, m blockdev.Mutator) (device string, err error)
+	Serve(ctx context.Context, spec job.Spec, self string, m blockdev.Mutator) (device string, err error)
 	// Stop stops serving the job's volume (no-op when not served).
 	Stop(job string) error
 	// Device returns where the job's volume is served, "" when it is not.

@@ -40,7 +40,7 @@ type served struct {
 
 // Serve implements Volumes. Serving an already served job returns its
 // device.
-func (v *NBDVolumes) Serve(ctx context.Context, spec job.Spec, m blockdev.Mutator) (string, error) {
+func (v *NBDVolumes) Serve(ctx context.Context, spec job.Spec, self string, m blockdev.Mutator) (string, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if s, ok := v.served[spec.Name]; ok {
@@ -49,9 +49,10 @@ func (v *NBDVolumes) Serve(ctx context.Context, spec job.Spec, m blockdev.Mutato
 	if v.served == nil {
 		v.served = map[string]*served{}
 	}
-	b, err := blockdev.Open(spec.Volume, spec.Size)
+	vol := spec.VolumeOn(self)
+	b, err := blockdev.Open(vol, spec.Size)
 	if err != nil {
-		return "", fmt.Errorf("open volume %s: %w", spec.Volume, err)
+		return "", fmt.Errorf("open volume %s: %w", vol, err)
 	}
 	srv, err := blockdev.NewServer(v.Log.With("job", spec.Name), blockdev.Export{
 		Name: spec.Name, Description: "doppel job " + spec.Name, Backend: b, Mutator: m,

@@ -398,7 +398,9 @@ func (n *Node) fence() {
 	if n.hs.Alone {
 		n.reason = "split brain: " + n.cfg.Self + " served alone while " + n.cfg.Peer + " took over; superseded by " + n.cfg.Peer + ", run doppel reverse (" + n.cfg.Self + "'s divergent blocks are saved before the resync)"
 	}
-	n.act(Action{Type: ActReleaseIdentity}, Action{Type: ActStopServe}, Action{Type: ActStopSource})
+	// Stop shipping first: writes waiting for the (gone) target's
+	// acknowledgement fail instead of holding the volume open.
+	n.act(Action{Type: ActReleaseIdentity}, Action{Type: ActStopSource}, Action{Type: ActStopServe})
 	n.hello(false) // the new source learns that this node is fenced
 }
 

@@ -67,6 +67,8 @@ type Spec struct {
 	// Volume is the block device or file protected on the source and
 	// written on the target (same path on both).
 	Volume string `json:"volume"`
+	// TargetVolume is the volume's path on the target when it differs.
+	TargetVolume string `json:"target_volume,omitempty"`
 	// Size, in bytes, of a file volume to create when missing; 0 for an
 	// existing device or file.
 	Size       int64              `json:"size,omitempty"`
@@ -144,6 +146,9 @@ func (s *Spec) Validate() error {
 	if !strings.HasPrefix(s.Volume, "/") {
 		return bad("volume %q must be an absolute path", s.Volume)
 	}
+	if s.TargetVolume != "" && !strings.HasPrefix(s.TargetVolume, "/") {
+		return bad("target volume %q must be an absolute path", s.TargetVolume)
+	}
 	if s.Size < 0 {
 		return bad("size %d is negative", s.Size)
 	}
@@ -216,6 +221,14 @@ func splitHostPort(hp string) (string, int, error) {
 		return "", 0, fmt.Errorf("empty host")
 	}
 	return host, port, nil
+}
+
+// VolumeOn is the volume's path on the named server.
+func (s *Spec) VolumeOn(server string) string {
+	if server == s.Target.Name && s.TargetVolume != "" {
+		return s.TargetVolume
+	}
+	return s.Volume
 }
 
 // Redacted returns the spec without its secret, for status output.

@@ -1,0 +1,427 @@
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/ha"
+	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/daemon/repl"
+	"github.com/doppelha/doppel/daemon/repl/wire"
+)
+
+// ReplPlanes makes DataPlanes backed by the replication engine
+// (daemon/repl): the source is the served volume's Mutator and ships to the
+// peer's replication address; the target listens on the agent's
+// replication address. Both authenticate with the agent's certificate and
+// pin the peer's (the fingerprints pinned at doppel server add).
+//
+// Integration limits of this build, each a seam: one target job per agent
+// (the replication listener is not multiplexed by job); no persistent
+// bitmap (daemon/bitmap) or generation history (daemon/gen), so every
+// (re)start of shipping runs a checksum-diff mirror that sends only the
+// chunks that differ; the epoch of the job record is the generation.
+type ReplPlanes struct {
+	Log        *slog.Logger
+	Cert       tls.Certificate
+	ReplListen string
+	StateDir   string
+
+	mu       sync.Mutex
+	listener string // job holding the replication listener
+}
+
+// Open implements DataPlaneFactory.
+func (p *ReplPlanes) Open(rec job.Record, notify func(ha.Event)) (DataPlane, error) {
+	_, peer, ok := rec.Spec.Endpoints(rec.Self)
+	if !ok {
+		return nil, fmt.Errorf("job %s: not a side of it", rec.Spec.Name)
+	}
+	return &replPlane{p: p, rec: rec, peer: peer, notify: notify, log: p.Log.With("job", rec.Spec.Name)}, nil
+}
+
+type replPlane struct {
+	p      *ReplPlanes
+	rec    job.Record
+	peer   job.Endpoint
+	notify func(ha.Event)
+	log    *slog.Logger
+
+	mu        sync.Mutex
+	src       *repl.Source
+	srcBack   blockdev.Backend
+	srcRun    context.CancelFunc
+	tgt       *repl.Target
+	tgtBack   blockdev.Backend
+	tgtCancel context.CancelFunc
+	tgtDone   chan struct{}
+	pollStop  context.CancelFunc
+
+	gate      sync.RWMutex
+	quiesced  bool
+	lastLink  bool
+	lastState string
+}
+
+func (d *replPlane) mode() wire.Mode {
+	if d.rec.Spec.Mode == job.ModeAsync {
+		return wire.ModeAsync
+	}
+	return wire.ModeSync
+}
+
+// source returns the job's replication source, creating it (and opening
+// the volume) on first use.
+func (d *replPlane) source() (*repl.Source, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.src != nil {
+		return d.src, nil
+	}
+	vol := d.rec.Spec.VolumeOn(d.rec.Self)
+	b, err := blockdev.Open(vol, d.rec.Spec.Size)
+	if err != nil {
+		return nil, fmt.Errorf("open volume %s: %w", vol, err)
+	}
+	cfgTLS, err := repl.ClientTLS(d.p.Cert, d.peer.Fingerprint)
+	if err != nil {
+		return nil, err
+	}
+	addr := d.peer.Repl
+	dialer := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 5 * time.Second}, Config: cfgTLS}
+	src, err := repl.NewSource(repl.SourceConfig{
+		Backend: b, Mode: d.mode(), Log: d.log,
+		Dial: func(ctx context.Context) (net.Conn, error) { return dialer.DialContext(ctx, "tcp", addr) },
+	})
+	if err != nil {
+		if c, ok := b.(io.Closer); ok {
+			c.Close()
+		}
+		return nil, err
+	}
+	d.src, d.srcBack = src, b
+	return src, nil
+}
+
+// Mutator implements DataPlane: writes go through the source (local write,
+// then shipped), held back once Quiesce ran.
+func (d *replPlane) Mutator() blockdev.Mutator {
+	if _, err := d.source(); err != nil {
+		d.log.Error("replication source", "err", err)
+		return errMutator{err}
+	}
+	return gated{d}
+}
+
+type gated struct{ d *replPlane }
+
+var errQuiesced = errors.New("writes paused: the job is failing back")
+
+func (g gated) Apply(ctx context.Context, m *blockdev.Mutation) error {
+	g.d.gate.RLock()
+	defer g.d.gate.RUnlock()
+	if g.d.quiesced {
+		return errQuiesced
+	}
+	g.d.mu.Lock()
+	src := g.d.src
+	g.d.mu.Unlock()
+	if src == nil {
+		return repl.ErrClosed
+	}
+	return src.Apply(ctx, m)
+}
+
+type errMutator struct{ err error }
+
+func (e errMutator) Apply(context.Context, *blockdev.Mutation) error { return e.err }
+
+// StartSource implements DataPlane.
+func (d *replPlane) StartSource(ctx context.Context) error {
+	src, err := d.source()
+	if err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.srcRun != nil {
+		return nil
+	}
+	d.gate.Lock()
+	d.quiesced = false
+	d.gate.Unlock()
+	rctx, cancel := context.WithCancel(context.Background())
+	d.srcRun = cancel
+	go func() {
+		if err := src.Run(rctx); err != nil {
+			d.notify(ha.Event{Type: ha.EvActionFailed, Action: ha.ActStartSource, Err: err.Error()})
+		}
+	}()
+	go func() {
+		// Without a persistent bitmap, compare checksums and send only
+		// the chunks that differ (a new target: everything non-zero).
+		res, err := src.Mirror(rctx, repl.MirrorDiff)
+		if err != nil && rctx.Err() == nil {
+			d.log.Error("mirror", "err", err)
+			d.notify(ha.Event{Type: ha.EvActionFailed, Action: ha.ActStartSource, Err: "mirror: " + err.Error()})
+			return
+		}
+		d.log.Info("mirror done", "scanned", res.Scanned, "sent", res.Sent)
+	}()
+	d.startPoll()
+	return nil
+}
+
+// StopSource implements DataPlane: shipping stops and the source is
+// closed, so writes still waiting for the target's acknowledgement fail
+// (the volume is about to stop being served here).
+func (d *replPlane) StopSource() error {
+	d.stopRun()
+	d.mu.Lock()
+	src, b := d.src, d.srcBack
+	d.src, d.srcBack = nil, nil
+	d.mu.Unlock()
+	if src == nil {
+		return nil
+	}
+	return errors.Join(src.Close(), closeBackend(b))
+}
+
+func (d *replPlane) stopRun() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.srcRun != nil {
+		d.srcRun()
+		d.srcRun = nil
+	}
+}
+
+// StartTarget implements DataPlane.
+func (d *replPlane) StartTarget(ctx context.Context) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.tgt != nil {
+		return nil
+	}
+	d.p.mu.Lock()
+	if d.p.listener != "" && d.p.listener != d.rec.Spec.Name {
+		holder := d.p.listener
+		d.p.mu.Unlock()
+		return fmt.Errorf("replication listener %s is used by job %s: one target job per agent in this build", d.p.ReplListen, holder)
+	}
+	d.p.listener = d.rec.Spec.Name
+	d.p.mu.Unlock()
+	release := func() {
+		d.p.mu.Lock()
+		d.p.listener = ""
+		d.p.mu.Unlock()
+	}
+	vol := d.rec.Spec.VolumeOn(d.rec.Self)
+	b, err := blockdev.Open(vol, d.rec.Spec.Size)
+	if err != nil {
+		release()
+		return fmt.Errorf("open volume %s: %w", vol, err)
+	}
+	t, err := repl.NewTarget(repl.TargetConfig{Backend: b, Log: d.log,
+		StatePath: filepath.Join(d.p.StateDir, "jobs", d.rec.Spec.Name+".target.json")})
+	if err != nil {
+		closeBackend(b)
+		release()
+		return err
+	}
+	cfgTLS, err := repl.ServerTLS(d.p.Cert, d.peer.Fingerprint)
+	if err != nil {
+		t.Close()
+		closeBackend(b)
+		release()
+		return err
+	}
+	l, err := net.Listen("tcp", d.p.ReplListen)
+	if err != nil {
+		t.Close()
+		closeBackend(b)
+		release()
+		return fmt.Errorf("listen for replication: %w", err)
+	}
+	tctx, cancel := context.WithCancel(context.Background())
+	d.tgt, d.tgtBack, d.tgtCancel, d.tgtDone = t, b, cancel, make(chan struct{})
+	done := d.tgtDone
+	go func() {
+		defer close(done)
+		if err := t.Serve(tctx, tls.NewListener(l, cfgTLS)); err != nil && tctx.Err() == nil {
+			d.log.Error("replication target", "err", err)
+		}
+	}()
+	d.startPoll()
+	return nil
+}
+
+// StopTarget implements DataPlane. The target applies frames as they
+// arrive, in order: there is no separate unapplied queue to apply or drop.
+func (d *replPlane) StopTarget(applyQueue bool) error {
+	d.mu.Lock()
+	t, b, cancel, done := d.tgt, d.tgtBack, d.tgtCancel, d.tgtDone
+	d.tgt, d.tgtBack, d.tgtCancel, d.tgtDone = nil, nil, nil, nil
+	d.mu.Unlock()
+	if t == nil {
+		return nil
+	}
+	cancel()
+	<-done
+	err := errors.Join(t.Close(), closeBackend(b))
+	d.p.mu.Lock()
+	if d.p.listener == d.rec.Spec.Name {
+		d.p.listener = ""
+	}
+	d.p.mu.Unlock()
+	return err
+}
+
+// Promote implements DataPlane. The new epoch is persisted in the job
+// record before this runs; the generation history (daemon/gen) is the seam
+// that will record it with the volume.
+func (d *replPlane) Promote(epoch uint64) error { return nil }
+
+// Pause implements DataPlane: shipping stops; writes queue up to the
+// queue's bound (then the application waits: no bitmap to fall back to).
+func (d *replPlane) Pause() error {
+	d.stopRun()
+	return nil
+}
+
+// Resume implements DataPlane.
+func (d *replPlane) Resume() error { return d.StartSource(context.Background()) }
+
+// Quiesce implements DataPlane: later writes fail (the pre-failback script
+// stops the application), in-flight ones finish, and it returns once the
+// target acknowledged every write.
+func (d *replPlane) Quiesce(ctx context.Context) error {
+	d.gate.Lock()
+	d.quiesced = true
+	d.gate.Unlock()
+	src, err := d.source()
+	if err != nil {
+		return err
+	}
+	return src.WaitAcked(ctx)
+}
+
+// Status implements DataPlane.
+func (d *replPlane) Status() api.DataStatus {
+	d.mu.Lock()
+	src, tgt := d.src, d.tgt
+	d.mu.Unlock()
+	st := api.DataStatus{Known: true, RPO: -1}
+	if src != nil {
+		s := src.Stats()
+		st.QueueMemory = s.QueueBytes
+		if s.MirrorActive {
+			st.SyncTotal, st.SyncDone = s.MirrorTotal, s.MirrorDone
+			st.BytesRemaining = max(s.MirrorTotal-s.MirrorDone, 0)
+		}
+		if s.QueueEntries == 0 {
+			st.RPO = 0 // nothing unacknowledged
+		} else {
+			st.Note = fmt.Sprintf("%d writes not yet acknowledged by the target", s.QueueEntries)
+		}
+	}
+	if tgt != nil {
+		ts, _, peer := tgt.Status()
+		st.Note = fmt.Sprintf("applied up to sequence %d from %s", ts.Applied, peer)
+	}
+	return st
+}
+
+// Verify implements DataPlane.
+func (d *replPlane) Verify(ctx context.Context) (api.VerifyResult, error) {
+	d.mu.Lock()
+	src := d.src
+	running := d.srcRun != nil
+	d.mu.Unlock()
+	if src == nil || !running {
+		return api.VerifyResult{}, fmt.Errorf("%w: verify runs on the job's active source while it replicates", job.ErrInvalid)
+	}
+	res, err := src.Verify(ctx, false)
+	if err != nil {
+		return api.VerifyResult{}, err
+	}
+	var diff int64
+	for _, r := range res.Differing {
+		diff += r.Length
+	}
+	const chunk = repl.DefaultChunkSize
+	return api.VerifyResult{Job: d.rec.Spec.Name, Bytes: res.Scanned, Chunks: (res.Scanned + chunk - 1) / chunk,
+		Differing: (diff + chunk - 1) / chunk, Equal: len(res.Differing) == 0}, nil
+}
+
+// startPoll turns the engine's state into state-machine events: link
+// up/down, resync started, synced. Called with d.mu held.
+func (d *replPlane) startPoll() {
+	if d.pollStop != nil {
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	d.pollStop = cancel
+	go func() {
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			d.mu.Lock()
+			src, tgt, running := d.src, d.tgt, d.srcRun != nil
+			d.mu.Unlock()
+			link, state := false, ""
+			switch {
+			case src != nil && running:
+				s := src.Stats()
+				link, state = s.Connected, s.TargetState
+			case tgt != nil:
+				ts, _, peer := tgt.Status()
+				link, state = peer != "", ts.State
+			}
+			if link != d.lastLink {
+				d.lastLink = link
+				if link {
+					d.notify(ha.Event{Type: ha.EvLinkUp})
+				} else {
+					d.notify(ha.Event{Type: ha.EvLinkDown})
+				}
+			}
+			if link && state != d.lastState {
+				switch state {
+				case "consistent":
+					d.notify(ha.Event{Type: ha.EvSynced})
+				case "inconsistent":
+					d.notify(ha.Event{Type: ha.EvResync})
+				}
+				d.lastState = state
+			}
+		}
+	}()
+}
+
+// Close implements DataPlane.
+func (d *replPlane) Close() error {
+	err := errors.Join(d.StopSource(), d.StopTarget(false))
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.pollStop != nil {
+		d.pollStop()
+		d.pollStop = nil
+	}
+	return err
+}
