@@ -262,7 +262,8 @@ func TestHelperWatch(t *testing.T) {
 		s, err := p.Stats(peer)
 		return monitor.Sample{LastSeen: s.LastSeen(), Packets: s.Packets()}, err
 	}, func(c monitor.Change) {
-		fmt.Printf("HELPER %s %d %d\n", c.To, c.At, c.Silence)
+		st, _ := p.Stats(peer)
+		fmt.Printf("HELPER %s %d %d heartbeats=%d seq=%d gaps=%d last=%d now=%d\n", c.To, c.At, c.Silence, st.Heartbeats, st.LastSeq, st.Gaps, st.LastSeen(), Now())
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -54,15 +54,11 @@ func listenHeartbeats(addr netip.Addr, port uint16) (*hbSocket, error) {
 
 // drain reads every queued datagram and calls f with its source address,
 // payload (valid during the call) and kernel arrival time converted to
-// CLOCK_MONOTONIC. SO_TIMESTAMPNS stamps with CLOCK_REALTIME; the
-// conversion uses the realtime-monotonic offset at drain time, which is
-// exact unless the wall clock was stepped between arrival and drain.
+// CLOCK_MONOTONIC. SO_TIMESTAMPNS stamps with CLOCK_REALTIME; each packet
+// is converted with the realtime-monotonic offset read right after it was
+// received (exact unless the wall clock is stepped between arrival and
+// read), and never placed after that read.
 func (s *hbSocket) drain(f func(src netip.Addr, payload []byte, at time.Duration)) error {
-	var rt, mono unix.Timespec
-	_ = unix.ClockGettime(unix.CLOCK_REALTIME, &rt)
-	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &mono)
-	offset := time.Duration(rt.Nano() - mono.Nano())
-	now := time.Duration(mono.Nano())
 	for {
 		n, oobn, _, from, err := unix.Recvmsg(s.fd, s.buf, s.oob, unix.MSG_DONTWAIT)
 		if errors.Is(err, unix.EAGAIN) {
@@ -74,16 +70,20 @@ func (s *hbSocket) drain(f func(src netip.Addr, payload []byte, at time.Duration
 		if err != nil {
 			return fmt.Errorf("read heartbeat socket: %w", err)
 		}
+		var rt, mono unix.Timespec
+		_ = unix.ClockGettime(unix.CLOCK_REALTIME, &rt)
+		_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &mono)
 		sa, ok := from.(*unix.SockaddrInet6)
 		if !ok {
 			continue
 		}
+		now := time.Duration(mono.Nano())
 		at := now
 		if msgs, err := unix.ParseSocketControlMessage(s.oob[:oobn]); err == nil {
 			for _, m := range msgs {
 				if m.Header.Level == unix.SOL_SOCKET && m.Header.Type == unix.SCM_TIMESTAMPNS && len(m.Data) >= 16 {
 					ts := *(*unix.Timespec)(unsafe.Pointer(&m.Data[0])) // host layout, aligned by the cmsg format
-					at = min(time.Duration(ts.Nano())-offset, now)
+					at = min(time.Duration(ts.Nano()-rt.Nano())+now, now)
 				}
 			}
 		}
