@@ -26,6 +26,19 @@ func TestBootAndNetwork(t *testing.T) {
 		}
 		g.MustRun(t, time.Minute, sb.String())
 	}
+	// What the agent needs in a guest: BTF for the XDP probe, bpffs, entropy.
+	out := l.Guests[0].MustRun(t, 30*time.Second, `
+[ -e /sys/kernel/btf/vmlinux ] && echo btf
+grep -q ' /sys/fs/bpf bpf' /proc/mounts && echo bpffs
+cat /proc/sys/kernel/random/entropy_avail >/dev/null && head -c 16 /dev/random | wc -c`)
+	if !strings.Contains(out, "btf\n") || !strings.Contains(out, "bpffs\n") || !strings.Contains(out, "16") {
+		t.Errorf("guest features:\n%s", out)
+	}
+	// Background processes log to /run/NAME.log.
+	l.Guests[1].Start(t, "sleeper", `echo "it's started"; sleep 600`)
+	if out := l.Guests[1].MustRun(t, 30*time.Second, "sleep 0.5; cat /run/sleeper.log; pidof sleep"); !strings.Contains(out, "it's started") {
+		t.Errorf("background process:\n%s", out)
+	}
 	// A failing command reports its exit code and output.
 	out, rc, err := l.Guests[0].Run(t.Context(), "echo oops >&2; exit 7")
 	if err != nil || rc != 7 || out != "oops\n" {

@@ -316,11 +316,15 @@ func NewLab(t testing.TB, guests ...GuestConfig) *Lab {
 		l.start(g, gc, a)
 		l.Guests = append(l.Guests, g)
 	}
+	// Runs before the guests are killed (cleanups run last-in first-out).
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, g := range l.Guests {
 				b, _ := os.ReadFile(g.console)
 				t.Logf("==== console of %s ====\n%s", g.Name, b)
+				if logs := g.nodeLogs(); logs != "" {
+					t.Logf("==== logs of %s (/run/*.log) ====\n%s", g.Name, logs)
+				}
 			}
 		}
 	})
@@ -583,6 +587,32 @@ func readReply(r *bufio.Reader, id string) (string, int, error) {
 		}
 	}
 }
+
+// Start runs command in the background of the guest, detached from the
+// control channel, with its output in /run/NAME.log: the node logs written
+// to the test log when the test fails.
+func (g *Guest) Start(t testing.TB, name, command string) {
+	t.Helper()
+	g.MustRun(t, 30*time.Second, fmt.Sprintf("setsid sh -c %s >/run/%s.log 2>&1 </dev/null &", shellQuote(command), name))
+}
+
+// nodeLogs returns the guest's /run/*.log files, or "" when it is gone.
+func (g *Guest) nodeLogs() string {
+	select {
+	case <-g.exited:
+		return ""
+	default:
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	out, _, err := g.Run(ctx, `for f in /run/*.log; do [ -e "$f" ] && { echo "--- $f"; tail -n 200 "$f"; }; done`)
+	if err != nil {
+		return ""
+	}
+	return out
+}
+
+func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
 
 // MustRun runs script and fails t unless it exits 0.
 func (g *Guest) MustRun(t testing.TB, timeout time.Duration, script string) string {
