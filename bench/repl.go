@@ -498,6 +498,7 @@ func runMirror(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Link,
 			return err
 		}
 		sock := filepath.Join(cfg.Dir, "nbdkit-src.sock")
+		os.Remove(sock) // nbdkit does not replace a stale socket
 		sArgv := In(link.Src, "nbdkit", "-f", "--exit-with-parent", "-r", "-U", sock, "file", "file="+vol)
 		tArgv := In(link.Tgt, "nbdkit", "-f", "--exit-with-parent", "-i", replTgtIP, "-p", fmt.Sprint(port), "file", "file="+tgt)
 		cArgv := In(link.Src, "nbdcopy", "--flush", "nbd+unix:///?socket="+sock, fmt.Sprintf("nbd://%s:%d", replTgtIP, port))
