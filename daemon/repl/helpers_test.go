@@ -87,7 +87,7 @@ func (l *logBuf) String() string {
 	return l.buf.String()
 }
 
-func testLogger(t *testing.T) (*slog.Logger, *logBuf) {
+func testLogger(t testing.TB) (*slog.Logger, *logBuf) {
 	lb := &logBuf{}
 	t.Cleanup(func() {
 		if t.Failed() {
@@ -119,7 +119,7 @@ type pairOpts struct {
 	rate  int64
 }
 
-func startTarget(t *testing.T, ctx context.Context, b blockdev.Backend, log *slog.Logger, wrap func(net.Listener) net.Listener) (*Target, string) {
+func startTarget(t testing.TB, ctx context.Context, b blockdev.Backend, log *slog.Logger, wrap func(net.Listener) net.Listener) (*Target, string) {
 	t.Helper()
 	tgt, err := NewTarget(TargetConfig{Backend: b, StatePath: filepath.Join(t.TempDir(), "target.json"), Log: log})
 	if err != nil {
@@ -141,7 +141,7 @@ func startTarget(t *testing.T, ctx context.Context, b blockdev.Backend, log *slo
 	return tgt, l.Addr().String()
 }
 
-func newPair(t *testing.T, srcB, tgtB blockdev.Backend, o pairOpts) *pair {
+func newPair(t testing.TB, srcB, tgtB blockdev.Backend, o pairOpts) *pair {
 	t.Helper()
 	log, lb := testLogger(t)
 	ctx, cancel := context.WithCancel(context.Background())
