@@ -10,6 +10,7 @@ import (
 	"net"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/doppelha/doppel/blockdev"
@@ -67,8 +68,8 @@ type replPlane struct {
 	tgtDone   chan struct{}
 	pollStop  context.CancelFunc
 
-	gate      sync.RWMutex
-	quiesced  bool
+	gate      sync.RWMutex // held shared by writes in flight
+	quiesced  atomic.Bool
 	lastLink  bool
 	lastState string
 }
@@ -127,17 +128,26 @@ type gated struct{ d *replPlane }
 
 var errQuiesced = errors.New("writes paused: the job is failing back")
 
+// Apply ships the write when the source is running; when it is not (a
+// failed-over host before reverse, a paused job) the write is local only,
+// and the next start's diff mirror sends what changed.
 func (g gated) Apply(ctx context.Context, m *blockdev.Mutation) error {
+	if g.d.quiesced.Load() {
+		return errQuiesced
+	}
 	g.d.gate.RLock()
 	defer g.d.gate.RUnlock()
-	if g.d.quiesced {
+	if g.d.quiesced.Load() {
 		return errQuiesced
 	}
 	g.d.mu.Lock()
-	src := g.d.src
+	src, back, running := g.d.src, g.d.srcBack, g.d.srcRun != nil
 	g.d.mu.Unlock()
 	if src == nil {
 		return repl.ErrClosed
+	}
+	if !running {
+		return blockdev.ApplyTo(back, m)
 	}
 	return src.Apply(ctx, m)
 }
@@ -157,9 +167,7 @@ func (d *replPlane) StartSource(ctx context.Context) error {
 	if d.srcRun != nil {
 		return nil
 	}
-	d.gate.Lock()
-	d.quiesced = false
-	d.gate.Unlock()
+	d.quiesced.Store(false)
 	rctx, cancel := context.WithCancel(context.Background())
 	d.srcRun = cancel
 	go func() {
@@ -170,14 +178,20 @@ func (d *replPlane) StartSource(ctx context.Context) error {
 	go func() {
 		// Without a persistent bitmap, compare checksums and send only
 		// the chunks that differ (a new target: everything non-zero).
+		// The mirror's end is what makes the target consistent.
+		d.notify(ha.Event{Type: ha.EvResync})
 		res, err := src.Mirror(rctx, repl.MirrorDiff)
-		if err != nil && rctx.Err() == nil {
-			d.log.Error("mirror", "err", err)
-			d.notify(ha.Event{Type: ha.EvActionFailed, Action: ha.ActStartSource, Err: "mirror: " + err.Error()})
+		if err != nil {
+			if rctx.Err() == nil {
+				d.log.Error("mirror", "err", err)
+				d.notify(ha.Event{Type: ha.EvActionFailed, Action: ha.ActStartSource, Err: "mirror: " + err.Error()})
+			}
 			return
 		}
 		d.log.Info("mirror done", "scanned", res.Scanned, "sent", res.Sent)
+		d.notify(ha.Event{Type: ha.EvSynced})
 	}()
+	d.lastLink = false
 	d.startPoll()
 	return nil
 }
@@ -255,6 +269,7 @@ func (d *replPlane) StartTarget(ctx context.Context) error {
 	}
 	tctx, cancel := context.WithCancel(context.Background())
 	d.tgt, d.tgtBack, d.tgtCancel, d.tgtDone = t, b, cancel, make(chan struct{})
+	d.lastLink, d.lastState = false, ""
 	done := d.tgtDone
 	go func() {
 		defer close(done)
@@ -306,8 +321,8 @@ func (d *replPlane) Resume() error { return d.StartSource(context.Background()) 
 // stops the application), in-flight ones finish, and it returns once the
 // target acknowledged every write.
 func (d *replPlane) Quiesce(ctx context.Context) error {
-	d.gate.Lock()
-	d.quiesced = true
+	d.quiesced.Store(true)
+	d.gate.Lock() // wait for the writes in flight
 	d.gate.Unlock()
 	src, err := d.source()
 	if err != nil {
@@ -365,7 +380,8 @@ func (d *replPlane) Verify(ctx context.Context) (api.VerifyResult, error) {
 }
 
 // startPoll turns the engine's state into state-machine events: link
-// up/down, resync started, synced. Called with d.mu held.
+// up/down, and on the target resync started / synced (the source learns
+// those from its mirror). Called with d.mu held.
 func (d *replPlane) startPoll() {
 	if d.pollStop != nil {
 		return
@@ -387,8 +403,8 @@ func (d *replPlane) startPoll() {
 			link, state := false, ""
 			switch {
 			case src != nil && running:
-				s := src.Stats()
-				link, state = s.Connected, s.TargetState
+				// The source's sync state comes from its mirror.
+				link = src.Stats().Connected
 			case tgt != nil:
 				ts, _, peer := tgt.Status()
 				link, state = peer != "", ts.State
@@ -401,7 +417,7 @@ func (d *replPlane) startPoll() {
 					d.notify(ha.Event{Type: ha.EvLinkDown})
 				}
 			}
-			if link && state != d.lastState {
+			if link && state != "" && state != d.lastState {
 				switch state {
 				case "consistent":
 					d.notify(ha.Event{Type: ha.EvSynced})

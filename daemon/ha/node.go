@@ -442,6 +442,7 @@ func (n *Node) onMessage(m Message) {
 		)
 		n.hs.Role, n.hs.Epoch = RoleSource, epoch
 		n.sourceDown = false
+		n.reason = ""
 		n.linkUp = false
 		n.state = ""
 		n.refreshState()
