@@ -53,5 +53,11 @@
 //     nothing.
 //   - Resume: Hello carries the source's stream ID and the sequence it can
 //     resend from; Welcome carries the target's stream and applied
-//     sequence. A generation layer decides before Run whether to resync.
+//     sequence. A restarted source continues its stream with
+//     SourceConfig.Resume (stream ID, last and acknowledged sequence) over
+//     a persistent Queue. A generation layer decides before Run whether to
+//     resync.
+//   - [Source.Resync] sends a list of ranges (dirty chunks, in disk order)
+//     through the ordered stream, the target inconsistent meanwhile;
+//     [Source.Mirror] (full or diff) and [Source.Verify] are the other passes.
 package repl

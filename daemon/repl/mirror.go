@@ -335,21 +335,54 @@ func (s *Source) Verify(ctx context.Context, resync bool) (MirrorResult, error) 
 	if !resync || len(res.Differing) == 0 {
 		return res, nil
 	}
-	if _, err := s.push(&wire.MirrorState{Phase: wire.PhaseBegin, Purpose: wire.PurposeResync, Total: uint64(res.DifferingBytes())}); err != nil {
+	rs, err := s.Resync(ctx, res.Differing)
+	res.Sent, res.Holes = rs.Sent, rs.Holes
+	return res, err
+}
+
+// Resync sends the given ranges (e.g. the dirty chunks of a bitmap, in
+// disk order) as they are now, each read under the range lock and
+// sequenced into the stream, with the target inconsistent until the pass
+// ends. Progress is reported like a mirror's.
+func (s *Source) Resync(ctx context.Context, ranges []Range) (MirrorResult, error) {
+	var res MirrorResult
+	if err := s.waitConnected(ctx); err != nil {
+		return res, err
+	}
+	start := time.Now()
+	var total int64
+	for _, r := range ranges {
+		if r.Offset < 0 || r.Length < 0 || r.Offset+r.Length > s.size {
+			return res, fmt.Errorf("resync range %d+%d outside the %d-byte volume", r.Offset, r.Length, s.size)
+		}
+		total += r.Length
+	}
+	s.st.mirrorActive.Store(true)
+	defer s.st.mirrorActive.Store(false)
+	s.st.mirrorDone.Store(0)
+	s.st.mirrorTotal.Store(total)
+	if _, err := s.push(&wire.MirrorState{Phase: wire.PhaseBegin, Purpose: wire.PurposeResync, Total: uint64(total)}); err != nil {
 		return res, err
 	}
 	s.setTargetState(wire.StateInconsistent)
-	for _, r := range res.Differing {
+	for _, r := range ranges {
+		if err := s.waitQueueBelow(ctx, s.mirrorQueueCap()); err != nil {
+			return res, fmt.Errorf("resync: %w", err)
+		}
 		sent, holes, err := s.sendRange(r.Offset, r.Length, wire.PurposeResync)
 		res.Sent += sent
 		res.Holes += holes
 		if err != nil {
 			return res, fmt.Errorf("resync: %w", err)
 		}
+		res.Scanned += r.Length
+		s.st.mirrorDone.Store(res.Scanned)
 	}
 	if err := s.endPass(ctx, wire.PurposeResync); err != nil {
 		return res, fmt.Errorf("resync: %w", err)
 	}
-	s.log.Info("resync done", "sent", res.Sent, "holes", res.Holes)
+	res.Duration = time.Since(start)
+	s.log.Info("resync done", "ranges", len(ranges), "bytes", total, "sent", res.Sent, "holes", res.Holes,
+		"took", res.Duration.Round(time.Millisecond))
 	return res, nil
 }

@@ -48,6 +48,17 @@ type SourceConfig struct {
 	RateLimit int64
 	// Log receives structured logs; nil discards them.
 	Log *slog.Logger
+	// Resume continues an existing stream (a restarted source whose
+	// persistent Queue still holds the unacknowledged frames); nil starts
+	// a new stream with a random ID at sequence 1.
+	Resume *ResumePoint
+}
+
+// ResumePoint is where a restarted source continues its stream.
+type ResumePoint struct {
+	StreamID uint64 // the stream's ID (non-zero)
+	LastSeq  uint64 // last sequence assigned before the restart
+	AckedSeq uint64 // the target applied everything up to here; Queue holds AckedSeq+1..LastSeq
 }
 
 // Source is the replicating side: a [blockdev.Mutator] that applies each
@@ -140,9 +151,19 @@ func NewSource(cfg SourceConfig) (*Source, error) {
 		queue: cfg.Queue, tracker: cfg.Tracker, ext: newExtents(cfg.Backend),
 		streamID: binary.BigEndian.Uint64(id[:]) | 1, ackCh: make(chan struct{}),
 	}
+	if r := cfg.Resume; r != nil {
+		if r.StreamID == 0 || r.AckedSeq > r.LastSeq {
+			return nil, fmt.Errorf("replication source: bad resume point %+v", *r)
+		}
+		s.streamID, s.last, s.acked, s.durable = r.StreamID, r.LastSeq, r.AckedSeq, r.AckedSeq
+	}
 	s.life, s.stop = context.WithCancel(context.Background())
 	return s, nil
 }
+
+// StreamID identifies this source's sequence stream (persist it with the
+// queue to resume after a restart).
+func (s *Source) StreamID() uint64 { return s.streamID }
 
 // Mode returns the replication mode.
 func (s *Source) Mode() wire.Mode { return s.cfg.Mode }
