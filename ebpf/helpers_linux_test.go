@@ -88,8 +88,11 @@ func (l *lab) helperWatch(mode Mode, cfg monitor.Config, token uint64, rt bool) 
 // as corosync runs its own: it stands for the peer host, which this host's
 // load must not starve.
 func (l *lab) helperSend(interval time.Duration, token uint64) *helper {
-	return l.startHelper(l.nsA, true, "TestHelperSend",
+	l.t.Helper()
+	h := l.startHelper(l.nsA, true, "TestHelperSend",
 		fmt.Sprintf("DOPPEL_HELPER_SEND=%s,%v,%d,%s,%s", l.addrB, interval, token, l.nsA, l.vethA))
+	h.expect(l.t, "sending", 10*time.Second) // so that a monitor started next finds it running
+	return h
 }
 
 // expect waits for the helper's next line, which must start with prefix.
@@ -172,7 +175,10 @@ func TestHelperSend(t *testing.T) {
 	var restore func() error
 	tk := time.NewTicker(iv)
 	defer tk.Stop()
+	s.Send()
+	fmt.Println("HELPER sending")
 	for {
+		<-tk.C
 		s.Send()
 		select {
 		case c, ok := <-cmds:
@@ -205,7 +211,6 @@ func TestHelperSend(t *testing.T) {
 			}
 		default:
 		}
-		<-tk.C
 	}
 }
 
