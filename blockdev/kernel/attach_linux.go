@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -88,6 +89,31 @@ type Device struct {
 	detach  sync.Once
 	detErr  error
 	stopped chan struct{}
+	release chan struct{} // frees the thread that connected
+}
+
+// connect sends NBD_CMD_CONNECT from a thread that stays alive until the
+// device is detached: the kernel shows that thread's ID in
+// /sys/block/nbdN/pid, and a vanished pid is how a stale device (its
+// server crashed) is recognised.
+func (d *Device) connect(family uint16, req *connectRequest) (uint32, error) {
+	type result struct {
+		idx uint32
+		err error
+	}
+	res := make(chan result, 1)
+	d.release = make(chan struct{})
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		idx, err := genlConnect(family, req)
+		res <- result{idx, err}
+		if err == nil {
+			<-d.release
+		}
+	}()
+	r := <-res
+	return r.idx, r.err
 }
 
 // Attach connects a /dev/nbdN to cfg.Serve. It loads the nbd module when
@@ -178,7 +204,7 @@ func (h host) attach(ctx context.Context, cfg Config) (*Device, error) {
 	}
 	go func() { wg.Wait(); close(d.done) }()
 
-	idx, err := genlConnect(fam.ID, req)
+	idx, err := d.connect(fam.ID, req)
 	// The kernel took its own references to the sockets it accepted.
 	for _, fd := range theirs {
 		unix.Close(fd)
@@ -538,6 +564,9 @@ func (d *Device) doDetach(ctx context.Context) error {
 	<-d.done
 	if err := d.waitFree(ctx); err != nil {
 		errs = append(errs, err)
+	}
+	if d.release != nil {
+		close(d.release)
 	}
 	d.mu.Lock()
 	for _, e := range d.errs {

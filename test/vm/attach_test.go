@@ -101,11 +101,14 @@ echo discard=$(cat /sys/block/nbd0/queue/discard_max_bytes)
 echo write_zeroes=$(cat /sys/block/nbd0/queue/write_zeroes_max_bytes)
 echo size=$(cat /sys/block/nbd0/size)
 echo backend=$(cat /sys/block/nbd0/backend)
+# The pid file names a live thread of the server.
+tgid=$(awk '/^Tgid/ {print $2}' /proc/$(cat /sys/block/nbd0/pid)/status)
+[ "$tgid" = "$(pidof doppel)" ] && echo pid=doppel
 # PF_MEMALLOC_NOIO|PF_LOCAL_THROTTLE (PR_SET_IO_FLUSHER) on every thread.
 for f in /proc/$(pidof doppel)/task/*/stat; do
 	awk '{ if (and($9, 1572864) != 1572864) print "not an io flusher: " FILENAME }' $f
 done`)
-		for _, want := range []string{"module=loaded", "write_cache=write back", "fua=1", "size=262144", "backend=doppel:/var/lib/doppel/disk.img"} {
+		for _, want := range []string{"module=loaded", "write_cache=write back", "fua=1", "size=262144", "backend=doppel:/var/lib/doppel/disk.img", "pid=doppel"} {
 			if !strings.Contains(out, want+"\n") {
 				t.Errorf("want %q in:\n%s", want, out)
 			}
