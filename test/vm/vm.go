@@ -38,10 +38,12 @@ import (
 //go:embed init.sh
 var initScript []byte
 
-// The seed's subnets.
+// The seed's subnets (/24 each) and the service IP that follows the
+// active side.
 const (
-	AppNet  = "172.17.22"
-	ReplNet = "192.168.0"
+	AppNet    = "172.17.22"
+	ReplNet   = "192.168.0"
+	ServiceIP = "172.17.22.187"
 )
 
 // Assets are the files every guest boots from.
