@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"time"
 
@@ -124,6 +125,11 @@ func Open(cfg Config) (Probe, error) {
 	case ModeAuto:
 		if len(cfg.Interfaces) == 0 {
 			return openUserspace(cfg)
+		}
+		for _, name := range cfg.Interfaces { // a typo is an error, not a reason to fall back
+			if _, err := net.InterfaceByName(name); err != nil {
+				return nil, fmt.Errorf("probe: interface %s: %w", name, err)
+			}
 		}
 		p, err := openXDP(cfg)
 		if err == nil {
