@@ -1,0 +1,84 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/urfave/cli/v2"
+)
+
+// runProbeCLI runs the CLI with args and returns its stdout and error.
+func runProbeCLI(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	r, w, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := os.Stdout
+	os.Stdout = w
+	out := make(chan string)
+	go func() { b, _ := io.ReadAll(r); out <- string(b) }()
+	err = run(context.Background(), append([]string{"doppel"}, args...))
+	os.Stdout = old
+	w.Close()
+	return <-out, err
+}
+
+func probeFreePort(t *testing.T) string {
+	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	return strconv.Itoa(c.LocalAddr().(*net.UDPAddr).Port)
+}
+
+func probeExitCode(err error) int {
+	var ec cli.ExitCoder
+	if errors.As(err, &ec) {
+		return ec.ExitCode()
+	}
+	return -1
+}
+
+func TestProbeSendCount(t *testing.T) {
+	out, err := runProbeCLI(t, "probe", "send", "--to", "127.0.0.1", "--port", probeFreePort(t), "--interval", "5ms", "--count", "3", "--token", "0x2a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out, "sent 3 heartbeats (seq 3, 0 failed writes)") {
+		t.Fatalf("output %q", out)
+	}
+}
+
+// TestProbeWatchExitOnDown: a peer that never sends is declared down after
+// interval × missed, and --exit-on-down exits with status 3.
+func TestProbeWatchExitOnDown(t *testing.T) {
+	out, err := runProbeCLI(t, "probe", "watch", "--mode", "userspace", "--peer", "127.0.0.2", "--port", probeFreePort(t),
+		"--interval", "20ms", "--missed", "3", "--exit-on-down")
+	if probeExitCode(err) != exitPeerDown {
+		t.Fatalf("err %v (exit code %d), want exit code %d", err, probeExitCode(err), exitPeerDown)
+	}
+	if !strings.Contains(out, "probe mode: userspace") || !strings.Contains(out, "peer down: unknown -> down after 60") {
+		t.Fatalf("output %q", out)
+	}
+}
+
+func TestProbeUsageErrors(t *testing.T) {
+	for _, args := range [][]string{
+		{"probe", "watch", "--peer", "not-an-ip"},
+		{"probe", "watch", "--peer", "127.0.0.1", "--mode", "xdp"},
+		{"probe", "watch", "--peer", "127.0.0.1", "--token", "x"},
+		{"probe", "send", "--to", "127.0.0.1", "--port", "70000"},
+	} {
+		if _, err := runProbeCLI(t, args...); probeExitCode(err) != exitUsage {
+			t.Errorf("%v: %v (exit code %d), want a usage error", args, err, probeExitCode(err))
+		}
+	}
+}
