@@ -102,11 +102,13 @@ func (t *tconn) worker() {
 			if o == nil || !t.inline(o) {
 				break
 			}
-			// Small, recently fast, and nothing else received: run it
-			// while keeping the read role (no goroutine wake-up).
-			t.handle(o)
+			// Small and recently fast: run it while keeping the read
+			// role (no goroutine wake-up); its reply leaves with the
+			// others read in the same batch (see next).
+			t.handle(o, true)
 			o = nil
 		}
+		t.w.flush()
 		if o != nil && !t.done && t.waiting.Load() == 0 && t.nwrk.Load() < t.max {
 			t.nwrk.Add(1)
 			t.wg.Add(1)
@@ -116,18 +118,21 @@ func (t *tconn) worker() {
 		if o == nil {
 			return
 		}
-		t.handle(o)
+		t.handle(o, false)
 	}
 }
 
 // Inline execution. Waking another goroutine to take over reading costs a
-// thread switch, which on small requests at queue depth 1 is most of the
-// time spent. So the reader runs a request itself when it is a plain READ
-// or WRITE of at most inlineMaxLen bytes, no other request is already
-// buffered, and such requests have recently completed in under
-// inlineMaxLatency on average: a slow backend or Mutator (a disk cache
-// miss, synchronous replication) turns inlining off, and then a slow
-// request never holds up reading the next one.
+// thread switch, which on small requests is most of the time spent (page
+// cache reads and writes take a few microseconds). So the reader runs a
+// request itself when it is a plain READ or WRITE of at most inlineMaxLen
+// bytes and such requests have recently completed in under
+// inlineMaxLatency on average; their replies are held and written together
+// (one writev) when no further request is buffered. That is one read, one
+// pread/pwrite per request and one writev per batch, with no hand-off. A
+// slow backend or Mutator (a disk cache miss, synchronous replication)
+// turns inlining off, and requests then run concurrently on the workers,
+// so that a slow request never holds up the next one.
 const (
 	inlineMaxLen     = 256 << 10
 	inlineMaxLatency = 50_000 // ns, moving average
@@ -137,8 +142,7 @@ const (
 func (t *tconn) inline(o *op) bool {
 	r := &o.req
 	return (r.typ == cmdRead || r.typ == cmdWrite && r.flags == 0) && r.length <= inlineMaxLen &&
-		o.errno == 0 && t.br.Buffered() == 0 &&
-		t.samples.Load() >= inlineMinSamples && t.avgNs.Load() < inlineMaxLatency
+		o.errno == 0 && t.samples.Load() >= inlineMinSamples && t.avgNs.Load() < inlineMaxLatency
 }
 
 // observe folds the duration of a small read or write into the average.
@@ -154,6 +158,9 @@ func (t *tconn) observe(d time.Duration) {
 // (and err for a failure) when the connection ends; an oversized write
 // that ends the connection is returned with done set so that it is answered.
 func (t *tconn) next() *op {
+	if t.br.Buffered() < requestHeaderLen {
+		t.w.flush() // held replies go out before the reader may block
+	}
 	if _, err := io.ReadFull(t.br, t.hb[:]); err != nil {
 		t.done = true
 		switch {
@@ -178,7 +185,12 @@ func (t *tconn) next() *op {
 	// Bound the requests alive on this connection, replies not yet sent
 	// included: a client that sends without reading replies is paused
 	// here instead of growing the server's memory.
-	t.slots <- struct{}{}
+	select {
+	case t.slots <- struct{}{}:
+	default:
+		t.w.flush()
+		t.slots <- struct{}{}
+	}
 	o := opPool.Get().(*op)
 	o.cn, o.req, o.errno = t, req, 0
 	if req.typ == cmdWrite {
@@ -204,7 +216,12 @@ const (
 
 func (t *tconn) bigSlot(o *op) {
 	if o.req.length > bigBuffer && !o.big {
-		t.big <- struct{}{}
+		select {
+		case t.big <- struct{}{}:
+		default:
+			t.w.flush()
+			t.big <- struct{}{}
+		}
 		o.big = true
 	}
 }
@@ -221,6 +238,7 @@ func (t *tconn) readPayload(o *op) error {
 		if n > 2*MaxPayload {
 			return fmt.Errorf("write of %d bytes exceeds the %d-byte limit", n, MaxPayload)
 		}
+		t.w.flush()
 		if _, err := io.CopyN(io.Discard, t.br, n); err != nil {
 			return fmt.Errorf("skip oversized write payload: %w", err)
 		}
@@ -228,6 +246,9 @@ func (t *tconn) readPayload(o *op) error {
 	}
 	t.bigSlot(o)
 	o.buf = getBuf(int(n))
+	if t.br.Buffered() < int(n) {
+		t.w.flush()
+	}
 	if _, err := io.ReadFull(t.br, *o.buf); err != nil {
 		return fmt.Errorf("read write payload (%d bytes): %w", n, err)
 	}
@@ -235,7 +256,7 @@ func (t *tconn) readPayload(o *op) error {
 }
 
 // handle processes one request and sends its reply.
-func (t *tconn) handle(o *op) {
+func (t *tconn) handle(o *op, hold bool) {
 	if o.errno == 0 {
 		if r := &o.req; (r.typ == cmdRead || r.typ == cmdWrite) && r.length <= inlineMaxLen {
 			start := time.Now()
@@ -252,7 +273,8 @@ func (t *tconn) handle(o *op) {
 			o.buf = nil
 		}
 	}
-	t.reply(o)
+	putReply(o.header[:], o.errno, o.req.cookie)
+	t.w.send(o, hold)
 }
 
 // do performs o and returns its NBD error (0 on success). A panic in a
@@ -362,12 +384,6 @@ func (t *tconn) apply(o *op) uint32 {
 	return 0
 }
 
-// reply encodes o's reply and hands it to the writer, which releases o.
-func (t *tconn) reply(o *op) {
-	putReply(o.header[:], o.errno, o.req.cookie)
-	t.w.send(o)
-}
-
 // release returns o (and its buffer) to the pools.
 func (t *tconn) release(o *op) {
 	if o.buf != nil {
@@ -405,13 +421,33 @@ func (w *replyWriter) failed() error {
 	return w.err
 }
 
-func (w *replyWriter) send(o *op) {
+// send queues o's reply (the header already encoded) and, unless hold is
+// set, writes everything queued. A caller that holds replies must call
+// flush before it may block.
+func (w *replyWriter) send(o *op, hold bool) {
 	w.mu.Lock()
 	w.pending = append(w.pending, o)
-	if w.writing {
+	if w.writing || hold {
 		w.mu.Unlock()
 		return
 	}
+	w.drain()
+}
+
+// flush writes the replies queued, unless another goroutine is writing
+// (it will write them).
+func (w *replyWriter) flush() {
+	w.mu.Lock()
+	if w.writing || len(w.pending) == 0 {
+		w.mu.Unlock()
+		return
+	}
+	w.drain()
+}
+
+// drain is called with mu held and releases it: it writes batches until
+// none is queued.
+func (w *replyWriter) drain() {
 	w.writing = true
 	for len(w.pending) > 0 {
 		batch := w.pending
