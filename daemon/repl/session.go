@@ -171,7 +171,7 @@ func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
 	if s.cfg.RateLimit > 0 {
 		lim = rate.NewLimiter(rate.Limit(s.cfg.RateLimit), burstFor(s.cfg.RateLimit))
 	}
-	buf := make([]byte, 0, wire.MaxFrame+4)
+	buf := make([]byte, 0, 64<<10)
 	for {
 		ents, err := s.queue.Read(ctx, from, 512)
 		if err != nil {
@@ -181,12 +181,14 @@ func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
 			return err
 		}
 		for _, e := range ents {
-			buf, err = wire.Append(buf[:0], e.Frame, s.cfg.Codec)
+			var tail []byte
+			buf, tail, err = wire.AppendParts(buf[:0], e.Frame, s.cfg.Codec)
 			if err != nil {
 				return fmt.Errorf("encode frame %d: %w", e.Seq, err)
 			}
+			size := len(buf) + len(tail)
 			if lim != nil {
-				for n := len(buf); n > 0; {
+				for n := size; n > 0; {
 					k := min(n, lim.Burst())
 					if err := lim.WaitN(ctx, k); err != nil {
 						return err
@@ -197,8 +199,11 @@ func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
 			if _, err := bw.Write(buf); err != nil {
 				return fmt.Errorf("send frame %d: %w", e.Seq, err)
 			}
+			if _, err := bw.Write(tail); err != nil {
+				return fmt.Errorf("send frame %d: %w", e.Seq, err)
+			}
 			k, payload := frameKind(e.Frame)
-			s.st.sentBytes[k].Add(int64(len(buf)))
+			s.st.sentBytes[k].Add(int64(size))
 			s.st.payloadBytes[k].Add(payload)
 			s.st.sentFrames.Add(1)
 			from = e.Seq

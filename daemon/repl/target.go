@@ -319,142 +319,94 @@ func (t *Target) ServeConn(ctx context.Context, c net.Conn) error {
 	return t.session(sctx, c, r)
 }
 
-// session applies frames from r and acknowledges them on c.
+// session applies frames from r and acknowledges them on c. One
+// goroutine reads, applies and answers: the socket buffer pipelines the
+// network, and an acknowledgement is written whenever no further frame is
+// already buffered (so acks coalesce under load and are immediate when
+// idle).
 func (t *Target) session(ctx context.Context, c net.Conn, r *wire.Reader) error {
-	ctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	go func() {
 		<-ctx.Done()
 		c.SetDeadline(time.Now())
 	}()
-
-	frames := make(chan wire.Sequenced, 256)
-	replies := make(chan wire.Frame, 16)
-	ackNote := make(chan struct{}, 1)
-	var wg sync.WaitGroup
-
-	// Writer: acks (coalesced) and checksum replies.
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		bw := bufio.NewWriterSize(c, 256<<10)
-		var buf []byte
-		var lastAck uint64
-		for {
-			var f wire.Frame
-			select {
-			case <-ctx.Done():
-				return
-			case f = <-replies:
-			case <-ackNote:
-				t.mu.Lock()
-				a, d := t.applied, t.durable
-				t.mu.Unlock()
-				if a != lastAck {
-					lastAck = a
-					f = &wire.Ack{Applied: a, Durable: d}
-				}
-			}
-			var err error
-			if f != nil {
-				if buf, err = wire.Append(buf[:0], f, nil); err == nil {
-					_, err = bw.Write(buf)
-				}
-			}
-			if err == nil && bw.Buffered() > 0 && len(replies) == 0 && len(ackNote) == 0 {
-				err = bw.Flush()
-			}
-			if err != nil {
-				cancel(fmt.Errorf("send to source: %w", err))
-				return
-			}
+	bw := bufio.NewWriterSize(c, 64<<10)
+	var buf []byte
+	send := func(f wire.Frame) error {
+		var err error
+		if buf, err = wire.Append(buf[:0], f, nil); err != nil {
+			return err
 		}
-	}()
-
-	// Applier: in sequence order.
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case f := <-frames:
-				reply, err := t.apply(f)
-				if err != nil {
-					t.log.Error("apply failed: replication stopped", "seq", f.Sequence(), "frame", f.Type(), "err", err)
-					if b, e := wire.Encode(&wire.Error{Code: wire.CodeIO, Message: truncate(err.Error(), wire.MaxText)}); e == nil {
-						c.SetWriteDeadline(time.Now().Add(time.Second))
-						c.Write(b)
-					}
-					cancel(err)
-					return
-				}
-				if reply != nil {
-					select {
-					case replies <- reply:
-					case <-ctx.Done():
-						return
-					}
-				}
-				select {
-				case ackNote <- struct{}{}:
-				default:
-				}
-			}
-		}
-	}()
-
+		_, err = bw.Write(buf)
+		return err
+	}
 	t.mu.Lock()
 	next := t.applied + 1
 	t.mu.Unlock()
-	err := func() error {
-		for {
-			n := r.N
-			f, err := r.Read()
-			t.tst.recvBytes.Add(r.N - n)
-			if err != nil {
-				if errors.Is(err, io.EOF) {
-					return errors.New("source closed the connection")
+	var lastAck uint64
+	r.Reuse = true // every frame is applied before the next is read
+	for {
+		if r.Buffered() == 0 {
+			t.mu.Lock()
+			a, d := t.applied, t.durable
+			t.mu.Unlock()
+			if a != lastAck {
+				lastAck = a
+				if err := send(&wire.Ack{Applied: a, Durable: d}); err != nil {
+					return fmt.Errorf("send ack: %w", err)
 				}
-				if errors.Is(err, wire.ErrMalformed) {
-					return t.refuse(c, wire.CodeProtocol, "malformed frame from source", err)
-				}
-				return err
 			}
-			switch f := f.(type) {
-			case *wire.Bye:
-				t.log.Info("source said bye", "reason", f.Reason)
-				return nil
-			case wire.Sequenced:
-				if f.Sequence() != next {
-					return t.refuse(c, wire.CodeStream, fmt.Sprintf("frame %d out of order (want %d)", f.Sequence(), next), nil)
+			if bw.Buffered() > 0 {
+				if err := bw.Flush(); err != nil {
+					return fmt.Errorf("send ack: %w", err)
 				}
-				if err := t.check(f); err != nil {
-					return t.refuse(c, wire.CodeProtocol, "invalid frame", err)
-				}
-				next++
-				t.tst.frames.Add(1)
-				select {
-				case frames <- f:
-				case <-ctx.Done():
-					return context.Cause(ctx)
-				}
-			default:
-				return t.refuse(c, wire.CodeProtocol, fmt.Sprintf("unexpected %v frame from source", f.Type()), nil)
 			}
 		}
-	}()
-	if err != nil {
-		cancel(err)
-	} else {
-		cancel(nil)
+		n := r.N
+		f, err := r.Read()
+		t.tst.recvBytes.Add(r.N - n)
+		if err != nil {
+			if ctx.Err() != nil {
+				return context.Cause(ctx)
+			}
+			if errors.Is(err, io.EOF) {
+				return errors.New("source closed the connection")
+			}
+			if errors.Is(err, wire.ErrMalformed) {
+				return t.refuse(c, wire.CodeProtocol, "malformed frame from source", err)
+			}
+			return err
+		}
+		switch f := f.(type) {
+		case *wire.Bye:
+			t.log.Info("source said bye", "reason", f.Reason)
+			return nil
+		case wire.Sequenced:
+			if f.Sequence() != next {
+				return t.refuse(c, wire.CodeStream, fmt.Sprintf("frame %d out of order (want %d)", f.Sequence(), next), nil)
+			}
+			if err := t.check(f); err != nil {
+				return t.refuse(c, wire.CodeProtocol, "invalid frame", err)
+			}
+			next++
+			t.tst.frames.Add(1)
+			reply, err := t.apply(f)
+			if err != nil {
+				t.log.Error("apply failed: replication stopped", "seq", f.Sequence(), "frame", f.Type(), "err", err)
+				send(&wire.Error{Code: wire.CodeIO, Message: truncate(err.Error(), wire.MaxText)})
+				bw.Flush()
+				return err
+			}
+			if reply != nil {
+				if err := send(reply); err != nil {
+					return fmt.Errorf("send %v: %w", reply.Type(), err)
+				}
+			}
+		default:
+			return t.refuse(c, wire.CodeProtocol, fmt.Sprintf("unexpected %v frame from source", f.Type()), nil)
+		}
 	}
-	wg.Wait()
-	if cause := context.Cause(ctx); err == nil && cause != nil && !errors.Is(cause, context.Canceled) {
-		err = cause
-	}
-	return err
 }
 
 // check validates a frame's range before it is queued for application.

@@ -336,6 +336,44 @@ func Append(dst []byte, f Frame, c *Codec) ([]byte, error) {
 	return dst, nil
 }
 
+// AppendParts is Append without copying a raw payload: the encoding of f
+// is b followed by tail (tail aliases the frame's data; it is empty unless
+// f is a Write or MirrorData sent uncompressed).
+func AppendParts(dst []byte, f Frame, c *Codec) (b, tail []byte, err error) {
+	var data []byte
+	switch f := f.(type) {
+	case *Write:
+		if c == nil {
+			data = f.Data
+			g := *f
+			g.Data = nil
+			b, err = Append(dst, &g, nil)
+		}
+	case *MirrorData:
+		if c == nil {
+			data = f.Data
+			g := *f
+			g.Data = nil
+			b, err = Append(dst, &g, nil)
+		}
+	}
+	if data == nil {
+		b, err = Append(dst, f, c)
+		return b, nil, err
+	}
+	if err != nil {
+		return b, nil, err
+	}
+	start := len(dst)
+	n := binary.BigEndian.Uint32(b[start:]) + uint32(len(data))
+	if len(data) > MaxData || n > MaxFrame {
+		return dst, nil, fmt.Errorf("encode %v: %w", f.Type(), ErrTooLarge)
+	}
+	binary.BigEndian.PutUint32(b[start:], n)
+	binary.BigEndian.PutUint32(b[len(b)-4:], uint32(len(data)))
+	return b, data, nil
+}
+
 // Encode returns the encoding of f without compression.
 func Encode(f Frame) ([]byte, error) { return Append(nil, f, nil) }
 
@@ -360,13 +398,21 @@ type Reader struct {
 	hdr [headerSz]byte
 	// N counts the bytes read so far.
 	N int64
+	// Reuse makes Read decode every frame into one buffer: a frame's
+	// payload is then valid only until the next Read.
+	Reuse bool
+	buf   []byte
 }
 
 // NewReader returns a frame reader on r.
 func NewReader(r io.Reader) *Reader { return &Reader{r: bufio.NewReaderSize(r, 256<<10)} }
 
-// Read reads the next frame. Each frame's payload is freshly allocated, so
-// it stays valid after later reads.
+// Buffered reports how many bytes are read ahead (0: the next Read may
+// wait for the network).
+func (r *Reader) Buffered() int { return r.r.Buffered() }
+
+// Read reads the next frame. Unless Reuse is set, each frame's payload is
+// freshly allocated, so it stays valid after later reads.
 func (r *Reader) Read() (Frame, error) {
 	if _, err := io.ReadFull(r.r, r.hdr[:]); err != nil {
 		return nil, err
@@ -378,7 +424,15 @@ func (r *Reader) Read() (Frame, error) {
 	if n < 1 {
 		return nil, fmt.Errorf("%w: empty frame", ErrMalformed)
 	}
-	body := make([]byte, n-1)
+	var body []byte
+	if r.Reuse {
+		if cap(r.buf) < int(n-1) {
+			r.buf = make([]byte, n-1)
+		}
+		body = r.buf[:n-1]
+	} else {
+		body = make([]byte, n-1)
+	}
 	if _, err := io.ReadFull(r.r, body); err != nil {
 		return nil, fmt.Errorf("read %v body: %w", Type(r.hdr[4]), noEOF(err))
 	}

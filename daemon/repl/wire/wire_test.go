@@ -227,3 +227,40 @@ func BenchmarkEncodeWrite(b *testing.B) {
 		buf, _ = Append(buf[:0], f, nil)
 	}
 }
+
+func TestReaderReuse(t *testing.T) {
+	var buf bytes.Buffer
+	for _, f := range sampleFrames() {
+		b, _ := Encode(f)
+		buf.Write(b)
+	}
+	r := NewReader(&buf)
+	r.Reuse = true
+	for _, want := range sampleFrames() {
+		got, err := r.Read()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("read %#v, want %#v", got, want)
+		}
+	}
+}
+
+func TestAppendParts(t *testing.T) {
+	for _, f := range sampleFrames() {
+		for name, c := range testCodecs {
+			whole, err := Append([]byte("prefix"), f, c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, tail, err := AppendParts([]byte("prefix"), f, c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := append(append([]byte(nil), b...), tail...); !bytes.Equal(got, whole) {
+				t.Fatalf("%v/%s: parts differ from Append", f.Type(), name)
+			}
+		}
+	}
+}
