@@ -437,39 +437,69 @@ func (r *NBDReport) Markdown(command, note string) string {
 // writeProfiles renders the profile summary table and the tops.
 func writeProfiles(b *strings.Builder, what string, profiles []Profile, note string) {
 	w := func(format string, a ...any) { fmt.Fprintf(b, format, a...) }
-	if len(profiles) > 0 || note != "" {
-		w("\n### CPU profile of %s\n\n", what)
-		if note != "" {
-			w("%s\n", note)
-		}
-		if len(profiles) > 0 {
-			w("One extra run per row against a doppel started with `--cpuprofile` (not part of the medians). " +
-				"CPU is the profile's samples over its duration (100%% = one core); the other columns are cumulative shares of those samples " +
-				"(`go tool pprof -top -cum`; the profiles and their full cumulative and flat tops are left in `bench/profiles/`, which git ignores).\n\n")
-			w("| profiled row | run | CPU |")
-			for _, c := range profileColumns {
-				w(" %s |", c.label)
-			}
-			w("\n|---|--:|--:|")
-			for range profileColumns {
-				w("--:|")
-			}
-			w("\n")
-			for _, p := range profiles {
-				unit, f := Headline(p.Row)
-				sum := SummarizeProfile(p.Top)
-				w("| %s | %s %s | %s |", p.Row.Name, FormatCount(f(p.Res)), unit, sum.CPU)
-				for _, c := range profileColumns {
-					w(" %s |", sum.Share[c.label])
-				}
-				w("\n")
-			}
-			w("\n")
-			for _, p := range profiles {
-				w("<details><summary>%s: top of <code>go tool pprof -top -cum</code></summary>\n\n```\n%s```\n\n</details>\n\n", p.Row.Name, TopLines(p.Top, 30))
-			}
+	if len(profiles) == 0 && note == "" {
+		return
+	}
+	w("\n### CPU profile of %s\n\n", what)
+	if note != "" {
+		w("%s\n", note)
+	}
+	var pprofs, perfs []Profile
+	for _, p := range profiles {
+		if strings.HasPrefix(p.Top, "perf ") {
+			perfs = append(perfs, p)
+		} else {
+			pprofs = append(pprofs, p)
 		}
 	}
+	if len(pprofs) > 0 {
+		w("One extra run per row against a doppel started with `--cpuprofile` (not part of the medians). " +
+			"CPU is the profile's samples over its duration (100%% = one core); the other columns are cumulative shares of those samples " +
+			"(`go tool pprof -top -cum`; the profiles and their full cumulative and flat tops are left in `bench/profiles/`, which git ignores).\n\n")
+		w("| profiled row | run | CPU |")
+		for _, c := range profileColumns {
+			w(" %s |", c.label)
+		}
+		w("\n|---|--:|--:|")
+		for range profileColumns {
+			w("--:|")
+		}
+		w("\n")
+		for _, p := range pprofs {
+			unit, f := Headline(p.Row)
+			sum := SummarizeProfile(p.Top)
+			w("| %s | %s %s | %s |", p.Row.Name, FormatCount(f(p.Res)), unit, sum.CPU)
+			for _, c := range profileColumns {
+				w(" %s |", sum.Share[c.label])
+			}
+			w("\n")
+		}
+		w("\n")
+		for _, p := range pprofs {
+			w("<details><summary>%s: top of <code>go tool pprof -top -cum</code></summary>\n\n```\n%s```\n\n</details>\n\n", p.Row.Name, TopLines(p.Top, 30))
+		}
+	}
+	if len(perfs) > 0 {
+		w("The binary has no `--cpuprofile` here, so one extra run per row was sampled with `perf record -F 999 -g -p PID` " +
+			"(user and kernel stacks; not part of the medians). Symbols by cumulative (children) share, flat (self) share next to it:\n\n")
+		for _, p := range perfs {
+			unit, f := Headline(p.Row)
+			w("<details><summary>%s (profiled run: %s %s)</summary>\n\n```\n%s```\n\n</details>\n\n", p.Row.Name, FormatCount(f(p.Res)), unit, firstLines(p.Top, 32))
+		}
+	}
+}
+
+// firstLines returns the first n lines of s.
+func firstLines(s string, n int) string {
+	var b strings.Builder
+	for l := range strings.Lines(s) {
+		if n == 0 {
+			break
+		}
+		b.WriteString(l)
+		n--
+	}
+	return b.String()
 }
 
 // TopLines returns the header and the first n function lines of `go tool

@@ -371,8 +371,10 @@ func RunRepl(ctx context.Context, cfg ReplConfig) (*ReplReport, error) {
 // profileRepl profiles the source of a fresh pair during each profile row.
 func profileRepl(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Link, start func(string, []string) (*Proc, error), log *slog.Logger) error {
 	help, _ := exec.Command(cfg.Doppel, "repl", "source", "--help").CombinedOutput()
-	if !strings.Contains(string(help), "--cpuprofile") {
-		return fmt.Errorf("no CPU profile of the source: `%s repl source` has no --cpuprofile flag", filepath.Base(cfg.Doppel))
+	usePprof := strings.Contains(string(help), "--cpuprofile")
+	perf, perfErr := exec.LookPath("perf")
+	if !usePprof && perfErr != nil {
+		return fmt.Errorf("no CPU profile of the source: `%s repl source` has no --cpuprofile flag and perf is not installed", filepath.Base(cfg.Doppel))
 	}
 	if err := os.MkdirAll(cfg.ProfileDir, 0o755); err != nil {
 		return err
@@ -384,7 +386,10 @@ func profileRepl(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Lin
 		}
 		pair := replPair{cfg: cfg, link: link, mode: pr.Mode, port: 16375, mirror: "none",
 			src: filepath.Join(cfg.Dir, "prof-src.img"), tgt: filepath.Join(cfg.Dir, "prof-tgt.img"),
-			sock: filepath.Join(cfg.Dir, "prof.sock"), srcExtra: []string{"--cpuprofile", prof}}
+			sock: filepath.Join(cfg.Dir, "prof.sock")}
+		if usePprof {
+			pair.srcExtra = []string{"--cpuprofile", prof}
+		}
 		for _, f := range []string{pair.src, pair.tgt} {
 			if err := PrepareVolume(f, cfg.Size, false, 0); err != nil {
 				return err
@@ -408,7 +413,22 @@ func profileRepl(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Lin
 			stop()
 			return err
 		}
+		// Without --cpuprofile, perf samples the source process (user and
+		// kernel stacks) for the whole fio run.
+		var perfRec *exec.Cmd
+		perfData := strings.TrimSuffix(prof, ".prof") + ".perf.data"
+		if !usePprof {
+			perfRec = exec.Command(perf, "record", "-q", "-F", "999", "-g", "-o", perfData, "-p", fmt.Sprint(sp.PID()))
+			if err := perfRec.Start(); err != nil {
+				stop()
+				return fmt.Errorf("perf record: %w", err)
+			}
+		}
 		res, ferr := RunFio(ctx, cfg.Fio, FioArgs(pr.Row, "nbd+unix:///?socket="+pair.sock, cfg.Runtime, cfg.Ramp), true)
+		if perfRec != nil {
+			_ = perfRec.Process.Signal(os.Interrupt)
+			_ = perfRec.Wait()
+		}
 		serr := stop()
 		if ferr != nil {
 			return ferr
@@ -416,7 +436,13 @@ func profileRepl(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Lin
 		if serr != nil {
 			return serr
 		}
-		top, err := PprofTop(ctx, cfg.Doppel, prof)
+		var top string
+		if usePprof {
+			top, err = PprofTop(ctx, cfg.Doppel, prof)
+		} else {
+			prof = perfData
+			top, err = PerfTop(ctx, perf, perfData)
+		}
 		if err != nil {
 			return err
 		}
@@ -426,6 +452,31 @@ func profileRepl(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Lin
 		log.Info("profiled", "mode", pr.Mode, "row", pr.Row.Slug, "iops", math.Round(res.IOPS))
 	}
 	return nil
+}
+
+// PerfTop reports a perf recording by symbol, cumulative (children)
+// shares first, in the spirit of `pprof -top -cum`; it saves the text next
+// to the recording as .txt.
+func PerfTop(ctx context.Context, perf, data string) (string, error) {
+	out, err := exec.CommandContext(ctx, perf, "report", "-i", data, "--stdio", "--children", "-g", "none",
+		"--sort", "sym", "--percent-limit", "2").Output()
+	if err != nil {
+		return "", fmt.Errorf("perf report %s: %w", data, err)
+	}
+	var b strings.Builder
+	b.WriteString("perf record -F 999 -g of the source process; children = cumulative share, self = flat share\n")
+	for l := range strings.Lines(string(out)) {
+		t := strings.TrimSpace(l)
+		if t == "" || (strings.HasPrefix(t, "#") && !strings.Contains(t, "Children")) {
+			continue
+		}
+		b.WriteString(l)
+	}
+	txt := strings.TrimSuffix(data, ".perf.data") + ".txt"
+	if err := os.WriteFile(txt, []byte(b.String()), 0o644); err != nil {
+		return "", err
+	}
+	return b.String(), nil
 }
 
 // runMirror times doppel's full mirror of a filled volume across the veth
