@@ -130,8 +130,13 @@ func TestReplMarkdownVerdicts(t *testing.T) {
 	}
 	rep.MirrorDoppel = []float64{400 * mib}
 	rep.MirrorNbdcopy = []float64{500 * mib}
+	rep.Profiles = []Profile{{Row: Job{Name: "sync: rand write 4 KiB, iodepth 32", IODepth: 32, BS: "4k"}, Res: Result{IOPS: 9000},
+		Top: "perf record -F 999 -g of the source process\n    75.75%     1.99%  [k] do_syscall_64\n"}}
 	md := rep.Markdown("cmd", "")
 	for _, want := range []string{
+		"sampled with `perf record -F 999 -g -p PID`",
+		"<summary>sync: rand write 4 KiB, iodepth 32 (profiled run: 9,000 IOPS)</summary>",
+		"75.75%     1.99%  [k] do_syscall_64",
 		"| seq write 1 MiB, iodepth 16 | MiB/s | 1,000 | 950 | 600 | 0.95× | 0.60× |",
 		"async ≥ 0.9× unreplicated — **met**; sync ≥ 0.7× unreplicated — **not met** on seq write 1 MiB, iodepth 16; rand write 4 KiB, iodepth 1.",
 		"190 µs vs unreplicated 50.0 µs + RTT 50.0 µs + 100 µs = 200 µs — **met**",
