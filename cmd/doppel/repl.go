@@ -287,6 +287,15 @@ func replSource(c *cli.Context) error {
 		fatal = fmt.Errorf("nbd server: %w", err)
 	}
 	stopNBD()
+	// In-flight sync writes wait for the target; if it does not answer
+	// within the drain timeout they fail (the client sees EIO).
+	select {
+	case err := <-nbdErr:
+		nbdErr <- err
+	case <-time.After(c.Duration("drain-timeout")):
+		log.Error("target not answering: failing the writes still waiting for it")
+		src.Close()
+	}
 	if err := <-nbdErr; err != nil && fatal == nil {
 		fatal = err
 	}
