@@ -127,3 +127,24 @@ func FuzzReadReply(f *testing.F) {
 		}
 	})
 }
+
+// FuzzParseHostOutput: the .modinfo and ldd parsers never panic.
+func FuzzParseHostOutput(f *testing.F) {
+	f.Add([]byte("name=nbd\x00depends=\x00"))
+	f.Add([]byte("\tlibz.so.1 => /lib/libz.so.1 (0x1)\n/lib64/ld.so (0x2)\n"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		name, deps := parseModinfo(b)
+		for _, d := range deps {
+			if d == "" || strings.Contains(d, ",") {
+				t.Fatalf("dependency %q from %q", d, b)
+			}
+		}
+		_ = name
+		libs, err := parseLdd(b)
+		for _, l := range libs {
+			if err == nil && !strings.HasPrefix(l, "/") {
+				t.Fatalf("library %q from %q", l, b)
+			}
+		}
+	})
+}
