@@ -147,3 +147,57 @@ func TestReplMarkdownVerdicts(t *testing.T) {
 		}
 	}
 }
+
+// TestRunReplSmoke runs the replication harness end to end, briefly, on a
+// freshly built doppel: namespaces, the three configurations, fio, the
+// drained-queue and byte-identity checks and one mirror against nbdcopy. It
+// fails when `doppel repl` changes a flag or a metric the harness reads.
+func TestRunReplSmoke(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds doppel and runs fio across network namespaces")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates network namespaces")
+	}
+	for _, tool := range []string{"fio", "nbdkit", "nbdcopy", "go"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Skipf("%s not installed (make deps installs it)", tool)
+		}
+	}
+	dir := t.TempDir()
+	doppel := filepath.Join(dir, "doppel")
+	if out, err := exec.Command("go", "build", "-o", doppel, "../cmd/doppel").CombinedOutput(); err != nil {
+		t.Fatalf("build doppel: %v\n%s", err, out)
+	}
+	rep, err := RunRepl(context.Background(), ReplConfig{
+		Doppel:     doppel,
+		Fio:        "fio",
+		Dir:        dir,
+		Size:       16 << 20,
+		Runs:       1,
+		Runtime:    300 * time.Millisecond,
+		Rows:       []Job{NBDRows[2]},
+		MirrorSize: 16 << 20,
+		MirrorRuns: 1,
+		Metrics:    DefaultReplMetrics,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mode := range ReplModes {
+		if n := len(rep.Runs[NBDRows[2].Slug][mode]); n != 1 {
+			t.Errorf("%s: %d runs, failures %v", mode, n, rep.Failed[NBDRows[2].Slug][mode])
+		}
+	}
+	for _, mode := range []string{ModeAsync, ModeSync} {
+		if rep.Identical[mode] != "yes" {
+			t.Errorf("%s: target identical: %q", mode, rep.Identical[mode])
+		}
+	}
+	if len(rep.MirrorDoppel) != 1 || len(rep.MirrorNbdcopy) != 1 || len(rep.MirrorFailed) != 0 {
+		t.Errorf("mirror: doppel %v, nbdcopy %v, failed %v", rep.MirrorDoppel, rep.MirrorNbdcopy, rep.MirrorFailed)
+	}
+	if len(rep.MirrorSent) == 1 && (rep.MirrorSent[0] < 16<<20 || rep.MirrorSent[0] > 18<<20) {
+		t.Errorf("mirror sent %v bytes for a 16 MiB volume of random data", rep.MirrorSent[0])
+	}
+}
