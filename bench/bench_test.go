@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -222,5 +223,33 @@ Showing nodes accounting for 1.06s, 86.18% of 1.23s total
 		if s.Share[k] != v {
 			t.Errorf("%s = %q, want %q", k, s.Share[k], v)
 		}
+	}
+}
+
+func TestProcCPU(t *testing.T) {
+	rusage := func() time.Duration {
+		var ru syscall.Rusage
+		if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+			t.Fatal(err)
+		}
+		return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	}
+	p0, r0 := ProcCPU(os.Getpid()), rusage()
+	// Burn at least 200 ms of CPU, however busy the machine is.
+	for x := 0; rusage()-r0 < 200*time.Millisecond; x++ {
+	}
+	p1, r1 := ProcCPU(os.Getpid()), rusage()
+	got, want := p1-p0, r1-r0
+	if d := got - want; d < -50*time.Millisecond || d > 50*time.Millisecond {
+		t.Errorf("ProcCPU advanced %v while getrusage advanced %v", got, want)
+	}
+	if ProcCPU(1<<30) != 0 {
+		t.Error("CPU of a missing process is not 0")
+	}
+	var r Result
+	r.IOPS = 1000
+	r.SetServerCPU(500*time.Millisecond, 2*time.Second)
+	if r.ServerCPUShare != 0.25 || r.ServerCPUPerIO != 250*time.Microsecond {
+		t.Errorf("SetServerCPU: %v cores, %v per I/O", r.ServerCPUShare, r.ServerCPUPerIO)
 	}
 }

@@ -85,6 +85,22 @@ type Result struct {
 	IOs        int64   // completed I/Os in the measured period
 	RuntimeMs  int64   // measured period
 	FioVersion string
+
+	// The server's CPU time (user + system, all threads) over the whole fio
+	// run, as a share of one core and per I/O (assuming the measured rate
+	// held during the ramp too). Zero when not measured.
+	ServerCPUShare float64
+	ServerCPUPerIO time.Duration
+}
+
+// SetServerCPU records the server's CPU time cpu used during a fio run that
+// took wall.
+func (r *Result) SetServerCPU(cpu, wall time.Duration) {
+	if cpu <= 0 || wall <= 0 || r.IOPS <= 0 {
+		return
+	}
+	r.ServerCPUShare = cpu.Seconds() / wall.Seconds()
+	r.ServerCPUPerIO = time.Duration(float64(cpu) / (r.IOPS * wall.Seconds()))
 }
 
 // MiBps is the bandwidth in MiB/s.

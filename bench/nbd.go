@@ -180,10 +180,12 @@ func RunNBD(ctx context.Context, cfg NBDConfig) (*NBDReport, error) {
 					return nil, err
 				}
 				uri := "nbd+unix:///?socket=" + socks[i]
+				cpu0, t0 := ProcCPU(procs[i].PID()), time.Now()
 				res, err := RunFio(ctx, cfg.Fio, FioArgs(row, uri, cfg.Runtime, cfg.Ramp), row.Write())
 				if ctx.Err() != nil {
 					return nil, ctx.Err()
 				}
+				res.SetServerCPU(ProcCPU(procs[i].PID())-cpu0, time.Since(t0))
 				if err != nil {
 					log.Warn("run failed", "row", row.Slug, "server", s.Name, "run", run+1, "err", err)
 					rep.Failed[row.Slug][s.Name] = append(rep.Failed[row.Slug][s.Name], err.Error())
@@ -192,7 +194,8 @@ func RunNBD(ctx context.Context, cfg NBDConfig) (*NBDReport, error) {
 				rep.FioVersion = res.FioVersion
 				rep.Runs[row.Slug][s.Name] = append(rep.Runs[row.Slug][s.Name], res)
 				log.Info("run", "row", row.Slug, "server", s.Name, "run", run+1,
-					"iops", math.Round(res.IOPS), "MiB/s", math.Round(res.MiBps()), "lat_us", math.Round(res.LatMeanNs/1e3))
+					"iops", math.Round(res.IOPS), "MiB/s", math.Round(res.MiBps()), "lat_us", math.Round(res.LatMeanNs/1e3),
+					"cpu_us_per_io", math.Round(float64(res.ServerCPUPerIO.Nanoseconds())/100)/10, "cpu_cores", math.Round(res.ServerCPUShare*100)/100)
 			}
 		}
 	}
@@ -258,6 +261,19 @@ func profileDoppel(ctx context.Context, cfg NBDConfig, rep *NBDReport, file stri
 		rep.Profiles = append(rep.Profiles, Profile{Row: row, Path: prof, Top: string(top), Res: res})
 	}
 	return nil
+}
+
+func (r *NBDReport) hasCPU() bool {
+	for _, byServer := range r.Runs {
+		for _, runs := range byServer {
+			for _, x := range runs {
+				if x.ServerCPUPerIO > 0 {
+					return true
+				}
+			}
+		}
+	}
+	return false
 }
 
 // PprofTop runs `go tool pprof -top -cum` (and the flat top) on prof,
@@ -409,6 +425,36 @@ func (r *NBDReport) Markdown(command, note string) string {
 			w("not measured")
 		}
 		w(".\n\n")
+	}
+
+	// CPU cost: on a shared machine the rate depends on what else runs, the
+	// server's CPU time per I/O much less.
+	if r.hasCPU() {
+		w("Server CPU per I/O (user + system time of the server process over the run ÷ I/Os; median), and in parentheses the server's CPU use in cores: " +
+			"less CPU per I/O is better and is less sensitive to the machine's noise than the rates.\n\n")
+		w("| workload |")
+		for _, s := range cfg.Servers {
+			w(" %s |", s.Name)
+		}
+		w("\n|---|")
+		for range cfg.Servers {
+			w("--:|")
+		}
+		w("\n")
+		for _, row := range cfg.Rows {
+			w("| %s |", row.Name)
+			for _, s := range cfg.Servers {
+				per := r.Median(row.Slug, s.Name, func(x Result) float64 { return float64(x.ServerCPUPerIO.Nanoseconds()) })
+				share := r.Median(row.Slug, s.Name, func(x Result) float64 { return x.ServerCPUShare })
+				if per > 0 {
+					w(" %s (%.2f) |", FormatMicros(per), share)
+				} else {
+					w(" n/a |")
+				}
+			}
+			w("\n")
+		}
+		w("\n")
 	}
 
 	// Every run, for whoever doubts a median.
