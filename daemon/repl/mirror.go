@@ -228,20 +228,53 @@ type pendingSums struct {
 func (s *Source) sumPass(ctx context.Context, p wire.Purpose, send bool) (MirrorResult, error) {
 	var res MirrorResult
 	var pending []pendingSums
+	defer func() { // abandoned requests (error paths)
+		for _, ps := range pending {
+			s.sums.Delete(ps.seq)
+		}
+	}()
 	window := s.chunk * sumWindow
+	// issue takes the source's checksums of a window and sequences the
+	// request for the target's, both under the window's range lock.
+	issue := func(off int64) (pendingSums, error) {
+		count := int((min(off+window, s.size) - off + s.chunk - 1) / s.chunk)
+		unlock := s.locks.lock(off, min(window, s.size-off))
+		defer unlock()
+		local, err := chunkSums(s.b, s.ext, off, s.chunk, count, s.size)
+		if err != nil {
+			return pendingSums{}, err
+		}
+		seq, err := s.push(&wire.SumRequest{Offset: uint64(off), ChunkSize: uint32(s.chunk), Count: uint32(count), Purpose: p})
+		return pendingSums{seq: seq, off: off, local: local}, err
+	}
 	collect := func() error {
 		ps := pending[0]
 		pending = pending[1:]
-		box := s.sumBox(ps.seq)
 		var reply *wire.SumReply
-		select {
-		case reply = <-box:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-		s.sums.Delete(ps.seq)
-		if reply == nil {
-			return errors.New("connection lost while waiting for checksums")
+		for retry := 0; ; retry++ {
+			box := s.sumBox(ps.seq)
+			select {
+			case reply = <-box:
+			case <-ctx.Done():
+				s.sums.Delete(ps.seq)
+				return ctx.Err()
+			}
+			s.sums.Delete(ps.seq)
+			if reply != nil {
+				break
+			}
+			// The connection was lost: ask again once it is back.
+			s.log.Info("checksum reply lost with the connection; asking again", "offset", ps.off)
+			if retry == 5 {
+				return errors.New("connection lost while waiting for checksums, 5 times")
+			}
+			if err := s.waitConnected(ctx); err != nil {
+				return err
+			}
+			var err error
+			if ps, err = issue(ps.off); err != nil {
+				return err
+			}
 		}
 		if len(reply.Sums) != len(ps.local) || reply.Offset != uint64(ps.off) {
 			return fmt.Errorf("checksum reply for %d: %d sums at %d, want %d at %d", ps.seq, len(reply.Sums), reply.Offset, len(ps.local), ps.off)
@@ -278,18 +311,11 @@ func (s *Source) sumPass(ctx context.Context, p wire.Purpose, send bool) (Mirror
 		if err := s.waitQueueBelow(ctx, s.mirrorQueueCap()); err != nil {
 			return res, err
 		}
-		count := int((min(off+window, s.size) - off + s.chunk - 1) / s.chunk)
-		unlock := s.locks.lock(off, min(window, s.size-off))
-		local, err := chunkSums(s.b, s.ext, off, s.chunk, count, s.size)
-		var seq uint64
-		if err == nil {
-			seq, err = s.push(&wire.SumRequest{Offset: uint64(off), ChunkSize: uint32(s.chunk), Count: uint32(count), Purpose: p})
-		}
-		unlock()
+		ps, err := issue(off)
 		if err != nil {
 			return res, err
 		}
-		pending = append(pending, pendingSums{seq: seq, off: off, local: local})
+		pending = append(pending, ps)
 		if len(pending) >= sumsInFlight {
 			if err := collect(); err != nil {
 				return res, err

@@ -265,7 +265,17 @@ func (s *Source) receive(r *wire.Reader) error {
 		case *wire.Ack:
 			s.onAck(f.Applied, f.Durable)
 		case *wire.SumReply:
-			s.sumBox(f.Seq) <- f
+			box, ok := s.sums.Load(f.Seq)
+			if !ok {
+				if f.Seq > s.LastSeq() {
+					return fatalf("target sent a checksum reply for %d, which was never requested", f.Seq)
+				}
+				continue // a request abandoned after a lost connection, replayed
+			}
+			select {
+			case box.(chan *wire.SumReply) <- f:
+			default: // the requester was already failed by a lost session
+			}
 		case *wire.Error:
 			if f.Code == wire.CodeIO {
 				return fatalf("target failed: %s", f.Message)
@@ -279,8 +289,8 @@ func (s *Source) receive(r *wire.Reader) error {
 	}
 }
 
-// sumBox is the mailbox of the checksum reply for seq; whoever comes first
-// (the requester or the receiver) creates it.
+// sumBox is the mailbox of the checksum reply for seq (created when the
+// request was sequenced).
 func (s *Source) sumBox(seq uint64) chan *wire.SumReply {
 	ch, _ := s.sums.LoadOrStore(seq, make(chan *wire.SumReply, 1))
 	return ch.(chan *wire.SumReply)

@@ -290,6 +290,9 @@ func (s *Source) push(fs ...wire.Sequenced) (uint64, error) {
 	for _, f := range fs {
 		seq := s.last + 1
 		setSeq(f, seq)
+		if _, ok := f.(*wire.SumRequest); ok {
+			s.sums.Store(seq, make(chan *wire.SumReply, 1)) // before the reply can come
+		}
 		if err := s.queue.Push(s.life, Entry{Seq: seq, Frame: f, Size: entrySize(f)}); err != nil {
 			return 0, fmt.Errorf("queue frame %d: %w", seq, err)
 		}
