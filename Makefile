@@ -54,7 +54,7 @@ bench-repl: deps build ## fio through a replicated export: unreplicated vs async
 	$(GO) run ./bench/cmd/replbench -doppel $(BIN) $(BENCH_FLAGS)
 
 demo: deps build ## two-host lab in network namespaces: protect, fail over, reverse, fail back (root)
-	@echo "demo: not built yet" && exit 1
+	test/demo/demo.sh bin/doppel
 
 clean: ## remove build output
 	rm -rf bin

@@ -1,0 +1,256 @@
+#!/bin/bash
+# doppel demo: the seed tutorial's lab in network namespaces on one machine.
+#
+#   vm1 (source)  eth0 172.17.22.11  eth1 192.168.0.11  ┐
+#   vm2 (target)  eth0 172.17.22.12  eth1 192.168.0.12  ├ bridges: application 172.17.22.0/24,
+#   client        eth0 172.17.22.100                    ┘          replication 192.168.0.0/24
+#   service IP    172.17.22.187 (a tiny HTTP service with files on ext4 on the protected volume)
+#
+# Steps: agents on vm1 and vm2, servers added from the client, job created,
+# ext4 on the volume (nbdfuse + loop: this kernel may have no nbd module),
+# files written, service started; vm1 force-stopped (agent killed, links
+# down); automatic failover: vm2 takes the IP, mounts the volume, serves the
+# same files; vm1 returns fenced; reverse; failback to vm1.
+#
+# Usage: test/demo/demo.sh [path/to/doppel]   (root; every name carries a
+# random suffix; everything is removed on exit, even on failure)
+# Exits non-zero when a check fails. DEMO_FAST=1 shortens the pauses.
+set -euo pipefail
+
+DOPPEL=$(realpath "${1:-bin/doppel}")
+[ "$(id -u)" = 0 ] || { echo "demo: needs root (network namespaces, loop devices, FUSE)"; exit 1; }
+[ -x "$DOPPEL" ] || { echo "demo: no doppel binary at $DOPPEL (make build)"; exit 1; }
+for t in ip nsenter nbdfuse losetup mkfs.ext4 busybox curl sha256sum; do
+	command -v $t >/dev/null || { echo "demo: missing $t (make deps)"; exit 1; }
+done
+
+S=$(head -c 3 /dev/urandom | od -An -tx1 | tr -d ' \n')
+D=$(mktemp -d /tmp/doppel-demo-$S.XXXX)
+NS1=vm1-$S NS2=vm2-$S NSC=client-$S
+BRA=dpa$S BRR=dpr$S
+SVC=172.17.22.187
+export DOPPEL_CONFIG=$D/cli.json
+PIDS=()
+
+bold() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+say() { printf '   %s\n' "$*"; }
+fail() {
+	printf '\033[31mFAIL: %s\033[0m\n' "$*"
+	for ns in $NS1 $NS2 $NSC; do echo "-- $ns"; ip -n $ns -br addr; ip -n $ns neigh; ip netns exec $ns ss -ltn; done 2>&1 | sed 's/^/   /'
+	ls -la $D/vm1/fs $D/vm2/fs 2>&1 | sed 's/^/   /'
+	cmp $D/vm1.img $D/vm2.img 2>&1 | sed 's/^/   /'
+	exit 1
+}
+pause() { [ -n "${DEMO_FAST:-}" ] || sleep "${1:-1}"; }
+cli() { ip netns exec $NSC "$DOPPEL" "$@"; }
+status() { cli job status web | sed 's/^/   /'; }
+state_of() { # server field: role or state as that agent sees the job
+	cli job status web --json | busybox awk -v s="$1" -v f="$2" '
+		/"server":/ { cur = ($2 ~ "\"" s "\"") }
+		cur && $1 == "\"" f "\":" && !done { gsub(/[",]/, "", $2); print $2; done = 1 }'
+}
+wait_for() { # desc seconds cmd...
+	local desc=$1 secs=$2; shift 2
+	local end=$((SECONDS + secs))
+	until "$@" >/dev/null 2>&1; do
+		[ $SECONDS -lt $end ] || fail "timed out after ${secs}s waiting for $desc"
+		sleep 0.2
+	done
+}
+is_state() { [ "$(state_of "$1" state)" = "$2" ]; }
+
+cleanup() {
+	local rc=$?
+	set +e
+	if [ $rc != 0 ]; then
+		mkdir -p /tmp/doppel-demo-logs
+		for h in vm1 vm2; do cp $D/$h/agent.log /tmp/doppel-demo-logs/$h-agent.log 2>/dev/null; cp $D/$h/hook.log /tmp/doppel-demo-logs/$h-hook.log 2>/dev/null; done
+		echo "demo: failed; agent and hook logs in /tmp/doppel-demo-logs"
+	fi
+	for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
+	for h in vm1 vm2; do
+		[ -f $D/$h/httpd.pid ] && kill -9 "$(cat $D/$h/httpd.pid)" 2>/dev/null
+		umount -l $D/$h/fs 2>/dev/null
+		[ -f $D/$h/loop ] && losetup -d "$(cat $D/$h/loop)" 2>/dev/null
+		[ -f $D/$h/nbdfuse.pid ] && kill "$(cat $D/$h/nbdfuse.pid)" 2>/dev/null
+		fusermount3 -u -z $D/$h/fuse 2>/dev/null
+	done
+	sleep 0.3
+	for ns in $NS1 $NS2 $NSC; do ip netns del $ns 2>/dev/null; done
+	ip link del $BRA 2>/dev/null; ip link del $BRR 2>/dev/null
+	rm -rf "$D"
+}
+trap cleanup EXIT
+
+bold "1. The lab: vm1, vm2 and a client on two networks (application 172.17.22.0/24, replication 192.168.0.0/24)"
+for br in $BRA $BRR; do ip link add $br type bridge; ip link set $br up; done
+veth() { # ns ifname bridge addr
+	local peer=v$S$RANDOM
+	peer=${peer:0:15}
+	ip link add $peer type veth peer name tmp$S
+	ip link set tmp$S netns $1
+	ip -n $1 link set tmp$S name $2
+	ip link set $peer master $3 up
+	ip -n $1 addr add $4 dev $2
+	ip -n $1 link set $2 up
+}
+for ns in $NS1 $NS2 $NSC; do ip netns add $ns; ip -n $ns link set lo up; done
+veth $NS1 eth0 $BRA 172.17.22.11/24; veth $NS1 eth1 $BRR 192.168.0.11/24
+veth $NS2 eth0 $BRA 172.17.22.12/24; veth $NS2 eth1 $BRR 192.168.0.12/24
+veth $NSC eth0 $BRA 172.17.22.100/24
+say "namespaces $NS1 $NS2 $NSC, bridges $BRA (application) $BRR (replication), work dir $D"
+
+bold "2. Install the agents (doppel agent) on vm1 and vm2"
+mkdir -p $D/vm1 $D/vm2
+start_agent() { # host ns app-ip repl-ip
+	ip netns exec $2 "$DOPPEL" agent --state-dir $D/$1/state \
+		--control-listen $3:6320 --repl-listen $4:6325 \
+		--probe-iface eth0 --probe-iface eth1 >>$D/$1/agent.log 2>&1 &
+	echo $! >$D/$1/agent.pid
+	PIDS+=($!)
+}
+start_agent vm1 $NS1 172.17.22.11 192.168.0.11
+start_agent vm2 $NS2 172.17.22.12 192.168.0.12
+wait_for "agent on vm1" 10 test -f $D/vm1/state/token
+wait_for "agent on vm2" 10 test -f $D/vm2/state/token
+wait_for "agents ready" 10 grep -q "agent ready" $D/vm1/agent.log $D/vm2/agent.log
+sleep 0.5
+say "each agent created its certificate and an API token (mode $(stat -c %a $D/vm1/state/token))"
+
+bold "3. From the console (client namespace): add the servers, pinning their certificates"
+fp() { grep -o 'fingerprint=sha256:[0-9a-f]*' $D/$1/agent.log | head -1 | cut -d= -f2; }
+cli server add vm1 172.17.22.11 --token-file $D/vm1/state/token --fingerprint "$(fp vm1)" | sed 's/^/   /'
+cli server add vm2 172.17.22.12 --token-file $D/vm2/state/token --fingerprint "$(fp vm2)" | sed 's/^/   /'
+cli server list | sed 's/^/   /'
+say "a wrong token is refused:"
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >$D/bad.token
+if cli job list --server vm1 --token-file $D/bad.token >$D/out 2>&1; then fail "wrong token accepted"; fi
+say "  $(cat $D/out)"
+
+bold "4. Create the protection job: vm1's volume replicated to vm2, service IP $SVC, automatic failover"
+truncate -s 256M $D/vm1.img $D/vm2.img
+cat >$D/hook.sh <<EOF
+#!/bin/bash
+# Hook script: DOPPEL_EVENT, DOPPEL_HOST, DOPPEL_DEVICE (unix:SOCKET) ...
+exec >>$D/\$DOPPEL_HOST/hook.log 2>&1
+echo "\$(date +%T.%N) \$DOPPEL_EVENT host=\$DOPPEL_HOST role=\$DOPPEL_ROLE device=\$DOPPEL_DEVICE epoch=\$DOPPEL_EPOCH ips=\$DOPPEL_SERVICE_IPS"
+H=$D/\$DOPPEL_HOST
+case \$DOPPEL_EVENT in
+post-failover|post-failback)
+	# Mount the volume and start the service on the service IP.
+	# (ip netns exec gave the agent a private mount namespace, a slave of
+	# the host's: mount in the demo's (the host's) so that everyone sees it.)
+	nsenter -t $$ -m -- $D/mount.sh \$DOPPEL_HOST "\${DOPPEL_DEVICE#unix:}" && nsenter -t $$ -m -- $D/service.sh \$DOPPEL_HOST ;;
+pre-failback)
+	# Stop the service and unmount before the volume moves.
+	set -e
+	if [ -f \$H/httpd.pid ]; then
+		p=\$(cat \$H/httpd.pid); kill \$p
+		while kill -0 \$p 2>/dev/null; do sleep 0.05; done
+		rm -f \$H/httpd.pid
+	fi
+	nsenter -t $$ -m -- umount \$H/fs; losetup -d \$(cat \$H/loop); rm -f \$H/loop
+	p=\$(cat \$H/nbdfuse.pid); kill \$p
+	while kill -0 \$p 2>/dev/null; do sleep 0.05; done
+	rm -f \$H/nbdfuse.pid ;;
+esac
+EOF
+cat >$D/mount.sh <<EOF
+#!/bin/bash
+# mount.sh HOST SOCKET: the served NBD export as a file (nbdfuse), a loop device, ext4.
+set -e
+H=$D/\$1; mkdir -p \$H/fuse \$H/fs
+setsid nbdfuse \$H/fuse "nbd+unix:///web?socket=\$2" </dev/null >\$H/nbdfuse.log 2>&1 &
+echo \$! >\$H/nbdfuse.pid
+for i in \$(seq 50); do [ -e \$H/fuse/nbd ] && break; sleep 0.1; done
+losetup -f --show \$H/fuse/nbd >\$H/loop
+[ -n "\$3" ] && mkfs.ext4 -q -F \$(cat \$H/loop)
+fsck.ext4 -p \$(cat \$H/loop) || [ \$? -le 1 ]
+mount \$(cat \$H/loop) \$H/fs
+EOF
+cat >$D/service.sh <<EOF
+#!/bin/bash
+# service.sh HOST: a tiny HTTP service on the service IP, serving the volume's files.
+H=$D/\$1
+setsid busybox httpd -f -p $SVC:8080 -h \$H/fs </dev/null >/dev/null 2>&1 &
+echo \$! >\$H/httpd.pid
+EOF
+chmod +x $D/hook.sh $D/mount.sh $D/service.sh
+cli job create web --source vm1 --target vm2 --volume $D/vm1.img --target-volume $D/vm2.img \
+	--service-ip $SVC/24@eth0 --failover auto --monitor interval=200ms,missed=5 \
+	--script post-failover=$D/hook.sh --script pre-failback=$D/hook.sh --script post-failback=$D/hook.sh | sed 's/^/   /'
+wait_for "mirror to complete" 60 is_state vm2 replicating
+status
+
+bold "5. Put ext4 on the protected volume (vm1 serves it as an NBD export; nbdfuse + loop), write files"
+sock=$(cli job status web --json | busybox awk -F'"' '/"device": "unix:/ { sub("unix:", "", $4); print $4; exit }')
+[ -S "$sock" ] || fail "vm1 does not serve the volume (device '$sock')"
+$D/mount.sh vm1 "$sock" mkfs
+for i in 1 2 3 4 5; do head -c $((i * 300000)) /dev/urandom >$D/vm1/fs/file$i.bin; done
+echo "hello from the protected volume" >$D/vm1/fs/index.html
+sync -f $D/vm1/fs/index.html
+(cd $D/vm1/fs && sha256sum file*.bin index.html) >$D/sums
+say "files written and fsynced (sync mode: on vm2 before the write returned):"
+sed 's/^/     /' $D/sums
+ip netns exec $NS1 $D/service.sh vm1
+wait_for "service on vm1" 10 ip netns exec $NSC curl -sf -m 1 -o /dev/null http://$SVC:8080/index.html
+say "client -> http://$SVC:8080/index.html: $(ip netns exec $NSC curl -sf -m 2 http://$SVC:8080/index.html)"
+pause 1
+
+bold "6. Force-stop vm1: agent killed, links down"
+T0=$(date +%s.%N)
+kill -9 "$(cat $D/vm1/agent.pid)"
+ip -n $NS1 link set eth0 down; ip -n $NS1 link set eth1 down
+kill -9 "$(cat $D/vm1/httpd.pid)" 2>/dev/null || true; rm -f $D/vm1/httpd.pid
+say "vm1 is gone; vm2's probe counts down..."
+until ip netns exec $NSC curl -sf -m 1 -o /dev/null http://$SVC:8080/index.html 2>/dev/null; do
+	awk -v t0=$T0 -v now=$(date +%s.%N) 'BEGIN { exit !(now - t0 > 30) }' && fail "service not back within 30 s"
+	sleep 0.1
+done
+T1=$(date +%s.%N)
+RTO=$(awk -v a=$T0 -v b=$T1 'BEGIN { printf "%.2f", b - a }')
+
+bold "7. Automatic failover: vm2 took the service IP and serves the same files (RTO ${RTO}s)"
+status
+for f in file1.bin file2.bin file3.bin file4.bin file5.bin index.html; do
+	ip netns exec $NSC curl -sf -m 5 -o $D/got.$f http://$SVC:8080/$f
+done
+(cd $D && for f in file1.bin file2.bin file3.bin file4.bin file5.bin index.html; do echo "$(sha256sum <got.$f | cut -d' ' -f1)  $f"; done) >$D/sums2
+diff $D/sums $D/sums2 >/dev/null || fail "files differ on vm2"
+say "all $(wc -l <$D/sums) files intact on vm2 (sha256 match); client reached $SVC on vm2 ${RTO}s after the kill"
+ip -n $NS2 -br addr show eth0 | sed 's/^/   vm2: /'
+echo "written on vm2 after the failover" >$D/vm2/fs/after-failover.txt; sync -f $D/vm2/fs/after-failover.txt
+pause 1
+
+bold "8. Bring vm1 back: it finds it was superseded and stays fenced"
+ip -n $NS1 link set eth0 up; ip -n $NS1 link set eth1 up
+umount -l $D/vm1/fs 2>/dev/null || true; losetup -d "$(cat $D/vm1/loop)" 2>/dev/null || true
+kill "$(cat $D/vm1/nbdfuse.pid)" 2>/dev/null || true; fusermount3 -u -z $D/vm1/fuse 2>/dev/null || true
+rm -f $D/vm1/loop $D/vm1/nbdfuse.pid
+start_agent vm1 $NS1 172.17.22.11 192.168.0.11
+wait_for "vm1 fenced" 20 is_state vm1 superseded
+status
+if ip -n $NS1 addr show eth0 | grep -q "$SVC/"; then fail "returned vm1 holds the service IP"; fi
+say "vm1 holds no service IP and does not serve the volume"
+
+bold "9. doppel reverse: vm1 becomes the target, resynced with only what differs"
+cli reverse web | sed 's/^/   /'
+wait_for "reverse resync" 60 is_state vm1 replicating
+status
+cli verify web | sed 's/^/   /' || fail "vm1 and vm2 differ after the reverse resync"
+
+
+bold "10. doppel failback: planned switchover, vm1 is the source again, vm2 the standby"
+cli failback web | sed 's/^/   /'
+is_source() { [ "$(state_of "$1" role)" = source ]; }
+wait_for "vm1 to take the source role back" 60 is_source vm1
+wait_for "failback" 60 is_state vm1 replicating
+wait_for "service on vm1" 20 ip netns exec $NSC curl -sf -m 1 -o /dev/null http://$SVC:8080/after-failover.txt
+status
+ip -n $NS1 addr show eth0 | grep -q "$SVC/" || fail "service IP not back on vm1"
+ip -n $NS2 addr show eth0 | grep -q "$SVC/" && fail "service IP still on vm2"
+say "client -> $SVC: $(ip netns exec $NSC curl -sf -m 2 http://$SVC:8080/after-failover.txt) (served by vm1)"
+cli verify web | sed 's/^/   /'
+
+bold "Done: protect, fail over (RTO ${RTO}s), fence, reverse, fail back."
+echo "RTO_SECONDS=$RTO" >"${DEMO_RESULT:-/dev/null}"
