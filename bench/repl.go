@@ -308,10 +308,19 @@ func RunRepl(ctx context.Context, cfg ReplConfig) (*ReplReport, error) {
 				if err := SyncFiles(files...); err != nil {
 					return nil, err
 				}
+				cpu := func() time.Duration {
+					c := ProcCPU(s.srcProc.PID())
+					if s.tgtP != nil {
+						c += ProcCPU(s.tgtP.PID())
+					}
+					return c
+				}
+				cpu0, t0 := cpu(), time.Now()
 				res, err := RunFio(ctx, cfg.Fio, FioArgs(row, "nbd+unix:///?socket="+s.sock, cfg.Runtime, cfg.Ramp), true)
 				if ctx.Err() != nil {
 					return nil, ctx.Err()
 				}
+				res.SetServerCPU(cpu()-cpu0, time.Since(t0))
 				if err != nil {
 					log.Warn("run failed", "row", row.Slug, "mode", s.mode, "run", run+1, "err", err)
 					rep.Failed[row.Slug][s.mode] = append(rep.Failed[row.Slug][s.mode], err.Error())
@@ -320,7 +329,8 @@ func RunRepl(ctx context.Context, cfg ReplConfig) (*ReplReport, error) {
 				rep.FioVersion = res.FioVersion
 				rep.Runs[row.Slug][s.mode] = append(rep.Runs[row.Slug][s.mode], res)
 				log.Info("run", "row", row.Slug, "mode", s.mode, "run", run+1,
-					"iops", math.Round(res.IOPS), "MiB/s", math.Round(res.MiBps()), "lat_us", math.Round(res.LatMeanNs/1e3))
+					"iops", math.Round(res.IOPS), "MiB/s", math.Round(res.MiBps()), "lat_us", math.Round(res.LatMeanNs/1e3),
+					"cpu_us_per_io", math.Round(float64(res.ServerCPUPerIO.Nanoseconds())/100)/10)
 			}
 		}
 	}
@@ -834,6 +844,22 @@ func (r *ReplReport) Markdown(command, note string) string {
 		w("Sync latency, %s: %s vs unreplicated %s + RTT %s + 100 µs = %s — %s.\n", row.Name, FormatMicros(s), FormatMicros(u),
 			FormatMicros(float64(r.RTT.Nanoseconds())), FormatMicros(bound), v)
 	}
+	w("\ndoppel's CPU time per write (user + system of the source and target processes over the run ÷ writes; unreplicated: the one server), median, and in parentheses the cores used:\n\n")
+	w("| workload | unreplicated | async | sync |\n|---|--:|--:|--:|\n")
+	for _, row := range cfg.Rows {
+		w("| %s |", row.Name)
+		for _, mode := range ReplModes {
+			per := r.Median(row.Slug, mode, func(x Result) float64 { return float64(x.ServerCPUPerIO.Nanoseconds()) })
+			share := r.Median(row.Slug, mode, func(x Result) float64 { return x.ServerCPUShare })
+			if per > 0 {
+				w(" %s (%.2f) |", FormatMicros(per), share)
+			} else {
+				w(" n/a |")
+			}
+		}
+		w("\n")
+	}
+	w("\n")
 	for _, mode := range []string{ModeAsync, ModeSync} {
 		if v, ok := r.Identical[mode]; ok {
 			w("Target byte-identical to the source after the %s runs (queue drained, `cmp`-style compare): %s.\n", mode, v)
