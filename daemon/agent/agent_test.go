@@ -354,3 +354,83 @@ func TestTwoAgentsFailoverAndFence(t *testing.T) {
 	}
 	fmt.Fprint(io.Discard, st1)
 }
+
+func freePort(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// TestManualFailoverWithReplication: two agents replicate for real over
+// loopback (daemon/repl). In manual mode a silent source only produces
+// source-down: nothing moves until the operator's failover, after which the
+// target serves the data written on the source.
+func TestManualFailoverWithReplication(t *testing.T) {
+	root := t.TempDir()
+	os.WriteFile(filepath.Join(root, "mountinfo"), nil, 0o644)
+	live2 := &memLiveness{alive: map[string]bool{"web": true}, n: map[string]uint64{}}
+	log := slog.New(slog.DiscardHandler)
+	start := func(name string, live Liveness, repl string) *testAgent {
+		vols := &NBDVolumes{Log: log, RunDir: filepath.Join(root, name, "run")}
+		ta := startAgent(t, filepath.Join(root, name), Subsystems{Liveness: live, Volumes: vols})
+		planes := &ReplPlanes{Log: log, Cert: ta.a.Identity.Cert, ReplListen: repl, StateDir: filepath.Join(root, name)}
+		ta.a.Subsystems.DataPlane = planes.Open
+		return ta
+	}
+	r1, r2 := freePort(t), freePort(t)
+	a1 := start("vm1", &memLiveness{alive: map[string]bool{"web": true}, n: map[string]uint64{}}, r1)
+	a2 := start("vm2", live2, r2)
+	ctx := context.Background()
+	e1, e2 := endpoint("vm1", a1), endpoint("vm2", a2)
+	e1.Repl, e2.Repl = r1, r2
+	spec := testSpec(t, e1, e2)
+	spec.Failover = ha.FailoverManual
+	spec.Volume = filepath.Join(root, "vol1.img")
+	spec.TargetVolume = filepath.Join(root, "vol2.img")
+	data := make([]byte, 1<<20)
+	rand.Read(data)
+	os.WriteFile(spec.Volume, append(data, make([]byte, int(spec.Size)-len(data))...), 0o600)
+	spec.Size = 0
+	if _, err := a1.client.CreateJob(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	spec.Size = 4 << 20 // the target's file is created
+	if _, err := a2.client.CreateJob(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "replicating", func() bool {
+		st, _ := a2.client.Job(ctx, "web")
+		return st.HA.State == ha.StateReplicating && st.HA.Consistent
+	})
+	got, _ := os.ReadFile(spec.TargetVolume)
+	if len(got) < len(data) || string(got[:len(data)]) != string(data) {
+		t.Fatal("mirror did not copy the source's data to the target")
+	}
+	res, err := a1.client.Verify(ctx, "web")
+	if err != nil || !res.Equal {
+		t.Fatalf("verify: %+v %v", res, err)
+	}
+
+	// The source goes silent: manual mode only reports it.
+	a1.stop()
+	live2.set("web", false)
+	waitFor(t, "source-down", func() bool {
+		st, _ := a2.client.Job(ctx, "web")
+		return st.HA.State == ha.StateSourceDown
+	})
+	time.Sleep(5 * spec.Monitor.Interval)
+	st, _ := a2.client.Job(ctx, "web")
+	if st.HA.Role != ha.RoleTarget || st.Data.Device != "" || !strings.Contains(st.HA.Reason, "run doppel failover") {
+		t.Fatalf("manual mode moved by itself: role %s device %q reason %q", st.HA.Role, st.Data.Device, st.HA.Reason)
+	}
+	st, err = a2.client.Command(ctx, "web", ha.CmdFailover, api.CommandOptions{})
+	if err != nil {
+		t.Fatalf("manual failover: %v", err)
+	}
+	if st.HA.State != ha.StateFailedOver || !strings.HasPrefix(st.Data.Device, "unix:") {
+		t.Fatalf("after failover: %s, device %q", st.HA.State, st.Data.Device)
+	}
+}
