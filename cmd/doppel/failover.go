@@ -24,6 +24,9 @@ func failoverCommand() *cli.Command {
 			&cli.BoolFlag{Name: "force", Usage: "override the data-safety refusals"},
 		),
 		Action: func(c *cli.Context) error {
+			if _, err := positional(c); err != nil { // flags after NAME
+				return err
+			}
 			if c.Bool("apply-queue") && c.Bool("discard-queue") {
 				return usageErrorf("--apply-queue and --discard-queue exclude each other")
 			}

@@ -256,7 +256,7 @@ func ParseServiceIP(s string) (ServiceIP, error) {
 	}
 	p, err := netip.ParsePrefix(cidr)
 	if err != nil {
-		return ServiceIP{}, fmt.Errorf("%w: service IP %q: %v", ErrInvalid, s, err)
+		return ServiceIP{}, fmt.Errorf("%w: service IP %q: %v (want CIDR@IFACE, e.g. 172.17.22.187/24@eth0)", ErrInvalid, s, err)
 	}
 	if err := validIface(iface); err != nil {
 		return ServiceIP{}, fmt.Errorf("%w: service IP %q: %v", ErrInvalid, s, err)
