@@ -36,6 +36,10 @@ var Kernels = []Kernel{{
 	Modules: []string{
 		"virtio_pci", "virtio_net", "virtio_rng",
 		"ext4", "crc32c_generic", "crc32c_intel",
+		// vishvananda/netlink's default handle (netident) opens XFRM and
+		// netfilter netlink sockets too; a full Debian system autoloads
+		// these by alias, which this initramfs (no modules.alias) cannot.
+		"xfrm_user", "nfnetlink",
 	},
 	Extra: []string{"nbd"},
 }}
@@ -114,8 +118,10 @@ func fetchKernel(cache string, k Kernel) (*KernelImage, error) {
 		}
 	}
 	dir := filepath.Join(cache, "kernels", pkg)
-	if _, err := os.Stat(filepath.Join(dir, "ok")); err != nil {
-		if err := extractKernel(cache, pkg, dir, append(slices.Clone(k.Modules), k.Extra...)); err != nil {
+	mods := append(slices.Clone(k.Modules), k.Extra...)
+	// "ok" lists the modules extracted: a changed table re-extracts.
+	if ok, err := os.ReadFile(filepath.Join(dir, "ok")); err != nil || string(ok) != moduleKey(mods) {
+		if err := extractKernel(cache, pkg, dir, mods); err != nil {
 			return nil, fmt.Errorf("kernel %s: %w", pkg, err)
 		}
 	}
@@ -220,7 +226,14 @@ func extractKernel(cache, pkg, dir string, mods []string) error {
 	if err := os.WriteFile(filepath.Join(dir, "release"), []byte(release+"\n"), 0o644); err != nil {
 		return err
 	}
-	return os.WriteFile(filepath.Join(dir, "ok"), nil, 0o644)
+	return os.WriteFile(filepath.Join(dir, "ok"), []byte(moduleKey(mods)), 0o644)
+}
+
+// moduleKey names a set of modules (sorted, one per line).
+func moduleKey(mods []string) string {
+	s := slices.Clone(mods)
+	sort.Strings(s)
+	return strings.Join(slices.Compact(s), "\n") + "\n"
 }
 
 // module is one .ko: its path under lib/modules/<release>/ and the modules

@@ -124,8 +124,9 @@ func buildAssets() (*Assets, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
-	// The base archives change only with the kernel, the tools and /init.
-	key := fmt.Sprintf("%s-%x", img.Package, crc(fmt.Appendf(initScript, "%v%v", baseTools, fioTools)))
+	// The base archives change only with the kernel, its modules, the tools
+	// and /init.
+	key := fmt.Sprintf("%s-%x", img.Package, crc(fmt.Appendf(initScript, "%v%v%v%v", baseTools, fioTools, k.Modules, k.Extra)))
 	base := filepath.Join(cache, "initrd-base-"+key+".cpio")
 	fio := filepath.Join(cache, "initrd-fio-"+key+".cpio")
 	// Archives of other kernels, tools or /init versions are stale.
@@ -633,4 +634,54 @@ func (g *Guest) MustRun(t testing.TB, timeout time.Duration, script string) stri
 		t.Fatalf("%s: exit %d: %s\n%s", g.Name, rc, script, out)
 	}
 	return out
+}
+
+// guestNow prints the guest's wall clock with microseconds (busybox date
+// has no %N; adjtimex shows the kernel's timeval).
+const guestNow = `adjtimex | awk '/time.tv_sec/ {s=$2} /time.tv_usec/ {u=$2} END {printf "%d.%06d\n", s, u}'`
+
+// parseGuestTime reads guestNow's output.
+func parseGuestTime(s string) (time.Time, error) {
+	sec, usec, ok := strings.Cut(strings.TrimSpace(s), ".")
+	if !ok || len(usec) != 6 {
+		return time.Time{}, fmt.Errorf("guest time %q: want SECONDS.MICROSECONDS", s)
+	}
+	a, err1 := strconv.ParseInt(sec, 10, 64)
+	b, err2 := strconv.ParseInt(usec, 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return time.Time{}, fmt.Errorf("guest time %q: %w", s, err)
+	}
+	return time.Unix(a, b*1000), nil
+}
+
+// Clock is a guest's wall clock relative to the host's: guest time minus
+// Offset is host time, within ±Error. Guests set their clocks from the
+// emulated RTC (whole seconds), so timestamps taken in different guests
+// are compared only after this correction.
+type Clock struct {
+	Offset, Error time.Duration
+}
+
+// Host converts a guest timestamp to host time.
+func (c Clock) Host(guest time.Time) time.Time { return guest.Add(-c.Offset) }
+
+// Clock measures the guest's clock against the host's through the control
+// channel: of several round trips, the shortest bounds the error.
+func (g *Guest) Clock(t testing.TB) Clock {
+	t.Helper()
+	best := Clock{Error: time.Hour}
+	for range 5 {
+		before := time.Now()
+		out := g.MustRun(t, 30*time.Second, guestNow)
+		after := time.Now()
+		gt, err := parseGuestTime(out)
+		if err != nil {
+			t.Fatalf("%s: %v", g.Name, err)
+		}
+		half := after.Sub(before) / 2
+		if half < best.Error {
+			best = Clock{Offset: gt.Sub(before.Add(half)), Error: half}
+		}
+	}
+	return best
 }
