@@ -65,7 +65,7 @@ const (
 
 // mirrorQueueCap is how full the queue may be before a mirror waits for
 // acks, so that mirror traffic never crowds out application writes.
-func (s *Source) mirrorQueueCap() int64 { return 32 << 20 }
+func (s *Source) mirrorQueueCap() int64 { return 8 << 20 }
 
 // Mirror copies the volume to the target while the application keeps
 // writing, and marks the target consistent when done. Every range is read
@@ -173,12 +173,10 @@ func alignUp(v, a int64) int64 { return (v + a - 1) / a * a }
 func (s *Source) sendRange(off, n int64, p wire.Purpose) (sent, holes int64, err error) {
 	for n > 0 {
 		step := min(n, mirrorIO)
-		bp := bufPool.Get().(*[]byte)
-		buf := (*bp)[:step]
+		buf := make([]byte, step) // frames keep slices of it until acknowledged
 		unlock := s.locks.lock(off, step)
 		if err = readFull(s.b, buf, off); err != nil {
 			unlock()
-			bufPool.Put(bp)
 			return sent, holes, fmt.Errorf("read %d+%d: %w", off, step, err)
 		}
 		var frames []wire.Sequenced
@@ -198,14 +196,13 @@ func (s *Source) sendRange(off, n int64, p wire.Purpose) (sent, holes int64, err
 				frames = append(frames, &wire.MirrorHole{Offset: uint64(off + i), Length: uint64(k - i), Purpose: p})
 				holes += k - i
 			} else {
-				frames = append(frames, &wire.MirrorData{Offset: uint64(off + i), Purpose: p, Data: append([]byte{}, buf[i:k]...)})
+				frames = append(frames, &wire.MirrorData{Offset: uint64(off + i), Purpose: p, Data: buf[i:k:k]})
 				sent += k - i
 			}
 			i = k
 		}
 		_, err = s.push(frames...)
 		unlock()
-		bufPool.Put(bp)
 		if err != nil {
 			return sent, holes, err
 		}

@@ -196,11 +196,23 @@ func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
 					n -= k
 				}
 			}
-			if _, err := bw.Write(buf); err != nil {
-				return fmt.Errorf("send frame %d: %w", e.Seq, err)
-			}
-			if _, err := bw.Write(tail); err != nil {
-				return fmt.Errorf("send frame %d: %w", e.Seq, err)
+			if len(tail) >= 32<<10 {
+				// A large payload goes straight from the frame to the socket
+				// (writev of header and payload), not through the buffer.
+				if err := bw.Flush(); err != nil {
+					return fmt.Errorf("send: %w", err)
+				}
+				bufs := net.Buffers{buf, tail}
+				if _, err := bufs.WriteTo(conn); err != nil {
+					return fmt.Errorf("send frame %d: %w", e.Seq, err)
+				}
+			} else {
+				if _, err := bw.Write(buf); err != nil {
+					return fmt.Errorf("send frame %d: %w", e.Seq, err)
+				}
+				if _, err := bw.Write(tail); err != nil {
+					return fmt.Errorf("send frame %d: %w", e.Seq, err)
+				}
 			}
 			k, payload := frameKind(e.Frame)
 			s.st.sentBytes[k].Add(int64(size))

@@ -110,7 +110,6 @@ func zeroSum(n int64) wire.Sum {
 	return s
 }
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
 
 // readFull reads len(p) bytes at off (a short read at the end of the
 // volume is an error: callers never read past it).
