@@ -110,7 +110,6 @@ func zeroSum(n int64) wire.Sum {
 	return s
 }
 
-
 // readFull reads len(p) bytes at off (a short read at the end of the
 // volume is an error: callers never read past it).
 func readFull(b blockdev.Backend, p []byte, off int64) error {
