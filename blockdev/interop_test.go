@@ -235,7 +235,18 @@ func TestInteropFilesystem(t *testing.T) {
 	nfDone := make(chan error, 1)
 	go func() { nfDone <- nf.Wait() }()
 	t.Cleanup(func() {
-		exec.Command("fusermount3", "-u", fuseDir).Run()
+		// The loop device lets go of the file asynchronously: retry the
+		// unmount, then unmount lazily, then stop nbdfuse by its PID.
+		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			if exec.Command("fusermount3", "-u", fuseDir).Run() == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("fusermount3 -u %s kept failing; unmounting lazily", fuseDir)
+				exec.Command("fusermount3", "-u", "-z", fuseDir).Run()
+				break
+			}
+		}
 		select {
 		case <-nfDone:
 		case <-time.After(10 * time.Second):
@@ -254,7 +265,16 @@ func TestInteropFilesystem(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	loop := strings.TrimSpace(run(t, 30*time.Second, "losetup", "--find", "--show", disk))
-	t.Cleanup(func() { exec.Command("losetup", "-d", loop).Run() })
+	t.Cleanup(func() {
+		exec.Command("losetup", "-d", loop).Run()
+		backing := filepath.Join("/sys/block", filepath.Base(loop), "loop", "backing_file")
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+			if _, err := os.Stat(backing); err != nil {
+				return
+			}
+		}
+		t.Errorf("%s still attached 10 s after losetup -d", loop)
+	})
 
 	run(t, 2*time.Minute, "mkfs.ext4", "-q", "-F", loop)
 	run(t, 30*time.Second, "mount", loop, mnt)

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -29,6 +30,7 @@ type conn struct {
 
 	dlMu      sync.Mutex
 	cancelled bool
+	stopped   atomic.Bool // cancelled, readable without dlMu
 }
 
 func newConn(s *Server, c net.Conn) *conn {
@@ -42,17 +44,17 @@ func newConn(s *Server, c net.Conn) *conn {
 }
 
 // shutdownGrace bounds how long replies may take to leave once the server
-// is shutting down (a client that stopped reading must not hold it). A
-// variable for tests.
-var shutdownGrace = 10 * time.Second
+// is shutting down (a client that stopped reading must not hold it).
+const shutdownGrace = 10 * time.Second
 
 // cancel makes every pending and future read fail at once, and writes fail
 // after shutdownGrace.
 func (cn *conn) cancel() {
 	cn.dlMu.Lock()
 	cn.cancelled = true
+	cn.stopped.Store(true)
 	cn.c.SetReadDeadline(time.Unix(1, 0))
-	cn.c.SetWriteDeadline(time.Now().Add(shutdownGrace))
+	cn.c.SetWriteDeadline(time.Now().Add(cn.s.grace))
 	cn.dlMu.Unlock()
 }
 

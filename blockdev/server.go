@@ -80,7 +80,7 @@ type Server struct {
 	// connection (default 128). Set it before serving.
 	MaxInFlight int
 
-	mu    sync.Mutex
+	grace time.Duration // shutdownGrace; shorter in tests
 	conns sync.WaitGroup
 }
 
@@ -93,7 +93,7 @@ func NewServer(log *slog.Logger, exports ...Export) (*Server, error) {
 	if len(exports) == 0 {
 		return nil, errors.New("nbd server: no export")
 	}
-	s := &Server{log: log, MaxInFlight: 128}
+	s := &Server{log: log, MaxInFlight: 128, grace: shutdownGrace}
 	seen := map[string]bool{}
 	for _, e := range exports {
 		if e.Backend == nil {

@@ -158,6 +158,12 @@ func (t *tconn) observe(d time.Duration) {
 // (and err for a failure) when the connection ends; an oversized write
 // that ends the connection is returned with done set so that it is answered.
 func (t *tconn) next() *op {
+	if t.stopped.Load() || t.w.failed() != nil {
+		// Shutting down, or the client is gone: requests still sitting in
+		// the read buffer are not started.
+		t.done = true
+		return nil
+	}
 	if t.br.Buffered() < requestHeaderLen {
 		t.w.flush() // held replies go out before the reader may block
 	}

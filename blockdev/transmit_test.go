@@ -627,9 +627,6 @@ func TestSlowBackendDisablesInline(t *testing.T) {
 // A client that pipelines large reads and never reads the replies is
 // paused by the server (bounded memory), and does not stop shutdown.
 func TestClientNotReadingReplies(t *testing.T) {
-	old := shutdownGrace
-	shutdownGrace = 500 * time.Millisecond
-	defer func() { shutdownGrace = old }()
 	m := newMem(64 << 20)
 	var reads atomic.Int64
 	m.hook = func(op string, off int64, n int) error {
@@ -639,6 +636,7 @@ func TestClientNotReadingReplies(t *testing.T) {
 		return nil
 	}
 	s := serve(t, Export{Name: "a", Backend: m})
+	s.srv.grace = 500 * time.Millisecond // before any connection
 	c := s.rawGo(t, "a")
 	go func() { // never reads a reply
 		for i := range 10000 {
