@@ -68,6 +68,16 @@ func (cn *conn) transmit(ctx context.Context, x *export) error {
 	t := &tconn{conn: cn, ctx: context.WithoutCancel(ctx), x: x, max: int32(n),
 		slots: make(chan struct{}, n), big: make(chan struct{}, maxBig)}
 	t.w.c = cn.c
+	// Large socket buffers let a 1 MiB reply leave in one writev instead of
+	// several partial writes with a poller wake-up between each (the kernel
+	// caps them at net.core.wmem_max/rmem_max).
+	if sb, ok := cn.c.(interface {
+		SetWriteBuffer(int) error
+		SetReadBuffer(int) error
+	}); ok {
+		sb.SetWriteBuffer(socketBuffer)
+		sb.SetReadBuffer(socketBuffer)
+	}
 	t.nwrk.Store(1)
 	t.wg.Add(1)
 	go t.worker()
@@ -216,8 +226,9 @@ func (t *tconn) next() *op {
 // that one connection holds at most maxBig*MaxPayload (256 MiB) of payload
 // buffers however its client pipelines.
 const (
-	bigBuffer = 1 << 20
-	maxBig    = 8
+	socketBuffer = 4 << 20
+	bigBuffer    = 1 << 20
+	maxBig       = 8
 )
 
 func (t *tconn) bigSlot(o *op) {
