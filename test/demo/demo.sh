@@ -58,6 +58,7 @@ wait_for() { # desc seconds cmd...
 	done
 }
 is_state() { [ "$(state_of "$1" state)" = "$2" ]; }
+has_ip() { [[ "$(ip -n $1 addr show eth0)" == *"$SVC/"* ]]; } # (no grep -q under pipefail)
 
 cleanup() {
 	local rc=$?
@@ -230,7 +231,7 @@ rm -f $D/vm1/loop $D/vm1/nbdfuse.pid
 start_agent vm1 $NS1 172.17.22.11 192.168.0.11
 wait_for "vm1 fenced" 20 is_state vm1 superseded
 status
-if ip -n $NS1 addr show eth0 | grep -q "$SVC/"; then fail "returned vm1 holds the service IP"; fi
+if has_ip $NS1; then fail "returned vm1 holds the service IP"; fi
 say "vm1 holds no service IP and does not serve the volume"
 
 bold "9. doppel reverse: vm1 becomes the target, resynced with only what differs"
@@ -247,8 +248,8 @@ wait_for "vm1 to take the source role back" 60 is_source vm1
 wait_for "failback" 60 is_state vm1 replicating
 wait_for "service on vm1" 20 ip netns exec $NSC curl -sf -m 1 -o /dev/null http://$SVC:8080/after-failover.txt
 status
-ip -n $NS1 addr show eth0 | grep -q "$SVC/" || fail "service IP not back on vm1"
-ip -n $NS2 addr show eth0 | grep -q "$SVC/" && fail "service IP still on vm2"
+has_ip $NS1 || fail "service IP not back on vm1"
+if has_ip $NS2; then fail "service IP still on vm2"; fi
 say "client -> $SVC: $(ip netns exec $NSC curl -sf -m 2 http://$SVC:8080/after-failover.txt) (served by vm1)"
 cli verify web | sed 's/^/   /'
 
