@@ -24,6 +24,10 @@ var ErrInUse = errors.New("block device in use")
 // partitions), held by another device (device-mapper, md) or opened
 // exclusively elsewhere, saying why. size must be 0 or the device's size.
 func OpenDevice(path string, size int64) (*File, error) {
+	return openDevice(path, size, os.O_RDWR)
+}
+
+func openDevice(path string, size int64, mode int) (*File, error) {
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
@@ -34,7 +38,7 @@ func OpenDevice(path string, size int64) (*File, error) {
 	if err := deviceInUse(path, unix.Major(st.Rdev), unix.Minor(st.Rdev)); err != nil {
 		return nil, err
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|unix.O_EXCL|unix.O_CLOEXEC, 0)
+	f, err := os.OpenFile(path, mode|unix.O_EXCL|unix.O_CLOEXEC, 0)
 	if err != nil {
 		if errors.Is(err, unix.EBUSY) {
 			return nil, fmt.Errorf("open %s: %w: another program holds it exclusively (mounted, swap, LVM/md/dm or a running server)", path, ErrInUse)

@@ -86,6 +86,31 @@ func newFile(f *os.File, path string, size int64, dev bool) *File {
 	return &File{f: f, fd: int(f.Fd()), size: size, dev: dev, sector: 512, path: path}
 }
 
+// OpenReadOnly opens an existing regular file or block device for reading
+// only (for a read-only export of a file the server may not write). Its
+// size is the file's or device's; a block device is checked and claimed as
+// by OpenDevice.
+func OpenReadOnly(path string) (*File, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	if fi.Mode().Type() == fs.ModeDevice {
+		return openDevice(path, 0, os.O_RDONLY)
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("open %s: not a regular file or block device (%s)", path, fi.Mode().Type())
+	}
+	if fi.Size() == 0 {
+		return nil, fmt.Errorf("open %s: file is empty", path)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	return newFile(f, path, fi.Size(), false), nil
+}
+
 // Open opens a regular file (see OpenFile) or a block device, chosen by
 // stat. A block device is opened exclusively (O_EXCL) and refused when it,
 // one of its partitions or a holder (device-mapper, md) is in use, with the

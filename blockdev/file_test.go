@@ -291,6 +291,17 @@ func TestBlockDevice(t *testing.T) {
 		t.Fatalf("BLKDISCARD: %v", err)
 	}
 	d.Close()
+	ro, err := OpenReadOnly(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ro.WriteAt([]byte("x"), 0); err == nil {
+		t.Fatal("write through a read-only device descriptor")
+	}
+	if _, err := Open(dev, 0); !errors.Is(err, ErrInUse) {
+		t.Fatalf("open while held read-only: %v, want ErrInUse", err)
+	}
+	ro.Close()
 
 	// Mounted: refused with the mount point in the reason.
 	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
@@ -309,4 +320,32 @@ func TestBlockDevice(t *testing.T) {
 		t.Fatalf("mounted device: %v, want ErrInUse naming %s", err, mnt)
 	}
 	t.Log(err)
+}
+
+func TestOpenReadOnly(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "f")
+	if _, err := OpenReadOnly(p); err == nil {
+		t.Fatal("opened a missing file")
+	}
+	os.WriteFile(p, nil, 0o400)
+	if _, err := OpenReadOnly(p); err == nil {
+		t.Fatal("opened an empty file")
+	}
+	os.WriteFile(p, []byte("read only data"), 0o400)
+	f, err := OpenReadOnly(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := make([]byte, 4)
+	if _, err := f.ReadAt(b, 5); err != nil || string(b) != "only" || f.Size() != 14 {
+		t.Fatalf("read %q, %v, size %d", b, err, f.Size())
+	}
+	if _, err := f.WriteAt([]byte("x"), 0); err == nil {
+		t.Fatal("write through a read-only descriptor")
+	}
+	if _, err := OpenReadOnly(dir); err == nil {
+		t.Fatal("opened a directory")
+	}
 }

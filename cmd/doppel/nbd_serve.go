@@ -31,7 +31,7 @@ func nbdServeCommand() *cli.Command {
 			&cli.StringFlag{Name: "listen", Value: "unix:/run/doppel/nbd.sock", Usage: "`ADDR`: unix:PATH or tcp:HOST:PORT"},
 			&cli.StringFlag{Name: "name", Usage: "export `NAME` (clients asking for the default name are also served)"},
 			&cli.StringFlag{Name: "description", Usage: "export `TEXT` shown by nbdinfo"},
-			&cli.BoolFlag{Name: "read-only", Usage: "refuse writes, trims and write-zeroes"},
+			&cli.BoolFlag{Name: "read-only", Usage: "open --file read-only (it must exist) and refuse writes, trims and write-zeroes"},
 			&cli.StringFlag{Name: "cpuprofile", Usage: "write a CPU profile to `FILE` while serving"},
 		},
 		Action: func(c *cli.Context) error {
@@ -70,8 +70,18 @@ type nbdServeConfig struct {
 }
 
 func nbdServe(ctx context.Context, log *slog.Logger, cfg nbdServeConfig) (err error) {
-	b, err := blockdev.Open(cfg.file, cfg.size)
-	if err != nil {
+	var b blockdev.Backend
+	if cfg.readOnly {
+		f, err := blockdev.OpenReadOnly(cfg.file)
+		if err != nil {
+			return err
+		}
+		if cfg.size != 0 && cfg.size != f.Size() {
+			f.Close()
+			return fmt.Errorf("%s is %d bytes, not the --size %d given", cfg.file, f.Size(), cfg.size)
+		}
+		b = f
+	} else if b, err = blockdev.Open(cfg.file, cfg.size); err != nil {
 		return err
 	}
 	defer func() {

@@ -46,6 +46,10 @@ func TestNbdServeRejectsBadInput(t *testing.T) {
 			t.Errorf("%q: %v, want a usage error (exit %d)", args, err, exitUsage)
 		}
 	}
+	if err := run(context.Background(), []string{"doppel", "nbd", "serve", "--file", filepath.Join(dir, "missing"),
+		"--read-only", "--listen", "unix:" + filepath.Join(dir, "s.sock")}); err == nil {
+		t.Error("--read-only served a missing file")
+	}
 	// A missing file without --size is an error, not a usage error.
 	if err := run(context.Background(), []string{"doppel", "nbd", "serve", "--file", filepath.Join(dir, "missing"),
 		"--listen", "unix:" + filepath.Join(dir, "s.sock")}); err == nil || !strings.Contains(err.Error(), "no size") {
