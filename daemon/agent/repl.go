@@ -37,6 +37,8 @@ type ReplPlanes struct {
 	Cert       tls.Certificate
 	ReplListen string
 	StateDir   string
+	// RateLimit caps replication bytes per second (0: unlimited).
+	RateLimit int64
 
 	mu       sync.Mutex
 	listener string // job holding the replication listener
@@ -101,7 +103,7 @@ func (d *replPlane) source() (*repl.Source, error) {
 	addr := d.peer.Repl
 	dialer := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 5 * time.Second}, Config: cfgTLS}
 	src, err := repl.NewSource(repl.SourceConfig{
-		Backend: b, Mode: d.mode(), Log: d.log,
+		Backend: b, Mode: d.mode(), Log: d.log, RateLimit: d.p.RateLimit,
 		Dial: func(ctx context.Context) (net.Conn, error) { return dialer.DialContext(ctx, "tcp", addr) },
 	})
 	if err != nil {
@@ -340,6 +342,7 @@ func (d *replPlane) Status() api.DataStatus {
 	if src != nil {
 		s := src.Stats()
 		st.QueueMemory = s.QueueBytes
+		st.MirrorSent = s.PayloadBytes["mirror"] + s.PayloadBytes["resync"]
 		if s.MirrorActive {
 			st.SyncTotal, st.SyncDone = s.MirrorTotal, s.MirrorDone
 			st.BytesRemaining = max(s.MirrorTotal-s.MirrorDone, 0)

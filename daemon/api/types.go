@@ -66,6 +66,10 @@ type DataStatus struct {
 	// Queue bytes (async mode): in memory and spilled to disk.
 	QueueMemory int64 `json:"queue_memory"`
 	QueueDisk   int64 `json:"queue_disk"`
+	// MirrorSent counts the data bytes this source sent by mirror or
+	// resync since it started (a restart resumes by checksum comparison:
+	// only differing chunks are sent).
+	MirrorSent int64 `json:"mirror_sent"`
 	// RPO estimate: the age of the oldest unacknowledged write; -1 unknown.
 	RPO time.Duration `json:"rpo"`
 	// Known is false when the replication engine is not wired in: the
