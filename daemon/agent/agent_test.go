@@ -44,6 +44,12 @@ func startAgent(t *testing.T, dir string, subs Subsystems) *testAgent {
 // keeps its address: its peer's job spec names it).
 func startAgentAt(t *testing.T, dir, addr string, subs Subsystems) *testAgent {
 	t.Helper()
+	return startAgentWith(t, dir, addr, subs, nil)
+}
+
+// startAgentWith calls configure (if any) on the agent before it serves.
+func startAgentWith(t *testing.T, dir, addr string, subs Subsystems, configure func(*Agent)) *testAgent {
+	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("agent", filepath.Base(dir))
@@ -51,6 +57,9 @@ func startAgentAt(t *testing.T, dir, addr string, subs Subsystems) *testAgent {
 	a, err := New(log, Config{StateDir: dir, MountInfo: filepath.Join(dir, "..", "mountinfo")}, subs)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if configure != nil {
+		configure(a)
 	}
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -375,10 +384,10 @@ func TestManualFailoverWithReplication(t *testing.T) {
 	log := slog.New(slog.DiscardHandler)
 	start := func(name string, live Liveness, repl string) *testAgent {
 		vols := &NBDVolumes{Log: log, RunDir: filepath.Join(root, name, "run")}
-		ta := startAgent(t, filepath.Join(root, name), Subsystems{Liveness: live, Volumes: vols})
-		planes := &ReplPlanes{Log: log, Cert: ta.a.Identity.Cert, ReplListen: repl, StateDir: filepath.Join(root, name)}
-		ta.a.Subsystems.DataPlane = planes.Open
-		return ta
+		return startAgentWith(t, filepath.Join(root, name), "127.0.0.1:0", Subsystems{Liveness: live, Volumes: vols}, func(a *Agent) {
+			planes := &ReplPlanes{Log: log, Cert: a.Identity.Cert, ReplListen: repl, StateDir: filepath.Join(root, name)}
+			a.Subsystems.DataPlane = planes.Open
+		})
 	}
 	r1, r2 := freePort(t), freePort(t)
 	a1 := start("vm1", &memLiveness{alive: map[string]bool{"web": true}, n: map[string]uint64{}}, r1)
@@ -448,10 +457,10 @@ func TestRestartMidMirrorResumes(t *testing.T) {
 	alive := func() *memLiveness { return &memLiveness{alive: map[string]bool{"web": true}, n: map[string]uint64{}} }
 	start := func(name, addr, repl string, rate int64) *testAgent {
 		vols := &NBDVolumes{Log: log, RunDir: filepath.Join(root, name, "run")}
-		ta := startAgentAt(t, filepath.Join(root, name), addr, Subsystems{Liveness: alive(), Volumes: vols})
-		planes := &ReplPlanes{Log: log, Cert: ta.a.Identity.Cert, ReplListen: repl, StateDir: filepath.Join(root, name), RateLimit: rate}
-		ta.a.Subsystems.DataPlane = planes.Open
-		return ta
+		return startAgentWith(t, filepath.Join(root, name), addr, Subsystems{Liveness: alive(), Volumes: vols}, func(a *Agent) {
+			planes := &ReplPlanes{Log: log, Cert: a.Identity.Cert, ReplListen: repl, StateDir: filepath.Join(root, name), RateLimit: rate}
+			a.Subsystems.DataPlane = planes.Open
+		})
 	}
 	const size = 16 << 20
 	r1, r2 := freePort(t), freePort(t)
