@@ -239,6 +239,9 @@ cli reverse web | sed 's/^/   /'
 wait_for "reverse resync" 60 is_state vm1 replicating
 status
 cli verify web | sed 's/^/   /' || fail "vm1 and vm2 differ after the reverse resync"
+REV=$(state_of vm2 mirror_sent)
+say "reverse sent $REV bytes of the 256 MiB volume (checksum comparison: only differing chunks)"
+[ "$REV" -lt $((16 << 20)) ] || fail "reverse sent $REV bytes: that is a full resync"
 
 
 bold "10. doppel failback: planned switchover, vm1 is the source again, vm2 the standby"
@@ -254,4 +257,4 @@ say "client -> $SVC: $(ip netns exec $NSC curl -sf -m 2 http://$SVC:8080/after-f
 cli verify web | sed 's/^/   /'
 
 bold "Done: protect, fail over (RTO ${RTO}s), fence, reverse, fail back."
-echo "RTO_SECONDS=$RTO" >"${DEMO_RESULT:-/dev/null}"
+printf 'RTO_SECONDS=%s\nREVERSE_BYTES=%s\n' "$RTO" "$REV" >"${DEMO_RESULT:-/dev/null}"

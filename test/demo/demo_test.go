@@ -55,6 +55,7 @@ func TestDemo(t *testing.T) {
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
+		t.Log(sc.Text())
 		if v, ok := strings.CutPrefix(sc.Text(), "RTO_SECONDS="); ok {
 			rto, err := strconv.ParseFloat(v, 64)
 			if err != nil {
