@@ -217,7 +217,7 @@ func jobCreate(c *cli.Context) error {
 	return nil
 }
 
-func jobList(c *cli.Context) error {
+func jobList(c *cli.Context) (err error) {
 	e, err := newClientEnv(c)
 	if err != nil {
 		return err
@@ -241,9 +241,24 @@ func jobList(c *cli.Context) error {
 		}
 		rows = append(rows, r)
 	}
-	if c.Bool("json") {
-		return writeJSONOut(c.App.Writer, rows)
+	var failed []string
+	for _, r := range rows {
+		if r.Err != "" {
+			failed = append(failed, r.Server+": "+r.Err)
+		}
 	}
+	var err2 error
+	if len(failed) > 0 {
+		err2 = fmt.Errorf("%d of %d servers did not answer: %s", len(failed), len(rows), strings.Join(failed, "; "))
+	}
+	if c.Bool("json") {
+		return errors.Join(writeJSONOut(c.App.Writer, rows), err2)
+	}
+	defer func() {
+		if err == nil {
+			err = err2
+		}
+	}()
 	tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "JOB\tSERVER\tROLE\tSTATE\tEPOCH\tTARGET DATA\tDIRECTION")
 	for _, r := range rows {
@@ -349,6 +364,9 @@ func renderStatus(w io.Writer, views []view, now time.Time) {
 				fmt.Fprintf(w, "   RPO %v", st.Data.RPO.Round(time.Millisecond))
 			}
 			fmt.Fprintln(w)
+			if st.Data.Note != "" {
+				fmt.Fprintf(w, "         engine   %s\n", st.Data.Note)
+			}
 		} else if st.Data.Note != "" {
 			fmt.Fprintf(w, "         data     unknown: %s\n", st.Data.Note)
 		}
