@@ -242,6 +242,7 @@ type memLiveness struct {
 	mu    sync.Mutex
 	alive map[string]bool
 	n     map[string]uint64
+	err   error // the probe cannot be read
 }
 
 func (m *memLiveness) Watch(job string, _ map[string]netip.Addr, _ uint64, _ time.Duration) error {
@@ -251,6 +252,9 @@ func (m *memLiveness) Unwatch(string) {}
 func (m *memLiveness) Packets(job, path string) (uint64, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.err != nil {
+		return 0, m.err
+	}
 	if m.alive[job] {
 		m.n[job+path]++
 	}
@@ -506,5 +510,30 @@ func TestRestartMidMirrorResumes(t *testing.T) {
 	got, _ := os.ReadFile(spec.TargetVolume)
 	if string(got) != string(data) {
 		t.Fatal("target differs from the source after the resumed mirror")
+	}
+}
+
+// TestProbeErrorSuspendsDetection: silence nobody measured is not a
+// failure. With its probe unreadable, the target never declares its source
+// down, and status says detection is suspended.
+func TestProbeErrorSuspendsDetection(t *testing.T) {
+	root := t.TempDir()
+	os.WriteFile(filepath.Join(root, "mountinfo"), nil, 0o644)
+	live2 := &memLiveness{alive: map[string]bool{}, n: map[string]uint64{}, err: errors.New("probe map gone")}
+	a1 := startAgent(t, filepath.Join(root, "vm1"), Subsystems{})
+	a2 := startAgent(t, filepath.Join(root, "vm2"), Subsystems{Liveness: live2})
+	ctx := context.Background()
+	spec := testSpec(t, endpoint("vm1", a1), endpoint("vm2", a2))
+	spec.Volume = filepath.Join(root, "vol.img")
+	if _, err := a2.client.CreateJob(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(10 * spec.Monitor.Interval)
+	st, _ := a2.client.Job(ctx, "web")
+	if st.HA.State == ha.StateSourceDown || st.HA.Role != ha.RoleTarget {
+		t.Fatalf("unmeasured silence declared a failure: %s %s", st.HA.Role, st.HA.State)
+	}
+	if !strings.Contains(st.Probe.Mode, "suspended") {
+		t.Fatalf("probe mode %q does not say detection is suspended", st.Probe.Mode)
 	}
 }

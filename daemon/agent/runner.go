@@ -21,8 +21,9 @@ import (
 )
 
 type snapshot struct {
-	ha      ha.Status
-	actions []string
+	ha       ha.Status
+	actions  []string
+	probeErr error
 }
 
 // runner drives one job's state machine: it ticks it every monitor
@@ -40,6 +41,7 @@ type runner struct {
 	dpErr       error // why dp is nil
 	paths       map[string]netip.Addr
 	lastPkts    map[string]uint64
+	probeErr    error // the probe could not be read: ticks suspended
 	lastActions []string
 
 	// snap is the status as of the last processed event, readable while
@@ -192,19 +194,38 @@ func (r *runner) tick(ctx context.Context) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	heard := map[string]bool{}
 	for name := range r.paths {
 		n, err := r.subs.Liveness.Packets(r.rec.Spec.Name, name)
 		if err != nil {
-			continue
+			// Silence that was not measured is not a failure: no tick.
+			if r.probeErr == nil {
+				r.log.Error("probe unavailable: failure detection suspended", "path", name, "err", err)
+			}
+			r.probeErr = err
+			r.publish()
+			return
 		}
-		if n != r.lastPkts[name] {
-			r.lastPkts[name] = n
+		heard[name] = n != r.lastPkts[name]
+		r.lastPkts[name] = n
+	}
+	if r.probeErr != nil {
+		r.log.Info("probe available again: failure detection resumed")
+		r.probeErr = nil
+	}
+	for name, h := range heard {
+		if h {
 			r.node.Step(ha.Event{Type: ha.EvHeartbeat, Path: name})
 		}
 	}
 	r.node.Tick()
 	r.process(ctx)
-	r.snap.Store(&snapshot{ha: r.node.Status(), actions: r.lastActions})
+	r.publish()
+}
+
+// publish makes the current status readable without mu. Called with mu held.
+func (r *runner) publish() {
+	r.snap.Store(&snapshot{ha: r.node.Status(), actions: r.lastActions, probeErr: r.probeErr})
 }
 
 // step feeds one event and performs what follows; it returns the refusal
@@ -229,7 +250,7 @@ func (r *runner) stepLocked(ctx context.Context, ev ha.Event) {
 
 // process performs every pending Ready: persist, send, act.
 func (r *runner) process(ctx context.Context) (done []string, errs []error) {
-	defer func() { r.snap.Store(&snapshot{ha: r.node.Status(), actions: r.lastActions}) }()
+	defer r.publish()
 	for i := 0; r.node.HasReady() && i < 16; i++ {
 		rd := r.node.Ready()
 		if rd.MustPersist {
@@ -453,6 +474,9 @@ func (r *runner) status() api.JobStatus {
 	st.Probe = api.ProbeStatus{Interval: interval, Missed: r.rec.Spec.Monitor.Missed, TimeToFail: -1}
 	if r.subs.Liveness != nil {
 		st.Probe.Mode = r.subs.Liveness.Mode()
+		if err := r.probeErrNow(); err != nil {
+			st.Probe.Mode += " (unavailable, failure detection suspended: " + err.Error() + ")"
+		}
 	} else {
 		st.Probe.Mode = "none: probe not wired, failure detection off"
 	}
@@ -461,3 +485,6 @@ func (r *runner) status() api.JobStatus {
 	}
 	return st
 }
+
+// probeErrNow is the probe error as of the last tick.
+func (r *runner) probeErrNow() error { return r.snap.Load().probeErr }
