@@ -141,7 +141,8 @@ func runAgent(c *cli.Context) error {
 	planes := &agent.ReplPlanes{Log: log, Cert: a.Identity.Cert, ReplListen: cfg.ReplListen, StateDir: cfg.StateDir}
 	a.Subsystems.DataPlane = planes.Open
 	err = a.Run(c.Context)
-	if errors.Is(err, c.Context.Err()) {
+	if err == nil || errors.Is(err, c.Context.Err()) {
+		log.Info("agent stopped")
 		return nil
 	}
 	return err
