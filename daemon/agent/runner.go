@@ -106,7 +106,9 @@ func monitoredPaths(peer job.Endpoint) (map[string]netip.Addr, error) {
 		}
 		addr, err := netip.ParseAddr(host)
 		if err != nil {
-			ips, lerr := net.DefaultResolver.LookupNetIP(context.Background(), "ip", host)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			ips, lerr := net.DefaultResolver.LookupNetIP(ctx, "ip", host)
+			cancel()
 			if lerr != nil || len(ips) == 0 {
 				return nil, fmt.Errorf("peer %s host %q: %v", peer.Name, host, lerr)
 			}
