@@ -199,8 +199,17 @@ type watcher struct {
 }
 
 func startWatch(t testing.TB, p Probe, peer netip.Addr, cfg monitor.Config) *watcher {
+	return startWatchPaths(t, p, []netip.Addr{peer}, cfg)
+}
+
+// startWatchPaths watches one peer over several paths (one address each).
+func startWatchPaths(t testing.TB, p Probe, peers []netip.Addr, cfg monitor.Config) *watcher {
 	t.Helper()
-	m, err := monitor.New(cfg, []string{peer.String()}, Now())
+	var names []string
+	for _, a := range peers {
+		names = append(names, a.String())
+	}
+	m, err := monitor.New(cfg, names, Now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -208,8 +217,8 @@ func startWatch(t testing.TB, p Probe, peer netip.Addr, cfg monitor.Config) *wat
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- monitor.Watch(ctx, m, Now, func(string) (monitor.Sample, error) {
-			s, err := p.Stats(peer)
+		done <- monitor.Watch(ctx, m, Now, func(path string) (monitor.Sample, error) {
+			s, err := p.Stats(netip.MustParseAddr(path))
 			return monitor.Sample{LastSeen: s.LastSeen(), Packets: s.Packets()}, err
 		}, func(c monitor.Change) {
 			w.mu.Lock()
