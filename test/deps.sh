@@ -15,6 +15,7 @@ declare -A need=(
 	[clang-14]=clang-14 [llc-14]=llvm-14
 	[ip]=iproute2 [tc]=iproute2
 	[arping]=arping
+	[llvm-strip-14]=llvm-14 [ping]=iputils-ping [chrt]=util-linux [setpriv]=util-linux
 	[cpio]=cpio
 	[fusermount3]=fuse3
 	[losetup]=mount
