@@ -202,6 +202,7 @@ func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
 		return fmt.Errorf("track %v: %w", m.Op, err)
 	}
 	if err := blockdev.ApplyTo(s.b, m); err != nil {
+		s.tracker.Sequenced(0, m.Offset, m.Length) // every Mark gets its Sequenced
 		unlock()
 		return err
 	}
