@@ -180,7 +180,7 @@ func TestInteropFioVerify(t *testing.T) {
 	uri := "nbd+unix:///vol?socket=" + s.sock
 	out := run(t, 3*time.Minute, "fio", "--name=verify", "--ioengine=nbd", "--uri="+uri,
 		"--rw=randwrite", "--bs=4k", "--iodepth=32", "--numjobs=4", "--size=16M", "--offset_increment=32M",
-		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--group_reporting", "--output-format=json")
+		"--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0", "--group_reporting", "--output-format=json")
 	var res struct {
 		Jobs []struct {
 			Error int `json:"error"`
