@@ -158,9 +158,11 @@ func (s *Server) Stats() Stats {
 
 // Serve accepts connections on l and serves each until ctx is cancelled.
 // Then it stops accepting (closing l), lets every connection finish the
-// requests already received, syncs the backends and returns nil. Any other
-// accept failure is returned after the same drain.
+// requests already received, syncs the backends and returns nil. A fatal
+// accept failure ends every connection the same way and is returned.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	stop := context.AfterFunc(ctx, func() { l.Close() })
 	defer stop()
 	var err error
@@ -178,6 +180,7 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 				continue
 			}
 			err = fmt.Errorf("nbd serve: accept: %w", aerr)
+			cancel()
 			break
 		}
 		delay = 0
