@@ -261,7 +261,9 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 		}
 		return err
 	}
+	cn.log.Info("nbd client connected", "export", x.Name)
 	err = cn.transmit(ctx, x)
+	cn.log.Info("nbd client disconnected", "export", x.Name)
 	if ctx.Err() != nil && isReadInterrupt(err) {
 		err = nil
 	}
