@@ -3,11 +3,13 @@ package vm
 import (
 	"bufio"
 	"bytes"
+	"fmt"
 	"os/exec"
 	"reflect"
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestNewest(t *testing.T) {
@@ -145,6 +147,51 @@ func FuzzParseHostOutput(f *testing.F) {
 			if err == nil && !strings.HasPrefix(l, "/") {
 				t.Fatalf("library %q from %q", l, b)
 			}
+		}
+	})
+}
+
+func TestGuestTimes(t *testing.T) {
+	got, err := parseGuestTime("1795641391.021060\n")
+	if err != nil || !got.Equal(time.Unix(1795641391, 21060000)) {
+		t.Errorf("parseGuestTime: %v %v", got, err)
+	}
+	for _, bad := range []string{"", "1795641391", "1795641391.21", "x.000001", "1.00000x", "-1.000000", "+1.000000", ".000001"} {
+		if _, err := parseGuestTime(bad); err == nil {
+			t.Errorf("parseGuestTime(%q) accepted", bad)
+		}
+	}
+	log := "time=2026-11-25T21:18:23.727Z level=INFO msg=\"action done\" job=web self=vm1 action=serve\n" +
+		"time=2026-11-25T21:18:23.728Z level=INFO msg=\"action done\" job=web self=vm1 action=apply-identity\n" +
+		"time=2026-11-25T21:18:24.001Z level=INFO msg=\"action done\" job=web self=vm1 action=apply-identity\n"
+	ts, ok := slogTime(log, regexp.MustCompile(`msg="action done".*apply-identity`))
+	if !ok || !ts.Equal(time.Date(2026, 11, 25, 21, 18, 23, 728e6, time.UTC)) {
+		t.Errorf("slogTime: %v %v", ts, ok)
+	}
+	if _, ok := slogTime(log, regexp.MustCompile("promote")); ok {
+		t.Error("slogTime found a missing line")
+	}
+	c := Clock{Offset: 1500 * time.Millisecond}
+	if h := c.Host(time.Unix(100, 0)); !h.Equal(time.Unix(98, 5e8)) {
+		t.Errorf("Clock.Host: %v", h)
+	}
+}
+
+// FuzzParseGuestTime: whatever a guest prints, the clock parser never
+// panics, and what it accepts it reads back exactly.
+func FuzzParseGuestTime(f *testing.F) {
+	f.Add("1795641391.021060")
+	f.Add("-1.000000")
+	f.Add("99999999999999999999.000000")
+	f.Fuzz(func(t *testing.T, s string) {
+		ts, err := parseGuestTime(s)
+		if err != nil {
+			return
+		}
+		back := fmt.Sprintf("%d.%06d", ts.Unix(), ts.Nanosecond()/1000)
+		again, err := parseGuestTime(back)
+		if err != nil || !again.Equal(ts) || ts.Nanosecond()%1000 != 0 {
+			t.Fatalf("%q read as %v, printed %s, read back as %v (%v)", s, ts, back, again, err)
 		}
 	})
 }

@@ -603,7 +603,8 @@ func (g *Guest) Start(t testing.TB, name, command string) {
 	g.MustRun(t, 30*time.Second, fmt.Sprintf("setsid sh -c %s >/run/%s.log 2>&1 </dev/null &", shellQuote(command), name))
 }
 
-// nodeLogs returns the guest's /run/*.log files, or "" when it is gone.
+// nodeLogs returns the guest's /run/*.log files and processes, or "" when
+// it is gone.
 func (g *Guest) nodeLogs() string {
 	select {
 	case <-g.exited:
@@ -612,7 +613,8 @@ func (g *Guest) nodeLogs() string {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	out, _, err := g.Run(ctx, `for f in /run/*.log; do [ -e "$f" ] && { echo "--- $f"; tail -n 200 "$f"; }; done`)
+	out, _, err := g.Run(ctx, `for f in /run/*.log; do [ -e "$f" ] && { echo "--- $f"; tail -n 200 "$f"; }; done
+echo "--- ps"; ps -o pid,ppid,stat,rss,args`)
 	if err != nil {
 		return ""
 	}
@@ -643,7 +645,8 @@ const guestNow = `adjtimex | awk '/time.tv_sec/ {s=$2} /time.tv_usec/ {u=$2} END
 // parseGuestTime reads guestNow's output.
 func parseGuestTime(s string) (time.Time, error) {
 	sec, usec, ok := strings.Cut(strings.TrimSpace(s), ".")
-	if !ok || len(usec) != 6 {
+	digits := func(s string) bool { return s != "" && strings.Trim(s, "0123456789") == "" }
+	if !ok || len(usec) != 6 || !digits(sec) || !digits(usec) || len(sec) > 12 {
 		return time.Time{}, fmt.Errorf("guest time %q: want SECONDS.MICROSECONDS", s)
 	}
 	a, err1 := strconv.ParseInt(sec, 10, 64)
