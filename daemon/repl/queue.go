@@ -51,7 +51,10 @@ type MemQueue struct {
 	limit int64
 
 	mu      sync.Mutex
-	changed chan struct{} // closed and replaced on every change
+	pushed  chan struct{} // closed and replaced when an entry is pushed and a reader waits
+	freed   chan struct{} // closed and replaced when entries are released and a pusher waits
+	readers int           // Reads waiting
+	pushers int           // Pushes waiting
 	ents    []Entry
 	head    int    // ents[head:] are live
 	first   uint64 // Seq that ents[head] has (or will have when empty)
@@ -64,36 +67,56 @@ func NewMemQueue(limit int64) *MemQueue {
 	if limit <= 0 {
 		limit = DefaultQueueBytes
 	}
-	return &MemQueue{limit: limit, changed: make(chan struct{}), first: 1}
-}
-
-func (q *MemQueue) signal() {
-	close(q.changed)
-	q.changed = make(chan struct{})
+	return &MemQueue{limit: limit, pushed: make(chan struct{}), freed: make(chan struct{}), first: 1}
 }
 
 // Push implements [Queue]: it waits while the queue is full.
 func (q *MemQueue) Push(ctx context.Context, e Entry) error {
 	q.mu.Lock()
-	for q.bytes > 0 && q.bytes+e.Size > q.limit {
-		ch := q.changed
+	if err := q.checkSeq(e.Seq); err != nil {
 		q.mu.Unlock()
+		return err
+	}
+	for q.bytes > 0 && q.bytes+e.Size > q.limit {
+		ch := q.freed
+		q.pushers++
+		q.mu.Unlock()
+		var err error
 		select {
 		case <-ch:
 		case <-ctx.Done():
-			return fmt.Errorf("replication queue full (%d bytes): %w", q.limit, ctx.Err())
+			err = fmt.Errorf("replication queue full (%d bytes): %w", q.limit, ctx.Err())
 		}
 		q.mu.Lock()
+		q.pushers--
+		if err != nil {
+			q.mu.Unlock()
+			return err
+		}
 	}
 	defer q.mu.Unlock()
-	if n := len(q.ents) - q.head; n == 0 {
+	if err := q.checkSeq(e.Seq); err != nil {
+		return err
+	}
+	if len(q.ents) == q.head {
 		q.first = e.Seq
-	} else if want := q.first + uint64(n); e.Seq != want {
-		return fmt.Errorf("replication queue: push seq %d, want %d", e.Seq, want)
 	}
 	q.ents = append(q.ents, e)
 	q.bytes += e.Size
-	q.signal()
+	if q.readers > 0 {
+		close(q.pushed)
+		q.pushed = make(chan struct{})
+	}
+	return nil
+}
+
+// checkSeq verifies that seq follows the last entry held.
+func (q *MemQueue) checkSeq(seq uint64) error {
+	if n := len(q.ents) - q.head; n > 0 {
+		if want := q.first + uint64(n); seq != want {
+			return fmt.Errorf("replication queue: push seq %d, want %d", seq, want)
+		}
+	}
 	return nil
 }
 
@@ -113,14 +136,21 @@ func (q *MemQueue) Read(ctx context.Context, after uint64, max int) ([]Entry, er
 			q.mu.Unlock()
 			return out, nil
 		}
-		ch := q.changed
+		ch := q.pushed
+		q.readers++
 		q.mu.Unlock()
+		var err error
 		select {
 		case <-ch:
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			err = ctx.Err()
 		}
 		q.mu.Lock()
+		q.readers--
+		if err != nil {
+			q.mu.Unlock()
+			return nil, err
+		}
 	}
 }
 
@@ -147,8 +177,9 @@ func (q *MemQueue) Release(seq uint64) {
 			q.head = 0
 		}
 	}
-	if changed {
-		q.signal()
+	if changed && q.pushers > 0 {
+		close(q.freed)
+		q.freed = make(chan struct{})
 	}
 }
 
