@@ -155,6 +155,14 @@ func (s slowBackend) WriteAt(p []byte, off int64) (int, error) {
 	return s.memBackend.WriteAt(p, off)
 }
 
+// ReadAt delays chunk-sized reads (checksums) too.
+func (s slowBackend) ReadAt(p []byte, off int64) (int, error) {
+	if len(p) >= 64<<10 {
+		time.Sleep(s.delay)
+	}
+	return s.memBackend.ReadAt(p, off)
+}
+
 // TestAsyncTargetIsAlwaysAPrefix is the write-log oracle: while workers
 // write overlapping ranges through the NBD server into an async source, the
 // target is snapshotted at random points; every snapshot must equal the
