@@ -20,7 +20,7 @@ import (
 	"github.com/doppelha/doppel/daemon/repl"
 )
 
-func freePort(t *testing.T) string {
+func replFreePort(t *testing.T) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -30,7 +30,7 @@ func freePort(t *testing.T) string {
 	return l.Addr().String()
 }
 
-func waitSocket(t *testing.T, network, addr string, done <-chan error) {
+func replWaitSocket(t *testing.T, network, addr string, done <-chan error) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -50,7 +50,7 @@ func waitSocket(t *testing.T, network, addr string, done <-chan error) {
 	}
 }
 
-func metric(t *testing.T, addr, name string) float64 {
+func replMetric(t *testing.T, addr, name string) float64 {
 	t.Helper()
 	resp, err := http.Get("http://" + addr + "/metrics")
 	if err != nil {
@@ -95,7 +95,7 @@ func TestReplFioEndToEnd(t *testing.T) {
 			}
 			srcFile, tgtFile := filepath.Join(dir, "src.img"), filepath.Join(dir, "tgt.img")
 			sock := filepath.Join(dir, "nbd.sock")
-			replAddr, srcMetrics := freePort(t), freePort(t)
+			replAddr, srcMetrics := replFreePort(t), replFreePort(t)
 
 			tctx, tcancel := context.WithCancel(context.Background())
 			defer tcancel()
@@ -104,7 +104,7 @@ func TestReplFioEndToEnd(t *testing.T) {
 				tdone <- run(tctx, []string{"doppel", "repl", "target", "--file", tgtFile, "--size", "64M",
 					"--listen", "tcp:" + replAddr, "--cert-dir", tgtCerts, "--peer-fingerprint", srcFP})
 			}()
-			waitSocket(t, "tcp", replAddr, tdone)
+			replWaitSocket(t, "tcp", replAddr, tdone)
 			sctx, scancel := context.WithCancel(context.Background())
 			defer scancel()
 			sdone := make(chan error, 1)
@@ -114,7 +114,7 @@ func TestReplFioEndToEnd(t *testing.T) {
 					"--cert-dir", srcCerts, "--peer-fingerprint", tgtFP, "--compress", "lz4",
 					"--metrics-listen", srcMetrics})
 			}()
-			waitSocket(t, "unix", sock, sdone)
+			replWaitSocket(t, "unix", sock, sdone)
 
 			uri := "nbd+unix:///?socket=" + sock
 			for _, job := range [][]string{
@@ -125,17 +125,17 @@ func TestReplFioEndToEnd(t *testing.T) {
 				args := append([]string{"--name=repl", "--ioengine=nbd", "--uri=" + uri, "--size=64M",
 					"--verify=crc32c", "--do_verify=1", "--randrepeat=0", "--output-format=terse"}, job...)
 				if strings.Contains(job[0], "trim") {
-					args = slicesWithout(args, "--verify=crc32c", "--do_verify=1")
+					args = replWithout(args, "--verify=crc32c", "--do_verify=1")
 				}
 				cmd := exec.Command(fio, args...)
 				if out, err := cmd.CombinedOutput(); err != nil {
 					t.Fatalf("fio %v: %v\n%s", job, err, out)
 				}
 			}
-			if v := metric(t, srcMetrics, `doppel_repl_payload_bytes_total{kind="write"}`); v < 48<<20 {
+			if v := replMetric(t, srcMetrics, `doppel_repl_payload_bytes_total{kind="write"}`); v < 48<<20 {
 				t.Errorf("only %v write bytes replicated", v)
 			}
-			if v := metric(t, srcMetrics, `doppel_repl_target_data_state{state="consistent"}`); v != 1 {
+			if v := replMetric(t, srcMetrics, `doppel_repl_target_data_state{state="consistent"}`); v != 1 {
 				t.Errorf("target data state consistent = %v", v)
 			}
 			scancel()
@@ -157,7 +157,7 @@ func TestReplFioEndToEnd(t *testing.T) {
 	}
 }
 
-func slicesWithout(s []string, drop ...string) []string {
+func replWithout(s []string, drop ...string) []string {
 	var out []string
 	for _, v := range s {
 		keep := true
