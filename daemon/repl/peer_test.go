@@ -66,6 +66,8 @@ func TestTargetRefusesBadPeers(t *testing.T) {
 	wrongVersion.MinVersion, wrongVersion.MaxVersion = 7, 9
 	wrongSize := good
 	wrongSize.VolumeSize = 2 << 20
+	otherStream := good
+	otherStream.StreamID, otherStream.BaseSeq = 77, 5
 
 	for _, tc := range []struct {
 		name  string
@@ -82,6 +84,7 @@ func TestTargetRefusesBadPeers(t *testing.T) {
 		{"outside-volume", append(hello(good), outside...), wire.CodeProtocol, "outside the 1048576-byte volume", false},
 		{"garbage-after-hello", append(hello(good), garbage...), wire.CodeProtocol, "malformed frame from source", false},
 		{"write-before-hello", write, wire.CodeProtocol, "expected hello, got write", true},
+		{"unknown-stream", hello(otherStream), wire.CodeStream, "has no record of stream 000000000000004d", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := rawPeer(t, addr, tc.send)
@@ -102,8 +105,8 @@ func TestTargetRefusesBadPeers(t *testing.T) {
 	if st, _, _ := tgt.Status(); st.Applied != 0 {
 		t.Fatalf("applied sequence %d after refused peers", st.Applied)
 	}
-	if n := strings.Count(lb.String(), "refused replication peer"); n < 8 {
-		t.Fatalf("%d refusal log lines, want 8:\n%s", n, lb.String())
+	if n := strings.Count(lb.String(), "refused replication peer"); n < 9 {
+		t.Fatalf("%d refusal log lines, want 9:\n%s", n, lb.String())
 	}
 }
 

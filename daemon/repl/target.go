@@ -274,6 +274,14 @@ func (t *Target) ServeConn(ctx context.Context, c net.Conn) error {
 	if h.VolumeSize != uint64(t.size) {
 		return t.refuse(c, wire.CodeVolume, fmt.Sprintf("source volume is %d bytes, target volume is %d", h.VolumeSize, t.size), nil)
 	}
+	t.mu.Lock()
+	known := t.stream
+	t.mu.Unlock()
+	if h.StreamID != known && h.BaseSeq != 0 {
+		// The source released frames some other target acknowledged: this
+		// one cannot continue its stream (and keeps its own record).
+		return t.refuse(c, wire.CodeStream, fmt.Sprintf("this target has no record of stream %016x (it follows %016x): restart the source with a mirror", h.StreamID, known), nil)
+	}
 
 	// Replace the current session, if any.
 	sctx, cancel := context.WithCancel(ctx)
