@@ -34,8 +34,10 @@ type Queue interface {
 	// as out of sync (see [Tracker]).
 	Push(ctx context.Context, e Entry) error
 	// Read returns up to max entries with Seq > after, in order, waiting
-	// until at least one exists or ctx is done. It returns ErrGone when
-	// after+1 was already released (the stream cannot be resumed there).
+	// until at least one exists or ctx is done (entries already there are
+	// returned even with ctx done: the sender polls that way). It returns
+	// ErrGone when after+1 was already released (the stream cannot be
+	// resumed there).
 	Read(ctx context.Context, after uint64, max int) ([]Entry, error)
 	// Release drops every entry with Seq ≤ seq (the target applied them).
 	Release(seq uint64)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"strings"
 	"time"
 
@@ -220,12 +221,27 @@ func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
 			s.st.sentFrames.Add(1)
 			from = e.Seq
 		}
+		if len(ents) < 64 {
+			// Let writers that are about to queue a frame do so, and send
+			// them in the same segment (cheap batching under load).
+			runtime.Gosched()
+			if more, _ := s.queue.Read(noWait, from, 1); len(more) > 0 {
+				continue
+			}
+		}
 		if err := bw.Flush(); err != nil {
 			return fmt.Errorf("send: %w", err)
 		}
 		s.st.sentSeq.Store(from)
 	}
 }
+
+// noWait is a done context: a Read with it returns only what is queued.
+var noWait = func() context.Context {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	return ctx
+}()
 
 // burstFor is the limiter burst: a tenth of a second of traffic, at least
 // 64 KiB, so the limit holds over short intervals too.
