@@ -2,7 +2,7 @@
 # /init of the VM tier's guests (embedded by initramfs.go). It mounts the
 # pseudo filesystems, loads the modules named on the kernel command line,
 # configures the two NICs from it, then runs the commands the Go harness
-# sends on /dev/ttyS1:
+# sends on the virtio-serial port doppel.ctl:
 #   harness -> guest: "<id> <base64 script>\n"
 #   guest -> harness: "@@BEGIN <id>\n" output "\n@@END <id> <exit code>\n"
 # Kernel and init messages go to the console, /dev/ttyS0.
@@ -49,10 +49,20 @@ for role in app repl; do
 	done
 done
 
-stty -F /dev/ttyS1 raw -echo 115200
-exec 3<>/dev/ttyS1
-echo "init: ready" >/dev/console
-printf '@@READY\n' >&3
+# The control channel is the virtio-serial port named doppel.ctl.
+ctl=
+for i in $(seq 100); do
+	for p in /sys/class/virtio-ports/*; do
+		[ "$(cat "$p/name" 2>/dev/null)" = doppel.ctl ] && [ -e "/dev/${p##*/}" ] && ctl=/dev/${p##*/}
+	done
+	[ -n "$ctl" ] && break
+	sleep 0.1
+done
+[ -n "$ctl" ] || { echo "init: no control port (virtio-serial doppel.ctl)" >/dev/console; sleep 5; poweroff -f; }
+exec 3<>"$ctl"
+up=$(cut -d' ' -f1 /proc/uptime)
+echo "init: ready after ${up}s" >/dev/console
+printf '@@READY %s\n' "$up" >&3
 while read -r id b64 <&3; do
 	[ -n "$id" ] || continue
 	echo "$b64" | base64 -d >"/run/cmd.$id"

@@ -5,9 +5,9 @@
 // application 172.17.22.0/24, replication 192.168.0.0/24) so that the real
 // /dev/nbdN, XDP and IP takeover can be tested where the host kernel cannot.
 //
-// A test asks for a [Lab] of guests, drives each through a control serial
-// port (commands in, output and exit codes out), and gets every qemu process
-// and the namespace removed in t.Cleanup. Guest consoles are written to the
+// A test asks for a [Lab] of guests, drives each through a virtio-serial
+// control port (commands in, output and exit codes out), and gets every
+// qemu process and the namespace removed in t.Cleanup. Guest consoles are written to the
 // test log only when the test fails.
 package vm
 
@@ -257,6 +257,7 @@ type Guest struct {
 	N       int    // 1-based
 	AppIP   string // without prefix length
 	ReplIP  string
+	Uptime  time.Duration // the guest's uptime when it was ready
 	cmd     *exec.Cmd
 	console string // path of the console log
 	ctl     net.Conn
@@ -340,6 +341,11 @@ func NewLab(t testing.TB, guests ...GuestConfig) *Lab {
 	if err := errors.Join(errs...); err != nil {
 		t.Fatal(err)
 	}
+	var ups []string
+	for _, g := range l.Guests {
+		ups = append(ups, fmt.Sprintf("%s %v", g.Name, g.Uptime.Round(10*time.Millisecond)))
+	}
+	t.Logf("guests ready (guest uptime: %s)", strings.Join(ups, ", "))
 	return l
 }
 
@@ -360,7 +366,7 @@ func (l *Lab) start(g *Guest, gc GuestConfig, a *Assets) {
 		mem = 512
 	}
 	append_ := strings.Join([]string{
-		"console=ttyS0", "panic=-1", "quiet", "loglevel=4", "8250.nr_uarts=2",
+		"console=ttyS0", "panic=-1", "quiet", "loglevel=4", "8250.nr_uarts=1",
 		"doppel.hostname=" + g.Name,
 		"doppel.modules=" + strings.Join(a.Kernel.Load, ","),
 		"doppel.appmac=" + mac(g.N, 0), fmt.Sprintf("doppel.appip=%s/24", g.AppIP),
@@ -388,8 +394,11 @@ func (l *Lab) start(g *Guest, gc GuestConfig, a *Assets) {
 		"-nographic", "-monitor", "none", "-no-reboot", "-nodefaults",
 		"-kernel", a.Kernel.Vmlinuz, "-initrd", initrd, "-append", append_,
 		"-serial", "file:"+g.console,
+		// The control channel: a virtio-serial port (the emulated 8250
+		// UART occasionally held a reply back under load).
+		"-device", "virtio-serial-pci,id=vser",
 		"-chardev", "socket,id=ctl,path="+sock,
-		"-serial", "chardev:ctl",
+		"-device", "virtserialport,bus=vser.0,chardev=ctl,name=doppel.ctl",
 		"-device", "virtio-rng-pci",
 	)
 	for role, tap := range []string{fmt.Sprintf("tap%da", g.N), fmt.Sprintf("tap%dr", g.N)} {
@@ -515,7 +524,11 @@ func (g *Guest) waitReady() error {
 		if err != nil {
 			return fmt.Errorf("%s: no ready signal after %v: %w", g.Name, time.Since(start).Round(time.Millisecond), err)
 		}
-		if strings.TrimSpace(line) == "@@READY" {
+		if up, ok := strings.CutPrefix(strings.TrimSpace(line), "@@READY"); ok {
+			// The guest's uptime at ready: its own view of the boot.
+			if s, err := strconv.ParseFloat(strings.TrimSpace(up), 64); err == nil {
+				g.Uptime = time.Duration(s * float64(time.Second))
+			}
 			return nil
 		}
 	}
