@@ -1,0 +1,121 @@
+package replstate
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/doppelha/doppel/daemon/queue"
+	"github.com/doppelha/doppel/daemon/repl"
+	"github.com/doppelha/doppel/daemon/repl/wire"
+)
+
+// spillQueue adapts the memory → disk queue (daemon/queue) to repl.Queue.
+// Push never waits: when memory and disk are full it fails with
+// queue.ErrFull and the queue overflows: every later push fails too, so
+// the target keeps a prefix of the history (consistent) while the source
+// tracks every change in its bitmap, until the queue drains and the state
+// layer starts a resync (reopen).
+type spillQueue struct {
+	q        *queue.Queue
+	overflow atomic.Bool
+
+	mu     sync.Mutex // the reader's position
+	pos    uint64     // last sequence handed out by Next
+	seeked bool
+	acked  atomic.Uint64
+}
+
+func newSpillQueue(q *queue.Queue) *spillQueue { return &spillQueue{q: q} }
+
+// Push implements repl.Queue.
+func (s *spillQueue) Push(_ context.Context, e repl.Entry) error {
+	if s.overflow.Load() {
+		return fmt.Errorf("overflowed, tracking in the bitmap: %w", queue.ErrFull)
+	}
+	b, err := wire.Append(nil, e.Frame, nil)
+	if err != nil {
+		return err
+	}
+	if err := s.q.Push(e.Seq, b); err != nil {
+		switch e.Frame.(type) {
+		case *wire.MirrorData, *wire.MirrorHole, *wire.MirrorState, *wire.SumRequest:
+			// A resync or mirror frame: the pass fails and is retried;
+			// application writes keep flowing.
+		default:
+			s.overflow.Store(true)
+		}
+		return err
+	}
+	return nil
+}
+
+// Read implements repl.Queue.
+func (s *spillQueue) Read(ctx context.Context, after uint64, max int) ([]repl.Entry, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if a := s.acked.Load(); after < a {
+		return nil, fmt.Errorf("read after %d, acknowledged up to %d: %w", after, a, repl.ErrGone)
+	}
+	if !s.seeked || after != s.pos {
+		if err := s.q.Seek(after); err != nil {
+			return nil, err
+		}
+		s.pos, s.seeked = after, true
+	}
+	var out []repl.Entry
+	for len(out) < max {
+		r, ok, err := s.q.Next()
+		if err != nil {
+			return out, err
+		}
+		if !ok {
+			break
+		}
+		e, err := s.entry(r)
+		if err != nil {
+			return out, err
+		}
+		out = append(out, e)
+	}
+	if len(out) == 0 {
+		r, err := s.q.Wait(ctx)
+		if err != nil {
+			return nil, err
+		}
+		e, err := s.entry(r)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, e)
+	}
+	s.pos = out[len(out)-1].Seq
+	return out, nil
+}
+
+func (s *spillQueue) entry(r queue.Record) (repl.Entry, error) {
+	f, err := wire.Decode(r.Data)
+	if err != nil {
+		return repl.Entry{}, fmt.Errorf("queued frame %d: %w", r.Seq, err)
+	}
+	sf, ok := f.(wire.Sequenced)
+	if !ok {
+		return repl.Entry{}, fmt.Errorf("queued frame %d: %v is not sequenced", r.Seq, f.Type())
+	}
+	return repl.Entry{Seq: r.Seq, Frame: sf, Size: int64(len(r.Data))}, nil
+}
+
+// Release implements repl.Queue.
+func (s *spillQueue) Release(seq uint64) {
+	for {
+		a := s.acked.Load()
+		if seq <= a || s.acked.CompareAndSwap(a, seq) {
+			break
+		}
+	}
+	s.q.Ack(seq)
+}
+
+// Len implements repl.Queue.
+func (s *spillQueue) Len() (int64, int) { return s.q.MemBytes() + s.q.DiskBytes(), s.q.Len() }

@@ -1,0 +1,708 @@
+package replstate
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/daemon/bitmap"
+	"github.com/doppelha/doppel/daemon/gen"
+	"github.com/doppelha/doppel/daemon/queue"
+	"github.com/doppelha/doppel/daemon/repl"
+	"github.com/doppelha/doppel/daemon/repl/wire"
+	"github.com/doppelha/doppel/daemon/resync"
+)
+
+// Defaults.
+const (
+	DefaultSyncTimeout = 10 * time.Second
+	resyncBatch        = 16 << 20 // bytes per resync pass (one durable step)
+)
+
+// Errors.
+var (
+	// ErrRefused: the state handshake refused replication (split brain,
+	// unrelated data, no good copy, a newer peer). The message says why.
+	ErrRefused = errors.New("replication refused")
+	// errRestream: the stream cannot be resumed; restart it from the bitmap.
+	errRestream = errors.New("replication stream cannot be resumed")
+)
+
+// SourceConfig configures a Source.
+type SourceConfig struct {
+	Dir       string           // state directory
+	Backend   blockdev.Backend // the protected volume
+	Mode      wire.Mode
+	ChunkSize int64 // bitmap/resync chunk (≤ 64 KiB); 0: repl.DefaultChunkSize
+	// MemQueue and DiskQueue bound the queue (0: defaults; DiskQueue < 0:
+	// no disk queue).
+	MemQueue, DiskQueue int64
+	// Dial connects to the target (see repl.SourceConfig.Dial).
+	Dial      func(ctx context.Context) (net.Conn, error)
+	Codec     *wire.Codec
+	RateLimit int64 // link bytes/s (0: unlimited)
+	// ResyncRate caps resync traffic in bytes/s (0: unlimited); it never
+	// throttles below resync.DefaultFloor.
+	ResyncRate int64
+	// SyncTimeout: sync mode, how long writes wait for an absent target
+	// before the source continues in tracking mode (0: DefaultSyncTimeout).
+	SyncTimeout time.Duration
+	// Discard "target" resolves a split brain against the target.
+	Discard string
+	// Mirror is the kind of the full copy a fresh target gets.
+	Mirror repl.MirrorKind
+	// Force promotes a side whose data is inconsistent.
+	Force bool
+	// Log receives structured logs; nil discards them.
+	Log *slog.Logger
+	// LogOptions sizes the activity log.
+	LogOptions bitmap.LogOptions
+}
+
+// Source is the replicating side with persistent state: a blockdev.Mutator.
+type Source struct {
+	cfg  SourceConfig
+	log  *slog.Logger
+	size int64
+
+	bm  *bitmap.Bitmap
+	al  *bitmap.ActivityLog
+	trk *bitmap.Tracker
+	lim *resync.Limiter
+
+	genMu   sync.Mutex
+	gen     gen.State
+	bumped  bool // a new generation was started for this disconnection
+	peerGen atomic.Uint64
+
+	swap sync.RWMutex // held shared by Apply, exclusively to replace cur
+	cur  atomic.Pointer[repl.Source]
+	q    atomic.Pointer[spillQueue]
+	qq   *queue.Queue
+
+	trackMu  sync.Mutex
+	trackCtx context.Context // cancelled while in tracking mode (sync writes stop waiting)
+	trackEnd context.CancelFunc
+	tracking atomic.Bool
+	downAt   atomic.Int64 // unix nanos the link went down (0: up)
+
+	connected chan struct{} // a handshake committed (buffered 1)
+	needFull  atomic.Bool
+	refusal   atomic.Pointer[string]
+	decision  atomic.Pointer[string]
+
+	resyncTotal, resyncDone, resyncSent atomic.Int64
+	resyncActive                        atomic.Bool
+	resyncPasses                        atomic.Int64
+	hotAtOpen                           int
+	dirtyAtOpen                         int64
+}
+
+// OpenSource opens the state under cfg.Dir (creating it) for the volume.
+func OpenSource(cfg SourceConfig) (*Source, error) {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.ChunkSize == 0 {
+		cfg.ChunkSize = repl.DefaultChunkSize
+	}
+	if cfg.SyncTimeout == 0 {
+		cfg.SyncTimeout = DefaultSyncTimeout
+	}
+	if cfg.Discard != "" && cfg.Discard != "target" {
+		return nil, fmt.Errorf("discard %q: the source's data is overwritten only when it runs as the target: "+
+			"restart this side as the target with --discard-on target", cfg.Discard)
+	}
+	s := &Source{cfg: cfg, log: cfg.Log, size: cfg.Backend.Size(), connected: make(chan struct{}, 1),
+		lim: resync.NewLimiter(cfg.ResyncRate, resync.DefaultFloor)}
+	var err error
+	if s.bm, err = openBitmap(cfg.Dir, s.size, cfg.ChunkSize); err != nil {
+		return nil, err
+	}
+	if s.al, err = bitmap.OpenLog(filepath.Join(cfg.Dir, LogFile), s.bm, cfg.LogOptions); err != nil {
+		s.bm.Close()
+		return nil, fmt.Errorf("open activity log: %w", err)
+	}
+	s.hotAtOpen = len(s.al.Hot())
+	s.dirtyAtOpen = s.bm.DirtyBytes()
+	s.trk = bitmap.NewTracker(s.bm, s.al)
+	st, ok, err := loadGen(cfg.Dir)
+	if err != nil {
+		s.closeFiles()
+		return nil, err
+	}
+	switch {
+	case !ok || st.Current == 0:
+		st = gen.NewSource()
+		s.log.Info("new replication state: this side holds the reference copy", "generation", fmt.Sprintf("%016x", st.Current))
+	case st.Role == gen.RoleTarget:
+		if err := st.Promote(gen.NewID(), cfg.Force); err != nil {
+			s.closeFiles()
+			return nil, fmt.Errorf("promote %s to source: %w (force to use it anyway)", cfg.Dir, err)
+		}
+		s.log.Warn("promoted: this side was a target, it now writes in a new generation", "generation", fmt.Sprintf("%016x", st.Current))
+	}
+	if err := saveGen(cfg.Dir, st); err != nil {
+		s.closeFiles()
+		return nil, err
+	}
+	s.gen = st
+	s.trackCtx, s.trackEnd = context.WithCancel(context.Background())
+	if s.hotAtOpen > 0 || s.dirtyAtOpen > 0 {
+		s.log.Info("restart: dirty regions to resync", "dirty_bytes", s.dirtyAtOpen, "hot_extents", s.hotAtOpen)
+	}
+	if err := s.newStream(); err != nil {
+		s.closeFiles()
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *Source) closeFiles() error {
+	return errors.Join(s.al.Close(), s.bm.Close())
+}
+
+// newStream (re)creates the engine on a fresh stream and an empty queue.
+// The caller holds swap exclusively (or nothing runs yet).
+func (s *Source) newStream() error {
+	if s.qq != nil {
+		s.qq.Close()
+	}
+	qdir := filepath.Join(s.cfg.Dir, QueueDir)
+	if err := os.RemoveAll(qdir); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(qdir, 0o700); err != nil {
+		return err
+	}
+	qq, err := queue.Open(qdir, queue.Options{MemLimit: s.cfg.MemQueue, DiskLimit: s.cfg.DiskQueue, MaxRecord: wire.MaxData + 4096})
+	if err != nil {
+		return fmt.Errorf("open queue: %w", err)
+	}
+	s.qq = qq
+	q := newSpillQueue(qq)
+	src, err := repl.NewSource(repl.SourceConfig{Backend: s.cfg.Backend, Mode: s.cfg.Mode, ChunkSize: s.cfg.ChunkSize,
+		Queue: q, Tracker: (*durableTracker)(s), Dial: s.dial, Codec: s.cfg.Codec, RateLimit: s.cfg.RateLimit, Log: s.log})
+	if err != nil {
+		return err
+	}
+	s.q.Store(q)
+	s.cur.Store(src)
+	return nil
+}
+
+// durableTracker forwards the engine's tracker calls to the bitmap
+// tracker, releasing extents only once the target made a change durable
+// (a target killed before its fsync keeps only what it synced).
+type durableTracker Source
+
+func (t *durableTracker) Mark(off, n int64) error { return t.trk.Mark(off, n) }
+func (t *durableTracker) Sequenced(seq uint64, off, n int64) {
+	t.trk.Sequenced(seq, off, n)
+}
+func (t *durableTracker) Acked(seq uint64) {
+	if cur := t.cur.Load(); cur != nil {
+		_, d := cur.Progress()
+		seq = min(seq, d)
+	}
+	t.trk.Acked(seq)
+}
+
+// Engine returns the current replication engine (it changes when the
+// stream restarts).
+func (s *Source) Engine() *repl.Source { return s.cur.Load() }
+
+// Apply implements blockdev.Mutator.
+func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
+	s.swap.RLock()
+	defer s.swap.RUnlock()
+	cur := s.cur.Load()
+	if !cur.Connected() && m.Op != blockdev.OpFlush {
+		if err := s.bumpGeneration(); err != nil {
+			return err
+		}
+	}
+	actx := ctx
+	if s.cfg.Mode == wire.ModeSync {
+		s.trackMu.Lock()
+		tctx := s.trackCtx
+		s.trackMu.Unlock()
+		c, cancel := context.WithCancel(ctx)
+		stop := context.AfterFunc(tctx, cancel)
+		defer stop()
+		defer cancel()
+		actx = c
+	}
+	err := cur.Apply(actx, m)
+	if err == nil {
+		return nil
+	}
+	if ctx.Err() != nil {
+		return err
+	}
+	// The change is applied locally and held by the queue or the bitmap:
+	// the target gets it later.
+	if errors.Is(err, queue.ErrFull) || errors.Is(err, repl.ErrClosed) || errors.Is(err, context.Canceled) {
+		if err := s.bumpGeneration(); err != nil {
+			return err
+		}
+		if m.Op == blockdev.OpFlush || m.FUA {
+			return s.cfg.Backend.Sync()
+		}
+		return nil
+	}
+	return err
+}
+
+// bumpGeneration starts a new generation before the first write the
+// target will not see in order (tracking), so a promotion of the target
+// meanwhile is detected as split brain.
+func (s *Source) bumpGeneration() error {
+	s.genMu.Lock()
+	defer s.genMu.Unlock()
+	if s.bumped {
+		return nil
+	}
+	st := s.gen.Clone()
+	st.NewGeneration(gen.NewID())
+	if err := saveGen(s.cfg.Dir, st); err != nil {
+		return err
+	}
+	s.gen, s.bumped = st, true
+	s.log.Info("writing without the target: new generation", "generation", fmt.Sprintf("%016x", st.Current))
+	return nil
+}
+
+// Run replicates until ctx is done: connect, decide, resync, stream;
+// restart the stream from the bitmap when it cannot be resumed. It
+// returns an error wrapping ErrRefused when the handshake refuses.
+func (s *Source) Run(ctx context.Context) error {
+	go s.watch(ctx)
+	for {
+		cur := s.cur.Load()
+		rctx, stop := context.WithCancel(ctx)
+		errc := make(chan error, 1)
+		go func() { errc <- cur.Run(rctx) }()
+		wdone := make(chan struct{})
+		go func() { defer close(wdone); s.syncer(rctx, cur) }()
+		var err error
+		select {
+		case err = <-errc:
+		case <-ctx.Done():
+			err = <-errc
+		}
+		stop()
+		<-wdone
+		if ctx.Err() != nil {
+			return nil
+		}
+		if errors.Is(err, errRestream) {
+			s.log.Warn("replication stream cannot be resumed: restarting it from the dirty bitmap")
+			if err := s.restream(cur); err != nil {
+				return err
+			}
+			continue
+		}
+		if err == nil {
+			err = errors.New("replication stopped")
+		}
+		return err
+	}
+}
+
+// restream replaces the engine with a new stream; every change the old
+// one did not deliver durably is moved to the bitmap.
+func (s *Source) restream(old *repl.Source) error {
+	old.Close() // sync waiters return; their changes are tracked
+	s.swap.Lock()
+	defer s.swap.Unlock()
+	s.trk.Disconnected()
+	if q := s.q.Load(); q != nil && q.overflow.Load() {
+		s.log.Info("queue overflow: changes since are in the bitmap")
+	}
+	if err := s.bm.Flush(); err != nil {
+		return err
+	}
+	return s.newStream()
+}
+
+// watch enters and leaves tracking mode.
+func (s *Source) watch(ctx context.Context) {
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		up := s.cur.Load().Connected()
+		now := time.Now().UnixNano()
+		switch {
+		case up:
+			s.downAt.Store(0)
+			if s.tracking.Swap(false) {
+				s.trackMu.Lock()
+				s.trackCtx, s.trackEnd = context.WithCancel(context.Background())
+				s.trackMu.Unlock()
+				s.log.Info("target back: leaving tracking mode")
+			}
+		case s.downAt.Load() == 0:
+			s.downAt.Store(now)
+		case !s.tracking.Load() && time.Duration(now-s.downAt.Load()) >= s.trackAfter():
+			s.tracking.Store(true)
+			s.trackMu.Lock()
+			s.trackEnd()
+			s.trackMu.Unlock()
+			s.log.Warn("target unreachable: continuing in tracking mode (changes recorded for a resync)",
+				"after", s.trackAfter())
+		}
+	}
+}
+
+func (s *Source) trackAfter() time.Duration {
+	if s.cfg.Mode == wire.ModeSync {
+		return s.cfg.SyncTimeout
+	}
+	return 0
+}
+
+// dial connects and runs the state handshake (repl.Source calls it for
+// every connection).
+func (s *Source) dial(ctx context.Context) (net.Conn, error) {
+	conn, err := s.cfg.Dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	dec, err := s.handshake(ctx, conn, false)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	_ = dec
+	select {
+	case s.connected <- struct{}{}:
+	default:
+	}
+	return conn, nil
+}
+
+// handshake runs the state handshake on conn. notify only tells the target
+// that a resync completed.
+func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen.Decision, error) {
+	var dec gen.Decision
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	defer conn.SetDeadline(time.Time{})
+	if tc, ok := conn.(*tls.Conn); ok {
+		if err := tc.HandshakeContext(ctx); err != nil {
+			if errors.Is(err, repl.ErrNotPinned) {
+				return dec, &repl.FatalError{Err: err}
+			}
+			return dec, fmt.Errorf("TLS handshake: %w", err)
+		}
+	}
+	cur := s.cur.Load()
+	applied, _ := cur.Progress()
+	s.genMu.Lock()
+	local := s.gen.Clone()
+	s.genMu.Unlock()
+	if _, err := conn.Write(metaMagic[:]); err != nil {
+		return dec, err
+	}
+	h := hello{VolumeSize: s.size, ChunkSize: s.cfg.ChunkSize, Gen: encodeGen(local), StreamID: cur.StreamID(),
+		Acked: applied, Discard: s.cfg.Discard, Notify: notify}
+	if err := writeMsg(conn, h); err != nil {
+		return dec, fmt.Errorf("send state hello: %w", err)
+	}
+	var rp reply
+	if err := readMsg(conn, &rp); err != nil {
+		if errors.Is(err, ErrMalformed) {
+			return dec, &repl.FatalError{Err: fmt.Errorf("target: %w", err)}
+		}
+		return dec, fmt.Errorf("read state reply: %w", err)
+	}
+	if rp.Error != "" {
+		return dec, s.refuse(fmt.Errorf("%w by the target: %s", ErrRefused, rp.Error))
+	}
+	if notify {
+		return dec, nil
+	}
+	peer, err := decodeGen(rp.Gen)
+	if err != nil {
+		return dec, &repl.FatalError{Err: err}
+	}
+	s.peerGen.Store(peer.Current)
+	dec = gen.Decide(local, peer)
+	discard := s.cfg.Discard == "target" || rp.Discard == "target"
+	c := commit{Outcome: dec.Outcome.String(), Reason: dec.Reason, Gen: encodeGen(local)}
+	switch dec.Outcome {
+	case gen.InSync, gen.ResyncToPeer:
+	case gen.SplitBrain:
+		if !discard {
+			c.Refused = true
+		}
+		c.Discard = discard
+	case gen.ResyncFromPeer:
+		c.Refused = true
+		dec.Reason += ": the peer is newer (it was promoted); run this side as the target"
+		c.Reason = dec.Reason
+	default:
+		c.Refused = true
+	}
+	if c.Refused {
+		writeMsg(conn, c)
+		msg := fmt.Sprintf("%s: %s", dec.Outcome, dec.Reason)
+		if dec.Outcome == gen.SplitBrain {
+			msg += fmt.Sprintf("; local %d dirty bytes since the split, target %s; resolve with --discard-on target (the target's divergent chunks are saved first)",
+				s.bm.DirtyBytes(), peerDirty(rp.Bitmap, s.size, s.cfg.ChunkSize))
+		}
+		return dec, s.refuse(fmt.Errorf("%w: %s", ErrRefused, msg))
+	}
+	// The peer's dirty chunks become ours (durably) before the target
+	// forgets them.
+	if len(rp.Bitmap) > 0 {
+		pb, err := bitmap.Decode(rp.Bitmap, s.size, s.cfg.ChunkSize)
+		if err != nil {
+			return dec, &repl.FatalError{Err: fmt.Errorf("target bitmap: %w", err)}
+		}
+		if err := s.bm.Union(pb); err != nil {
+			return dec, &repl.FatalError{Err: err}
+		}
+		if err := s.bm.Flush(); err != nil {
+			return dec, err
+		}
+	}
+	if (rp.StreamID == cur.StreamID() && rp.Applied < applied) || (rp.StreamID != cur.StreamID() && applied > 0) {
+		// The target lost what it had not synced, or the stream: the
+		// bitmap (plus the extents still hot) covers it.
+		return dec, &repl.FatalError{Err: fmt.Errorf("target at stream %016x seq %d, source at %016x seq %d: %w",
+			rp.StreamID, rp.Applied, cur.StreamID(), applied, errRestream)}
+	}
+	full := dec.Full
+	if full {
+		s.needFull.Store(true)
+	}
+	resyncing := full || s.bm.DirtyChunks() > 0 || s.needFull.Load()
+	c.Resync = resyncing
+	c.Full = s.needFull.Load()
+	c.Adopt = !resyncing
+	if err := writeMsg(conn, c); err != nil {
+		return dec, fmt.Errorf("send state commit: %w", err)
+	}
+	var d done
+	if err := readMsg(conn, &d); err != nil {
+		return dec, fmt.Errorf("read state commit reply: %w", err)
+	}
+	if d.Error != "" {
+		return dec, s.refuse(fmt.Errorf("%w by the target: %s", ErrRefused, d.Error))
+	}
+	if d.Saved != "" {
+		s.log.Warn("split brain resolved against the target: its divergent chunks were saved there", "path", d.Saved)
+	}
+	s.genMu.Lock()
+	s.bumped = false
+	s.genMu.Unlock()
+	str := dec.Outcome.String() + ": " + dec.Reason
+	s.decision.Store(&str)
+	s.log.Info("state handshake", "decision", dec.Outcome, "reason", dec.Reason, "dirty_bytes", s.bm.DirtyBytes(), "full", full)
+	return dec, nil
+}
+
+func peerDirty(b []byte, size, chunk int64) string {
+	pb, err := bitmap.Decode(b, size, chunk)
+	if err != nil || len(b) == 0 {
+		return "unknown"
+	}
+	return fmt.Sprintf("%d dirty bytes", pb.DirtyBytes())
+}
+
+func (s *Source) refuse(err error) error {
+	msg := err.Error()
+	s.refusal.Store(&msg)
+	s.log.Error("replication refused", "reason", msg)
+	return &repl.FatalError{Err: err}
+}
+
+// syncer runs the full mirror or the bitmap resyncs while connected.
+func (s *Source) syncer(ctx context.Context, cur *repl.Source) {
+	t := time.NewTicker(200 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.connected:
+		case <-t.C:
+		}
+		if !cur.Connected() {
+			continue
+		}
+		if q := s.q.Load(); q.overflow.Load() {
+			if q.q.Len() > 0 {
+				continue // let the queue drain first: the target stays a prefix
+			}
+			q.overflow.Store(false)
+			s.log.Info("queue drained after an overflow: resyncing the bitmap")
+		}
+		if s.needFull.Load() {
+			s.log.Info("full mirror to a new target", "kind", s.cfg.Mirror)
+			s.resyncActive.Store(true)
+			// The mirror sends everything as it is from now on; changes
+			// dropped meanwhile set their bits again. (MirrorNone: the
+			// operator vouches the copies are equal; the bitmap stays.)
+			if s.cfg.Mirror != repl.MirrorNone {
+				s.bm.ClearAll()
+				s.bm.Flush()
+			}
+			res, err := cur.Mirror(ctx, s.cfg.Mirror)
+			s.resyncActive.Store(false)
+			if err != nil {
+				if ctx.Err() == nil {
+					s.log.Warn("mirror interrupted", "err", err)
+				}
+				continue
+			}
+			s.resyncSent.Add(res.Sent)
+			s.needFull.Store(false)
+			if s.bm.DirtyChunks() == 0 {
+				s.notify(ctx)
+			}
+			continue
+		}
+		if s.bm.DirtyChunks() == 0 {
+			continue
+		}
+		if err := s.resyncPass(ctx, cur); err != nil {
+			if ctx.Err() == nil {
+				s.log.Warn("resync interrupted (it resumes where it stopped)", "err", err)
+			}
+			continue
+		}
+		if s.bm.DirtyChunks() == 0 {
+			s.notify(ctx)
+		}
+	}
+}
+
+// resyncPass sends every dirty chunk in disk order, in batches; a batch's
+// chunks are hot in the activity log (so a crash resends them) and clean
+// in the bitmap once the target holds them durably.
+func (s *Source) resyncPass(ctx context.Context, cur *repl.Source) error {
+	total := s.bm.DirtyBytes()
+	s.resyncTotal.Store(total)
+	s.resyncDone.Store(0)
+	s.resyncActive.Store(true)
+	defer s.resyncActive.Store(false)
+	s.resyncPasses.Add(1)
+	start := time.Now()
+	var sent int64
+	// A batch's ranges are hot together: it spans at most half the
+	// activity log's slots, so marking it never waits on itself.
+	slots := s.cfg.LogOptions.Slots
+	if slots == 0 {
+		slots = 64
+	}
+	span := max(1, int64(slots)/2-1) * s.al.ExtentSize()
+	for off := int64(0); off < s.size; {
+		var batch []repl.Range
+		var n int64
+		end := off
+		first := int64(-1)
+		for o, l := range s.bm.Runs(off, s.al.ExtentSize()) {
+			if first < 0 {
+				first = o
+			}
+			if o+l-first > span && len(batch) > 0 {
+				break
+			}
+			batch = append(batch, repl.Range{Offset: o, Length: l})
+			n += l
+			end = o + l
+			if n >= resyncBatch || len(batch) >= 64 {
+				break
+			}
+		}
+		if len(batch) == 0 {
+			break
+		}
+		marked := 0
+		var err error
+		for _, r := range batch {
+			if err = s.trk.Mark(r.Offset, r.Length); err != nil {
+				break
+			}
+			marked++
+		}
+		if err == nil {
+			for _, r := range batch {
+				s.bm.Clear(r.Offset, r.Length)
+			}
+			if err = s.lim.Wait(ctx, int(n)); err == nil {
+				var res repl.MirrorResult
+				res, err = cur.Resync(ctx, batch)
+				sent += res.Sent
+				s.resyncSent.Add(res.Sent)
+			}
+		}
+		if err != nil {
+			for _, r := range batch[:marked] {
+				s.bm.Set(r.Offset, r.Length)
+			}
+		}
+		ferr := s.bm.Flush()
+		for _, r := range batch[:marked] {
+			if s.al.Fits(r.Offset, r.Length) {
+				s.al.End(r.Offset, r.Length)
+			}
+		}
+		if err != nil {
+			return err
+		}
+		if ferr != nil {
+			return ferr
+		}
+		s.resyncDone.Add(n)
+		off = end
+	}
+	s.log.Info("resync pass done", "dirty_bytes", total, "sent", sent, "took", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// notify tells the target that the resync is complete: it takes this
+// side's generation and is consistent again.
+func (s *Source) notify(ctx context.Context) {
+	conn, err := s.cfg.Dial(ctx)
+	if err != nil {
+		s.log.Warn("notify target of the finished resync", "err", err)
+		return
+	}
+	defer conn.Close()
+	if _, err := s.handshake(ctx, conn, true); err != nil {
+		s.log.Warn("notify target of the finished resync", "err", err)
+		return
+	}
+	s.al.Clean()
+}
+
+// Close stops the engine and closes the state files (a clean stop: hot
+// extents whose changes the target holds are released).
+func (s *Source) Close() error {
+	s.swap.Lock()
+	defer s.swap.Unlock()
+	cur := s.cur.Load()
+	var errs []error
+	_, d := cur.Progress()
+	s.trk.Acked(d)
+	s.trk.Disconnected() // what the target does not hold durably goes to the bitmap
+	errs = append(errs, cur.Close(), s.qq.Close(), s.al.Clean(), s.al.Close(), s.bm.Close())
+	return errors.Join(errs...)
+}

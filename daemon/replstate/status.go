@@ -1,0 +1,113 @@
+package replstate
+
+import (
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Status is the state layer's view of a source.
+type Status struct {
+	State          string // connecting | replicating | resyncing | tracking | refused
+	Tracking       bool   // changes are recorded locally for a later resync, the target is not following
+	Connected      bool
+	DirtyBytes     int64 // bitmap
+	HotExtents     int
+	ResyncActive   bool
+	ResyncTotal    int64 // dirty bytes at the start of the current/last pass
+	ResyncDone     int64
+	ResyncSent     int64 // payload bytes sent by resyncs and mirrors since start
+	ResyncPasses   int64
+	QueueMemBytes  int64
+	QueueDiskBytes int64
+	QueueOverflow  bool
+	Generation     uint64
+	History        []uint64
+	PeerGeneration uint64
+	Decision       string
+	Refusal        string
+}
+
+// Status returns a snapshot.
+func (s *Source) Status() Status {
+	cur := s.cur.Load()
+	st := Status{Connected: cur.Connected(), Tracking: s.tracking.Load(), DirtyBytes: s.bm.DirtyBytes(),
+		HotExtents: s.al.HotExtents(), ResyncActive: s.resyncActive.Load(), ResyncTotal: s.resyncTotal.Load(),
+		ResyncDone: s.resyncDone.Load(), ResyncSent: s.resyncSent.Load(), ResyncPasses: s.resyncPasses.Load(),
+		PeerGeneration: s.peerGen.Load()}
+	if q := s.q.Load(); q != nil {
+		st.QueueMemBytes, st.QueueDiskBytes, st.QueueOverflow = q.q.MemBytes(), q.q.DiskBytes(), q.overflow.Load()
+	}
+	s.genMu.Lock()
+	st.Generation, st.History = s.gen.Current, append([]uint64(nil), s.gen.History...)
+	s.genMu.Unlock()
+	if p := s.decision.Load(); p != nil {
+		st.Decision = *p
+	}
+	switch p := s.refusal.Load(); {
+	case p != nil:
+		st.Refusal, st.State = *p, "refused"
+	case st.Tracking:
+		st.State = "tracking"
+	case !st.Connected:
+		st.State = "connecting"
+	case st.ResyncActive:
+		st.State = "resyncing"
+	default:
+		st.State = "replicating"
+	}
+	return st
+}
+
+var (
+	descTracking   = prometheus.NewDesc("doppel_repl_tracking", "1 while the source tracks changes locally (target absent) instead of replicating.", nil, nil)
+	descDirty      = prometheus.NewDesc("doppel_repl_dirty_bytes", "Bytes marked dirty in the bitmap.", nil, nil)
+	descHot        = prometheus.NewDesc("doppel_repl_hot_extents", "Activity-log extents hot.", nil, nil)
+	descRTotal     = prometheus.NewDesc("doppel_repl_resync_total_bytes", "Dirty bytes of the current or last resync pass.", nil, nil)
+	descRDone      = prometheus.NewDesc("doppel_repl_resync_done_bytes", "Bytes of the current or last resync pass done.", nil, nil)
+	descRSent      = prometheus.NewDesc("doppel_repl_resync_sent_bytes_total", "Payload bytes sent by resyncs and mirrors.", nil, nil)
+	descRActive    = prometheus.NewDesc("doppel_repl_resync_active", "1 while a resync or mirror runs.", nil, nil)
+	descQMem       = prometheus.NewDesc("doppel_repl_queue_memory_bytes", "Queue bytes held in memory.", nil, nil)
+	descQDisk      = prometheus.NewDesc("doppel_repl_queue_disk_bytes", "Queue bytes on disk.", nil, nil)
+	descQOverflow  = prometheus.NewDesc("doppel_repl_queue_overflow", "1 while the queue overflowed (changes tracked in the bitmap).", nil, nil)
+	descGeneration = prometheus.NewDesc("doppel_repl_generation_info", "Current generation IDs of this side and the peer.", []string{"side", "id"}, nil)
+	descRefused    = prometheus.NewDesc("doppel_repl_refused", "1 when the state handshake refused replication (split brain, unrelated data).", nil, nil)
+)
+
+type collector struct{ s *Source }
+
+// Collector returns a Prometheus collector for the state layer's metrics.
+func (s *Source) Collector() prometheus.Collector { return collector{s} }
+
+func (c collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descTracking, descDirty, descHot, descRTotal, descRDone, descRSent, descRActive, descQMem, descQDisk, descQOverflow, descGeneration, descRefused} {
+		ch <- d
+	}
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func (c collector) Collect(ch chan<- prometheus.Metric) {
+	st := c.s.Status()
+	g := prometheus.GaugeValue
+	ch <- prometheus.MustNewConstMetric(descTracking, g, b2f(st.Tracking))
+	ch <- prometheus.MustNewConstMetric(descDirty, g, float64(st.DirtyBytes))
+	ch <- prometheus.MustNewConstMetric(descHot, g, float64(st.HotExtents))
+	ch <- prometheus.MustNewConstMetric(descRTotal, g, float64(st.ResyncTotal))
+	ch <- prometheus.MustNewConstMetric(descRDone, g, float64(st.ResyncDone))
+	ch <- prometheus.MustNewConstMetric(descRSent, prometheus.CounterValue, float64(st.ResyncSent))
+	ch <- prometheus.MustNewConstMetric(descRActive, g, b2f(st.ResyncActive))
+	ch <- prometheus.MustNewConstMetric(descQMem, g, float64(st.QueueMemBytes))
+	ch <- prometheus.MustNewConstMetric(descQDisk, g, float64(st.QueueDiskBytes))
+	ch <- prometheus.MustNewConstMetric(descQOverflow, g, b2f(st.QueueOverflow))
+	ch <- prometheus.MustNewConstMetric(descGeneration, g, 1, "local", fmt.Sprintf("%016x", st.Generation))
+	if st.PeerGeneration != 0 {
+		ch <- prometheus.MustNewConstMetric(descGeneration, g, 1, "peer", fmt.Sprintf("%016x", st.PeerGeneration))
+	}
+	ch <- prometheus.MustNewConstMetric(descRefused, g, b2f(st.Refusal != ""))
+}

@@ -1,0 +1,280 @@
+package replstate
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/daemon/bitmap"
+	"github.com/doppelha/doppel/daemon/gen"
+	"github.com/doppelha/doppel/daemon/repl"
+	"github.com/doppelha/doppel/daemon/splitbrain"
+)
+
+// TargetConfig configures a Target.
+type TargetConfig struct {
+	Dir     string // state directory
+	Backend blockdev.Backend
+	// Discard "target" accepts a split-brain resolution against this side
+	// (its divergent chunks are saved first).
+	Discard string
+	Log     *slog.Logger
+}
+
+// Target is the receiving side with persistent state.
+type Target struct {
+	cfg  TargetConfig
+	log  *slog.Logger
+	eng  *repl.Target
+	size int64
+
+	mu      sync.Mutex // one handshake at a time; guards gen, bm
+	gen     gen.State
+	bm      *bitmap.Bitmap // this side's own dirty chunks (from when it was a source); opened at the first handshake
+	refusal string
+	saved   string
+}
+
+// OpenTarget opens the state under cfg.Dir for the volume.
+func OpenTarget(cfg TargetConfig) (*Target, error) {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Discard != "" && cfg.Discard != "target" {
+		return nil, fmt.Errorf("discard %q: a target can only discard its own data (--discard-on target)", cfg.Discard)
+	}
+	st, ok, err := loadGen(cfg.Dir)
+	if err != nil {
+		return nil, err
+	}
+	if ok && st.Role == gen.RoleSource {
+		st.Demote()
+		if err := saveGen(cfg.Dir, st); err != nil {
+			return nil, err
+		}
+	}
+	eng, err := repl.NewTarget(repl.TargetConfig{Backend: cfg.Backend, StatePath: filepath.Join(cfg.Dir, TargetFile), Log: cfg.Log})
+	if err != nil {
+		return nil, err
+	}
+	return &Target{cfg: cfg, log: cfg.Log, eng: eng, size: cfg.Backend.Size(), gen: st}, nil
+}
+
+// Engine returns the replication engine's target.
+func (t *Target) Engine() *repl.Target { return t.eng }
+
+// Close closes the engine and the bitmap.
+func (t *Target) Close() error {
+	err := t.eng.Close()
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.bm != nil {
+		err = errors.Join(err, t.bm.Close())
+	}
+	return err
+}
+
+// Serve accepts sources on l until ctx is done.
+func (t *Target) Serve(ctx context.Context, l net.Listener) error {
+	go func() {
+		<-ctx.Done()
+		l.Close()
+	}()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return err
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := t.ServeConn(ctx, c); err != nil && ctx.Err() == nil {
+				t.log.Warn("replication session ended", "peer", c.RemoteAddr().String(), "err", err)
+			}
+		}()
+	}
+}
+
+// ServeConn runs the state handshake (when the source starts with it) and
+// then the engine on c.
+func (t *Target) ServeConn(ctx context.Context, c net.Conn) error {
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	if tc, ok := c.(*tls.Conn); ok {
+		if err := tc.HandshakeContext(ctx); err != nil {
+			c.Close()
+			return fmt.Errorf("TLS handshake: %w", err)
+		}
+	}
+	var m [4]byte
+	if _, err := io.ReadFull(c, m[:]); err != nil {
+		c.Close()
+		return fmt.Errorf("read hello: %w", err)
+	}
+	if m != metaMagic {
+		// A source without a state dir: the engine reads its hello.
+		return t.eng.ServeConn(ctx, &prefixConn{Conn: c, r: io.MultiReader(bytes.NewReader(m[:]), c)})
+	}
+	keep, err := t.handshake(c)
+	if err != nil || !keep {
+		c.Close()
+		return err
+	}
+	c.SetDeadline(time.Time{})
+	return t.eng.ServeConn(ctx, c)
+}
+
+// prefixConn replays bytes already read.
+type prefixConn struct {
+	net.Conn
+	r io.Reader
+}
+
+func (p *prefixConn) Read(b []byte) (int, error) { return p.r.Read(b) }
+
+func (t *Target) handshake(c net.Conn) (keep bool, err error) {
+	var h hello
+	if err := readMsg(c, &h); err != nil {
+		return false, fmt.Errorf("read state hello: %w", err)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	rp := reply{Discard: t.cfg.Discard}
+	fail := func(format string, a ...any) (bool, error) {
+		rp.Error = fmt.Sprintf(format, a...)
+		writeMsg(c, rp)
+		return false, fmt.Errorf("%w: %s", ErrRefused, rp.Error)
+	}
+	if h.VolumeSize != t.size {
+		return fail("source volume is %d bytes, target volume is %d", h.VolumeSize, t.size)
+	}
+	src, err := decodeGen(h.Gen)
+	if err != nil {
+		return fail("%v", err)
+	}
+	if t.bm == nil {
+		if t.bm, err = openBitmap(t.cfg.Dir, t.size, h.ChunkSize); err != nil {
+			return fail("%v", err)
+		}
+		// Extents still hot from when this side was a source (a crash)
+		// are folded into the bitmap.
+		al, err := bitmap.OpenLog(filepath.Join(t.cfg.Dir, LogFile), t.bm, bitmap.LogOptions{})
+		if err != nil {
+			return fail("open activity log: %v", err)
+		}
+		if err := errors.Join(al.Clean(), al.Close()); err != nil {
+			return fail("activity log: %v", err)
+		}
+	} else if t.bm.ChunkSize() != h.ChunkSize {
+		return fail("source chunk size %d, this side's bitmap has %d", h.ChunkSize, t.bm.ChunkSize())
+	}
+	es, _, _ := t.eng.Status()
+	rp.Gen, rp.StreamID, rp.Applied, rp.Data = encodeGen(t.gen), es.StreamID, es.Applied, es.State
+	if h.Notify {
+		// The source finished a resync: this side durably holds its
+		// generation's data.
+		if t.gen.Current != src.Current && !src.Knows(t.gen.Current) && t.gen.Current != 0 {
+			return fail("resync notice for generation %016x, unrelated to this side's %016x", src.Current, t.gen.Current)
+		}
+		st := t.gen.Clone()
+		st.BeginResync(src)
+		st.EndResync()
+		if err := saveGen(t.cfg.Dir, st); err != nil {
+			return fail("%v", err)
+		}
+		t.gen = st
+		t.log.Info("resync complete: target consistent", "generation", fmt.Sprintf("%016x", st.Current))
+		return false, writeMsg(c, rp)
+	}
+	if t.bm.DirtyChunks() > 0 {
+		if rp.Bitmap, err = t.bm.MarshalBinary(); err != nil {
+			return fail("%v", err)
+		}
+	}
+	if err := writeMsg(c, rp); err != nil {
+		return false, err
+	}
+	var cm commit
+	if err := readMsg(c, &cm); err != nil {
+		return false, fmt.Errorf("read state commit: %w", err)
+	}
+	if cm.Refused {
+		t.refusal = fmt.Sprintf("%s: %s", cm.Outcome, cm.Reason)
+		t.log.Error("replication refused", "outcome", cm.Outcome, "reason", cm.Reason, "local_dirty_bytes", t.bm.DirtyBytes())
+		return false, fmt.Errorf("%w: %s", ErrRefused, t.refusal)
+	}
+	var d done
+	st := t.gen.Clone()
+	if cm.Discard {
+		name := splitbrain.DefaultName(t.cfg.Dir, "repl", t.gen.Current)
+		saved, err := splitbrain.Save(name, t.cfg.Backend, t.bm)
+		if err != nil && !errors.Is(err, splitbrain.ErrExists) {
+			d.Error = fmt.Sprintf("save divergent chunks: %v", err)
+			writeMsg(c, d)
+			return false, errors.New(d.Error)
+		}
+		d.Saved, t.saved = name, name
+		t.log.Warn("split brain resolved against this side: divergent chunks saved", "path", name, "bytes", saved.Bytes)
+	}
+	switch {
+	case cm.Adopt:
+		st.BeginResync(src)
+		st.EndResync()
+	case cm.Full:
+		// Keep no generation until the mirror completes.
+	case cm.Resync:
+		st.BeginResync(src)
+	}
+	if err := saveGen(t.cfg.Dir, st); err != nil {
+		d.Error = err.Error()
+		writeMsg(c, d)
+		return false, err
+	}
+	t.gen = st
+	// The source holds our dirty chunks durably now.
+	t.bm.ClearAll()
+	if err := t.bm.Flush(); err != nil {
+		return false, err
+	}
+	t.refusal = ""
+	t.log.Info("state handshake", "decision", cm.Outcome, "reason", cm.Reason, "resync", cm.Resync, "generation", fmt.Sprintf("%016x", st.Current))
+	return true, writeMsg(c, d)
+}
+
+// TargetStatus is the state layer's view of a target.
+type TargetStatus struct {
+	Generation uint64
+	History    []uint64
+	Data       string // generation data state
+	Refusal    string // the last refusal, if any
+	Saved      string // split-brain save of this side, if any
+	DirtyBytes int64  // this side's own dirty bytes
+}
+
+// Status returns the target's state.
+func (t *Target) Status() TargetStatus {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	st := TargetStatus{Generation: t.gen.Current, History: t.gen.History, Data: t.gen.Data.String(), Refusal: t.refusal, Saved: t.saved}
+	if t.bm != nil {
+		st.DirtyBytes = t.bm.DirtyBytes()
+	}
+	return st
+}
