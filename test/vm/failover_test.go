@@ -263,7 +263,7 @@ echo "gave up"; exit 1`)
 		t.Fatalf("vm2 serves the volume at %q after the failover, want /dev/nbdN", dev2)
 	}
 	reach := client.MustRun(t, 2*time.Minute, `
-for i in $(seq 1200); do [ -s /run/reach.t ] && break; sleep 0.1; done
+for i in $(seq 600); do [ -s /run/reach.t ] && break; sleep 0.1; done
 sleep 1.5  # the connections in flight
 sort -n /run/reach.t | head -n 1`)
 	reachedGuest, err := parseGuestTime(reach)
