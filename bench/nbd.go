@@ -526,7 +526,7 @@ func writeProfiles(b *strings.Builder, what string, profiles []Profile, note str
 		}
 	}
 	if len(perfs) > 0 {
-		w("The binary has no `--cpuprofile` here, so one extra run per row was sampled with `perf record -F 999 -g -p PID` " +
+		w("One extra run per row, each process sampled with `perf record -F 999 -g -p PID` where the binary has no `--cpuprofile` " +
 			"(user and kernel stacks; not part of the medians). Symbols by cumulative (children) share, flat (self) share next to it:\n\n")
 		for _, p := range perfs {
 			unit, f := Headline(p.Row)

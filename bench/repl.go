@@ -425,19 +425,34 @@ func profileRepl(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Lin
 		}
 		// Without --cpuprofile, perf samples the source process (user and
 		// kernel stacks) for the whole fio run.
-		var perfRec *exec.Cmd
+		// The target has no --cpuprofile: perf samples it too when present.
+		var recs []*exec.Cmd
 		perfData := strings.TrimSuffix(prof, ".prof") + ".perf.data"
-		if !usePprof {
-			perfRec = exec.Command(perf, "record", "-q", "-F", "999", "-g", "-o", perfData, "-p", fmt.Sprint(sp.PID()))
-			if err := perfRec.Start(); err != nil {
-				stop()
+		tgtData := strings.TrimSuffix(prof, ".prof") + "-target.perf.data"
+		record := func(data string, pid int) error {
+			c := exec.Command(perf, "record", "-q", "-F", "999", "-g", "-o", data, "-p", fmt.Sprint(pid))
+			if err := c.Start(); err != nil {
 				return fmt.Errorf("perf record: %w", err)
+			}
+			recs = append(recs, c)
+			return nil
+		}
+		if !usePprof {
+			if err := record(perfData, sp.PID()); err != nil {
+				stop()
+				return err
+			}
+		}
+		if perfErr == nil {
+			if err := record(tgtData, tp.PID()); err != nil {
+				stop()
+				return err
 			}
 		}
 		res, ferr := RunFio(ctx, cfg.Fio, FioArgs(pr.Row, "nbd+unix:///?socket="+pair.sock, cfg.Runtime, cfg.Ramp), true)
-		if perfRec != nil {
-			_ = perfRec.Process.Signal(os.Interrupt)
-			_ = perfRec.Wait()
+		for _, c := range recs {
+			_ = c.Process.Signal(os.Interrupt)
+			_ = c.Wait()
 		}
 		serr := stop()
 		if ferr != nil {
@@ -451,14 +466,22 @@ func profileRepl(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Lin
 			top, err = PprofTop(ctx, cfg.Doppel, prof)
 		} else {
 			prof = perfData
-			top, err = PerfTop(ctx, perf, perfData)
+			top, err = PerfTop(ctx, perf, perfData, "the source process")
 		}
 		if err != nil {
 			return err
 		}
 		row := pr.Row
-		row.Name = pr.Mode + ": " + row.Name
+		row.Name = pr.Mode + " source: " + pr.Row.Name
 		rep.Profiles = append(rep.Profiles, Profile{Row: row, Path: prof, Top: top, Res: res})
+		if perfErr == nil {
+			ttop, err := PerfTop(ctx, perf, tgtData, "the target process")
+			if err != nil {
+				return err
+			}
+			row.Name = pr.Mode + " target: " + pr.Row.Name
+			rep.Profiles = append(rep.Profiles, Profile{Row: row, Path: tgtData, Top: ttop, Res: res})
+		}
 		log.Info("profiled", "mode", pr.Mode, "row", pr.Row.Slug, "iops", math.Round(res.IOPS))
 	}
 	return nil
@@ -467,14 +490,14 @@ func profileRepl(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Lin
 // PerfTop reports a perf recording by symbol, cumulative (children)
 // shares first, in the spirit of `pprof -top -cum`; it saves the text next
 // to the recording as .txt.
-func PerfTop(ctx context.Context, perf, data string) (string, error) {
+func PerfTop(ctx context.Context, perf, data, what string) (string, error) {
 	out, err := exec.CommandContext(ctx, perf, "report", "-i", data, "--stdio", "--children", "-g", "none",
 		"--sort", "sym", "--percent-limit", "2").Output()
 	if err != nil {
 		return "", fmt.Errorf("perf report %s: %w", data, err)
 	}
 	var b strings.Builder
-	b.WriteString("perf record -F 999 -g of the source process; children = cumulative share, self = flat share\n")
+	b.WriteString("perf record -F 999 -g of " + what + "; children = cumulative share, self = flat share\n")
 	for l := range strings.Lines(string(out)) {
 		t := strings.TrimSpace(l)
 		if t == "" || (strings.HasPrefix(t, "#") && !strings.Contains(t, "Children")) {
@@ -887,7 +910,7 @@ func (r *ReplReport) Markdown(command, note string) string {
 			w("- failed run: %s\n", strings.ReplaceAll(truncate([]byte(e), 200), "\n", " "))
 		}
 	}
-	writeProfiles(&b, "the replication source", r.Profiles, r.ProfileNote)
+	writeProfiles(&b, "the replication source and target", r.Profiles, r.ProfileNote)
 	w("\n<details><summary>Every run</summary>\n\n| workload | mode | runs |\n|---|---|---|\n")
 	for _, row := range cfg.Rows {
 		_, f := Headline(row)
