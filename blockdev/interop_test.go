@@ -237,7 +237,7 @@ func TestInteropFilesystem(t *testing.T) {
 	t.Cleanup(func() {
 		// The loop device lets go of the file asynchronously: retry the
 		// unmount, then unmount lazily, then stop nbdfuse by its PID.
-		for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
 			if exec.Command("fusermount3", "-u", fuseDir).Run() == nil {
 				break
 			}
@@ -268,12 +268,12 @@ func TestInteropFilesystem(t *testing.T) {
 	t.Cleanup(func() {
 		exec.Command("losetup", "-d", loop).Run()
 		backing := filepath.Join("/sys/block", filepath.Base(loop), "loop", "backing_file")
-		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 			if _, err := os.Stat(backing); err != nil {
 				return
 			}
 		}
-		t.Errorf("%s still attached 10 s after losetup -d", loop)
+		t.Errorf("%s still attached 30 s after losetup -d", loop)
 	})
 
 	run(t, 2*time.Minute, "mkfs.ext4", "-q", "-F", loop)

@@ -38,16 +38,16 @@ var opPool = sync.Pool{New: func() any { return new(op) }}
 // start on demand: when the reader finds nobody queued behind it.
 type tconn struct {
 	*conn
-	ctx     context.Context // requests run under it (not cancelled by shutdown)
-	x       *export
-	max     int32
-	nwrk    atomic.Int32 // workers started
-	waiting atomic.Int32 // workers queued for the read lock
-	wg      sync.WaitGroup
-	w       replyWriter
-	wrot    atomic.Bool  // a write, trim or zero was applied: sync at disconnect
-	avgNs   atomic.Int64 // moving average of small read/write service times
-	samples atomic.Int32
+	ctx      context.Context // requests run under it (not cancelled by shutdown)
+	x        *export
+	max      int32
+	nwrk     atomic.Int32 // workers started
+	waiting  atomic.Int32 // workers queued for the read lock
+	wg       sync.WaitGroup
+	w        replyWriter
+	wrot     atomic.Bool  // a write, trim or zero was applied: sync at disconnect
+	slowFrac atomic.Int64 // moving fraction of slow small reads/writes (x slowScale)
+	samples  atomic.Int32
 
 	slots chan struct{} // one per request alive (read, running or replying)
 	big   chan struct{} // one per request with a buffer over bigBuffer
@@ -136,29 +136,37 @@ func (t *tconn) worker() {
 // thread switch, which on small requests is most of the time spent (page
 // cache reads and writes take a few microseconds). So the reader runs a
 // request itself when it is a plain READ or WRITE of at most inlineMaxLen
-// bytes and such requests have recently completed in under
-// inlineMaxLatency on average; their replies are held and written together
-// (one writev) when no further request is buffered. That is one read, one
-// pread/pwrite per request and one writev per batch, with no hand-off. A
-// slow backend or Mutator (a disk cache miss, synchronous replication)
-// turns inlining off, and requests then run concurrently on the workers,
-// so that a slow request never holds up the next one.
+// bytes and such requests have recently been fast: fewer than a quarter of
+// the last dozen or so took over inlineSlow. Their replies are held and
+// written together (one writev) when no further request is buffered. That
+// is one read, one pread/pwrite per request and one writev per batch, with
+// no hand-off. A slow backend or Mutator (disk cache misses, synchronous
+// replication) turns inlining off, and requests then run concurrently on
+// the workers, so that a slow request never holds up the next one. Counting
+// slow requests rather than averaging durations keeps a busy machine's
+// occasional preemption from flipping the decision.
 const (
 	inlineMaxLen     = 256 << 10
-	inlineMaxLatency = 50_000 // ns, moving average
+	inlineSlow       = 50 * time.Microsecond
 	inlineMinSamples = 16
+	slowScale        = 1024 // slowFrac fixed point: 1024 = every request slow
 )
 
 func (t *tconn) inline(o *op) bool {
 	r := &o.req
 	return (r.typ == cmdRead || r.typ == cmdWrite && r.flags == 0) && r.length <= inlineMaxLen &&
-		o.errno == 0 && t.samples.Load() >= inlineMinSamples && t.avgNs.Load() < inlineMaxLatency
+		o.errno == 0 && t.samples.Load() >= inlineMinSamples && t.slowFrac.Load() < slowScale/4
 }
 
-// observe folds the duration of a small read or write into the average.
+// observe folds one small read or write into the moving fraction of slow
+// requests (weight 1/8).
 func (t *tconn) observe(d time.Duration) {
-	avg := t.avgNs.Load()
-	t.avgNs.Store(avg + (int64(d)-avg)/8)
+	var x int64
+	if d > inlineSlow {
+		x = slowScale
+	}
+	f := t.slowFrac.Load()
+	t.slowFrac.Store(f + (x-f)/8)
 	if t.samples.Load() < inlineMinSamples {
 		t.samples.Add(1)
 	}
