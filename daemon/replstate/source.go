@@ -25,7 +25,7 @@ import (
 // Defaults.
 const (
 	DefaultSyncTimeout = 10 * time.Second
-	resyncBatch        = 16 << 20 // bytes per resync pass (one durable step)
+	resyncBatch        = 2 << 20 // bytes per resync pass (one durable step: what an interruption resends at most)
 )
 
 // Errors.
@@ -612,12 +612,16 @@ func (s *Source) resyncPass(ctx context.Context, cur *repl.Source) error {
 		slots = 64
 	}
 	span := max(1, int64(slots)/2-1) * s.al.ExtentSize()
+	// A batch fits in a quarter of the queue (resync frames must not
+	// overflow it) and waits for half of it to be free.
+	qcap := s.queueCap()
+	maxBatch := max(s.cfg.ChunkSize, min(int64(resyncBatch), qcap/4/s.cfg.ChunkSize*s.cfg.ChunkSize))
 	for off := int64(0); off < s.size; {
 		var batch []repl.Range
 		var n int64
 		end := off
 		first := int64(-1)
-		for o, l := range s.bm.Runs(off, s.al.ExtentSize()) {
+		for o, l := range s.bm.Runs(off, min(s.al.ExtentSize(), maxBatch)) {
 			if first < 0 {
 				first = o
 			}
@@ -627,12 +631,15 @@ func (s *Source) resyncPass(ctx context.Context, cur *repl.Source) error {
 			batch = append(batch, repl.Range{Offset: o, Length: l})
 			n += l
 			end = o + l
-			if n >= resyncBatch || len(batch) >= 64 {
+			if n >= maxBatch || len(batch) >= 64 {
 				break
 			}
 		}
 		if len(batch) == 0 {
 			break
+		}
+		if err := s.waitQueueRoom(ctx, cur, qcap/2); err != nil {
+			return err
 		}
 		marked := 0
 		var err error
@@ -670,11 +677,45 @@ func (s *Source) resyncPass(ctx context.Context, cur *repl.Source) error {
 		if ferr != nil {
 			return ferr
 		}
+		// Idle extents are on the target or in the bitmap: cold again, so
+		// a crash resends only what is in flight.
+		if err := s.al.Clean(); err != nil {
+			return err
+		}
 		s.resyncDone.Add(n)
 		off = end
 	}
 	s.log.Info("resync pass done", "dirty_bytes", total, "sent", sent, "took", time.Since(start).Round(time.Millisecond))
 	return nil
+}
+
+func (s *Source) queueCap() int64 {
+	m, d := s.cfg.MemQueue, s.cfg.DiskQueue
+	if m <= 0 {
+		m = queue.DefaultMemLimit
+	}
+	if d == 0 {
+		d = queue.DefaultDiskLimit
+	}
+	return m + max(d, 0)
+}
+
+// waitQueueRoom waits until the queue holds at most n bytes.
+func (s *Source) waitQueueRoom(ctx context.Context, cur *repl.Source, n int64) error {
+	for {
+		q := s.q.Load()
+		if b, _ := q.Len(); b <= n {
+			return nil
+		}
+		if !cur.Connected() {
+			return errors.New("target disconnected")
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
 }
 
 // notify tells the target that the resync is complete: it takes this

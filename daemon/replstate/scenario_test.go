@@ -1,0 +1,280 @@
+package replstate
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/daemon/repl"
+	"github.com/doppelha/doppel/daemon/repl/wire"
+	"github.com/doppelha/doppel/daemon/splitbrain"
+)
+
+// pair runs one source and one target over a memNet.
+type pair struct {
+	t        *testing.T
+	nw       *memNet
+	size     int64
+	src      *Source
+	tgt      *Target
+	srcErr   chan error
+	srcStop  context.CancelFunc
+	tgtStop  context.CancelFunc
+	tgtDone  chan struct{}
+	srcFiles []*blockdev.File
+}
+
+func openFile(t *testing.T, path string, size int64) *blockdev.File {
+	t.Helper()
+	b, err := blockdev.OpenFile(path, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	return b
+}
+
+func (p *pair) startTarget(dir, file string, discard string) {
+	b := openFile(p.t, file, p.size)
+	tg, err := OpenTarget(TargetConfig{Dir: dir, Backend: b, Discard: discard})
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	p.tgt = tg
+	l := p.nw.listen()
+	ctx, stop := context.WithCancel(p.t.Context())
+	p.tgtStop, p.tgtDone = stop, make(chan struct{})
+	go func() { defer close(p.tgtDone); tg.Serve(ctx, l) }()
+}
+
+func (p *pair) stopTarget() {
+	p.tgtStop()
+	<-p.tgtDone
+	p.tgt.Close()
+}
+
+func (p *pair) startSource(cfg SourceConfig, file string) {
+	cfg.Backend = openFile(p.t, file, p.size)
+	cfg.Dial = p.nw.dial
+	if cfg.Mode == 0 {
+		cfg.Mode = wire.ModeAsync
+	}
+	if cfg.ChunkSize == 0 {
+		cfg.ChunkSize = 64 << 10
+	}
+	cfg.Mirror = repl.MirrorFull
+	s, err := OpenSource(cfg)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	p.src = s
+	ctx, stop := context.WithCancel(p.t.Context())
+	p.srcStop, p.srcErr = stop, make(chan error, 1)
+	go func() { p.srcErr <- s.Run(ctx) }()
+}
+
+func (p *pair) stopSource() error {
+	p.srcStop()
+	err := <-p.srcErr
+	return errors.Join(err, p.src.Close())
+}
+
+func (p *pair) write(off int64, data []byte) {
+	p.t.Helper()
+	if err := p.src.Apply(p.t.Context(), &blockdev.Mutation{Op: blockdev.OpWrite, Offset: off, Length: int64(len(data)), Data: data}); err != nil {
+		p.t.Fatal(err)
+	}
+}
+
+func (p *pair) converge(timeout time.Duration) Status {
+	p.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		st := p.src.Status()
+		eng := p.src.Engine()
+		a, _ := eng.Progress()
+		tg := p.tgt.Status()
+		if st.Connected && st.DirtyBytes == 0 && !st.ResyncActive && a == eng.LastSeq() && !st.QueueOverflow &&
+			tg.Generation == st.Generation && tg.Data == "consistent" {
+			return st
+		}
+		if st.Refusal != "" || time.Now().After(deadline) {
+			p.t.Fatalf("no convergence: %+v", st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func sameFiles(t *testing.T, a, b string) {
+	t.Helper()
+	x, _ := os.ReadFile(a)
+	y, _ := os.ReadFile(b)
+	if !bytes.Equal(x, y) {
+		t.Fatalf("%s and %s differ at %d", a, b, firstDiff(x, y))
+	}
+}
+
+func randBytes(rng *rand.Rand, n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(rng.Uint32())
+	}
+	return b
+}
+
+// TestSplitBrain: both sides written while partitioned → the handshake
+// refuses with the reason; resolving against the target saves exactly its
+// divergent chunks, then resyncs.
+func TestSplitBrain(t *testing.T) {
+	const size = 8 << 20
+	dir := t.TempDir()
+	aDir, bDir := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	aFile, bFile := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
+	rng := rand.New(rand.NewPCG(4, 4))
+	p := &pair{t: t, nw: &memNet{up: true}, size: size}
+	p.startTarget(bDir, bFile, "")
+	p.startSource(SourceConfig{Dir: aDir}, aFile)
+	p.write(0, randBytes(rng, 1<<20))
+	p.converge(20 * time.Second)
+
+	// Partition; A writes.
+	p.nw.set(false)
+	p.write(2<<20, randBytes(rng, 128<<10))
+	if err := p.stopSource(); err != nil {
+		t.Fatal(err)
+	}
+	p.stopTarget()
+
+	// B is promoted (started as a source with no peer) and writes chunks
+	// 5, 6 and 40 (64 KiB chunks): its divergent chunks.
+	p.startSource(SourceConfig{Dir: bDir}, bFile)
+	bData := map[int64][]byte{5 << 16: randBytes(rng, 64<<10), 6 << 16: randBytes(rng, 64<<10), 40 << 16: randBytes(rng, 100)}
+	for off, d := range bData {
+		p.write(off, d)
+	}
+	if err := p.stopSource(); err != nil {
+		t.Fatal(err)
+	}
+
+	// Reconnect: B as target, A as source.
+	p.nw.set(true)
+	p.startTarget(bDir, bFile, "")
+	p.startSource(SourceConfig{Dir: aDir}, aFile)
+	var err error
+	select {
+	case err = <-p.srcErr:
+		p.srcErr <- err
+	case <-time.After(20 * time.Second):
+		t.Fatal("split brain not detected")
+	}
+	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "split brain") || !strings.Contains(err.Error(), "--discard-on target") {
+		t.Fatalf("want a split-brain refusal naming the way out, got %v", err)
+	}
+	t.Logf("refusal: %v", err)
+	if st := p.tgt.Status(); !strings.Contains(st.Refusal, "split") {
+		t.Fatalf("target status does not say split brain: %+v", st)
+	}
+	bBefore, _ := os.ReadFile(bFile)
+	p.stopSource()
+	p.stopTarget()
+
+	// Resolve against B.
+	p.startTarget(bDir, bFile, "")
+	p.startSource(SourceConfig{Dir: aDir, Discard: "target"}, aFile)
+	p.converge(30 * time.Second)
+	p.stopSource()
+	saved := p.tgt.Status().Saved
+	p.stopTarget()
+	sameFiles(t, aFile, bFile)
+	if saved == "" {
+		t.Fatal("no split-brain save reported")
+	}
+	_, ranges, err := splitbrain.Load(saved)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []splitbrain.Range{{Off: 5 << 16, Len: 2 << 16}, {Off: 40 << 16, Len: 1 << 16}}
+	if len(ranges) != len(want) || ranges[0] != want[0] || ranges[1] != want[1] {
+		t.Fatalf("saved ranges %v, want exactly B's divergent chunks %v", ranges, want)
+	}
+	img, _ := os.ReadFile(saved)
+	for _, r := range want {
+		if !bytes.Equal(img[r.Off:r.Off+r.Len], bBefore[r.Off:r.Off+r.Len]) {
+			t.Fatalf("saved chunk at %d is not B's data", r.Off)
+		}
+	}
+	if fi, _ := os.Stat(saved); fi.Size() != size {
+		t.Fatalf("save is %d bytes, want the volume size", fi.Size())
+	}
+}
+
+// TestResyncResumes: a resync cut halfway (the link, or the source
+// process) continues where it stopped.
+func TestResyncResumes(t *testing.T) {
+	t.Run("link", func(t *testing.T) { resyncResumes(t, false) })
+	t.Run("source-crash", func(t *testing.T) { resyncResumes(t, true) })
+}
+
+func resyncResumes(t *testing.T, crash bool) {
+	const size = 48 << 20
+	dir := t.TempDir()
+	aFile, bFile := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
+	rng := rand.New(rand.NewPCG(5, 5))
+	p := &pair{t: t, nw: &memNet{up: true}, size: size}
+	p.startTarget(filepath.Join(dir, "b"), bFile, "")
+	// Tiny memory queue, no disk queue: the writes while partitioned
+	// overflow into the bitmap.
+	cfg := SourceConfig{Dir: filepath.Join(dir, "a"), MemQueue: 4 << 20, DiskQueue: -1, ResyncRate: 1}
+	p.startSource(cfg, aFile)
+	p.converge(20 * time.Second)
+	p.nw.set(false)
+	for off := int64(0); off < 32<<20; off += 1 << 20 {
+		p.write(off, randBytes(rng, 1<<20))
+	}
+	dirty := p.src.Status().DirtyBytes
+	if dirty < 24<<20 {
+		t.Fatalf("only %d bytes dirty: the queue took the writes", dirty)
+	}
+	p.nw.set(true)
+	for deadline := time.Now().Add(30 * time.Second); p.src.Status().ResyncDone < dirty/2; {
+		if time.Now().After(deadline) {
+			t.Fatalf("resync does not progress: %+v", p.src.Status())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	var mid Status
+	var before int64
+	if crash {
+		// kill -9: no Close; what the process had not flushed is lost.
+		p.srcStop()
+		<-p.srcErr
+		mid = p.src.Status()
+		before = mid.ResyncSent
+		p.startSource(cfg, aFile)
+	} else {
+		p.nw.set(false)
+		time.Sleep(300 * time.Millisecond)
+		mid = p.src.Status()
+		p.nw.set(true)
+	}
+	st := p.converge(60 * time.Second)
+	st.ResyncSent += before
+	p.stopSource()
+	p.stopTarget()
+	sameFiles(t, aFile, bFile)
+	ratio := float64(st.ResyncSent) / float64(dirty)
+	t.Logf("dirty %d bytes; cut with %d left dirty; resync sent %d bytes in %d passes: %.3f × dirty", dirty, mid.DirtyBytes, st.ResyncSent, st.ResyncPasses, ratio)
+	if mid.DirtyBytes >= dirty || mid.DirtyBytes == 0 {
+		t.Fatalf("the cut did not land mid-resync (%d of %d dirty)", mid.DirtyBytes, dirty)
+	}
+	if ratio > 1.2 {
+		t.Fatalf("resync sent %.2f × the dirty bytes, want ≤ 1.2", ratio)
+	}
+}
