@@ -135,21 +135,29 @@ var fingerprintRE = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
 // the guests' logs, their clocks corrected against the host's).
 func TestFailover(t *testing.T) {
 	start := time.Now()
-	l := NewLab(t, GuestConfig{Name: "vm1"}, GuestConfig{Name: "vm2"}, GuestConfig{Name: "client"})
+	// vm1's state and volume are on a disk: it comes back after the kill.
+	l := NewLab(t, GuestConfig{Name: "vm1", DiskMB: 256}, GuestConfig{Name: "vm2"}, GuestConfig{Name: "client"})
 	vm1, vm2, client := l.Guests[0], l.Guests[1], l.Guests[2]
 	t.Logf("3 guests booted in %v", time.Since(start).Round(time.Millisecond))
 
 	// A tiny TCP service on every host: it names the host that answers.
-	for _, g := range []*Guest{vm1, vm2} {
+	service := func(g *Guest) {
 		g.MustRun(t, 30*time.Second, `printf '#!/bin/sh\necho "hello from $(hostname)"\n' >/run/svc.sh; chmod +x /run/svc.sh`)
 		g.Start(t, "svc", "exec nc -ll -p "+foPort+" -e /run/svc.sh")
 	}
-
-	// 1. The agents: control API on the application network, replication
-	// on its own; the XDP probe on both NICs.
-	for _, g := range []*Guest{vm1, vm2} {
+	// The agents: control API on the application network, replication on
+	// its own; the XDP probe on both NICs.
+	agent := func(g *Guest) {
 		g.Start(t, "agent", fmt.Sprintf("exec doppel agent --state-dir %s --control-listen %s:6320 --repl-listen %s:6325 --probe-iface app --probe-iface repl",
 			foState, g.AppIP, g.ReplIP))
+	}
+	for _, g := range []*Guest{vm1, vm2} {
+		service(g)
+	}
+
+	// 1. Start the agents.
+	for _, g := range []*Guest{vm1, vm2} {
+		agent(g)
 	}
 	type cred struct{ token, fingerprint string }
 	creds := map[string]cred{}
@@ -314,5 +322,61 @@ fsck.ext4 -f -n `+dev2+` 2>&1`)
 		t.Errorf("checksums on vm2:\n%s", out)
 	}
 	t.Logf("on vm2:\n%s", out)
+	if t.Failed() {
+		t.FailNow()
+	}
+
+	// 8. vm1 comes back (its disk kept the agent's state and the volume):
+	// it finds it was superseded and stays fenced.
+	l.Restart(vm1)
+	service(vm1)
+	agent(vm1)
+	waitStatus(t, client, "", "vm1 back and fenced", 2*time.Minute, func(m map[string]jobView) bool {
+		return is(m, "vm1", "source", "superseded") && is(m, "vm2", "source", "failed-over")
+	})
+	if out := vm1.MustRun(t, 30*time.Second, "ip addr show app; [ -e /sys/block/nbd0/pid ] && echo nbd0 connected; true"); strings.Contains(out, ServiceIP+"/") || strings.Contains(out, "nbd0 connected") {
+		t.Fatalf("vm1, superseded, holds the service IP or serves the volume:\n%s", out)
+	}
+	if out := client.MustRun(t, 30*time.Second, "nc -w 5 "+ServiceIP+" "+foPort+" </dev/null"); strings.TrimSpace(out) != "hello from vm2" {
+		t.Fatalf("client -> %s:%s with vm1 back: %q", ServiceIP, foPort, out)
+	}
+
+	// 9. doppel reverse: vm1 becomes the target of vm2 and resyncs.
+	out = client.MustRun(t, 3*time.Minute, cliEnv+"doppel reverse "+foJob)
+	t.Logf("reverse: %s", strings.TrimSpace(out))
+	waitStatus(t, client, "", "protection reversed (vm2 -> vm1)", 3*time.Minute, func(m map[string]jobView) bool {
+		return is(m, "vm2", "source", "replicating") && is(m, "vm1", "target", "replicating") && m["vm1"].Status.HA.Consistent
+	})
+
+	// 10. doppel failback: vm1 is the source again, with vm2's writes,
+	// serving /dev/nbd0 and holding the service IP; vm2 is its target.
+	out = client.MustRun(t, 3*time.Minute, cliEnv+"doppel failback "+foJob)
+	t.Logf("failback: %s", strings.TrimSpace(out))
+	m = waitStatus(t, client, "", "failed back (vm1 -> vm2)", 3*time.Minute, func(m map[string]jobView) bool {
+		return is(m, "vm1", "source", "replicating") && is(m, "vm2", "target", "replicating") && m["vm2"].Status.HA.Consistent &&
+			strings.HasPrefix(m["vm1"].Status.Data.Device, "/dev/nbd")
+	})
+	dev1 := m["vm1"].Status.Data.Device
+	if out := vm2.MustRun(t, 30*time.Second, "ip addr show app; [ -e /sys/block/nbd0/pid ] && echo nbd0 connected; true"); strings.Contains(out, ServiceIP+"/") || strings.Contains(out, "nbd0 connected") {
+		t.Errorf("vm2, the target again, holds the service IP or serves the volume:\n%s", out)
+	}
+	out = client.MustRun(t, time.Minute, `
+for i in $(seq 100); do
+	out=$(nc -w 1 `+ServiceIP+` `+foPort+` </dev/null 2>/dev/null)
+	[ "$out" = "hello from vm1" ] && { echo "$out"; exit 0; }
+	sleep 0.2
+done
+echo "last answer: $out"; exit 1`)
+	out = vm1.MustRun(t, 3*time.Minute, `set -e
+mkdir -p /mnt/v
+cat >/run/sums <<'EOF'
+`+sums+`EOF
+mount -t ext4 `+dev1+` /mnt/v
+cd /mnt/v && md5sum -c /run/sums && cat after && cd /
+umount /mnt/v
+fsck.ext4 -f -n `+dev1+` 2>&1`)
+	if strings.Count(out, ": OK") != 9 || !strings.Contains(out, "written on vm2 after the failover") {
+		t.Errorf("data on vm1 after the failback:\n%s", out)
+	}
 	t.Logf("TestFailover took %v", time.Since(start).Round(time.Millisecond))
 }

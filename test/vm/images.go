@@ -34,7 +34,7 @@ var Kernels = []Kernel{{
 	Name:    "debian12",
 	Package: regexp.MustCompile(`^linux-image-6\.1\.0-(\d+)-amd64$`),
 	Modules: []string{
-		"virtio_pci", "virtio_net", "virtio_rng", "virtio_console",
+		"virtio_pci", "virtio_net", "virtio_rng", "virtio_console", "virtio_blk",
 		"ext4", "crc32c_generic", "crc32c_intel",
 		// vishvananda/netlink's default handle (netident) opens XFRM and
 		// netfilter netlink sockets too; a full Debian system autoloads

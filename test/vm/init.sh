@@ -14,8 +14,6 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm /sys/fs/bpf /root
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
-# Volumes live in RAM, beyond the rootfs's limit of half of it.
-mount -t tmpfs -o size=70% tmpfs /var/lib/doppel
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 
@@ -34,6 +32,17 @@ hostname "${P_hostname:-guest}"
 for m in $(echo "$P_modules" | tr , ' '); do
 	modprobe "$m" || echo "init: modprobe $m failed"
 done
+
+# State and volumes: on the guest's disk when it has one (made ext4 at
+# first boot: e2fsck fails with 8 on a blank disk, corrects with 1 or 2
+# after a crash), else in RAM, beyond the rootfs's limit of half of it.
+if [ -b /dev/vda ]; then
+	e2fsck -p /dev/vda >/dev/console 2>&1
+	[ $? -ge 4 ] && mkfs.ext4 -q -F /dev/vda
+	mount -t ext4 /dev/vda /var/lib/doppel || echo "init: mount /dev/vda failed"
+else
+	mount -t tmpfs -o size=70% tmpfs /var/lib/doppel
+fi
 
 ip link set lo up
 # NICs are named after their role, found by MAC address.

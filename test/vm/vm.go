@@ -239,6 +239,10 @@ type GuestConfig struct {
 	Fio   bool   // include fio (80 MiB more to boot)
 	// Files are copied into the guest: guest path -> host path.
 	Files map[string]string
+	// DiskMB > 0 gives the guest a disk (virtio-blk, a sparse file of the
+	// lab, ext4 made at first boot) mounted at /var/lib/doppel instead of
+	// a tmpfs: what is written there survives Lab.Restart.
+	DiskMB int
 }
 
 // Lab is a set of guests on one private network: a network namespace with
@@ -249,6 +253,7 @@ type Lab struct {
 	NS     string
 	Guests []*Guest
 	dir    string // sockets and logs
+	assets *Assets
 }
 
 // Guest is one running qemu.
@@ -258,6 +263,7 @@ type Guest struct {
 	AppIP   string // without prefix length
 	ReplIP  string
 	Uptime  time.Duration // the guest's uptime when it was ready
+	cfg     GuestConfig
 	cmd     *exec.Cmd
 	console string // path of the console log
 	ctl     net.Conn
@@ -277,7 +283,7 @@ func NewLab(t testing.TB, guests ...GuestConfig) *Lab {
 	a := GetAssets(t)
 	var suffix [4]byte
 	rand.Read(suffix[:])
-	l := &Lab{t: t, NS: "dvm-" + hex.EncodeToString(suffix[:])}
+	l := &Lab{t: t, NS: "dvm-" + hex.EncodeToString(suffix[:]), assets: a}
 	dir, err := os.MkdirTemp("", "dvm-")
 	if err != nil {
 		t.Fatal(err)
@@ -313,6 +319,7 @@ func NewLab(t testing.TB, guests ...GuestConfig) *Lab {
 		if g.Name == "" {
 			g.Name = "vm" + strconv.Itoa(n)
 		}
+		g.cfg = gc
 		for _, nic := range []struct{ tap, br string }{{fmt.Sprintf("tap%da", n), "br-app"}, {fmt.Sprintf("tap%dr", n), "br-repl"}} {
 			ip("tuntap", "add", "dev", nic.tap, "mode", "tap")
 			ip("link", "set", nic.tap, "master", nic.br, "up")
@@ -347,6 +354,22 @@ func NewLab(t testing.TB, guests ...GuestConfig) *Lab {
 	}
 	t.Logf("guests ready (guest uptime: %s)", strings.Join(ups, ", "))
 	return l
+}
+
+// Restart boots g again after g.Kill (or kills it first), on the same
+// NICs and with the same disk, and returns when it is ready. Processes and
+// tmpfs contents are gone, as after a power cut.
+func (l *Lab) Restart(g *Guest) {
+	t := l.t
+	t.Helper()
+	g.Kill()
+	start := time.Now()
+	g.seq = 0
+	l.start(g, g.cfg, l.assets)
+	if err := g.waitReady(); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s restarted in %v (guest uptime %v)", g.Name, time.Since(start).Round(time.Millisecond), g.Uptime.Round(10*time.Millisecond))
 }
 
 // mac returns the MAC of guest n's NIC (role 0 app, 1 repl).
@@ -401,6 +424,21 @@ func (l *Lab) start(g *Guest, gc GuestConfig, a *Assets) {
 		"-device", "virtserialport,bus=vser.0,chardev=ctl,name=doppel.ctl",
 		"-device", "virtio-rng-pci",
 	)
+	if gc.DiskMB > 0 {
+		disk := filepath.Join(l.dir, g.Name+".disk")
+		f, err := os.OpenFile(disk, os.O_CREATE|os.O_RDWR, 0o644)
+		if err == nil {
+			err = errors.Join(f.Truncate(int64(gc.DiskMB)<<20), f.Close())
+		}
+		if err != nil {
+			t.Fatalf("%s: disk: %v", g.Name, err)
+		}
+		// cache=unsafe: a killed qemu has still handed every write it
+		// received to the host's page cache; only the host crashing
+		// would lose them.
+		args = append(args, "-drive", "file="+disk+",if=none,id=disk,format=raw,cache=unsafe",
+			"-device", "virtio-blk-pci,drive=disk")
+	}
 	for role, tap := range []string{fmt.Sprintf("tap%da", g.N), fmt.Sprintf("tap%dr", g.N)} {
 		id := fmt.Sprintf("n%d", role)
 		args = append(args,
