@@ -157,7 +157,7 @@ func replSourceCommand() *cli.Command {
 			&cli.StringFlag{Name: "compress", Value: "none", Usage: "payload compression: `none`, zstd or lz4"},
 			&cli.StringFlag{Name: "bwlimit", Usage: "cap replication traffic at `RATE` bytes/s (100M, 1G)"},
 			&cli.DurationFlag{Name: "drain-timeout", Value: 60 * time.Second, Usage: "on shutdown, wait at most `DURATION` for the target"},
-		}, transportFlags()...),
+		}, append(transportFlags(), sourceStateFlags()...)...),
 		Action: replSource,
 	}
 }
@@ -165,6 +165,9 @@ func replSourceCommand() *cli.Command {
 func replSource(c *cli.Context) error {
 	if c.NArg() > 0 {
 		return usageErrorf("repl source: unexpected argument %q", c.Args().First())
+	}
+	if c.String("state-dir") != "" {
+		return replSourceState(c) // repl_state.go
 	}
 	log := replLogger(c)
 	size, err := optionalSize(c, "size")
@@ -332,7 +335,7 @@ func replTargetCommand() *cli.Command {
 			&cli.StringFlag{Name: "size", Usage: "`SIZE` to create a missing file with"},
 			&cli.StringFlag{Name: "listen", Required: true, Usage: "replication `ADDR`: tcp:HOST:PORT"},
 			&cli.StringFlag{Name: "state-dir", Usage: "`DIR` for the target state (default: next to --file)"},
-		}, transportFlags()...),
+		}, append(transportFlags(), targetStateFlags()...)...),
 		Action: replTarget,
 	}
 }
@@ -340,6 +343,9 @@ func replTargetCommand() *cli.Command {
 func replTarget(c *cli.Context) (err error) {
 	if c.NArg() > 0 {
 		return usageErrorf("repl target: unexpected argument %q", c.Args().First())
+	}
+	if c.String("state-dir") != "" {
+		return replTargetState(c) // repl_state.go
 	}
 	log := replLogger(c)
 	size, err := optionalSize(c, "size")

@@ -151,6 +151,11 @@ func OpenSource(cfg SourceConfig) (*Source, error) {
 		}
 		s.log.Warn("promoted: this side was a target, it now writes in a new generation", "generation", fmt.Sprintf("%016x", st.Current))
 	}
+	if ok && (s.hotAtOpen > 0 || s.dirtyAtOpen > 0) {
+		// Changes the target may lack: a new generation, so that a
+		// promotion of the target meanwhile is seen as split brain.
+		st.NewGeneration(gen.NewID())
+	}
 	if err := saveGen(cfg.Dir, st); err != nil {
 		s.closeFiles()
 		return nil, err
@@ -744,6 +749,9 @@ func (s *Source) Close() error {
 	_, d := cur.Progress()
 	s.trk.Acked(d)
 	s.trk.Disconnected() // what the target does not hold durably goes to the bitmap
+	if s.bm.DirtyChunks() > 0 {
+		errs = append(errs, s.bumpGeneration())
+	}
 	errs = append(errs, cur.Close(), s.qq.Close(), s.al.Clean(), s.al.Close(), s.bm.Close())
 	return errors.Join(errs...)
 }

@@ -1,0 +1,262 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/daemon/repl"
+	"github.com/doppelha/doppel/daemon/repl/wire"
+	"github.com/doppelha/doppel/daemon/replstate"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/urfave/cli/v2"
+)
+
+// sourceStateFlags are the `repl source` flags of the persistent state
+// (daemon/replstate).
+func sourceStateFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "state-dir", Usage: "`DIR` for the persistent state (bitmap, activity log, generations, disk queue): a killed and restarted source resyncs only what changed"},
+		&cli.StringFlag{Name: "disk-queue-size", Value: "2048M", Usage: "with --state-dir: disk queue `SIZE` beyond the memory queue (0: none); when both are full, changes are tracked in the bitmap"},
+		&cli.DurationFlag{Name: "sync-timeout", Value: replstate.DefaultSyncTimeout, Usage: "with --state-dir, sync mode: after `DURATION` without the target, continue in tracking mode"},
+		&cli.StringFlag{Name: "discard-on", Usage: "with --state-dir: resolve a split brain by discarding `SIDE`'s divergent data (target; it is saved first)"},
+		&cli.StringFlag{Name: "resync-rate", Usage: "with --state-dir: cap resync traffic at `RATE` bytes/s (never below 10M)"},
+		&cli.BoolFlag{Name: "force", Usage: "with --state-dir: promote this side even if its data is inconsistent"},
+	}
+}
+
+// targetStateFlags are the `repl target` flags of the persistent state.
+func targetStateFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "discard-on", Usage: "with --state-dir: accept a split-brain resolution that discards this `SIDE` (target; its divergent chunks are saved first)"},
+	}
+}
+
+// replSourceState is `repl source --state-dir`.
+func replSourceState(c *cli.Context) error {
+	log := replLogger(c)
+	size, err := optionalSize(c, "size")
+	if err != nil {
+		return err
+	}
+	var mode wire.Mode
+	switch c.String("mode") {
+	case "sync":
+		mode = wire.ModeSync
+	case "async":
+		mode = wire.ModeAsync
+	default:
+		return usageErrorf("--mode %q: want sync or async", c.String("mode"))
+	}
+	mirror, err := repl.ParseMirrorKind(c.String("mirror"))
+	if err != nil {
+		return usageErrorf("--mirror: %v", err)
+	}
+	if _, _, err := blockdev.ParseListen(c.String("listen")); err != nil {
+		return usageErrorf("--listen: %v", err)
+	}
+	tnet, taddr, err := blockdev.ParseListen(c.String("target"))
+	if err != nil || !strings.HasPrefix(tnet, "tcp") {
+		return usageErrorf("--target %q: want tcp:HOST:PORT", c.String("target"))
+	}
+	chunk, err := optionalSize(c, "chunk-size")
+	if err != nil {
+		return err
+	}
+	if chunk > 64<<10 {
+		return usageErrorf("--chunk-size %d: with --state-dir the bitmap chunk is at most 64K", chunk)
+	}
+	memQ, err := optionalSize(c, "queue-size")
+	if err != nil {
+		return err
+	}
+	diskQ, err := optionalSize(c, "disk-queue-size")
+	if err != nil {
+		return err
+	}
+	if diskQ == 0 {
+		diskQ = -1
+	}
+	var rateLimit, resyncRate int64
+	if s := strings.TrimSuffix(c.String("bwlimit"), "/s"); s != "" {
+		if rateLimit, err = parseSize(s); err != nil {
+			return usageErrorf("--bwlimit: %v", err)
+		}
+	}
+	if s := strings.TrimSuffix(c.String("resync-rate"), "/s"); s != "" {
+		if resyncRate, err = parseSize(s); err != nil {
+			return usageErrorf("--resync-rate: %v", err)
+		}
+	}
+	if d := c.String("discard-on"); d != "" && d != "target" && d != "source" {
+		return usageErrorf("--discard-on %q: want target or source", d)
+	}
+	codec, err := wire.NewCodec(c.String("compress"))
+	if err != nil {
+		return usageErrorf("--compress: %v", err)
+	}
+	tlsConf, err := replTLS(c, log, false)
+	if err != nil {
+		return err
+	}
+	b, err := blockdev.Open(c.String("file"), size)
+	if err != nil {
+		return err
+	}
+	defer closeBackend(b)
+	dial := func(ctx context.Context) (net.Conn, error) {
+		d := net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}
+		if tlsConf != nil {
+			td := tls.Dialer{NetDialer: &d, Config: tlsConf}
+			return td.DialContext(ctx, tnet, taddr)
+		}
+		return d.DialContext(ctx, tnet, taddr)
+	}
+	src, err := replstate.OpenSource(replstate.SourceConfig{Dir: c.String("state-dir"), Backend: b, Mode: mode, ChunkSize: chunk,
+		MemQueue: memQ, DiskQueue: diskQ, Dial: dial, Codec: codec, RateLimit: rateLimit, ResyncRate: resyncRate,
+		SyncTimeout: c.Duration("sync-timeout"), Discard: c.String("discard-on"), Mirror: mirror, Force: c.Bool("force"), Log: log})
+	if err != nil {
+		return err
+	}
+	srv, err := blockdev.NewServer(log, blockdev.Export{Name: c.String("name"), Description: "doppel replicated " + filepath.Base(c.String("file")),
+		Backend: b, Mutator: src})
+	if err != nil {
+		src.Close()
+		return err
+	}
+	stopMetrics, err := serveMetrics(c.Context, log, c.String("metrics-listen"), src.Collector(), engineCollector{src})
+	if err != nil {
+		src.Close()
+		return err
+	}
+	defer stopMetrics()
+	l, err := blockdev.Listen(c.String("listen"))
+	if err != nil {
+		src.Close()
+		return err
+	}
+	linkCtx, stopLink := context.WithCancel(context.Background())
+	defer stopLink()
+	runErr := make(chan error, 1)
+	go func() { runErr <- src.Run(linkCtx) }()
+	nbdCtx, stopNBD := context.WithCancel(c.Context)
+	defer stopNBD()
+	nbdErr := make(chan error, 1)
+	go func() { nbdErr <- srv.Serve(nbdCtx, l) }()
+	st := src.Status()
+	log.Info("replication source serving", "file", c.String("file"), "size", b.Size(), "listen", c.String("listen"),
+		"target", taddr, "mode", mode, "state_dir", c.String("state-dir"), "generation", fmt.Sprintf("%016x", st.Generation),
+		"dirty_bytes", st.DirtyBytes, "tls", tlsConf != nil)
+
+	var fatal error
+	select {
+	case <-c.Context.Done():
+		log.Info("shutting down: stopping the NBD server")
+	case err := <-runErr:
+		fatal = err
+		runErr <- err
+		log.Error("replication stopped: stopping the NBD server", "err", err)
+	case err := <-nbdErr:
+		nbdErr <- err
+		fatal = fmt.Errorf("nbd server: %w", err)
+	}
+	stopNBD()
+	select {
+	case err := <-nbdErr:
+		nbdErr <- err
+	case <-time.After(c.Duration("drain-timeout")):
+		log.Error("target not answering: failing the writes still waiting for it")
+		src.Close()
+	}
+	if err := <-nbdErr; err != nil && fatal == nil {
+		fatal = err
+	}
+	if fatal == nil {
+		// A drain is a courtesy: what the target lacks stays in the bitmap.
+		dctx, cancel := context.WithTimeout(context.Background(), c.Duration("drain-timeout"))
+		if err := src.Engine().WaitAcked(dctx); err != nil {
+			log.Warn("drain incomplete: the rest is tracked for the next start", "err", err)
+		}
+		cancel()
+	}
+	stopLink()
+	if err := <-runErr; err != nil && fatal == nil {
+		fatal = err
+	}
+	st = src.Status()
+	log.Info("replication source stopped", "dirty_bytes", st.DirtyBytes, "resync_sent", st.ResyncSent)
+	return errors.Join(fatal, src.Close(), b.Sync())
+}
+
+// engineCollector exposes the current engine's metrics (the engine is
+// replaced when the stream restarts).
+type engineCollector struct{ s *replstate.Source }
+
+// replTargetState is `repl target --state-dir`.
+func replTargetState(c *cli.Context) (err error) {
+	log := replLogger(c)
+	size, err := optionalSize(c, "size")
+	if err != nil {
+		return err
+	}
+	network, _, err := blockdev.ParseListen(c.String("listen"))
+	if err != nil || !strings.HasPrefix(network, "tcp") {
+		return usageErrorf("--listen %q: want tcp:HOST:PORT", c.String("listen"))
+	}
+	if d := c.String("discard-on"); d != "" && d != "target" {
+		return usageErrorf("--discard-on %q: a target can only discard its own data (target)", d)
+	}
+	file := c.String("file")
+	if size == 0 {
+		if _, err := os.Stat(file); errors.Is(err, os.ErrNotExist) {
+			return usageErrorf("%s does not exist: give --size to create it", file)
+		}
+	}
+	tlsConf, err := replTLS(c, log, true)
+	if err != nil {
+		return err
+	}
+	dir := c.String("state-dir")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	b, err := blockdev.Open(file, size)
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, closeBackend(b)) }()
+	tgt, err := replstate.OpenTarget(replstate.TargetConfig{Dir: dir, Backend: b, Discard: c.String("discard-on"), Log: log})
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, tgt.Close()) }()
+	stopMetrics, err := serveMetrics(c.Context, log, c.String("metrics-listen"), tgt.Engine().Collector())
+	if err != nil {
+		return err
+	}
+	defer stopMetrics()
+	l, err := blockdev.Listen(c.String("listen"))
+	if err != nil {
+		return err
+	}
+	if tlsConf != nil {
+		l = tls.NewListener(l, tlsConf)
+	}
+	st := tgt.Status()
+	log.Info("replication target listening", "file", file, "size", b.Size(), "listen", l.Addr().String(),
+		"state_dir", dir, "generation", fmt.Sprintf("%016x", st.Generation), "data", st.Data, "tls", tlsConf != nil)
+	err = tgt.Serve(c.Context, l)
+	st = tgt.Status()
+	log.Info("replication target stopped", "generation", fmt.Sprintf("%016x", st.Generation), "data", st.Data, "refusal", st.Refusal)
+	return err
+}
+
+func (e engineCollector) Describe(ch chan<- *prometheus.Desc) { prometheus.DescribeByCollect(e, ch) }
+func (e engineCollector) Collect(ch chan<- prometheus.Metric) { e.s.Engine().Collector().Collect(ch) }
