@@ -77,12 +77,11 @@ func replSourceState(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	diskQ, err := optionalSize(c, "disk-queue-size")
-	if err != nil {
-		return err
-	}
-	if diskQ == 0 {
-		diskQ = -1
+	diskQ := int64(-1) // "0": no disk queue
+	if c.String("disk-queue-size") != "0" {
+		if diskQ, err = optionalSize(c, "disk-queue-size"); err != nil {
+			return err
+		}
 	}
 	var rateLimit, resyncRate int64
 	if s := strings.TrimSuffix(c.String("bwlimit"), "/s"); s != "" {

@@ -101,6 +101,7 @@ type Source struct {
 	decision  atomic.Pointer[string]
 
 	resyncTotal, resyncDone, resyncSent atomic.Int64
+	resyncScheduled                     atomic.Int64
 	resyncActive                        atomic.Bool
 	resyncPasses                        atomic.Int64
 	hotAtOpen                           int
@@ -604,6 +605,7 @@ func (s *Source) syncer(ctx context.Context, cur *repl.Source) {
 func (s *Source) resyncPass(ctx context.Context, cur *repl.Source) error {
 	total := s.bm.DirtyBytes()
 	s.resyncTotal.Store(total)
+	s.resyncScheduled.Add(total)
 	s.resyncDone.Store(0)
 	s.resyncActive.Store(true)
 	defer s.resyncActive.Store(false)

@@ -8,16 +8,23 @@ import (
 
 // Status is the state layer's view of a source.
 type Status struct {
-	State          string // connecting | replicating | resyncing | tracking | refused
-	Tracking       bool   // changes are recorded locally for a later resync, the target is not following
-	Connected      bool
-	DirtyBytes     int64 // bitmap
-	HotExtents     int
-	ResyncActive   bool
-	ResyncTotal    int64 // dirty bytes at the start of the current/last pass
-	ResyncDone     int64
-	ResyncSent     int64 // payload bytes sent by resyncs and mirrors since start
-	ResyncPasses   int64
+	State        string // connecting | replicating | resyncing | tracking | refused
+	Tracking     bool   // changes are recorded locally for a later resync, the target is not following
+	Connected    bool
+	DirtyBytes   int64 // bitmap
+	HotExtents   int
+	ResyncActive bool
+	ResyncTotal  int64 // dirty bytes at the start of the current/last pass
+	ResyncDone   int64
+	ResyncSent   int64 // payload bytes sent by resyncs and mirrors since start
+	ResyncPasses int64
+	// ResyncScheduled sums the dirty bytes each resync pass set out to
+	// send (the denominator of resync efficiency).
+	ResyncScheduled int64
+	// At open: dirty bytes (the bitmap with the hot extents of a crash
+	// folded in) and the number of hot extents found.
+	OpenDirtyBytes int64
+	OpenHotExtents int
 	QueueMemBytes  int64
 	QueueDiskBytes int64
 	QueueOverflow  bool
@@ -34,7 +41,8 @@ func (s *Source) Status() Status {
 	st := Status{Connected: cur.Connected(), Tracking: s.tracking.Load(), DirtyBytes: s.bm.DirtyBytes(),
 		HotExtents: s.al.HotExtents(), ResyncActive: s.resyncActive.Load(), ResyncTotal: s.resyncTotal.Load(),
 		ResyncDone: s.resyncDone.Load(), ResyncSent: s.resyncSent.Load(), ResyncPasses: s.resyncPasses.Load(),
-		PeerGeneration: s.peerGen.Load()}
+		PeerGeneration: s.peerGen.Load(), ResyncScheduled: s.resyncScheduled.Load(),
+		OpenDirtyBytes: s.dirtyAtOpen, OpenHotExtents: s.hotAtOpen}
 	if q := s.q.Load(); q != nil {
 		st.QueueMemBytes, st.QueueDiskBytes, st.QueueOverflow = q.q.MemBytes(), q.q.DiskBytes(), q.overflow.Load()
 	}
@@ -66,6 +74,9 @@ var (
 	descRTotal     = prometheus.NewDesc("doppel_repl_resync_total_bytes", "Dirty bytes of the current or last resync pass.", nil, nil)
 	descRDone      = prometheus.NewDesc("doppel_repl_resync_done_bytes", "Bytes of the current or last resync pass done.", nil, nil)
 	descRSent      = prometheus.NewDesc("doppel_repl_resync_sent_bytes_total", "Payload bytes sent by resyncs and mirrors.", nil, nil)
+	descRSched     = prometheus.NewDesc("doppel_repl_resync_scheduled_bytes_total", "Dirty bytes resync passes set out to send.", nil, nil)
+	descOpenDirty  = prometheus.NewDesc("doppel_repl_open_dirty_bytes", "Dirty bytes found at start (bitmap plus the hot extents of a crash).", nil, nil)
+	descOpenHot    = prometheus.NewDesc("doppel_repl_open_hot_extents", "Hot activity-log extents found at start (a crash).", nil, nil)
 	descRActive    = prometheus.NewDesc("doppel_repl_resync_active", "1 while a resync or mirror runs.", nil, nil)
 	descQMem       = prometheus.NewDesc("doppel_repl_queue_memory_bytes", "Queue bytes held in memory.", nil, nil)
 	descQDisk      = prometheus.NewDesc("doppel_repl_queue_disk_bytes", "Queue bytes on disk.", nil, nil)
@@ -80,7 +91,7 @@ type collector struct{ s *Source }
 func (s *Source) Collector() prometheus.Collector { return collector{s} }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descTracking, descDirty, descHot, descRTotal, descRDone, descRSent, descRActive, descQMem, descQDisk, descQOverflow, descGeneration, descRefused} {
+	for _, d := range []*prometheus.Desc{descTracking, descDirty, descHot, descRTotal, descRDone, descRSent, descRSched, descOpenDirty, descOpenHot, descRActive, descQMem, descQDisk, descQOverflow, descGeneration, descRefused} {
 		ch <- d
 	}
 }
@@ -101,6 +112,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descRTotal, g, float64(st.ResyncTotal))
 	ch <- prometheus.MustNewConstMetric(descRDone, g, float64(st.ResyncDone))
 	ch <- prometheus.MustNewConstMetric(descRSent, prometheus.CounterValue, float64(st.ResyncSent))
+	ch <- prometheus.MustNewConstMetric(descRSched, prometheus.CounterValue, float64(st.ResyncScheduled))
+	ch <- prometheus.MustNewConstMetric(descOpenDirty, g, float64(st.OpenDirtyBytes))
+	ch <- prometheus.MustNewConstMetric(descOpenHot, g, float64(st.OpenHotExtents))
 	ch <- prometheus.MustNewConstMetric(descRActive, g, b2f(st.ResyncActive))
 	ch <- prometheus.MustNewConstMetric(descQMem, g, float64(st.QueueMemBytes))
 	ch <- prometheus.MustNewConstMetric(descQDisk, g, float64(st.QueueDiskBytes))
