@@ -101,7 +101,7 @@ func (p *pair) converge(timeout time.Duration) Status {
 		eng := p.src.Engine()
 		a, _ := eng.Progress()
 		tg := p.tgt.Status()
-		if st.Connected && st.DirtyBytes == 0 && !st.ResyncActive && a == eng.LastSeq() && !st.QueueOverflow &&
+		if st.Connected && !st.Tracking && st.DirtyBytes == 0 && !st.ResyncActive && a == eng.LastSeq() && !st.QueueOverflow &&
 			tg.Generation == st.Generation && tg.Data == "consistent" {
 			return st
 		}

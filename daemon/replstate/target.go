@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -51,6 +52,9 @@ func OpenTarget(cfg TargetConfig) (*Target, error) {
 	}
 	if cfg.Discard != "" && cfg.Discard != "target" {
 		return nil, fmt.Errorf("discard %q: a target can only discard its own data (--discard-on target)", cfg.Discard)
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return nil, err
 	}
 	st, ok, err := loadGen(cfg.Dir)
 	if err != nil {
