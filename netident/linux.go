@@ -31,14 +31,19 @@ type Linux struct {
 // use (nil: a new one in ns); ns is the network namespace h works in, where
 // packet sockets are opened and sysctls read: netns.None() for the current
 // one. Tests pass netlink.NewHandleAt(ns) and ns.
+//
+// A handle made here speaks only NETLINK_ROUTE (links, addresses, neighbours):
+// netlink.NewHandle() with no family would also open XFRM and netfilter
+// sockets, which fail where those modules cannot load (minimal guests,
+// containers) although nothing here needs them.
 func OpenLinux(h *netlink.Handle, ns netns.NsHandle) (*Linux, error) {
 	s := &Linux{h: h, ns: ns}
 	if h == nil {
 		var err error
 		if ns.IsOpen() {
-			s.h, err = netlink.NewHandleAt(ns)
+			s.h, err = netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 		} else {
-			s.h, err = netlink.NewHandle()
+			s.h, err = netlink.NewHandle(unix.NETLINK_ROUTE)
 		}
 		if err != nil {
 			return nil, fmt.Errorf("netlink: %w", err)
