@@ -14,7 +14,10 @@
 //
 // Safety rules it enforces:
 //   - the target declares the source failed only when every monitored path
-//     has been silent for Missed ticks (interval × missed);
+//     has been silent for Missed whole ticks (interval × missed): a tick
+//     in which a path was heard does not count towards its silence, so the
+//     silence before the declaration is at least interval × missed and less
+//     than interval × (missed + 1);
 //   - automatic failover only in auto mode and only onto a consistent target;
 //     the operator's failover is refused for an inconsistent target, a source
 //     still alive, or a job already failed over (the first two unless forced);
@@ -57,9 +60,10 @@ type Node struct {
 	state      State
 	started    bool
 	linkUp     bool
-	silent     map[string]int // path -> ticks since last heard
-	sourceDown bool           // target: monitor declared the source failed
-	startTicks int            // ticks spent in StateStarting
+	silent     map[string]int  // path -> whole ticks without hearing the peer
+	heard      map[string]bool // path -> heard since the last tick
+	sourceDown bool            // target: monitor declared the source failed
+	startTicks int             // ticks spent in StateStarting
 
 	peerKnown      bool
 	peerRole       Role
@@ -98,7 +102,7 @@ func NewNode(cfg Config, hs HardState) (*Node, error) {
 	if cfg.StartGrace == 0 {
 		cfg.StartGrace = 2 * cfg.Missed
 	}
-	n := &Node{cfg: cfg, hs: hs, lastSent: hs, silent: map[string]int{}}
+	n := &Node{cfg: cfg, hs: hs, lastSent: hs, silent: map[string]int{}, heard: map[string]bool{}}
 	for _, p := range cfg.Paths {
 		n.silent[p] = 0
 	}
@@ -123,7 +127,10 @@ func (n *Node) Tick() {
 		return
 	}
 	for _, p := range n.cfg.Paths {
-		if n.silent[p] < 1<<30 {
+		switch {
+		case n.heard[p]:
+			n.heard[p] = false // heard during this interval: not a silent one
+		case n.silent[p] < 1<<30:
 			n.silent[p]++
 		}
 	}
@@ -172,6 +179,7 @@ func (n *Node) Step(ev Event) error {
 			return fmt.Errorf("ha: job %q: heartbeat on unknown path %q", n.cfg.Job, ev.Path)
 		}
 		n.silent[ev.Path] = 0
+		n.heard[ev.Path] = true
 		if n.sourceDown {
 			n.sourceDown = false
 			if n.state == StateSourceDown {
@@ -239,7 +247,7 @@ func (n *Node) Status() Status {
 			minSilent = s
 		}
 	}
-	if n.hs.Role == RoleTarget && !n.hs.Superseded && !n.sourceDown && minSilent > 1 {
+	if n.hs.Role == RoleTarget && !n.hs.Superseded && !n.sourceDown && minSilent >= 1 {
 		st.TicksToFail = n.cfg.Missed - minSilent
 	}
 	return st

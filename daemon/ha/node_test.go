@@ -92,8 +92,10 @@ func TestCountdown(t *testing.T) {
 	n.Tick()
 	n.Tick()
 	n.Step(Event{Type: EvHeartbeat, Path: "app"}) // repl silent 2, app heard: countdown restarts from app
-	// app silent after each tick: 1 (within the interval: no countdown), 2, 3, 4 (down).
-	for i, want := range []int{-1, 2, 1, -1} {
+	// The tick that closes the interval app was heard in does not count;
+	// app's whole silent intervals after each tick: 0 (no countdown), 1, 2,
+	// 3, 4 (down: at least interval × missed without a heartbeat).
+	for i, want := range []int{-1, 3, 2, 1, -1} {
 		n.Tick()
 		if got := n.Status().TicksToFail; got != want {
 			t.Fatalf("tick %d: ticks to fail %d, want %d", i, got, want)
