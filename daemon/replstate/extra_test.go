@@ -122,3 +122,33 @@ func FuzzReadMsg(f *testing.F) {
 		readMsg(bytes.NewReader(b), &c)
 	})
 }
+
+// TestManyRestartsDuringOutage: a source restarted more often than the
+// generation history is long while the target is away still finds the
+// target's generation in its history (one new generation per outage).
+func TestManyRestartsDuringOutage(t *testing.T) {
+	const size = 1 << 20
+	dir := t.TempDir()
+	aFile, bFile := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
+	rng := rand.New(rand.NewPCG(7, 7))
+	p := &pair{t: t, nw: &memNet{up: true}, size: size}
+	p.startTarget(filepath.Join(dir, "b"), bFile, "")
+	cfg := SourceConfig{Dir: filepath.Join(dir, "a")}
+	p.startSource(cfg, aFile)
+	p.converge(20 * time.Second)
+	p.nw.set(false)
+	for i := range 20 {
+		p.write(int64(i)*4096, randBytes(rng, 4096))
+		p.srcStop() // kill -9
+		<-p.srcErr
+		p.startSource(cfg, aFile)
+	}
+	if h := len(p.src.Status().History); h > 3 {
+		t.Fatalf("%d generations in the history after one outage", h)
+	}
+	p.nw.set(true)
+	p.converge(20 * time.Second)
+	p.stopSource()
+	p.stopTarget()
+	sameFiles(t, aFile, bFile)
+}

@@ -42,6 +42,9 @@ const (
 	GenerationFile = "generation"
 	QueueDir       = "queue"
 	TargetFile     = "repl-target.json"
+	// UnsharedFile exists while the current generation was started
+	// without the peer (it has not seen it yet): no need for another.
+	UnsharedFile = "generation.unshared"
 )
 
 // openBitmap opens (creating) the bitmap of a volume of size bytes.

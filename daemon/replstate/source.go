@@ -141,6 +141,7 @@ func OpenSource(cfg SourceConfig) (*Source, error) {
 		s.closeFiles()
 		return nil, err
 	}
+	prev := st.Current
 	switch {
 	case !ok || st.Current == 0:
 		st = gen.NewSource()
@@ -152,7 +153,9 @@ func OpenSource(cfg SourceConfig) (*Source, error) {
 		}
 		s.log.Warn("promoted: this side was a target, it now writes in a new generation", "generation", fmt.Sprintf("%016x", st.Current))
 	}
-	if ok && (s.hotAtOpen > 0 || s.dirtyAtOpen > 0) {
+	_, uerr := os.Stat(filepath.Join(cfg.Dir, UnsharedFile))
+	s.bumped = uerr == nil
+	if ok && !s.bumped && (s.hotAtOpen > 0 || s.dirtyAtOpen > 0) {
 		// Changes the target may lack: a new generation, so that a
 		// promotion of the target meanwhile is seen as split brain.
 		st.NewGeneration(gen.NewID())
@@ -160,6 +163,13 @@ func OpenSource(cfg SourceConfig) (*Source, error) {
 	if err := saveGen(cfg.Dir, st); err != nil {
 		s.closeFiles()
 		return nil, err
+	}
+	if st.Current != prev && prev != 0 {
+		s.bumped = true
+		if err := s.markUnshared(true); err != nil {
+			s.closeFiles()
+			return nil, err
+		}
 	}
 	s.gen = st
 	s.trackCtx, s.trackEnd = context.WithCancel(context.Background())
@@ -257,7 +267,8 @@ func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
 	}
 	// The change is applied locally and held by the queue or the bitmap:
 	// the target gets it later.
-	if errors.Is(err, queue.ErrFull) || errors.Is(err, repl.ErrClosed) || errors.Is(err, context.Canceled) {
+	if errors.Is(err, queue.ErrFull) || errors.Is(err, repl.ErrClosed) || errors.Is(err, context.Canceled) ||
+		errors.Is(err, errRestream) || errors.Is(err, ErrRefused) {
 		if err := s.bumpGeneration(); err != nil {
 			return err
 		}
@@ -283,9 +294,26 @@ func (s *Source) bumpGeneration() error {
 	if err := saveGen(s.cfg.Dir, st); err != nil {
 		return err
 	}
+	if err := s.markUnshared(true); err != nil {
+		return err
+	}
 	s.gen, s.bumped = st, true
 	s.log.Info("writing without the target: new generation", "generation", fmt.Sprintf("%016x", st.Current))
 	return nil
+}
+
+// markUnshared records whether the current generation is unknown to the
+// peer (so a restart during a long outage does not start yet another one
+// and push the peer's generation out of the bounded history).
+func (s *Source) markUnshared(on bool) error {
+	p := filepath.Join(s.cfg.Dir, UnsharedFile)
+	if !on {
+		if err := os.Remove(p); err != nil && !os.IsNotExist(err) {
+			return err
+		}
+		return nil
+	}
+	return os.WriteFile(p, nil, 0o600)
 }
 
 // Run replicates until ctx is done: connect, decide, resync, stream;
@@ -516,6 +544,7 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 	}
 	s.genMu.Lock()
 	s.bumped = false
+	s.markUnshared(false)
 	s.genMu.Unlock()
 	str := dec.Outcome.String() + ": " + dec.Reason
 	s.decision.Store(&str)
