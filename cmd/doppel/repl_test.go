@@ -128,6 +128,7 @@ func TestReplFioEndToEnd(t *testing.T) {
 					args = replWithout(args, "--verify=crc32c", "--do_verify=1")
 				}
 				cmd := exec.Command(fio, args...)
+				cmd.Dir = t.TempDir() // fio writes its verify state files in its working directory
 				if out, err := cmd.CombinedOutput(); err != nil {
 					t.Fatalf("fio %v: %v\n%s", job, err, out)
 				}
