@@ -109,6 +109,7 @@ start_agent() { # host ns app-ip repl-ip
 		--probe-iface eth0 --probe-iface eth1 >>$D/$1/agent.log 2>&1 &
 	echo $! >$D/$1/agent.pid
 	PIDS+=($!)
+	disown $! # killed on purpose later: no "Killed" job report from bash
 }
 start_agent vm1 $NS1 172.17.22.11 192.168.0.11
 start_agent vm2 $NS2 172.17.22.12 192.168.0.12
