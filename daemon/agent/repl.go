@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,6 +20,7 @@ import (
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/repl"
 	"github.com/doppelha/doppel/daemon/repl/wire"
+	"github.com/doppelha/doppel/daemon/replstate"
 )
 
 // ReplPlanes makes DataPlanes backed by the replication engine
@@ -27,11 +29,15 @@ import (
 // replication address. Both authenticate with the agent's certificate and
 // pin the peer's (the fingerprints pinned at doppel server add).
 //
-// Integration limits of this build, each a seam: one target job per agent
-// (the replication listener is not multiplexed by job); no persistent
-// bitmap (daemon/bitmap) or generation history (daemon/gen), so every
-// (re)start of shipping runs a checksum-diff mirror that sends only the
-// chunks that differ; the epoch of the job record is the generation.
+// Each side keeps its persistent replication state (daemon/replstate: dirty
+// bitmap and activity log, queue, generations) under
+// StateDir/jobs/NAME.repl: a reverse or a restart resyncs the union of both
+// sides' dirty bitmaps; a fresh target gets a checksum-diff mirror. The
+// demoted side accepts a split-brain resolution against itself (the
+// failover fenced it), saving its divergent chunks first.
+//
+// Integration limit of this build: one target job per agent (the
+// replication listener is not multiplexed by job).
 type ReplPlanes struct {
 	Log        *slog.Logger
 	Cert       tls.Certificate
@@ -61,10 +67,11 @@ type replPlane struct {
 	log    *slog.Logger
 
 	mu        sync.Mutex
-	src       *repl.Source
+	src       *replstate.Source
 	srcBack   blockdev.Backend
 	srcRun    context.CancelFunc
-	tgt       *repl.Target
+	srcDone   chan struct{}
+	tgt       *replstate.Target
 	tgtBack   blockdev.Backend
 	tgtCancel context.CancelFunc
 	tgtDone   chan struct{}
@@ -83,9 +90,13 @@ func (d *replPlane) mode() wire.Mode {
 	return wire.ModeSync
 }
 
+func (d *replPlane) stateDir() string {
+	return filepath.Join(d.p.StateDir, "jobs", d.rec.Spec.Name+".repl")
+}
+
 // source returns the job's replication source, creating it (and opening
 // the volume) on first use.
-func (d *replPlane) source() (*repl.Source, error) {
+func (d *replPlane) source() (*replstate.Source, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.src != nil {
@@ -102,8 +113,10 @@ func (d *replPlane) source() (*repl.Source, error) {
 	}
 	addr := d.peer.Repl
 	dialer := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 5 * time.Second}, Config: cfgTLS}
-	src, err := repl.NewSource(repl.SourceConfig{
-		Backend: b, Mode: d.mode(), Log: d.log, RateLimit: d.p.RateLimit,
+	// Force: the state machine decided this side serves (a failover to
+	// an inconsistent copy is refused there unless forced).
+	src, err := replstate.OpenSource(replstate.SourceConfig{Dir: d.stateDir(),
+		Backend: b, Mode: d.mode(), Log: d.log, RateLimit: d.p.RateLimit, Mirror: repl.MirrorDiff, Force: true,
 		Dial: func(ctx context.Context) (net.Conn, error) { return dialer.DialContext(ctx, "tcp", addr) },
 	})
 	if err != nil {
@@ -130,9 +143,9 @@ type gated struct{ d *replPlane }
 
 var errQuiesced = errors.New("writes paused: the job is failing back")
 
-// Apply ships the write when the source is running; when it is not (a
-// failed-over host before reverse, a paused job) the write is local only,
-// and the next start's diff mirror sends what changed.
+// Apply goes through the source whether it runs or not (a failed-over
+// host before reverse, a paused job): not shipped, the write is tracked
+// (queue, then bitmap) and the next start resyncs it.
 func (g gated) Apply(ctx context.Context, m *blockdev.Mutation) error {
 	if g.d.quiesced.Load() {
 		return errQuiesced
@@ -143,13 +156,10 @@ func (g gated) Apply(ctx context.Context, m *blockdev.Mutation) error {
 		return errQuiesced
 	}
 	g.d.mu.Lock()
-	src, back, running := g.d.src, g.d.srcBack, g.d.srcRun != nil
+	src := g.d.src
 	g.d.mu.Unlock()
 	if src == nil {
 		return repl.ErrClosed
-	}
-	if !running {
-		return blockdev.ApplyTo(back, m)
 	}
 	return src.Apply(ctx, m)
 }
@@ -172,26 +182,35 @@ func (d *replPlane) StartSource(ctx context.Context) error {
 	d.quiesced.Store(false)
 	rctx, cancel := context.WithCancel(context.Background())
 	d.srcRun = cancel
+	done := make(chan struct{})
+	d.srcDone = done
 	go func() {
+		defer close(done)
 		if err := src.Run(rctx); err != nil {
 			d.notify(ha.Event{Type: ha.EvActionFailed, Action: ha.ActStartSource, Err: err.Error()})
 		}
 	}()
 	go func() {
-		// Without a persistent bitmap, compare checksums and send only
-		// the chunks that differ (a new target: everything non-zero).
-		// The mirror's end is what makes the target consistent.
+		// The state handshake decides: nothing, the union of both
+		// dirty bitmaps, or a diff mirror to a fresh target; synced is
+		// when the target took this side's generation.
 		d.notify(ha.Event{Type: ha.EvResync})
-		res, err := src.Mirror(rctx, repl.MirrorDiff)
-		if err != nil {
-			if rctx.Err() == nil {
-				d.log.Error("mirror", "err", err)
-				d.notify(ha.Event{Type: ha.EvActionFailed, Action: ha.ActStartSource, Err: "mirror: " + err.Error()})
+		t := time.NewTicker(100 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-rctx.Done():
+				return
+			case <-done:
+				return
+			case <-t.C:
 			}
-			return
+			if st := src.Status(); st.Synced && st.Connected && !st.ResyncActive {
+				d.log.Info("in sync", "resync_sent", st.ResyncSent, "decision", st.Decision)
+				d.notify(ha.Event{Type: ha.EvSynced})
+				return
+			}
 		}
-		d.log.Info("mirror done", "scanned", res.Scanned, "sent", res.Sent)
-		d.notify(ha.Event{Type: ha.EvSynced})
 	}()
 	d.lastLink = false
 	d.startPoll()
@@ -203,6 +222,7 @@ func (d *replPlane) StartSource(ctx context.Context) error {
 // (the volume is about to stop being served here).
 func (d *replPlane) StopSource() error {
 	d.stopRun()
+	d.waitRun()
 	d.mu.Lock()
 	src, b := d.src, d.srcBack
 	d.src, d.srcBack = nil, nil
@@ -219,6 +239,17 @@ func (d *replPlane) stopRun() {
 	if d.srcRun != nil {
 		d.srcRun()
 		d.srcRun = nil
+	}
+}
+
+// waitRun waits for the source's Run to return after stopRun.
+func (d *replPlane) waitRun() {
+	d.mu.Lock()
+	done := d.srcDone
+	d.srcDone = nil
+	d.mu.Unlock()
+	if done != nil {
+		<-done
 	}
 }
 
@@ -248,8 +279,7 @@ func (d *replPlane) StartTarget(ctx context.Context) error {
 		release()
 		return fmt.Errorf("open volume %s: %w", vol, err)
 	}
-	t, err := repl.NewTarget(repl.TargetConfig{Backend: b, Log: d.log,
-		StatePath: filepath.Join(d.p.StateDir, "jobs", d.rec.Spec.Name+".target.json")})
+	t, err := replstate.OpenTarget(replstate.TargetConfig{Dir: d.stateDir(), Backend: b, Log: d.log, Discard: "target"})
 	if err != nil {
 		closeBackend(b)
 		release()
@@ -305,14 +335,15 @@ func (d *replPlane) StopTarget(applyQueue bool) error {
 }
 
 // Promote implements DataPlane. The new epoch is persisted in the job
-// record before this runs; the generation history (daemon/gen) is the seam
-// that will record it with the volume.
+// record before this runs; the new generation is started when this side's
+// source opens its state (it was a target: daemon/replstate promotes it).
 func (d *replPlane) Promote(epoch uint64) error { return nil }
 
 // Pause implements DataPlane: shipping stops; writes queue up to the
-// queue's bound (then the application waits: no bitmap to fall back to).
+// queue's bounds (memory, then disk), then are tracked in the bitmap.
 func (d *replPlane) Pause() error {
 	d.stopRun()
+	d.waitRun()
 	return nil
 }
 
@@ -330,7 +361,7 @@ func (d *replPlane) Quiesce(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	return src.WaitAcked(ctx)
+	return src.Engine().WaitAcked(ctx)
 }
 
 // Status implements DataPlane.
@@ -340,9 +371,14 @@ func (d *replPlane) Status() api.DataStatus {
 	d.mu.Unlock()
 	st := api.DataStatus{Known: true, RPO: -1}
 	if src != nil {
-		s := src.Stats()
+		s := src.Engine().Stats()
+		rs := src.Status()
 		st.QueueMemory = s.QueueBytes
-		st.MirrorSent = s.PayloadBytes["mirror"] + s.PayloadBytes["resync"]
+		st.MirrorSent = rs.ResyncSent
+		if rs.ResyncActive && !s.MirrorActive {
+			st.SyncTotal, st.SyncDone = rs.ResyncTotal, rs.ResyncDone
+			st.BytesRemaining = max(rs.ResyncTotal-rs.ResyncDone, 0)
+		}
 		if s.MirrorActive {
 			st.SyncTotal, st.SyncDone = s.MirrorTotal, s.MirrorDone
 			st.BytesRemaining = max(s.MirrorTotal-s.MirrorDone, 0)
@@ -352,10 +388,19 @@ func (d *replPlane) Status() api.DataStatus {
 		} else {
 			st.Note = fmt.Sprintf("%d writes not yet acknowledged by the target", s.QueueEntries)
 		}
+		switch {
+		case rs.Refusal != "":
+			st.Note = rs.Refusal
+		case rs.Tracking || rs.DirtyBytes > 0:
+			st.Note = strings.TrimPrefix(fmt.Sprintf("%s; %d bytes dirty (tracked for the resync)", st.Note, rs.DirtyBytes), "; ")
+		}
 	}
 	if tgt != nil {
-		ts, _, peer := tgt.Status()
+		ts, _, peer := tgt.Engine().Status()
 		st.Note = fmt.Sprintf("applied up to sequence %d from %s", ts.Applied, peer)
+		if rs := tgt.Status(); rs.Refusal != "" {
+			st.Note = rs.Refusal
+		}
 	}
 	return st
 }
@@ -369,7 +414,7 @@ func (d *replPlane) Verify(ctx context.Context) (api.VerifyResult, error) {
 	if src == nil || !running {
 		return api.VerifyResult{}, fmt.Errorf("%w: verify runs on the job's active source while it replicates", job.ErrInvalid)
 	}
-	res, err := src.Verify(ctx, false)
+	res, err := src.Engine().Verify(ctx, false)
 	if err != nil {
 		return api.VerifyResult{}, err
 	}
@@ -407,10 +452,15 @@ func (d *replPlane) startPoll() {
 			switch {
 			case src != nil && running:
 				// The source's sync state comes from its mirror.
-				link = src.Stats().Connected
+				link = src.Engine().Connected()
 			case tgt != nil:
-				ts, _, peer := tgt.Status()
+				ts, _, peer := tgt.Engine().Status()
 				link, state = peer != "", ts.State
+				if tgt.Status().Data != "consistent" {
+					// A fresh target, or one waiting for the end of
+					// a resync (its generation says so).
+					state = "inconsistent"
+				}
 			}
 			if link != d.lastLink {
 				d.lastLink = link

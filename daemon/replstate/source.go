@@ -93,6 +93,7 @@ type Source struct {
 	trackCtx context.Context // cancelled while in tracking mode (sync writes stop waiting)
 	trackEnd context.CancelFunc
 	tracking atomic.Bool
+	running  atomic.Bool // Run is active: without it, every write is tracked
 	downAt   atomic.Int64 // unix nanos the link went down (0: up)
 
 	connected chan struct{} // a handshake committed (buffered 1)
@@ -102,6 +103,7 @@ type Source struct {
 
 	resyncTotal, resyncDone, resyncSent atomic.Int64
 	resyncScheduled                     atomic.Int64
+	synced                              atomic.Bool // the target holds this generation, consistent
 	resyncActive                        atomic.Bool
 	resyncPasses                        atomic.Int64
 	hotAtOpen                           int
@@ -252,6 +254,9 @@ func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
 		s.trackMu.Lock()
 		tctx := s.trackCtx
 		s.trackMu.Unlock()
+		if !s.running.Load() {
+			tctx = stopped // nobody ships: do not wait for the target
+		}
 		c, cancel := context.WithCancel(ctx)
 		stop := context.AfterFunc(tctx, cancel)
 		defer stop()
@@ -280,6 +285,14 @@ func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
 	return err
 }
 
+// stopped is a cancelled context: sync writes of a source that does not
+// run are tracked without waiting.
+var stopped = func() context.Context {
+	c, cancel := context.WithCancel(context.Background())
+	cancel()
+	return c
+}()
+
 // bumpGeneration starts a new generation before the first write the
 // target will not see in order (tracking), so a promotion of the target
 // meanwhile is detected as split brain.
@@ -298,6 +311,7 @@ func (s *Source) bumpGeneration() error {
 		return err
 	}
 	s.gen, s.bumped = st, true
+	s.synced.Store(false)
 	s.log.Info("writing without the target: new generation", "generation", fmt.Sprintf("%016x", st.Current))
 	return nil
 }
@@ -320,6 +334,10 @@ func (s *Source) markUnshared(on bool) error {
 // restart the stream from the bitmap when it cannot be resumed. It
 // returns an error wrapping ErrRefused when the handshake refuses.
 func (s *Source) Run(ctx context.Context) error {
+	if s.running.Swap(true) {
+		return errors.New("replication source: Run is already active")
+	}
+	defer s.running.Store(false)
 	go s.watch(ctx)
 	for {
 		cur := s.cur.Load()
@@ -373,6 +391,7 @@ func (s *Source) restream(old *repl.Source) error {
 func (s *Source) watch(ctx context.Context) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
+	var lastClean int64
 	for {
 		select {
 		case <-ctx.Done():
@@ -381,6 +400,16 @@ func (s *Source) watch(ctx context.Context) {
 		}
 		up := s.cur.Load().Connected()
 		now := time.Now().UnixNano()
+		if up && now-lastClean > int64(2*time.Second) {
+			// Idle extents are on the target (durably) or in the bitmap:
+			// cool them, so a crash resends only recent writes.
+			lastClean = now
+			if s.trk.Pending() == 0 && s.al.HotExtents() > 0 {
+				if err := s.al.Clean(); err != nil {
+					s.log.Warn("activity log", "err", err)
+				}
+			}
+		}
 		switch {
 		case up:
 			s.downAt.Store(0)
@@ -529,6 +558,7 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 	c.Resync = resyncing
 	c.Full = s.needFull.Load()
 	c.Adopt = !resyncing
+	s.synced.Store(false)
 	if err := writeMsg(conn, c); err != nil {
 		return dec, fmt.Errorf("send state commit: %w", err)
 	}
@@ -548,6 +578,9 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 	s.genMu.Unlock()
 	str := dec.Outcome.String() + ": " + dec.Reason
 	s.decision.Store(&str)
+	if c.Adopt {
+		s.synced.Store(true)
+	}
 	s.log.Info("state handshake", "decision", dec.Outcome, "reason", dec.Reason, "dirty_bytes", s.bm.DirtyBytes(), "full", full)
 	return dec, nil
 }
@@ -768,6 +801,9 @@ func (s *Source) notify(ctx context.Context) {
 		return
 	}
 	s.al.Clean()
+	s.genMu.Lock()
+	s.synced.Store(!s.bumped)
+	s.genMu.Unlock()
 }
 
 // Close stops the engine and closes the state files (a clean stop: hot

@@ -33,16 +33,19 @@ type Status struct {
 	PeerGeneration uint64
 	Decision       string
 	Refusal        string
+	// Synced: the target took this side's generation with nothing left
+	// to resync (queued writes may still be in flight).
+	Synced bool
 }
 
 // Status returns a snapshot.
 func (s *Source) Status() Status {
 	cur := s.cur.Load()
-	st := Status{Connected: cur.Connected(), Tracking: s.tracking.Load(), DirtyBytes: s.bm.DirtyBytes(),
+	st := Status{Connected: cur.Connected(), Tracking: s.tracking.Load() || !s.running.Load(), DirtyBytes: s.bm.DirtyBytes(),
 		HotExtents: s.al.HotExtents(), ResyncActive: s.resyncActive.Load(), ResyncTotal: s.resyncTotal.Load(),
 		ResyncDone: s.resyncDone.Load(), ResyncSent: s.resyncSent.Load(), ResyncPasses: s.resyncPasses.Load(),
 		PeerGeneration: s.peerGen.Load(), ResyncScheduled: s.resyncScheduled.Load(),
-		OpenDirtyBytes: s.dirtyAtOpen, OpenHotExtents: s.hotAtOpen}
+		OpenDirtyBytes: s.dirtyAtOpen, OpenHotExtents: s.hotAtOpen, Synced: s.synced.Load()}
 	if q := s.q.Load(); q != nil {
 		st.QueueMemBytes, st.QueueDiskBytes, st.QueueOverflow = q.q.MemBytes(), q.q.DiskBytes(), q.overflow.Load()
 	}
