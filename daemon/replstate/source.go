@@ -93,7 +93,7 @@ type Source struct {
 	trackCtx context.Context // cancelled while in tracking mode (sync writes stop waiting)
 	trackEnd context.CancelFunc
 	tracking atomic.Bool
-	running  atomic.Bool // Run is active: without it, every write is tracked
+	running  atomic.Bool  // Run is active: without it, every write is tracked
 	downAt   atomic.Int64 // unix nanos the link went down (0: up)
 
 	connected chan struct{} // a handshake committed (buffered 1)
