@@ -118,7 +118,7 @@ func TestPartitionRandomized(t *testing.T) {
 }
 
 func runPartition(t *testing.T, seed uint64, steps int) {
-	const size, chunk = 4 << 20, 4 << 10
+	const size, chunk = 16 << 20, 4 << 10
 	rng := rand.New(rand.NewPCG(seed, seed*7919))
 	dir := t.TempDir()
 	srcDir, tgtDir := filepath.Join(dir, "src"), filepath.Join(dir, "tgt")
@@ -170,8 +170,11 @@ func runPartition(t *testing.T, seed uint64, steps int) {
 			tg.Serve(c, l)
 		}()
 	}
+	var sent, sched, passes, mirrors int64
 	crashSrc := func() { // no Close: what the process had not written is lost
 		srcSide.kill()
+		st := src.Status()
+		sent, sched, passes = sent+st.ResyncSent, sched+st.ResyncScheduled, passes+st.ResyncPasses
 		nw.set(false)
 		nw.set(true)
 		srcB.Close()
@@ -184,10 +187,19 @@ func runPartition(t *testing.T, seed uint64, steps int) {
 	}
 	startTgt()
 	startSrc()
+	// The first full mirror completes before the faults start, so that
+	// what follows exercises the bitmaps.
+	for deadline := time.Now().Add(20 * time.Second); !src.Status().Synced; {
+		if time.Now().After(deadline) {
+			t.Fatalf("initial mirror: %+v", src.Status())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	mirrors = src.Status().ResyncSent
 	var crashes, parts, writes int
 	for i := 0; i < steps; i++ {
 		switch p := rng.IntN(100); {
-		case p < 80:
+		case p < 75:
 			off := int64(rng.IntN(size/512)) * 512
 			n := min(int64(512*(1+rng.IntN(64))), size-off)
 			data := make([]byte, n)
@@ -199,23 +211,23 @@ func runPartition(t *testing.T, seed uint64, steps int) {
 			}
 			copy(model[off:], data)
 			writes++
-		case p < 84:
+		case p < 80:
 			if err := src.Apply(ctx, &blockdev.Mutation{Op: blockdev.OpFlush}); err != nil {
 				t.Fatalf("step %d: flush: %v", i, err)
 			}
-		case p < 90:
+		case p < 86:
 			nw.set(!nw.up)
 			parts++
-		case p < 93:
+		case p < 89:
 			crashSrc()
 			startSrc()
 			crashes++
-		case p < 96:
+		case p < 92:
 			crashTgt()
 			startTgt()
 			crashes++
 		default:
-			time.Sleep(time.Duration(rng.IntN(20)) * time.Millisecond)
+			time.Sleep(time.Duration(rng.IntN(30)) * time.Millisecond)
 		}
 	}
 	nw.set(true)
@@ -243,7 +255,12 @@ func runPartition(t *testing.T, seed uint64, steps int) {
 	if !bytes.Equal(tg, model) {
 		t.Fatalf("target image differs from the acknowledged writes at %d", firstDiff(tg, model))
 	}
-	t.Logf("seed %d: %d steps, %d writes, %d link flips, %d crashes; resync sent %d bytes in %d passes", seed, steps, writes, parts, crashes, st.ResyncSent, st.ResyncPasses)
+	sent, sched, passes = sent+st.ResyncSent-mirrors, sched+st.ResyncScheduled, passes+st.ResyncPasses
+	t.Logf("seed %d: %d steps, %d writes, %d link flips, %d crashes; bitmap resyncs: %d passes, %d dirty bytes scheduled, %d sent",
+		seed, steps, writes, parts, crashes, passes, sched, sent)
+	if passes == 0 {
+		t.Fatal("no bitmap resync ran: the test did not exercise the bitmaps")
+	}
 }
 
 func firstDiff(a, b []byte) int {

@@ -602,7 +602,7 @@ func (s *Source) refuse(err error) error {
 
 // syncer runs the full mirror or the bitmap resyncs while connected.
 func (s *Source) syncer(ctx context.Context, cur *repl.Source) {
-	t := time.NewTicker(200 * time.Millisecond)
+	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
 	for {
 		select {
