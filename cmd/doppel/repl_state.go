@@ -177,7 +177,9 @@ func replSourceState(c *cli.Context) error {
 	if err := <-nbdErr; err != nil && fatal == nil {
 		fatal = err
 	}
-	if fatal == nil {
+	if fatal == nil && !src.Engine().Connected() {
+		log.Info("target not connected: what it lacks stays tracked for the next start")
+	} else if fatal == nil {
 		// A drain is a courtesy: what the target lacks stays in the bitmap.
 		dctx, cancel := context.WithTimeout(context.Background(), c.Duration("drain-timeout"))
 		if err := src.Engine().WaitAcked(dctx); err != nil {

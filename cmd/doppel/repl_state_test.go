@@ -361,3 +361,89 @@ func TestReplStateMemoryBound(t *testing.T) {
 		t.Fatalf("disk queue reached %d bytes on disk (%d metric), limit %d", maxDisk, maxDiskMetric, diskQ)
 	}
 }
+
+// TestReplStateSplitBrain: both sides written while partitioned (the
+// target promoted by running it as a source) → the source refuses with a
+// clear message; with --discard-on target the target's divergent chunks
+// are saved (exactly them), then the images converge.
+func TestReplStateSplitBrain(t *testing.T) {
+	fio := needFio(t)
+	r := newRig(t, "64M", "--mode", "async")
+	tgt := r.target()
+	src := r.source()
+	if err := fioWrite(t, fio, r.sock, "--size=16M", "--io_size=4M"); err != nil {
+		t.Fatal(err)
+	}
+	waitSynced(t, r.mAddr, 60*time.Second)
+	tgt.stop()
+	if err := fioWrite(t, fio, r.sock, "--size=16M", "--io_size=1M"); err != nil {
+		t.Fatal(err)
+	}
+	src.stop()
+
+	// The target is promoted: it serves and writes 2 MiB at 32 MiB.
+	bSock := filepath.Join(r.dir, "b.sock")
+	b := startProc(t, "promoted", "source", "--file", r.tgtFile, "--listen", "unix:"+bSock, "--target", "tcp:"+replFreePort(t),
+		"--state-dir", r.tgtState, "--insecure", "--mode", "async")
+	replWaitSocket(t, "unix", bSock, nil)
+	if err := fioWrite(t, fio, bSock, "--rw=write", "--offset=32M", "--size=2M"); err != nil {
+		t.Fatal(err)
+	}
+	b.stop()
+	before, err := os.ReadFile(r.tgtFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	tgt = r.target()
+	// Not r.source(): the refusal may come before the socket is seen.
+	os.Remove(r.sock)
+	src = startProc(t, "source-refused", append([]string{"source", "--file", r.srcFile, "--listen", "unix:" + r.sock,
+		"--target", "tcp:" + r.replAddr, "--state-dir", r.srcState, "--insecure"}, r.srcArgs...)...)
+	done := make(chan error, 1)
+	go func() { done <- src.cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("the source accepted a split brain")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("split brain not detected")
+	}
+	log, _ := os.ReadFile(src.out)
+	if !strings.Contains(string(log), "split brain: both sides wrote after generation") || !strings.Contains(string(log), "--discard-on target") {
+		t.Fatalf("no clear split-brain message:\n%s", tail(string(log), 3000))
+	}
+	if m := regexp.MustCompile(`replication refused[^\n]*`).Find(log); m != nil {
+		t.Logf("source: %s", m)
+	}
+
+	os.Remove(r.sock)
+	src = startProc(t, "source-discard", append([]string{"source", "--file", r.srcFile, "--listen", "unix:" + r.sock,
+		"--target", "tcp:" + r.replAddr, "--state-dir", r.srcState, "--insecure", "--metrics-listen", r.mAddr, "--discard-on", "target"}, r.srcArgs...)...)
+	waitSynced(t, r.mAddr, 60*time.Second)
+	src.stop()
+	tgt.stop()
+	r.cmp()
+	saves, _ := filepath.Glob(filepath.Join(r.tgtState, "splitbrain-*.img"))
+	if len(saves) != 1 {
+		t.Fatalf("want one split-brain save, got %v", saves)
+	}
+	ranges, err := os.ReadFile(saves[0] + ".ranges")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("saved %s:\n%s", filepath.Base(saves[0]), ranges)
+	if !strings.Contains(string(ranges), fmt.Sprint(32<<20)) || strings.Count(strings.TrimSpace(string(ranges)), "\n") > 2 {
+		t.Fatalf("ranges are not exactly the target's divergent 2 MiB at 32 MiB:\n%s", ranges)
+	}
+	saved, _ := os.ReadFile(saves[0])
+	if string(saved[32<<20:34<<20]) != string(before[32<<20:34<<20]) {
+		t.Fatal("the save does not hold the target's divergent data")
+	}
+	for i, c := range saved[:32<<20] {
+		if c != 0 {
+			t.Fatalf("the save holds data at %d, outside the divergent chunks", i)
+		}
+	}
+}
