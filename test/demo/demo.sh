@@ -244,7 +244,7 @@ wait_for "reverse resync" 60 is_state vm1 replicating
 status
 cli verify web | sed 's/^/   /' || fail "vm1 and vm2 differ after the reverse resync"
 REV=$(state_of vm2 mirror_sent)
-say "reverse sent $REV bytes of the 256 MiB volume (checksum comparison: only differing chunks)"
+say "reverse sent $REV bytes of the 256 MiB volume (resync of the union of both sides' dirty bitmaps)"
 [ "$REV" -lt $((16 << 20)) ] || fail "reverse sent $REV bytes: that is a full resync"
 
 
