@@ -453,7 +453,7 @@ func TestTwoPaths(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	cfg := monitor.Config{Interval: 100 * time.Millisecond, Missed: 5, Rise: 3}
-	go s.Run(ctx, cfg.Interval, nil)
+	go s.Run(ctx, cfg.Interval, 0, nil)
 	defer s.Close()
 	w := startWatchPaths(t, p, []netip.Addr{l.addrA, a2}, cfg)
 	w.next(t, monitor.Up, 2*time.Second)

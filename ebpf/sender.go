@@ -79,15 +79,18 @@ func (s *Sender) Counts() (seq, sent, failed uint64) {
 	return s.hb.Seq, s.sent, s.errs
 }
 
-// Run sends a heartbeat now and then every interval until ctx is done,
-// calling onErr (if not nil) for failed sends. It returns nil when ctx is
-// cancelled.
-func (s *Sender) Run(ctx context.Context, interval time.Duration, onErr func(error)) error {
+// Run sends a heartbeat now and then every interval until ctx is done or,
+// when count > 0, count heartbeats have been sent, calling onErr (if not nil)
+// for failed sends. It returns nil when ctx is cancelled or count is reached.
+func (s *Sender) Run(ctx context.Context, interval time.Duration, count int, onErr func(error)) error {
 	t := time.NewTicker(interval)
 	defer t.Stop()
-	for {
+	for n := 1; ; n++ {
 		if err := s.Send(); err != nil && onErr != nil {
 			onErr(err)
+		}
+		if count > 0 && n >= count {
+			return nil
 		}
 		select {
 		case <-ctx.Done():

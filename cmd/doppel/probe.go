@@ -104,25 +104,12 @@ func probeSend(c *cli.Context) error {
 		return err
 	}
 	defer s.Close()
-	ctx := c.Context
-	if n := c.Int("count"); n > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithCancel(ctx)
-		defer cancel()
-		go func() {
-			t := time.NewTicker(interval / 4)
-			defer t.Stop()
-			for range t.C {
-				if seq, _, _ := s.Counts(); seq >= uint64(n) {
-					cancel()
-					return
-				}
-			}
-		}()
+	if c.Int("count") < 0 {
+		return usageErrorf("--count must be 0 (until interrupted) or more")
 	}
 	log := slog.New(slog.NewTextHandler(c.App.ErrWriter, nil))
 	var lastErr time.Time
-	err = s.Run(ctx, interval, func(err error) {
+	err = s.Run(c.Context, interval, c.Int("count"), func(err error) {
 		if time.Since(lastErr) > 5*time.Second { // a cut link fails every send
 			log.Warn("heartbeat send failed", "err", err)
 			lastErr = time.Now()

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/urfave/cli/v2"
 )
@@ -65,8 +66,21 @@ func TestProbeWatchExitOnDown(t *testing.T) {
 	if probeExitCode(err) != exitPeerDown {
 		t.Fatalf("err %v (exit code %d), want exit code %d", err, probeExitCode(err), exitPeerDown)
 	}
-	if !strings.Contains(out, "probe mode: userspace") || !strings.Contains(out, "peer down: unknown -> down after 60") {
+	if !strings.Contains(out, "probe mode: userspace") {
 		t.Fatalf("output %q", out)
+	}
+	// Down after at least interval × missed (60 ms) of silence and at most
+	// two intervals more (issue 5's window).
+	_, after, ok := strings.Cut(out, "peer down: unknown -> down after ")
+	if !ok {
+		t.Fatalf("no down line in output %q", out)
+	}
+	silence, err := time.ParseDuration(strings.Fields(after)[0])
+	if err != nil {
+		t.Fatalf("down line %q: %v", after, err)
+	}
+	if silence < 60*time.Millisecond || silence > 100*time.Millisecond {
+		t.Fatalf("declared down after %v of silence, want 60ms..100ms", silence)
 	}
 }
 

@@ -58,7 +58,7 @@ func (p *ProbeLiveness) Watch(job string, paths map[string]netip.Addr, token uin
 		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	go s.Run(ctx, interval, nil)
+	go s.Run(ctx, interval, 0, nil)
 	p.jobs[job] = &watched{paths: paths, sender: s, cancel: cancel}
 	return nil
 }
