@@ -14,6 +14,7 @@ import (
 
 	"github.com/doppelha/doppel/blockdev"
 	"github.com/doppelha/doppel/blockdev/kernel"
+	"github.com/doppelha/doppel/daemon/job"
 	"github.com/urfave/cli/v2"
 )
 
@@ -55,7 +56,7 @@ func nbdAttachCommand() *cli.Command {
 			}
 			if s := c.String("size"); s != "" {
 				var err error
-				if cfg.size, err = parseSize(s); err != nil {
+				if cfg.size, err = job.ParseSize(s); err != nil {
 					return usageErrorf("attach: --size: %v", err)
 				}
 			}

@@ -7,10 +7,9 @@ import (
 	"log/slog"
 	"os"
 	"runtime/pprof"
-	"strconv"
-	"strings"
 
 	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/daemon/job"
 	"github.com/urfave/cli/v2"
 )
 
@@ -41,7 +40,7 @@ func nbdServeCommand() *cli.Command {
 			var size int64
 			if s := c.String("size"); s != "" {
 				var err error
-				if size, err = parseSize(s); err != nil {
+				if size, err = job.ParseSize(s); err != nil {
 					return usageErrorf("serve: --size: %v", err)
 				}
 			}
@@ -122,39 +121,4 @@ func nbdServe(ctx context.Context, log *slog.Logger, cfg nbdServeConfig) (err er
 	log.Info("NBD server stopped", "connections", st.Connections, "reads", st.Reads, "writes", st.Writes,
 		"flushes", st.Flushes, "trims", st.Trims, "zeroes", st.Zeroes, "errors", st.Errors)
 	return err
-}
-
-// parseSize parses a byte count with an optional binary suffix: 4096, 512K,
-// 512M, 1G, 2T (also KiB/MiB/GiB/TiB and a trailing B).
-func parseSize(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	u := strings.ToUpper(t)
-	u = strings.TrimSuffix(u, "IB")
-	u = strings.TrimSuffix(u, "B")
-	mult := int64(1)
-	if n := len(u); n > 0 {
-		switch u[n-1] {
-		case 'K':
-			mult = 1 << 10
-		case 'M':
-			mult = 1 << 20
-		case 'G':
-			mult = 1 << 30
-		case 'T':
-			mult = 1 << 40
-		case 'P':
-			mult = 1 << 50
-		}
-		if mult != 1 {
-			u = u[:n-1]
-		}
-	}
-	v, err := strconv.ParseInt(u, 10, 64)
-	if err != nil || v <= 0 {
-		return 0, fmt.Errorf("%q is not a positive size (examples: 1G, 512M, 1048576)", s)
-	}
-	if v > (1<<63-1)/mult {
-		return 0, fmt.Errorf("%q is too large", s)
-	}
-	return v * mult, nil
 }

@@ -14,23 +14,6 @@ import (
 	"github.com/urfave/cli/v2"
 )
 
-func TestParseSize(t *testing.T) {
-	for in, want := range map[string]int64{
-		"1": 1, "4096": 4096, "512K": 512 << 10, "512k": 512 << 10, "1M": 1 << 20, "1G": 1 << 30,
-		"1GiB": 1 << 30, "2gb": 2 << 30, "1T": 1 << 40, " 8M ": 8 << 20, "100B": 100,
-	} {
-		got, err := parseSize(in)
-		if err != nil || got != want {
-			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
-		}
-	}
-	for _, in := range []string{"", "0", "-1", "1X", "G", "1.5G", "abc", "99999999999P"} {
-		if got, err := parseSize(in); err == nil {
-			t.Errorf("parseSize(%q) = %d, want an error", in, got)
-		}
-	}
-}
-
 func TestNbdServeRejectsBadInput(t *testing.T) {
 	dir := t.TempDir()
 	for _, args := range [][]string{

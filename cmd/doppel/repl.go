@@ -18,6 +18,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/repl"
 	"github.com/doppelha/doppel/daemon/repl/wire"
 )
@@ -115,7 +116,7 @@ func optionalSize(c *cli.Context, name string) (int64, error) {
 	if s == "" {
 		return 0, nil
 	}
-	v, err := parseSize(s)
+	v, err := job.ParseSize(s)
 	if err != nil {
 		return 0, usageErrorf("--%s: %v", name, err)
 	}
@@ -204,7 +205,7 @@ func replSource(c *cli.Context) error {
 	}
 	var rateLimit int64
 	if s := strings.TrimSuffix(c.String("bwlimit"), "/s"); s != "" {
-		if rateLimit, err = parseSize(s); err != nil {
+		if rateLimit, err = job.ParseSize(s); err != nil {
 			return usageErrorf("--bwlimit: %v", err)
 		}
 	}

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/repl"
 	"github.com/doppelha/doppel/daemon/repl/wire"
 	"github.com/doppelha/doppel/daemon/replstate"
@@ -85,12 +86,12 @@ func replSourceState(c *cli.Context) error {
 	}
 	var rateLimit, resyncRate int64
 	if s := strings.TrimSuffix(c.String("bwlimit"), "/s"); s != "" {
-		if rateLimit, err = parseSize(s); err != nil {
+		if rateLimit, err = job.ParseSize(s); err != nil {
 			return usageErrorf("--bwlimit: %v", err)
 		}
 	}
 	if s := strings.TrimSuffix(c.String("resync-rate"), "/s"); s != "" {
-		if resyncRate, err = parseSize(s); err != nil {
+		if resyncRate, err = job.ParseSize(s); err != nil {
 			return usageErrorf("--resync-rate: %v", err)
 		}
 	}

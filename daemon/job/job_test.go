@@ -80,12 +80,12 @@ func TestParsers(t *testing.T) {
 			t.Errorf("ParseMonitor(%q) accepted", bad)
 		}
 	}
-	for in, want := range map[string]int64{"4096": 4096, "64K": 64 << 10, "1GiB": 1 << 30, "2g": 2 << 30, "1T": 1 << 40} {
+	for in, want := range map[string]int64{"1": 1, "4096": 4096, "64K": 64 << 10, "512k": 512 << 10, "1M": 1 << 20, "1GiB": 1 << 30, "2g": 2 << 30, "2gb": 2 << 30, "1T": 1 << 40, " 8M ": 8 << 20, "100B": 100} {
 		if got, err := ParseSize(in); err != nil || got != want {
 			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
 		}
 	}
-	for _, bad := range []string{"", "-1", "0", "1X", "G"} {
+	for _, bad := range []string{"", "-1", "0", "1X", "G", "1.5G", "abc", "99999999999P", "99999999999T"} {
 		if _, err := ParseSize(bad); err == nil {
 			t.Errorf("ParseSize(%q) accepted", bad)
 		}
