@@ -111,6 +111,74 @@ func serveMetrics(ctx context.Context, log *slog.Logger, addr string, cs ...prom
 	}, nil
 }
 
+// sourceFlags are the `repl source` flags that the plain path and the
+// --state-dir path (repl_state.go) share, parsed and validated without side
+// effects.
+type sourceFlags struct {
+	size, chunk, queueSize, rateLimit int64
+	mode                              wire.Mode
+	mirror                            repl.MirrorKind
+	tnet, taddr                       string
+	codec                             *wire.Codec
+}
+
+func parseSourceFlags(c *cli.Context) (sourceFlags, error) {
+	var f sourceFlags
+	var err error
+	if f.size, err = optionalSize(c, "size"); err != nil {
+		return f, err
+	}
+	switch c.String("mode") {
+	case "sync":
+		f.mode = wire.ModeSync
+	case "async":
+		f.mode = wire.ModeAsync
+	default:
+		return f, usageErrorf("--mode %q: want sync or async", c.String("mode"))
+	}
+	if f.mirror, err = repl.ParseMirrorKind(c.String("mirror")); err != nil {
+		return f, usageErrorf("--mirror: %v", err)
+	}
+	if _, _, err := blockdev.ParseListen(c.String("listen")); err != nil {
+		return f, usageErrorf("--listen: %v", err)
+	}
+	if f.tnet, f.taddr, err = blockdev.ParseListen(c.String("target")); err != nil || !strings.HasPrefix(f.tnet, "tcp") {
+		return f, usageErrorf("--target %q: want tcp:HOST:PORT", c.String("target"))
+	}
+	if f.chunk, err = optionalSize(c, "chunk-size"); err != nil {
+		return f, err
+	}
+	if f.queueSize, err = optionalSize(c, "queue-size"); err != nil {
+		return f, err
+	}
+	if s := strings.TrimSuffix(c.String("bwlimit"), "/s"); s != "" {
+		if f.rateLimit, err = job.ParseSize(s); err != nil {
+			return f, usageErrorf("--bwlimit: %v", err)
+		}
+	}
+	if f.codec, err = wire.NewCodec(c.String("compress")); err != nil {
+		return f, usageErrorf("--compress: %v", err)
+	}
+	return f, nil
+}
+
+// dialer returns how the source connects to its target: TLS with the pinned
+// peer unless --insecure (replTLS creates this side's certificate on first
+// use), and the TLS config (nil when plaintext).
+func (f sourceFlags) dialer(c *cli.Context, log *slog.Logger) (func(context.Context) (net.Conn, error), *tls.Config, error) {
+	tlsConf, err := replTLS(c, log, false)
+	if err != nil {
+		return nil, nil, err
+	}
+	return func(ctx context.Context) (net.Conn, error) {
+		d := net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}
+		if tlsConf != nil {
+			td := tls.Dialer{NetDialer: &d, Config: tlsConf}
+			return td.DialContext(ctx, f.tnet, f.taddr)
+		}
+		return d.DialContext(ctx, f.tnet, f.taddr)
+	}, tlsConf, nil
+}
 func optionalSize(c *cli.Context, name string) (int64, error) {
 	s := c.String(name)
 	if s == "" {
@@ -171,68 +239,23 @@ func replSource(c *cli.Context) error {
 		return replSourceState(c) // repl_state.go
 	}
 	log := replLogger(c)
-	size, err := optionalSize(c, "size")
+	f, err := parseSourceFlags(c)
 	if err != nil {
 		return err
 	}
-	var mode wire.Mode
-	switch c.String("mode") {
-	case "sync":
-		mode = wire.ModeSync
-	case "async":
-		mode = wire.ModeAsync
-	default:
-		return usageErrorf("--mode %q: want sync or async", c.String("mode"))
-	}
-	mirror, err := repl.ParseMirrorKind(c.String("mirror"))
-	if err != nil {
-		return usageErrorf("--mirror: %v", err)
-	}
-	if _, _, err := blockdev.ParseListen(c.String("listen")); err != nil {
-		return usageErrorf("--listen: %v", err)
-	}
-	tnet, taddr, err := blockdev.ParseListen(c.String("target"))
-	if err != nil || !strings.HasPrefix(tnet, "tcp") {
-		return usageErrorf("--target %q: want tcp:HOST:PORT", c.String("target"))
-	}
-	chunk, err := optionalSize(c, "chunk-size")
+	dial, tlsConf, err := f.dialer(c, log)
 	if err != nil {
 		return err
 	}
-	queueSize, err := optionalSize(c, "queue-size")
-	if err != nil {
-		return err
-	}
-	var rateLimit int64
-	if s := strings.TrimSuffix(c.String("bwlimit"), "/s"); s != "" {
-		if rateLimit, err = job.ParseSize(s); err != nil {
-			return usageErrorf("--bwlimit: %v", err)
-		}
-	}
-	codec, err := wire.NewCodec(c.String("compress"))
-	if err != nil {
-		return usageErrorf("--compress: %v", err)
-	}
-	tlsConf, err := replTLS(c, log, false)
-	if err != nil {
-		return err
-	}
+	mode, mirror, taddr := f.mode, f.mirror, f.taddr
 
-	b, err := blockdev.Open(c.String("file"), size)
+	b, err := blockdev.Open(c.String("file"), f.size)
 	if err != nil {
 		return err
 	}
 	defer closeBackend(b)
-	dial := func(ctx context.Context) (net.Conn, error) {
-		d := net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}
-		if tlsConf != nil {
-			td := tls.Dialer{NetDialer: &d, Config: tlsConf}
-			return td.DialContext(ctx, tnet, taddr)
-		}
-		return d.DialContext(ctx, tnet, taddr)
-	}
-	src, err := repl.NewSource(repl.SourceConfig{Backend: b, Mode: mode, ChunkSize: chunk,
-		Queue: repl.NewMemQueue(queueSize), Dial: dial, Codec: codec, RateLimit: rateLimit, Log: log})
+	src, err := repl.NewSource(repl.SourceConfig{Backend: b, Mode: mode, ChunkSize: f.chunk,
+		Queue: repl.NewMemQueue(f.queueSize), Dial: dial, Codec: f.codec, RateLimit: f.rateLimit, Log: log})
 	if err != nil {
 		return err
 	}

@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,8 +12,6 @@ import (
 
 	"github.com/doppelha/doppel/blockdev"
 	"github.com/doppelha/doppel/daemon/job"
-	"github.com/doppelha/doppel/daemon/repl"
-	"github.com/doppelha/doppel/daemon/repl/wire"
 	"github.com/doppelha/doppel/daemon/replstate"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/urfave/cli/v2"
@@ -43,53 +40,22 @@ func targetStateFlags() []cli.Flag {
 // replSourceState is `repl source --state-dir`.
 func replSourceState(c *cli.Context) error {
 	log := replLogger(c)
-	size, err := optionalSize(c, "size")
+	f, err := parseSourceFlags(c)
 	if err != nil {
 		return err
 	}
-	var mode wire.Mode
-	switch c.String("mode") {
-	case "sync":
-		mode = wire.ModeSync
-	case "async":
-		mode = wire.ModeAsync
-	default:
-		return usageErrorf("--mode %q: want sync or async", c.String("mode"))
-	}
-	mirror, err := repl.ParseMirrorKind(c.String("mirror"))
-	if err != nil {
-		return usageErrorf("--mirror: %v", err)
-	}
-	if _, _, err := blockdev.ParseListen(c.String("listen")); err != nil {
-		return usageErrorf("--listen: %v", err)
-	}
-	tnet, taddr, err := blockdev.ParseListen(c.String("target"))
-	if err != nil || !strings.HasPrefix(tnet, "tcp") {
-		return usageErrorf("--target %q: want tcp:HOST:PORT", c.String("target"))
-	}
-	chunk, err := optionalSize(c, "chunk-size")
-	if err != nil {
-		return err
-	}
+	chunk := f.chunk
 	if chunk > 64<<10 {
 		return usageErrorf("--chunk-size %d: with --state-dir the bitmap chunk is at most 64K", chunk)
 	}
-	memQ, err := optionalSize(c, "queue-size")
-	if err != nil {
-		return err
-	}
+	memQ := f.queueSize
 	diskQ := int64(-1) // "0": no disk queue
 	if c.String("disk-queue-size") != "0" {
 		if diskQ, err = optionalSize(c, "disk-queue-size"); err != nil {
 			return err
 		}
 	}
-	var rateLimit, resyncRate int64
-	if s := strings.TrimSuffix(c.String("bwlimit"), "/s"); s != "" {
-		if rateLimit, err = job.ParseSize(s); err != nil {
-			return usageErrorf("--bwlimit: %v", err)
-		}
-	}
+	var resyncRate int64
 	if s := strings.TrimSuffix(c.String("resync-rate"), "/s"); s != "" {
 		if resyncRate, err = job.ParseSize(s); err != nil {
 			return usageErrorf("--resync-rate: %v", err)
@@ -98,27 +64,16 @@ func replSourceState(c *cli.Context) error {
 	if d := c.String("discard-on"); d != "" && d != "target" && d != "source" {
 		return usageErrorf("--discard-on %q: want target or source", d)
 	}
-	codec, err := wire.NewCodec(c.String("compress"))
-	if err != nil {
-		return usageErrorf("--compress: %v", err)
-	}
-	tlsConf, err := replTLS(c, log, false)
+	dial, tlsConf, err := f.dialer(c, log)
 	if err != nil {
 		return err
 	}
-	b, err := blockdev.Open(c.String("file"), size)
+	mode, mirror, taddr, codec, rateLimit := f.mode, f.mirror, f.taddr, f.codec, f.rateLimit
+	b, err := blockdev.Open(c.String("file"), f.size)
 	if err != nil {
 		return err
 	}
 	defer closeBackend(b)
-	dial := func(ctx context.Context) (net.Conn, error) {
-		d := net.Dialer{Timeout: 10 * time.Second, KeepAlive: 15 * time.Second}
-		if tlsConf != nil {
-			td := tls.Dialer{NetDialer: &d, Config: tlsConf}
-			return td.DialContext(ctx, tnet, taddr)
-		}
-		return d.DialContext(ctx, tnet, taddr)
-	}
 	src, err := replstate.OpenSource(replstate.SourceConfig{Dir: c.String("state-dir"), Backend: b, Mode: mode, ChunkSize: chunk,
 		MemQueue: memQ, DiskQueue: diskQ, Dial: dial, Codec: codec, RateLimit: rateLimit, ResyncRate: resyncRate,
 		SyncTimeout: c.Duration("sync-timeout"), Discard: c.String("discard-on"), Mirror: mirror, Force: c.Bool("force"), Log: log})
