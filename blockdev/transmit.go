@@ -48,6 +48,9 @@ type tconn struct {
 	wrot     atomic.Bool  // a write, trim or zero was applied: sync at disconnect
 	slowFrac atomic.Int64 // moving fraction of slow small reads/writes (x slowScale)
 	samples  atomic.Int32
+	pipeFrac int64         // moving fraction of requests read with others alive (x slowScale); under rmu
+	lend     *time.Timer   // passes the read role on when a request run by the reader is slow
+	lent     chan struct{} // lendRead has released the read role
 
 	slots chan struct{} // one per request alive (read, running or replying)
 	big   chan struct{} // one per request with a buffer over bigBuffer
@@ -68,6 +71,9 @@ func (cn *conn) transmit(ctx context.Context, x *export) error {
 	t := &tconn{conn: cn, ctx: context.WithoutCancel(ctx), x: x, max: int32(n),
 		slots: make(chan struct{}, n), big: make(chan struct{}, maxBig)}
 	t.w.c = cn.c
+	t.lent = make(chan struct{}, 1)
+	t.lend = time.AfterFunc(time.Hour, t.lendRead)
+	t.lend.Stop()
 	// Large socket buffers let a 1 MiB reply leave in one writev instead of
 	// several partial writes with a poller wake-up between each (the kernel
 	// caps them at net.core.wmem_max/rmem_max).
@@ -107,22 +113,39 @@ func (t *tconn) worker() {
 		t.rmu.Lock()
 		t.waiting.Add(-1)
 		var o *op
+		lent := false
 		for !t.done {
 			o = t.next()
-			if o == nil || !t.inline(o) {
+			if o == nil {
 				break
 			}
-			// Small and recently fast: run it while keeping the read
-			// role (no goroutine wake-up); its reply leaves with the
-			// others read in the same batch (see next).
-			t.handle(o, true)
-			o = nil
+			if t.inline(o) {
+				// Small and recently fast: run it while keeping the read
+				// role (no goroutine wake-up); its reply leaves with the
+				// others read in the same batch (see next).
+				t.handle(o, true)
+				o = nil
+				continue
+			}
+			if t.lendable(o) {
+				// Slow, but the client sends one request at a time: run
+				// it here too, passing the read role on only if it runs
+				// long (see handleLent).
+				lent = !t.handleLent(o)
+				o = nil
+				if lent {
+					break
+				}
+				continue
+			}
+			break
+		}
+		if lent {
+			continue // the read role was passed on while o ran
 		}
 		t.w.flush()
 		if o != nil && !t.done && t.waiting.Load() == 0 && t.nwrk.Load() < t.max {
-			t.nwrk.Add(1)
-			t.wg.Add(1)
-			go t.worker()
+			t.spawn()
 		}
 		t.rmu.Unlock()
 		if o == nil {
@@ -130,6 +153,13 @@ func (t *tconn) worker() {
 		}
 		t.handle(o, false)
 	}
+}
+
+// spawn starts one more worker. Called by the holder of the read role.
+func (t *tconn) spawn() {
+	t.nwrk.Add(1)
+	t.wg.Add(1)
+	go t.worker()
 }
 
 // Inline execution. Waking another goroutine to take over reading costs a
@@ -152,10 +182,36 @@ const (
 	slowScale        = 1024 // slowFrac fixed point: 1024 = every request slow
 )
 
+// A client that waits for each reply before sending the next request (queue
+// depth 1) gains nothing from concurrency however slow its requests are:
+// there is never a second request to start, and handing the read role over
+// only adds goroutine (and thread) wake-ups per request. So when recently
+// almost every request arrived alone (no other request alive on the
+// connection, nothing further buffered), a small request that is not
+// inlined is still run by the reader, under a timer: should it run longer
+// than lendAfter, the timer passes the read role on (as the concurrent path
+// does at once), so that a request sent meanwhile is neither held up by a
+// slow one nor left unread. A client that starts pipelining is noticed at
+// its next request, and a few such requests bring the concurrent path back.
+const lendAfter = 500 * time.Microsecond
+
 func (t *tconn) inline(o *op) bool {
+	return t.small(o) && t.slowFrac.Load() < slowScale/4
+}
+
+// small reports whether o is a plain READ or WRITE eligible for running on
+// the reader, once enough requests have been timed.
+func (t *tconn) small(o *op) bool {
 	r := &o.req
 	return (r.typ == cmdRead || r.typ == cmdWrite && r.flags == 0) && r.length <= inlineMaxLen &&
-		o.errno == 0 && t.samples.Load() >= inlineMinSamples && t.slowFrac.Load() < slowScale/4
+		o.errno == 0 && t.samples.Load() >= inlineMinSamples
+}
+
+// lendable reports whether o, not inlined, should still run on the reader
+// under the lendAfter timer: the client has recently sent requests one at a
+// time. Called under rmu.
+func (t *tconn) lendable(o *op) bool {
+	return t.pipeFrac < slowScale/4 && t.small(o)
 }
 
 // observe folds one small read or write into the moving fraction of slow
@@ -170,6 +226,43 @@ func (t *tconn) observe(d time.Duration) {
 	if t.samples.Load() < inlineMinSamples {
 		t.samples.Add(1)
 	}
+}
+
+// observePipe folds whether the request just read arrived alone into
+// pipeFrac (weight 1/8). Called under rmu.
+func (t *tconn) observePipe() {
+	var x int64
+	if len(t.slots) > 1 || t.br.Buffered() > 0 {
+		x = slowScale
+	}
+	t.pipeFrac += (x - t.pipeFrac) / 8
+}
+
+// handleLent runs o on the goroutine holding the read role, with the lend
+// timer armed. It reports whether that goroutine still holds the role
+// (the reply is then held, as an inlined one); when the timer passed the
+// role on, the reply is sent at once and the caller queues for the role.
+func (t *tconn) handleLent(o *op) bool {
+	t.lend.Reset(lendAfter)
+	t.exec(o)
+	if t.lend.Stop() {
+		t.reply(o, true)
+		return true
+	}
+	<-t.lent // lendRead has released the role
+	t.reply(o, false)
+	return false
+}
+
+// lendRead runs on the lend timer: the request running on the reader is
+// slow, so the read role passes to a queued worker (one is started if none
+// is queued), on the reader's behalf.
+func (t *tconn) lendRead() {
+	if t.waiting.Load() == 0 && t.nwrk.Load() < t.max {
+		t.spawn()
+	}
+	t.rmu.Unlock()
+	t.lent <- struct{}{}
 }
 
 // next reads one request under the read lock. It returns nil and sets done
@@ -227,6 +320,7 @@ func (t *tconn) next() *op {
 			return nil
 		}
 	}
+	t.observePipe()
 	return o
 }
 
@@ -282,6 +376,12 @@ func (t *tconn) readPayload(o *op) error {
 
 // handle processes one request and sends its reply.
 func (t *tconn) handle(o *op, hold bool) {
+	t.exec(o)
+	t.reply(o, hold)
+}
+
+// exec performs o, timing small reads and writes for the inline decision.
+func (t *tconn) exec(o *op) {
 	if o.errno == 0 {
 		if r := &o.req; (r.typ == cmdRead || r.typ == cmdWrite) && r.length <= inlineMaxLen {
 			start := time.Now()
@@ -291,6 +391,10 @@ func (t *tconn) handle(o *op, hold bool) {
 			o.errno = t.do(o)
 		}
 	}
+}
+
+// reply encodes o's reply and queues it (see replyWriter.send).
+func (t *tconn) reply(o *op, hold bool) {
 	if o.errno != 0 {
 		t.s.stats.errors.Add(1)
 		if o.buf != nil {
