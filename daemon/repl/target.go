@@ -230,13 +230,27 @@ func (t *Target) refuse(c net.Conn, code uint16, msg string, err error) error {
 	if code != 0 {
 		if b, e := wire.Encode(&wire.Error{Code: code, Message: truncate(msg, wire.MaxText)}); e == nil {
 			c.SetWriteDeadline(time.Now().Add(time.Second))
-			c.Write(b)
+			if _, werr := c.Write(b); werr == nil {
+				lingerClose(c)
+			}
 		}
 	}
 	if err != nil {
 		return fmt.Errorf("%s: %w", msg, err)
 	}
 	return errors.New(msg)
+}
+
+// lingerClose lets a refusal reach the peer before the caller closes c:
+// closing a socket that still holds unread input makes the kernel send a
+// reset, which can discard the error frame before the peer reads it. So
+// half-close, then drain what the peer sent (bounded in time and bytes).
+func lingerClose(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	c.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	io.Copy(io.Discard, io.LimitReader(c, 4<<20))
 }
 
 func truncate(s string, n int) string {
