@@ -419,28 +419,35 @@ func bytesHuman(n int64) string {
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
-// sendCommand runs an operator command on the server that must act: the
-// one --server names, else the one pick chooses among the job's sides.
-func sendCommand(c *cli.Context, cmd ha.EventType, opts api.CommandOptions, pick func([]view) (string, error)) error {
-	name, err := oneArg(c, "doppel "+string(cmd)+" NAME")
-	if err != nil {
-		return err
+// jobServer reads the job NAME argument and connects to the server that
+// must act on it: the one --server names, else the one pick chooses among
+// the job's sides.
+func jobServer(c *cli.Context, usage string, pick func([]view) (string, error)) (name, server string, cl *api.Client, err error) {
+	if name, err = oneArg(c, usage); err != nil {
+		return "", "", nil, err
 	}
 	e, err := newClientEnv(c)
 	if err != nil {
-		return err
+		return "", "", nil, err
 	}
-	server := e.only
+	server = e.only
 	if server == "" {
 		views, err := e.findJob(c.Context, name)
 		if err != nil {
-			return err
+			return "", "", nil, err
 		}
 		if server, err = pick(views); err != nil {
-			return err
+			return "", "", nil, err
 		}
 	}
-	cl, err := e.client(server)
+	cl, err = e.client(server)
+	return name, server, cl, err
+}
+
+// sendCommand runs an operator command on the server that must act: the
+// one --server names, else the one pick chooses among the job's sides.
+func sendCommand(c *cli.Context, cmd ha.EventType, opts api.CommandOptions, pick func([]view) (string, error)) error {
+	name, server, cl, err := jobServer(c, "doppel "+string(cmd)+" NAME", pick)
 	if err != nil {
 		return err
 	}

@@ -16,25 +16,7 @@ func verifyCommand() *cli.Command {
 		ArgsUsage: "NAME",
 		Flags:     append(connFlags(), &cli.BoolFlag{Name: "json", Usage: "machine-readable output"}),
 		Action: func(c *cli.Context) error {
-			name, err := oneArg(c, "doppel verify NAME")
-			if err != nil {
-				return err
-			}
-			e, err := newClientEnv(c)
-			if err != nil {
-				return err
-			}
-			server := e.only
-			if server == "" {
-				views, err := e.findJob(c.Context, name)
-				if err != nil {
-					return err
-				}
-				if server, err = activeSource(views); err != nil {
-					return err
-				}
-			}
-			cl, err := e.client(server)
+			name, server, cl, err := jobServer(c, "doppel verify NAME", activeSource)
 			if err != nil {
 				return err
 			}
