@@ -195,6 +195,14 @@ func writeFileAtomic(path string, data []byte) error {
 // source replaces the current one (a reconnect after a partition finds the
 // old session half dead).
 func (t *Target) Serve(ctx context.Context, l net.Listener) error {
+	return ServeConns(ctx, l, t.log, t.ServeConn)
+}
+
+// ServeConns accepts connections on l until ctx is done, runs serve on each
+// in a goroutine of its own, logs the sessions that end in an error, and
+// returns once every session has ended. Targets with more around the engine
+// (replstate) serve with it too.
+func ServeConns(ctx context.Context, l net.Listener, log *slog.Logger, serve func(context.Context, net.Conn) error) error {
 	go func() {
 		<-ctx.Done()
 		l.Close()
@@ -216,8 +224,8 @@ func (t *Target) Serve(ctx context.Context, l net.Listener) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := t.ServeConn(ctx, c); err != nil && ctx.Err() == nil {
-				t.log.Warn("replication session ended", "peer", c.RemoteAddr().String(), "err", err)
+			if err := serve(ctx, c); err != nil && ctx.Err() == nil {
+				log.Warn("replication session ended", "peer", c.RemoteAddr().String(), "err", err)
 			}
 		}()
 	}

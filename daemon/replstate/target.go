@@ -89,32 +89,7 @@ func (t *Target) Close() error {
 
 // Serve accepts sources on l until ctx is done.
 func (t *Target) Serve(ctx context.Context, l net.Listener) error {
-	go func() {
-		<-ctx.Done()
-		l.Close()
-	}()
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	for {
-		c, err := l.Accept()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return err
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := t.ServeConn(ctx, c); err != nil && ctx.Err() == nil {
-				t.log.Warn("replication session ended", "peer", c.RemoteAddr().String(), "err", err)
-			}
-		}()
-	}
+	return repl.ServeConns(ctx, l, t.log, t.ServeConn)
 }
 
 // ServeConn runs the state handshake (when the source starts with it) and
