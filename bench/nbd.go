@@ -143,26 +143,6 @@ func RunNBD(ctx context.Context, cfg NBDConfig) (*NBDReport, error) {
 		}
 	}
 
-	procs := make([]*Proc, len(cfg.Servers))
-	defer func() {
-		for _, p := range procs {
-			if p != nil && p.Alive() {
-				_ = p.Stop(10 * time.Second)
-			}
-		}
-	}()
-	for i, s := range cfg.Servers {
-		p, err := StartProc(s.Name, s.Argv(files[i], socks[i]), filepath.Join(cfg.Dir, s.Name+".log"))
-		if err != nil {
-			return nil, err
-		}
-		procs[i] = p
-		if err := p.WaitUnix(ctx, socks[i], 15*time.Second); err != nil {
-			return nil, err
-		}
-		log.Info("server ready", "server", s.Name, "pid", p.PID())
-	}
-
 	order := make([]int, len(cfg.Servers))
 	for i := range order {
 		order[i] = i
@@ -173,19 +153,15 @@ func RunNBD(ctx context.Context, cfg NBDConfig) (*NBDReport, error) {
 		for run := range cfg.Runs {
 			for _, i := range Rotate(order, run) {
 				s := cfg.Servers[i]
-				if !procs[i].Alive() {
-					return nil, procs[i].Exited()
-				}
-				if err := SyncFiles(files...); err != nil {
-					return nil, err
-				}
-				uri := "nbd+unix:///?socket=" + socks[i]
-				cpu0, t0 := ProcCPU(procs[i].PID()), time.Now()
-				res, err := RunFio(ctx, cfg.Fio, FioArgs(row, uri, cfg.Runtime, cfg.Ramp), row.Write())
+				// Run k gives server i the file (i+k) mod n, so that every
+				// server meets every file: files on one filesystem do not
+				// write equally fast (extent layout), and a fixed
+				// assignment biased the write rows.
+				file := files[(i+run)%len(files)]
+				res, err := runOne(ctx, cfg, row, s, file, socks[i])
 				if ctx.Err() != nil {
 					return nil, ctx.Err()
 				}
-				res.SetServerCPU(ProcCPU(procs[i].PID())-cpu0, time.Since(t0))
 				if err != nil {
 					log.Warn("run failed", "row", row.Slug, "server", s.Name, "run", run+1, "err", err)
 					rep.Failed[row.Slug][s.Name] = append(rep.Failed[row.Slug][s.Name], err.Error())
@@ -193,15 +169,10 @@ func RunNBD(ctx context.Context, cfg NBDConfig) (*NBDReport, error) {
 				}
 				rep.FioVersion = res.FioVersion
 				rep.Runs[row.Slug][s.Name] = append(rep.Runs[row.Slug][s.Name], res)
-				log.Info("run", "row", row.Slug, "server", s.Name, "run", run+1,
+				log.Info("run", "row", row.Slug, "server", s.Name, "run", run+1, "file", filepath.Base(file),
 					"iops", math.Round(res.IOPS), "MiB/s", math.Round(res.MiBps()), "lat_us", math.Round(res.LatMeanNs/1e3),
 					"cpu_us_per_io", math.Round(float64(res.ServerCPUPerIO.Nanoseconds())/100)/10, "cpu_cores", math.Round(res.ServerCPUShare*100)/100)
 			}
-		}
-	}
-	for i, p := range procs {
-		if err := p.Stop(10 * time.Second); err != nil {
-			log.Warn("stop", "server", cfg.Servers[i].Name, "err", err)
 		}
 	}
 	rep.LoadEnd = LoadAvg()
@@ -214,6 +185,40 @@ func RunNBD(ctx context.Context, cfg NBDConfig) (*NBDReport, error) {
 	}
 	rep.End = time.Now().UTC()
 	return rep, nil
+}
+
+// runOne starts server s on file, runs one fio job against it and stops it,
+// so that only the server being measured is running.
+func runOne(ctx context.Context, cfg NBDConfig, row Job, s NBDServer, file, sock string) (Result, error) {
+	if err := SyncFiles(file); err != nil {
+		return Result{}, err
+	}
+	_ = os.Remove(sock)
+	p, err := StartProc(s.Name, s.Argv(file, sock), filepath.Join(cfg.Dir, s.Name+".log"))
+	if err != nil {
+		return Result{}, err
+	}
+	defer func() {
+		if p.Alive() {
+			_ = p.Stop(10 * time.Second)
+		}
+	}()
+	if err := p.WaitUnix(ctx, sock, 15*time.Second); err != nil {
+		return Result{}, err
+	}
+	cpu0, t0 := ProcCPU(p.PID()), time.Now()
+	res, err := RunFio(ctx, cfg.Fio, FioArgs(row, "nbd+unix:///?socket="+sock, cfg.Runtime, cfg.Ramp), row.Write())
+	res.SetServerCPU(ProcCPU(p.PID())-cpu0, time.Since(t0))
+	if err != nil {
+		return res, err
+	}
+	if !p.Alive() {
+		return res, fmt.Errorf("%s exited during the run: %v", s.Name, p.Exited())
+	}
+	if err := p.Stop(10 * time.Second); err != nil {
+		return res, fmt.Errorf("stop %s: %w", s.Name, err)
+	}
+	return res, nil
 }
 
 // profileDoppel runs each profile row against a doppel started with
@@ -332,11 +337,11 @@ func (r *NBDReport) Markdown(command, note string) string {
 		w(", %s", m.Versions[k])
 	}
 	w(".\n")
-	w("- Method: each server serves its own preallocated %s file of pseudo-random data (all on the same filesystem, page cache warm) on a Unix socket. "+
+	w("- Method: %d preallocated %s files of pseudo-random data on the same filesystem (page cache warm); run k starts server i alone on file (i+k) mod %d over a Unix socket and stops it after the run, so every server meets every file and only the server measured is running. "+
 		"fio's `nbd` engine, one job, identical arguments for every server except `--uri`: %s. "+
 		"Each run lasts %v after a %v ramp (excluded); %d runs per row and server; the servers are alternated run by run (run k starts with the k-th server); "+
-		"before each run the volumes are fdatasync'd so no run pays for another's writeback. Figures are medians of the runs; ratio = doppel ÷ peer (above 1: doppel faster).\n",
-		humanBytes(cfg.Size), fioTemplate(cfg.Runtime, cfg.Ramp),
+		"before each run the volume is fdatasync'd so no run pays for another's writeback. Figures are medians of the runs; ratio = doppel ÷ peer (above 1: doppel faster).\n",
+		len(cfg.Servers), humanBytes(cfg.Size), len(cfg.Servers), fioTemplate(cfg.Runtime, cfg.Ramp),
 		cfg.Runtime, cfg.Ramp, cfg.Runs)
 	w("- Servers:\n")
 	for _, s := range cfg.Servers {
