@@ -362,7 +362,7 @@ var (
 	descConsistent = prometheus.NewDesc("doppel_job_target_consistent", "1 when the target's copy is consistent.", []string{"job"}, nil)
 	descRemaining  = prometheus.NewDesc("doppel_job_sync_remaining_bytes", "Bytes left to mirror or resync.", []string{"job"}, nil)
 	descQueue      = prometheus.NewDesc("doppel_job_queue_bytes", "Replication queue bytes.", []string{"job", "where"}, nil)
-	descRPO        = prometheus.NewDesc("doppel_job_rpo_seconds", "Age of the oldest unacknowledged write.", []string{"job"}, nil)
+	descRPO        = prometheus.NewDesc("doppel_job_rpo_seconds", "Estimated age of the oldest write the target does not hold yet (source side; sampled every 100 ms).", []string{"job"}, nil)
 	descTTF        = prometheus.NewDesc("doppel_job_time_to_fail_seconds", "Countdown to declaring the source failed (-1: not counting).", []string{"job"}, nil)
 	descPathUp     = prometheus.NewDesc("doppel_job_path_up", "1 when the peer is heard on the path.", []string{"job", "path"}, nil)
 )

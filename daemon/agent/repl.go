@@ -77,6 +77,7 @@ type replPlane struct {
 	tgtDone   chan struct{}
 	pollStop  context.CancelFunc
 
+	rpo       rpoEstimator
 	gate      sync.RWMutex // held shared by writes in flight
 	quiesced  atomic.Bool
 	lastLink  bool
@@ -383,9 +384,8 @@ func (d *replPlane) Status() api.DataStatus {
 			st.SyncTotal, st.SyncDone = s.MirrorTotal, s.MirrorDone
 			st.BytesRemaining = max(s.MirrorTotal-s.MirrorDone, 0)
 		}
-		if s.QueueEntries == 0 {
-			st.RPO = 0 // nothing unacknowledged
-		} else {
+		st.RPO = d.observeRPO(src)
+		if s.QueueEntries > 0 {
 			st.Note = fmt.Sprintf("%d writes not yet acknowledged by the target", s.QueueEntries)
 		}
 		switch {
@@ -403,6 +403,16 @@ func (d *replPlane) Status() api.DataStatus {
 		}
 	}
 	return st
+}
+
+// observeRPO samples the source for the RPO estimate (see rpoEstimator).
+func (d *replPlane) observeRPO(src *replstate.Source) time.Duration {
+	eng := src.Engine()
+	s := eng.Stats()
+	rs := src.Status()
+	return d.rpo.observe(time.Now(), rpoInput{Stream: eng.StreamID(), Last: s.LastSeq, Applied: s.AckedSeq,
+		Sync: d.mode() == wire.ModeSync, Connected: s.Connected,
+		AtRisk: rs.Tracking || !rs.Connected || rs.ResyncActive || !rs.Synced, Dirty: rs.DirtyBytes})
 }
 
 // Verify implements DataPlane.
@@ -449,6 +459,9 @@ func (d *replPlane) startPoll() {
 			src, tgt, running := d.src, d.tgt, d.srcRun != nil
 			d.mu.Unlock()
 			link, state := false, ""
+			if src != nil {
+				d.observeRPO(src)
+			}
 			switch {
 			case src != nil && running:
 				// The source's sync state comes from its mirror.

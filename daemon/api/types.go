@@ -70,7 +70,11 @@ type DataStatus struct {
 	// resync since it started (a restart resumes by checksum comparison:
 	// only differing chunks are sent).
 	MirrorSent int64 `json:"mirror_sent"`
-	// RPO estimate: the age of the oldest unacknowledged write; -1 unknown.
+	// RPO estimate on the source: the age of the oldest write the target
+	// does not hold (async: not applied yet; any mode: tracked in the
+	// bitmap while the link is down or a resync runs); 0 in sync mode
+	// while connected and synced. Sampled every 100 ms: short by at most
+	// that. -1 unknown (the target side, or no engine).
 	RPO time.Duration `json:"rpo"`
 	// Known is false when the replication engine is not wired in: the
 	// numbers above are then unknown, not zero.
