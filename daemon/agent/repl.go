@@ -36,8 +36,11 @@ import (
 // demoted side accepts a split-brain resolution against itself (the
 // failover fenced it), saving its divergent chunks first.
 //
-// Integration limit of this build: one target job per agent (the
-// replication listener is not multiplexed by job).
+// One replication listener serves every target job of the agent
+// (repl.Mux): the source names its job in a route preamble after the TLS
+// handshake, and the mux checks that the connecting certificate is the
+// one that job pins before its target reads a byte. The listener opens
+// with the first target job and closes with the last.
 type ReplPlanes struct {
 	Log        *slog.Logger
 	Cert       tls.Certificate
@@ -46,8 +49,52 @@ type ReplPlanes struct {
 	// RateLimit caps replication bytes per second (0: unlimited).
 	RateLimit int64
 
-	mu       sync.Mutex
-	listener string // job holding the replication listener
+	mu        sync.Mutex
+	mux       *repl.Mux
+	muxCancel context.CancelFunc // the listener's
+	muxDone   chan struct{}
+}
+
+// route makes the agent's replication listener hand job name's
+// connections from the peer pinned by peerPin to serve, opening the
+// listener if this is the first target job. remove undoes it (and closes
+// the listener after the last job).
+func (p *ReplPlanes) route(name, peerPin string, serve func(context.Context, net.Conn) error) (remove func(), err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.mux == nil {
+		p.mux = repl.NewMux(p.Cert, p.Log)
+	}
+	unroute, err := p.mux.Handle(name, peerPin, serve)
+	if err != nil {
+		return nil, err
+	}
+	if p.muxCancel == nil {
+		l, err := net.Listen("tcp", p.ReplListen)
+		if err != nil {
+			unroute()
+			return nil, fmt.Errorf("listen for replication: %w", err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		p.muxCancel, p.muxDone = cancel, done
+		go func() {
+			defer close(done)
+			if err := p.mux.Serve(ctx, l); err != nil && ctx.Err() == nil {
+				p.Log.Error("replication listener", "addr", p.ReplListen, "err", err)
+			}
+		}()
+	}
+	return func() {
+		unroute()
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		if p.mux.Routes() == 0 && p.muxCancel != nil {
+			p.muxCancel()
+			<-p.muxDone
+			p.muxCancel, p.muxDone = nil, nil
+		}
+	}, nil
 }
 
 // Open implements DataPlaneFactory.
@@ -73,8 +120,7 @@ type replPlane struct {
 	srcDone   chan struct{}
 	tgt       *replstate.Target
 	tgtBack   blockdev.Backend
-	tgtCancel context.CancelFunc
-	tgtDone   chan struct{}
+	tgtRemove func() // stops routing to the target, ends its sessions
 	pollStop  context.CancelFunc
 
 	rpo       rpoEstimator
@@ -114,11 +160,26 @@ func (d *replPlane) source() (*replstate.Source, error) {
 	}
 	addr := d.peer.Repl
 	dialer := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 5 * time.Second}, Config: cfgTLS}
+	name := d.rec.Spec.Name
+	dial := func(ctx context.Context) (net.Conn, error) {
+		c, err := dialer.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		// The peer's listener serves all its target jobs: name ours.
+		c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		if err := repl.WriteRoute(c, name); err != nil {
+			c.Close()
+			return nil, err
+		}
+		c.SetWriteDeadline(time.Time{})
+		return c, nil
+	}
 	// Force: the state machine decided this side serves (a failover to
 	// an inconsistent copy is refused there unless forced).
 	src, err := replstate.OpenSource(replstate.SourceConfig{Dir: d.stateDir(),
 		Backend: b, Mode: d.mode(), Log: d.log, RateLimit: d.p.RateLimit, Mirror: repl.MirrorDiff, Force: true,
-		Dial: func(ctx context.Context) (net.Conn, error) { return dialer.DialContext(ctx, "tcp", addr) },
+		Dial: dial,
 	})
 	if err != nil {
 		if c, ok := b.(io.Closer); ok {
@@ -254,62 +315,32 @@ func (d *replPlane) waitRun() {
 	}
 }
 
-// StartTarget implements DataPlane.
+// StartTarget implements DataPlane: the agent's replication listener
+// routes this job's connections, from the pinned source only, to it.
 func (d *replPlane) StartTarget(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.tgt != nil {
 		return nil
 	}
-	d.p.mu.Lock()
-	if d.p.listener != "" && d.p.listener != d.rec.Spec.Name {
-		holder := d.p.listener
-		d.p.mu.Unlock()
-		return fmt.Errorf("replication listener %s is used by job %s: one target job per agent in this build", d.p.ReplListen, holder)
-	}
-	d.p.listener = d.rec.Spec.Name
-	d.p.mu.Unlock()
-	release := func() {
-		d.p.mu.Lock()
-		d.p.listener = ""
-		d.p.mu.Unlock()
-	}
 	vol := d.rec.Spec.VolumeOn(d.rec.Self)
 	b, err := blockdev.Open(vol, d.rec.Spec.Size)
 	if err != nil {
-		release()
 		return fmt.Errorf("open volume %s: %w", vol, err)
 	}
 	t, err := replstate.OpenTarget(replstate.TargetConfig{Dir: d.stateDir(), Backend: b, Log: d.log, Discard: "target"})
 	if err != nil {
 		closeBackend(b)
-		release()
 		return err
 	}
-	cfgTLS, err := repl.ServerTLS(d.p.Cert, d.peer.Fingerprint)
+	remove, err := d.p.route(d.rec.Spec.Name, d.peer.Fingerprint, t.ServeConn)
 	if err != nil {
 		t.Close()
 		closeBackend(b)
-		release()
 		return err
 	}
-	l, err := net.Listen("tcp", d.p.ReplListen)
-	if err != nil {
-		t.Close()
-		closeBackend(b)
-		release()
-		return fmt.Errorf("listen for replication: %w", err)
-	}
-	tctx, cancel := context.WithCancel(context.Background())
-	d.tgt, d.tgtBack, d.tgtCancel, d.tgtDone = t, b, cancel, make(chan struct{})
+	d.tgt, d.tgtBack, d.tgtRemove = t, b, remove
 	d.lastLink, d.lastState = false, ""
-	done := d.tgtDone
-	go func() {
-		defer close(done)
-		if err := t.Serve(tctx, tls.NewListener(l, cfgTLS)); err != nil && tctx.Err() == nil {
-			d.log.Error("replication target", "err", err)
-		}
-	}()
 	d.startPoll()
 	return nil
 }
@@ -318,21 +349,14 @@ func (d *replPlane) StartTarget(ctx context.Context) error {
 // arrive, in order: there is no separate unapplied queue to apply or drop.
 func (d *replPlane) StopTarget(applyQueue bool) error {
 	d.mu.Lock()
-	t, b, cancel, done := d.tgt, d.tgtBack, d.tgtCancel, d.tgtDone
-	d.tgt, d.tgtBack, d.tgtCancel, d.tgtDone = nil, nil, nil, nil
+	t, b, remove := d.tgt, d.tgtBack, d.tgtRemove
+	d.tgt, d.tgtBack, d.tgtRemove = nil, nil, nil
 	d.mu.Unlock()
 	if t == nil {
 		return nil
 	}
-	cancel()
-	<-done
-	err := errors.Join(t.Close(), closeBackend(b))
-	d.p.mu.Lock()
-	if d.p.listener == d.rec.Spec.Name {
-		d.p.listener = ""
-	}
-	d.p.mu.Unlock()
-	return err
+	remove()
+	return errors.Join(t.Close(), closeBackend(b))
 }
 
 // Promote implements DataPlane. The new epoch is persisted in the job
