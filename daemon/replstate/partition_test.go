@@ -9,6 +9,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -112,7 +114,19 @@ func TestPartitionRandomized(t *testing.T) {
 	if testing.Short() {
 		steps = 600
 	}
-	for _, seed := range []uint64{1, 2} {
+	seeds := []uint64{1, 2}
+	if env := os.Getenv("DOPPEL_PARTITION_SEEDS"); env != "" {
+		// e.g. DOPPEL_PARTITION_SEEDS=3,4,5 to try other interleavings.
+		seeds = nil
+		for f := range strings.SplitSeq(env, ",") {
+			n, err := strconv.ParseUint(strings.TrimSpace(f), 10, 64)
+			if err != nil {
+				t.Fatalf("DOPPEL_PARTITION_SEEDS: %v", err)
+			}
+			seeds = append(seeds, n)
+		}
+	}
+	for _, seed := range seeds {
 		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) { runPartition(t, seed, steps) })
 	}
 }

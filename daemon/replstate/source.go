@@ -20,6 +20,7 @@ import (
 	"github.com/doppelha/doppel/daemon/repl"
 	"github.com/doppelha/doppel/daemon/repl/wire"
 	"github.com/doppelha/doppel/daemon/resync"
+	"github.com/doppelha/doppel/daemon/statefile"
 )
 
 // Defaults.
@@ -79,10 +80,19 @@ type Source struct {
 	trk *bitmap.Tracker
 	lim *resync.Limiter
 
-	genMu   sync.Mutex
-	gen     gen.State
-	bumped  bool // a new generation was started for this disconnection
+	genMu sync.Mutex
+	gen   gen.State
+	// shared is the generation the peer may hold: the last one sent to it
+	// in a state hello (it may have adopted it, whatever became of the
+	// connection), or the persisted current one when its state said so; 0
+	// when unknown to the peer. A write the peer will not see in order must
+	// be made under a generation other than shared (bumpGeneration).
+	shared  uint64
 	peerGen atomic.Uint64
+	// hook, when set (tests), is called at the named points of the state
+	// handshake: "snapshot" (the hello's generation was taken), "committed"
+	// (the target accepted, the engine is not connected yet).
+	hook func(point string)
 
 	swap sync.RWMutex // held shared by Apply, exclusively to replace cur
 	cur  atomic.Pointer[repl.Source]
@@ -156,8 +166,8 @@ func OpenSource(cfg SourceConfig) (*Source, error) {
 		s.log.Warn("promoted: this side was a target, it now writes in a new generation", "generation", fmt.Sprintf("%016x", st.Current))
 	}
 	_, uerr := os.Stat(filepath.Join(cfg.Dir, UnsharedFile))
-	s.bumped = uerr == nil
-	if ok && !s.bumped && (s.hotAtOpen > 0 || s.dirtyAtOpen > 0) {
+	unshared := uerr == nil
+	if ok && !unshared && (s.hotAtOpen > 0 || s.dirtyAtOpen > 0) {
 		// Changes the target may lack: a new generation, so that a
 		// promotion of the target meanwhile is seen as split brain.
 		st.NewGeneration(gen.NewID())
@@ -167,13 +177,16 @@ func OpenSource(cfg SourceConfig) (*Source, error) {
 		return nil, err
 	}
 	if st.Current != prev && prev != 0 {
-		s.bumped = true
+		unshared = true
 		if err := s.markUnshared(true); err != nil {
 			s.closeFiles()
 			return nil, err
 		}
 	}
 	s.gen = st
+	if !unshared {
+		s.shared = st.Current
+	}
 	s.trackCtx, s.trackEnd = context.WithCancel(context.Background())
 	if s.hotAtOpen > 0 || s.dirtyAtOpen > 0 {
 		s.log.Info("restart: dirty regions to resync", "dirty_bytes", s.dirtyAtOpen, "hot_extents", s.hotAtOpen)
@@ -293,41 +306,65 @@ var stopped = func() context.Context {
 	return c
 }()
 
-// bumpGeneration starts a new generation before the first write the
-// target will not see in order (tracking), so a promotion of the target
-// meanwhile is detected as split brain.
+// bumpGeneration is called before a write the target may not see in
+// order (not connected, tracking, closing with dirty chunks): when the peer
+// may hold the current generation, it starts a new one (DRBD's new current
+// UUID), so a promotion of the target meanwhile is detected as split brain
+// and the write is never silently overwritten. When the current generation
+// is already unknown to the peer, the write joins it (one new generation
+// per outage, so the peer's stays in the bounded history).
 func (s *Source) bumpGeneration() error {
 	s.genMu.Lock()
 	defer s.genMu.Unlock()
-	if s.bumped {
+	if s.gen.Current != s.shared {
 		return nil
 	}
 	st := s.gen.Clone()
 	st.NewGeneration(gen.NewID())
+	// The generation first, then the marker: a crash between them leaves
+	// a generation taken for shared (another one at the next restart),
+	// never a shared one taken for unshared.
 	if err := saveGen(s.cfg.Dir, st); err != nil {
 		return err
 	}
 	if err := s.markUnshared(true); err != nil {
 		return err
 	}
-	s.gen, s.bumped = st, true
+	s.gen = st
 	s.synced.Store(false)
 	s.log.Info("writing without the target: new generation", "generation", fmt.Sprintf("%016x", st.Current))
 	return nil
 }
 
-// markUnshared records whether the current generation is unknown to the
-// peer (so a restart during a long outage does not start yet another one
-// and push the peer's generation out of the bounded history).
+// markUnshared records durably whether the current generation is unknown
+// to the peer (so a restart during a long outage does not start yet another
+// one and push the peer's generation out of the bounded history).
 func (s *Source) markUnshared(on bool) error {
 	p := filepath.Join(s.cfg.Dir, UnsharedFile)
 	if !on {
-		if err := os.Remove(p); err != nil && !os.IsNotExist(err) {
+		if err := os.Remove(p); err != nil {
+			if os.IsNotExist(err) {
+				return nil
+			}
 			return err
 		}
+		return statefile.SyncDir(s.cfg.Dir)
+	}
+	return statefile.Write(p, nil, 0o600)
+}
+
+// share records that the peer may hold local, the current generation (it
+// is about to be sent in a state hello), durably before it is sent. The
+// caller holds genMu.
+func (s *Source) share(local gen.State) error {
+	if s.shared == local.Current {
 		return nil
 	}
-	return os.WriteFile(p, nil, 0o600)
+	if err := s.markUnshared(false); err != nil {
+		return err
+	}
+	s.shared = local.Current
+	return nil
 }
 
 // Run replicates until ctx is done: connect, decide, resync, stream;
@@ -477,7 +514,12 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 	applied, _ := cur.Progress()
 	s.genMu.Lock()
 	local := s.gen.Clone()
+	err := s.share(local)
 	s.genMu.Unlock()
+	if err != nil {
+		return dec, err
+	}
+	s.at("snapshot")
 	if _, err := conn.Write(metaMagic[:]); err != nil {
 		return dec, err
 	}
@@ -497,6 +539,9 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 		return dec, s.refuse(fmt.Errorf("%w by the target: %s", ErrRefused, rp.Error))
 	}
 	if notify {
+		s.genMu.Lock()
+		s.synced.Store(s.gen.Current == local.Current)
+		s.genMu.Unlock()
 		return dec, nil
 	}
 	peer, err := decodeGen(rp.Gen)
@@ -572,17 +617,22 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 	if d.Saved != "" {
 		s.log.Warn("split brain resolved against the target: its divergent chunks were saved there", "path", d.Saved)
 	}
-	s.genMu.Lock()
-	s.bumped = false
-	s.markUnshared(false)
-	s.genMu.Unlock()
 	str := dec.Outcome.String() + ": " + dec.Reason
 	s.decision.Store(&str)
 	if c.Adopt {
-		s.synced.Store(true)
+		s.genMu.Lock()
+		s.synced.Store(s.gen.Current == local.Current)
+		s.genMu.Unlock()
 	}
+	s.at("committed")
 	s.log.Info("state handshake", "decision", dec.Outcome, "reason", dec.Reason, "dirty_bytes", s.bm.DirtyBytes(), "full", full)
 	return dec, nil
+}
+
+func (s *Source) at(point string) {
+	if s.hook != nil {
+		s.hook(point)
+	}
 }
 
 func peerDirty(b []byte, size, chunk int64) string {
@@ -801,9 +851,6 @@ func (s *Source) notify(ctx context.Context) {
 		return
 	}
 	s.al.Clean()
-	s.genMu.Lock()
-	s.synced.Store(!s.bumped)
-	s.genMu.Unlock()
 }
 
 // Close stops the engine and closes the state files (a clean stop: hot
