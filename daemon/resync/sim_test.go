@@ -4,7 +4,7 @@ package resync
 // way the replication engine is meant to use them: a Tracker on every
 // write, the async queue while connected, bitmap-only tracking (and a new
 // generation) while disconnected, gen.Decide on reconnect, a resync of the
-// union of both bitmaps with a resumable cursor, split-brain saves, and
+// union of both bitmaps (the bitmap is the cursor), split-brain saves, and
 // crashes that discard everything not yet in the state files. It checks
 // that the blocks compose: both images converge, split-brain saves hold the
 // loser's divergent chunks, and resyncs send no more than the dirty bytes.
@@ -94,8 +94,7 @@ type sim struct {
 
 type resyncRun struct {
 	from, to *node
-	set      *bitmap.Bitmap // what to send: union of both bitmaps
-	cur      *Cursor
+	set      *bitmap.Bitmap // what to send: union of both bitmaps; cleared as it is sent
 }
 
 func (s *sim) peer(n *node) *node {
@@ -221,12 +220,8 @@ func (s *sim) connect() {
 		to.save()
 		return
 	}
-	cur, _, err := OpenCursor(filepath.Join(to.dir, "cursor"), from.g.Current, simSize)
-	if err != nil {
-		s.t.Fatal(err)
-	}
 	s.dirtySum += set.DirtyBytes()
-	s.resync = &resyncRun{from: from, to: to, set: set, cur: cur}
+	s.resync = &resyncRun{from: from, to: to, set: set}
 }
 
 func (s *sim) splitBrain(winner, loser *node) {
@@ -249,29 +244,22 @@ func (s *sim) splitBrain(winner, loser *node) {
 	}
 }
 
-// resyncStep sends up to k runs from the cursor.
+// resyncStep sends up to k runs of what is left to send, in disk order.
 func (s *sim) resyncStep(k int) {
 	rs := s.resync
-	// From the cursor to the end, then from 0 for chunks dirtied again
-	// below the cursor (by writes while disconnected, or bits whose clear
-	// was not flushed before a crash).
-	for _, from := range []int64{rs.cur.Next, 0} {
-		for off, n := range rs.set.Runs(from, 4*simChunk) {
-			if k == 0 {
-				// Clears must be durable before the cursor passes them.
-				rs.from.bm.Flush()
-				rs.to.bm.Flush()
-				rs.cur.Save()
-				return
-			}
-			k--
-			copy(rs.to.vol[off:off+n], rs.from.vol[off:off+n])
-			s.sent += n
-			rs.set.Clear(off, n)
-			rs.from.bm.Clear(off, n)
-			rs.to.bm.Clear(off, n)
-			rs.cur.Advance(off+n, n)
+	for off, n := range rs.set.Runs(0, 4*simChunk) {
+		if k == 0 {
+			// The clears of what was sent become durable.
+			rs.from.bm.Flush()
+			rs.to.bm.Flush()
+			return
 		}
+		k--
+		copy(rs.to.vol[off:off+n], rs.from.vol[off:off+n])
+		s.sent += n
+		rs.set.Clear(off, n)
+		rs.from.bm.Clear(off, n)
+		rs.to.bm.Clear(off, n)
 	}
 	// Finished: drain what was queued meanwhile, then mark consistent.
 	s.ship(rs.from, 1<<30)
@@ -279,7 +267,6 @@ func (s *sim) resyncStep(k int) {
 	rs.to.save()
 	rs.from.al.Clean()
 	rs.to.al.Clean()
-	rs.cur.Remove()
 	s.resync = nil
 }
 
