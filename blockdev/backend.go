@@ -76,6 +76,28 @@ type Mutation struct {
 	Data   []byte // OpWrite only; owned by the caller, valid until Apply returns
 	FUA    bool   // forced unit access: durable before acknowledged
 	NoHole bool   // OpWriteZeroes: the range must stay allocated
+
+	// lend, set by the NBD server for a write, hands Data's buffer over
+	// (see Retain).
+	lend func() (data []byte, release func())
+}
+
+// Retain lets a Mutator keep a write's Data after Apply returns (a
+// replication queue). It returns the data and a function to call once,
+// when the data is no longer used. When the NBD server received the write,
+// that is the server's own buffer, handed over without a copy: the server
+// no longer reuses it, and release gives it back to the server's pool
+// (never calling release only forgoes that reuse). Otherwise (a Mutation
+// built elsewhere, or Retain called again) it is a copy and release does
+// nothing. Call it only during Apply.
+func (m *Mutation) Retain() (data []byte, release func()) {
+	if f := m.lend; f != nil && m.Op == OpWrite {
+		m.lend = nil
+		if d, rel := f(); rel != nil && len(d) == len(m.Data) && (len(d) == 0 || &d[0] == &m.Data[0]) {
+			return d, rel
+		}
+	}
+	return append([]byte(nil), m.Data...), func() {}
 }
 
 // Durable reports whether the request must be durable (locally and, in sync

@@ -22,10 +22,31 @@ type op struct {
 	errno  uint32
 	big    bool // holds a slot of tconn.big
 	m      Mutation
+	lendFn func() ([]byte, func()) // o.lend, made once per op
 	header [replyHeaderLen]byte
 }
 
-var opPool = sync.Pool{New: func() any { return new(op) }}
+var opPool = sync.Pool{New: func() any {
+	o := new(op)
+	o.lendFn = o.lend
+	return o
+}}
+
+// lend hands o's payload buffer over to a Mutator (Mutation.Retain): o
+// forgets it, and the returned release puts it back in the pool (once).
+func (o *op) lend() ([]byte, func()) {
+	p := o.buf
+	if p == nil {
+		return nil, nil
+	}
+	o.buf = nil
+	var done atomic.Bool
+	return *p, func() {
+		if done.CompareAndSwap(false, true) {
+			putBuf(p)
+		}
+	}
+}
 
 // tconn is the transmission phase of one connection.
 //
@@ -449,7 +470,7 @@ func (t *tconn) do(o *op) (errno uint32) {
 		case !inRange:
 			return nbdENOSPC
 		}
-		o.m = Mutation{Op: OpWrite, Offset: int64(r.offset), Length: int64(r.length), Data: *o.buf, FUA: fua}
+		o.m = Mutation{Op: OpWrite, Offset: int64(r.offset), Length: int64(r.length), Data: *o.buf, FUA: fua, lend: o.lendFn}
 		if errno := t.apply(o); errno != 0 {
 			return errno
 		}

@@ -70,6 +70,7 @@ func (r *recorder) Apply(ctx context.Context, m *Mutation) error {
 	r.mu.Lock()
 	c := *m
 	c.Data = append([]byte(nil), m.Data...)
+	c.lend = nil // the buffer hand-over (Retain) is not part of the request
 	r.got = append(r.got, c)
 	r.mu.Unlock()
 	if r.gate != nil {

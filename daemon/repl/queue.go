@@ -19,6 +19,12 @@ type Entry struct {
 	Seq   uint64
 	Frame wire.Sequenced
 	Size  int64 // bytes the entry accounts for (payload + header)
+	// Done, when set, is called once the entry is released: the frame's
+	// payload is a buffer lent by the NBD server (blockdev.Mutation.Retain),
+	// shared by the entries of one split write up to this one. A queue that
+	// copies the frame on Push may call it right away; one that never calls
+	// it only forgoes the buffer's reuse.
+	Done func()
 }
 
 // Queue holds the sequenced frames between the sequencer and the sender, in
@@ -163,6 +169,9 @@ func (q *MemQueue) Release(seq uint64) {
 	changed := false
 	for q.head < len(q.ents) && q.ents[q.head].Seq <= seq {
 		q.bytes -= q.ents[q.head].Size
+		if d := q.ents[q.head].Done; d != nil {
+			d()
+		}
 		q.ents[q.head] = Entry{}
 		q.head++
 		changed = true

@@ -110,6 +110,17 @@ func (q *recQueue) Push(ctx context.Context, e Entry) error {
 	if err := q.MemQueue.Push(ctx, e); err != nil {
 		return err
 	}
+	// The log outlives the entry's release (its payload may be the NBD
+	// server's buffer, reused after Done): keep a copy of the frame.
+	b, err := wire.Encode(e.Frame)
+	if err != nil {
+		return err
+	}
+	f, err := wire.Decode(b)
+	if err != nil {
+		return err
+	}
+	e.Frame, e.Done = f.(wire.Sequenced), nil
 	q.mu.Lock()
 	q.ents = append(q.ents, e)
 	q.mu.Unlock()

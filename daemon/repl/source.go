@@ -206,7 +206,8 @@ func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
 		unlock()
 		return err
 	}
-	seq, err := s.push(mutationFrames(m)...)
+	fs, done := mutationFrames(m)
+	seq, err := s.pushDone(done, fs...)
 	s.tracker.Sequenced(seq, m.Offset, m.Length)
 	unlock()
 	if err != nil {
@@ -224,26 +225,26 @@ func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
 	return nil
 }
 
-// mutationFrames converts m into wire frames (copying its data; writes
-// larger than wire.MaxData are split).
-func mutationFrames(m *blockdev.Mutation) []wire.Sequenced {
+// mutationFrames converts m into wire frames; writes larger than
+// wire.MaxData are split. A write's frames share its data, retained from the
+// NBD server without a copy when it lends its buffer: done releases it.
+func mutationFrames(m *blockdev.Mutation) (fs []wire.Sequenced, done func()) {
 	off := uint64(m.Offset)
 	switch m.Op {
 	case blockdev.OpWrite:
-		var fs []wire.Sequenced
-		data := m.Data
+		data, release := m.Retain()
 		for {
 			n := min(len(data), wire.MaxData)
-			fs = append(fs, &wire.Write{Offset: off, FUA: m.FUA && n == len(data), Data: append([]byte{}, data[:n]...)})
+			fs = append(fs, &wire.Write{Offset: off, FUA: m.FUA && n == len(data), Data: data[:n:n]})
 			data, off = data[n:], off+uint64(n)
 			if len(data) == 0 {
-				return fs
+				return fs, release
 			}
 		}
 	case blockdev.OpTrim:
-		return []wire.Sequenced{&wire.Trim{Offset: off, Length: uint64(m.Length), FUA: m.FUA}}
+		return []wire.Sequenced{&wire.Trim{Offset: off, Length: uint64(m.Length), FUA: m.FUA}}, nil
 	default: // OpWriteZeroes
-		return []wire.Sequenced{&wire.Zeroes{Offset: off, Length: uint64(m.Length), FUA: m.FUA, NoHole: m.NoHole}}
+		return []wire.Sequenced{&wire.Zeroes{Offset: off, Length: uint64(m.Length), FUA: m.FUA, NoHole: m.NoHole}}, nil
 	}
 }
 
@@ -282,19 +283,27 @@ func entrySize(f wire.Sequenced) int64 {
 
 // push sequences fs (consecutively) and queues them; it returns the last
 // sequence.
-func (s *Source) push(fs ...wire.Sequenced) (uint64, error) {
+func (s *Source) push(fs ...wire.Sequenced) (uint64, error) { return s.pushDone(nil, fs...) }
+
+// pushDone is push with the queue's release callback of the last frame
+// (see Entry.Done); done is dropped when not every frame was queued.
+func (s *Source) pushDone(done func(), fs ...wire.Sequenced) (uint64, error) {
 	s.seqMu.Lock()
 	defer s.seqMu.Unlock()
 	if err := s.life.Err(); err != nil {
 		return 0, ErrClosed
 	}
-	for _, f := range fs {
+	for i, f := range fs {
 		seq := s.last + 1
 		setSeq(f, seq)
 		if _, ok := f.(*wire.SumRequest); ok {
 			s.sums.Store(seq, make(chan *wire.SumReply, 1)) // before the reply can come
 		}
-		if err := s.queue.Push(s.life, Entry{Seq: seq, Frame: f, Size: entrySize(f)}); err != nil {
+		e := Entry{Seq: seq, Frame: f, Size: entrySize(f)}
+		if i == len(fs)-1 {
+			e.Done = done
+		}
+		if err := s.queue.Push(s.life, e); err != nil {
 			return 0, fmt.Errorf("queue frame %d: %w", seq, err)
 		}
 		s.last = seq
