@@ -301,48 +301,79 @@ func replSource(c *cli.Context) error {
 		}
 	}()
 
+	fatal := shutdownSource(c.Context, log, c.Duration("drain-timeout"), plainDrain{src}, runErr, nbdErr, stopNBD, stopLink)
+	st := src.Stats()
+	log.Info("replication source stopped", "acked_seq", st.AckedSeq, "sent_bytes", st.SentBytes, "payload_bytes", st.PayloadBytes)
+	return errors.Join(fatal, b.Sync())
+}
+
+// drainer is the replication side of a source's shutdown.
+type drainer interface {
+	// failWaiters fails the writes still waiting for the target (sync
+	// mode: the client sees EIO; with a state dir they are tracked).
+	failWaiters()
+	// drain waits (up to ctx) until the target applied everything; an
+	// error is fatal.
+	drain(ctx context.Context, log *slog.Logger) error
+}
+
+// shutdownSource is the shutdown of `repl source`, with or without a state
+// dir: wait for ctx, a replication error (runErr) or an NBD server error
+// (nbdErr); stop the NBD server, failing the writes still waiting for the
+// target after drainTimeout; drain the link (unless something failed);
+// stop the link. Both channels are buffered 1; it returns the first error.
+func shutdownSource(ctx context.Context, log *slog.Logger, drainTimeout time.Duration, d drainer,
+	runErr, nbdErr chan error, stopNBD, stopLink func()) error {
 	var fatal error
 	select {
-	case <-c.Context.Done():
+	case <-ctx.Done():
 		log.Info("shutting down: stopping the NBD server")
 	case err := <-runErr:
 		fatal = err
 		runErr <- err
-		log.Error("replication failed: stopping the NBD server", "err", err)
+		log.Error("replication stopped: stopping the NBD server", "err", err)
 	case err := <-nbdErr:
 		nbdErr <- err
 		fatal = fmt.Errorf("nbd server: %w", err)
 	}
 	stopNBD()
 	// In-flight sync writes wait for the target; if it does not answer
-	// within the drain timeout they fail (the client sees EIO).
+	// within the drain timeout they stop waiting.
 	select {
 	case err := <-nbdErr:
 		nbdErr <- err
-	case <-time.After(c.Duration("drain-timeout")):
+	case <-time.After(drainTimeout):
 		log.Error("target not answering: failing the writes still waiting for it")
-		src.Close()
+		d.failWaiters()
 	}
 	if err := <-nbdErr; err != nil && fatal == nil {
-		fatal = err
+		fatal = fmt.Errorf("nbd server: %w", err)
 	}
 	if fatal == nil {
-		dctx, cancel := context.WithTimeout(context.Background(), c.Duration("drain-timeout"))
-		if err := src.WaitAcked(dctx); err != nil {
-			st := src.Stats()
-			fatal = fmt.Errorf("drain: target applied up to %d of %d: %w", st.AckedSeq, st.LastSeq, err)
-		} else {
-			log.Info("drained: the target applied everything", "seq", src.LastSeq())
-		}
+		dctx, cancel := context.WithTimeout(context.Background(), drainTimeout)
+		fatal = d.drain(dctx, log)
 		cancel()
 	}
 	stopLink()
 	if err := <-runErr; err != nil && fatal == nil {
 		fatal = err
 	}
-	st := src.Stats()
-	log.Info("replication source stopped", "acked_seq", st.AckedSeq, "sent_bytes", st.SentBytes, "payload_bytes", st.PayloadBytes)
-	return errors.Join(fatal, b.Sync())
+	return fatal
+}
+
+// plainDrain: without a state dir, whatever the target lacks at exit is
+// lost to it, so an incomplete drain is an error.
+type plainDrain struct{ src *repl.Source }
+
+func (p plainDrain) failWaiters() { p.src.Close() }
+
+func (p plainDrain) drain(ctx context.Context, log *slog.Logger) error {
+	if err := p.src.WaitAcked(ctx); err != nil {
+		st := p.src.Stats()
+		return fmt.Errorf("drain: target applied up to %d of %d: %w", st.AckedSeq, st.LastSeq, err)
+	}
+	log.Info("drained: the target applied everything", "seq", p.src.LastSeq())
+	return nil
 }
 
 func replTargetCommand() *cli.Command {

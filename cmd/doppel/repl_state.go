@@ -5,10 +5,10 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
-	"time"
 
 	"github.com/doppelha/doppel/blockdev"
 	"github.com/doppelha/doppel/daemon/job"
@@ -110,46 +110,30 @@ func replSourceState(c *cli.Context) error {
 		"target", taddr, "mode", mode, "state_dir", c.String("state-dir"), "generation", fmt.Sprintf("%016x", st.Generation),
 		"dirty_bytes", st.DirtyBytes, "tls", tlsConf != nil)
 
-	var fatal error
-	select {
-	case <-c.Context.Done():
-		log.Info("shutting down: stopping the NBD server")
-	case err := <-runErr:
-		fatal = err
-		runErr <- err
-		log.Error("replication stopped: stopping the NBD server", "err", err)
-	case err := <-nbdErr:
-		nbdErr <- err
-		fatal = fmt.Errorf("nbd server: %w", err)
-	}
-	stopNBD()
-	select {
-	case err := <-nbdErr:
-		nbdErr <- err
-	case <-time.After(c.Duration("drain-timeout")):
-		log.Error("target not answering: failing the writes still waiting for it")
-		src.Close()
-	}
-	if err := <-nbdErr; err != nil && fatal == nil {
-		fatal = err
-	}
-	if fatal == nil && !src.Engine().Connected() {
-		log.Info("target not connected: what it lacks stays tracked for the next start")
-	} else if fatal == nil {
-		// A drain is a courtesy: what the target lacks stays in the bitmap.
-		dctx, cancel := context.WithTimeout(context.Background(), c.Duration("drain-timeout"))
-		if err := src.Engine().WaitAcked(dctx); err != nil {
-			log.Warn("drain incomplete: the rest is tracked for the next start", "err", err)
-		}
-		cancel()
-	}
-	stopLink()
-	if err := <-runErr; err != nil && fatal == nil {
-		fatal = err
-	}
+	fatal := shutdownSource(c.Context, log, c.Duration("drain-timeout"), stateDrain{src}, runErr, nbdErr, stopNBD, stopLink)
 	st = src.Status()
 	log.Info("replication source stopped", "dirty_bytes", st.DirtyBytes, "resync_sent", st.ResyncSent)
 	return errors.Join(fatal, src.Close(), b.Sync())
+}
+
+// stateDrain: with a state dir, a drain is a courtesy: what the target
+// lacks stays in the bitmap for the next start.
+type stateDrain struct{ src *replstate.Source }
+
+// failWaiters closes the engine only: its waiters are tracked, and the
+// state files stay open for the final Close.
+func (s stateDrain) failWaiters() { s.src.Engine().Close() }
+
+func (s stateDrain) drain(ctx context.Context, log *slog.Logger) error {
+	eng := s.src.Engine()
+	if !eng.Connected() {
+		log.Info("target not connected: what it lacks stays tracked for the next start")
+		return nil
+	}
+	if err := eng.WaitAcked(ctx); err != nil {
+		log.Warn("drain incomplete: the rest is tracked for the next start", "err", err)
+	}
+	return nil
 }
 
 // engineCollector exposes the current engine's metrics (the engine is

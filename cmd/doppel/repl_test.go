@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
@@ -210,4 +211,92 @@ func TestReplFingerprint(t *testing.T) {
 	if got := strings.TrimSpace(out.String()); got != fp {
 		t.Fatalf("printed %q, want %q", got, fp)
 	}
+}
+
+// fakeDrain records the shutdown's calls.
+type fakeDrain struct {
+	onFail   func()
+	failed   bool
+	drained  bool
+	drainErr error
+}
+
+func (f *fakeDrain) failWaiters() {
+	f.failed = true
+	if f.onFail != nil {
+		f.onFail()
+	}
+}
+
+func (f *fakeDrain) drain(ctx context.Context, _ *slog.Logger) error {
+	f.drained = true
+	return f.drainErr
+}
+
+// TestReplShutdown: the shutdown shared by `repl source` with and without
+// a state dir.
+func TestReplShutdown(t *testing.T) {
+	log := slog.New(slog.DiscardHandler)
+	type run struct {
+		runErr, nbdErr    chan error
+		nbdStop, linkStop bool
+	}
+	start := func(nbdStops bool) (*run, func(), func()) {
+		r := &run{runErr: make(chan error, 1), nbdErr: make(chan error, 1)}
+		stopNBD := func() {
+			r.nbdStop = true
+			if nbdStops {
+				r.nbdErr <- nil
+			}
+		}
+		stopLink := func() { r.linkStop = true; r.runErr <- nil }
+		return r, stopNBD, stopLink
+	}
+	t.Run("clean", func(t *testing.T) {
+		r, stopNBD, stopLink := start(true)
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		d := &fakeDrain{}
+		if err := shutdownSource(ctx, log, time.Minute, d, r.runErr, r.nbdErr, stopNBD, stopLink); err != nil {
+			t.Fatal(err)
+		}
+		if !r.nbdStop || !r.linkStop || !d.drained || d.failed {
+			t.Fatalf("nbd stopped %v, link stopped %v, drained %v, waiters failed %v", r.nbdStop, r.linkStop, d.drained, d.failed)
+		}
+	})
+	t.Run("stuck-writes", func(t *testing.T) {
+		r, stopNBD, stopLink := start(false)
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		d := &fakeDrain{drainErr: errors.New("drain: target applied up to 1 of 2")}
+		d.onFail = func() { r.nbdErr <- nil } // the stuck writes return: the server stops
+		begin := time.Now()
+		err := shutdownSource(ctx, log, 100*time.Millisecond, d, r.runErr, r.nbdErr, stopNBD, stopLink)
+		if !d.failed || time.Since(begin) < 100*time.Millisecond {
+			t.Fatalf("waiters failed %v after %v: want after the drain timeout", d.failed, time.Since(begin))
+		}
+		if err == nil || !strings.Contains(err.Error(), "drain") || !r.linkStop {
+			t.Fatalf("want the drain error and the link stopped, got %v (link stopped %v)", err, r.linkStop)
+		}
+	})
+	t.Run("replication-fails", func(t *testing.T) {
+		r, stopNBD, stopLink := start(true)
+		boom := errors.New("replication refused: split brain")
+		r.runErr <- boom
+		d := &fakeDrain{}
+		stopLink = func() { r.linkStop = true } // Run already returned
+		err := shutdownSource(context.Background(), log, time.Minute, d, r.runErr, r.nbdErr, stopNBD, stopLink)
+		if !errors.Is(err, boom) || !r.nbdStop || d.drained {
+			t.Fatalf("got %v (nbd stopped %v, drained %v): want the replication error, no drain", err, r.nbdStop, d.drained)
+		}
+	})
+	t.Run("nbd-fails", func(t *testing.T) {
+		r, stopNBD, stopLink := start(false)
+		r.nbdErr <- errors.New("accept: too many files")
+		d := &fakeDrain{}
+		err := shutdownSource(context.Background(), log, time.Minute, d, r.runErr, r.nbdErr, stopNBD, stopLink)
+		if err == nil || !strings.Contains(err.Error(), "nbd server: accept") || d.drained || !r.linkStop {
+			t.Fatalf("got %v (drained %v, link stopped %v)", err, d.drained, r.linkStop)
+		}
+	})
 }
