@@ -253,18 +253,31 @@ func TestReplStateKillTarget(t *testing.T) {
 
 // TestReplStateKillSource: kill -9 the source mid-write and restart it:
 // only the dirty chunks and the hot extents are resynced, and the images
-// end identical.
+// end identical. A large region (256 MiB) is written and replicated first
+// and left to cool (the activity log is cleaned while idle); then a small
+// region (16 MiB, elsewhere on the 1 GiB volume) is rewritten in a loop and
+// the source killed: the resync must cover the hot region, not the 256 MiB.
 func TestReplStateKillSource(t *testing.T) {
 	fio := needFio(t)
+	const hotOff, hotSize, coldSize = 512 << 20, 16 << 20, 256 << 20
 	r := newRig(t, "1G", "--mode", "async")
 	tgt := r.target()
 	src := r.source()
-	if err := fioWrite(t, fio, r.sock, "--size=64M", "--io_size=8M"); err != nil {
+	if err := fioWrite(t, fio, r.sock, "--rw=write", "--bs=1M", fmt.Sprintf("--size=%d", coldSize)); err != nil {
 		t.Fatal(err)
 	}
 	waitSynced(t, r.mAddr, 120*time.Second)
+	// Idle extents are cooled every 2 s while connected.
+	for deadline := time.Now().Add(30 * time.Second); metrics(t, r.mAddr)["doppel_repl_hot_extents"] > 0; {
+		if time.Now().After(deadline) {
+			t.Fatalf("extents still hot after the large write replicated: %v", pick(metrics(t, r.mAddr), "doppel_repl_"))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	errc := make(chan error, 1)
-	go func() { errc <- fioWrite(t, fio, r.sock, "--size=64M", "--io_size=512M") }()
+	go func() {
+		errc <- fioWrite(t, fio, r.sock, fmt.Sprintf("--offset=%d", hotOff), fmt.Sprintf("--size=%d", hotSize), "--io_size=4G")
+	}()
 	time.Sleep(1500 * time.Millisecond)
 	src.kill9()
 	<-errc // fio fails: its server died
@@ -274,13 +287,19 @@ func TestReplStateKillSource(t *testing.T) {
 	tgt.stop()
 	r.cmp()
 	open, hot, sched := m["doppel_repl_open_dirty_bytes"], m["doppel_repl_open_hot_extents"], m["doppel_repl_resync_scheduled_bytes_total"]
-	t.Logf("after kill -9: %.0f hot extents, %.0f dirty bytes at open; resync scheduled %.0f bytes of a 1 GiB volume (fio wrote in the first 64 MiB)", hot, open, sched)
+	const extent = 4 << 20
+	t.Logf("after kill -9: %.0f hot extents, %.0f dirty+hot bytes at open; resync scheduled %.0f bytes (%d MiB written and replicated before, %d MiB hot region)",
+		hot, open, sched, coldSize>>20, hotSize>>20)
 	if open == 0 || hot == 0 {
 		t.Fatalf("the restart found nothing hot or dirty (%v hot, %v dirty): the crash was not mid-write", hot, open)
 	}
-	// Hot extents are 4 MiB; the writes were in the first 64 MiB.
-	if sched > open || open > 64<<20 {
-		t.Fatalf("resync scheduled %.0f bytes, open dirty %.0f: more than the dirty + hot extents", sched, open)
+	// The resync is the dirty + hot set, and that set is the hot region
+	// (4 MiB extents: 16 MiB at a 4 MiB boundary), not what was written.
+	if sched > open {
+		t.Fatalf("resync scheduled %.0f bytes, more than the %.0f dirty + hot bytes", sched, open)
+	}
+	if open > hotSize || hot*extent > hotSize {
+		t.Fatalf("%.0f dirty+hot bytes, %.0f hot extents: more than the %d-byte hot region (the replicated %d bytes leaked in)", open, hot, hotSize, coldSize)
 	}
 }
 
