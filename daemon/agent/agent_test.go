@@ -21,6 +21,8 @@ import (
 	"github.com/doppelha/doppel/daemon/api"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/daemon/monitor"
+	"github.com/doppelha/doppel/ebpf"
 )
 
 // testAgent is an agent serving on loopback for a test.
@@ -242,23 +244,28 @@ type memLiveness struct {
 	mu    sync.Mutex
 	alive map[string]bool
 	n     map[string]uint64
-	err   error // the probe cannot be read
+	seen  map[string]time.Duration // newest packet, CLOCK_MONOTONIC
+	err   error                    // the probe cannot be read
 }
 
 func (m *memLiveness) Watch(job string, _ map[string]netip.Addr, _ uint64, _ time.Duration) error {
 	return nil
 }
 func (m *memLiveness) Unwatch(string) {}
-func (m *memLiveness) Packets(job, path string) (uint64, error) {
+func (m *memLiveness) Sample(job, path string) (monitor.Sample, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.err != nil {
-		return 0, m.err
+		return monitor.Sample{}, m.err
 	}
 	if m.alive[job] {
 		m.n[job+path]++
+		if m.seen == nil {
+			m.seen = map[string]time.Duration{}
+		}
+		m.seen[job+path] = ebpf.Now()
 	}
-	return m.n[job+path], nil
+	return monitor.Sample{LastSeen: m.seen[job+path], Packets: m.n[job+path]}, nil
 }
 func (m *memLiveness) Mode() string { return "memory" }
 func (m *memLiveness) set(job string, alive bool) {

@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/doppelha/doppel/daemon/monitor"
 	"github.com/doppelha/doppel/ebpf"
 	"github.com/doppelha/doppel/netident"
 )
@@ -58,7 +59,12 @@ func (p *ProbeLiveness) Watch(job string, paths map[string]netip.Addr, token uin
 		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	go s.Run(ctx, interval, 0, nil)
+	log := p.Log.With("job", job)
+	go func() {
+		// A real-time thread of its own, ended with the goroutine.
+		lockRealtime(log, "heartbeat sender")
+		s.Run(ctx, interval, 0, nil)
+	}()
 	p.jobs[job] = &watched{paths: paths, sender: s, cancel: cancel}
 	return nil
 }
@@ -92,23 +98,23 @@ func (p *ProbeLiveness) usedLocked(a netip.Addr) bool {
 	return false
 }
 
-// Packets implements Liveness.
-func (p *ProbeLiveness) Packets(job, path string) (uint64, error) {
+// Sample implements Liveness.
+func (p *ProbeLiveness) Sample(job, path string) (monitor.Sample, error) {
 	p.mu.Lock()
 	w, ok := p.jobs[job]
 	p.mu.Unlock()
 	if !ok {
-		return 0, fmt.Errorf("probe: job %s not watched", job)
+		return monitor.Sample{}, fmt.Errorf("probe: job %s not watched", job)
 	}
 	a, ok := w.paths[path]
 	if !ok {
-		return 0, fmt.Errorf("probe: job %s has no path %s", job, path)
+		return monitor.Sample{}, fmt.Errorf("probe: job %s has no path %s", job, path)
 	}
 	st, err := p.Probe.Stats(a)
 	if err != nil {
-		return 0, err
+		return monitor.Sample{}, err
 	}
-	return st.Packets(), nil
+	return monitor.Sample{LastSeen: st.LastSeen(), Packets: st.Packets()}, nil
 }
 
 // Mode implements Liveness.

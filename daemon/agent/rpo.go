@@ -19,7 +19,8 @@ import (
 // the writes a dropped stream still held keep their sample's date.
 //
 // In sync mode a connected, synced source has RPO 0: the application is
-// acknowledged only once the target applied the write.
+// acknowledged only once the target applied the write. Not connected, a
+// sync source acknowledges locally: its queued writes count.
 type rpoEstimator struct {
 	mu        sync.Mutex
 	stream    uint64
@@ -84,7 +85,10 @@ func (e *rpoEstimator) observe(now time.Time, in rpoInput) time.Duration {
 		e.riskSince = time.Time{}
 	}
 	var oldest time.Time
-	if !in.Sync && len(e.samples) > 0 {
+	// Sync mode: a write is acknowledged once the target applied it,
+	// unless the target is not following (then it is acknowledged
+	// locally and queued or tracked).
+	if (!in.Sync || in.AtRisk) && len(e.samples) > 0 {
 		oldest = e.samples[0].at
 	}
 	if !e.riskSince.IsZero() && (oldest.IsZero() || e.riskSince.Before(oldest)) {

@@ -48,7 +48,7 @@ func TestRPOEstimator(t *testing.T) {
 	s.Sync, s.Last = true, 40
 	check(1400, s, 0)
 	// The link drops: writes are tracked in the bitmap from 1500 on.
-	s.Connected, s.AtRisk, s.Dirty = false, true, 0
+	s.Connected, s.AtRisk, s.Dirty, s.Applied = false, true, 0, 40
 	check(1500, s, 0) // nothing written since
 	s.Dirty = 4096
 	check(1600, s, 0)
@@ -58,6 +58,10 @@ func TestRPOEstimator(t *testing.T) {
 	check(3600, s, 2*time.Second)
 	s.AtRisk, s.Dirty = false, 0
 	check(3700, s, 0)
+	// Sync, not connected: queued writes acknowledged locally count.
+	s.Connected, s.AtRisk, s.Last = false, true, 45
+	check(3800, s, 0)
+	check(4300, s, 500*time.Millisecond)
 	// Async: a stream dropped with unapplied writes keeps their date.
 	in = rpoInput{Stream: 1, Last: 50, Applied: 40, Connected: true}
 	e = rpoEstimator{}

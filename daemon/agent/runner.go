@@ -40,6 +40,8 @@ type runner struct {
 	dp          DataPlane
 	dpErr       error // why dp is nil
 	paths       map[string]netip.Addr
+	pathNames   []string // monitored paths, in order
+	det         detectorView
 	lastPkts    map[string]uint64
 	probeErr    error // the probe could not be read: ticks suspended
 	lastActions []string
@@ -52,6 +54,8 @@ type runner struct {
 	outbox chan ha.Message // to the peer, in order
 	cancel context.CancelFunc
 	done   chan struct{}
+	// detDone is closed when the detector goroutine ended.
+	detDone chan struct{}
 }
 
 func newRunner(a *Agent, rec job.Record) (*runner, error) {
@@ -78,9 +82,13 @@ func newRunner(a *Agent, rec job.Record) (*runner, error) {
 			names = append(names, p)
 		}
 	}
+	r.pathNames = names
+	// With a probe, daemon/monitor decides (kernel arrival timestamps,
+	// rise hysteresis): the state machine takes its verdicts.
 	r.node, err = ha.NewNode(ha.Config{
 		Job: rec.Spec.Name, Self: me.Name, Peer: peer.Name, Home: rec.Spec.Source.Name,
 		Failover: rec.Spec.Failover, Paths: names, Missed: rec.Spec.Monitor.Missed,
+		ExternalDetector: a.Subsystems.Liveness != nil,
 	}, rec.HA)
 	if err != nil {
 		return nil, err
@@ -148,6 +156,10 @@ func (r *runner) start(ctx context.Context) {
 	r.mu.Unlock()
 	go r.sendLoop(ctx)
 	go r.loop(ctx)
+	if r.subs.Liveness != nil {
+		r.detDone = make(chan struct{})
+		go r.detect(ctx)
+	}
 }
 
 // stop stops the runner and releases what it serves (not the service IPs:
@@ -155,6 +167,9 @@ func (r *runner) start(ctx context.Context) {
 func (r *runner) stop() {
 	r.cancel()
 	<-r.done
+	if r.detDone != nil {
+		<-r.detDone
+	}
 	if r.subs.Liveness != nil {
 		r.subs.Liveness.Unwatch(r.rec.Spec.Name)
 	}
@@ -187,9 +202,11 @@ func (r *runner) loop(ctx context.Context) {
 }
 
 // tick feeds the probe's facts (a path whose packet count grew since the
-// last tick was heard) and advances the state machine by one interval.
-// Without a probe the state machine is not ticked at all: no failure is
-// ever declared from silence that nobody measured.
+// last tick was heard: path status, a restarted source's start grace) and
+// advances the state machine by one interval; the down/up verdicts come
+// from the detector goroutine (detect). Without a probe the state machine
+// is not ticked at all: no failure is ever declared from silence that
+// nobody measured.
 func (r *runner) tick(ctx context.Context) {
 	if r.subs.Liveness == nil {
 		return
@@ -198,7 +215,8 @@ func (r *runner) tick(ctx context.Context) {
 	defer r.mu.Unlock()
 	heard := map[string]bool{}
 	for name := range r.paths {
-		n, err := r.subs.Liveness.Packets(r.rec.Spec.Name, name)
+		smp, err := r.subs.Liveness.Sample(r.rec.Spec.Name, name)
+		n := smp.Packets
 		if err != nil {
 			// Silence that was not measured is not a failure: no tick.
 			if r.probeErr == nil {
@@ -484,6 +502,11 @@ func (r *runner) status() api.JobStatus {
 	}
 	if hs.TicksToFail >= 0 {
 		st.Probe.TimeToFail = time.Duration(hs.TicksToFail) * interval
+	}
+	if hs.Role == ha.RoleTarget && hs.State != ha.StateSourceDown && r.probeErrNow() == nil {
+		if ttf, ok := r.det.timeToFail(); ok {
+			st.Probe.TimeToFail = ttf
+		}
 	}
 	return st
 }

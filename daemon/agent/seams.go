@@ -9,6 +9,7 @@ import (
 	"github.com/doppelha/doppel/daemon/api"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/daemon/monitor"
 	"github.com/doppelha/doppel/netident"
 )
 
@@ -65,14 +66,18 @@ type NetIdent interface {
 }
 
 // Liveness is the probe side of failure detection: it sends heartbeats to
-// the peer on every path and counts the peer's packets per path.
+// the peer on every path and timestamps and counts the peer's packets per
+// path. The policy (down after interval × missed of silence on every path,
+// up again after rise packets) is daemon/monitor's.
 type Liveness interface {
 	// Watch starts heartbeats every interval to, and counting of, the peer
 	// addresses of a job's paths (path name -> peer address).
 	Watch(job string, paths map[string]netip.Addr, token uint64, interval time.Duration) error
 	Unwatch(job string)
-	// Packets is the cumulative count of the peer's packets on a path.
-	Packets(job, path string) (uint64, error)
+	// Sample is what the probe knows about a path: the arrival time of
+	// the peer's newest packet on CLOCK_MONOTONIC (ebpf.Now's clock;
+	// zero: never) and the cumulative packet count.
+	Sample(job, path string) (monitor.Sample, error)
 	// Mode is the probe mode in use (xdp-generic, userspace...).
 	Mode() string
 }

@@ -50,6 +50,13 @@ type Config struct {
 	// StartGrace is how many ticks a restarted source waits to hear its
 	// peer before serving; 0 means 2 × Missed.
 	StartGrace int
+	// ExternalDetector: a failure detector outside the node decides when
+	// the peer is down and up again (EvPeerDown, EvPeerUp: daemon/monitor,
+	// with kernel arrival timestamps and rise hysteresis). Ticks and
+	// heartbeats then only feed path status, the start grace and the
+	// "source still heard" refusal; TicksToFail is -1 (the detector
+	// reports its own countdown).
+	ExternalDetector bool
 }
 
 // Node is the state machine of one job on one agent.
@@ -63,6 +70,7 @@ type Node struct {
 	silent     map[string]int  // path -> whole ticks without hearing the peer
 	heard      map[string]bool // path -> heard since the last tick
 	sourceDown bool            // target: monitor declared the source failed
+	peerDown   bool            // ExternalDetector: its last verdict was down
 	startTicks int             // ticks spent in StateStarting
 
 	peerKnown      bool
@@ -142,7 +150,7 @@ func (n *Node) Tick() {
 			n.hs.Alone = true
 			n.becomeActiveSource()
 		}
-	case n.hs.Role == RoleTarget && !n.sourceDown && n.allSilent():
+	case n.hs.Role == RoleTarget && !n.sourceDown && !n.cfg.ExternalDetector && n.allSilent():
 		n.sourceDown = true
 		n.onSourceDown()
 	}
@@ -180,14 +188,24 @@ func (n *Node) Step(ev Event) error {
 		}
 		n.silent[ev.Path] = 0
 		n.heard[ev.Path] = true
-		if n.sourceDown {
-			n.sourceDown = false
-			if n.state == StateSourceDown {
-				n.reason = ""
-				n.state = ""
-				n.refreshState()
-			}
+		if !n.cfg.ExternalDetector {
+			n.sourceBack()
 		}
+	case EvPeerDown:
+		if !n.cfg.ExternalDetector {
+			return fmt.Errorf("ha: job %q: %s without an external detector", n.cfg.Job, ev.Type)
+		}
+		n.peerDown = true
+		if n.hs.Role == RoleTarget && !n.hs.Superseded && !n.sourceDown {
+			n.sourceDown = true
+			n.onSourceDown()
+		}
+	case EvPeerUp:
+		if !n.cfg.ExternalDetector {
+			return fmt.Errorf("ha: job %q: %s without an external detector", n.cfg.Job, ev.Type)
+		}
+		n.peerDown = false
+		n.sourceBack()
 	case EvDrained:
 		n.onDrained()
 	case EvActionFailed:
@@ -247,10 +265,23 @@ func (n *Node) Status() Status {
 			minSilent = s
 		}
 	}
-	if n.hs.Role == RoleTarget && !n.hs.Superseded && !n.sourceDown && minSilent >= 1 {
+	if n.hs.Role == RoleTarget && !n.hs.Superseded && !n.sourceDown && !n.cfg.ExternalDetector && minSilent >= 1 {
 		st.TicksToFail = n.cfg.Missed - minSilent
 	}
 	return st
+}
+
+// sourceBack: the peer is heard again; a source-down that did not fail
+// over is over.
+func (n *Node) sourceBack() {
+	if n.sourceDown {
+		n.sourceDown = false
+		if n.state == StateSourceDown {
+			n.reason = ""
+			n.state = ""
+			n.refreshState()
+		}
+	}
 }
 
 func (n *Node) allSilent() bool {
@@ -262,7 +293,24 @@ func (n *Node) allSilent() bool {
 	return true
 }
 
-func (n *Node) peerAlive() bool { return !n.allSilent() }
+// peerAlive: the peer is not down, or (an external detector's verdict
+// being slower to rise) it was heard in the last tick: enough for an
+// operator command that needs the peer, and the safe side for the
+// "source still heard" refusal.
+func (n *Node) peerAlive() bool {
+	if n.cfg.ExternalDetector {
+		if !n.peerDown {
+			return true
+		}
+		for _, p := range n.cfg.Paths {
+			if n.silent[p] == 0 {
+				return true
+			}
+		}
+		return false
+	}
+	return !n.allSilent()
+}
 
 func (n *Node) act(a ...Action) { n.pending.Actions = append(n.pending.Actions, a...) }
 

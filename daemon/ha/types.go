@@ -161,6 +161,12 @@ const (
 	EvSynced EventType = "synced"
 	// EvHeartbeat: the monitor saw the peer's traffic on Path.
 	EvHeartbeat EventType = "heartbeat"
+	// EvPeerDown / EvPeerUp: an external failure detector
+	// (Config.ExternalDetector, e.g. daemon/monitor) declared the peer
+	// down (every path silent for interval × missed) or up again (its
+	// rise hysteresis passed; Path: the path that brought it back).
+	EvPeerDown EventType = "peer-down"
+	EvPeerUp   EventType = "peer-up"
 	// EvDrained: the quiesce action completed (writes paused, queue empty,
 	// target acknowledged everything).
 	EvDrained EventType = "drained"
@@ -182,7 +188,7 @@ const (
 // Event is one input to Step.
 type Event struct {
 	Type EventType
-	Path string // EvHeartbeat
+	Path string // EvHeartbeat, EvPeerUp
 	// Force overrides the refusals of CmdFailover that protect data
 	// (inconsistent target, source still alive).
 	Force bool
