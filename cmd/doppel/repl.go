@@ -421,13 +421,7 @@ func replTarget(c *cli.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	statePath := file + ".repl-target.json"
-	if d := c.String("state-dir"); d != "" {
-		if err := os.MkdirAll(d, 0o700); err != nil {
-			return err
-		}
-		statePath = filepath.Join(d, "repl-target.json")
-	}
+	statePath := file + ".repl-target.json" // --state-dir: repl_state.go
 	b, err := blockdev.Open(file, size)
 	if err != nil {
 		return err

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -61,8 +62,12 @@ func replSourceState(c *cli.Context) error {
 			return usageErrorf("--resync-rate: %v", err)
 		}
 	}
-	if d := c.String("discard-on"); d != "" && d != "target" && d != "source" {
-		return usageErrorf("--discard-on %q: want target or source", d)
+	switch d := c.String("discard-on"); d {
+	case "", "target":
+	case "source":
+		return usageErrorf("%s", discardSourceHint(c, true))
+	default:
+		return usageErrorf("--discard-on %q: want target (or source, which tells how to swap the roles)", d)
 	}
 	dial, tlsConf, err := f.dialer(c, log)
 	if err != nil {
@@ -140,6 +145,52 @@ func (s stateDrain) drain(ctx context.Context, log *slog.Logger) error {
 // replaced when the stream restarts).
 type engineCollector struct{ s *replstate.Source }
 
+// discardSourceHint is the answer to --discard-on source. The source's
+// data is overwritten only when it receives the other side's, and the
+// stream flows source → target only: the roles swap, which takes both
+// processes. The hint names the two commands with this side's flags
+// (placeholders in capitals for what only the operator knows).
+func discardSourceHint(c *cli.Context, onSource bool) string {
+	tlsHere, tlsThere, note := " --insecure", " --insecure", ""
+	if !c.Bool("insecure") {
+		fp := c.String("peer-fingerprint")
+		if fp == "" {
+			fp = "PEER_FINGERPRINT"
+		}
+		tlsHere = fmt.Sprintf(" --cert-dir %s --peer-fingerprint %s", c.String("cert-dir"), fp)
+		tlsThere = " --peer-fingerprint HERE_FINGERPRINT"
+		note = fmt.Sprintf("\n  (HERE_FINGERPRINT: the output of `doppel repl fingerprint --cert-dir %s` on this host)", c.String("cert-dir"))
+	}
+	port := "6325"
+	if onSource {
+		if _, addr, err := blockdev.ParseListen(c.String("target")); err == nil {
+			if _, p, err := net.SplitHostPort(addr); err == nil {
+				port = p
+			}
+		}
+		return fmt.Sprintf("--discard-on source: this source's data is overwritten only when it receives the target's, "+
+			"and the stream flows source → target only: swap the roles.\n"+
+			"  1. here, instead of this command (this side's divergent chunks are saved to %s/splitbrain-repl-*.img before the resync):\n"+
+			"     doppel repl target --file %s --state-dir %s --listen tcp:0.0.0.0:%s --discard-on target%s\n"+
+			"  2. on the peer (%s), instead of its `repl target`, with its own file and state dir:\n"+
+			"     doppel repl source --file PEER_FILE --state-dir PEER_STATE_DIR --listen NBD_ADDR --target tcp:THIS_HOST:%s --mode %s%s%s",
+			c.String("state-dir"), c.String("file"), c.String("state-dir"), port, tlsHere,
+			c.String("target"), port, c.String("mode"), tlsThere, note)
+	}
+	if _, addr, err := blockdev.ParseListen(c.String("listen")); err == nil {
+		if _, p, err := net.SplitHostPort(addr); err == nil {
+			port = p
+		}
+	}
+	return fmt.Sprintf("--discard-on source: the source's data is overwritten only when it receives this side's, "+
+		"and the stream flows source → target only: swap the roles.\n"+
+		"  1. on the source host, instead of its `repl source` (its divergent chunks are saved to its state dir before the resync):\n"+
+		"     doppel repl target --file SOURCE_FILE --state-dir SOURCE_STATE_DIR --listen tcp:0.0.0.0:%s --discard-on target%s\n"+
+		"  2. here, instead of this command (this side is promoted: a new generation):\n"+
+		"     doppel repl source --file %s --state-dir %s --listen NBD_ADDR --target tcp:SOURCE_HOST:%s --mode MODE%s%s",
+		port, tlsThere, c.String("file"), c.String("state-dir"), port, tlsHere, note)
+}
+
 // replTargetState is `repl target --state-dir`.
 func replTargetState(c *cli.Context) (err error) {
 	log := replLogger(c)
@@ -151,7 +202,11 @@ func replTargetState(c *cli.Context) (err error) {
 	if err != nil || !strings.HasPrefix(network, "tcp") {
 		return usageErrorf("--listen %q: want tcp:HOST:PORT", c.String("listen"))
 	}
-	if d := c.String("discard-on"); d != "" && d != "target" {
+	switch d := c.String("discard-on"); d {
+	case "", "target":
+	case "source":
+		return usageErrorf("%s", discardSourceHint(c, false))
+	default:
 		return usageErrorf("--discard-on %q: a target can only discard its own data (target)", d)
 	}
 	file := c.String("file")

@@ -300,3 +300,39 @@ func TestReplShutdown(t *testing.T) {
 		}
 	})
 }
+
+// TestReplDiscardOnSourceHint: --discard-on source is refused with the two
+// commands that swap the roles (replstate's TestSplitBrainDiscardSource
+// runs that path).
+func TestReplDiscardOnSourceHint(t *testing.T) {
+	dir := t.TempDir()
+	f, sd := filepath.Join(dir, "v.img"), filepath.Join(dir, "state")
+	for _, tc := range []struct {
+		args []string
+		want []string
+	}{
+		{[]string{"source", "--file", f, "--size", "1M", "--listen", "unix:" + dir + "/s", "--target", "tcp:10.0.0.2:7000", "--mode", "sync",
+			"--insecure", "--state-dir", sd, "--discard-on", "source"},
+			[]string{"doppel repl target --file " + f + " --state-dir " + sd + " --listen tcp:0.0.0.0:7000 --discard-on target --insecure",
+				"on the peer (tcp:10.0.0.2:7000)", "doppel repl source --file PEER_FILE --state-dir PEER_STATE_DIR --listen NBD_ADDR --target tcp:THIS_HOST:7000 --mode sync --insecure"}},
+		{[]string{"target", "--file", f, "--size", "1M", "--listen", "tcp:0.0.0.0:7001", "--peer-fingerprint", "ab12", "--cert-dir", dir,
+			"--state-dir", sd, "--discard-on", "source"},
+			[]string{"doppel repl target --file SOURCE_FILE --state-dir SOURCE_STATE_DIR --listen tcp:0.0.0.0:7001 --discard-on target --peer-fingerprint HERE_FINGERPRINT",
+				"HERE_FINGERPRINT: the output of `doppel repl fingerprint --cert-dir " + dir + "` on this host",
+				"doppel repl source --file " + f + " --state-dir " + sd + " --listen NBD_ADDR --target tcp:SOURCE_HOST:7001 --mode MODE --cert-dir " + dir + " --peer-fingerprint ab12"}},
+	} {
+		err := run(context.Background(), append([]string{"doppel", "repl"}, tc.args...))
+		var ec cli.ExitCoder
+		if !errors.As(err, &ec) || ec.ExitCode() != exitUsage {
+			t.Fatalf("%v: err = %v, want a usage error", tc.args, err)
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%s: the hint lacks %q:\n%v", tc.args[0], w, err)
+			}
+		}
+	}
+	if _, err := os.Stat(f); err == nil {
+		t.Error("a refused command created the volume file")
+	}
+}

@@ -301,6 +301,48 @@ func TestSplitBrainWriteDuringHandshake(t *testing.T) {
 	}
 }
 
+// TestSplitBrainDiscardSource runs the role swap that `repl source
+// --discard-on source` prescribes: the losing source A restarts as the
+// target with Discard "target", the promoted B as the source. A's divergent
+// chunks (its partition write) are saved first, then B's data wins.
+func TestSplitBrainDiscardSource(t *testing.T) {
+	dir := t.TempDir()
+	aDir, bDir := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	aFile, bFile := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
+	rng := rand.New(rand.NewPCG(7, 7))
+	p := &pair{t: t, nw: &memNet{up: true}, size: 8 << 20}
+	p.startTarget(bDir, bFile, "")
+	p.startSource(SourceConfig{Dir: aDir}, aFile)
+	p.write(0, randBytes(rng, 1<<20))
+	partitionBothWrite(p, aDir, bDir, aFile, bFile, rng)
+	p.stopSource()
+	p.stopTarget()
+	aBefore, _ := os.ReadFile(aFile)
+
+	p.startTarget(aDir, aFile, "target")
+	p.startSource(SourceConfig{Dir: bDir}, bFile)
+	p.converge(30 * time.Second)
+	p.stopSource()
+	saved := p.tgt.Status().Saved
+	p.stopTarget()
+	sameFiles(t, aFile, bFile)
+	if saved == "" {
+		t.Fatal("no split-brain save reported")
+	}
+	_, ranges, err := splitbrain.Load(saved)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A wrote 128 KiB at 2 MiB during the partition: two 64 KiB chunks.
+	if want := (splitbrain.Range{Off: 2 << 20, Len: 128 << 10}); len(ranges) != 1 || ranges[0] != want {
+		t.Fatalf("saved ranges %v, want exactly A's divergent chunks [%v]", ranges, want)
+	}
+	img, _ := os.ReadFile(saved)
+	if !bytes.Equal(img[2<<20:2<<20+128<<10], aBefore[2<<20:2<<20+128<<10]) {
+		t.Fatal("the save does not hold A's partition write")
+	}
+}
+
 // TestResyncResumes: a resync cut halfway (the link, or the source
 // process) continues where it stopped.
 func TestResyncResumes(t *testing.T) {

@@ -133,7 +133,7 @@ func OpenSource(cfg SourceConfig) (*Source, error) {
 	}
 	if cfg.Discard != "" && cfg.Discard != "target" {
 		return nil, fmt.Errorf("discard %q: the source's data is overwritten only when it runs as the target: "+
-			"restart this side as the target with --discard-on target", cfg.Discard)
+			"restart this side as the target with --discard-on target, and the peer as the source", cfg.Discard)
 	}
 	s := &Source{cfg: cfg, log: cfg.Log, size: cfg.Backend.Size(), connected: make(chan struct{}, 1),
 		lim: resync.NewLimiter(cfg.ResyncRate, resync.DefaultFloor)}
@@ -570,7 +570,8 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 		writeMsg(conn, c)
 		msg := fmt.Sprintf("%s: %s", dec.Outcome, dec.Reason)
 		if dec.Outcome == gen.SplitBrain {
-			msg += fmt.Sprintf("; local %d dirty bytes since the split, target %s; resolve with --discard-on target (the target's divergent chunks are saved first)",
+			msg += fmt.Sprintf("; local %d dirty bytes since the split, target %s; resolve with --discard-on target (the target's divergent chunks are saved first), "+
+				"or keep the target's data with --discard-on source (it prints the commands that swap the roles)",
 				s.bm.DirtyBytes(), peerDirty(rp.Bitmap, s.size, s.cfg.ChunkSize))
 		}
 		return dec, s.refuse(fmt.Errorf("%w: %s", ErrRefused, msg))
