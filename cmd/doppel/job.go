@@ -363,6 +363,12 @@ func renderStatus(w io.Writer, views []view, now time.Time) {
 			if st.Data.RPO >= 0 {
 				fmt.Fprintf(w, "   RPO %v", st.Data.RPO.Round(time.Millisecond))
 			}
+			if st.Data.DirtyBytes > 0 {
+				fmt.Fprintf(w, "   dirty %s", bytesHuman(st.Data.DirtyBytes))
+			}
+			if st.Data.ChangedBytes > 0 {
+				fmt.Fprintf(w, "   changed unreplicated %s", bytesHuman(st.Data.ChangedBytes))
+			}
 			fmt.Fprintln(w)
 			if st.Data.Note != "" {
 				fmt.Fprintf(w, "         engine   %s\n", st.Data.Note)

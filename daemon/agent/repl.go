@@ -124,6 +124,8 @@ type replPlane struct {
 	pollStop  context.CancelFunc
 
 	rpo       rpoEstimator
+	changed   chunkSet     // written while not replicating
+	peeked    *int64       // dirty bytes of the closed state (peekDirty), cached while closed
 	gate      sync.RWMutex // held shared by writes in flight
 	quiesced  atomic.Bool
 	lastLink  bool
@@ -187,7 +189,7 @@ func (d *replPlane) source() (*replstate.Source, error) {
 		}
 		return nil, err
 	}
-	d.src, d.srcBack = src, b
+	d.src, d.srcBack, d.peeked = src, b, nil
 	return src, nil
 }
 
@@ -218,10 +220,13 @@ func (g gated) Apply(ctx context.Context, m *blockdev.Mutation) error {
 		return errQuiesced
 	}
 	g.d.mu.Lock()
-	src := g.d.src
+	src, running := g.d.src, g.d.srcRun != nil
 	g.d.mu.Unlock()
 	if src == nil {
 		return repl.ErrClosed
+	}
+	if !running && m.Op != blockdev.OpFlush {
+		g.d.changed.add(m.Offset, m.Length)
 	}
 	return src.Apply(ctx, m)
 }
@@ -242,6 +247,7 @@ func (d *replPlane) StartSource(ctx context.Context) error {
 		return nil
 	}
 	d.quiesced.Store(false)
+	d.changed.reset()
 	rctx, cancel := context.WithCancel(context.Background())
 	d.srcRun = cancel
 	done := make(chan struct{})
@@ -339,7 +345,7 @@ func (d *replPlane) StartTarget(ctx context.Context) error {
 		closeBackend(b)
 		return err
 	}
-	d.tgt, d.tgtBack, d.tgtRemove = t, b, remove
+	d.tgt, d.tgtBack, d.tgtRemove, d.peeked = t, b, remove, nil
 	d.lastLink, d.lastState = false, ""
 	d.startPoll()
 	return nil
@@ -393,8 +399,22 @@ func (d *replPlane) Quiesce(ctx context.Context) error {
 func (d *replPlane) Status() api.DataStatus {
 	d.mu.Lock()
 	src, tgt := d.src, d.tgt
+	if src == nil && tgt == nil && d.peeked == nil {
+		// Nothing open (a returned old source before reverse): what its
+		// state holds, read from copies, once.
+		n, err := peekDirty(d.stateDir())
+		if err != nil {
+			d.log.Warn("read the replication state's dirty bytes", "err", err)
+			n = -1
+		}
+		d.peeked = &n
+	}
+	peeked := d.peeked
 	d.mu.Unlock()
 	st := api.DataStatus{Known: true, RPO: -1}
+	if src == nil && tgt == nil && peeked != nil {
+		st.DirtyBytes = *peeked
+	}
 	if src != nil {
 		s := src.Engine().Stats()
 		rs := src.Status()
@@ -409,6 +429,8 @@ func (d *replPlane) Status() api.DataStatus {
 			st.BytesRemaining = max(s.MirrorTotal-s.MirrorDone, 0)
 		}
 		st.RPO = d.observeRPO(src)
+		st.DirtyBytes, st.HotExtents = rs.DirtyBytes, rs.HotExtents
+		st.ChangedBytes = d.changed.bytes()
 		if s.QueueEntries > 0 {
 			st.Note = fmt.Sprintf("%d writes not yet acknowledged by the target", s.QueueEntries)
 		}
@@ -422,9 +444,14 @@ func (d *replPlane) Status() api.DataStatus {
 	if tgt != nil {
 		ts, _, peer := tgt.Engine().Status()
 		st.Note = fmt.Sprintf("applied up to sequence %d from %s", ts.Applied, peer)
-		if rs := tgt.Status(); rs.Refusal != "" {
+		rs := tgt.Status()
+		if rs.Refusal != "" {
 			st.Note = rs.Refusal
 		}
+		if src == nil {
+			st.DirtyBytes = rs.DirtyBytes
+		}
+		_, st.AppliedBytes = tgt.Engine().Received()
 	}
 	return st
 }

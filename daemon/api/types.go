@@ -70,6 +70,23 @@ type DataStatus struct {
 	// resync since it started (a restart resumes by checksum comparison:
 	// only differing chunks are sent).
 	MirrorSent int64 `json:"mirror_sent"`
+	// DirtyBytes: this side's dirty bitmap (chunks a resync would send
+	// or, on a returning old source, ask for): what the engine tracks.
+	DirtyBytes int64 `json:"dirty_bytes"`
+	// HotExtents: activity-log extents hot on this source (a crash now
+	// adds them to DirtyBytes; idle ones are cooled every 2 s while
+	// connected).
+	HotExtents int `json:"hot_extents"`
+	// ChangedBytes: bytes of the chunks written through this side's
+	// served volume while it was not replicating (a failed-over host
+	// before reverse, a paused job): the agent's own count, reset when
+	// replication starts. A reverse should send about the union of the
+	// new source's ChangedBytes and the old source's DirtyBytes.
+	ChangedBytes int64 `json:"changed_bytes"`
+	// AppliedBytes (target side): payload bytes applied from the source
+	// (writes, mirror and resync data) since this side became the target
+	// — after a reverse, what the reverse cost.
+	AppliedBytes int64 `json:"applied_bytes"`
 	// RPO estimate on the source: the age of the oldest write the target
 	// does not hold (async: not applied yet; any mode: tracked in the
 	// bitmap while the link is down or a resync runs); 0 in sync mode
