@@ -365,10 +365,15 @@ var (
 	descRPO        = prometheus.NewDesc("doppel_job_rpo_seconds", "Estimated age of the oldest write the target does not hold yet (source side; sampled every 100 ms).", []string{"job"}, nil)
 	descTTF        = prometheus.NewDesc("doppel_job_time_to_fail_seconds", "Countdown to declaring the source failed (-1: not counting).", []string{"job"}, nil)
 	descPathUp     = prometheus.NewDesc("doppel_job_path_up", "1 when the peer is heard on the path.", []string{"job", "path"}, nil)
+	descDirty      = prometheus.NewDesc("doppel_job_dirty_bytes", "This side's dirty bitmap bytes (what a resync would send or ask for).", []string{"job"}, nil)
+	descHot        = prometheus.NewDesc("doppel_job_hot_extents", "Activity-log extents hot on this source (a crash adds them to the dirty bytes).", []string{"job"}, nil)
+	descChanged    = prometheus.NewDesc("doppel_job_changed_bytes", "Bytes of the chunks written on this side while it was not replicating.", []string{"job"}, nil)
+	descApplied    = prometheus.NewDesc("doppel_job_applied_bytes", "Target: payload bytes applied since this side became the target.", []string{"job"}, nil)
 )
 
 func (c jobCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descState, descEpoch, descConsistent, descRemaining, descQueue, descRPO, descTTF, descPathUp} {
+	for _, d := range []*prometheus.Desc{descState, descEpoch, descConsistent, descRemaining, descQueue, descRPO, descTTF, descPathUp,
+		descDirty, descHot, descChanged, descApplied} {
 		ch <- d
 	}
 }
@@ -386,7 +391,11 @@ func (c jobCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descState, prometheus.GaugeValue, 1, n, string(j.HA.State), string(j.HA.Role))
 		ch <- prometheus.MustNewConstMetric(descEpoch, prometheus.GaugeValue, float64(j.HA.Epoch), n)
 		ch <- prometheus.MustNewConstMetric(descConsistent, prometheus.GaugeValue, b2f(j.HA.Consistent), n)
-		ch <- prometheus.MustNewConstMetric(descTTF, prometheus.GaugeValue, j.Probe.TimeToFail.Seconds(), n)
+		ttf := j.Probe.TimeToFail.Seconds()
+		if j.Probe.TimeToFail < 0 {
+			ttf = -1
+		}
+		ch <- prometheus.MustNewConstMetric(descTTF, prometheus.GaugeValue, ttf, n)
 		for _, p := range j.HA.Paths {
 			ch <- prometheus.MustNewConstMetric(descPathUp, prometheus.GaugeValue, b2f(p.Up), n, p.Name)
 		}
@@ -396,6 +405,14 @@ func (c jobCollector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descQueue, prometheus.GaugeValue, float64(j.Data.QueueDisk), n, "disk")
 			if j.Data.RPO >= 0 {
 				ch <- prometheus.MustNewConstMetric(descRPO, prometheus.GaugeValue, j.Data.RPO.Seconds(), n)
+			}
+			if j.Data.DirtyBytes >= 0 {
+				ch <- prometheus.MustNewConstMetric(descDirty, prometheus.GaugeValue, float64(j.Data.DirtyBytes), n)
+			}
+			ch <- prometheus.MustNewConstMetric(descHot, prometheus.GaugeValue, float64(j.Data.HotExtents), n)
+			ch <- prometheus.MustNewConstMetric(descChanged, prometheus.GaugeValue, float64(j.Data.ChangedBytes), n)
+			if j.HA.Role == ha.RoleTarget {
+				ch <- prometheus.MustNewConstMetric(descApplied, prometheus.GaugeValue, float64(j.Data.AppliedBytes), n)
 			}
 		}
 	}

@@ -418,7 +418,7 @@ func (d *replPlane) Status() api.DataStatus {
 	if src != nil {
 		s := src.Engine().Stats()
 		rs := src.Status()
-		st.QueueMemory = s.QueueBytes
+		st.QueueMemory, st.QueueDisk = s.QueueBytes, rs.QueueDiskBytes
 		st.MirrorSent = rs.ResyncSent
 		if rs.ResyncActive && !s.MirrorActive {
 			st.SyncTotal, st.SyncDone = rs.ResyncTotal, rs.ResyncDone
