@@ -10,9 +10,12 @@
 //
 //  1. locks the byte range (overlapping requests in arrival order),
 //  2. calls [Tracker.Mark] (issue 4: bitmap + activity log),
-//  3. applies it locally (blockdev.ApplyTo),
-//  4. sequences it and pushes the frame to the [Queue] (one mutex: sequence
-//     order is queue order),
+//  3. sequences it and pushes the frame to the [Queue] (one mutex: sequence
+//     order is queue order); a write's frame keeps the NBD server's buffer
+//     (blockdev.Mutation.Retain) until the target acknowledged it, no copy,
+//  4. applies it locally (blockdev.ApplyTo) while the sender ships it (a
+//     local failure leaves the range dirty in the Tracker and fails the
+//     request),
 //  5. unlocks; syncs locally for FUA; in sync mode waits until the target
 //     acknowledged the sequence (the target fsyncs FUA frames first).
 //

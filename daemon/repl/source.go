@@ -201,19 +201,34 @@ func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
 		unlock()
 		return fmt.Errorf("track %v: %w", m.Op, err)
 	}
-	if err := blockdev.ApplyTo(s.b, m); err != nil {
-		s.tracker.Sequenced(0, m.Offset, m.Length) // every Mark gets its Sequenced
-		unlock()
-		return err
-	}
+	// Queue first, then write locally: the sender ships the frame while
+	// the local write runs (DRBD submits both at once), so in sync mode the
+	// local write is off the critical path. The range stays locked across
+	// both, so overlapping requests and mirror reads still see them in
+	// sequence order.
 	fs, done := mutationFrames(m)
 	seq, err := s.pushDone(done, fs...)
-	s.tracker.Sequenced(seq, m.Offset, m.Length)
-	unlock()
+	if lerr := blockdev.ApplyTo(s.b, m); lerr != nil {
+		// The local disk failed the change (the target may get it): the
+		// range is undefined here, so it stays dirty (a resync copies
+		// whatever the source holds) and the client gets the error.
+		s.tracker.Sequenced(0, m.Offset, m.Length) // every Mark gets its Sequenced
+		unlock()
+		if err == nil {
+			s.log.Error("local write failed after the change was queued for the target; range left dirty", "op", m.Op, "offset", m.Offset, "length", m.Length, "err", lerr)
+		}
+		return lerr
+	}
 	if err != nil {
+		// As before the reordering: applied locally, not queued (a wrapper
+		// such as replstate keeps it in its bitmap and may still succeed).
+		s.tracker.Sequenced(0, m.Offset, m.Length)
+		unlock()
 		s.log.Error("mutation applied locally but not queued for the target", "op", m.Op, "offset", m.Offset, "length", m.Length, "err", err)
 		return err
 	}
+	s.tracker.Sequenced(seq, m.Offset, m.Length)
+	unlock()
 	if m.FUA {
 		if err := s.b.Sync(); err != nil {
 			return err
