@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/doppelha/doppel/daemon/repl/wire"
@@ -168,15 +169,31 @@ func (s *Source) fullPass(ctx context.Context) (MirrorResult, error) {
 
 func alignUp(v, a int64) int64 { return (v + a - 1) / a * a }
 
+// mirrorBufs recycles the mirror's read buffers (mirrorIO bytes each).
+var mirrorBufs sync.Pool
+
+func getMirrorBuf() *[]byte {
+	if p, ok := mirrorBufs.Get().(*[]byte); ok {
+		return p
+	}
+	b := make([]byte, mirrorIO)
+	return &b
+}
+
 // sendRange reads [off, off+n) under the range lock and sequences it as
 // data frames for the non-zero chunks and hole frames for zero ones.
 func (s *Source) sendRange(off, n int64, p wire.Purpose) (sent, holes int64, err error) {
 	for n > 0 {
 		step := min(n, mirrorIO)
-		buf := make([]byte, step) // frames keep slices of it until acknowledged
+		// Frames keep slices of buf until acknowledged; the queue then
+		// gives it back to the pool (Entry.Done of the last frame).
+		pb := getMirrorBuf()
+		buf := (*pb)[:step]
+		done := func() { mirrorBufs.Put(pb) }
 		unlock := s.locks.lock(off, step)
 		if err = readFull(s.b, buf, off); err != nil {
 			unlock()
+			done()
 			return sent, holes, fmt.Errorf("read %d+%d: %w", off, step, err)
 		}
 		var frames []wire.Sequenced
@@ -201,7 +218,7 @@ func (s *Source) sendRange(off, n int64, p wire.Purpose) (sent, holes int64, err
 			}
 			i = k
 		}
-		_, err = s.push(frames...)
+		_, err = s.pushDone(done, frames...)
 		unlock()
 		if err != nil {
 			return sent, holes, err
