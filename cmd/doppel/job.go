@@ -15,6 +15,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/doppelha/doppel/daemon/agent"
 	"github.com/doppelha/doppel/daemon/api"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
@@ -47,6 +48,7 @@ func jobCommand() *cli.Command {
 					&cli.StringFlag{Name: "monitor", Value: "interval=250ms,missed=8", Usage: "failure detection: interval=DURATION,missed=N"},
 					&cli.StringFlag{Name: "failover", Value: string(ha.FailoverManual), Usage: "auto (when every path is down) or manual (doppel failover)"},
 					&cli.StringSliceFlag{Name: "script", Usage: "HOOK=PATH, hook one of pre-failover, post-failover, pre-failback, post-failback (repeatable)"},
+					&cli.StringFlag{Name: "witness", Usage: "IP[:PORT] of a doppel witness (default port 6327): automatic failover also needs it to have lost the source"},
 				),
 				Action: jobCreate,
 			},
@@ -130,6 +132,12 @@ func buildSpec(c *cli.Context, name string) (job.Spec, error) {
 		return spec, err
 	}
 	spec.Monitor = m
+	if w := c.String("witness"); w != "" {
+		if a, err := netip.ParseAddr(w); err == nil {
+			w = netip.AddrPortFrom(a, agent.DefaultWitnessPort).String()
+		}
+		spec.Witness = w
+	}
 	for _, s := range c.StringSlice("script") {
 		hook, path, ok := strings.Cut(s, "=")
 		if !ok {
@@ -337,6 +345,9 @@ func renderStatus(w io.Writer, views []view, now time.Time) {
 	fmt.Fprintf(w, "job %s  %s:%s -> %s:%s  mode %s  failover %s  (%s)\n", spec.Name, spec.Source.Name, spec.Volume, spec.Target.Name, spec.VolumeOn(spec.Target.Name), spec.Mode, spec.Failover, now.Format(time.TimeOnly))
 	for _, ip := range spec.ServiceIPs {
 		fmt.Fprintf(w, "  service IP %s@%s\n", ip.Prefix, ip.Iface)
+	}
+	if spec.Witness != "" {
+		fmt.Fprintf(w, "  witness %s (automatic failover also needs it to have lost the source)\n", spec.Witness)
 	}
 	for _, v := range views {
 		if v.Status == nil {

@@ -54,6 +54,7 @@ func run(ctx context.Context, args []string) error {
 			replCommand(),
 			probeCommand(),
 			ipCommand(),
+			witnessCommand(),
 		},
 	}
 	return app.RunContext(ctx, args)

@@ -244,7 +244,7 @@ type memLiveness struct {
 	err   error                    // the probe cannot be read
 }
 
-func (m *memLiveness) Watch(job string, _ map[string]netip.Addr, _ uint64, _ time.Duration) error {
+func (m *memLiveness) Watch(job string, _ map[string]netip.Addr, _ []netip.Addr, _ uint64, _ time.Duration) error {
 	return nil
 }
 func (m *memLiveness) Unwatch(string) {}

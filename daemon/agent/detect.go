@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"sync/atomic"
 	"time"
 
@@ -75,6 +76,9 @@ func (r *runner) detect(ctx context.Context) {
 				v.down.Store(true)
 				r.log.Warn("peer down: no traffic on any path", "silence", ch.Silence.Round(time.Millisecond), "timeout", cfg.Timeout())
 				r.notify(ha.Event{Type: ha.EvPeerDown})
+				if r.rec.Spec.Witness != "" {
+					go r.askWitness(ctx)
+				}
 			case monitor.Up:
 				v.down.Store(false)
 				if ch.From == monitor.Down {
@@ -92,6 +96,46 @@ func (r *runner) detect(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-time.After(cfg.Interval):
+		}
+	}
+}
+
+// askWitness asks the job's witness whether it lost the source too,
+// right away and then every half second while the detector says down and
+// the witness has not (a source that dies after a partition, a witness
+// that comes back); each answer goes to the state machine (ha.EvWitness).
+func (r *runner) askWitness(ctx context.Context) {
+	q := witnessQuery{Job: heartbeatJobID(r.rec.Spec.Name), Token: peerToken(r.rec.Spec.Secret)}
+	for _, name := range r.pathNames {
+		q.Addrs = append(q.Addrs, r.paths[name])
+	}
+	timeout := r.rec.Spec.Monitor.Interval * time.Duration(r.rec.Spec.Monitor.Missed)
+	last := ""
+	for {
+		silence, heard, err := askWitness(ctx, r.rec.Spec.Witness, q)
+		lost := err == nil && (!heard || silence >= timeout)
+		why := ""
+		switch {
+		case err != nil:
+			why = err.Error()
+		case !lost:
+			why = fmt.Sprintf("the witness heard it %v ago", silence)
+		}
+		if why != last || lost {
+			r.log.Info("witness", "lost_source", lost, "detail", why)
+			last = why
+		}
+		r.notify(ha.Event{Type: ha.EvWitness, WitnessLost: lost, Err: why})
+		if lost {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(500 * time.Millisecond):
+		}
+		if !r.det.down.Load() {
+			return
 		}
 	}
 }

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"crypto/sha256"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -34,7 +33,7 @@ type watched struct {
 }
 
 // Watch implements Liveness.
-func (p *ProbeLiveness) Watch(job string, paths map[string]netip.Addr, token uint64, interval time.Duration) error {
+func (p *ProbeLiveness) Watch(job string, paths map[string]netip.Addr, also []netip.Addr, token uint64, interval time.Duration) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.jobs == nil {
@@ -50,10 +49,10 @@ func (p *ProbeLiveness) Watch(job string, paths map[string]netip.Addr, token uin
 		}
 		dsts = append(dsts, netip.AddrPortFrom(a, p.Port))
 	}
-	id := sha256.Sum256([]byte(job))
-	var hb ebpf.Heartbeat
-	hb.Token = token
-	copy(hb.Job[:], id[:16])
+	for _, a := range also {
+		dsts = append(dsts, netip.AddrPortFrom(a, p.Port))
+	}
+	hb := ebpf.Heartbeat{Token: token, Job: heartbeatJobID(job)}
 	s, err := ebpf.NewSender(dsts, hb)
 	if err != nil {
 		return err

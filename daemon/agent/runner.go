@@ -89,6 +89,7 @@ func newRunner(a *Agent, rec job.Record) (*runner, error) {
 		Job: rec.Spec.Name, Self: me.Name, Peer: peer.Name, Home: rec.Spec.Source.Name,
 		Failover: rec.Spec.Failover, Paths: names, Missed: rec.Spec.Monitor.Missed,
 		ExternalDetector: a.Subsystems.Liveness != nil,
+		Witness:          a.Subsystems.Liveness != nil && rec.Spec.Witness != "",
 	}, rec.HA)
 	if err != nil {
 		return nil, err
@@ -147,7 +148,11 @@ func (r *runner) notify(ev ha.Event) {
 func (r *runner) start(ctx context.Context) {
 	ctx, r.cancel = context.WithCancel(ctx)
 	if r.subs.Liveness != nil {
-		if err := r.subs.Liveness.Watch(r.rec.Spec.Name, r.paths, peerToken(r.rec.Spec.Secret), r.rec.Spec.Monitor.Interval); err != nil {
+		var also []netip.Addr
+		if ap, err := netip.ParseAddrPort(r.rec.Spec.Witness); err == nil {
+			also = append(also, ap.Addr().Unmap())
+		}
+		if err := r.subs.Liveness.Watch(r.rec.Spec.Name, r.paths, also, peerToken(r.rec.Spec.Secret), r.rec.Spec.Monitor.Interval); err != nil {
 			r.log.Error("probe: watch peer", "err", err)
 		}
 	}

@@ -71,8 +71,9 @@ type NetIdent interface {
 // up again after rise packets) is daemon/monitor's.
 type Liveness interface {
 	// Watch starts heartbeats every interval to, and counting of, the peer
-	// addresses of a job's paths (path name -> peer address).
-	Watch(job string, paths map[string]netip.Addr, token uint64, interval time.Duration) error
+	// addresses of a job's paths (path name -> peer address); heartbeats
+	// also go to the addresses in also (a witness).
+	Watch(job string, paths map[string]netip.Addr, also []netip.Addr, token uint64, interval time.Duration) error
 	Unwatch(job string)
 	// Sample is what the probe knows about a path: the arrival time of
 	// the peer's newest packet on CLOCK_MONOTONIC (ebpf.Now's clock;

@@ -2,6 +2,7 @@ package ha
 
 import (
 	"errors"
+	"strings"
 	"testing"
 )
 
@@ -66,5 +67,41 @@ func TestExternalDetector(t *testing.T) {
 	n.Step(Event{Type: EvStart})
 	if err := n.Step(Event{Type: EvPeerDown}); err == nil {
 		t.Fatal("peer-down accepted without an external detector")
+	}
+}
+
+// TestWitnessVote: with a witness, the detector's peer-down alone does not
+// fail over in auto mode; the witness losing the source too does.
+func TestWitnessVote(t *testing.T) {
+	c := testConfig("vm2")
+	c.ExternalDetector, c.Witness = true, true
+	n, _ := NewNode(c, HardState{Role: RoleTarget, Epoch: 1, Consistent: true})
+	n.Step(Event{Type: EvStart})
+	n.Step(Event{Type: EvPeerDown})
+	if st := n.Status(); st.State != StateSourceDown || !strings.Contains(st.Reason, "witness") {
+		t.Fatalf("peer-down without the witness: %s %q", st.State, st.Reason)
+	}
+	n.Step(Event{Type: EvWitness, WitnessLost: false, Err: "the witness heard it 200ms ago"})
+	if st := n.Status(); st.State != StateSourceDown || !strings.Contains(st.Reason, "heard it 200ms ago") {
+		t.Fatalf("witness still hears: %s %q", st.State, st.Reason)
+	}
+	n.Step(Event{Type: EvWitness, WitnessLost: true})
+	if st := n.Status(); st.State != StateFailedOver {
+		t.Fatalf("witness lost it too: %s %q", st.State, st.Reason)
+	}
+	// The witness's earlier verdict does not carry over a peer-up.
+	n, _ = NewNode(c, HardState{Role: RoleTarget, Epoch: 1, Consistent: true})
+	n.Step(Event{Type: EvStart})
+	n.Step(Event{Type: EvPeerDown})
+	n.Step(Event{Type: EvPeerUp, Path: "repl"})
+	n.Step(Event{Type: EvPeerDown})
+	if st := n.Status(); st.State != StateSourceDown {
+		t.Fatalf("second peer-down: %s", st.State)
+	}
+	c.Witness = false
+	n, _ = NewNode(c, HardState{Role: RoleTarget, Epoch: 1, Consistent: true})
+	n.Step(Event{Type: EvStart})
+	if err := n.Step(Event{Type: EvWitness, WitnessLost: true}); err == nil {
+		t.Fatal("witness event accepted without a witness")
 	}
 }

@@ -57,6 +57,9 @@ type Config struct {
 	// "source still heard" refusal; TicksToFail is -1 (the detector
 	// reports its own countdown).
 	ExternalDetector bool
+	// Witness: an automatic failover also needs the witness to have lost
+	// the source (EvWitness with WitnessLost after EvPeerDown).
+	Witness bool
 }
 
 // Node is the state machine of one job on one agent.
@@ -71,6 +74,7 @@ type Node struct {
 	heard      map[string]bool // path -> heard since the last tick
 	sourceDown bool            // target: monitor declared the source failed
 	peerDown   bool            // ExternalDetector: its last verdict was down
+	witnessOK  bool            // Witness: it lost the source too (since the last peer-down)
 	startTicks int             // ticks spent in StateStarting
 
 	peerKnown      bool
@@ -205,7 +209,19 @@ func (n *Node) Step(ev Event) error {
 			return fmt.Errorf("ha: job %q: %s without an external detector", n.cfg.Job, ev.Type)
 		}
 		n.peerDown = false
+		n.witnessOK = false
 		n.sourceBack()
+	case EvWitness:
+		if !n.cfg.Witness {
+			return fmt.Errorf("ha: job %q: %s without a witness", n.cfg.Job, ev.Type)
+		}
+		n.witnessOK = ev.WitnessLost
+		if n.sourceDown && n.state == StateSourceDown {
+			n.onSourceDown()
+			if !ev.WitnessLost && ev.Err != "" && n.state == StateSourceDown {
+				n.reason += " (" + ev.Err + ")"
+			}
+		}
 	case EvDrained:
 		n.onDrained()
 	case EvActionFailed:
@@ -381,8 +397,11 @@ func (n *Node) refreshState() {
 
 func (n *Node) onSourceDown() {
 	switch {
+	case n.cfg.Failover == FailoverAuto && n.hs.Consistent && n.cfg.Witness && !n.witnessOK:
+		n.state = StateSourceDown
+		n.reason = "source " + n.cfg.Peer + " is silent on every path here, but the witness has not lost it (or cannot be reached): no automatic failover; doppel failover --force once it is really down"
 	case n.cfg.Failover == FailoverAuto && n.hs.Consistent:
-		// Every path is silent: the source is gone.
+		// Every path is silent (and the witness lost it): the source is gone.
 		_ = n.failover(Event{Type: CmdFailover}, true)
 	case n.cfg.Failover == FailoverAuto:
 		n.state = StateSourceDown

@@ -167,6 +167,9 @@ const (
 	// rise hysteresis passed; Path: the path that brought it back).
 	EvPeerDown EventType = "peer-down"
 	EvPeerUp   EventType = "peer-up"
+	// EvWitness: the witness's answer after a peer-down (Config.Witness):
+	// WitnessLost when it lost the source too; Err says why not.
+	EvWitness EventType = "witness"
 	// EvDrained: the quiesce action completed (writes paused, queue empty,
 	// target acknowledged everything).
 	EvDrained EventType = "drained"
@@ -196,8 +199,9 @@ type Event struct {
 	// of applying it first (the default).
 	DiscardQueue bool
 	Action       ActionType // EvActionFailed
-	Err          string     // EvActionFailed
+	Err          string     // EvActionFailed; EvWitness: why not lost
 	Msg          *Message   // EvMessage
+	WitnessLost  bool       // EvWitness
 }
 
 // MessageType names a message between the two nodes of a job.

@@ -78,6 +78,10 @@ type Spec struct {
 	Monitor    Monitor            `json:"monitor"`
 	Failover   ha.FailoverMode    `json:"failover"`
 	Scripts    map[ha.Hook]string `json:"scripts,omitempty"`
+	// Witness is the HOST:PORT of a witness (doppel witness) that both
+	// agents send heartbeats to: with one, an automatic failover also
+	// needs the witness to have lost the source. Empty: none.
+	Witness string `json:"witness,omitempty"`
 	// Secret authenticates the two agents' messages to each other; it is
 	// created by the CLI and never shown in status.
 	Secret string `json:"secret,omitempty"`
@@ -151,6 +155,11 @@ func (s *Spec) Validate() error {
 	}
 	if s.Size < 0 {
 		return bad("size %d is negative", s.Size)
+	}
+	if s.Witness != "" {
+		if _, err := netip.ParseAddrPort(s.Witness); err != nil {
+			return bad("witness %q: want IP:PORT (e.g. 172.17.22.100:6327): %v", s.Witness, err)
+		}
 	}
 	if s.Mode != ModeSync && s.Mode != ModeAsync {
 		return bad("mode %q: use sync or async", s.Mode)

@@ -66,6 +66,7 @@ cleanup() {
 	if [ $rc != 0 ]; then
 		mkdir -p /tmp/doppel-demo-logs
 		for h in vm1 vm2; do cp $D/$h/agent.log /tmp/doppel-demo-logs/$h-agent.log 2>/dev/null; cp $D/$h/hook.log /tmp/doppel-demo-logs/$h-hook.log 2>/dev/null; done
+		cp $D/client/witness.log /tmp/doppel-demo-logs/witness.log 2>/dev/null
 		echo "demo: failed; agent and hook logs in /tmp/doppel-demo-logs"
 	fi
 	for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
@@ -116,6 +117,13 @@ start_agent vm2 $NS2 172.17.22.12 192.168.0.12
 wait_for "agent on vm1" 10 test -f $D/vm1/state/token
 wait_for "agent on vm2" 10 test -f $D/vm2/state/token
 wait_for "agents ready" 10 grep -q "agent ready" $D/vm1/agent.log $D/vm2/agent.log
+# The witness: the client's side of the lab hears both agents' heartbeats;
+# automatic failover also needs it to have lost the source.
+mkdir -p $D/client
+ip netns exec $NSC "$DOPPEL" witness --listen 172.17.22.100:6327 >>$D/client/witness.log 2>&1 &
+PIDS+=($!)
+disown $!
+wait_for "witness ready" 10 grep -q "witness ready" $D/client/witness.log
 sleep 0.5
 say "each agent created its certificate and an API token (mode $(stat -c %a $D/vm1/state/token))"
 
@@ -179,7 +187,7 @@ echo \$! >\$H/httpd.pid
 EOF
 chmod +x $D/hook.sh $D/mount.sh $D/service.sh
 cli job create web --source vm1 --target vm2 --volume $D/vm1.img --target-volume $D/vm2.img \
-	--service-ip $SVC/24@eth0 --failover auto --monitor interval=200ms,missed=5 \
+	--service-ip $SVC/24@eth0 --failover auto --monitor interval=200ms,missed=5 --witness 172.17.22.100 \
 	--script post-failover=$D/hook.sh --script pre-failback=$D/hook.sh --script post-failback=$D/hook.sh | sed 's/^/   /'
 wait_for "mirror to complete" 60 is_state vm2 replicating
 status
@@ -229,6 +237,8 @@ for f in file1.bin file2.bin file3.bin file4.bin file5.bin index.html; do
 done
 (cd $D && for f in file1.bin file2.bin file3.bin file4.bin file5.bin index.html; do echo "$(sha256sum <got.$f | cut -d' ' -f1)  $f"; done) >$D/sums2
 diff $D/sums $D/sums2 >/dev/null || fail "files differ on vm2"
+grep -q 'msg=witness .*lost_source=true' $D/vm2/agent.log || fail "vm2 failed over without the witness's vote"
+say "vm2's detector declared vm1 down and the witness (client side) had lost vm1 too"
 say "all $(wc -l <$D/sums) files intact on vm2 (sha256 match); client reached $SVC on vm2 ${RTO}s after the kill"
 ip -n $NS2 -br addr show eth0 | sed 's/^/   vm2: /'
 echo "written on vm2 after the failover" >$D/vm2/fs/after-failover.txt; sync -f $D/vm2/fs/after-failover.txt
