@@ -173,6 +173,13 @@ func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
 		lim = rate.NewLimiter(rate.Limit(s.cfg.RateLimit), burstFor(s.cfg.RateLimit))
 	}
 	buf := make([]byte, 0, 64<<10)
+	// In async mode nobody waits for the target, so a small batch lingers
+	// (once, asyncLinger) for more frames before it goes out: fewer, larger
+	// socket writes, target wake-ups and acknowledgements per write, for at
+	// most asyncLinger more replication lag.
+	linger := s.cfg.Mode == wire.ModeAsync
+	var batch int64 // bytes written since the last flush
+	lingered := false
 	for {
 		ents, err := s.queue.Read(ctx, from, 512)
 		if err != nil {
@@ -215,6 +222,7 @@ func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
 					return fmt.Errorf("send frame %d: %w", e.Seq, err)
 				}
 			}
+			batch += int64(size)
 			k, payload := frameKind(e.Frame)
 			s.st.sentBytes[k].Add(int64(size))
 			s.st.payloadBytes[k].Add(payload)
@@ -228,13 +236,32 @@ func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
 			if more, _ := s.queue.Read(noWait, from, 1); len(more) > 0 {
 				continue
 			}
+			if linger && !lingered && batch < lingerBytes {
+				lingered = true
+				select {
+				case <-time.After(asyncLinger):
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+				if more, _ := s.queue.Read(noWait, from, 1); len(more) > 0 {
+					continue
+				}
+			}
 		}
 		if err := bw.Flush(); err != nil {
 			return fmt.Errorf("send: %w", err)
 		}
+		batch, lingered = 0, false
 		s.st.sentSeq.Store(from)
 	}
 }
+
+// Async batching: a batch below lingerBytes waits once, asyncLinger, for
+// more frames before it is flushed.
+const (
+	asyncLinger = 500 * time.Microsecond
+	lingerBytes = 256 << 10
+)
 
 // noWait is a done context: a Read with it returns only what is queued.
 var noWait = func() context.Context {
