@@ -120,6 +120,29 @@ func (t *Tracker) Acked(seq uint64) {
 	}
 }
 
+// Covered releases the extents of the changes with after < seq <= upTo:
+// something else covers them now (their frames are durable in a disk queue
+// that keeps them until the peer holds them durably). Changes with a
+// sequence <= after stay until Acked.
+func (t *Tracker) Covered(after, upTo uint64) {
+	t.mu.Lock()
+	var done []pendingRange
+	kept := t.pending[:0]
+	for _, r := range t.pending {
+		if r.seq > after && r.seq <= upTo {
+			done = append(done, r)
+		} else {
+			kept = append(kept, r)
+		}
+	}
+	clear(t.pending[len(kept):])
+	t.pending = kept
+	t.mu.Unlock()
+	for _, r := range done {
+		t.al.End(r.off, r.n)
+	}
+}
+
 // Disconnected moves every queued, unacknowledged change into the bitmap
 // (call it when the queue is dropped, e.g. the source restarts the stream
 // from a resync instead of replaying it).

@@ -154,3 +154,37 @@ func TestBitmapMemoryIsBounded(t *testing.T) {
 	}
 	runtime.KeepAlive(bm)
 }
+
+// TestTrackerCovered: changes covered elsewhere (after < seq <= upTo)
+// leave the log; the others stay until acknowledged.
+func TestTrackerCovered(t *testing.T) {
+	bm, al := openPair(t, t.TempDir(), 256*mib, LogOptions{})
+	defer al.Close()
+	tr := NewTracker(bm, al)
+	for i := range 10 {
+		off := int64(i) * 4 * mib // one extent each
+		if err := tr.Mark(off, 4096); err != nil {
+			t.Fatal(err)
+		}
+		tr.Sequenced(uint64(i+1), off, 4096)
+	}
+	tr.Covered(3, 7)
+	if err := al.Clean(); err != nil {
+		t.Fatal(err)
+	}
+	if tr.Pending() != 6 || al.HotExtents() != 6 {
+		t.Fatalf("pending %d, hot %d: want 6 and 6 (seqs 1-3 and 8-10)", tr.Pending(), al.HotExtents())
+	}
+	for _, e := range al.Hot() {
+		if i := e.Off / (4 * mib); i >= 3 && i < 7 {
+			t.Fatalf("covered change %d still hot", i+1)
+		}
+	}
+	tr.Acked(10)
+	if err := al.Clean(); err != nil {
+		t.Fatal(err)
+	}
+	if tr.Pending() != 0 || al.HotExtents() != 0 || bm.DirtyBytes() != 0 {
+		t.Fatalf("after the ack: pending %d hot %d dirty %d", tr.Pending(), al.HotExtents(), bm.DirtyBytes())
+	}
+}

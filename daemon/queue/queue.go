@@ -19,6 +19,11 @@
 // acknowledgements are not persisted, so the peer must skip records whose
 // sequence it has already applied.
 //
+// SyncTail makes the disk part durable without delaying pushes and reports
+// up to which sequence every unacknowledged record survives a crash (the
+// replication source then lets the disk queue stand in for its activity
+// log). A full segment is fdatasync'd before the next one starts.
+//
 // Consumers ship with Next (each record handed out once, in order), remove
 // with Ack(seq) when the peer confirms, and Rewind after a reconnect to hand
 // out every unacknowledged record again. Peek/Pop serve simple consumers.
@@ -400,6 +405,11 @@ func (q *Queue) appendDisk(r Record, size int64) error {
 
 func (q *Queue) newSegment() error {
 	if q.w != nil {
+		// A full segment is made durable before the next one starts (one
+		// fdatasync per segment), so that SyncTail need only sync the last.
+		if err := unix.Fdatasync(int(q.w.Fd())); err != nil {
+			return fmt.Errorf("fdatasync queue segment: %w", err)
+		}
 		q.segs[len(q.segs)-1].writeable = false
 		_ = q.w.Close()
 		q.w = nil
@@ -687,6 +697,44 @@ func (q *Queue) Sync() error {
 		}
 	}
 	return statefile.SyncDir(q.dir)
+}
+
+// SyncTail makes every record pushed so far durable and returns the highest
+// sequence d such that every unacknowledged record with a sequence <= d
+// survives a crash: the last sequence pushed when the memory part held no
+// record, else 0 (memory records are older than disk ones and do not
+// survive). Unlike Sync it does not hold the queue's lock while syncing,
+// so pushes are not delayed.
+func (q *Queue) SyncTail() (uint64, error) {
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return 0, ErrClosed
+	}
+	last, memEmpty := q.lastSeq, len(q.mem) == 0
+	fd := -1
+	if q.w != nil {
+		var err error
+		if fd, err = unix.Dup(int(q.w.Fd())); err != nil {
+			q.mu.Unlock()
+			return 0, fmt.Errorf("dup queue segment: %w", err)
+		}
+	}
+	q.mu.Unlock()
+	if fd >= 0 {
+		err := unix.Fdatasync(fd)
+		unix.Close(fd)
+		if err != nil {
+			return 0, fmt.Errorf("fdatasync queue segment: %w", err)
+		}
+	}
+	if err := statefile.SyncDir(q.dir); err != nil {
+		return 0, err
+	}
+	if !memEmpty {
+		return 0, nil
+	}
+	return last, nil
 }
 
 // Close releases the files. Unacknowledged disk records stay for the next

@@ -210,7 +210,7 @@ func runPartition(t *testing.T, seed uint64, steps int) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	mirrors = src.Status().ResyncSent
-	var crashes, parts, writes int
+	var crashes, parts, writes, resumed int
 	for i := 0; i < steps; i++ {
 		switch p := rng.IntN(100); {
 		case p < 75:
@@ -236,6 +236,9 @@ func runPartition(t *testing.T, seed uint64, steps int) {
 			crashSrc()
 			startSrc()
 			crashes++
+			if src.queueAtOpen > 0 {
+				resumed++
+			}
 		case p < 92:
 			crashTgt()
 			startTgt()
@@ -270,8 +273,8 @@ func runPartition(t *testing.T, seed uint64, steps int) {
 		t.Fatalf("target image differs from the acknowledged writes at %d", firstDiff(tg, model))
 	}
 	sent, sched, passes = sent+st.ResyncSent-mirrors, sched+st.ResyncScheduled, passes+st.ResyncPasses
-	t.Logf("seed %d: %d steps, %d writes, %d link flips, %d crashes; bitmap resyncs: %d passes, %d dirty bytes scheduled, %d sent",
-		seed, steps, writes, parts, crashes, passes, sched, sent)
+	t.Logf("seed %d: %d steps, %d writes, %d link flips, %d crashes (%d source restarts resumed their disk queue); bitmap resyncs: %d passes, %d dirty bytes scheduled, %d sent",
+		seed, steps, writes, parts, crashes, resumed, passes, sched, sent)
 	if passes == 0 {
 		t.Fatal("no bitmap resync ran: the test did not exercise the bitmaps")
 	}

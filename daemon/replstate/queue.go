@@ -17,9 +17,17 @@ import (
 // the target keeps a prefix of the history (consistent) while the source
 // tracks every change in its bitmap, until the queue drains and the state
 // layer starts a resync (reopen).
+//
+// Records durable on disk may stand in for the activity log (see
+// Source.releaseQueued): once that happened up to sequence early, Release
+// keeps records until the target holds them durably, not merely applied.
 type spillQueue struct {
 	q        *queue.Queue
 	overflow atomic.Bool
+
+	relMu   sync.Mutex
+	early   uint64        // highest sequence whose extents were released on the durable queue
+	durable func() uint64 // the target's durable sequence (set before the engine runs)
 
 	mu     sync.Mutex // the reader's position
 	pos    uint64     // last sequence handed out by Next
@@ -108,6 +116,13 @@ func (s *spillQueue) entry(r queue.Record) (repl.Entry, error) {
 
 // Release implements repl.Queue.
 func (s *spillQueue) Release(seq uint64) {
+	s.relMu.Lock()
+	defer s.relMu.Unlock()
+	if s.early > 0 && s.durable != nil {
+		if d := s.durable(); s.early > d {
+			seq = min(seq, d)
+		}
+	}
 	for {
 		a := s.acked.Load()
 		if seq <= a || s.acked.CompareAndSwap(a, seq) {
@@ -115,6 +130,37 @@ func (s *spillQueue) Release(seq uint64) {
 		}
 	}
 	s.q.Ack(seq)
+}
+
+// stand records that every record up to d is durable in the queue: from
+// now on Release keeps them until the target holds them durably, so they
+// cover their changes. It returns the sequence the queue had released up
+// to: the changes of records after it (up to d) may leave the activity
+// log; the ones before stay covered there until the target's durable ack.
+func (s *spillQueue) stand(d uint64) (after uint64) {
+	s.relMu.Lock()
+	defer s.relMu.Unlock()
+	s.early = max(s.early, d)
+	return s.acked.Load()
+}
+
+// catchUp releases up to the applied sequence a (clamped as Release does)
+// when records are kept for the target's durable point.
+func (s *spillQueue) catchUp(a uint64) {
+	s.relMu.Lock()
+	keep := s.early > 0
+	s.relMu.Unlock()
+	if keep {
+		s.Release(a)
+	}
+}
+
+// waitsFor reports whether records are kept until the target's durable
+// point, which is at d.
+func (s *spillQueue) waitsFor(d uint64) bool {
+	s.relMu.Lock()
+	defer s.relMu.Unlock()
+	return s.early > d
 }
 
 // Len implements repl.Queue.

@@ -19,9 +19,14 @@
 //   - Target serves the receiving side; a plain source (no magic prefix)
 //     is passed to the engine unchanged.
 //
+// A restarted source resumes its stream from the disk queue when the target
+// can continue it (the records durable there stand in for the activity log
+// while a backlog exists); otherwise the queue is folded into the bitmap.
+//
 // Files under the state directory: bitmap, activity.log, generation,
-// queue/ (disk queue segments), repl-target.json (the engine's target
-// state), splitbrain-*.img (saved divergent chunks).
+// generation.unshared, queue/STREAM/ (the disk queue segments of the
+// current stream), repl-target.json (the engine's target state),
+// splitbrain-*.img (saved divergent chunks).
 package replstate
 
 import (

@@ -213,6 +213,11 @@ func TestSplitBrain(t *testing.T) {
 func partitionBothWrite(p *pair, aDir, bDir, aFile, bFile string, rng *rand.Rand) {
 	t := p.t
 	t.Helper()
+	// A flush: the target holds the shared history durably (otherwise A
+	// keeps it dirty, and would save it too when it loses).
+	if err := p.src.Apply(t.Context(), &blockdev.Mutation{Op: blockdev.OpFlush}); err != nil {
+		t.Fatal(err)
+	}
 	p.converge(20 * time.Second)
 
 	// Partition; A writes.

@@ -2,13 +2,16 @@ package replstate
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -118,6 +121,7 @@ type Source struct {
 	resyncPasses                        atomic.Int64
 	hotAtOpen                           int
 	dirtyAtOpen                         int64
+	queueAtOpen                         int64 // disk queue bytes resumed at open
 }
 
 // OpenSource opens the state under cfg.Dir (creating it) for the volume.
@@ -146,8 +150,14 @@ func OpenSource(cfg SourceConfig) (*Source, error) {
 		return nil, fmt.Errorf("open activity log: %w", err)
 	}
 	s.hotAtOpen = len(s.al.Hot())
-	s.dirtyAtOpen = s.bm.DirtyBytes()
 	s.trk = bitmap.NewTracker(s.bm, s.al)
+	// The durable queue of the last stream is resumed (or folded into the
+	// bitmap when it cannot be).
+	if err := s.openStream(); err != nil {
+		s.closeFiles()
+		return nil, err
+	}
+	s.dirtyAtOpen = s.bm.DirtyBytes()
 	st, ok, err := loadGen(cfg.Dir)
 	if err != nil {
 		s.closeFiles()
@@ -167,7 +177,7 @@ func OpenSource(cfg SourceConfig) (*Source, error) {
 	}
 	_, uerr := os.Stat(filepath.Join(cfg.Dir, UnsharedFile))
 	unshared := uerr == nil
-	if ok && !unshared && (s.hotAtOpen > 0 || s.dirtyAtOpen > 0) {
+	if ok && !unshared && (s.hotAtOpen > 0 || s.dirtyAtOpen > 0 || s.queueAtOpen > 0) {
 		// Changes the target may lack: a new generation, so that a
 		// promotion of the target meanwhile is seen as split brain.
 		st.NewGeneration(gen.NewID())
@@ -188,47 +198,217 @@ func OpenSource(cfg SourceConfig) (*Source, error) {
 		s.shared = st.Current
 	}
 	s.trackCtx, s.trackEnd = context.WithCancel(context.Background())
-	if s.hotAtOpen > 0 || s.dirtyAtOpen > 0 {
-		s.log.Info("restart: dirty regions to resync", "dirty_bytes", s.dirtyAtOpen, "hot_extents", s.hotAtOpen)
-	}
-	if err := s.newStream(); err != nil {
-		s.closeFiles()
-		return nil, err
+	if s.hotAtOpen > 0 || s.dirtyAtOpen > 0 || s.queueAtOpen > 0 {
+		s.log.Info("restart: changes the target may lack", "dirty_bytes", s.dirtyAtOpen, "hot_extents", s.hotAtOpen,
+			"queued_bytes", s.queueAtOpen)
 	}
 	return s, nil
 }
 
 func (s *Source) closeFiles() error {
-	return errors.Join(s.al.Close(), s.bm.Close())
+	var err error
+	if s.qq != nil {
+		err = s.qq.Close()
+	}
+	return errors.Join(err, s.al.Close(), s.bm.Close())
+}
+
+func (s *Source) queueOptions() queue.Options {
+	return queue.Options{MemLimit: s.cfg.MemQueue, DiskLimit: s.cfg.DiskQueue, MaxRecord: wire.MaxData + 4096}
+}
+
+// openStream resumes the stream whose disk queue survived a restart: the
+// engine continues it (same stream ID, next sequence) and replays the
+// queued records after the target's applied sequence; the handshake
+// restarts the stream from the bitmap if the target cannot continue it.
+// A queue that cannot be resumed (empty, several, an older layout) is
+// folded into the bitmap and a new stream starts.
+func (s *Source) openStream() error {
+	root := filepath.Join(s.cfg.Dir, QueueDir)
+	ents, err := os.ReadDir(root)
+	if err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	var streams []string
+	other := false
+	for _, e := range ents {
+		if id, err := strconv.ParseUint(e.Name(), 16, 64); e.IsDir() && len(e.Name()) == 16 && err == nil && id != 0 {
+			streams = append(streams, e.Name())
+		} else {
+			other = true
+		}
+	}
+	if len(streams) == 1 && !other {
+		id, _ := strconv.ParseUint(streams[0], 16, 64)
+		qq, err := queue.Open(filepath.Join(root, streams[0]), s.queueOptions())
+		if err != nil {
+			return fmt.Errorf("open queue: %w", err)
+		}
+		first, ok, err := qq.Peek()
+		if err == nil && ok {
+			s.queueAtOpen = qq.DiskBytes()
+			rp := &repl.ResumePoint{StreamID: id, LastSeq: qq.LastSeq(), AckedSeq: first.Seq - 1}
+			s.log.Info("restart: resuming the replication stream from the disk queue", "stream", streams[0],
+				"from_seq", first.Seq, "to_seq", rp.LastSeq, "records", qq.Len(), "bytes", s.queueAtOpen)
+			if err := s.startStream(qq, rp); err != nil {
+				return err
+			}
+			// Its records may be all that covers their changes: they stay
+			// until the target holds them durably.
+			s.q.Load().stand(rp.LastSeq)
+			return nil
+		}
+		if err := qq.Close(); err != nil {
+			return err
+		}
+	}
+	// Nothing to resume: what the queues hold goes to the bitmap.
+	dirs := []string{}
+	if other {
+		dirs = append(dirs, root) // segments of an older layout
+	}
+	for _, d := range streams {
+		dirs = append(dirs, filepath.Join(root, d))
+	}
+	for _, d := range dirs {
+		qq, err := queue.Open(d, s.queueOptions())
+		if err != nil {
+			return fmt.Errorf("open queue %s: %w", d, err)
+		}
+		err = errors.Join(s.foldQueue(qq), qq.Close())
+		if err != nil {
+			return err
+		}
+	}
+	return s.newStream()
 }
 
 // newStream (re)creates the engine on a fresh stream and an empty queue.
-// The caller holds swap exclusively (or nothing runs yet).
+// The caller holds swap exclusively (or nothing runs yet) and has folded
+// what the old queue held into the bitmap.
 func (s *Source) newStream() error {
 	if s.qq != nil {
 		s.qq.Close()
+		s.qq = nil
 	}
-	qdir := filepath.Join(s.cfg.Dir, QueueDir)
-	if err := os.RemoveAll(qdir); err != nil {
+	root := filepath.Join(s.cfg.Dir, QueueDir)
+	if err := os.RemoveAll(root); err != nil {
 		return err
 	}
+	var b [8]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return err
+	}
+	id := binary.BigEndian.Uint64(b[:]) | 1
+	qdir := filepath.Join(root, fmt.Sprintf("%016x", id))
 	if err := os.MkdirAll(qdir, 0o700); err != nil {
 		return err
 	}
-	qq, err := queue.Open(qdir, queue.Options{MemLimit: s.cfg.MemQueue, DiskLimit: s.cfg.DiskQueue, MaxRecord: wire.MaxData + 4096})
+	// The old queue's removal is durable before the new stream's records.
+	if err := errors.Join(statefile.SyncDir(root), statefile.SyncDir(s.cfg.Dir)); err != nil {
+		return err
+	}
+	qq, err := queue.Open(qdir, s.queueOptions())
 	if err != nil {
 		return fmt.Errorf("open queue: %w", err)
 	}
-	s.qq = qq
+	return s.startStream(qq, &repl.ResumePoint{StreamID: id})
+}
+
+// startStream creates the engine on qq, continuing the stream at rp.
+func (s *Source) startStream(qq *queue.Queue, rp *repl.ResumePoint) error {
 	q := newSpillQueue(qq)
 	src, err := repl.NewSource(repl.SourceConfig{Backend: s.cfg.Backend, Mode: s.cfg.Mode, ChunkSize: s.cfg.ChunkSize,
-		Queue: q, Tracker: (*durableTracker)(s), Dial: s.dial, Codec: s.cfg.Codec, RateLimit: s.cfg.RateLimit, Log: s.log})
+		Queue: q, Tracker: (*durableTracker)(s), Dial: s.dial, Codec: s.cfg.Codec, RateLimit: s.cfg.RateLimit, Log: s.log,
+		Resume: rp})
 	if err != nil {
+		qq.Close()
 		return err
 	}
+	q.durable = func() uint64 { _, d := src.Progress(); return d }
+	s.qq = qq
 	s.q.Store(q)
 	s.cur.Store(src)
 	return nil
+}
+
+// foldQueue marks the ranges of every record qq holds in the bitmap,
+// durably: the queue is about to be dropped, and its records may be all
+// that covers those changes (see releaseQueued).
+func (s *Source) foldQueue(qq *queue.Queue) error {
+	qq.Rewind()
+	n := 0
+	for {
+		r, ok, err := qq.Next()
+		if err != nil {
+			return fmt.Errorf("fold queue into the bitmap: %w", err)
+		}
+		if !ok {
+			break
+		}
+		f, err := wire.Decode(r.Data)
+		if err != nil {
+			// Unreadable (it passed its checksum): resync everything.
+			s.log.Warn("queued frame unreadable: marking the whole volume dirty", "seq", r.Seq, "err", err)
+			s.bm.SetAll()
+			break
+		}
+		switch f := f.(type) {
+		case *wire.Write:
+			s.bm.Set(int64(f.Offset), int64(len(f.Data)))
+		case *wire.Trim:
+			s.bm.Set(int64(f.Offset), int64(f.Length))
+		case *wire.Zeroes:
+			s.bm.Set(int64(f.Offset), int64(f.Length))
+		case *wire.MirrorData:
+			s.bm.Set(int64(f.Offset), int64(len(f.Data)))
+		case *wire.MirrorHole:
+			s.bm.Set(int64(f.Offset), int64(f.Length))
+		}
+		n++
+	}
+	if n > 0 {
+		s.log.Info("queued changes moved to the bitmap", "records", n)
+	}
+	return s.bm.Flush()
+}
+
+// barrier sends a flush through the stream (it syncs the local volume too).
+func (s *Source) barrier(ctx context.Context) {
+	s.swap.RLock()
+	defer s.swap.RUnlock()
+	bctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := s.cur.Load().Apply(bctx, &blockdev.Mutation{Op: blockdev.OpFlush}); err != nil && ctx.Err() == nil {
+		s.log.Debug("durability barrier", "err", err)
+	}
+}
+
+// releaseQueued lets the activity log forget the changes whose frames are
+// durable in the disk queue: the queue covers them now (it keeps them until
+// the target holds them durably; a restart replays them, or folds them
+// into the bitmap). Without it, a restart after a long backlog would
+// resync every extent the backlog touched instead of replaying it.
+func (s *Source) releaseQueued() error {
+	s.swap.RLock()
+	defer s.swap.RUnlock()
+	return s.releaseQueuedLocked()
+}
+
+// releaseQueuedLocked is releaseQueued with swap held.
+func (s *Source) releaseQueuedLocked() error {
+	q := s.q.Load()
+	if q.q.DiskBytes() == 0 {
+		return nil
+	}
+	d, err := q.q.SyncTail()
+	if err != nil || d == 0 {
+		return err
+	}
+	if after := q.stand(d); after < d {
+		s.trk.Covered(after, d)
+	}
+	return s.al.Clean()
 }
 
 // durableTracker forwards the engine's tracker calls to the bitmap
@@ -418,7 +598,7 @@ func (s *Source) restream(old *repl.Source) error {
 	if q := s.q.Load(); q != nil && q.overflow.Load() {
 		s.log.Info("queue overflow: changes since are in the bitmap")
 	}
-	if err := s.bm.Flush(); err != nil {
+	if err := s.foldQueue(s.qq); err != nil {
 		return err
 	}
 	return s.newStream()
@@ -428,15 +608,36 @@ func (s *Source) restream(old *repl.Source) error {
 func (s *Source) watch(ctx context.Context) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
-	var lastClean int64
+	var lastClean, lastRelease, lastBarrier int64
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		up := s.cur.Load().Connected()
+		cur := s.cur.Load()
+		up := cur.Connected()
 		now := time.Now().UnixNano()
+		if now-lastRelease > int64(200*time.Millisecond) {
+			lastRelease = now
+			if err := s.releaseQueued(); err != nil && !errors.Is(err, queue.ErrClosed) {
+				s.log.Warn("disk queue sync", "err", err)
+			}
+		}
+		// Records kept until durable on the target are released as the
+		// target's durable point moves (acks may have stopped).
+		a, d := cur.Progress()
+		q := s.q.Load()
+		if a > 0 {
+			q.catchUp(a)
+		}
+		// The target's durable point moves only at a flush (or FUA): while
+		// records wait for it, send a barrier at most once a second, so
+		// the queue drains without the application's flushes.
+		if up && q.waitsFor(d) && now-lastBarrier > int64(time.Second) {
+			lastBarrier = now
+			go s.barrier(ctx)
+		}
 		if up && now-lastClean > int64(2*time.Second) {
 			// Idle extents are on the target (durably) or in the bitmap:
 			// cool them, so a crash resends only recent writes.
@@ -590,9 +791,10 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 			return dec, err
 		}
 	}
-	if (rp.StreamID == cur.StreamID() && rp.Applied < applied) || (rp.StreamID != cur.StreamID() && applied > 0) {
-		// The target lost what it had not synced, or the stream: the
-		// bitmap (plus the extents still hot) covers it.
+	if (rp.StreamID == cur.StreamID() && (rp.Applied < applied || rp.Applied > cur.LastSeq())) || (rp.StreamID != cur.StreamID() && applied > 0) {
+		// The target lost what it had not synced, or the stream (or is
+		// past it): the queue, folded into the bitmap, plus the extents
+		// still hot cover it.
 		return dec, &repl.FatalError{Err: fmt.Errorf("target at stream %016x seq %d, source at %016x seq %d: %w",
 			rp.StreamID, rp.Applied, cur.StreamID(), applied, errRestream)}
 	}
@@ -862,9 +1064,12 @@ func (s *Source) Close() error {
 	cur := s.cur.Load()
 	var errs []error
 	_, d := cur.Progress()
+	// Changes durable in the disk queue stay there for the next start;
+	// what the target does not hold durably otherwise goes to the bitmap.
+	errs = append(errs, s.releaseQueuedLocked())
 	s.trk.Acked(d)
-	s.trk.Disconnected() // what the target does not hold durably goes to the bitmap
-	if s.bm.DirtyChunks() > 0 {
+	s.trk.Disconnected()
+	if s.bm.DirtyChunks() > 0 || s.qq.Len() > 0 {
 		errs = append(errs, s.bumpGeneration())
 	}
 	errs = append(errs, cur.Close(), s.qq.Close(), s.al.Clean(), s.al.Close(), s.bm.Close())
