@@ -399,7 +399,7 @@ func (n *Node) onSourceDown() {
 	switch {
 	case n.cfg.Failover == FailoverAuto && n.hs.Consistent && n.cfg.Witness && !n.witnessOK:
 		n.state = StateSourceDown
-		n.reason = "source " + n.cfg.Peer + " is silent on every path here, but the witness has not lost it (or cannot be reached): no automatic failover; doppel failover --force once it is really down"
+		n.reason = "source " + n.cfg.Peer + " is silent on every path here, but the witness does not confirm it is gone: no automatic failover (doppel failover --force once it really is)"
 	case n.cfg.Failover == FailoverAuto && n.hs.Consistent:
 		// Every path is silent (and the witness lost it): the source is gone.
 		_ = n.failover(Event{Type: CmdFailover}, true)

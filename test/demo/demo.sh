@@ -207,6 +207,19 @@ wait_for "service on vm1" 10 ip netns exec $NSC curl -sf -m 1 -o /dev/null http:
 say "client -> http://$SVC:8080/index.html: $(ip netns exec $NSC curl -sf -m 2 http://$SVC:8080/index.html)"
 pause 1
 
+bold "6. A partition between vm1 and vm2 only: vm2 no longer hears vm1, the witness (client side) still does"
+ip -n $NS1 route add blackhole 172.17.22.12/32; ip -n $NS1 route add blackhole 192.168.0.12/32
+wait_for "vm2 to declare vm1 down" 15 is_state vm2 source-down
+sleep 1.5
+status
+is_state vm2 source-down && [ "$(state_of vm2 role)" = target ] || fail "vm2 took over while the witness still heard vm1"
+if has_ip $NS2; then fail "vm2 took the service IP during the partition"; fi
+grep -q 'msg=witness .*lost_source=false' $D/vm2/agent.log || fail "vm2 did not ask the witness"
+say "no failover: the witness still hears vm1; vm2 asks again every 500 ms"
+ip -n $NS1 route del blackhole 172.17.22.12/32; ip -n $NS1 route del blackhole 192.168.0.12/32
+wait_for "the partition to heal" 30 is_state vm2 replicating
+say "healed: vm2 hears vm1 again and replicates"
+
 # A crash folds the activity log's hot extents into the dirty bitmap
 # (resynced on return): let mkfs's extents cool first, as they do within
 # seconds on an idle volume, so the reverse below has a meaningful bound.
@@ -214,7 +227,7 @@ cool() { [ "$(state_of vm1 hot_extents)" -le 2 ]; }
 wait_for "vm1's hot extents to cool" 20 cool
 say "vm1: $(state_of vm1 hot_extents) hot extents in its activity log"
 
-bold "6. Force-stop vm1: agent killed, links down"
+bold "7. Force-stop vm1: agent killed, links down"
 T0=$(date +%s.%N)
 kill -9 "$(cat $D/vm1/agent.pid)"
 ip -n $NS1 link set eth0 down; ip -n $NS1 link set eth1 down
@@ -230,7 +243,7 @@ done
 T1=$(date +%s.%N)
 RTO=$(awk -v a=$T0 -v b=$T1 'BEGIN { printf "%.2f", b - a }')
 
-bold "7. Automatic failover: vm2 took the service IP and serves the same files (RTO ${RTO}s)"
+bold "8. Automatic failover: vm2 took the service IP and serves the same files (RTO ${RTO}s)"
 status
 for f in file1.bin file2.bin file3.bin file4.bin file5.bin index.html; do
 	ip netns exec $NSC curl -sf -m 5 -o $D/got.$f http://$SVC:8080/$f
@@ -244,7 +257,7 @@ ip -n $NS2 -br addr show eth0 | sed 's/^/   vm2: /'
 echo "written on vm2 after the failover" >$D/vm2/fs/after-failover.txt; sync -f $D/vm2/fs/after-failover.txt
 pause 1
 
-bold "8. Bring vm1 back: it finds it was superseded and stays fenced"
+bold "9. Bring vm1 back: it finds it was superseded and stays fenced"
 ip -n $NS1 link set eth0 up; ip -n $NS1 link set eth1 up
 umount -l $D/vm1/fs 2>/dev/null || true; losetup -d "$(cat $D/vm1/loop)" 2>/dev/null || true
 kill "$(cat $D/vm1/nbdfuse.pid)" 2>/dev/null || true; fusermount3 -u -z $D/vm1/fuse 2>/dev/null || true
@@ -255,7 +268,7 @@ status
 if has_ip $NS1; then fail "returned vm1 holds the service IP"; fi
 say "vm1 holds no service IP and does not serve the volume"
 
-bold "9. doppel reverse: vm1 becomes the target, resynced with only what differs"
+bold "10. doppel reverse: vm1 becomes the target, resynced with only what differs"
 # What differs: the chunks vm2 wrote since the failover, and vm1's dirty
 # chunks (its writes vm2 never acknowledged, plus the hot extents of its crash).
 CHANGED2=$(state_of vm2 changed_bytes) DIRTY1=$(state_of vm1 dirty_bytes)
@@ -275,7 +288,7 @@ say "reverse sent $REV bytes of the 256 MiB volume ($RESYNC of them by resync of
 say "$REV ≤ 1.1 × ($CHANGED2 + $DIRTY1) = $(( 11 * (CHANGED2 + DIRTY1) / 10 ))"
 
 
-bold "10. doppel failback: planned switchover, vm1 is the source again, vm2 the standby"
+bold "11. doppel failback: planned switchover, vm1 is the source again, vm2 the standby"
 cli failback web | sed 's/^/   /'
 is_source() { [ "$(state_of "$1" role)" = source ]; }
 wait_for "vm1 to take the source role back" 60 is_source vm1
