@@ -1,12 +1,14 @@
 package repl
 
 import (
+	"container/heap"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -86,6 +88,7 @@ type Source struct {
 	acked   uint64 // target applied every sequence ≤ acked
 	durable uint64
 	ackCh   chan struct{} // closed and replaced when acked moves or the state changes
+	waiters ackWaiters    // waitAck callers, woken only when their sequence is acknowledged
 	failed  error         // set when Run gives up: waiters fail with it
 	conn    bool          // a session is established
 	tstate  uint8         // target data state as last known (0: unknown)
@@ -350,6 +353,7 @@ func (s *Source) onAck(applied, durable uint64) {
 	}
 	if moved {
 		s.signalLocked()
+		s.waiters.wake(applied)
 	}
 	s.ackMu.Unlock()
 	if moved {
@@ -380,14 +384,24 @@ func (s *Source) fail(err error) {
 		s.failed = err
 	}
 	s.signalLocked()
+	s.waiters.wake(math.MaxUint64)
 	s.ackMu.Unlock()
 }
 
-// waitAck waits until the target applied seq.
+// waitAck waits until the target applied seq. Each waiter has its own
+// wake-up, sent when the target acknowledged its sequence (or the source
+// failed): an ack does not wake every request in flight.
 func (s *Source) waitAck(ctx context.Context, seq uint64) error {
+	var ch chan struct{}
 	for {
 		s.ackMu.Lock()
-		acked, failed, ch := s.acked, s.failed, s.ackCh
+		acked, failed := s.acked, s.failed
+		if acked < seq && failed == nil {
+			if ch == nil {
+				ch = make(chan struct{}, 1)
+			}
+			heap.Push(&s.waiters, ackWaiter{seq: seq, ch: ch})
+		}
 		s.ackMu.Unlock()
 		if acked >= seq {
 			return nil
@@ -398,7 +412,39 @@ func (s *Source) waitAck(ctx context.Context, seq uint64) error {
 		select {
 		case <-ch:
 		case <-ctx.Done():
-			return ctx.Err()
+			return ctx.Err() // the entry stays until acked or failed (ch is buffered)
+		}
+	}
+}
+
+// ackWaiter is a waitAck caller.
+type ackWaiter struct {
+	seq uint64
+	ch  chan struct{} // buffered (1): wake never blocks
+}
+
+// ackWaiters is a min-heap of waiters by sequence (under Source.ackMu).
+type ackWaiters []ackWaiter
+
+func (h ackWaiters) Len() int           { return len(h) }
+func (h ackWaiters) Less(i, j int) bool { return h[i].seq < h[j].seq }
+func (h ackWaiters) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
+func (h *ackWaiters) Push(x any)        { *h = append(*h, x.(ackWaiter)) }
+func (h *ackWaiters) Pop() any {
+	old := *h
+	w := old[len(old)-1]
+	old[len(old)-1] = ackWaiter{}
+	*h = old[:len(old)-1]
+	return w
+}
+
+// wake wakes the waiters of every sequence up to seq.
+func (h *ackWaiters) wake(seq uint64) {
+	for len(*h) > 0 && (*h)[0].seq <= seq {
+		w := heap.Pop(h).(ackWaiter)
+		select {
+		case w.ch <- struct{}{}:
+		default:
 		}
 	}
 }
