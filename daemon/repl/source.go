@@ -210,8 +210,15 @@ func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
 	// both, so overlapping requests and mirror reads still see them in
 	// sequence order.
 	fs, done := mutationFrames(m)
+	// The frames and the local write share the NBD server's buffer, and the
+	// target may acknowledge the frames before the local write has read
+	// it: the buffer goes back to the server's pool only once both are
+	// done with it.
+	done, localDone := shareRelease(done)
 	seq, err := s.pushDone(done, fs...)
-	if lerr := blockdev.ApplyTo(s.b, m); lerr != nil {
+	lerr := blockdev.ApplyTo(s.b, m)
+	localDone()
+	if lerr != nil {
 		// The local disk failed the change (the target may get it): the
 		// range is undefined here, so it stays dirty (a resync copies
 		// whatever the source holds) and the client gets the error.
@@ -241,6 +248,23 @@ func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
 		return s.waitAck(ctx, seq)
 	}
 	return nil
+}
+
+// shareRelease splits release between two users of one buffer: it runs
+// once both returned functions have been called. A nil release stays nil
+// for the queue (nothing to give back) and a no-op for the local side.
+func shareRelease(release func()) (queue, local func()) {
+	if release == nil {
+		return nil, func() {}
+	}
+	var left atomic.Int32
+	left.Store(2)
+	once := func() {
+		if left.Add(-1) == 0 {
+			release()
+		}
+	}
+	return once, once
 }
 
 // mutationFrames converts m into wire frames; writes larger than
