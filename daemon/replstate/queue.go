@@ -163,5 +163,50 @@ func (s *spillQueue) waitsFor(d uint64) bool {
 	return s.early > d
 }
 
+// keptAbove returns the highest sequence kept for the target's durable
+// point when it is above d (0: none).
+func (s *spillQueue) keptAbove(d uint64) uint64 {
+	s.relMu.Lock()
+	defer s.relMu.Unlock()
+	if s.early > d {
+		return s.early
+	}
+	return 0
+}
+
+// records calls fn for every queued frame with after < seq <= upTo, in
+// order (the sender re-seeks afterwards).
+func (s *spillQueue) records(after, upTo uint64, fn func(seq uint64, f wire.Frame, err error)) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.seeked = false
+	if err := s.q.Seek(after); err != nil {
+		return err
+	}
+	for {
+		r, ok, err := s.q.Next()
+		if err != nil {
+			return err
+		}
+		if !ok || r.Seq > upTo {
+			return nil
+		}
+		f, err := wire.Decode(r.Data)
+		fn(r.Seq, f, err)
+	}
+}
+
+// unkeep stops keeping records for the target's durable point (their
+// changes are in the bitmap now), unless more were kept meanwhile.
+func (s *spillQueue) unkeep(early uint64) bool {
+	s.relMu.Lock()
+	defer s.relMu.Unlock()
+	if s.early != early {
+		return false
+	}
+	s.early = 0
+	return true
+}
+
 // Len implements repl.Queue.
 func (s *spillQueue) Len() (int64, int) { return s.q.MemBytes() + s.q.DiskBytes(), s.q.Len() }

@@ -89,3 +89,53 @@ func TestRestartReplaysDiskQueue(t *testing.T) {
 		t.Fatalf("replayed %d bytes after the restart for %d queued", replayed, queued)
 	}
 }
+
+// TestKeptQueueDrainsUnderPressure: records kept in the disk queue for the
+// target's durable point must not stop the queue from draining when it
+// overflows (no flush fits then, so that point would never move): their
+// changes go to the bitmap and the pair converges.
+func TestKeptQueueDrainsUnderPressure(t *testing.T) {
+	const size = 16 << 20
+	dir := t.TempDir()
+	aFile, bFile := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
+	rng := rand.New(rand.NewPCG(9, 9))
+	p := &pair{t: t, nw: &memNet{up: true}, size: size}
+	p.startTarget(filepath.Join(dir, "b"), bFile, "")
+	p.startSource(SourceConfig{Dir: filepath.Join(dir, "a"), MemQueue: 256 << 10, DiskQueue: 4 << 20, RateLimit: 2 << 20,
+		LogOptions: bitmap.LogOptions{ExtentSize: 1 << 20, Slots: 64}}, aFile)
+	p.converge(20 * time.Second)
+	for i := 0; i < 8; i++ { // a 2 MiB backlog on disk
+		p.write(rng.Int64N(size/(256<<10))*(256<<10), randBytes(rng, 256<<10))
+	}
+	for deadline := time.Now().Add(10 * time.Second); p.src.q.Load().keptAbove(0) == 0; {
+		if time.Now().After(deadline) {
+			t.Fatalf("the disk records never stood in for the activity log: %+v", p.src.Status())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// Link down (no barrier can be sent): more records stand in, beyond
+	// any barrier already queued; then the queue overflows.
+	p.nw.set(false)
+	first := p.src.q.Load().keptAbove(0)
+	for i := 0; i < 4; i++ {
+		p.write(rng.Int64N(size/(256<<10))*(256<<10), randBytes(rng, 256<<10))
+	}
+	for deadline := time.Now().Add(10 * time.Second); p.src.q.Load().keptAbove(first) == 0; {
+		if time.Now().After(deadline) {
+			t.Fatalf("the records written while partitioned never stood in: %+v", p.src.Status())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for i := 0; i < 32; i++ { // 8 MiB more: the queue overflows
+		p.write(rng.Int64N(size/(256<<10))*(256<<10), randBytes(rng, 256<<10))
+	}
+	if !p.src.Status().QueueOverflow {
+		t.Fatal("the queue did not overflow")
+	}
+	p.nw.set(true)
+	st := p.converge(40 * time.Second)
+	p.stopSource()
+	p.stopTarget()
+	sameFiles(t, aFile, bFile)
+	t.Logf("converged after the overflow: resync sent %d bytes", st.ResyncSent)
+}

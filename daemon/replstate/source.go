@@ -353,18 +353,7 @@ func (s *Source) foldQueue(qq *queue.Queue) error {
 			s.bm.SetAll()
 			break
 		}
-		switch f := f.(type) {
-		case *wire.Write:
-			s.bm.Set(int64(f.Offset), int64(len(f.Data)))
-		case *wire.Trim:
-			s.bm.Set(int64(f.Offset), int64(f.Length))
-		case *wire.Zeroes:
-			s.bm.Set(int64(f.Offset), int64(f.Length))
-		case *wire.MirrorData:
-			s.bm.Set(int64(f.Offset), int64(len(f.Data)))
-		case *wire.MirrorHole:
-			s.bm.Set(int64(f.Offset), int64(f.Length))
-		}
+		s.setFrame(f)
 		n++
 	}
 	if n > 0 {
@@ -384,6 +373,62 @@ func (s *Source) barrier(ctx context.Context) {
 	}
 }
 
+// setFrame marks the range a frame changes in the bitmap.
+func (s *Source) setFrame(f wire.Frame) {
+	switch f := f.(type) {
+	case *wire.Write:
+		s.bm.Set(int64(f.Offset), int64(len(f.Data)))
+	case *wire.Trim:
+		s.bm.Set(int64(f.Offset), int64(f.Length))
+	case *wire.Zeroes:
+		s.bm.Set(int64(f.Offset), int64(f.Length))
+	case *wire.MirrorData:
+		s.bm.Set(int64(f.Offset), int64(len(f.Data)))
+	case *wire.MirrorHole:
+		s.bm.Set(int64(f.Offset), int64(f.Length))
+	}
+}
+
+// pressured reports whether the queue overflowed: then no flush enters it
+// (not even a barrier that does not fit: its failed push is an overflow
+// too), so the target's durable point would never move and records kept
+// for it would stop the queue from draining.
+func (s *Source) pressured(q *spillQueue) bool { return q.overflow.Load() }
+
+// unkeepQueued moves the changes of the records kept for the target's
+// durable point (above d) to the bitmap, durably, so that the queue
+// releases them when the target applies them and drains.
+func (s *Source) unkeepQueued(d uint64) error {
+	s.swap.RLock()
+	defer s.swap.RUnlock()
+	q := s.q.Load()
+	early := q.keptAbove(d)
+	if early == 0 {
+		return nil
+	}
+	var all bool
+	err := q.records(d, early, func(seq uint64, f wire.Frame, err error) {
+		if err != nil {
+			all = true
+			return
+		}
+		s.setFrame(f)
+	})
+	if err != nil {
+		return err
+	}
+	if all {
+		s.bm.SetAll()
+	}
+	if err := s.bm.Flush(); err != nil {
+		return err
+	}
+	if q.unkeep(early) {
+		s.log.Info("queue under pressure: changes waiting for the target's durable point moved to the bitmap", "up_to_seq", early)
+	}
+	return nil
+}
+
 // releaseQueued lets the activity log forget the changes whose frames are
 // durable in the disk queue: the queue covers them now (it keeps them until
 // the target holds them durably; a restart replays them, or folds them
@@ -398,7 +443,7 @@ func (s *Source) releaseQueued() error {
 // releaseQueuedLocked is releaseQueued with swap held.
 func (s *Source) releaseQueuedLocked() error {
 	q := s.q.Load()
-	if q.q.DiskBytes() == 0 {
+	if q.q.DiskBytes() == 0 || s.pressured(q) {
 		return nil
 	}
 	d, err := q.q.SyncTail()
@@ -634,9 +679,15 @@ func (s *Source) watch(ctx context.Context) {
 		// The target's durable point moves only at a flush (or FUA): while
 		// records wait for it, send a barrier at most once a second, so
 		// the queue drains without the application's flushes.
-		if up && q.waitsFor(d) && now-lastBarrier > int64(time.Second) {
-			lastBarrier = now
-			go s.barrier(ctx)
+		if q.waitsFor(d) {
+			if s.pressured(q) {
+				if err := s.unkeepQueued(d); err != nil && !errors.Is(err, queue.ErrClosed) {
+					s.log.Warn("queue under pressure", "err", err)
+				}
+			} else if up && now-lastBarrier > int64(time.Second) {
+				lastBarrier = now
+				go s.barrier(ctx)
+			}
 		}
 		if up && now-lastClean > int64(2*time.Second) {
 			// Idle extents are on the target (durably) or in the bitmap:
