@@ -139,3 +139,39 @@ func TestKeptQueueDrainsUnderPressure(t *testing.T) {
 	sameFiles(t, aFile, bFile)
 	t.Logf("converged after the overflow: resync sent %d bytes", st.ResyncSent)
 }
+
+// TestDemotedSourceQueueInUnion: a source killed with writes only its disk
+// queue covers (the target never got them), then run as the target of its
+// promoted peer (a reverse): those writes' chunks are part of its own
+// bitmap in the union resync, so the images end identical.
+func TestDemotedSourceQueueInUnion(t *testing.T) {
+	const size = 16 << 20
+	dir := t.TempDir()
+	aDir, bDir := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+	aFile, bFile := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
+	rng := rand.New(rand.NewPCG(10, 10))
+	p := &pair{t: t, nw: &memNet{up: true}, size: size}
+	p.startTarget(bDir, bFile, "")
+	p.startSource(SourceConfig{Dir: aDir, MemQueue: 256 << 10, DiskQueue: 16 << 20, RateLimit: 1 << 20,
+		LogOptions: bitmap.LogOptions{ExtentSize: 1 << 20, Slots: 64}}, aFile)
+	p.converge(20 * time.Second)
+	for i := 0; i < 16; i++ { // a 4 MiB backlog on disk
+		p.write(rng.Int64N(size/(256<<10))*(256<<10), randBytes(rng, 256<<10))
+	}
+	for deadline := time.Now().Add(10 * time.Second); p.src.q.Load().keptAbove(0) == 0 || p.src.Status().HotExtents > 4; {
+		if time.Now().After(deadline) {
+			t.Fatalf("the disk records never stood in for the activity log: %+v", p.src.Status())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// kill -9 A and B; B is promoted (a failover), A returns as its target.
+	p.srcStop()
+	<-p.srcErr
+	p.stopTarget()
+	p.startTarget(aDir, aFile, "")
+	p.startSource(SourceConfig{Dir: bDir}, bFile)
+	p.converge(30 * time.Second)
+	p.stopSource()
+	p.stopTarget()
+	sameFiles(t, aFile, bFile)
+}

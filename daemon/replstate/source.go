@@ -263,24 +263,50 @@ func (s *Source) openStream() error {
 		}
 	}
 	// Nothing to resume: what the queues hold goes to the bitmap.
-	dirs := []string{}
-	if other {
+	if err := foldQueues(root, s.bm, s.log); err != nil {
+		return err
+	}
+	return s.newStream()
+}
+
+// foldQueues marks in bm, durably, the ranges of every record the disk
+// queues under root hold (stream directories, or segments of an older
+// layout), then removes them. A side that will not resume a stream (a
+// source starting a new one, a demoted source now a target) calls it: the
+// records may be all that covers those changes (see releaseQueued).
+func foldQueues(root string, bm *bitmap.Bitmap, log *slog.Logger) error {
+	ents, err := os.ReadDir(root)
+	if os.IsNotExist(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var dirs []string
+	oldLayout := false
+	for _, e := range ents {
+		if e.IsDir() {
+			dirs = append(dirs, filepath.Join(root, e.Name()))
+		} else {
+			oldLayout = true
+		}
+	}
+	if oldLayout {
 		dirs = append(dirs, root) // segments of an older layout
 	}
-	for _, d := range streams {
-		dirs = append(dirs, filepath.Join(root, d))
-	}
 	for _, d := range dirs {
-		qq, err := queue.Open(d, s.queueOptions())
+		qq, err := queue.Open(d, queue.Options{MaxRecord: wire.MaxData + 4096})
 		if err != nil {
 			return fmt.Errorf("open queue %s: %w", d, err)
 		}
-		err = errors.Join(s.foldQueue(qq), qq.Close())
-		if err != nil {
+		if err := errors.Join(foldRecords(qq, bm, log), qq.Close()); err != nil {
 			return err
 		}
 	}
-	return s.newStream()
+	if err := os.RemoveAll(root); err != nil {
+		return err
+	}
+	return statefile.SyncDir(filepath.Dir(root))
 }
 
 // newStream (re)creates the engine on a fresh stream and an empty queue.
@@ -332,10 +358,10 @@ func (s *Source) startStream(qq *queue.Queue, rp *repl.ResumePoint) error {
 	return nil
 }
 
-// foldQueue marks the ranges of every record qq holds in the bitmap,
-// durably: the queue is about to be dropped, and its records may be all
-// that covers those changes (see releaseQueued).
-func (s *Source) foldQueue(qq *queue.Queue) error {
+// foldRecords marks the ranges of every record qq holds in bm, durably:
+// the queue is about to be dropped, and its records may be all that covers
+// those changes (see releaseQueued).
+func foldRecords(qq *queue.Queue, bm *bitmap.Bitmap, log *slog.Logger) error {
 	qq.Rewind()
 	n := 0
 	for {
@@ -349,17 +375,17 @@ func (s *Source) foldQueue(qq *queue.Queue) error {
 		f, err := wire.Decode(r.Data)
 		if err != nil {
 			// Unreadable (it passed its checksum): resync everything.
-			s.log.Warn("queued frame unreadable: marking the whole volume dirty", "seq", r.Seq, "err", err)
-			s.bm.SetAll()
+			log.Warn("queued frame unreadable: marking the whole volume dirty", "seq", r.Seq, "err", err)
+			bm.SetAll()
 			break
 		}
-		s.setFrame(f)
+		setFrame(bm, f)
 		n++
 	}
 	if n > 0 {
-		s.log.Info("queued changes moved to the bitmap", "records", n)
+		log.Info("queued changes moved to the bitmap", "records", n)
 	}
-	return s.bm.Flush()
+	return bm.Flush()
 }
 
 // barrier sends a flush through the stream (it syncs the local volume too).
@@ -373,19 +399,19 @@ func (s *Source) barrier(ctx context.Context) {
 	}
 }
 
-// setFrame marks the range a frame changes in the bitmap.
-func (s *Source) setFrame(f wire.Frame) {
+// setFrame marks the range a frame changes in bm.
+func setFrame(bm *bitmap.Bitmap, f wire.Frame) {
 	switch f := f.(type) {
 	case *wire.Write:
-		s.bm.Set(int64(f.Offset), int64(len(f.Data)))
+		bm.Set(int64(f.Offset), int64(len(f.Data)))
 	case *wire.Trim:
-		s.bm.Set(int64(f.Offset), int64(f.Length))
+		bm.Set(int64(f.Offset), int64(f.Length))
 	case *wire.Zeroes:
-		s.bm.Set(int64(f.Offset), int64(f.Length))
+		bm.Set(int64(f.Offset), int64(f.Length))
 	case *wire.MirrorData:
-		s.bm.Set(int64(f.Offset), int64(len(f.Data)))
+		bm.Set(int64(f.Offset), int64(len(f.Data)))
 	case *wire.MirrorHole:
-		s.bm.Set(int64(f.Offset), int64(f.Length))
+		bm.Set(int64(f.Offset), int64(f.Length))
 	}
 }
 
@@ -412,7 +438,7 @@ func (s *Source) unkeepQueued(d uint64) error {
 			all = true
 			return
 		}
-		s.setFrame(f)
+		setFrame(s.bm, f)
 	})
 	if err != nil {
 		return err
@@ -643,7 +669,7 @@ func (s *Source) restream(old *repl.Source) error {
 	if q := s.q.Load(); q != nil && q.overflow.Load() {
 		s.log.Info("queue overflow: changes since are in the bitmap")
 	}
-	if err := s.foldQueue(s.qq); err != nil {
+	if err := foldRecords(s.qq, s.bm, s.log); err != nil {
 		return err
 	}
 	return s.newStream()

@@ -161,6 +161,10 @@ func (t *Target) handshake(c net.Conn) (keep bool, err error) {
 		if err := errors.Join(al.Clean(), al.Close()); err != nil {
 			return fail("activity log: %v", err)
 		}
+		// So are the changes a disk queue still holds from then.
+		if err := foldQueues(filepath.Join(t.cfg.Dir, QueueDir), t.bm, t.log); err != nil {
+			return fail("disk queue: %v", err)
+		}
 	} else if t.bm.ChunkSize() != h.ChunkSize {
 		return fail("source chunk size %d, this side's bitmap has %d", h.ChunkSize, t.bm.ChunkSize())
 	}
