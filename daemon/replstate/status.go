@@ -25,6 +25,10 @@ type Status struct {
 	// folded in) and the number of hot extents found.
 	OpenDirtyBytes int64
 	OpenHotExtents int
+	// OpenQueueBytes: disk queue bytes of the stream resumed at start
+	// (replayed after the target's applied sequence); 0 when a new
+	// stream started.
+	OpenQueueBytes int64
 	QueueMemBytes  int64
 	QueueDiskBytes int64
 	QueueOverflow  bool
@@ -45,7 +49,7 @@ func (s *Source) Status() Status {
 		HotExtents: s.al.HotExtents(), ResyncActive: s.resyncActive.Load(), ResyncTotal: s.resyncTotal.Load(),
 		ResyncDone: s.resyncDone.Load(), ResyncSent: s.resyncSent.Load(), ResyncPasses: s.resyncPasses.Load(),
 		PeerGeneration: s.peerGen.Load(), ResyncScheduled: s.resyncScheduled.Load(),
-		OpenDirtyBytes: s.dirtyAtOpen, OpenHotExtents: s.hotAtOpen, Synced: s.synced.Load()}
+		OpenDirtyBytes: s.dirtyAtOpen, OpenHotExtents: s.hotAtOpen, OpenQueueBytes: s.queueAtOpen, Synced: s.synced.Load()}
 	if q := s.q.Load(); q != nil {
 		st.QueueMemBytes, st.QueueDiskBytes, st.QueueOverflow = q.q.MemBytes(), q.q.DiskBytes(), q.overflow.Load()
 	}
@@ -80,6 +84,7 @@ var (
 	descRSched     = prometheus.NewDesc("doppel_repl_resync_scheduled_bytes_total", "Dirty bytes resync passes set out to send.", nil, nil)
 	descOpenDirty  = prometheus.NewDesc("doppel_repl_open_dirty_bytes", "Dirty bytes found at start (bitmap plus the hot extents of a crash).", nil, nil)
 	descOpenHot    = prometheus.NewDesc("doppel_repl_open_hot_extents", "Hot activity-log extents found at start (a crash).", nil, nil)
+	descOpenQueue  = prometheus.NewDesc("doppel_repl_open_queue_bytes", "Disk queue bytes of the stream resumed at start (replayed, not resynced).", nil, nil)
 	descRActive    = prometheus.NewDesc("doppel_repl_resync_active", "1 while a resync or mirror runs.", nil, nil)
 	descQMem       = prometheus.NewDesc("doppel_repl_queue_memory_bytes", "Queue bytes held in memory.", nil, nil)
 	descQDisk      = prometheus.NewDesc("doppel_repl_queue_disk_bytes", "Queue bytes on disk.", nil, nil)
@@ -94,7 +99,7 @@ type collector struct{ s *Source }
 func (s *Source) Collector() prometheus.Collector { return collector{s} }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descTracking, descDirty, descHot, descRTotal, descRDone, descRSent, descRSched, descOpenDirty, descOpenHot, descRActive, descQMem, descQDisk, descQOverflow, descGeneration, descRefused} {
+	for _, d := range []*prometheus.Desc{descTracking, descDirty, descHot, descRTotal, descRDone, descRSent, descRSched, descOpenDirty, descOpenHot, descOpenQueue, descRActive, descQMem, descQDisk, descQOverflow, descGeneration, descRefused} {
 		ch <- d
 	}
 }
@@ -118,6 +123,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descRSched, prometheus.CounterValue, float64(st.ResyncScheduled))
 	ch <- prometheus.MustNewConstMetric(descOpenDirty, g, float64(st.OpenDirtyBytes))
 	ch <- prometheus.MustNewConstMetric(descOpenHot, g, float64(st.OpenHotExtents))
+	ch <- prometheus.MustNewConstMetric(descOpenQueue, g, float64(st.OpenQueueBytes))
 	ch <- prometheus.MustNewConstMetric(descRActive, g, b2f(st.ResyncActive))
 	ch <- prometheus.MustNewConstMetric(descQMem, g, float64(st.QueueMemBytes))
 	ch <- prometheus.MustNewConstMetric(descQDisk, g, float64(st.QueueDiskBytes))
