@@ -322,3 +322,59 @@ loop:
 }
 
 var _ blockdev.Mutator = (*Source)(nil)
+
+// TestLentBufferOutlivesSlowLocalWrite: a write's frame shares the NBD
+// server's buffer with the local write, and an async target acknowledges
+// long before a slow local disk has read it. The buffer must not go back to
+// the server's pool (and be refilled by the next request) until both are
+// done with it: every byte on the source and the target is what the client
+// wrote.
+func TestLentBufferOutlivesSlowLocalWrite(t *testing.T) {
+	const (
+		size    = 1 << 20
+		bs      = 4096
+		writers = 8
+		each    = 16
+	)
+	srcMem, tgtMem := newMem(size), newMem(size)
+	src := slowBackend{srcMem, 3 * time.Millisecond}
+	p := newPair(t, src, tgtMem, pairOpts{mode: wire.ModeAsync})
+	sock := serveNBD(t, src, p.src)
+	want := make([]byte, size)
+	var wg sync.WaitGroup
+	errs := make(chan error, writers)
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			cl := dialNBD(t, sock)
+			for i := range each {
+				off := (w*each + i) * bs
+				data := want[off : off+bs]
+				for j := range data {
+					data[j] = byte(w*each + i + j/512 + 1)
+				}
+				if _, err := cl.WriteAt(data, int64(off)); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := p.src.WaitAcked(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := srcMem.snapshot(); !bytes.Equal(got, want) {
+		t.Fatalf("source image differs from the writes: %s", firstDiff(got, want))
+	}
+	if got := tgtMem.snapshot(); !bytes.Equal(got, want) {
+		t.Fatalf("target image differs from the writes: %s", firstDiff(got, want))
+	}
+}
