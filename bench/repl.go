@@ -554,7 +554,7 @@ func runMirror(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Link,
 		}
 		defer sp.Stop(30 * time.Second)
 		url := fmt.Sprintf("http://%s:%d/metrics", replSrcIP, port+2)
-		sent, err := waitMirrored(ctx, sp, srcHTTP, url, cfg.Metrics, cfg.MirrorSize, 10*time.Minute)
+		sent, series, err := waitMirrored(ctx, sp, srcHTTP, url, cfg.Metrics, cfg.MirrorSize, 10*time.Minute)
 		if err != nil {
 			return err
 		}
@@ -570,7 +570,8 @@ func runMirror(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Link,
 		}
 		rep.MirrorDoppel = append(rep.MirrorDoppel, float64(cfg.MirrorSize)/d.Seconds())
 		rep.MirrorSent = append(rep.MirrorSent, sent)
-		log.Info("mirror", "tool", "doppel", "run", run+1, "took", d.Round(time.Millisecond), "MiB/s", math.Round(float64(cfg.MirrorSize)/d.Seconds()/(1<<20)))
+		log.Info("mirror", "tool", "doppel", "run", run+1, "took", d.Round(time.Millisecond), "MiB/s", math.Round(float64(cfg.MirrorSize)/d.Seconds()/(1<<20)),
+			"source", lineWith(sp.Log, "mirror done"), "target", lineWith(tp.Log, "mirror ended"), "acked every 250ms", series)
 		return nil
 	}
 	nbdcopyRun := func(run int) error {
@@ -672,19 +673,21 @@ func waitDrained(ctx context.Context, client *http.Client, url string, names Rep
 // waitMirrored waits until the mirror has covered size bytes, is no longer
 // active, every frame is acknowledged and the target reports consistent data
 // (each where the metric exists), and returns the mirror's sent bytes.
-func waitMirrored(ctx context.Context, p *Proc, client *http.Client, url string, names ReplMetricNames, size int64, timeout time.Duration) (float64, error) {
+func waitMirrored(ctx context.Context, p *Proc, client *http.Client, url string, names ReplMetricNames, size int64, timeout time.Duration) (float64, string, error) {
 	deadline := time.Now().Add(timeout)
 	var last string
+	var series strings.Builder
+	next := time.Now()
 	for {
 		if !p.Alive() {
-			return 0, p.Exited()
+			return 0, "", p.Exited()
 		}
 		m, err := Scrape(ctx, client, url)
 		if err == nil {
 			done, okD := m.series(names.MirrorDone)
 			rem, okR := m.series(names.MirrorRemaining)
 			if !okD {
-				return 0, fmt.Errorf("metrics %s lack %q (it has: %s)", url, names.MirrorDone, m.Names("doppel_"))
+				return 0, "", fmt.Errorf("metrics %s lack %q (it has: %s)", url, names.MirrorDone, m.Names("doppel_"))
 			}
 			finished := done >= float64(size) && (!okR || rem == 0)
 			if v, ok := m.series(names.MirrorActive); ok && v != 0 {
@@ -695,23 +698,27 @@ func waitMirrored(ctx context.Context, p *Proc, client *http.Client, url string,
 			}
 			seq, ok1 := m.series(names.Sequence)
 			ack, ok2 := m.series(names.Acked)
+			if ok2 && time.Now().After(next) {
+				fmt.Fprintf(&series, " %.0f", ack)
+				next = next.Add(250 * time.Millisecond)
+			}
 			if ok1 && ok2 && ack < seq {
 				finished = false
 			}
 			if finished {
 				sent, _ := m.series(names.MirrorSent)
-				return sent, nil
+				return sent, series.String(), nil
 			}
 			last = fmt.Sprintf("done %.0f of %d, remaining %.0f, acknowledged %.0f of %.0f", done, size, rem, ack, seq)
 		} else {
 			last = err.Error()
 		}
 		if time.Now().After(deadline) {
-			return 0, fmt.Errorf("mirror not done after %v: %s", timeout, last)
+			return 0, "", fmt.Errorf("mirror not done after %v: %s", timeout, last)
 		}
 		select {
 		case <-ctx.Done():
-			return 0, ctx.Err()
+			return 0, "", ctx.Err()
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
@@ -935,4 +942,23 @@ func joinMiB(xs []float64) string {
 		s = append(s, FormatCount(x/(1<<20)))
 	}
 	return strings.Join(s, ", ")
+}
+
+// lineWith returns the time and the took= field of the last line of the log
+// at path that contains s (for the run's log line), or "".
+func lineWith(path, s string) string {
+	b, _ := os.ReadFile(path)
+	lines := strings.Split(string(b), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if strings.Contains(lines[i], s) {
+			var out []string
+			for _, f := range strings.Fields(lines[i]) {
+				if strings.HasPrefix(f, "time=") || strings.HasPrefix(f, "took=") {
+					out = append(out, f)
+				}
+			}
+			return strings.Join(out, " ")
+		}
+	}
+	return ""
 }
