@@ -42,6 +42,9 @@ type export struct {
 	size  uint64
 	flags uint16 // transmission flags
 	fast  bool   // NBD_CMD_FLAG_FAST_ZERO honoured (never, for now)
+	// serial: writes go straight to a backend that runs them one at a
+	// time (File on a regular file; see tconn.serialInline).
+	serial bool
 }
 
 // Stats counts the requests a Server has handled since it was created.
@@ -113,6 +116,9 @@ func NewServer(log *slog.Logger, exports ...Export) (*Server, error) {
 		x := &export{Export: e, mut: e.Mutator, size: uint64(size)}
 		if x.mut == nil {
 			x.mut = Direct(e.Backend)
+			if f, ok := e.Backend.(*File); ok && !f.dev {
+				x.serial = true
+			}
 		}
 		// FAST_ZERO would need the backend to promise that zeroing never
 		// falls back to writing; File cannot know that before trying, so

@@ -68,6 +68,7 @@ type tconn struct {
 	w        replyWriter
 	wrot     atomic.Bool  // a write, trim or zero was applied: sync at disconnect
 	slowFrac atomic.Int64 // moving fraction of slow small reads/writes (x slowScale)
+	wslow    atomic.Int64 // moving fraction of writes over serialSlow (x slowScale; serial exports)
 	samples  atomic.Int32
 	pipeFrac int64         // moving fraction of requests read with others alive (x slowScale); under rmu
 	lend     *time.Timer   // passes the read role on when a request run by the reader is slow
@@ -144,6 +145,13 @@ func (t *tconn) worker() {
 				// Small and recently fast: run it while keeping the read
 				// role (no goroutine wake-up); its reply leaves with the
 				// others read in the same batch (see next).
+				t.handle(o, true)
+				o = nil
+				continue
+			}
+			if t.serialInline(o) {
+				// A write to a file, which takes writes one at a time:
+				// run it here too (see serialInline).
 				t.handle(o, true)
 				o = nil
 				continue
@@ -226,6 +234,24 @@ func (t *tconn) small(o *op) bool {
 	r := &o.req
 	return (r.typ == cmdRead || r.typ == cmdWrite && r.flags == 0) && r.length <= inlineMaxLen &&
 		o.errno == 0 && t.samples.Load() >= inlineMinSamples
+}
+
+// Writes to a regular file (x.serial, Direct backend) run one at a time
+// anyway: File.WriteAt serialises them, as the kernel's inode lock would.
+// Handing each to a worker then buys only the overlap of reading the next
+// request with the write, and costs goroutine and thread wake-ups on every
+// request (1 MiB writes at iodepth 16: 6 futex calls per write against
+// 1.1 for go-nbd's one-at-a-time loop). So the reader runs plain writes of
+// any size itself, as long as they stay fast: when over a quarter of the
+// recent ones took more than serialSlow (dirty-page throttling, a loaded
+// disk), they go to the workers again, so that reads sent meanwhile are
+// not held up behind them.
+const serialSlow = 2 * time.Millisecond
+
+func (t *tconn) serialInline(o *op) bool {
+	r := &o.req
+	return t.x.serial && r.typ == cmdWrite && r.flags == 0 && o.errno == 0 &&
+		t.wslow.Load() < slowScale/4
 }
 
 // lendable reports whether o, not inlined, should still run on the reader
@@ -404,10 +430,23 @@ func (t *tconn) handle(o *op, hold bool) {
 // exec performs o, timing small reads and writes for the inline decision.
 func (t *tconn) exec(o *op) {
 	if o.errno == 0 {
-		if r := &o.req; (r.typ == cmdRead || r.typ == cmdWrite) && r.length <= inlineMaxLen {
+		r := &o.req
+		small := (r.typ == cmdRead || r.typ == cmdWrite) && r.length <= inlineMaxLen
+		if small || t.x.serial && r.typ == cmdWrite {
 			start := time.Now()
 			o.errno = t.do(o)
-			t.observe(time.Since(start))
+			d := time.Since(start)
+			if small {
+				t.observe(d)
+			}
+			if t.x.serial && r.typ == cmdWrite {
+				var x int64
+				if d > serialSlow {
+					x = slowScale
+				}
+				f := t.wslow.Load()
+				t.wslow.Store(f + (x-f)/8)
+			}
 		} else {
 			o.errno = t.do(o)
 		}
