@@ -58,3 +58,27 @@ func TestServeAcceptFailure(t *testing.T) {
 		t.Fatal("Serve did not return after a fatal accept error with a client connected")
 	}
 }
+
+// Only a regular file served without a Mutator runs writes on the reader
+// (export.serial): a Mutator (replication) or another backend keeps them
+// concurrent.
+func TestSerialExport(t *testing.T) {
+	f, err := OpenFile(t.TempDir()+"/img", 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	s, err := NewServer(nil,
+		Export{Name: "file", Backend: f},
+		Export{Name: "mutated", Backend: f, Mutator: Direct(f)},
+		Export{Name: "mem", Backend: newMem(1 << 20)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]bool{"file": true, "mutated": false, "mem": false}
+	for _, x := range s.exports {
+		if x.serial != want[x.Name] {
+			t.Errorf("export %q: serial %v, want %v", x.Name, x.serial, want[x.Name])
+		}
+	}
+}
