@@ -377,10 +377,13 @@ func (t *Target) session(ctx context.Context, c net.Conn, r *wire.Reader) error 
 	var lastAck uint64
 	r.Reuse = true // every frame is applied before the next is read
 	for {
-		if r.Buffered() == 0 {
-			t.mu.Lock()
-			a, d := t.applied, t.durable
-			t.mu.Unlock()
+		// Acknowledge when nothing more is read ahead, and also every
+		// ackEvery frames of a long run, so that sync writers behind the
+		// first of a batch do not all wait for its last.
+		t.mu.Lock()
+		a, d := t.applied, t.durable
+		t.mu.Unlock()
+		if r.Buffered() == 0 || a-lastAck >= ackEvery {
 			if a != lastAck {
 				lastAck = a
 				if err := send(&wire.Ack{Applied: a, Durable: d}); err != nil {
@@ -438,6 +441,10 @@ func (t *Target) session(ctx context.Context, c net.Conn, r *wire.Reader) error 
 		}
 	}
 }
+
+// ackEvery is how many applied frames may go unacknowledged while more
+// are read ahead.
+const ackEvery = 8
 
 // check validates a frame's range before it is queued for application.
 func (t *Target) check(f wire.Sequenced) error {
