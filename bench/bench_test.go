@@ -88,13 +88,20 @@ func TestSpliceSection(t *testing.T) {
 		{"append", head, head + "\n" + sec},
 		{"empty", "", sec},
 		{"replace last", head + "\n## NBD\n\nold\n", head + "\n" + sec},
-		{"replace middle", head + "\n## NBD\n\nold\n### sub\nold sub\n\n## Other\nkeep\n", head + "\n" + sec + "\n## Other\nkeep\n"},
+		{"replace middle", head + "\n## NBD\n\nold\n\n## Other\nkeep\n", head + "\n" + sec + "\n## Other\nkeep\n"},
+		{"keeps a hand-written subsection", head + "\n## NBD\n\nold\n### sub\nold sub\n\n## Other\nkeep\n", head + "\n" + sec + "\n### sub\nold sub\n\n## Other\nkeep\n"},
 		{"fence", head + "\n## NBD\n```\n## not a heading\n```\n## Other\nkeep\n", head + "\n" + sec + "\n## Other\nkeep\n"},
 		{"similar heading", head + "\n## NBD server\nkeep\n", head + "\n## NBD server\nkeep\n\n" + sec},
 	} {
 		if got := SpliceSection(tc.doc, "## NBD", sec); got != tc.want {
 			t.Errorf("%s:\n got %q\nwant %q", tc.name, got, tc.want)
 		}
+	}
+	// A generated subsection is replaced; a hand-written one after it stays.
+	gen := "## NBD\n\nnew\n### profile\nnew profile\n"
+	old := head + "\n## NBD\n\nold\n### profile\nold profile\n### notes\nmine\n\n## Other\nkeep\n"
+	if got, want := SpliceSection(old, "## NBD", gen), head+"\n"+gen+"\n### notes\nmine\n\n## Other\nkeep\n"; got != want {
+		t.Errorf("generated subsection:\n got %q\nwant %q", got, want)
 	}
 	// Replacing twice is stable.
 	doc := SpliceSection(head+"\n## Other\nkeep\n", "## NBD", sec)

@@ -10,8 +10,10 @@ import (
 
 // ReplaceSection replaces, in the Markdown file at path, the section whose
 // heading line is heading (up to the next heading of the same or a higher
-// level) with body, or appends body when there is no such section. body
-// must start with the heading line. The file is replaced atomically.
+// level, or the first subheading that body does not itself contain: a
+// hand-written subsection placed after the generated ones is kept) with
+// body, or appends body when there is no such section. body must start with
+// the heading line. The file is replaced atomically.
 func ReplaceSection(path, heading, body string) error {
 	old, err := os.ReadFile(path)
 	if err != nil && !os.IsNotExist(err) {
@@ -40,6 +42,12 @@ func ReplaceSection(path, heading, body string) error {
 func SpliceSection(doc, heading, body string) string {
 	body = strings.TrimRight(body, "\n") + "\n"
 	level := headingLevel(heading)
+	own := map[string]bool{}
+	for _, l := range strings.Split(body, "\n") {
+		if headingLevel(l) > 0 {
+			own[l] = true
+		}
+	}
 	lines := strings.SplitAfter(doc, "\n")
 	start, end := -1, len(lines)
 	inFence := false
@@ -58,7 +66,7 @@ func SpliceSection(doc, heading, body string) string {
 			}
 			continue
 		}
-		if lv := headingLevel(t); lv > 0 && lv <= level {
+		if lv := headingLevel(t); lv > 0 && (lv <= level || !own[t]) {
 			end = i
 			break
 		}
