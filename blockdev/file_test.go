@@ -11,6 +11,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestOpenFile(t *testing.T) {
@@ -347,5 +349,45 @@ func TestOpenReadOnly(t *testing.T) {
 	}
 	if _, err := OpenReadOnly(dir); err == nil {
 		t.Fatal("opened a directory")
+	}
+}
+
+// TestWritesSplitForThePageCache: no pwrite over maxPwrite reaches the
+// kernel, the pieces store the same bytes, and a small write is one call.
+func TestWritesSplitForThePageCache(t *testing.T) {
+	f, err := OpenFile(filepath.Join(t.TempDir(), "vol"), 4<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var sizes []int
+	pwrite = func(fd int, p []byte, off int64) (int, error) {
+		sizes = append(sizes, len(p))
+		return unix.Pwrite(fd, p, off)
+	}
+	t.Cleanup(func() { pwrite = unix.Pwrite })
+
+	data := make([]byte, 1<<20+12345)
+	for i := range data {
+		data[i] = byte(rand.Uint32())
+	}
+	if _, err := f.WriteAt(data, 4096); err != nil {
+		t.Fatal(err)
+	}
+	if len(sizes) != 5 {
+		t.Fatalf("%d writes (%v), want 5", len(sizes), sizes)
+	}
+	for _, n := range sizes {
+		if n > maxPwrite {
+			t.Fatalf("a write of %d bytes reached the kernel (max %d)", n, maxPwrite)
+		}
+	}
+	got := make([]byte, len(data))
+	if _, err := f.ReadAt(got, 4096); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("split write stored different bytes (read: %v)", err)
+	}
+	sizes = nil
+	if _, err := f.WriteAt(data[:4096], 0); err != nil || len(sizes) != 1 {
+		t.Fatalf("small write: %v, %d writes", err, len(sizes))
 	}
 }

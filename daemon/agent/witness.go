@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/doppelha/doppel/daemon/repl"
 	"github.com/doppelha/doppel/ebpf"
 )
 
@@ -213,35 +214,21 @@ func (w *Witness) ServeHeartbeats(ctx context.Context, c net.PacketConn) error {
 
 // ServeQueries answers queries on l until ctx is done.
 func (w *Witness) ServeQueries(ctx context.Context, l net.Listener) error {
-	stop := context.AfterFunc(ctx, func() { l.Close() })
-	defer stop()
-	for {
-		c, err := l.Accept()
+	return repl.ServeConns(ctx, l, w.Log, func(_ context.Context, c net.Conn) error {
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		line, err := bufio.NewReader(io.LimitReader(c, maxWitnessLine)).ReadString('\n')
 		if err != nil {
-			if ctx.Err() != nil {
-				return nil
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
-			}
-			return err
+			return nil
 		}
-		go func() {
-			defer c.Close()
-			c.SetDeadline(time.Now().Add(2 * time.Second))
-			line, err := bufio.NewReader(io.LimitReader(c, maxWitnessLine)).ReadString('\n')
-			if err != nil {
-				return
-			}
-			q, err := parseWitnessQuery(line)
-			if err != nil {
-				io.WriteString(c, "ERR "+strings.ReplaceAll(err.Error(), "\n", " ")+"\n")
-				return
-			}
-			io.WriteString(c, w.answer(q, ebpf.Now()))
-		}()
-	}
+		q, err := parseWitnessQuery(line)
+		if err != nil {
+			io.WriteString(c, "ERR "+strings.ReplaceAll(err.Error(), "\n", " ")+"\n")
+			return nil
+		}
+		io.WriteString(c, w.answer(q, ebpf.Now()))
+		return nil
+	})
 }
 
 // askWitness asks the witness at addr how long ago it last heard the

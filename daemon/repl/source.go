@@ -216,7 +216,7 @@ func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
 	// done with it.
 	done, localDone := shareRelease(done)
 	seq, err := s.pushDone(done, fs...)
-	lerr := applyTo(s.b, m)
+	lerr := blockdev.ApplyTo(s.b, m)
 	localDone()
 	if lerr != nil {
 		// The local disk failed the change (the target may get it): the

@@ -485,7 +485,7 @@ func (t *Target) apply(f wire.Sequenced) (wire.Frame, error) {
 	)
 	switch f := f.(type) {
 	case *wire.Write:
-		err = applyTo(t.b, &blockdev.Mutation{Op: blockdev.OpWrite, Offset: int64(f.Offset), Length: int64(len(f.Data)), Data: f.Data})
+		_, err = t.b.WriteAt(f.Data, int64(f.Offset))
 		t.tst.appliedBytes.Add(int64(len(f.Data)))
 		durable = f.FUA
 	case *wire.Trim:
@@ -497,7 +497,7 @@ func (t *Target) apply(f wire.Sequenced) (wire.Frame, error) {
 	case *wire.Flush:
 		durable = true
 	case *wire.MirrorData:
-		err = writeAt(t.b, f.Data, int64(f.Offset))
+		_, err = t.b.WriteAt(f.Data, int64(f.Offset))
 		t.tst.appliedBytes.Add(int64(len(f.Data)))
 	case *wire.MirrorHole:
 		err = blockdev.ApplyTo(t.b, &blockdev.Mutation{Op: blockdev.OpTrim, Offset: int64(f.Offset), Length: int64(f.Length)})
