@@ -30,7 +30,7 @@ func (j Job) Random() bool { return j.RW == "randread" || j.RW == "randwrite" }
 // latency is worth reporting next to its IOPS.
 func (j Job) Latency() bool { return j.IODepth == 1 }
 
-// NBDRows are the rows of issue 2's table.
+// NBDRows are the rows of the NBD server table.
 var NBDRows = []Job{
 	{Name: "seq write 1 MiB, iodepth 16", Slug: "write-1m-qd16", RW: "write", BS: "1M", IODepth: 16},
 	{Name: "seq read 1 MiB, iodepth 16", Slug: "read-1m-qd16", RW: "read", BS: "1M", IODepth: 16},

@@ -26,7 +26,7 @@ type NBDServer struct {
 	Why string
 }
 
-// NBDServers returns the four servers of issue 2: doppel, nbdkit's file
+// NBDServers returns the four servers compared: doppel, nbdkit's file
 // plugin, qemu-nbd and go-nbd's stock server. All serve a regular file
 // through the page cache (no O_DIRECT), with as many requests in flight as
 // each supports by default.
@@ -401,7 +401,7 @@ func (r *NBDReport) Markdown(command, note string) string {
 	}
 	w("\n")
 	if has(cfg.Servers, "doppel") {
-		w("Targets (issue 2): doppel ≥ 1.0× nbdkit on every row — ")
+		w("Targets: doppel ≥ 1.0× nbdkit on every row — ")
 		if has(cfg.Servers, "nbdkit") {
 			if len(belowNbdkit) == 0 {
 				w("**met**")

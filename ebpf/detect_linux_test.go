@@ -98,7 +98,7 @@ func cutMethodByName(name string) (cutMethod, bool) {
 // own flight; nothing else may make it early. Each probe mode is run: auto
 // (must be XDP here), forced XDP generic, forced userspace fallback. Sender
 // and monitor are separate processes at real-time priority (as an agent
-// should run them; see README), so the figures measure the detector, not
+// should run them; see docs/detection.md), so the figures measure the detector, not
 // the scheduling of this shared machine.
 func TestDetect(t *testing.T) {
 	needRoot(t)

@@ -70,7 +70,7 @@ func TestProbeWatchExitOnDown(t *testing.T) {
 		t.Fatalf("output %q", out)
 	}
 	// Down after at least interval × missed (60 ms) of silence and at most
-	// two intervals more (issue 5's window).
+	// two intervals more (the detector's window).
 	_, after, ok := strings.Cut(out, "peer down: unknown -> down after ")
 	if !ok {
 		t.Fatalf("no down line in output %q", out)

@@ -9,7 +9,7 @@
 // and acknowledges on return. For a write, trim or write-zeroes, Apply
 //
 //  1. locks the byte range (overlapping requests in arrival order),
-//  2. calls [Tracker.Mark] (issue 4: bitmap + activity log),
+//  2. calls [Tracker.Mark] (bitmap + activity log),
 //  3. sequences it and pushes the frame to the [Queue] (one mutex: sequence
 //     order is queue order); a write's frame keeps the NBD server's buffer
 //     (blockdev.Mutation.Retain) until the target acknowledged it, no copy,
@@ -44,7 +44,7 @@
 // TargetConfig.StatePath. Its data state is inconsistent from the start to
 // the end of a mirror or resync pass.
 //
-// # Seams for issue 4 (daemon/bitmap, daemon/queue, daemon/gen)
+// # Seams (daemon/bitmap, daemon/queue, daemon/gen)
 //
 //   - [Queue]: Push / Read(after) / Release(seq) / Len. The default
 //     [MemQueue] is bounded (128 MiB) and applies back pressure when full;

@@ -309,7 +309,7 @@ func TestCompression(t *testing.T) {
 }
 
 // TestResumeFromPersistentQueue restarts a source over the queue of a
-// previous one (as issue 4's disk queue will): the new source continues the
+// previous one (as the disk queue does): the new source continues the
 // same stream and the target receives every frame once.
 func TestResumeFromPersistentQueue(t *testing.T) {
 	const size = 1 << 20

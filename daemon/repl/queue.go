@@ -29,7 +29,7 @@ type Entry struct {
 
 // Queue holds the sequenced frames between the sequencer and the sender, in
 // sequence order, until the target acknowledges them. It is the seam where
-// issue 4's memory → disk spilling queue (daemon/queue) plugs in.
+// the memory → disk spilling queue (daemon/queue) plugs in.
 //
 // Seqs pushed are consecutive. Entries stay readable after they were read
 // (a reconnect re-sends from the target's applied sequence) until Release.

@@ -6,7 +6,7 @@ import (
 )
 
 // Tracker records which ranges of the source volume may differ from the
-// target. It is the seam where issue 4's persistent dirty bitmap and
+// target. It is the seam where the persistent dirty bitmap and
 // activity log (daemon/bitmap) plug in; the engine calls it from the write
 // path, so its methods must be fast and safe for concurrent use.
 type Tracker interface {

@@ -123,7 +123,7 @@ func slogTime(log string, re *regexp.Regexp) (time.Time, bool) {
 var tokenRE = regexp.MustCompile(`^[A-Za-z0-9_.+/=-]{16,}$`)
 var fingerprintRE = regexp.MustCompile(`^sha256:[0-9a-f]{64}$`)
 
-// TestFailover is issue 8's two-guest scenario with the real agent: agents
+// TestFailover is the two-guest failover cycle with the real agent: agents
 // on vm1 and vm2, the servers added and the job created from the client
 // guest's CLI (sync mode, service IP 172.17.22.187/24 on app, automatic
 // failover); vm1's agent serves the volume as the kernel's /dev/nbd0;
@@ -300,7 +300,7 @@ sort -n /run/reach.t | head -n 1`)
 	if d := detectedH.Sub(killed); ok1 && d < -clockErr {
 		t.Errorf("vm2 decided to fail over %v before vm1 was killed", -d)
 	}
-	// Generous: software emulation on a shared machine. Issue 7's bound
+	// Generous: software emulation on a shared machine. The RTO bound
 	// (interval × missed + 1 s) is checked by the namespace tier.
 	if d := reached.Sub(killed); d > 30*time.Second {
 		t.Errorf("the client reached the service %v after the kill, want under 30 s", d)

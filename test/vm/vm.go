@@ -38,7 +38,7 @@ import (
 //go:embed init.sh
 var initScript []byte
 
-// The seed's subnets (/24 each) and the service IP that follows the
+// The lab's subnets (/24 each) and the service IP that follows the
 // active side.
 const (
 	AppNet    = "172.17.22"
