@@ -8,7 +8,7 @@ GOFLAGS_STATIC := CGO_ENABLED=0
 TEST_TIMEOUT ?= 25m
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build static generate check-generate vet test test-unit test-vm bench bench-nbd bench-repl demo clean
+.PHONY: help deps build static generate check-generate vet check tidy-check staticcheck test test-go test-race test-fuzz test-unit test-vm bench bench-nbd bench-repl demo clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,8 +35,28 @@ vet: ## gofmt and go vet
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
 	$(GO) vet ./...
 
-test: deps vet ## run every test tier this machine can run (root tiers need root; the VM tier needs qemu)
+staticcheck: ## staticcheck (pinned in go.mod as a tool)
+	$(GO) tool staticcheck ./...
+
+tidy-check: ## fail if go mod tidy would change go.mod or go.sum
+	@cp go.mod /tmp/doppel-go.mod.$$$$ && cp go.sum /tmp/doppel-go.sum.$$$$ && $(GO) mod tidy && \
+	  if ! cmp -s go.mod /tmp/doppel-go.mod.$$$$ || ! cmp -s go.sum /tmp/doppel-go.sum.$$$$; then \
+	    git --no-pager diff -- go.mod go.sum; cp /tmp/doppel-go.mod.$$$$ go.mod; cp /tmp/doppel-go.sum.$$$$ go.sum; \
+	    rm -f /tmp/doppel-go.*.$$$$; echo "go mod tidy changes go.mod/go.sum: run it and commit"; exit 1; fi; \
+	  rm -f /tmp/doppel-go.*.$$$$
+
+check: vet staticcheck tidy-check ## every static check CI runs (gofmt, vet, staticcheck, go mod tidy)
+
+test: deps check test-go test-race test-fuzz ## what CI runs: static checks, every test tier this machine can run, the race detector, fuzz smoke
+
+test-go: ## go test ./... (root tiers need root; the VM tier needs qemu)
 	$(GO) test -timeout $(TEST_TIMEOUT) ./...
+
+test-race: ## the unit tier under the race detector
+	$(GO) test -race -short -timeout $(TEST_TIMEOUT) ./...
+
+test-fuzz: ## every fuzz target for FUZZTIME (default 5s) beyond its seeds
+	GO=$(GO) test/fuzz.sh
 
 test-unit: ## unit tests only (no root, no network namespaces, no VMs)
 	$(GO) test -short ./...

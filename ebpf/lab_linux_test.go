@@ -177,20 +177,6 @@ func (ps *pacedSender) Stop() {
 	ps.s.Close()
 }
 
-// cutAfterSend runs cut right after the next heartbeat and returns the
-// monotonic time just after that heartbeat was sent.
-func (ps *pacedSender) cutAfterSend(cut func()) time.Duration {
-	var at time.Duration
-	ran := make(chan struct{})
-	ps.hooks <- func() {
-		defer close(ran)
-		at = Now()
-		cut()
-	}
-	<-ran
-	return at
-}
-
 // watcher runs monitor.Watch over a probe in this process.
 type watcher struct {
 	changes chan monitor.Change

@@ -490,8 +490,8 @@ func genlConnect(family uint16, r *connectRequest) (uint32, error) {
 	if err != nil {
 		return 0, err
 	}
-	for _, m := range msgs {
-		attrs, err := stripGenlHeader(m)
+	if len(msgs) > 0 {
+		attrs, err := stripGenlHeader(msgs[0])
 		if err != nil {
 			return 0, err
 		}

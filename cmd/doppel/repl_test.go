@@ -280,11 +280,11 @@ func TestReplShutdown(t *testing.T) {
 		}
 	})
 	t.Run("replication-fails", func(t *testing.T) {
-		r, stopNBD, stopLink := start(true)
+		r, stopNBD, _ := start(true)
 		boom := errors.New("replication refused: split brain")
 		r.runErr <- boom
 		d := &fakeDrain{}
-		stopLink = func() { r.linkStop = true } // Run already returned
+		stopLink := func() { r.linkStop = true } // Run already returned
 		err := shutdownSource(context.Background(), log, time.Minute, d, r.runErr, r.nbdErr, stopNBD, stopLink)
 		if !errors.Is(err, boom) || !r.nbdStop || d.drained {
 			t.Fatalf("got %v (nbd stopped %v, drained %v): want the replication error, no drain", err, r.nbdStop, d.drained)

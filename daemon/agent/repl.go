@@ -387,6 +387,7 @@ func (d *replPlane) Resume() error { return d.StartSource(context.Background()) 
 func (d *replPlane) Quiesce(ctx context.Context) error {
 	d.quiesced.Store(true)
 	d.gate.Lock() // wait for the writes in flight
+	//lint:ignore SA2001 taking the lock once is the wait
 	d.gate.Unlock()
 	src, err := d.source()
 	if err != nil {

@@ -86,7 +86,6 @@ type Node struct {
 	lastErr string
 
 	pending  Ready
-	dirtyHS  bool
 	lastSent HardState
 }
 

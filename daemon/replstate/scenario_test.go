@@ -21,17 +21,16 @@ import (
 
 // pair runs one source and one target over a memNet.
 type pair struct {
-	t        *testing.T
-	nw       *memNet
-	size     int64
-	src      *Source
-	tgt      *Target
-	srcErr   chan error
-	srcStop  context.CancelFunc
-	tgtStop  context.CancelFunc
-	tgtDone  chan struct{}
-	srcFiles []*blockdev.File
-	hook     func(point string) // set on the next source started
+	t       *testing.T
+	nw      *memNet
+	size    int64
+	src     *Source
+	tgt     *Target
+	srcErr  chan error
+	srcStop context.CancelFunc
+	tgtStop context.CancelFunc
+	tgtDone chan struct{}
+	hook    func(point string) // set on the next source started
 }
 
 func openFile(t *testing.T, path string, size int64) *blockdev.File {

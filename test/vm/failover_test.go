@@ -360,7 +360,7 @@ fsck.ext4 -f -n `+dev2+` 2>&1`)
 	if out := vm2.MustRun(t, 30*time.Second, "ip addr show app; [ -e /sys/block/nbd0/pid ] && echo nbd0 connected; true"); strings.Contains(out, ServiceIP+"/") || strings.Contains(out, "nbd0 connected") {
 		t.Errorf("vm2, the target again, holds the service IP or serves the volume:\n%s", out)
 	}
-	out = client.MustRun(t, time.Minute, `
+	client.MustRun(t, time.Minute, `
 for i in $(seq 100); do
 	out=$(nc -w 1 `+ServiceIP+` `+foPort+` </dev/null 2>/dev/null)
 	[ "$out" = "hello from vm1" ] && { echo "$out"; exit 0; }

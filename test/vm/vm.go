@@ -164,10 +164,7 @@ func buildAssets() (*Assets, string, error) {
 	if doppel == "" {
 		doppel = filepath.Join(work, "doppel")
 		defer os.Remove(doppel)
-		gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
-		if _, err := os.Stat(gobin); err != nil {
-			gobin = "go"
-		}
+		gobin := goCommand()
 		cmd := exec.Command(gobin, "build", "-trimpath", "-ldflags", "-s -w", "-o", doppel, "./cmd/doppel")
 		cmd.Dir = repoRoot()
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
@@ -514,10 +511,7 @@ func (l *Lab) withFiles(name, initrd string, files map[string]string) string {
 func GoTestBinary(t testing.TB, pkg string) string {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), filepath.Base(pkg)+".test")
-	gobin := filepath.Join(runtime.GOROOT(), "bin", "go")
-	if _, err := os.Stat(gobin); err != nil {
-		gobin = "go"
-	}
+	gobin := goCommand()
 	cmd := exec.Command(gobin, "test", "-c", "-trimpath", "-o", out, pkg)
 	cmd.Dir = repoRoot()
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
@@ -738,4 +732,16 @@ func (g *Guest) Clock(t testing.TB) Clock {
 		}
 	}
 	return best
+}
+
+// goCommand is the go command that runs this test: the one on PATH, else
+// the toolchain's own (go test sets GOROOT for the binaries it runs).
+func goCommand() string {
+	if p, err := exec.LookPath("go"); err == nil {
+		return p
+	}
+	if root := os.Getenv("GOROOT"); root != "" {
+		return filepath.Join(root, "bin", "go")
+	}
+	return "go"
 }
