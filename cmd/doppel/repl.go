@@ -21,6 +21,7 @@ import (
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/repl"
 	"github.com/doppelha/doppel/daemon/repl/wire"
+	"github.com/doppelha/doppel/daemon/tlspin"
 )
 
 const defaultCertDir = "/var/lib/doppel/repl-tls"
@@ -70,7 +71,7 @@ func replTLS(c *cli.Context, log *slog.Logger, server bool) (*tls.Config, error)
 	if c.String("peer-fingerprint") == "" {
 		return nil, usageErrorf("--peer-fingerprint is required (the peer's `doppel repl fingerprint`), or --insecure for plaintext")
 	}
-	if _, err := repl.ParseFingerprint(c.String("peer-fingerprint")); err != nil {
+	if _, err := tlspin.Parse(c.String("peer-fingerprint")); err != nil {
 		return nil, usageErrorf("--peer-fingerprint: %v", err)
 	}
 	cert, fp, err := repl.LoadOrCreateCert(c.String("cert-dir"))
@@ -79,9 +80,9 @@ func replTLS(c *cli.Context, log *slog.Logger, server bool) (*tls.Config, error)
 	}
 	log.Info("TLS certificate", "fingerprint", fp, "cert_dir", c.String("cert-dir"))
 	if server {
-		return repl.ServerTLS(cert, c.String("peer-fingerprint"))
+		return tlspin.ServerConfig(cert, c.String("peer-fingerprint"))
 	}
-	return repl.ClientTLS(cert, c.String("peer-fingerprint"))
+	return tlspin.ClientConfig(&cert, c.String("peer-fingerprint"))
 }
 
 // serveMetrics serves reg on addr until ctx is done.

@@ -15,6 +15,7 @@ import (
 
 	"github.com/doppelha/doppel/daemon/api"
 	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/daemon/tlspin"
 	"github.com/urfave/cli/v2"
 )
 
@@ -89,7 +90,7 @@ func serverAdd(c *cli.Context) error {
 	out := c.App.Writer
 	fmt.Fprintf(out, "agent %s presents certificate %s\n", addr, fp)
 	if want := c.String("fingerprint"); want != "" {
-		norm, err := api.NormalizeFingerprint(want)
+		norm, err := tlspin.Parse(want)
 		if err != nil {
 			return usageErrorf("--fingerprint: %v", err)
 		}

@@ -21,6 +21,7 @@ import (
 	"github.com/doppelha/doppel/daemon/repl"
 	"github.com/doppelha/doppel/daemon/repl/wire"
 	"github.com/doppelha/doppel/daemon/replstate"
+	"github.com/doppelha/doppel/daemon/tlspin"
 )
 
 // ReplPlanes makes DataPlanes backed by the replication engine
@@ -156,7 +157,7 @@ func (d *replPlane) source() (*replstate.Source, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open volume %s: %w", vol, err)
 	}
-	cfgTLS, err := repl.ClientTLS(d.p.Cert, d.peer.Fingerprint)
+	cfgTLS, err := tlspin.ClientConfig(&d.p.Cert, d.peer.Fingerprint)
 	if err != nil {
 		return nil, err
 	}

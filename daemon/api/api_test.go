@@ -3,19 +3,21 @@ package api
 import (
 	"strings"
 	"testing"
+
+	"github.com/doppelha/doppel/daemon/tlspin"
 )
 
 func TestNormalizeFingerprint(t *testing.T) {
 	hex := strings.Repeat("ab", 32)
 	colons := strings.ToUpper(strings.Join(strings.SplitAfterN(strings.Repeat("ab:", 32), ":", 32), ""))
 	for _, in := range []string{hex, "sha256:" + hex, "SHA256:" + strings.ToUpper(hex), strings.TrimSuffix(colons, ":")} {
-		if got, err := NormalizeFingerprint(in); err != nil || got != "sha256:"+hex {
-			t.Errorf("NormalizeFingerprint(%q) = %q, %v", in, got, err)
+		if got, err := tlspin.Parse(in); err != nil || got != "sha256:"+hex {
+			t.Errorf("tlspin.Parse(%q) = %q, %v", in, got, err)
 		}
 	}
 	for _, bad := range []string{"", "sha256:", "md5:" + hex, hex[:62], hex + "00", strings.Repeat("zz", 32)} {
-		if _, err := NormalizeFingerprint(bad); err == nil {
-			t.Errorf("NormalizeFingerprint(%q) accepted", bad)
+		if _, err := tlspin.Parse(bad); err == nil {
+			t.Errorf("tlspin.Parse(%q) accepted", bad)
 		}
 	}
 }
@@ -47,7 +49,7 @@ func TestIdentityFiles(t *testing.T) {
 	if err != nil || len(created) != 0 || id2.Fingerprint != id.Fingerprint || id2.Token != id.Token {
 		t.Fatalf("second start changed the identity (created %v, %v)", created, err)
 	}
-	if got := Fingerprint(id.Cert.Certificate[0]); got != id.Fingerprint {
+	if got := tlspin.Fingerprint(id.Cert.Certificate[0]); got != id.Fingerprint {
 		t.Fatalf("fingerprint %s != %s", got, id.Fingerprint)
 	}
 }

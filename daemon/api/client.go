@@ -17,6 +17,7 @@ import (
 
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/daemon/tlspin"
 )
 
 // Error is an error response from an agent.
@@ -72,7 +73,7 @@ func containsColon(s string) bool {
 // NewClient returns a client for the agent at addr (HOST:PORT) presenting
 // token and accepting only the certificate with the given fingerprint.
 func NewClient(addr, token, fingerprint string) (*Client, error) {
-	fp, err := NormalizeFingerprint(fingerprint)
+	fp, err := tlspin.Parse(fingerprint)
 	if err != nil {
 		return nil, err
 	}
@@ -95,7 +96,7 @@ func pinnedTLS(fp string) *tls.Config {
 			if len(raw) == 0 {
 				return ErrFingerprintMismatch
 			}
-			if got := Fingerprint(raw[0]); !fingerprintEqual(got, fp) {
+			if got := tlspin.Fingerprint(raw[0]); !tlspin.Equal(got, fp) {
 				return fmt.Errorf("%w: pinned %s, agent presented %s (agent reinstalled? run doppel server add again to re-pin)", ErrFingerprintMismatch, fp, got)
 			}
 			return nil
@@ -119,7 +120,7 @@ func FetchFingerprint(ctx context.Context, addr string) (string, error) {
 	if len(certs) == 0 {
 		return "", fmt.Errorf("%s presented no certificate", addr)
 	}
-	return Fingerprint(certs[0].Raw), nil
+	return tlspin.Fingerprint(certs[0].Raw), nil
 }
 
 // Addr is the agent's address.

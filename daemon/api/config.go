@@ -9,7 +9,7 @@ import (
 	"path/filepath"
 	"sort"
 
-	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/daemon/statefile"
 )
 
 // ServerEntry is an agent the CLI knows: its address, pinned certificate and
@@ -66,7 +66,7 @@ func (c *ClientConfig) Save() error {
 	if err != nil {
 		return err
 	}
-	if err := job.WriteFileAtomic(c.path, append(b, '\n'), 0o600); err != nil {
+	if err := statefile.Write(c.path, append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("save config: %w", err)
 	}
 	return nil

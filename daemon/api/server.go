@@ -16,6 +16,7 @@ import (
 
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/daemon/tlspin"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -200,7 +201,7 @@ func (s *Server) auth(h handlerFunc) handlerFunc {
 
 func bearerOK(r *http.Request, want string) bool {
 	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	return ok && want != "" && fingerprintEqual(got, want)
+	return ok && want != "" && tlspin.Equal(got, want)
 }
 
 type httpError struct {

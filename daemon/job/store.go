@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/doppelha/doppel/daemon/ha"
+	"github.com/doppelha/doppel/daemon/statefile"
 )
 
 // Record is what the store keeps for a job on one agent.
@@ -70,7 +71,7 @@ func (s *Store) write(r Record) error {
 	if err != nil {
 		return fmt.Errorf("encode job %s: %w", r.Spec.Name, err)
 	}
-	if err := WriteFileAtomic(s.path(r.Spec.Name), append(data, '\n'), 0o600); err != nil {
+	if err := statefile.Write(s.path(r.Spec.Name), append(data, '\n'), 0o600); err != nil {
 		return fmt.Errorf("store job %s: %w", r.Spec.Name, err)
 	}
 	return nil
@@ -131,49 +132,5 @@ func (s *Store) Delete(name string) error {
 	if err != nil {
 		return fmt.Errorf("delete job %s: %w", name, err)
 	}
-	return syncDir(s.dir)
-}
-
-// WriteFileAtomic writes data to path so that a crash leaves the old or the
-// new content: a temp file in the same directory, fsync, rename, fsync of
-// the directory.
-func WriteFileAtomic(path string, data []byte, perm os.FileMode) (err error) {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			os.Remove(tmp)
-		}
-	}()
-	if err := f.Chmod(perm); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	return errors.Join(d.Sync(), d.Close())
+	return statefile.SyncDir(s.dir)
 }

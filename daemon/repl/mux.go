@@ -12,6 +12,8 @@ import (
 	"net"
 	"sync"
 	"time"
+
+	"github.com/doppelha/doppel/daemon/tlspin"
 )
 
 // One replication listener serves every target job of an agent: the
@@ -124,7 +126,7 @@ func (m *Mux) Handle(name, peerPin string, serve func(context.Context, net.Conn)
 	if len(name) == 0 || len(name) > 255 {
 		return nil, fmt.Errorf("job name of %d bytes cannot be routed", len(name))
 	}
-	pin, err := ParseFingerprint(peerPin)
+	pin, err := tlspin.Parse(peerPin)
 	if err != nil {
 		return nil, err
 	}
@@ -170,9 +172,9 @@ func (m *Mux) TLSConfig() *tls.Config {
 		ClientAuth:   tls.RequireAnyClientCert,
 		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
 			if len(raw) == 0 {
-				return fmt.Errorf("%w: peer sent no certificate", ErrNotPinned)
+				return fmt.Errorf("%w: peer sent no certificate", tlspin.ErrNotPinned)
 			}
-			fp := Fingerprint(raw[0])
+			fp := tlspin.Fingerprint(raw[0])
 			m.mu.Lock()
 			defer m.mu.Unlock()
 			for _, r := range m.routes {
@@ -180,7 +182,7 @@ func (m *Mux) TLSConfig() *tls.Config {
 					return nil
 				}
 			}
-			return fmt.Errorf("%w: %s is pinned by no job on this agent", ErrNotPinned, fp)
+			return fmt.Errorf("%w: %s is pinned by no job on this agent", tlspin.ErrNotPinned, fp)
 		},
 	}
 }
@@ -213,7 +215,7 @@ func (m *Mux) ServeConn(ctx context.Context, c net.Conn) error {
 		c.Close()
 		return errors.New("replication mux: peer sent no certificate")
 	}
-	fp := Fingerprint(cs.PeerCertificates[0].Raw)
+	fp := tlspin.Fingerprint(cs.PeerCertificates[0].Raw)
 	var magic [4]byte
 	if _, err := io.ReadFull(c, magic[:]); err != nil {
 		c.Close()

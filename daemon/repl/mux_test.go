@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/doppelha/doppel/daemon/tlspin"
 )
 
 func TestRouteRoundTrip(t *testing.T) {
@@ -123,7 +125,7 @@ func TestMuxRoutesByJobAndPin(t *testing.T) {
 	}()
 
 	dial := func(p muxPeer, route string, payload string) (net.Conn, error) {
-		cfg, err := ClientTLS(p.cert, agent.fp)
+		cfg, err := tlspin.ClientConfig(&p.cert, agent.fp)
 		if err != nil {
 			t.Fatal(err)
 		}

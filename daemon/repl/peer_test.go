@@ -13,6 +13,7 @@ import (
 
 	"github.com/doppelha/doppel/blockdev"
 	"github.com/doppelha/doppel/daemon/repl/wire"
+	"github.com/doppelha/doppel/daemon/tlspin"
 )
 
 // rawPeer connects to a target, sends b, and returns what the target
@@ -174,7 +175,7 @@ func TestTLSPinning(t *testing.T) {
 	log, lb := testLogger(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	srvConf, err := ServerTLS(tgtCert, srcFP)
+	srvConf, err := tlspin.ServerConfig(tgtCert, srcFP)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -182,7 +183,7 @@ func TestTLSPinning(t *testing.T) {
 	_, addr := startTarget(t, ctx, tgtB, log.With("side", "target"), func(l net.Listener) net.Listener { return tls.NewListener(l, srvConf) })
 
 	run := func(cert tls.Certificate, pin string) (*Source, error) {
-		conf, err := ClientTLS(cert, pin)
+		conf, err := tlspin.ClientConfig(&cert, pin)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -212,8 +213,8 @@ func TestTLSPinning(t *testing.T) {
 		return strings.Contains(lb.String(), "TLS handshake failed") && strings.Contains(lb.String(), "not pinned")
 	})
 	// The source refuses a target whose certificate is not the pinned one.
-	if _, err := run(srcCert, otherFP); err == nil || !errors.Is(err, ErrNotPinned) {
-		t.Fatalf("unpinned target: write error %v, want ErrNotPinned", err)
+	if _, err := run(srcCert, otherFP); err == nil || !errors.Is(err, tlspin.ErrNotPinned) {
+		t.Fatalf("unpinned target: write error %v, want tlspin.ErrNotPinned", err)
 	}
 	if !bytes.Equal(tgtB.snapshot()[:4], make([]byte, 4)) {
 		t.Fatal("data applied from a refused peer")
@@ -225,10 +226,10 @@ func TestTLSPinning(t *testing.T) {
 	if got := tgtB.snapshot()[:4]; string(got) != "tls!" {
 		t.Fatalf("target holds %q after a pinned sync write", got)
 	}
-	if _, err := ParseFingerprint("zz"); err == nil {
+	if _, err := tlspin.Parse("zz"); err == nil {
 		t.Fatal("bad fingerprint accepted")
 	}
-	if fp, err := ParseFingerprint(strings.ToUpper(strings.TrimPrefix(tgtFP, "sha256:"))); err != nil || fp != tgtFP {
+	if fp, err := tlspin.Parse(strings.ToUpper(strings.TrimPrefix(tgtFP, "sha256:"))); err != nil || fp != tgtFP {
 		t.Fatalf("ParseFingerprint = %q, %v", fp, err)
 	}
 }

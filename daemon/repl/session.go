@@ -15,6 +15,7 @@ import (
 	"golang.org/x/time/rate"
 
 	"github.com/doppelha/doppel/daemon/repl/wire"
+	"github.com/doppelha/doppel/daemon/tlspin"
 )
 
 // handshakeTimeout bounds the TLS handshake and the Hello/Welcome exchange.
@@ -43,7 +44,7 @@ func (s *Source) Run(ctx context.Context) error {
 	backoff := 100 * time.Millisecond
 	for {
 		conn, err := s.cfg.Dial(ctx)
-		if errors.Is(err, ErrNotPinned) {
+		if errors.Is(err, tlspin.ErrNotPinned) {
 			err = &FatalError{Err: fmt.Errorf("target refused: %w", err)}
 		}
 		if err == nil {

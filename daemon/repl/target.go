@@ -11,13 +11,13 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/doppelha/doppel/blockdev"
 	"github.com/doppelha/doppel/daemon/repl/wire"
+	"github.com/doppelha/doppel/daemon/statefile"
 )
 
 // TargetConfig configures a [Target].
@@ -157,38 +157,7 @@ func (t *Target) persist(force bool) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(t.cfg.StatePath, append(data, '\n'))
-}
-
-// writeFileAtomic replaces path with data: temp file, fsync, rename, fsync
-// of the directory.
-func writeFileAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("sync %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return fmt.Errorf("replace %s: %w", path, err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
+	return statefile.Write(t.cfg.StatePath, append(data, '\n'), 0o600)
 }
 
 // Serve accepts sources on l until ctx is done. A newly authenticated

@@ -24,6 +24,7 @@ import (
 	"github.com/doppelha/doppel/daemon/repl/wire"
 	"github.com/doppelha/doppel/daemon/resync"
 	"github.com/doppelha/doppel/daemon/statefile"
+	"github.com/doppelha/doppel/daemon/tlspin"
 )
 
 // Defaults.
@@ -782,7 +783,7 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 	defer conn.SetDeadline(time.Time{})
 	if tc, ok := conn.(*tls.Conn); ok {
 		if err := tc.HandshakeContext(ctx); err != nil {
-			if errors.Is(err, repl.ErrNotPinned) {
+			if errors.Is(err, tlspin.ErrNotPinned) {
 				return dec, &repl.FatalError{Err: err}
 			}
 			return dec, fmt.Errorf("TLS handshake: %w", err)
