@@ -12,7 +12,7 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/doppelha/doppel/blockdev/nbdclient"
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 )
 
 // Benchmarks of the request path: one connection over a unix socket pair,
@@ -33,10 +33,10 @@ func benchServer(b *testing.B, backend Backend) net.Conn {
 	done := make(chan struct{})
 	go func() { srv.ServeConn(ctx, fds[0]); close(done) }()
 	b.Cleanup(func() { fds[1].Close(); cancel(); <-done })
-	if _, err := nbdclient.Handshake(fds[1]); err != nil {
+	if _, err := nbdproto.Handshake(fds[1]); err != nil {
 		b.Fatal(err)
 	}
-	if _, err := nbdclient.Info(fds[1], "b", true); err != nil {
+	if _, err := nbdproto.Info(fds[1], "b", true); err != nil {
 		b.Fatal(err)
 	}
 	return fds[1]
@@ -78,7 +78,7 @@ func runPipelined(b *testing.B, c net.Conn, cmd uint16, size, depth int, span in
 		off := int64(x%uint64(slots)) * int64(size)
 		hdr = appendRequest(hdr[:0], request{typ: cmd, cookie: uint64(i), offset: uint64(off), length: uint32(size)})
 		bw.Write(hdr)
-		if cmd == cmdWrite {
+		if cmd == nbdproto.CmdWrite {
 			bw.Write(payload)
 		}
 	}
@@ -90,7 +90,7 @@ func runPipelined(b *testing.B, c net.Conn, cmd uint16, size, depth int, span in
 		if e := binary.BigEndian.Uint32(h[4:]); e != 0 {
 			b.Fatalf("error reply %d", e)
 		}
-		if cmd == cmdRead {
+		if cmd == nbdproto.CmdRead {
 			if _, err := io.ReadFull(br, data); err != nil {
 				b.Fatal(err)
 			}
@@ -140,12 +140,12 @@ func BenchmarkRequestPath(b *testing.B) {
 			cmd      uint16
 			size, qd int
 		}{
-			{"read-4k-qd1", cmdRead, 4096, 1},
-			{"read-4k-qd32", cmdRead, 4096, 32},
-			{"write-4k-qd1", cmdWrite, 4096, 1},
-			{"write-4k-qd32", cmdWrite, 4096, 32},
-			{"read-1m-qd16", cmdRead, 1 << 20, 16},
-			{"write-1m-qd16", cmdWrite, 1 << 20, 16},
+			{"read-4k-qd1", nbdproto.CmdRead, 4096, 1},
+			{"read-4k-qd32", nbdproto.CmdRead, 4096, 32},
+			{"write-4k-qd1", nbdproto.CmdWrite, 4096, 1},
+			{"write-4k-qd32", nbdproto.CmdWrite, 4096, 32},
+			{"read-1m-qd16", nbdproto.CmdRead, 1 << 20, 16},
+			{"write-1m-qd16", nbdproto.CmdWrite, 1 << 20, 16},
 		} {
 			b.Run(be+"/"+tc.name, func(b *testing.B) {
 				c := benchServer(b, backends[be](b))

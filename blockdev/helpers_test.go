@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/doppelha/doppel/blockdev/nbdclient"
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 )
 
 // memBackend is an in-memory Backend with Trim and WriteZeroes, whose
@@ -175,7 +176,7 @@ func (s *served) raw(t testing.TB) net.Conn {
 	}
 	t.Cleanup(func() { c.Close() })
 	c.SetDeadline(time.Now().Add(30 * time.Second))
-	if _, err := nbdclient.Handshake(c); err != nil {
+	if _, err := nbdproto.Handshake(c); err != nil {
 		t.Fatal(err)
 	}
 	return c
@@ -185,7 +186,7 @@ func (s *served) raw(t testing.TB) net.Conn {
 func (s *served) rawGo(t testing.TB, name string) net.Conn {
 	t.Helper()
 	c := s.raw(t)
-	if _, err := nbdclient.Info(c, name, true); err != nil {
+	if _, err := nbdproto.Info(c, name, true); err != nil {
 		t.Fatal(err)
 	}
 	return c

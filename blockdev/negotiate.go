@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 )
 
 // negotiationTimeout bounds the whole handshake of one connection, so that
@@ -85,9 +87,9 @@ func (cn *conn) negotiate() (*export, error) {
 
 func (cn *conn) handshake() (*export, error) {
 	var b [18]byte
-	binary.BigEndian.PutUint64(b[0:8], nbdMagic)
-	binary.BigEndian.PutUint64(b[8:16], optMagic)
-	binary.BigEndian.PutUint16(b[16:18], flagFixedNewstyle|flagNoZeroes)
+	binary.BigEndian.PutUint64(b[0:8], nbdproto.NBDMagic)
+	binary.BigEndian.PutUint64(b[8:16], nbdproto.OptMagic)
+	binary.BigEndian.PutUint16(b[16:18], nbdproto.HandshakeFixedNewstyle|nbdproto.HandshakeNoZeroes)
 	if _, err := cn.c.Write(b[:18]); err != nil {
 		return nil, fmt.Errorf("send greeting: %w", err)
 	}
@@ -98,13 +100,13 @@ func (cn *conn) handshake() (*export, error) {
 		return nil, fmt.Errorf("read client flags: %w", err)
 	}
 	cf := binary.BigEndian.Uint32(b[:4])
-	if cf&^(clientFixed|clientNoZeroes) != 0 {
+	if cf&^(nbdproto.ClientFixedNewstyle|nbdproto.ClientNoZeroes) != 0 {
 		return nil, fmt.Errorf("client flags %#x: unknown bits", cf)
 	}
-	if cf&clientFixed == 0 {
+	if cf&nbdproto.ClientFixedNewstyle == 0 {
 		return nil, errors.New("client does not speak fixed newstyle negotiation")
 	}
-	cn.noZeroes = cf&clientNoZeroes != 0
+	cn.noZeroes = cf&nbdproto.ClientNoZeroes != 0
 	for {
 		x, err := cn.option()
 		if err != nil || x != nil {
@@ -123,14 +125,14 @@ func (cn *conn) option() (*export, error) {
 		}
 		return nil, fmt.Errorf("read option header: %w", err)
 	}
-	if m := binary.BigEndian.Uint64(h[0:8]); m != optMagic {
+	if m := binary.BigEndian.Uint64(h[0:8]); m != nbdproto.OptMagic {
 		return nil, fmt.Errorf("bad option magic %#x", m)
 	}
 	opt := binary.BigEndian.Uint32(h[8:12])
 	n := binary.BigEndian.Uint32(h[12:16])
 	if n > maxOptionLength {
 		// Never allocate or read what the client claims; say why and go.
-		cn.reply(opt, repErrTooBig, []byte("option data too long"))
+		cn.reply(opt, nbdproto.RepErrTooBig, []byte("option data too long"))
 		cn.bw.Flush()
 		return nil, fmt.Errorf("option %d: length %d exceeds %d", opt, n, maxOptionLength)
 	}
@@ -150,7 +152,7 @@ func (cn *conn) option() (*export, error) {
 
 func (cn *conn) handleOption(opt uint32, data []byte) (*export, error) {
 	switch opt {
-	case optExportName:
+	case nbdproto.OptExportName:
 		x := cn.s.lookup(string(data))
 		if x == nil {
 			// NBD_OPT_EXPORT_NAME has no error reply: the only refusal is
@@ -168,13 +170,13 @@ func (cn *conn) handleOption(opt uint32, data []byte) (*export, error) {
 			return nil, err
 		}
 		return x, nil
-	case optAbort:
-		cn.reply(opt, repAck, nil)
+	case nbdproto.OptAbort:
+		cn.reply(opt, nbdproto.RepAck, nil)
 		cn.bw.Flush()
 		return nil, errAbort
-	case optList:
+	case nbdproto.OptList:
 		if len(data) != 0 {
-			cn.reply(opt, repErrInvalid, []byte("NBD_OPT_LIST takes no data"))
+			cn.reply(opt, nbdproto.RepErrInvalid, []byte("NBD_OPT_LIST takes no data"))
 			return nil, nil
 		}
 		for _, x := range cn.s.exports {
@@ -182,17 +184,17 @@ func (cn *conn) handleOption(opt uint32, data []byte) (*export, error) {
 			b = binary.BigEndian.AppendUint32(b, uint32(len(x.Name)))
 			b = append(b, x.Name...)
 			b = append(b, x.Description...)
-			cn.reply(opt, repServer, b)
+			cn.reply(opt, nbdproto.RepServer, b)
 		}
-		cn.reply(opt, repAck, nil)
+		cn.reply(opt, nbdproto.RepAck, nil)
 		return nil, nil
-	case optInfo, optGo:
+	case nbdproto.OptInfo, nbdproto.OptGo:
 		return cn.infoGo(opt, data)
-	case optStartTLS:
-		cn.reply(opt, repErrUnsup, []byte("TLS is not supported"))
+	case nbdproto.OptStartTLS:
+		cn.reply(opt, nbdproto.RepErrUnsup, []byte("TLS is not supported"))
 		return nil, nil
 	}
-	cn.reply(opt, repErrUnsup, fmt.Appendf(nil, "option %d is not supported", opt))
+	cn.reply(opt, nbdproto.RepErrUnsup, fmt.Appendf(nil, "option %d is not supported", opt))
 	return nil, nil
 }
 
@@ -200,45 +202,45 @@ func (cn *conn) handleOption(opt uint32, data []byte) (*export, error) {
 func (cn *conn) infoGo(opt uint32, data []byte) (*export, error) {
 	name, reqs, ok := parseInfoRequest(data)
 	if !ok {
-		cn.reply(opt, repErrInvalid, []byte("malformed NBD_OPT_INFO/GO request"))
+		cn.reply(opt, nbdproto.RepErrInvalid, []byte("malformed NBD_OPT_INFO/GO request"))
 		return nil, nil
 	}
 	x := cn.s.lookup(string(name))
 	if x == nil {
-		cn.reply(opt, repErrUnknown, fmt.Appendf(nil, "no export named %q", name))
+		cn.reply(opt, nbdproto.RepErrUnknown, fmt.Appendf(nil, "no export named %q", name))
 		return nil, nil
 	}
 	var b [18]byte
-	binary.BigEndian.PutUint16(b[0:2], infoExport)
+	binary.BigEndian.PutUint16(b[0:2], nbdproto.InfoExport)
 	binary.BigEndian.PutUint64(b[2:10], x.size)
 	binary.BigEndian.PutUint16(b[10:12], x.flags)
-	cn.reply(opt, repInfo, b[:12])
+	cn.reply(opt, nbdproto.RepInfo, b[:12])
 	var sentName, sentDesc, sentBlock bool
 	for i := 0; i+1 < len(reqs); i += 2 {
 		switch binary.BigEndian.Uint16(reqs[i:]) {
-		case infoName:
+		case nbdproto.InfoName:
 			if !sentName {
 				sentName = true
-				cn.reply(opt, repInfo, append(binary.BigEndian.AppendUint16(nil, infoName), x.Name...))
+				cn.reply(opt, nbdproto.RepInfo, append(binary.BigEndian.AppendUint16(nil, nbdproto.InfoName), x.Name...))
 			}
-		case infoDescription:
+		case nbdproto.InfoDescription:
 			if !sentDesc && x.Description != "" {
 				sentDesc = true
-				cn.reply(opt, repInfo, append(binary.BigEndian.AppendUint16(nil, infoDescription), x.Description...))
+				cn.reply(opt, nbdproto.RepInfo, append(binary.BigEndian.AppendUint16(nil, nbdproto.InfoDescription), x.Description...))
 			}
-		case infoBlockSize:
+		case nbdproto.InfoBlockSize:
 			if !sentBlock {
 				sentBlock = true
-				binary.BigEndian.PutUint16(b[0:2], infoBlockSize)
+				binary.BigEndian.PutUint16(b[0:2], nbdproto.InfoBlockSize)
 				binary.BigEndian.PutUint32(b[2:6], 1)
 				binary.BigEndian.PutUint32(b[6:10], preferredBlock)
 				binary.BigEndian.PutUint32(b[10:14], MaxPayload)
-				cn.reply(opt, repInfo, b[:14])
+				cn.reply(opt, nbdproto.RepInfo, b[:14])
 			}
 		}
 	}
-	cn.reply(opt, repAck, nil)
-	if opt == optGo {
+	cn.reply(opt, nbdproto.RepAck, nil)
+	if opt == nbdproto.OptGo {
 		return x, nil
 	}
 	return nil, nil
@@ -251,7 +253,7 @@ func parseInfoRequest(data []byte) (name, reqs []byte, ok bool) {
 		return nil, nil, false
 	}
 	nl := binary.BigEndian.Uint32(data[0:4])
-	if nl > maxNameLength || uint64(nl)+6 > uint64(len(data)) {
+	if nl > nbdproto.MaxNameLength || uint64(nl)+6 > uint64(len(data)) {
 		return nil, nil, false
 	}
 	name = data[4 : 4+nl]
@@ -266,7 +268,7 @@ func parseInfoRequest(data []byte) (name, reqs []byte, ok bool) {
 // reply queues one option reply (flushed by the caller).
 func (cn *conn) reply(opt, typ uint32, data []byte) {
 	var h [20]byte
-	binary.BigEndian.PutUint64(h[0:8], optReplyMagic)
+	binary.BigEndian.PutUint64(h[0:8], nbdproto.OptReplyMagic)
 	binary.BigEndian.PutUint32(h[8:12], opt)
 	binary.BigEndian.PutUint32(h[12:16], typ)
 	binary.BigEndian.PutUint32(h[16:20], uint32(len(data)))

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/doppelha/doppel/blockdev/nbdclient"
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 )
 
 func TestNewServerValidates(t *testing.T) {
@@ -30,7 +31,7 @@ func TestNewServerValidates(t *testing.T) {
 func TestOptList(t *testing.T) {
 	s := serve(t, Export{Name: "a", Description: "first", Backend: newMem(4096)}, Export{Name: "b", Backend: newMem(8192)})
 	c := s.raw(t)
-	names, err := nbdclient.List(c)
+	names, err := nbdproto.List(c)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -38,13 +39,13 @@ func TestOptList(t *testing.T) {
 		t.Fatalf("NBD_OPT_LIST = %q, want [a b]", names)
 	}
 	// LIST with data is invalid; the connection stays usable.
-	if err := nbdclient.SendOption(c, nbdclient.OptList, []byte("x")); err != nil {
+	if err := nbdproto.SendOption(c, nbdproto.OptList, []byte("x")); err != nil {
 		t.Fatal(err)
 	}
-	if _, typ, _, err := nbdclient.ReadOptionReply(c); err != nil || typ != repErrInvalid {
+	if _, typ, _, err := nbdproto.ReadOptionReply(c); err != nil || typ != nbdproto.RepErrInvalid {
 		t.Fatalf("LIST with data: reply %#x, %v; want NBD_REP_ERR_INVALID", typ, err)
 	}
-	if names, err := nbdclient.List(c); err != nil || len(names) != 2 {
+	if names, err := nbdproto.List(c); err != nil || len(names) != 2 {
 		t.Fatalf("second LIST: %q, %v", names, err)
 	}
 }
@@ -54,30 +55,30 @@ func TestOptInfoAndGo(t *testing.T) {
 		Export{Name: "rw", Description: "read-write volume", Backend: newMem(1 << 20)},
 		Export{Name: "ro", Backend: newMem(4096), ReadOnly: true})
 	c := s.raw(t)
-	x, err := nbdclient.Info(c, "rw", false)
+	x, err := nbdproto.Info(c, "rw", false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := nbdclient.Export{Name: "rw", Description: "read-write volume", Size: 1 << 20,
-		Flags: nbdclient.FlagHasFlags | nbdclient.FlagSendFlush | nbdclient.FlagSendFUA | nbdclient.FlagSendTrim |
-			nbdclient.FlagSendWriteZeroes | nbdclient.FlagCanMultiConn,
+	want := nbdproto.Export{Name: "rw", Description: "read-write volume", Size: 1 << 20,
+		Flags: nbdproto.FlagHasFlags | nbdproto.FlagSendFlush | nbdproto.FlagSendFUA | nbdproto.FlagSendTrim |
+			nbdproto.FlagSendWriteZeroes | nbdproto.FlagCanMultiConn,
 		MinBlock: 1, PrefBlock: 4096, MaxBlock: MaxPayload}
 	if *x != want {
 		t.Fatalf("NBD_OPT_INFO rw = %+v\nwant %+v", *x, want)
 	}
-	x, err = nbdclient.Info(c, "ro", false)
+	x, err = nbdproto.Info(c, "ro", false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if x.Flags != nbdclient.FlagHasFlags|nbdclient.FlagReadOnly|nbdclient.FlagSendFlush|nbdclient.FlagCanMultiConn {
+	if x.Flags != nbdproto.FlagHasFlags|nbdproto.FlagReadOnly|nbdproto.FlagSendFlush|nbdproto.FlagCanMultiConn {
 		t.Fatalf("read-only flags = %#x", x.Flags)
 	}
 	// Unknown export: NBD_REP_ERR_UNKNOWN, and a two-export server does not
 	// answer the default name.
 	for _, name := range []string{"nope", ""} {
-		_, err = nbdclient.Info(c, name, true)
-		var oe *nbdclient.OptionError
-		if !errors.As(err, &oe) || oe.Type != repErrUnknown {
+		_, err = nbdproto.Info(c, name, true)
+		var oe *nbdproto.OptionError
+		if !errors.As(err, &oe) || oe.Type != nbdproto.RepErrUnknown {
 			t.Fatalf("GO %q: %v, want NBD_REP_ERR_UNKNOWN", name, err)
 		}
 	}
@@ -88,15 +89,15 @@ func TestOptInfoAndGo(t *testing.T) {
 		{0, 0, 0, 1, 'a', 0, 2, 0, 1},       // 2 requests announced, 1 sent
 		{0, 0, 0, 1, 'a', 0, 0, 0, 1, 0, 3}, // trailing bytes
 	} {
-		if err := nbdclient.SendOption(c, optInfo, data); err != nil {
+		if err := nbdproto.SendOption(c, nbdproto.OptInfo, data); err != nil {
 			t.Fatal(err)
 		}
-		if _, typ, _, err := nbdclient.ReadOptionReply(c); err != nil || typ != repErrInvalid {
+		if _, typ, _, err := nbdproto.ReadOptionReply(c); err != nil || typ != nbdproto.RepErrInvalid {
 			t.Fatalf("INFO %x: reply %#x, %v; want NBD_REP_ERR_INVALID", data, typ, err)
 		}
 	}
 	// GO enters transmission.
-	x, err = nbdclient.Info(c, "rw", true)
+	x, err = nbdproto.Info(c, "rw", true)
 	if err != nil || x.Size != 1<<20 {
 		t.Fatalf("GO rw: %+v, %v", x, err)
 	}
@@ -119,7 +120,7 @@ func TestDefaultExportName(t *testing.T) {
 		}
 	}
 	c := s.raw(t)
-	if _, err := nbdclient.Info(c, "other", false); err == nil {
+	if _, err := nbdproto.Info(c, "other", false); err == nil {
 		t.Fatal("unknown name accepted by a one-export server")
 	}
 }
@@ -127,16 +128,16 @@ func TestDefaultExportName(t *testing.T) {
 func TestUnsupportedOptions(t *testing.T) {
 	s := serve(t, Export{Name: "a", Backend: newMem(4096)})
 	c := s.raw(t)
-	for _, opt := range []uint32{optStartTLS, optStructuredReply, 9, 10, 11, 42, 1 << 30} {
-		if err := nbdclient.SendOption(c, opt, []byte("payload")); err != nil {
+	for _, opt := range []uint32{nbdproto.OptStartTLS, nbdproto.OptStructuredReply, 9, 10, 11, 42, 1 << 30} {
+		if err := nbdproto.SendOption(c, opt, []byte("payload")); err != nil {
 			t.Fatal(err)
 		}
-		o, typ, msg, err := nbdclient.ReadOptionReply(c)
-		if err != nil || o != opt || typ != repErrUnsup {
+		o, typ, msg, err := nbdproto.ReadOptionReply(c)
+		if err != nil || o != opt || typ != nbdproto.RepErrUnsup {
 			t.Fatalf("option %d: reply opt %d type %#x (%s), %v; want NBD_REP_ERR_UNSUP", opt, o, typ, msg, err)
 		}
 	}
-	if _, err := nbdclient.Info(c, "a", true); err != nil {
+	if _, err := nbdproto.Info(c, "a", true); err != nil {
 		t.Fatalf("GO after refused options: %v", err)
 	}
 }
@@ -144,10 +145,10 @@ func TestUnsupportedOptions(t *testing.T) {
 func TestOptAbort(t *testing.T) {
 	s := serve(t, Export{Name: "a", Backend: newMem(4096)})
 	c := s.raw(t)
-	if err := nbdclient.SendOption(c, optAbort, nil); err != nil {
+	if err := nbdproto.SendOption(c, nbdproto.OptAbort, nil); err != nil {
 		t.Fatal(err)
 	}
-	if _, typ, _, err := nbdclient.ReadOptionReply(c); err != nil || typ != repAck {
+	if _, typ, _, err := nbdproto.ReadOptionReply(c); err != nil || typ != nbdproto.RepAck {
 		t.Fatalf("ABORT: reply %#x, %v; want ACK", typ, err)
 	}
 	expectClosed(t, c)
@@ -170,15 +171,15 @@ func TestOptExportName(t *testing.T) {
 		if _, err := io.ReadFull(c, g[:]); err != nil {
 			t.Fatal(err)
 		}
-		if binary.BigEndian.Uint16(g[16:]) != flagFixedNewstyle|flagNoZeroes {
+		if binary.BigEndian.Uint16(g[16:]) != nbdproto.HandshakeFixedNewstyle|nbdproto.HandshakeNoZeroes {
 			t.Fatalf("handshake flags %#x", g[16:])
 		}
-		cf := clientFixed
+		cf := nbdproto.ClientFixedNewstyle
 		if noZeroes {
-			cf |= clientNoZeroes
+			cf |= nbdproto.ClientNoZeroes
 		}
 		c.Write(binary.BigEndian.AppendUint32(nil, cf))
-		nbdclient.SendOption(c, optExportName, []byte("vol"))
+		nbdproto.SendOption(c, nbdproto.OptExportName, []byte("vol"))
 		n := 10
 		if !noZeroes {
 			n += 124
@@ -187,13 +188,13 @@ func TestOptExportName(t *testing.T) {
 		if _, err := io.ReadFull(c, b); err != nil {
 			t.Fatal(err)
 		}
-		if binary.BigEndian.Uint64(b) != 8192 || binary.BigEndian.Uint16(b[8:])&tflagSendFlush == 0 {
+		if binary.BigEndian.Uint64(b) != 8192 || binary.BigEndian.Uint16(b[8:])&nbdproto.FlagSendFlush == 0 {
 			t.Fatalf("EXPORT_NAME reply %x", b[:10])
 		}
 		if !noZeroes && !slices.Equal(b[10:], make([]byte, 124)) {
 			t.Fatal("124 zero bytes missing")
 		}
-		cl := nbdclient.NewTransmission(c, nbdclient.Export{Size: 8192})
+		cl := nbdclient.NewTransmission(c, nbdproto.Export{Size: 8192})
 		if _, err := cl.WriteAt([]byte("abc"), 100); err != nil {
 			t.Fatal(err)
 		}
@@ -203,7 +204,7 @@ func TestOptExportName(t *testing.T) {
 	}
 	// Unknown name: NBD_OPT_EXPORT_NAME can only be refused by closing.
 	c := s.raw(t)
-	nbdclient.SendOption(c, optExportName, []byte("nope"))
+	nbdproto.SendOption(c, nbdproto.OptExportName, []byte("nope"))
 	expectClosed(t, c)
 }
 
@@ -220,8 +221,8 @@ func TestNegotiationFaultsCloseConnection(t *testing.T) {
 		},
 		"truncated option": func(c net.Conn) {
 			c.Write([]byte{0, 0, 0, 1})
-			b := binary.BigEndian.AppendUint64(nil, optMagic)
-			b = binary.BigEndian.AppendUint32(b, optGo)
+			b := binary.BigEndian.AppendUint64(nil, nbdproto.OptMagic)
+			b = binary.BigEndian.AppendUint32(b, nbdproto.OptGo)
 			b = binary.BigEndian.AppendUint32(b, 100)
 			c.Write(append(b, 1, 2, 3))
 			c.(*net.UnixConn).CloseWrite()
@@ -244,11 +245,11 @@ func TestNegotiationFaultsCloseConnection(t *testing.T) {
 	}
 	t.Run("absurd option length", func(t *testing.T) {
 		c := s.raw(t)
-		b := binary.BigEndian.AppendUint64(nil, optMagic)
-		b = binary.BigEndian.AppendUint32(b, optGo)
+		b := binary.BigEndian.AppendUint64(nil, nbdproto.OptMagic)
+		b = binary.BigEndian.AppendUint32(b, nbdproto.OptGo)
 		b = binary.BigEndian.AppendUint32(b, 0xffffffff)
 		c.Write(b)
-		if _, typ, _, err := nbdclient.ReadOptionReply(c); err != nil || typ != repErrTooBig {
+		if _, typ, _, err := nbdproto.ReadOptionReply(c); err != nil || typ != nbdproto.RepErrTooBig {
 			t.Fatalf("reply %#x, %v; want NBD_REP_ERR_TOO_BIG", typ, err)
 		}
 		expectClosed(t, c)
@@ -262,11 +263,11 @@ func TestNegotiationFaultsCloseConnection(t *testing.T) {
 }
 
 func TestParseInfoRequest(t *testing.T) {
-	name, reqs, ok := parseInfoRequest(nbdclient.InfoRequest("vol", 1, 3))
+	name, reqs, ok := parseInfoRequest(nbdproto.InfoRequest("vol", 1, 3))
 	if !ok || string(name) != "vol" || len(reqs) != 4 {
 		t.Fatalf("got %q %x %v", name, reqs, ok)
 	}
-	if _, _, ok := parseInfoRequest(nbdclient.InfoRequest(string(make([]byte, 4097)))); ok {
+	if _, _, ok := parseInfoRequest(nbdproto.InfoRequest(string(make([]byte, 4097)))); ok {
 		t.Fatal("accepted a 4097-byte name")
 	}
 }

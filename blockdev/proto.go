@@ -4,84 +4,7 @@ import (
 	"encoding/binary"
 	"syscall"
 
-	"github.com/pojntfx/go-nbd/pkg/protocol"
-)
-
-// NBD wire constants (NetworkBlockDevice/nbd doc/proto.md). Those that
-// go-nbd v0.3.2's protocol package defines are taken from it; the rest are
-// spelled out here.
-const (
-	nbdMagic         = protocol.NEGOTIATION_MAGIC_OLDSTYLE // "NBDMAGIC"
-	optMagic         = protocol.NEGOTIATION_MAGIC_OPTION   // "IHAVEOPT"
-	optReplyMagic    = protocol.NEGOTIATION_MAGIC_REPLY
-	requestMagic     = protocol.TRANSMISSION_MAGIC_REQUEST
-	simpleReplyMagic = protocol.TRANSMISSION_MAGIC_REPLY
-
-	// Handshake flags (server) and client flags.
-	flagFixedNewstyle = protocol.NEGOTIATION_HANDSHAKE_FLAG_FIXED_NEWSTYLE
-	flagNoZeroes      = uint16(1 << 1)
-	clientFixed       = uint32(1 << 0)
-	clientNoZeroes    = uint32(1 << 1)
-
-	// Options.
-	optExportName      = uint32(1)
-	optAbort           = protocol.NEGOTIATION_ID_OPTION_ABORT
-	optList            = protocol.NEGOTIATION_ID_OPTION_LIST
-	optStartTLS        = uint32(5)
-	optInfo            = protocol.NEGOTIATION_ID_OPTION_INFO
-	optGo              = protocol.NEGOTIATION_ID_OPTION_GO
-	optStructuredReply = uint32(8)
-
-	// Option replies.
-	repAck        = protocol.NEGOTIATION_TYPE_REPLY_ACK
-	repServer     = protocol.NEGOTIATION_TYPE_REPLY_SERVER
-	repInfo       = protocol.NEGOTIATION_TYPE_REPLY_INFO
-	repErrUnsup   = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNSUPPORTED
-	repErrPolicy  = uint32(2 | 1<<31)
-	repErrInvalid = uint32(3 | 1<<31)
-	repErrUnknown = protocol.NEGOTIATION_TYPE_REPLY_ERR_UNKNOWN
-	repErrTooBig  = uint32(9 | 1<<31)
-
-	// NBD_INFO_* types in NBD_REP_INFO.
-	infoExport      = protocol.NEGOTIATION_TYPE_INFO_EXPORT
-	infoName        = protocol.NEGOTIATION_TYPE_INFO_NAME
-	infoDescription = protocol.NEGOTIATION_TYPE_INFO_DESCRIPTION
-	infoBlockSize   = protocol.NEGOTIATION_TYPE_INFO_BLOCKSIZE
-
-	// Transmission flags.
-	tflagHasFlags        = protocol.NEGOTIATION_REPLY_FLAGS_HAS_FLAGS
-	tflagReadOnly        = uint16(1 << 1)
-	tflagSendFlush       = uint16(1 << 2)
-	tflagSendFUA         = uint16(1 << 3)
-	tflagSendTrim        = uint16(1 << 5)
-	tflagSendWriteZeroes = uint16(1 << 6)
-	tflagCanMultiConn    = protocol.NEGOTIATION_REPLY_FLAGS_CAN_MULTI_CONN
-	tflagSendFastZero    = uint16(1 << 11)
-
-	// Commands.
-	cmdRead        = protocol.TRANSMISSION_TYPE_REQUEST_READ
-	cmdWrite       = protocol.TRANSMISSION_TYPE_REQUEST_WRITE
-	cmdDisc        = protocol.TRANSMISSION_TYPE_REQUEST_DISC
-	cmdFlush       = uint16(3)
-	cmdTrim        = uint16(4)
-	cmdWriteZeroes = uint16(6)
-
-	// Command flags.
-	cmdFlagFUA      = uint16(1 << 0)
-	cmdFlagNoHole   = uint16(1 << 1)
-	cmdFlagDF       = uint16(1 << 2)
-	cmdFlagFastZero = uint16(1 << 4)
-	knownCmdFlags   = cmdFlagFUA | cmdFlagNoHole | cmdFlagDF | cmdFlagFastZero
-
-	// NBD error values (proto.md "Error values").
-	nbdEPERM     = protocol.TRANSMISSION_ERROR_EPERM
-	nbdEIO       = uint32(5)
-	nbdENOMEM    = uint32(12)
-	nbdEINVAL    = protocol.TRANSMISSION_ERROR_EINVAL
-	nbdENOSPC    = uint32(28)
-	nbdEOVERFLOW = uint32(75)
-	nbdENOTSUP   = uint32(95)
-	nbdESHUTDOWN = uint32(108)
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 )
 
 // Limits.
@@ -93,13 +16,8 @@ const (
 	// legitimate option is NBD_OPT_GO/INFO: 4 + 4096 (name) + 2 + 2*n
 	// info requests; anything much larger is refused without reading it.
 	maxOptionLength = 16 << 10
-	// maxNameLength is proto.md's hard limit for strings.
-	maxNameLength = 4096
 	// preferredBlock is advertised in NBD_INFO_BLOCK_SIZE.
 	preferredBlock = 4096
-
-	requestHeaderLen = 28
-	replyHeaderLen   = 16
 )
 
 // request is a decoded transmission request header.
@@ -121,10 +39,10 @@ func (e errorString) Error() string { return string(e) }
 
 // parseRequest decodes a 28-byte request header.
 func parseRequest(b []byte) (request, error) {
-	if len(b) < requestHeaderLen {
+	if len(b) < nbdproto.RequestHeaderLen {
 		return request{}, errorString("nbd: short request header")
 	}
-	if binary.BigEndian.Uint32(b[0:4]) != requestMagic {
+	if binary.BigEndian.Uint32(b[0:4]) != nbdproto.RequestMagic {
 		return request{}, errBadMagic
 	}
 	return request{
@@ -138,7 +56,7 @@ func parseRequest(b []byte) (request, error) {
 
 // appendRequest encodes r (used by tests and the test client).
 func appendRequest(b []byte, r request) []byte {
-	b = binary.BigEndian.AppendUint32(b, requestMagic)
+	b = binary.BigEndian.AppendUint32(b, nbdproto.RequestMagic)
 	b = binary.BigEndian.AppendUint16(b, r.flags)
 	b = binary.BigEndian.AppendUint16(b, r.typ)
 	b = binary.BigEndian.AppendUint64(b, r.cookie)
@@ -148,7 +66,7 @@ func appendRequest(b []byte, r request) []byte {
 
 // putReply encodes a simple reply header into b[:16].
 func putReply(b []byte, errno uint32, cookie uint64) {
-	binary.BigEndian.PutUint32(b[0:4], simpleReplyMagic)
+	binary.BigEndian.PutUint32(b[0:4], nbdproto.SimpleReplyMagic)
 	binary.BigEndian.PutUint32(b[4:8], errno)
 	binary.BigEndian.PutUint64(b[8:16], cookie)
 }
@@ -157,36 +75,36 @@ func putReply(b []byte, errno uint32, cookie uint64) {
 func nbdError(err error) uint32 {
 	switch Errno(err) {
 	case syscall.EPERM, syscall.EACCES, syscall.EROFS:
-		return nbdEPERM
+		return nbdproto.EPERM
 	case syscall.ENOMEM:
-		return nbdENOMEM
+		return nbdproto.ENOMEM
 	case syscall.EINVAL:
-		return nbdEINVAL
+		return nbdproto.EINVAL
 	case syscall.ENOSPC, syscall.EDQUOT, syscall.EFBIG:
-		return nbdENOSPC
+		return nbdproto.ENOSPC
 	case syscall.EOVERFLOW:
-		return nbdEOVERFLOW
+		return nbdproto.EOVERFLOW
 	case syscall.ENOTSUP:
-		return nbdENOTSUP
+		return nbdproto.ENOTSUP
 	case syscall.ESHUTDOWN:
-		return nbdESHUTDOWN
+		return nbdproto.ESHUTDOWN
 	}
-	return nbdEIO
+	return nbdproto.EIO
 }
 
 func cmdName(t uint16) string {
 	switch t {
-	case cmdRead:
+	case nbdproto.CmdRead:
 		return "read"
-	case cmdWrite:
+	case nbdproto.CmdWrite:
 		return "write"
-	case cmdDisc:
+	case nbdproto.CmdDisc:
 		return "disc"
-	case cmdFlush:
+	case nbdproto.CmdFlush:
 		return "flush"
-	case cmdTrim:
+	case nbdproto.CmdTrim:
 		return "trim"
-	case cmdWriteZeroes:
+	case nbdproto.CmdWriteZeroes:
 		return "write-zeroes"
 	}
 	return "unknown"

@@ -6,7 +6,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/doppelha/doppel/blockdev/nbdclient"
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 )
 
 // retainer keeps every write's data past Apply (as a replication queue
@@ -49,7 +49,7 @@ func TestRetainKeepsTheServerBuffer(t *testing.T) {
 	for i := range 64 {
 		d := bytes.Repeat([]byte{byte(i + 1)}, 4096<<(i%5))
 		want = append(want, d)
-		if err := cl.Do(nbdclient.CmdWrite, 0, uint64(i)*4096, 0, d); err != nil {
+		if err := cl.Do(nbdproto.CmdWrite, 0, uint64(i)*4096, 0, d); err != nil {
 			t.Fatal(err)
 		}
 		if i == 31 { // half of them back to the pool: later writes may reuse them

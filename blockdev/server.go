@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 )
 
 // Export is one named volume served over NBD.
@@ -102,8 +104,8 @@ func NewServer(log *slog.Logger, exports ...Export) (*Server, error) {
 		if e.Backend == nil {
 			return nil, fmt.Errorf("nbd server: export %q: no backend", e.Name)
 		}
-		if len(e.Name) > maxNameLength || len(e.Description) > maxNameLength {
-			return nil, fmt.Errorf("nbd server: export %q: name or description longer than %d bytes", e.Name, maxNameLength)
+		if len(e.Name) > nbdproto.MaxNameLength || len(e.Description) > nbdproto.MaxNameLength {
+			return nil, fmt.Errorf("nbd server: export %q: name or description longer than %d bytes", e.Name, nbdproto.MaxNameLength)
 		}
 		if seen[e.Name] {
 			return nil, fmt.Errorf("nbd server: duplicate export name %q", e.Name)
@@ -123,13 +125,13 @@ func NewServer(log *slog.Logger, exports ...Export) (*Server, error) {
 		// FAST_ZERO would need the backend to promise that zeroing never
 		// falls back to writing; File cannot know that before trying, so
 		// it is not advertised and FAST_ZERO requests get ENOTSUP.
-		x.flags = tflagHasFlags | tflagSendFlush | tflagCanMultiConn
+		x.flags = nbdproto.FlagHasFlags | nbdproto.FlagSendFlush | nbdproto.FlagCanMultiConn
 		if e.ReadOnly {
-			x.flags |= tflagReadOnly
+			x.flags |= nbdproto.FlagReadOnly
 		} else {
-			x.flags |= tflagSendFUA | tflagSendTrim | tflagSendWriteZeroes
+			x.flags |= nbdproto.FlagSendFUA | nbdproto.FlagSendTrim | nbdproto.FlagSendWriteZeroes
 			if x.fast {
-				x.flags |= tflagSendFastZero
+				x.flags |= nbdproto.FlagSendFastZero
 			}
 		}
 		s.exports = append(s.exports, x)

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 )
 
 // op is one request in flight. ops are pooled; an op's buffer holds the
@@ -23,7 +25,7 @@ type op struct {
 	big    bool // holds a slot of tconn.big
 	m      Mutation
 	lendFn func() ([]byte, func()) // o.lend, made once per op
-	header [replyHeaderLen]byte
+	header [nbdproto.ReplyHeaderLen]byte
 }
 
 var opPool = sync.Pool{New: func() any {
@@ -80,7 +82,7 @@ type tconn struct {
 	rmu  sync.Mutex // the reading role; guards the fields below and cn.br
 	done bool       // no more requests: DISC, EOF, error
 	err  error      // why reading ended, when it is a failure
-	hb   [requestHeaderLen]byte
+	hb   [nbdproto.RequestHeaderLen]byte
 }
 
 // transmit runs the transmission phase until the client disconnects, the
@@ -232,7 +234,7 @@ func (t *tconn) inline(o *op) bool {
 // the reader, once enough requests have been timed.
 func (t *tconn) small(o *op) bool {
 	r := &o.req
-	return (r.typ == cmdRead || r.typ == cmdWrite && r.flags == 0) && r.length <= inlineMaxLen &&
+	return (r.typ == nbdproto.CmdRead || r.typ == nbdproto.CmdWrite && r.flags == 0) && r.length <= inlineMaxLen &&
 		o.errno == 0 && t.samples.Load() >= inlineMinSamples
 }
 
@@ -250,7 +252,7 @@ const serialSlow = 2 * time.Millisecond
 
 func (t *tconn) serialInline(o *op) bool {
 	r := &o.req
-	return t.x.serial && r.typ == cmdWrite && r.flags == 0 && o.errno == 0 &&
+	return t.x.serial && r.typ == nbdproto.CmdWrite && r.flags == 0 && o.errno == 0 &&
 		t.wslow.Load() < slowScale/4
 }
 
@@ -322,7 +324,7 @@ func (t *tconn) next() *op {
 		t.done = true
 		return nil
 	}
-	if t.br.Buffered() < requestHeaderLen {
+	if t.br.Buffered() < nbdproto.RequestHeaderLen {
 		t.w.flush() // held replies go out before the reader may block
 	}
 	if _, err := io.ReadFull(t.br, t.hb[:]); err != nil {
@@ -342,7 +344,7 @@ func (t *tconn) next() *op {
 		t.done, t.err = true, err
 		return nil
 	}
-	if req.typ == cmdDisc {
+	if req.typ == nbdproto.CmdDisc {
 		t.done = true
 		return nil
 	}
@@ -357,7 +359,7 @@ func (t *tconn) next() *op {
 	}
 	o := opPool.Get().(*op)
 	o.cn, o.req, o.errno = t, req, 0
-	if req.typ == cmdWrite {
+	if req.typ == nbdproto.CmdWrite {
 		if err := t.readPayload(o); err != nil {
 			t.done, t.err = true, err
 			if o.errno != 0 {
@@ -399,7 +401,7 @@ func (t *tconn) bigSlot(o *op) {
 func (t *tconn) readPayload(o *op) error {
 	n := int64(o.req.length)
 	if n > MaxPayload {
-		o.errno = nbdEINVAL
+		o.errno = nbdproto.EINVAL
 		t.s.stats.writes.Add(1)
 		if n > 2*MaxPayload {
 			return fmt.Errorf("write of %d bytes exceeds the %d-byte limit", n, MaxPayload)
@@ -431,15 +433,15 @@ func (t *tconn) handle(o *op, hold bool) {
 func (t *tconn) exec(o *op) {
 	if o.errno == 0 {
 		r := &o.req
-		small := (r.typ == cmdRead || r.typ == cmdWrite) && r.length <= inlineMaxLen
-		if small || t.x.serial && r.typ == cmdWrite {
+		small := (r.typ == nbdproto.CmdRead || r.typ == nbdproto.CmdWrite) && r.length <= inlineMaxLen
+		if small || t.x.serial && r.typ == nbdproto.CmdWrite {
 			start := time.Now()
 			o.errno = t.do(o)
 			d := time.Since(start)
 			if small {
 				t.observe(d)
 			}
-			if t.x.serial && r.typ == cmdWrite {
+			if t.x.serial && r.typ == nbdproto.CmdWrite {
 				var x int64
 				if d > serialSlow {
 					x = slowScale
@@ -472,25 +474,25 @@ func (t *tconn) do(o *op) (errno uint32) {
 	defer func() {
 		if r := recover(); r != nil {
 			t.log.Error("nbd: request handler panicked", "op", cmdName(o.req.typ), "panic", r, "stack", string(debug.Stack()))
-			errno = nbdEIO
+			errno = nbdproto.EIO
 		}
 	}()
 	x, r := t.x, &o.req
 	st := &t.s.stats
-	if r.flags&^knownCmdFlags != 0 {
-		return nbdEINVAL
+	if r.flags&^nbdproto.KnownCmdFlags != 0 {
+		return nbdproto.EINVAL
 	}
-	fua := r.flags&cmdFlagFUA != 0
+	fua := r.flags&nbdproto.CmdFlagFUA != 0
 	if fua {
 		st.fua.Add(1)
 	}
 	end := r.offset + uint64(r.length)
 	inRange := end >= r.offset && end <= x.size
 	switch r.typ {
-	case cmdRead:
+	case nbdproto.CmdRead:
 		st.reads.Add(1)
 		if r.length > MaxPayload || !inRange {
-			return nbdEINVAL
+			return nbdproto.EINVAL
 		}
 		t.bigSlot(o)
 		o.buf = getBuf(int(r.length))
@@ -500,14 +502,14 @@ func (t *tconn) do(o *op) (errno uint32) {
 		}
 		st.bytesRead.Add(uint64(r.length))
 		return 0
-	case cmdWrite:
+	case nbdproto.CmdWrite:
 		st.writes.Add(1)
 		defer func() { putBuf(o.buf); o.buf = nil }()
 		switch {
 		case x.ReadOnly:
-			return nbdEPERM
+			return nbdproto.EPERM
 		case !inRange:
-			return nbdENOSPC
+			return nbdproto.ENOSPC
 		}
 		o.m = Mutation{Op: OpWrite, Offset: int64(r.offset), Length: int64(r.length), Data: *o.buf, FUA: fua, lend: o.lendFn}
 		if errno := t.apply(o); errno != 0 {
@@ -515,20 +517,20 @@ func (t *tconn) do(o *op) (errno uint32) {
 		}
 		st.bytesWritten.Add(uint64(r.length))
 		return 0
-	case cmdFlush:
+	case nbdproto.CmdFlush:
 		st.flushes.Add(1)
 		o.m = Mutation{Op: OpFlush}
 		if errno := t.apply(o); errno != 0 {
 			return errno
 		}
 		return 0
-	case cmdTrim:
+	case nbdproto.CmdTrim:
 		st.trims.Add(1)
 		switch {
 		case x.ReadOnly:
-			return nbdEPERM
+			return nbdproto.EPERM
 		case !inRange:
-			return nbdEINVAL
+			return nbdproto.EINVAL
 		}
 		o.m = Mutation{Op: OpTrim, Offset: int64(r.offset), Length: int64(r.length), FUA: fua}
 		if errno := t.apply(o); errno != 0 {
@@ -536,24 +538,24 @@ func (t *tconn) do(o *op) (errno uint32) {
 		}
 		st.bytesTrimmed.Add(uint64(r.length))
 		return 0
-	case cmdWriteZeroes:
+	case nbdproto.CmdWriteZeroes:
 		st.zeroes.Add(1)
 		switch {
 		case x.ReadOnly:
-			return nbdEPERM
+			return nbdproto.EPERM
 		case !inRange:
-			return nbdENOSPC
-		case r.flags&cmdFlagFastZero != 0 && !x.fast:
-			return nbdENOTSUP
+			return nbdproto.ENOSPC
+		case r.flags&nbdproto.CmdFlagFastZero != 0 && !x.fast:
+			return nbdproto.ENOTSUP
 		}
-		o.m = Mutation{Op: OpWriteZeroes, Offset: int64(r.offset), Length: int64(r.length), FUA: fua, NoHole: r.flags&cmdFlagNoHole != 0}
+		o.m = Mutation{Op: OpWriteZeroes, Offset: int64(r.offset), Length: int64(r.length), FUA: fua, NoHole: r.flags&nbdproto.CmdFlagNoHole != 0}
 		if errno := t.apply(o); errno != 0 {
 			return errno
 		}
 		st.bytesZeroed.Add(uint64(r.length))
 		return 0
 	}
-	return nbdEINVAL
+	return nbdproto.EINVAL
 }
 
 // apply passes o.m through the export's Mutator.
@@ -648,7 +650,7 @@ func (w *replyWriter) drain() {
 			iov := w.iov[:0]
 			for _, b := range batch {
 				iov = append(iov, b.header[:])
-				if b.errno == 0 && b.req.typ == cmdRead && b.buf != nil {
+				if b.errno == 0 && b.req.typ == nbdproto.CmdRead && b.buf != nil {
 					iov = append(iov, *b.buf)
 				}
 			}

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/doppelha/doppel/blockdev/nbdclient"
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 )
 
 func pattern(n int, seed byte) []byte {
@@ -90,12 +91,12 @@ func TestMutatorSeesEveryMutation(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	must(cl.Do(nbdclient.CmdWrite, nbdclient.CmdFlagFUA, 10, 0, []byte("xyz")))
-	must(cl.Do(nbdclient.CmdTrim, 0, 4096, 8192, nil))
-	must(cl.Do(nbdclient.CmdWriteZeroes, nbdclient.CmdFlagNoHole, 0, 100, nil))
-	must(cl.Do(nbdclient.CmdWriteZeroes, nbdclient.CmdFlagFUA, 200, 300, nil))
+	must(cl.Do(nbdproto.CmdWrite, nbdproto.CmdFlagFUA, 10, 0, []byte("xyz")))
+	must(cl.Do(nbdproto.CmdTrim, 0, 4096, 8192, nil))
+	must(cl.Do(nbdproto.CmdWriteZeroes, nbdproto.CmdFlagNoHole, 0, 100, nil))
+	must(cl.Do(nbdproto.CmdWriteZeroes, nbdproto.CmdFlagFUA, 200, 300, nil))
 	must(cl.Flush())
-	must(cl.Do(nbdclient.CmdRead, 0, 0, 0, make([]byte, 10))) // not a mutation
+	must(cl.Do(nbdproto.CmdRead, 0, 0, 0, make([]byte, 10))) // not a mutation
 	want := []Mutation{
 		{Op: OpWrite, Offset: 10, Length: 3, Data: []byte("xyz"), FUA: true},
 		{Op: OpTrim, Offset: 4096, Length: 8192},
@@ -298,11 +299,11 @@ func rawRequest(t *testing.T, c net.Conn, r request, payload []byte) uint32 {
 	if _, err := io.ReadFull(c, h[:]); err != nil {
 		t.Fatalf("read reply to %s: %v", cmdName(r.typ), err)
 	}
-	if binary.BigEndian.Uint32(h[:4]) != simpleReplyMagic || binary.BigEndian.Uint64(h[8:]) != r.cookie {
+	if binary.BigEndian.Uint32(h[:4]) != nbdproto.SimpleReplyMagic || binary.BigEndian.Uint64(h[8:]) != r.cookie {
 		t.Fatalf("bad reply %x", h)
 	}
 	errno := binary.BigEndian.Uint32(h[4:8])
-	if errno == 0 && r.typ == cmdRead {
+	if errno == 0 && r.typ == nbdproto.CmdRead {
 		if _, err := io.CopyN(io.Discard, c, int64(r.length)); err != nil {
 			t.Fatal(err)
 		}
@@ -348,22 +349,22 @@ func TestBadRequests(t *testing.T) {
 		payload []byte
 		want    uint32
 	}{
-		{"read past end", request{typ: cmdRead, offset: size - 1, length: 2}, nil, nbdEINVAL},
-		{"read offset past end", request{typ: cmdRead, offset: size + 4096, length: 1}, nil, nbdEINVAL},
-		{"read offset overflow", request{typ: cmdRead, offset: 1<<64 - 1, length: 2}, nil, nbdEINVAL},
-		{"read 1 GiB", request{typ: cmdRead, length: 1 << 30}, nil, nbdEINVAL},
-		{"read 32 MiB + 1", request{typ: cmdRead, length: MaxPayload + 1}, nil, nbdEINVAL},
-		{"write past end", request{typ: cmdWrite, offset: size - 1, length: 2}, []byte{1, 2}, nbdENOSPC},
-		{"trim past end", request{typ: cmdTrim, offset: size, length: 1}, nil, nbdEINVAL},
-		{"zeroes past end", request{typ: cmdWriteZeroes, offset: size - 1, length: 2}, nil, nbdENOSPC},
-		{"unknown command", request{typ: 99, length: 1}, nil, nbdEINVAL},
-		{"cache (not advertised)", request{typ: 5, length: 1}, nil, nbdEINVAL},
-		{"unknown flag", request{typ: cmdRead, flags: 1 << 9, length: 1}, nil, nbdEINVAL},
-		{"fast zero", request{typ: cmdWriteZeroes, flags: cmdFlagFastZero, length: 1}, nil, nbdENOTSUP},
-		{"write 40 MiB (payload skipped)", request{typ: cmdWrite, length: 40 << 20}, make([]byte, 40<<20), nbdEINVAL},
-		{"zero-length read", request{typ: cmdRead}, nil, 0},
-		{"zero-length write", request{typ: cmdWrite}, nil, 0},
-		{"large trim is fine", request{typ: cmdTrim, length: size / 2}, nil, 0},
+		{"read past end", request{typ: nbdproto.CmdRead, offset: size - 1, length: 2}, nil, nbdproto.EINVAL},
+		{"read offset past end", request{typ: nbdproto.CmdRead, offset: size + 4096, length: 1}, nil, nbdproto.EINVAL},
+		{"read offset overflow", request{typ: nbdproto.CmdRead, offset: 1<<64 - 1, length: 2}, nil, nbdproto.EINVAL},
+		{"read 1 GiB", request{typ: nbdproto.CmdRead, length: 1 << 30}, nil, nbdproto.EINVAL},
+		{"read 32 MiB + 1", request{typ: nbdproto.CmdRead, length: MaxPayload + 1}, nil, nbdproto.EINVAL},
+		{"write past end", request{typ: nbdproto.CmdWrite, offset: size - 1, length: 2}, []byte{1, 2}, nbdproto.ENOSPC},
+		{"trim past end", request{typ: nbdproto.CmdTrim, offset: size, length: 1}, nil, nbdproto.EINVAL},
+		{"zeroes past end", request{typ: nbdproto.CmdWriteZeroes, offset: size - 1, length: 2}, nil, nbdproto.ENOSPC},
+		{"unknown command", request{typ: 99, length: 1}, nil, nbdproto.EINVAL},
+		{"cache (not advertised)", request{typ: 5, length: 1}, nil, nbdproto.EINVAL},
+		{"unknown flag", request{typ: nbdproto.CmdRead, flags: 1 << 9, length: 1}, nil, nbdproto.EINVAL},
+		{"fast zero", request{typ: nbdproto.CmdWriteZeroes, flags: nbdproto.CmdFlagFastZero, length: 1}, nil, nbdproto.ENOTSUP},
+		{"write 40 MiB (payload skipped)", request{typ: nbdproto.CmdWrite, length: 40 << 20}, make([]byte, 40<<20), nbdproto.EINVAL},
+		{"zero-length read", request{typ: nbdproto.CmdRead}, nil, 0},
+		{"zero-length write", request{typ: nbdproto.CmdWrite}, nil, 0},
+		{"large trim is fine", request{typ: nbdproto.CmdTrim, length: size / 2}, nil, 0},
 	} {
 		tc.r.cookie = uint64(len(tc.name))<<32 | 0xc0ffee
 		if got := rawRequest(t, c, tc.r, tc.payload); got != tc.want {
@@ -373,43 +374,43 @@ func TestBadRequests(t *testing.T) {
 
 	ro := s.rawGo(t, "ro")
 	for _, r := range []request{
-		{typ: cmdWrite, length: 3}, {typ: cmdTrim, length: 3}, {typ: cmdWriteZeroes, length: 3},
+		{typ: nbdproto.CmdWrite, length: 3}, {typ: nbdproto.CmdTrim, length: 3}, {typ: nbdproto.CmdWriteZeroes, length: 3},
 	} {
 		var payload []byte
-		if r.typ == cmdWrite {
+		if r.typ == nbdproto.CmdWrite {
 			payload = []byte("abc")
 		}
-		if got := rawRequest(t, ro, r, payload); got != nbdEPERM {
+		if got := rawRequest(t, ro, r, payload); got != nbdproto.EPERM {
 			t.Errorf("read-only %s: error %d, want EPERM", cmdName(r.typ), got)
 		}
 	}
-	if got := rawRequest(t, ro, request{typ: cmdRead, length: 3}, nil); got != 0 {
+	if got := rawRequest(t, ro, request{typ: nbdproto.CmdRead, length: 3}, nil); got != 0 {
 		t.Errorf("read-only read: error %d", got)
 	}
 
 	t.Run("1 GiB write closes", func(t *testing.T) {
 		c := s.rawGo(t, "a")
-		if got := rawRequest(t, c, request{typ: cmdWrite, length: 1 << 30, cookie: 7}, make([]byte, 4096)); got != nbdEINVAL {
+		if got := rawRequest(t, c, request{typ: nbdproto.CmdWrite, length: 1 << 30, cookie: 7}, make([]byte, 4096)); got != nbdproto.EINVAL {
 			t.Fatalf("error %d, want EINVAL", got)
 		}
 		expectClosed(t, c)
 	})
 	t.Run("bad magic closes", func(t *testing.T) {
 		c := s.rawGo(t, "a")
-		b := appendRequest(nil, request{typ: cmdRead, length: 1})
+		b := appendRequest(nil, request{typ: nbdproto.CmdRead, length: 1})
 		b[0] ^= 0xff
 		c.Write(b)
 		expectClosed(t, c)
 	})
 	t.Run("truncated header closes", func(t *testing.T) {
 		c := s.rawGo(t, "a")
-		c.Write(appendRequest(nil, request{typ: cmdRead, length: 1})[:10])
+		c.Write(appendRequest(nil, request{typ: nbdproto.CmdRead, length: 1})[:10])
 		c.(*net.UnixConn).CloseWrite()
 		expectClosed(t, c)
 	})
 	t.Run("truncated payload closes", func(t *testing.T) {
 		c := s.rawGo(t, "a")
-		c.Write(appendRequest(nil, request{typ: cmdWrite, length: 100}))
+		c.Write(appendRequest(nil, request{typ: nbdproto.CmdWrite, length: 100}))
 		c.Write(make([]byte, 50))
 		c.(*net.UnixConn).CloseWrite()
 		expectClosed(t, c)
@@ -641,7 +642,7 @@ func TestClientNotReadingReplies(t *testing.T) {
 	c := s.rawGo(t, "a")
 	go func() { // never reads a reply
 		for i := range 10000 {
-			if _, err := c.Write(appendRequest(nil, request{typ: cmdRead, cookie: uint64(i), length: 4 << 20})); err != nil {
+			if _, err := c.Write(appendRequest(nil, request{typ: nbdproto.CmdRead, cookie: uint64(i), length: 4 << 20})); err != nil {
 				return
 			}
 		}

@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
@@ -166,7 +167,7 @@ func (h host) attach(ctx context.Context, cfg Config) (*Device, error) {
 		wg.Wait()
 		return nil, err
 	}
-	var info exportInfo
+	var info nbdproto.Export
 	for i := range n {
 		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
@@ -255,14 +256,14 @@ func (cfg *Config) request() (*connectRequest, error) {
 }
 
 // fill completes the request with what the server said about the export.
-func (r *connectRequest) fill(cfg *Config, info exportInfo, conns int) error {
+func (r *connectRequest) fill(cfg *Config, info nbdproto.Export, conns int) error {
 	if info.Size == 0 || info.Size%512 != 0 {
 		return fmt.Errorf("attach: export size %d is not a positive multiple of 512", info.Size)
 	}
-	if info.Flags&FlagHasFlags == 0 {
-		info.Flags = FlagHasFlags // no flags at all: read/write, no flush
+	if info.Flags&nbdproto.FlagHasFlags == 0 {
+		info.Flags = nbdproto.FlagHasFlags // no flags at all: read/write, no flush
 	}
-	if conns > 1 && info.Flags&FlagCanMultiConn == 0 {
+	if conns > 1 && info.Flags&nbdproto.FlagCanMultiConn == 0 {
 		return fmt.Errorf("attach: %d connections, but the server does not allow several (no CAN_MULTI_CONN)", conns)
 	}
 	bs := uint64(cfg.BlockSize)
@@ -286,7 +287,7 @@ func (r *connectRequest) fill(cfg *Config, info exportInfo, conns int) error {
 	r.BlockSize = bs
 	r.ServerFlags = uint64(info.Flags)
 	if cfg.ReadOnly {
-		r.ServerFlags |= FlagReadOnly
+		r.ServerFlags |= uint64(nbdproto.FlagReadOnly)
 	}
 	return nil
 }
@@ -304,10 +305,10 @@ func fileConn(fd int) (net.Conn, error) {
 
 // negotiateFD runs the client handshake on fd and leaves fd blocking, as
 // the kernel expects it.
-func negotiateFD(fd int, export string) (exportInfo, error) {
+func negotiateFD(fd int, export string) (nbdproto.Export, error) {
 	c, err := fileConn(fd)
 	if err != nil {
-		return exportInfo{}, err
+		return nbdproto.Export{}, err
 	}
 	c.SetDeadline(time.Now().Add(negotiationTimeout))
 	info, err := negotiate(c, export)

@@ -9,33 +9,35 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 )
 
 func TestConfigRequest(t *testing.T) {
 	serve := func(context.Context, net.Conn) error { return nil }
-	const all = FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagCanMultiConn
+	const all = nbdproto.FlagHasFlags | nbdproto.FlagSendFlush | nbdproto.FlagSendFUA | nbdproto.FlagSendTrim | nbdproto.FlagSendWriteZeroes | nbdproto.FlagCanMultiConn
 	for _, tc := range []struct {
 		cfg   Config
-		info  exportInfo
+		info  nbdproto.Export
 		conns int
 		want  string // error substring; "" = valid
 		bs    uint64
 		idx   int32
 	}{
-		{cfg: Config{Serve: serve}, info: exportInfo{Size: 1 << 20, Flags: all}, bs: 4096, idx: -1},
-		{cfg: Config{Device: "/dev/nbd3", Serve: serve}, info: exportInfo{Size: 1536, Flags: all}, bs: 512, idx: 3},
-		{cfg: Config{Device: "nbd12", BlockSize: 1024, Serve: serve}, info: exportInfo{Size: 4096, Flags: all}, bs: 1024, idx: 12},
-		{cfg: Config{Serve: serve}, info: exportInfo{Size: 3072, Flags: all, MinBlock: 1024}, bs: 1024, idx: -1},
+		{cfg: Config{Serve: serve}, info: nbdproto.Export{Size: 1 << 20, Flags: all}, bs: 4096, idx: -1},
+		{cfg: Config{Device: "/dev/nbd3", Serve: serve}, info: nbdproto.Export{Size: 1536, Flags: all}, bs: 512, idx: 3},
+		{cfg: Config{Device: "nbd12", BlockSize: 1024, Serve: serve}, info: nbdproto.Export{Size: 4096, Flags: all}, bs: 1024, idx: 12},
+		{cfg: Config{Serve: serve}, info: nbdproto.Export{Size: 3072, Flags: all, MinBlock: 1024}, bs: 1024, idx: -1},
 		{cfg: Config{}, want: "no Serve function"},
-		{cfg: Config{Serve: serve}, info: exportInfo{Size: 0, Flags: all}, want: "not a positive multiple of 512"},
-		{cfg: Config{Serve: serve}, info: exportInfo{Size: 1000, Flags: all}, want: "not a positive multiple of 512"},
+		{cfg: Config{Serve: serve}, info: nbdproto.Export{Size: 0, Flags: all}, want: "not a positive multiple of 512"},
+		{cfg: Config{Serve: serve}, info: nbdproto.Export{Size: 1000, Flags: all}, want: "not a positive multiple of 512"},
 		{cfg: Config{Serve: serve, BlockSize: 3000}, want: "not a power of two"},
 		{cfg: Config{Serve: serve, BlockSize: 8192}, want: "not a power of two"},
-		{cfg: Config{Serve: serve, BlockSize: 1024}, info: exportInfo{Size: 1536, Flags: all}, want: "not a multiple of the block size"},
+		{cfg: Config{Serve: serve, BlockSize: 1024}, info: nbdproto.Export{Size: 1536, Flags: all}, want: "not a multiple of the block size"},
 		{cfg: Config{Serve: serve, Device: "/dev/sda"}, want: "not an nbd device"},
 		{cfg: Config{Serve: serve, Device: "/dev/nbd-1"}, want: "not an nbd device"},
 		{cfg: Config{Serve: serve, Connections: 65}, want: "connections"},
-		{cfg: Config{Serve: serve}, conns: 2, info: exportInfo{Size: 4096, Flags: FlagHasFlags}, want: "no CAN_MULTI_CONN"},
+		{cfg: Config{Serve: serve}, conns: 2, info: nbdproto.Export{Size: 4096, Flags: nbdproto.FlagHasFlags}, want: "no CAN_MULTI_CONN"},
 	} {
 		r, err := tc.cfg.request()
 		if err == nil {
@@ -54,16 +56,16 @@ func TestConfigRequest(t *testing.T) {
 		if r.BlockSize != tc.bs || r.Index != tc.idx || r.Size != tc.info.Size {
 			t.Errorf("%+v: block size %d index %d size %d, want %d %d %d", tc.cfg, r.BlockSize, r.Index, r.Size, tc.bs, tc.idx, tc.info.Size)
 		}
-		if r.ServerFlags != all {
+		if r.ServerFlags != uint64(all) {
 			t.Errorf("flags %#x, want %#x", r.ServerFlags, all)
 		}
 	}
 	cfg := Config{Serve: serve, Timeout: 1500 * time.Millisecond, DeadConnTimeout: 10 * time.Second, ReadOnly: true}
 	r, _ := cfg.request()
-	if err := r.fill(&cfg, exportInfo{Size: 4096, Flags: FlagHasFlags}, 1); err != nil {
+	if err := r.fill(&cfg, nbdproto.Export{Size: 4096, Flags: nbdproto.FlagHasFlags}, 1); err != nil {
 		t.Fatal(err)
 	}
-	if r.TimeoutSec != 2 || r.DeadConnTimeout != 10 || r.ServerFlags != FlagHasFlags|FlagReadOnly {
+	if r.TimeoutSec != 2 || r.DeadConnTimeout != 10 || r.ServerFlags != uint64(nbdproto.FlagHasFlags|nbdproto.FlagReadOnly) {
 		t.Errorf("timeouts/read-only: %+v", r)
 	}
 }

@@ -34,17 +34,6 @@ const (
 	deviceConnected = 2 // u8
 )
 
-// Transmission flags the kernel is told the server has (include/uapi/linux/nbd.h).
-const (
-	FlagHasFlags        = 1 << 0
-	FlagReadOnly        = 1 << 1
-	FlagSendFlush       = 1 << 2
-	FlagSendFUA         = 1 << 3
-	FlagSendTrim        = 1 << 5
-	FlagSendWriteZeroes = 1 << 6
-	FlagCanMultiConn    = 1 << 8
-)
-
 // nlAttr is one netlink attribute: its type (without the nested and
 // byte-order bits) and its payload.
 type nlAttr struct {

@@ -1,7 +1,7 @@
-// Package nbdclient is a small NBD client (fixed newstyle negotiation,
-// simple replies, several requests in flight) for tests and tools that need
-// to talk to an NBD server without an external program: doppel's own tests,
-// replication end-to-end checks, and negotiation before a kernel attach.
+// Package nbdclient is a small NBD client (simple replies, several requests
+// in flight, matched by cookie) for tests and tools that need to talk to an
+// NBD server without an external program: doppel's own tests and the
+// replication end-to-end checks. Negotiation is package nbdproto's.
 package nbdclient
 
 import (
@@ -13,64 +13,9 @@ import (
 	"net"
 	"sync"
 	"syscall"
+
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 )
-
-// Protocol constants used by the client (NetworkBlockDevice doc/proto.md).
-const (
-	nbdMagic      = 0x4e42444d41474943
-	optMagic      = 0x49484156454F5054
-	optReplyMagic = 0x3e889045565a9
-	reqMagic      = 0x25609513
-	replyMagic    = 0x67446698
-
-	OptExportName = 1
-	OptAbort      = 2
-	OptList       = 3
-	OptStartTLS   = 5
-	OptInfo       = 6
-	OptGo         = 7
-
-	RepAck    = 1
-	RepServer = 2
-	RepInfo   = 3
-	RepErr    = 1 << 31
-
-	InfoExport      = 0
-	InfoName        = 1
-	InfoDescription = 2
-	InfoBlockSize   = 3
-
-	FlagHasFlags        = 1 << 0
-	FlagReadOnly        = 1 << 1
-	FlagSendFlush       = 1 << 2
-	FlagSendFUA         = 1 << 3
-	FlagSendTrim        = 1 << 5
-	FlagSendWriteZeroes = 1 << 6
-	FlagCanMultiConn    = 1 << 8
-	FlagSendFastZero    = 1 << 11
-
-	CmdRead        = 0
-	CmdWrite       = 1
-	CmdDisc        = 2
-	CmdFlush       = 3
-	CmdTrim        = 4
-	CmdWriteZeroes = 6
-
-	CmdFlagFUA      = 1 << 0
-	CmdFlagNoHole   = 1 << 1
-	CmdFlagFastZero = 1 << 4
-)
-
-// Export describes the export chosen by NBD_OPT_GO.
-type Export struct {
-	Name        string
-	Description string
-	Size        uint64
-	Flags       uint16 // transmission flags
-	MinBlock    uint32
-	PrefBlock   uint32
-	MaxBlock    uint32
-}
 
 // Error is an NBD error reply to a request.
 type Error struct {
@@ -83,156 +28,10 @@ func (e *Error) Error() string { return fmt.Sprintf("nbd command %d: %v", e.Cmd,
 // Unwrap lets errors.Is(err, syscall.EINVAL) work.
 func (e *Error) Unwrap() error { return e.Errno }
 
-// OptionError is an error reply to a negotiation option.
-type OptionError struct {
-	Option  uint32
-	Type    uint32 // NBD_REP_ERR_*
-	Message string
-}
-
-func (e *OptionError) Error() string {
-	return fmt.Sprintf("nbd option %d refused (reply %#x): %s", e.Option, e.Type, e.Message)
-}
-
-// Handshake reads the server greeting and sends the client flags
-// (fixed newstyle, no zeroes). It returns the server's handshake flags.
-func Handshake(rw io.ReadWriter) (uint16, error) {
-	var b [18]byte
-	if _, err := io.ReadFull(rw, b[:]); err != nil {
-		return 0, fmt.Errorf("read greeting: %w", err)
-	}
-	if binary.BigEndian.Uint64(b[0:8]) != nbdMagic || binary.BigEndian.Uint64(b[8:16]) != optMagic {
-		return 0, errors.New("not a newstyle NBD server")
-	}
-	hf := binary.BigEndian.Uint16(b[16:18])
-	if hf&1 == 0 {
-		return 0, errors.New("server does not speak fixed newstyle")
-	}
-	cf := uint32(1)
-	if hf&2 != 0 {
-		cf |= 2
-	}
-	if _, err := rw.Write(binary.BigEndian.AppendUint32(nil, cf)); err != nil {
-		return 0, fmt.Errorf("send client flags: %w", err)
-	}
-	return hf, nil
-}
-
-// SendOption sends one option with its data.
-func SendOption(w io.Writer, opt uint32, data []byte) error {
-	b := binary.BigEndian.AppendUint64(nil, optMagic)
-	b = binary.BigEndian.AppendUint32(b, opt)
-	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
-	_, err := w.Write(append(b, data...))
-	return err
-}
-
-// ReadOptionReply reads one option reply (data at most 1 MiB).
-func ReadOptionReply(r io.Reader) (opt, typ uint32, data []byte, err error) {
-	var h [20]byte
-	if _, err := io.ReadFull(r, h[:]); err != nil {
-		return 0, 0, nil, fmt.Errorf("read option reply: %w", err)
-	}
-	if binary.BigEndian.Uint64(h[0:8]) != optReplyMagic {
-		return 0, 0, nil, errors.New("bad option reply magic")
-	}
-	n := binary.BigEndian.Uint32(h[16:20])
-	if n > 1<<20 {
-		return 0, 0, nil, fmt.Errorf("option reply of %d bytes", n)
-	}
-	data = make([]byte, n)
-	if _, err := io.ReadFull(r, data); err != nil {
-		return 0, 0, nil, fmt.Errorf("read option reply data: %w", err)
-	}
-	return binary.BigEndian.Uint32(h[8:12]), binary.BigEndian.Uint32(h[12:16]), data, nil
-}
-
-// InfoRequest encodes NBD_OPT_INFO/GO data: the name and the info types.
-func InfoRequest(name string, infos ...uint16) []byte {
-	b := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-	b = append(b, name...)
-	b = binary.BigEndian.AppendUint16(b, uint16(len(infos)))
-	for _, i := range infos {
-		b = binary.BigEndian.AppendUint16(b, i)
-	}
-	return b
-}
-
-// Info sends NBD_OPT_INFO (go false) or NBD_OPT_GO (go true) for name and
-// collects the replies.
-func Info(rw io.ReadWriter, name string, goOpt bool) (*Export, error) {
-	opt := uint32(OptInfo)
-	if goOpt {
-		opt = OptGo
-	}
-	if err := SendOption(rw, opt, InfoRequest(name, InfoName, InfoDescription, InfoBlockSize)); err != nil {
-		return nil, err
-	}
-	x := &Export{Name: name}
-	for {
-		_, typ, data, err := ReadOptionReply(rw)
-		if err != nil {
-			return nil, err
-		}
-		switch {
-		case typ == RepAck:
-			return x, nil
-		case typ&RepErr != 0:
-			return nil, &OptionError{Option: opt, Type: typ, Message: string(data)}
-		case typ == RepInfo && len(data) >= 2:
-			switch binary.BigEndian.Uint16(data) {
-			case InfoExport:
-				if len(data) != 12 {
-					return nil, errors.New("bad NBD_INFO_EXPORT")
-				}
-				x.Size = binary.BigEndian.Uint64(data[2:10])
-				x.Flags = binary.BigEndian.Uint16(data[10:12])
-			case InfoName:
-				x.Name = string(data[2:])
-			case InfoDescription:
-				x.Description = string(data[2:])
-			case InfoBlockSize:
-				if len(data) != 14 {
-					return nil, errors.New("bad NBD_INFO_BLOCK_SIZE")
-				}
-				x.MinBlock = binary.BigEndian.Uint32(data[2:6])
-				x.PrefBlock = binary.BigEndian.Uint32(data[6:10])
-				x.MaxBlock = binary.BigEndian.Uint32(data[10:14])
-			}
-		}
-	}
-}
-
-// List returns the export names of NBD_OPT_LIST.
-func List(rw io.ReadWriter) ([]string, error) {
-	if err := SendOption(rw, OptList, nil); err != nil {
-		return nil, err
-	}
-	var names []string
-	for {
-		_, typ, data, err := ReadOptionReply(rw)
-		if err != nil {
-			return nil, err
-		}
-		switch {
-		case typ == RepAck:
-			return names, nil
-		case typ&RepErr != 0:
-			return nil, &OptionError{Option: OptList, Type: typ, Message: string(data)}
-		case typ == RepServer && len(data) >= 4:
-			n := binary.BigEndian.Uint32(data)
-			if int(n) > len(data)-4 {
-				return nil, errors.New("bad NBD_REP_SERVER")
-			}
-			names = append(names, string(data[4:4+n]))
-		}
-	}
-}
-
 // Client is a connection in the transmission phase. Its methods are safe
 // for concurrent use; requests are pipelined and matched by cookie.
 type Client struct {
-	Export Export
+	Export nbdproto.Export
 
 	c  net.Conn
 	br *bufio.Reader
@@ -267,10 +66,10 @@ func Dial(network, addr, name string) (*Client, error) {
 
 // Connect negotiates on an open connection and enters transmission.
 func Connect(c net.Conn, name string) (*Client, error) {
-	if _, err := Handshake(c); err != nil {
+	if _, err := nbdproto.Handshake(c); err != nil {
 		return nil, err
 	}
-	x, err := Info(c, name, true)
+	x, err := nbdproto.Info(c, name, true)
 	if err != nil {
 		return nil, err
 	}
@@ -278,7 +77,7 @@ func Connect(c net.Conn, name string) (*Client, error) {
 }
 
 // NewTransmission wraps a connection already in the transmission phase.
-func NewTransmission(c net.Conn, x Export) *Client {
+func NewTransmission(c net.Conn, x nbdproto.Export) *Client {
 	cl := &Client{Export: x, c: c, br: bufio.NewReaderSize(c, 256<<10), in: map[uint64]*call{}}
 	go cl.readLoop()
 	return cl
@@ -294,7 +93,7 @@ func (cl *Client) readLoop() {
 		if _, err = io.ReadFull(cl.br, h[:]); err != nil {
 			break
 		}
-		if binary.BigEndian.Uint32(h[0:4]) != replyMagic {
+		if binary.BigEndian.Uint32(h[0:4]) != nbdproto.SimpleReplyMagic {
 			err = errors.New("bad reply magic")
 			break
 		}
@@ -312,7 +111,7 @@ func (cl *Client) readLoop() {
 			ca.done <- &Error{Cmd: ca.cmd, Errno: syscall.Errno(errno)}
 			continue
 		}
-		if ca.cmd == CmdRead {
+		if ca.cmd == nbdproto.CmdRead {
 			if _, err = io.ReadFull(cl.br, ca.buf); err != nil {
 				ca.done <- err
 				break
@@ -332,12 +131,12 @@ func (cl *Client) readLoop() {
 	cl.mu.Unlock()
 }
 
-// Do sends one request and waits for its reply. For CmdRead, buf receives
-// the data; for CmdWrite it is the payload; length is used for the other
+// Do sends one request and waits for its reply. For nbdproto.CmdRead, buf receives
+// the data; for nbdproto.CmdWrite it is the payload; length is used for the other
 // commands.
 func (cl *Client) Do(cmd, flags uint16, off uint64, length uint32, buf []byte) error {
 	ca := &call{cmd: cmd, buf: buf, done: make(chan error, 1)}
-	if cmd == CmdRead || cmd == CmdWrite {
+	if cmd == nbdproto.CmdRead || cmd == nbdproto.CmdWrite {
 		length = uint32(len(buf))
 	}
 	cl.mu.Lock()
@@ -350,8 +149,8 @@ func (cl *Client) Do(cmd, flags uint16, off uint64, length uint32, buf []byte) e
 	cl.in[cookie] = ca
 	cl.mu.Unlock()
 
-	h := make([]byte, 0, 28)
-	h = binary.BigEndian.AppendUint32(h, reqMagic)
+	h := make([]byte, 0, nbdproto.RequestHeaderLen)
+	h = binary.BigEndian.AppendUint32(h, nbdproto.RequestMagic)
 	h = binary.BigEndian.AppendUint16(h, flags)
 	h = binary.BigEndian.AppendUint16(h, cmd)
 	h = binary.BigEndian.AppendUint64(h, cookie)
@@ -359,7 +158,7 @@ func (cl *Client) Do(cmd, flags uint16, off uint64, length uint32, buf []byte) e
 	h = binary.BigEndian.AppendUint32(h, length)
 	cl.wmu.Lock()
 	bufs := net.Buffers{h}
-	if cmd == CmdWrite {
+	if cmd == nbdproto.CmdWrite {
 		bufs = append(bufs, buf)
 	}
 	_, err := bufs.WriteTo(cl.c)
@@ -375,7 +174,7 @@ func (cl *Client) Do(cmd, flags uint16, off uint64, length uint32, buf []byte) e
 
 // ReadAt reads len(p) bytes at off.
 func (cl *Client) ReadAt(p []byte, off int64) (int, error) {
-	if err := cl.Do(CmdRead, 0, uint64(off), 0, p); err != nil {
+	if err := cl.Do(nbdproto.CmdRead, 0, uint64(off), 0, p); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -383,35 +182,35 @@ func (cl *Client) ReadAt(p []byte, off int64) (int, error) {
 
 // WriteAt writes p at off.
 func (cl *Client) WriteAt(p []byte, off int64) (int, error) {
-	if err := cl.Do(CmdWrite, 0, uint64(off), 0, p); err != nil {
+	if err := cl.Do(nbdproto.CmdWrite, 0, uint64(off), 0, p); err != nil {
 		return 0, err
 	}
 	return len(p), nil
 }
 
 // Flush sends NBD_CMD_FLUSH.
-func (cl *Client) Flush() error { return cl.Do(CmdFlush, 0, 0, 0, nil) }
+func (cl *Client) Flush() error { return cl.Do(nbdproto.CmdFlush, 0, 0, 0, nil) }
 
 // Trim sends NBD_CMD_TRIM.
 func (cl *Client) Trim(off int64, length uint32) error {
-	return cl.Do(CmdTrim, 0, uint64(off), length, nil)
+	return cl.Do(nbdproto.CmdTrim, 0, uint64(off), length, nil)
 }
 
 // WriteZeroes sends NBD_CMD_WRITE_ZEROES (NO_HOLE when noHole).
 func (cl *Client) WriteZeroes(off int64, length uint32, noHole bool) error {
 	var f uint16
 	if noHole {
-		f = CmdFlagNoHole
+		f = nbdproto.CmdFlagNoHole
 	}
-	return cl.Do(CmdWriteZeroes, f, uint64(off), length, nil)
+	return cl.Do(nbdproto.CmdWriteZeroes, f, uint64(off), length, nil)
 }
 
 // Close sends NBD_CMD_DISC and closes the connection.
 func (cl *Client) Close() error {
-	h := make([]byte, 0, 28)
-	h = binary.BigEndian.AppendUint32(h, reqMagic)
+	h := make([]byte, 0, nbdproto.RequestHeaderLen)
+	h = binary.BigEndian.AppendUint32(h, nbdproto.RequestMagic)
 	h = binary.BigEndian.AppendUint16(h, 0)
-	h = binary.BigEndian.AppendUint16(h, CmdDisc)
+	h = binary.BigEndian.AppendUint16(h, nbdproto.CmdDisc)
 	h = append(h, make([]byte, 20)...)
 	cl.wmu.Lock()
 	_, werr := cl.c.Write(h)

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/doppelha/doppel/blockdev/nbdclient"
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 	"github.com/urfave/cli/v2"
 )
 
@@ -65,7 +66,7 @@ func TestNbdServeEndToEnd(t *testing.T) {
 			t.Fatalf("server not reachable: %v", err)
 		}
 	}
-	if cl.Export.Size != 16<<20 || cl.Export.Flags&nbdclient.FlagSendFlush == 0 {
+	if cl.Export.Size != 16<<20 || cl.Export.Flags&nbdproto.FlagSendFlush == 0 {
 		t.Fatalf("export %+v", cl.Export)
 	}
 	if _, err := cl.WriteAt([]byte("persisted"), 4096); err != nil {

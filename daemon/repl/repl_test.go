@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/doppelha/doppel/blockdev"
-	"github.com/doppelha/doppel/blockdev/nbdclient"
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 	"github.com/doppelha/doppel/daemon/repl/wire"
 )
 
@@ -44,19 +44,19 @@ func TestSyncAckedWritesAreOnTarget(t *testing.T) {
 				n := min(int64(512*(1+r.IntN(128))), region-off)
 				var fua uint16
 				if r.IntN(5) == 0 {
-					fua = nbdclient.CmdFlagFUA
+					fua = nbdproto.CmdFlagFUA
 				}
 				var err error
 				switch k := r.IntN(10); {
 				case k < 7:
 					data := randBytes(r, int(n))
-					err = cl.Do(nbdclient.CmdWrite, fua, uint64(base+off), uint32(n), data)
+					err = cl.Do(nbdproto.CmdWrite, fua, uint64(base+off), uint32(n), data)
 					copy(model[off:], data)
 				case k == 7:
-					err = cl.Do(nbdclient.CmdTrim, fua, uint64(base+off), uint32(n), nil)
+					err = cl.Do(nbdproto.CmdTrim, fua, uint64(base+off), uint32(n), nil)
 					clear(model[off : off+n])
 				case k == 8:
-					err = cl.Do(nbdclient.CmdWriteZeroes, fua|nbdclient.CmdFlagNoHole, uint64(base+off), uint32(n), nil)
+					err = cl.Do(nbdproto.CmdWriteZeroes, fua|nbdproto.CmdFlagNoHole, uint64(base+off), uint32(n), nil)
 					clear(model[off : off+n])
 				default:
 					before := p.src.LastSeq()

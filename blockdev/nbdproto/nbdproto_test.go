@@ -1,4 +1,4 @@
-package kernel
+package nbdproto_test
 
 import (
 	"bytes"
@@ -11,7 +11,21 @@ import (
 	"testing"
 
 	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/blockdev/nbdproto"
 )
+
+// negotiate is the client side as the kernel attach and nbdclient run it:
+// greeting, then NBD_OPT_GO.
+func negotiate(rw io.ReadWriter, name string) (nbdproto.Export, error) {
+	if _, err := nbdproto.Handshake(rw); err != nil {
+		return nbdproto.Export{}, err
+	}
+	x, err := nbdproto.Info(rw, name, true)
+	if err != nil {
+		return nbdproto.Export{}, err
+	}
+	return *x, nil
+}
 
 // TestNegotiateWithServer runs the handshake against doppel's own NBD
 // server: the flags it reports are what the kernel is told.
@@ -27,13 +41,13 @@ func TestNegotiateWithServer(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name, want string
-	}{{"vol", ""}, {"nope", "server refused export \"nope\""}} {
+	}{{"vol", ""}, {"nope", "refused (reply 0x80000006)"}} {
 		a, b := net.Pipe()
 		done := make(chan error, 1)
 		go func() { done <- srv.ServeConn(t.Context(), a) }()
 		info, err := negotiate(b, tc.name)
 		if tc.want != "" {
-			if !errors.Is(err, ErrNegotiation) || !strings.Contains(err.Error(), tc.want) {
+			if !errors.Is(err, nbdproto.ErrNegotiation) || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("%s: err %v, want %q", tc.name, err, tc.want)
 			}
 			b.Close()
@@ -43,8 +57,8 @@ func TestNegotiateWithServer(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
-		const want = FlagHasFlags | FlagSendFlush | FlagSendFUA | FlagSendTrim | FlagSendWriteZeroes | FlagCanMultiConn
-		if info.Size != 8<<20 || info.Flags&want != want || info.Flags&FlagReadOnly != 0 {
+		const want = nbdproto.FlagHasFlags | nbdproto.FlagSendFlush | nbdproto.FlagSendFUA | nbdproto.FlagSendTrim | nbdproto.FlagSendWriteZeroes | nbdproto.FlagCanMultiConn
+		if info.Size != 8<<20 || info.Flags&want != want || info.Flags&nbdproto.FlagReadOnly != 0 {
 			t.Errorf("export info %+v (flags %#x, want at least %#x)", info, info.Flags, want)
 		}
 		// The connection is now in transmission: a DISC ends it cleanly.
@@ -66,15 +80,15 @@ func (scripted) Write(p []byte) (int, error) { return len(p), nil }
 
 func greeting() []byte {
 	var b []byte
-	b = binary.BigEndian.AppendUint64(b, nbdMagic)
-	b = binary.BigEndian.AppendUint64(b, optMagic)
-	return binary.BigEndian.AppendUint16(b, hsFixedNewstyle|hsNoZeroes)
+	b = binary.BigEndian.AppendUint64(b, nbdproto.NBDMagic)
+	b = binary.BigEndian.AppendUint64(b, nbdproto.OptMagic)
+	return binary.BigEndian.AppendUint16(b, nbdproto.HandshakeFixedNewstyle|nbdproto.HandshakeNoZeroes)
 }
 
 func optReply(typ uint32, data []byte) []byte {
 	var b []byte
-	b = binary.BigEndian.AppendUint64(b, optReplyMagic)
-	b = binary.BigEndian.AppendUint32(b, optGo)
+	b = binary.BigEndian.AppendUint64(b, nbdproto.OptReplyMagic)
+	b = binary.BigEndian.AppendUint32(b, nbdproto.OptGo)
 	b = binary.BigEndian.AppendUint32(b, typ)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
 	return append(b, data...)
@@ -87,24 +101,24 @@ func TestNegotiateMalformed(t *testing.T) {
 		server []byte
 		want   string
 	}{
-		{"oldstyle", append(binary.BigEndian.AppendUint64(nil, nbdMagic), make([]byte, 10)...), "not a newstyle"},
-		{"no ack", append(greeting(), optReply(repInfo, export)...), "read option reply"},
-		{"ack without size", append(greeting(), optReply(repAck, nil)...), "no export size"},
-		{"huge reply", append(greeting(), optReply(repInfo, nil)[:16]...), "read option reply"},
-		{"bad info", append(greeting(), optReply(repInfo, []byte{0, 0, 1})...), "NBD_INFO_EXPORT of 3 bytes"},
+		{"oldstyle", append(binary.BigEndian.AppendUint64(nil, nbdproto.NBDMagic), make([]byte, 10)...), "not a newstyle"},
+		{"no ack", append(greeting(), optReply(nbdproto.RepInfo, export)...), "read option reply"},
+		{"ack without size", append(greeting(), optReply(nbdproto.RepAck, nil)...), "no export size"},
+		{"huge reply", append(greeting(), optReply(nbdproto.RepInfo, nil)[:16]...), "read option reply"},
+		{"bad info", append(greeting(), optReply(nbdproto.RepInfo, []byte{0, 0, 1})...), "NBD_INFO_EXPORT of 3 bytes"},
 	} {
 		_, err := negotiate(scripted{bytes.NewReader(tc.server)}, "")
-		if !errors.Is(err, ErrNegotiation) || !strings.Contains(err.Error(), tc.want) {
+		if !errors.Is(err, nbdproto.ErrNegotiation) || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want %q", tc.name, err, tc.want)
 		}
 	}
-	over := append(greeting(), optReply(repInfo, nil)...)
-	binary.BigEndian.PutUint32(over[len(over)-4:], maxReplyLen+1)
+	over := append(greeting(), optReply(nbdproto.RepInfo, nil)...)
+	binary.BigEndian.PutUint32(over[len(over)-4:], nbdproto.MaxOptionReply+1)
 	if _, err := negotiate(scripted{bytes.NewReader(over)}, ""); err == nil || !strings.Contains(err.Error(), "option reply") {
 		t.Errorf("oversized reply: %v", err)
 	}
-	ok := append(greeting(), optReply(repInfo, export)...)
-	ok = append(ok, optReply(repAck, nil)...)
+	ok := append(greeting(), optReply(nbdproto.RepInfo, export)...)
+	ok = append(ok, optReply(nbdproto.RepAck, nil)...)
 	info, err := negotiate(scripted{bytes.NewReader(ok)}, "")
 	if err != nil || info.Size != 1<<20 || info.Flags != 0x16d {
 		t.Errorf("good script: %+v, %v", info, err)
@@ -116,15 +130,15 @@ func TestNegotiateMalformed(t *testing.T) {
 func FuzzNegotiate(f *testing.F) {
 	export := binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint64([]byte{0, 0}, 1<<20), 0x16d)
 	bs := binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint32([]byte{0, 3}, 512), 4096), 1<<25)
-	good := append(greeting(), optReply(repInfo, export)...)
-	good = append(good, optReply(repInfo, bs)...)
-	f.Add(append(good, optReply(repAck, nil)...))
-	f.Add(append(greeting(), optReply(repErr|6, []byte("no such export"))...))
+	good := append(greeting(), optReply(nbdproto.RepInfo, export)...)
+	good = append(good, optReply(nbdproto.RepInfo, bs)...)
+	f.Add(append(good, optReply(nbdproto.RepAck, nil)...))
+	f.Add(append(greeting(), optReply(nbdproto.RepErr|6, []byte("no such export"))...))
 	f.Add(greeting())
 	f.Fuzz(func(t *testing.T, b []byte) {
 		info, err := negotiate(scripted{bytes.NewReader(b)}, "x")
-		if err != nil && !errors.Is(err, ErrNegotiation) {
-			t.Fatalf("error outside ErrNegotiation: %v", err)
+		if err != nil && !errors.Is(err, nbdproto.ErrNegotiation) {
+			t.Fatalf("error outside nbdproto.ErrNegotiation: %v", err)
 		}
 		_ = info
 	})
