@@ -1,6 +1,7 @@
-// Package statefile writes the agent's small state files (generations, resync
-// cursors, job records) atomically: a reader, or the machine after a crash,
-// sees either the old content or the new one, never a mix.
+// Package statefile is the one way doppel writes a small state file (job
+// records, generations, the target's applied sequence, certificates and
+// tokens) atomically: a reader, or the machine after a crash, sees either
+// the old content or the new one, never a mix.
 //
 // The sequence is the classic one: write a temporary file in the same
 // directory, fsync it, rename it over the target, fsync the directory.
