@@ -191,6 +191,9 @@ func (d *replPlane) source() (*replstate.Source, error) {
 		return nil, err
 	}
 	d.src, d.srcBack, d.peeked = src, b, nil
+	// A new source session takes writes: a quiesce belonged to the one
+	// a switchover closed.
+	d.quiesced.Store(false)
 	return src, nil
 }
 
@@ -295,6 +298,10 @@ func (d *replPlane) StopSource() error {
 	d.mu.Lock()
 	src, b := d.src, d.srcBack
 	d.src, d.srcBack = nil, nil
+	// The quiesce ends with the source it drained: writes arriving now
+	// find no source (the volume is about to stop being served here) and
+	// the next promotion of this host serves a writable volume.
+	d.quiesced.Store(false)
 	d.mu.Unlock()
 	if src == nil {
 		return nil
