@@ -43,9 +43,20 @@ func transportFlags() []cli.Flag {
 		&cli.StringFlag{Name: "cert-dir", Value: defaultCertDir, Usage: "`DIR` holding this side's TLS certificate (a self-signed ECDSA one is created on first use)"},
 		&cli.StringFlag{Name: "peer-fingerprint", Usage: "`SHA256` fingerprint of the peer's certificate (see `doppel repl fingerprint`)"},
 		&cli.StringFlag{Name: "metrics-listen", Usage: "serve Prometheus metrics on `HOST:PORT` (/metrics)"},
+		&cli.DurationFlag{Name: "keepalive", Value: repl.DefaultKeepalive, Usage: "send a keepalive after `DURATION` without sending anything (protocol version 2 peers)"},
+		&cli.DurationFlag{Name: "keepalive-timeout", Value: repl.DefaultTimeout, Usage: "drop the session after `DURATION` without anything from the peer (also TCP_USER_TIMEOUT)"},
 		&cli.BoolFlag{Name: "json", Usage: "log as JSON lines"},
 		&cli.BoolFlag{Name: "debug", Usage: "debug logs"},
 	}
+}
+
+// replLiveness is the session keepalive the flags ask for.
+func replLiveness(c *cli.Context) (repl.Liveness, error) {
+	l := repl.Liveness{Interval: c.Duration("keepalive"), Timeout: c.Duration("keepalive-timeout")}
+	if l.Interval <= 0 || l.Timeout <= 0 {
+		return l, usageErrorf("--keepalive and --keepalive-timeout must be positive")
+	}
+	return l, nil
 }
 
 func replLogger(c *cli.Context) *slog.Logger {
@@ -255,8 +266,12 @@ func replSource(c *cli.Context) error {
 		return err
 	}
 	defer closeBackend(b)
+	live, err := replLiveness(c)
+	if err != nil {
+		return err
+	}
 	src, err := repl.NewSource(repl.SourceConfig{Backend: b, Mode: mode, ChunkSize: f.chunk,
-		Queue: repl.NewMemQueue(f.queueSize), Dial: dial, Codec: f.codec, RateLimit: f.rateLimit, Log: log})
+		Queue: repl.NewMemQueue(f.queueSize), Dial: dial, Codec: f.codec, RateLimit: f.rateLimit, Log: log, Liveness: live})
 	if err != nil {
 		return err
 	}
@@ -428,7 +443,11 @@ func replTarget(c *cli.Context) (err error) {
 		return err
 	}
 	defer func() { err = errors.Join(err, closeBackend(b)) }()
-	tgt, err := repl.NewTarget(repl.TargetConfig{Backend: b, StatePath: statePath, Log: log})
+	live, err := replLiveness(c)
+	if err != nil {
+		return err
+	}
+	tgt, err := repl.NewTarget(repl.TargetConfig{Backend: b, StatePath: statePath, Log: log, Liveness: live})
 	if err != nil {
 		return err
 	}

@@ -73,6 +73,10 @@ func replSourceState(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	live, err := replLiveness(c)
+	if err != nil {
+		return err
+	}
 	mode, mirror, taddr, codec, rateLimit := f.mode, f.mirror, f.taddr, f.codec, f.rateLimit
 	b, err := blockdev.Open(c.String("file"), f.size)
 	if err != nil {
@@ -81,7 +85,7 @@ func replSourceState(c *cli.Context) error {
 	defer closeBackend(b)
 	src, err := replstate.OpenSource(replstate.SourceConfig{Dir: c.String("state-dir"), Backend: b, Mode: mode, ChunkSize: chunk,
 		MemQueue: memQ, DiskQueue: diskQ, Dial: dial, Codec: codec, RateLimit: rateLimit, ResyncRate: resyncRate,
-		SyncTimeout: c.Duration("sync-timeout"), Discard: c.String("discard-on"), Mirror: mirror, Force: c.Bool("force"), Log: log})
+		SyncTimeout: c.Duration("sync-timeout"), Discard: c.String("discard-on"), Mirror: mirror, Force: c.Bool("force"), Log: log, Liveness: live})
 	if err != nil {
 		return err
 	}
@@ -228,7 +232,11 @@ func replTargetState(c *cli.Context) (err error) {
 		return err
 	}
 	defer func() { err = errors.Join(err, closeBackend(b)) }()
-	tgt, err := replstate.OpenTarget(replstate.TargetConfig{Dir: dir, Backend: b, Discard: c.String("discard-on"), Log: log})
+	live, err := replLiveness(c)
+	if err != nil {
+		return err
+	}
+	tgt, err := replstate.OpenTarget(replstate.TargetConfig{Dir: dir, Backend: b, Discard: c.String("discard-on"), Log: log, Liveness: live})
 	if err != nil {
 		return err
 	}

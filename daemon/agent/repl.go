@@ -140,6 +140,14 @@ func (d *replPlane) mode() wire.Mode {
 	return wire.ModeSync
 }
 
+// liveness ties the replication session's keepalive to the job's
+// monitor settings: a silent session is dropped after interval × missed,
+// the bound of the failure detector.
+func (d *replPlane) liveness() repl.Liveness {
+	m := d.rec.Spec.Monitor
+	return repl.Liveness{Interval: m.Interval, Timeout: m.Interval * time.Duration(m.Missed)}
+}
+
 func (d *replPlane) stateDir() string {
 	return filepath.Join(d.p.StateDir, "jobs", d.rec.Spec.Name+".repl")
 }
@@ -182,7 +190,7 @@ func (d *replPlane) source() (*replstate.Source, error) {
 	// an inconsistent copy is refused there unless forced).
 	src, err := replstate.OpenSource(replstate.SourceConfig{Dir: d.stateDir(),
 		Backend: b, Mode: d.mode(), Log: d.log, RateLimit: d.p.RateLimit, Mirror: repl.MirrorDiff, Force: true,
-		Dial: dial,
+		Dial: dial, Liveness: d.liveness(),
 	})
 	if err != nil {
 		if c, ok := b.(io.Closer); ok {
@@ -342,7 +350,7 @@ func (d *replPlane) StartTarget(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("open volume %s: %w", vol, err)
 	}
-	t, err := replstate.OpenTarget(replstate.TargetConfig{Dir: d.stateDir(), Backend: b, Log: d.log, Discard: "target"})
+	t, err := replstate.OpenTarget(replstate.TargetConfig{Dir: d.stateDir(), Backend: b, Log: d.log, Discard: "target", Liveness: d.liveness()})
 	if err != nil {
 		closeBackend(b)
 		return err

@@ -117,11 +117,19 @@ type pairOpts struct {
 	chunk int64
 	dial  func(ctx context.Context, addr string) (net.Conn, error)
 	rate  int64
+	// live and tgtLive configure the source's and the target's session
+	// liveness.
+	live, tgtLive Liveness
 }
 
 func startTarget(t testing.TB, ctx context.Context, b blockdev.Backend, log *slog.Logger, wrap func(net.Listener) net.Listener) (*Target, string) {
 	t.Helper()
-	tgt, err := NewTarget(TargetConfig{Backend: b, StatePath: filepath.Join(t.TempDir(), "target.json"), Log: log})
+	return startTargetLive(t, ctx, b, log, wrap, Liveness{})
+}
+
+func startTargetLive(t testing.TB, ctx context.Context, b blockdev.Backend, log *slog.Logger, wrap func(net.Listener) net.Listener, live Liveness) (*Target, string) {
+	t.Helper()
+	tgt, err := NewTarget(TargetConfig{Backend: b, StatePath: filepath.Join(t.TempDir(), "target.json"), Log: log, Liveness: live})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -145,7 +153,7 @@ func newPair(t testing.TB, srcB, tgtB blockdev.Backend, o pairOpts) *pair {
 	t.Helper()
 	log, lb := testLogger(t)
 	ctx, cancel := context.WithCancel(context.Background())
-	tgt, addr := startTarget(t, ctx, tgtB, log.With("side", "target"), nil)
+	tgt, addr := startTargetLive(t, ctx, tgtB, log.With("side", "target"), nil, o.tgtLive)
 	codec, err := wire.NewCodec(o.codec)
 	if err != nil {
 		t.Fatal(err)
@@ -158,7 +166,7 @@ func newPair(t testing.TB, srcB, tgtB blockdev.Backend, o pairOpts) *pair {
 		return d.DialContext(ctx, "tcp", addr)
 	}
 	src, err := NewSource(SourceConfig{Backend: srcB, Mode: o.mode, Queue: o.queue, ChunkSize: o.chunk,
-		Dial: dial, Codec: codec, RateLimit: o.rate, Log: log.With("side", "source")})
+		Dial: dial, Codec: codec, RateLimit: o.rate, Log: log.With("side", "source"), Liveness: o.live})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -78,7 +78,7 @@ func TestTargetRefusesBadPeers(t *testing.T) {
 	}{
 		{"garbage", garbage, wire.CodeProtocol, "not a doppel replication source", true},
 		{"http", []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), wire.CodeProtocol, "not a doppel replication source", true},
-		{"version", hello(wrongVersion), wire.CodeVersion, "protocol version 7-9 not supported (this target speaks 1-1)", true},
+		{"version", hello(wrongVersion), wire.CodeVersion, "protocol version 7-9 not supported (this target speaks 1-2)", true},
 		{"volume", hello(wrongSize), wire.CodeVolume, "source volume is 2097152 bytes, target volume is 1048576", true},
 		{"sequence-gap", append(hello(good), gap...), wire.CodeStream, "frame 5 out of order (want 1)", false},
 		{"outside-volume", append(hello(good), outside...), wire.CodeProtocol, "outside the 1048576-byte volume", false},

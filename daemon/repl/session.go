@@ -78,6 +78,10 @@ func (s *Source) Run(ctx context.Context) error {
 func (s *Source) session(ctx context.Context, conn net.Conn) error {
 	defer conn.Close()
 	peer := conn.RemoteAddr().String()
+	live := s.cfg.Liveness
+	if err := setUserTimeout(conn, live.Timeout); err != nil {
+		s.log.Debug("replication link without TCP_USER_TIMEOUT", "err", err)
+	}
 	conn.SetDeadline(time.Now().Add(handshakeTimeout))
 	if tc, ok := conn.(*tls.Conn); ok {
 		if err := tc.HandshakeContext(ctx); err != nil {
@@ -136,13 +140,20 @@ func (s *Source) session(ctx context.Context, conn net.Conn) error {
 	s.st.connects.Add(1)
 	s.setConnected(true, w.State)
 	defer s.setConnected(false, 0)
+	// A version 2 target sends keepalives when idle: its silence for
+	// the timeout is a dead session.
+	kept := w.Version >= wire.KeepaliveVersion
+	dl := &readDeadline{conn: conn}
+	if kept {
+		dl.timeout = live.Timeout
+	}
 	s.log.Info("replicating", "target", peer, "mode", s.cfg.Mode, "version", w.Version, "resume_after", from,
-		"target_state", stateName(w.State), "compression", s.cfg.Codec.String())
+		"target_state", stateName(w.State), "compression", s.cfg.Codec.String(), "keepalive_timeout", dl.timeout)
 
 	sctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	go func() {
-		cancel(s.receive(r))
+		cancel(s.receive(sctx, r, dl))
 	}()
 	unblocked := make(chan struct{})
 	go func() {
@@ -150,9 +161,20 @@ func (s *Source) session(ctx context.Context, conn net.Conn) error {
 		conn.SetDeadline(time.Now()) // unblock the sender's and receiver's I/O
 		close(unblocked)
 	}()
-	err = s.send(sctx, conn, from)
+	out := &sessionOut{bw: bufio.NewWriterSize(conn, 1<<20)}
+	kaDone := make(chan struct{})
+	go func() {
+		defer close(kaDone)
+		if kept {
+			if err := keepalive(sctx, out, live.Interval); err != nil {
+				cancel(err)
+			}
+		}
+	}()
+	err = s.send(sctx, conn, out, from)
 	cancel(err)
 	<-unblocked
+	<-kaDone
 	if ctx.Err() != nil { // clean stop: tell the target
 		if b, e := wire.Encode(&wire.Bye{Reason: "source stopping"}); e == nil {
 			conn.SetWriteDeadline(time.Now().Add(time.Second))
@@ -167,8 +189,8 @@ func (s *Source) session(ctx context.Context, conn net.Conn) error {
 }
 
 // send writes queued frames after seq `from` until ctx is done.
-func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
-	bw := bufio.NewWriterSize(conn, 1<<20)
+func (s *Source) send(ctx context.Context, conn net.Conn, out *sessionOut, from uint64) error {
+	bw := out.bw
 	var lim *rate.Limiter
 	if s.cfg.RateLimit > 0 {
 		lim = rate.NewLimiter(rate.Limit(s.cfg.RateLimit), burstFor(s.cfg.RateLimit))
@@ -205,23 +227,8 @@ func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
 					n -= k
 				}
 			}
-			if len(tail) >= 32<<10 {
-				// A large payload goes straight from the frame to the socket
-				// (writev of header and payload), not through the buffer.
-				if err := bw.Flush(); err != nil {
-					return fmt.Errorf("send: %w", err)
-				}
-				bufs := net.Buffers{buf, tail}
-				if _, err := bufs.WriteTo(conn); err != nil {
-					return fmt.Errorf("send frame %d: %w", e.Seq, err)
-				}
-			} else {
-				if _, err := bw.Write(buf); err != nil {
-					return fmt.Errorf("send frame %d: %w", e.Seq, err)
-				}
-				if _, err := bw.Write(tail); err != nil {
-					return fmt.Errorf("send frame %d: %w", e.Seq, err)
-				}
+			if err := s.writeFrame(conn, out, buf, tail); err != nil {
+				return fmt.Errorf("send frame %d: %w", e.Seq, err)
 			}
 			batch += int64(size)
 			k, payload := frameKind(e.Frame)
@@ -249,12 +256,38 @@ func (s *Source) send(ctx context.Context, conn net.Conn, from uint64) error {
 				}
 			}
 		}
-		if err := bw.Flush(); err != nil {
+		out.mu.Lock()
+		err = bw.Flush()
+		out.mu.Unlock()
+		if err != nil {
 			return fmt.Errorf("send: %w", err)
 		}
 		batch, lingered = 0, false
 		s.st.sentSeq.Store(from)
 	}
+}
+
+// writeFrame writes one encoded frame (buf, then its payload tail) while
+// holding the session's writer, so that a keepalive never splits it.
+func (s *Source) writeFrame(conn net.Conn, out *sessionOut, buf, tail []byte) error {
+	out.mu.Lock()
+	defer out.mu.Unlock()
+	out.n.Add(1)
+	if len(tail) >= 32<<10 {
+		// A large payload goes straight from the frame to the socket
+		// (writev of header and payload), not through the buffer.
+		if err := out.bw.Flush(); err != nil {
+			return err
+		}
+		bufs := net.Buffers{buf, tail}
+		_, err := bufs.WriteTo(conn)
+		return err
+	}
+	if _, err := out.bw.Write(buf); err != nil {
+		return err
+	}
+	_, err := out.bw.Write(tail)
+	return err
 }
 
 // Async batching: a batch below lingerBytes waits once, asyncLinger, for
@@ -302,21 +335,33 @@ func purposeKind(p wire.Purpose) int {
 	return KindMirror
 }
 
-// receive reads the target's frames until the connection fails.
-func (s *Source) receive(r *wire.Reader) error {
+// receive reads the target's frames until the connection fails, or
+// nothing arrived for the keepalive timeout (dl).
+func (s *Source) receive(ctx context.Context, r *wire.Reader, dl *readDeadline) error {
 	for {
+		dl.refresh()
+		if ctx.Err() != nil {
+			return nil
+		}
 		n := r.N
 		f, err := r.Read()
 		s.st.recvBytes.Add(r.N - n)
 		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
 			if errors.Is(err, io.EOF) {
 				return errors.New("target closed the connection")
+			}
+			if err = dl.silent(err, "target"); errors.Is(err, ErrSilent) {
+				return err
 			}
 			if errors.Is(err, wire.ErrMalformed) {
 				return fatalf("target sent a malformed frame: %w", err)
 			}
 			return fmt.Errorf("receive: %w", err)
 		}
+		s.cfg.Liveness.recv()
 		switch f := f.(type) {
 		case *wire.Ack:
 			s.onAck(f.Applied, f.Durable)
@@ -339,6 +384,7 @@ func (s *Source) receive(r *wire.Reader) error {
 			return fmt.Errorf("target error %d: %s", f.Code, f.Message)
 		case *wire.Bye:
 			return fmt.Errorf("target said bye: %s", f.Reason)
+		case *wire.Keepalive:
 		default:
 			return fatalf("target sent an unexpected %v frame", f.Type())
 		}

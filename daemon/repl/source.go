@@ -50,6 +50,9 @@ type SourceConfig struct {
 	RateLimit int64
 	// Log receives structured logs; nil discards them.
 	Log *slog.Logger
+	// Liveness bounds how long a silent session goes unnoticed, and
+	// reports the target's frames (keepalive.go).
+	Liveness Liveness
 	// Resume continues an existing stream (a restarted source whose
 	// persistent Queue still holds the unacknowledged frames); nil starts
 	// a new stream with a random ID at sequence 1.
@@ -145,6 +148,7 @@ func NewSource(cfg SourceConfig) (*Source, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
+	cfg.Liveness = cfg.Liveness.withDefaults()
 	var id [8]byte
 	if _, err := rand.Read(id[:]); err != nil {
 		return nil, err

@@ -30,6 +30,9 @@ type TargetConfig struct {
 	StatePath string
 	// Log receives structured logs; nil discards them.
 	Log *slog.Logger
+	// Liveness bounds how long a silent session goes unnoticed, and
+	// reports the source's frames (keepalive.go).
+	Liveness Liveness
 }
 
 // TargetState is what a target persists.
@@ -81,6 +84,7 @@ func NewTarget(cfg TargetConfig) (*Target, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
+	cfg.Liveness = cfg.Liveness.withDefaults()
 	t := &Target{cfg: cfg, log: cfg.Log, b: cfg.Backend, size: cfg.Backend.Size(), ext: newExtents(cfg.Backend),
 		state: wire.StateConsistent}
 	if cfg.StatePath != "" {
@@ -242,6 +246,9 @@ func truncate(s string, n int) string {
 func (t *Target) ServeConn(ctx context.Context, c net.Conn) error {
 	defer c.Close()
 	peer := c.RemoteAddr().String()
+	if err := setUserTimeout(c, t.cfg.Liveness.Timeout); err != nil {
+		t.log.Debug("replication link without TCP_USER_TIMEOUT", "err", err)
+	}
 	c.SetDeadline(time.Now().Add(handshakeTimeout))
 	if tc, ok := c.(*tls.Conn); ok {
 		if err := tc.HandshakeContext(ctx); err != nil {
@@ -315,30 +322,54 @@ func (t *Target) ServeConn(ctx context.Context, c net.Conn) error {
 	t.tst.sessions.Add(1)
 	t.log.Info("source connected", "peer", peer, "mode", h.Mode, "version", v, "stream", fmt.Sprintf("%016x", h.StreamID),
 		"new_stream", newStream, "applied", w.Applied, "data_state", stateName(w.State))
-	return t.session(sctx, c, r)
+	return t.session(sctx, c, r, v >= wire.KeepaliveVersion)
 }
 
 // session applies frames from r and acknowledges them on c. One
 // goroutine reads, applies and answers: the socket buffer pipelines the
 // network, and an acknowledgement is written whenever no further frame is
 // already buffered (so acks coalesce under load and are immediate when
-// idle).
-func (t *Target) session(ctx context.Context, c net.Conn, r *wire.Reader) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+// idle). With kept (protocol version 2) a second goroutine sends
+// keepalives while nothing else is written, and a source silent for the
+// keepalive timeout ends the session.
+func (t *Target) session(ctx context.Context, c net.Conn, r *wire.Reader, kept bool) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
 	go func() {
 		<-ctx.Done()
 		c.SetDeadline(time.Now())
 	}()
-	bw := bufio.NewWriterSize(c, 64<<10)
+	live := t.cfg.Liveness
+	out := &sessionOut{bw: bufio.NewWriterSize(c, 64<<10)}
+	dl := &readDeadline{conn: c}
+	if kept {
+		dl.timeout = live.Timeout
+		kaDone := make(chan struct{})
+		defer func() { cancel(nil); <-kaDone }()
+		go func() {
+			defer close(kaDone)
+			if err := keepalive(ctx, out, live.Interval); err != nil {
+				cancel(err)
+			}
+		}()
+	}
 	var buf []byte
+	// send and flush hold the writer the keepalive loop shares.
 	send := func(f wire.Frame) error {
 		var err error
 		if buf, err = wire.Append(buf[:0], f, nil); err != nil {
 			return err
 		}
-		_, err = bw.Write(buf)
+		out.mu.Lock()
+		defer out.mu.Unlock()
+		out.n.Add(1)
+		_, err = out.bw.Write(buf)
 		return err
+	}
+	flush := func() error {
+		out.mu.Lock()
+		defer out.mu.Unlock()
+		return out.bw.Flush()
 	}
 	t.mu.Lock()
 	next := t.applied + 1
@@ -359,11 +390,13 @@ func (t *Target) session(ctx context.Context, c net.Conn, r *wire.Reader) error 
 					return fmt.Errorf("send ack: %w", err)
 				}
 			}
-			if bw.Buffered() > 0 {
-				if err := bw.Flush(); err != nil {
-					return fmt.Errorf("send ack: %w", err)
-				}
+			if err := flush(); err != nil {
+				return fmt.Errorf("send ack: %w", err)
 			}
+		}
+		dl.refresh()
+		if ctx.Err() != nil {
+			return context.Cause(ctx)
 		}
 		n := r.N
 		f, err := r.Read()
@@ -375,15 +408,20 @@ func (t *Target) session(ctx context.Context, c net.Conn, r *wire.Reader) error 
 			if errors.Is(err, io.EOF) {
 				return errors.New("source closed the connection")
 			}
+			if err = dl.silent(err, "source"); errors.Is(err, ErrSilent) {
+				return err
+			}
 			if errors.Is(err, wire.ErrMalformed) {
 				return t.refuse(c, wire.CodeProtocol, "malformed frame from source", err)
 			}
 			return err
 		}
+		live.recv()
 		switch f := f.(type) {
 		case *wire.Bye:
 			t.log.Info("source said bye", "reason", f.Reason)
 			return nil
+		case *wire.Keepalive:
 		case wire.Sequenced:
 			if f.Sequence() != next {
 				return t.refuse(c, wire.CodeStream, fmt.Sprintf("frame %d out of order (want %d)", f.Sequence(), next), nil)
@@ -397,7 +435,7 @@ func (t *Target) session(ctx context.Context, c net.Conn, r *wire.Reader) error 
 			if err != nil {
 				t.log.Error("apply failed: replication stopped", "seq", f.Sequence(), "frame", f.Type(), "err", err)
 				send(&wire.Error{Code: wire.CodeIO, Message: truncate(err.Error(), wire.MaxText)})
-				bw.Flush()
+				flush()
 				return err
 			}
 			if reply != nil {

@@ -69,6 +69,9 @@ type SourceConfig struct {
 	Force bool
 	// Log receives structured logs; nil discards them.
 	Log *slog.Logger
+	// Liveness is the sessions' keepalive, timeout and traffic report
+	// (repl.Liveness).
+	Liveness repl.Liveness
 	// LogOptions sizes the activity log.
 	LogOptions bitmap.LogOptions
 }
@@ -347,7 +350,7 @@ func (s *Source) startStream(qq *queue.Queue, rp *repl.ResumePoint) error {
 	q := newSpillQueue(qq)
 	src, err := repl.NewSource(repl.SourceConfig{Backend: s.cfg.Backend, Mode: s.cfg.Mode, ChunkSize: s.cfg.ChunkSize,
 		Queue: q, Tracker: (*durableTracker)(s), Dial: s.dial, Codec: s.cfg.Codec, RateLimit: s.cfg.RateLimit, Log: s.log,
-		Resume: rp})
+		Liveness: s.cfg.Liveness, Resume: rp})
 	if err != nil {
 		qq.Close()
 		return err

@@ -29,6 +29,9 @@ type TargetConfig struct {
 	// (its divergent chunks are saved first).
 	Discard string
 	Log     *slog.Logger
+	// Liveness is the sessions' keepalive, timeout and traffic report
+	// (repl.Liveness).
+	Liveness repl.Liveness
 }
 
 // Target is the receiving side with persistent state.
@@ -66,7 +69,7 @@ func OpenTarget(cfg TargetConfig) (*Target, error) {
 			return nil, err
 		}
 	}
-	eng, err := repl.NewTarget(repl.TargetConfig{Backend: cfg.Backend, StatePath: filepath.Join(cfg.Dir, TargetFile), Log: cfg.Log})
+	eng, err := repl.NewTarget(repl.TargetConfig{Backend: cfg.Backend, StatePath: filepath.Join(cfg.Dir, TargetFile), Log: cfg.Log, Liveness: cfg.Liveness})
 	if err != nil {
 		return nil, err
 	}
@@ -127,6 +130,10 @@ type prefixConn struct {
 }
 
 func (p *prefixConn) Read(b []byte) (int, error) { return p.r.Read(b) }
+
+// NetConn returns the wrapped connection (the engine sets socket options
+// on the TCP connection under it).
+func (p *prefixConn) NetConn() net.Conn { return p.Conn }
 
 func (t *Target) handshake(c net.Conn) (keep bool, err error) {
 	var h hello

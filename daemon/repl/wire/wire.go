@@ -15,6 +15,12 @@
 // the target answers with [Ack] and [SumReply]. Either side may send [Error]
 // or [Bye] and close.
 //
+// Version 2 adds [Keepalive]: in a session that negotiated version 2 or
+// later, each side sends one when it has sent nothing for a keepalive
+// interval, so that a peer that hears nothing for its timeout knows the
+// session is dead (a blackholed link) instead of waiting for TCP to give
+// up. Version 1 peers never receive one.
+//
 // Decoding is strict: unknown types, unknown flag bits, trailing bytes and
 // lengths beyond the fixed bounds ([MaxFrame], [MaxData], [MaxSums],
 // [MaxText]) are errors, so that for every frame f accepted by [Decode],
@@ -37,8 +43,11 @@ const Magic = "DOPPELRP"
 // Protocol versions this package speaks.
 const (
 	MinVersion uint16 = 1
-	MaxVersion uint16 = 1
+	MaxVersion uint16 = 2
 )
+
+// KeepaliveVersion is the first protocol version with [Keepalive] frames.
+const KeepaliveVersion uint16 = 2
 
 // Bounds enforced by the decoder.
 const (
@@ -73,6 +82,7 @@ const (
 	TypeSumReply    Type = 12
 	TypeError       Type = 13
 	TypeBye         Type = 14
+	TypeKeepalive   Type = 15 // version 2
 )
 
 func (t Type) String() string {
@@ -105,6 +115,8 @@ func (t Type) String() string {
 		return "error"
 	case TypeBye:
 		return "bye"
+	case TypeKeepalive:
+		return "keepalive"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }
@@ -295,6 +307,11 @@ func (e *Error) Error() string { return fmt.Sprintf("peer error %d: %s", e.Code,
 // Bye closes a connection cleanly.
 type Bye struct{ Reason string }
 
+// Keepalive (either direction, protocol version 2) proves the session
+// alive when its sender has nothing else to send. Seq counts the sender's
+// keepalives in the session from 1 (informational).
+type Keepalive struct{ Seq uint64 }
+
 func (*Hello) Type() Type       { return TypeHello }
 func (*Welcome) Type() Type     { return TypeWelcome }
 func (*Write) Type() Type       { return TypeWrite }
@@ -309,6 +326,7 @@ func (*SumRequest) Type() Type  { return TypeSumRequest }
 func (*SumReply) Type() Type    { return TypeSumReply }
 func (*Error) Type() Type       { return TypeError }
 func (*Bye) Type() Type         { return TypeBye }
+func (*Keepalive) Type() Type   { return TypeKeepalive }
 
 func (f *Write) Sequence() uint64       { return f.Seq }
 func (f *Trim) Sequence() uint64        { return f.Seq }
@@ -667,6 +685,8 @@ func (f *Error) appendBody(b []byte, _ *Codec) ([]byte, error) {
 
 func (f *Bye) appendBody(b []byte, _ *Codec) ([]byte, error) { return appendText(b, f.Reason) }
 
+func (f *Keepalive) appendBody(b []byte, _ *Codec) ([]byte, error) { return be64(b, f.Seq), nil }
+
 func validChunk(d *body, c uint32) {
 	if d.err == nil && (c < minChunk || c > maxChunk || c&(c-1) != 0) {
 		d.fail("chunk size %d", c)
@@ -755,6 +775,8 @@ func decodeBody(t Type, b []byte) (Frame, error) {
 		f = &Error{Code: d.u16(), Message: d.text()}
 	case TypeBye:
 		f = &Bye{Reason: d.text()}
+	case TypeKeepalive:
+		f = &Keepalive{Seq: d.u64()}
 	default:
 		return nil, fmt.Errorf("%w: unknown frame type %d", ErrMalformed, uint8(t))
 	}

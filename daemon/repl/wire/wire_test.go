@@ -46,6 +46,8 @@ func sampleFrames() []Frame {
 		&Error{Code: CodeVersion, Message: "no common protocol version"},
 		&Bye{Reason: "shutting down"},
 		&Bye{},
+		&Keepalive{Seq: 1},
+		&Keepalive{Seq: ^uint64(0)},
 	}
 }
 
@@ -142,6 +144,7 @@ func TestRejects(t *testing.T) {
 	for name, b := range map[string][]byte{
 		"magic": badMagic, "trailing": trailing, "chunk": badChunk, "flags": badFlags,
 		"huge": huge, "short": {0, 0}, "type": {0, 0, 0, 1, 99}, "empty-hello": {0, 0, 0, 1, 1},
+		"short-keepalive": {0, 0, 0, 8, 15, 0, 0, 0, 0, 0, 0, 1}, "long-keepalive": {0, 0, 0, 10, 15, 0, 0, 0, 0, 0, 0, 0, 1, 0},
 	} {
 		if _, err := Decode(b); !errors.Is(err, ErrMalformed) {
 			t.Errorf("%s: err = %v, want ErrMalformed", name, err)
