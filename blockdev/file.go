@@ -125,6 +125,60 @@ func Open(path string, size int64) (Backend, error) {
 	return OpenFile(path, size)
 }
 
+// OpenExclusive opens a regular file or block device like Open, and makes
+// this descriptor its only writer on the host: a block device is opened
+// O_EXCL (as by Open), a regular file is locked with flock(LOCK_EX |
+// LOCK_NB) whatever path it is reached by (symlink, bind mount, hard
+// link). The lock lives as long as the descriptor (and any duplicate of
+// it, such as one handed to another process). A file another program
+// holds is refused with ErrInUse.
+func OpenExclusive(path string, size int64) (*File, error) {
+	fi, err := os.Stat(path)
+	if err == nil && fi.Mode().Type() == fs.ModeDevice {
+		return OpenDevice(path, size)
+	}
+	f, err := OpenFile(path, size)
+	if err != nil {
+		return nil, err
+	}
+	if err := lockFile(f.fd, path); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+// lockFile takes an exclusive flock on fd, without waiting.
+func lockFile(fd int, path string) error {
+	for {
+		err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
+		switch {
+		case err == nil:
+			return nil
+		case errors.Is(err, unix.EINTR):
+			continue
+		case errors.Is(err, unix.EWOULDBLOCK):
+			return fmt.Errorf("open %s: %w: another program holds it (a doppel job, doppel nbd serve or repl, another agent): writes would bypass it", path, ErrInUse)
+		}
+		return fmt.Errorf("lock %s: %w", path, err)
+	}
+}
+
+// Fd is the descriptor the backend reads and writes through (to identify
+// the volume or hand it to another process; do not close it).
+func (f *File) Fd() int { return f.fd }
+
+// LimitSize serves only the first n bytes of the file or device (a
+// replica larger than its source): n must be positive, a multiple of 512
+// and at most the size it was opened with.
+func (f *File) LimitSize(n int64) error {
+	if n <= 0 || n%512 != 0 || n > f.size {
+		return fmt.Errorf("%s: cannot serve %d of its %d bytes", f.path, n, f.size)
+	}
+	f.size = n
+	return nil
+}
+
 // Path is the file or device path the backend was opened from.
 func (f *File) Path() string { return f.path }
 

@@ -391,3 +391,39 @@ func TestWritesSplitForThePageCache(t *testing.T) {
 		t.Fatalf("small write: %v, %d writes", err, len(sizes))
 	}
 }
+
+// TestOpenExclusive: a file opened exclusively cannot be opened so again,
+// by any path (a hard link here), until it is closed; LimitSize serves a
+// prefix of it.
+func TestOpenExclusive(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "vol")
+	f, err := OpenExclusive(p, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hard := filepath.Join(dir, "hard")
+	if err := os.Link(p, hard); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{p, hard} {
+		if g, err := OpenExclusive(path, 0); !errors.Is(err, ErrInUse) {
+			if err == nil {
+				g.Close()
+			}
+			t.Fatalf("second exclusive open of %s: %v", path, err)
+		}
+	}
+	if err := f.LimitSize(1<<20 + 512); err == nil {
+		t.Fatal("LimitSize grew the file")
+	}
+	if err := f.LimitSize(512 << 10); err != nil || f.Size() != 512<<10 {
+		t.Fatalf("LimitSize: %v, size %d", err, f.Size())
+	}
+	f.Close()
+	g, err := OpenExclusive(hard, 0)
+	if err != nil {
+		t.Fatalf("after close: %v", err)
+	}
+	g.Close()
+}

@@ -73,10 +73,16 @@ func jobCommand() *cli.Command {
 			{Name: "resume", Usage: "resume replication", ArgsUsage: "NAME", Flags: connFlags(), Action: jobSimple(ha.CmdResume)},
 			{
 				Name:      "delete",
-				Usage:     "delete a job on both agents (data and service IPs stay as they are)",
+				Usage:     "delete a job on both agents (the volumes' data and service IPs stay as they are)",
 				ArgsUsage: "NAME",
-				Flags:     connFlags(),
-				Action:    jobDelete,
+				Description: "Stops the job and removes it and its replication state (generations, bitmap,\n" +
+					"queue) on both agents. --keep-state archives the record and state instead,\n" +
+					"under STATE/archive/NAME.deleted-TIMESTAMP (printed); split-brain saves are\n" +
+					"always archived, never removed.",
+				Flags: append(connFlags(),
+					&cli.BoolFlag{Name: "keep-state", Usage: "archive the job's record and replication state instead of removing them"},
+				),
+				Action: jobDelete,
 			},
 		},
 	}
@@ -151,6 +157,7 @@ func buildSpec(c *cli.Context, name string) (job.Spec, error) {
 	b := make([]byte, 32)
 	rand.Read(b)
 	spec.Secret = hex.EncodeToString(b)
+	spec.UUID = job.NewUUID()
 	return spec, nil
 }
 
@@ -534,9 +541,10 @@ func jobDelete(c *cli.Context) error {
 			continue
 		}
 		cl, err := e.client(v.Server)
+		var res api.DeleteResult
 		if err == nil {
 			ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
-			err = cl.DeleteJob(ctx, name)
+			res, err = cl.DeleteJobWith(ctx, name, api.DeleteOptions{KeepState: c.Bool("keep-state")})
 			cancel()
 		}
 		if err != nil {
@@ -544,6 +552,9 @@ func jobDelete(c *cli.Context) error {
 			continue
 		}
 		fmt.Fprintf(c.App.Writer, "deleted job %s on %s\n", name, v.Server)
+		if res.Archived != "" {
+			fmt.Fprintf(c.App.Writer, "  %s: kept in %s\n", v.Server, res.Archived)
+		}
 	}
 	return errors.Join(errs...)
 }

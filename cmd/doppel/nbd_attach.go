@@ -110,15 +110,11 @@ func nbdAttach(ctx context.Context, log *slog.Logger, cfg nbdAttachConfig) (err 
 			return err
 		}
 	}
-	b, err := blockdev.Open(cfg.file, cfg.size)
+	b, err := blockdev.OpenExclusive(cfg.file, cfg.size)
 	if err != nil {
 		return err
 	}
-	defer func() {
-		if c, ok := b.(interface{ Close() error }); ok {
-			err = errors.Join(err, c.Close())
-		}
-	}()
+	defer func() { err = errors.Join(err, b.Close()) }()
 	srv, err := blockdev.NewServer(log, blockdev.Export{Backend: b, ReadOnly: cfg.readOnly})
 	if err != nil {
 		return err

@@ -80,7 +80,7 @@ func nbdServe(ctx context.Context, log *slog.Logger, cfg nbdServeConfig) (err er
 			return fmt.Errorf("%s is %d bytes, not the --size %d given", cfg.file, f.Size(), cfg.size)
 		}
 		b = f
-	} else if b, err = blockdev.Open(cfg.file, cfg.size); err != nil {
+	} else if b, err = blockdev.OpenExclusive(cfg.file, cfg.size); err != nil {
 		return err
 	}
 	defer func() {

@@ -261,7 +261,7 @@ func replSource(c *cli.Context) error {
 	}
 	mode, mirror, taddr := f.mode, f.mirror, f.taddr
 
-	b, err := blockdev.Open(c.String("file"), f.size)
+	b, err := blockdev.OpenExclusive(c.String("file"), f.size)
 	if err != nil {
 		return err
 	}
@@ -438,7 +438,7 @@ func replTarget(c *cli.Context) (err error) {
 		return err
 	}
 	statePath := file + ".repl-target.json" // --state-dir: repl_state.go
-	b, err := blockdev.Open(file, size)
+	b, err := blockdev.OpenExclusive(file, size)
 	if err != nil {
 		return err
 	}

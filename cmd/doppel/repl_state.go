@@ -78,7 +78,7 @@ func replSourceState(c *cli.Context) error {
 		return err
 	}
 	mode, mirror, taddr, codec, rateLimit := f.mode, f.mirror, f.taddr, f.codec, f.rateLimit
-	b, err := blockdev.Open(c.String("file"), f.size)
+	b, err := blockdev.OpenExclusive(c.String("file"), f.size)
 	if err != nil {
 		return err
 	}
@@ -227,7 +227,7 @@ func replTargetState(c *cli.Context) (err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	b, err := blockdev.Open(file, size)
+	b, err := blockdev.OpenExclusive(file, size)
 	if err != nil {
 		return err
 	}

@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"sort"
 	"sync"
 	"time"
@@ -87,6 +88,8 @@ type Agent struct {
 
 	mu   sync.Mutex
 	jobs map[string]*runner
+	// createMu serialises creates (volume claims, stale state).
+	createMu sync.Mutex
 }
 
 // New creates an agent: it loads (creating at first start) its identity
@@ -146,7 +149,7 @@ func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
 		return err
 	}
 	for _, rec := range recs {
-		if err := a.startJob(rec); err != nil {
+		if err := a.resumeJob(rec); err != nil {
 			a.Log.Error("resume job", "job", rec.Spec.Name, "err", err)
 			continue
 		}
@@ -164,9 +167,36 @@ func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
 	return err
 }
 
-func (a *Agent) startJob(rec job.Record) error {
-	r, err := newRunner(a, rec)
+// resumeJob starts a stored job: it claims its volume (a record written
+// by a doppel without job UUIDs or volume bindings is given them, and
+// its replication state adopted, once) and starts its runner. A volume
+// that cannot be claimed leaves the job in status with the reason.
+func (a *Agent) resumeJob(rec job.Record) error {
+	legacy := rec.Spec.UUID == ""
+	if legacy {
+		rec.Spec.UUID = job.IncarnationOf(rec.Spec.Secret)
+	}
+	cl, err := a.openClaim(&rec, legacy)
 	if err != nil {
+		a.Log.Error("job volume unavailable: the job serves and replicates nothing until it is", "job", rec.Spec.Name, "err", err)
+	} else if legacy || cl.rebound {
+		if cl.note != "" {
+			// Another volume: whatever the record says of the old one's
+			// data, this one's is unknown until a mirror completes.
+			rec.HA.Consistent = false
+		}
+		if perr := a.Store.Put(rec); perr != nil {
+			cl.close()
+			return perr
+		}
+	}
+	return a.startJob(rec, cl, err)
+}
+
+func (a *Agent) startJob(rec job.Record, cl *claim, claimErr error) error {
+	r, err := newRunner(a, rec, cl, claimErr)
+	if err != nil {
+		cl.close()
 		return err
 	}
 	a.mu.Lock()
@@ -237,9 +267,14 @@ func (a *Agent) Job(ctx context.Context, name string) (api.JobStatus, error) {
 
 // CreateJob implements api.Backend: it validates the spec, finds which
 // side of the job this agent is (by its certificate's fingerprint), checks
-// the volume, stores the job and starts it.
+// the volume, sets aside replication state an earlier job of the same
+// name left, claims and binds the volume, stores the job and starts it.
+// Nothing is left behind when it fails.
 func (a *Agent) CreateJob(ctx context.Context, spec job.Spec) (api.JobStatus, error) {
 	spec.Defaults()
+	if spec.UUID == "" {
+		spec.UUID = job.IncarnationOf(spec.Secret)
+	}
 	if err := spec.Validate(); err != nil {
 		return api.JobStatus{}, err
 	}
@@ -252,6 +287,8 @@ func (a *Agent) CreateJob(ctx context.Context, spec job.Spec) (api.JobStatus, er
 	default:
 		return api.JobStatus{}, fmt.Errorf("%w %q: this agent (%s) is neither its source %s nor its target %s (fingerprints differ: was the server re-added?)", job.ErrInvalid, spec.Name, a.Identity.Fingerprint, spec.Source.Name, spec.Target.Name)
 	}
+	a.createMu.Lock()
+	defer a.createMu.Unlock()
 	if _, err := a.runner(spec.Name); err == nil {
 		return api.JobStatus{}, fmt.Errorf("%w: %s", job.ErrExists, spec.Name)
 	}
@@ -260,35 +297,80 @@ func (a *Agent) CreateJob(ctx context.Context, spec job.Spec) (api.JobStatus, er
 	if err := job.CheckVolume(spec.VolumeOn(self), spec.Size, a.Config.MountInfo); err != nil {
 		return api.JobStatus{}, fmt.Errorf("job %s on %s: %w", spec.Name, self, err)
 	}
+	// Replication state an earlier job of this name left is never this
+	// job's: set it aside before anything opens it.
+	if dir, ok := staleState(a.Config.StateDir, spec.Name); ok {
+		aside, err := a.archive(spec.Name, "stale", dir)
+		if err != nil {
+			return api.JobStatus{}, fmt.Errorf("set aside the replication state an earlier job %s left: %w", spec.Name, err)
+		}
+		a.Log.Warn("replication state of an earlier job of the same name set aside: not used", "job", spec.Name, "moved_to", aside)
+	}
 	cfg := ha.Config{Self: self, Home: spec.Source.Name}
 	rec := job.Record{Spec: spec, Self: self, HA: ha.Initial(cfg), Created: time.Now().UTC()}
+	cl, err := a.openClaim(&rec, false)
+	if err != nil {
+		return api.JobStatus{}, fmt.Errorf("job %s on %s: %w", spec.Name, self, err)
+	}
 	if err := a.Store.Create(rec); err != nil {
+		cl.undo()
 		return api.JobStatus{}, err
 	}
-	if err := a.startJob(rec); err != nil {
+	if err := a.startJob(rec, cl, nil); err != nil {
 		a.Store.Delete(spec.Name)
+		cl.undo()
 		return api.JobStatus{}, err
 	}
-	a.Log.Info("job created", "job", spec.Name, "self", self, "role", rec.HA.Role, "volume", spec.Volume, "mode", spec.Mode, "failover", spec.Failover)
+	a.Log.Info("job created", "job", spec.Name, "uuid", spec.UUID, "self", self, "role", rec.HA.Role, "volume", spec.VolumeOn(self),
+		"volume_uuid", rec.Volume.UUID, "device", rec.Volume.Device, "mode", spec.Mode, "failover", spec.Failover)
 	return a.Job(ctx, spec.Name)
 }
 
-// DeleteJob implements api.Backend: it stops the job and forgets it. The
-// volume's data and any service IP stay as they are.
-func (a *Agent) DeleteJob(ctx context.Context, name string) error {
+// DeleteJob implements api.Backend: it stops the job and forgets it,
+// removing its replication state (or, with KeepState, archiving it with
+// the job's record). Split-brain saves are always archived, never
+// removed. The volume's data and any service IP stay as they are.
+func (a *Agent) DeleteJob(ctx context.Context, name string, opts api.DeleteOptions) (api.DeleteResult, error) {
 	r, err := a.runner(name)
 	if err != nil {
-		return err
+		return api.DeleteResult{}, err
 	}
 	a.mu.Lock()
+	if a.jobs[name] != r {
+		a.mu.Unlock()
+		return api.DeleteResult{}, fmt.Errorf("%w: %s (deleted meanwhile)", job.ErrNotFound, name)
+	}
 	delete(a.jobs, name)
 	a.mu.Unlock()
 	r.stop()
-	if err := a.Store.Delete(name); err != nil {
-		return err
+	res := api.DeleteResult{Job: name}
+	dir := job.ReplStateDir(a.Config.StateDir, name)
+	var keep []string
+	if opts.KeepState {
+		keep = append(keep, dir)
+	} else if saves, _ := filepath.Glob(filepath.Join(dir, "splitbrain-*")); len(saves) > 0 {
+		keep = append(keep, saves...)
 	}
-	a.Log.Info("job deleted", "job", name)
-	return nil
+	if len(keep) > 0 {
+		if opts.KeepState {
+			keep = append(keep, a.Store.RecordPath(name))
+		}
+		res.Archived, err = a.archiveAll(name, "deleted", keep)
+		if err != nil {
+			return res, fmt.Errorf("delete job %s: archive its state: %w (the job is stopped; its record is kept)", name, err)
+		}
+	}
+	if _, err := os.Stat(dir); err == nil {
+		if err := os.RemoveAll(dir); err != nil {
+			return res, fmt.Errorf("delete job %s: remove its replication state %s: %w", name, dir, err)
+		}
+		res.Removed = append(res.Removed, dir)
+	}
+	if err := a.Store.Delete(name); err != nil && !errors.Is(err, job.ErrNotFound) {
+		return res, err
+	}
+	a.Log.Info("job deleted", "job", name, "archived", res.Archived, "removed", res.Removed)
+	return res, nil
 }
 
 // Command implements api.Backend: an operator command stepped into the

@@ -5,10 +5,8 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -99,28 +97,30 @@ func (p *ReplPlanes) route(name, peerPin string, serve func(context.Context, net
 }
 
 // Open implements DataPlaneFactory.
-func (p *ReplPlanes) Open(rec job.Record, notify func(ha.Event)) (DataPlane, error) {
+func (p *ReplPlanes) Open(rec job.Record, vol JobVolume, notify func(ha.Event)) (DataPlane, error) {
 	_, peer, ok := rec.Spec.Endpoints(rec.Self)
 	if !ok {
 		return nil, fmt.Errorf("job %s: not a side of it", rec.Spec.Name)
 	}
-	return &replPlane{p: p, rec: rec, peer: peer, notify: notify, log: p.Log.With("job", rec.Spec.Name)}, nil
+	if vol.Backend == nil {
+		return nil, fmt.Errorf("job %s: no volume", rec.Spec.Name)
+	}
+	return &replPlane{p: p, rec: rec, vol: vol, peer: peer, notify: notify, log: p.Log.With("job", rec.Spec.Name)}, nil
 }
 
 type replPlane struct {
 	p      *ReplPlanes
 	rec    job.Record
+	vol    JobVolume // the job's volume: used, never closed here
 	peer   job.Endpoint
 	notify func(ha.Event)
 	log    *slog.Logger
 
 	mu        sync.Mutex
 	src       *replstate.Source
-	srcBack   blockdev.Backend
 	srcRun    context.CancelFunc
 	srcDone   chan struct{}
 	tgt       *replstate.Target
-	tgtBack   blockdev.Backend
 	tgtRemove func() // stops routing to the target, ends its sessions
 	pollStop  context.CancelFunc
 
@@ -149,7 +149,7 @@ func (d *replPlane) liveness() repl.Liveness {
 }
 
 func (d *replPlane) stateDir() string {
-	return filepath.Join(d.p.StateDir, "jobs", d.rec.Spec.Name+".repl")
+	return job.ReplStateDir(d.p.StateDir, d.rec.Spec.Name)
 }
 
 // source returns the job's replication source, creating it (and opening
@@ -159,11 +159,6 @@ func (d *replPlane) source() (*replstate.Source, error) {
 	defer d.mu.Unlock()
 	if d.src != nil {
 		return d.src, nil
-	}
-	vol := d.rec.Spec.VolumeOn(d.rec.Self)
-	b, err := blockdev.Open(vol, d.rec.Spec.Size)
-	if err != nil {
-		return nil, fmt.Errorf("open volume %s: %w", vol, err)
 	}
 	cfgTLS, err := tlspin.ClientConfig(&d.p.Cert, d.peer.Fingerprint)
 	if err != nil {
@@ -189,16 +184,13 @@ func (d *replPlane) source() (*replstate.Source, error) {
 	// Force: the state machine decided this side serves (a failover to
 	// an inconsistent copy is refused there unless forced).
 	src, err := replstate.OpenSource(replstate.SourceConfig{Dir: d.stateDir(),
-		Backend: b, Mode: d.mode(), Log: d.log, RateLimit: d.p.RateLimit, Mirror: repl.MirrorDiff, Force: true,
-		Dial: dial, Liveness: d.liveness(),
+		Backend: d.vol.Backend, Mode: d.mode(), Log: d.log, RateLimit: d.p.RateLimit, Mirror: repl.MirrorDiff, Force: true,
+		Dial: dial, Liveness: d.liveness(), Binding: d.vol.Binding,
 	})
 	if err != nil {
-		if c, ok := b.(io.Closer); ok {
-			c.Close()
-		}
 		return nil, err
 	}
-	d.src, d.srcBack, d.peeked = src, b, nil
+	d.src, d.peeked = src, nil
 	// A new source session takes writes: a quiesce belonged to the one
 	// a switchover closed.
 	d.quiesced.Store(false)
@@ -304,8 +296,8 @@ func (d *replPlane) StopSource() error {
 	d.stopRun()
 	d.waitRun()
 	d.mu.Lock()
-	src, b := d.src, d.srcBack
-	d.src, d.srcBack = nil, nil
+	src := d.src
+	d.src = nil
 	// The quiesce ends with the source it drained: writes arriving now
 	// find no source (the volume is about to stop being served here) and
 	// the next promotion of this host serves a writable volume.
@@ -314,7 +306,7 @@ func (d *replPlane) StopSource() error {
 	if src == nil {
 		return nil
 	}
-	return errors.Join(src.Close(), closeBackend(b))
+	return src.Close()
 }
 
 func (d *replPlane) stopRun() {
@@ -345,24 +337,23 @@ func (d *replPlane) StartTarget(ctx context.Context) error {
 	if d.tgt != nil {
 		return nil
 	}
-	vol := d.rec.Spec.VolumeOn(d.rec.Self)
-	b, err := blockdev.Open(vol, d.rec.Spec.Size)
+	t, err := replstate.OpenTarget(replstate.TargetConfig{Dir: d.stateDir(), Backend: d.vol.Backend, Log: d.log, Discard: "target",
+		Liveness: d.liveness(), Binding: d.vol.Binding})
 	if err != nil {
-		return fmt.Errorf("open volume %s: %w", vol, err)
-	}
-	t, err := replstate.OpenTarget(replstate.TargetConfig{Dir: d.stateDir(), Backend: b, Log: d.log, Discard: "target", Liveness: d.liveness()})
-	if err != nil {
-		closeBackend(b)
 		return err
 	}
 	remove, err := d.p.route(d.rec.Spec.Name, d.peer.Fingerprint, t.ServeConn)
 	if err != nil {
 		t.Close()
-		closeBackend(b)
 		return err
 	}
-	d.tgt, d.tgtBack, d.tgtRemove, d.peeked = t, b, remove, nil
+	d.tgt, d.tgtRemove, d.peeked = t, remove, nil
 	d.lastLink, d.lastState = false, ""
+	if t.Status().Data != "consistent" {
+		// Whatever the job's record says (its state was set aside, a
+		// resync was interrupted): this copy is not consistent.
+		d.notify(ha.Event{Type: ha.EvResync})
+	}
 	d.startPoll()
 	return nil
 }
@@ -371,14 +362,14 @@ func (d *replPlane) StartTarget(ctx context.Context) error {
 // arrive, in order: there is no separate unapplied queue to apply or drop.
 func (d *replPlane) StopTarget(applyQueue bool) error {
 	d.mu.Lock()
-	t, b, remove := d.tgt, d.tgtBack, d.tgtRemove
-	d.tgt, d.tgtBack, d.tgtRemove = nil, nil, nil
+	t, remove := d.tgt, d.tgtRemove
+	d.tgt, d.tgtRemove = nil, nil
 	d.mu.Unlock()
 	if t == nil {
 		return nil
 	}
 	remove()
-	return errors.Join(t.Close(), closeBackend(b))
+	return t.Close()
 }
 
 // Promote implements DataPlane. The new epoch is persisted in the job

@@ -169,11 +169,16 @@ func newPlaneSide(t *testing.T, root, name, replListen string) *planeSide {
 
 func (ps *planeSide) open(t *testing.T, spec job.Spec, self string) *replPlane {
 	t.Helper()
-	dp, err := ps.planes.Open(job.Record{Spec: spec, Self: self}, func(ha.Event) {})
+	b, err := blockdev.OpenExclusive(spec.VolumeOn(self), spec.Size)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { dp.Close() })
+	dp, err := ps.planes.Open(job.Record{Spec: spec, Self: self}, JobVolume{Backend: b}, func(ha.Event) {})
+	if err != nil {
+		b.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dp.Close(); b.Close() })
 	return dp.(*replPlane)
 }
 

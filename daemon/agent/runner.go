@@ -37,6 +37,8 @@ type runner struct {
 	mu          sync.Mutex
 	rec         job.Record
 	node        *ha.Node
+	claim       *claim // the job's volume, held while the job exists (nil: claimErr)
+	claimErr    error
 	dp          DataPlane
 	dpErr       error // why dp is nil
 	paths       map[string]netip.Addr
@@ -58,13 +60,16 @@ type runner struct {
 	detDone chan struct{}
 }
 
-func newRunner(a *Agent, rec job.Record) (*runner, error) {
+// newRunner makes the runner of a job whose volume is held by cl (nil:
+// it could not be, for the reason claimErr; the runner reports it and
+// serves nothing).
+func newRunner(a *Agent, rec job.Record, cl *claim, claimErr error) (*runner, error) {
 	me, peer, ok := rec.Spec.Endpoints(rec.Self)
 	if !ok {
 		return nil, fmt.Errorf("job %s: this agent %q is neither its source nor its target", rec.Spec.Name, rec.Self)
 	}
 	r := &runner{
-		a: a, subs: a.Subsystems, rec: rec,
+		a: a, subs: a.Subsystems, rec: rec, claim: cl, claimErr: claimErr,
 		log:      a.Log.With("job", rec.Spec.Name, "self", me.Name),
 		lastPkts: map[string]uint64{},
 		events:   make(chan ha.Event, 64),
@@ -95,9 +100,15 @@ func newRunner(a *Agent, rec job.Record) (*runner, error) {
 		return nil, err
 	}
 	r.snap.Store(&snapshot{ha: r.node.Status()})
-	if r.subs.DataPlane == nil {
+	switch {
+	case r.subs.DataPlane == nil:
 		r.dpErr = fmt.Errorf("%w: the replication engine (daemon/repl) is not connected to the agent yet", api.ErrNotWired)
-	} else if r.dp, err = r.subs.DataPlane(rec, r.notify); err != nil {
+	case cl == nil:
+		r.dpErr = fmt.Errorf("volume: %w", claimErr)
+	default:
+		r.dp, err = r.subs.DataPlane(rec, JobVolume{Backend: cl.file, Binding: cl.binding}, r.notify)
+	}
+	if err != nil {
 		r.dpErr = fmt.Errorf("open data plane: %w", err)
 		r.dp = nil
 	}
@@ -185,6 +196,9 @@ func (r *runner) stop() {
 	}
 	if r.dp != nil {
 		r.dp.Close()
+	}
+	if err := r.claim.close(); err != nil {
+		r.log.Warn("close volume", "err", err)
 	}
 }
 
@@ -385,8 +399,15 @@ func (r *runner) do(ctx context.Context, a ha.Action) error {
 		if r.subs.Volumes == nil {
 			return fmt.Errorf("%w: volume serving (blockdev)", api.ErrNotWired)
 		}
-		var m = r.mutator()
-		_, err := r.subs.Volumes.Serve(ctx, spec, r.rec.Self, m)
+		if r.claim == nil {
+			return fmt.Errorf("volume: %w", r.claimErr)
+		}
+		if r.dp == nil && r.subs.DataPlane != nil {
+			// The replication engine is there but failed for this job:
+			// writes would bypass it.
+			return fmt.Errorf("not serving the volume unreplicated: %w", r.dpErr)
+		}
+		_, err := r.subs.Volumes.Serve(ctx, spec, r.claim.file, r.mutator())
 		return err
 	case ha.ActStopServe:
 		if r.subs.Volumes == nil {

@@ -10,6 +10,7 @@ import (
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/monitor"
+	"github.com/doppelha/doppel/daemon/replstate"
 	"github.com/doppelha/doppel/netident"
 )
 
@@ -45,14 +46,25 @@ type DataPlane interface {
 	Close() error
 }
 
-// DataPlaneFactory opens the data plane of a job on this agent.
-type DataPlaneFactory func(rec job.Record, notify func(ha.Event)) (DataPlane, error)
+// DataPlaneFactory opens the data plane of a job on this agent. vol is the
+// job's volume, opened once and exclusively for as long as the job exists
+// on this agent: the data plane uses it and never closes it.
+type DataPlaneFactory func(rec job.Record, vol JobVolume, notify func(ha.Event)) (DataPlane, error)
+
+// JobVolume is a job's volume as its data plane sees it.
+type JobVolume struct {
+	Backend blockdev.Backend
+	// Binding ties the job's replication state to this job incarnation
+	// and this volume (state of another is set aside).
+	Binding replstate.Binding
+}
 
 // Volumes serves a job's volume to local applications.
 type Volumes interface {
-	// Serve exports the volume (its path on self) with writes going through m (nil: direct)
-	// and returns where applications find it (/dev/nbdN or unix:PATH).
-	Serve(ctx context.Context, spec job.Spec, self string, m blockdev.Mutator) (device string, err error)
+	// Serve exports the job's volume b (the job keeps it open: Stop does
+	// not close it) with writes going through m (nil: direct) and returns
+	// where applications find it (/dev/nbdN or unix:PATH).
+	Serve(ctx context.Context, spec job.Spec, b blockdev.Backend, m blockdev.Mutator) (device string, err error)
 	// Stop stops serving the job's volume (no-op when not served).
 	Stop(job string) error
 	// Device returns where the job's volume is served, "" when it is not.

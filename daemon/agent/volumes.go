@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -31,16 +30,15 @@ type NBDVolumes struct {
 }
 
 type served struct {
-	device  string
-	cancel  context.CancelFunc
-	done    chan struct{}
-	backend blockdev.Backend
-	kdev    *kernel.Device
+	device string
+	cancel context.CancelFunc
+	done   chan struct{}
+	kdev   *kernel.Device
 }
 
 // Serve implements Volumes. Serving an already served job returns its
 // device.
-func (v *NBDVolumes) Serve(ctx context.Context, spec job.Spec, self string, m blockdev.Mutator) (string, error) {
+func (v *NBDVolumes) Serve(ctx context.Context, spec job.Spec, b blockdev.Backend, m blockdev.Mutator) (string, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if s, ok := v.served[spec.Name]; ok {
@@ -49,20 +47,14 @@ func (v *NBDVolumes) Serve(ctx context.Context, spec job.Spec, self string, m bl
 	if v.served == nil {
 		v.served = map[string]*served{}
 	}
-	vol := spec.VolumeOn(self)
-	b, err := blockdev.Open(vol, spec.Size)
-	if err != nil {
-		return "", fmt.Errorf("open volume %s: %w", vol, err)
-	}
 	srv, err := blockdev.NewServer(v.Log.With("job", spec.Name), blockdev.Export{
 		Name: spec.Name, Description: "doppel job " + spec.Name, Backend: b, Mutator: m,
 	})
 	if err != nil {
-		closeBackend(b)
 		return "", err
 	}
 	sctx, cancel := context.WithCancel(context.Background())
-	s := &served{cancel: cancel, done: make(chan struct{}), backend: b}
+	s := &served{cancel: cancel, done: make(chan struct{})}
 	if v.Kernel {
 		if err := kernel.Probe(ctx); err == nil {
 			dev, err := kernel.Attach(ctx, kernel.Config{
@@ -85,7 +77,6 @@ func (v *NBDVolumes) Serve(ctx context.Context, spec job.Spec, self string, m bl
 	l, err := blockdev.Listen("unix:" + path)
 	if err != nil {
 		cancel()
-		closeBackend(b)
 		return "", err
 	}
 	s.device = "unix:" + path
@@ -116,7 +107,6 @@ func (v *NBDVolumes) Stop(name string) error {
 	}
 	s.cancel()
 	<-s.done
-	errs = append(errs, closeBackend(s.backend))
 	if path, ok := cutUnix(s.device); ok {
 		os.Remove(path)
 	}

@@ -23,7 +23,7 @@ import (
 // Error is an error response from an agent.
 type Error struct {
 	Status  int
-	Kind    string // not_found, refused, invalid, unauthorized, not_wired, exists, internal
+	Kind    string // not_found, refused, invalid, in_use, unauthorized, not_wired, exists, internal
 	Message string
 }
 
@@ -195,9 +195,27 @@ func (c *Client) CreateJob(ctx context.Context, spec job.Spec) (JobStatus, error
 	return st, c.do(ctx, http.MethodPost, "/v1/jobs", spec, &st)
 }
 
-// DeleteJob deletes a job on the agent.
+// DeleteJob deletes a job on the agent (its replication state too).
 func (c *Client) DeleteJob(ctx context.Context, name string) error {
-	return c.do(ctx, http.MethodDelete, "/v1/jobs/"+url.PathEscape(name), nil, nil)
+	_, err := c.DeleteJobWith(ctx, name, DeleteOptions{})
+	return err
+}
+
+// DeleteJobWith deletes a job on the agent with options.
+func (c *Client) DeleteJobWith(ctx context.Context, name string, opts DeleteOptions) (DeleteResult, error) {
+	q := url.Values{}
+	if opts.Force {
+		q.Set("force", "true")
+	}
+	if opts.KeepState {
+		q.Set("keep_state", "true")
+	}
+	path := "/v1/jobs/" + url.PathEscape(name)
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	var res DeleteResult
+	return res, c.do(ctx, http.MethodDelete, path, nil, &res)
 }
 
 // Command runs an operator command (failover, reverse, failback, pause,

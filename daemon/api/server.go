@@ -27,7 +27,7 @@ type Backend interface {
 	Jobs(ctx context.Context) ([]JobStatus, error)
 	Job(ctx context.Context, name string) (JobStatus, error)
 	CreateJob(ctx context.Context, spec job.Spec) (JobStatus, error)
-	DeleteJob(ctx context.Context, name string) error
+	DeleteJob(ctx context.Context, name string, opts DeleteOptions) (DeleteResult, error)
 	Command(ctx context.Context, name string, cmd ha.EventType, opts CommandOptions) (JobStatus, error)
 	Verify(ctx context.Context, name string) (VerifyResult, error)
 	// PeerSecret returns the job's peer secret (job.ErrNotFound if none).
@@ -91,11 +91,22 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 		return writeJSON(w, http.StatusOK, st)
 	}))
 	s.handle("DELETE /v1/jobs/{name}", s.auth(func(w http.ResponseWriter, r *http.Request) error {
-		if err := b.DeleteJob(r.Context(), r.PathValue("name")); err != nil {
+		var opts DeleteOptions
+		q := r.URL.Query()
+		for k, dst := range map[string]*bool{"force": &opts.Force, "keep_state": &opts.KeepState} {
+			if v := q.Get(k); v != "" {
+				b, err := strconv.ParseBool(v)
+				if err != nil {
+					return &httpError{http.StatusBadRequest, "invalid", fmt.Sprintf("query %s=%q: want true or false", k, v)}
+				}
+				*dst = b
+			}
+		}
+		res, err := b.DeleteJob(r.Context(), r.PathValue("name"), opts)
+		if err != nil {
 			return err
 		}
-		w.WriteHeader(http.StatusNoContent)
-		return nil
+		return writeJSON(w, http.StatusOK, res)
 	}))
 	s.handle("POST /v1/jobs/{name}/verify", s.auth(func(w http.ResponseWriter, r *http.Request) error {
 		res, err := b.Verify(r.Context(), r.PathValue("name"))
@@ -226,7 +237,9 @@ func classify(err error) (int, string) {
 		return http.StatusConflict, "exists"
 	case ha.IsRefused(err):
 		return http.StatusConflict, "refused"
-	case errors.Is(err, job.ErrInvalid), errors.Is(err, job.ErrVolumeMissing), errors.Is(err, job.ErrVolumeMounted):
+	case errors.Is(err, job.ErrVolumeInUse), errors.Is(err, ErrInUse):
+		return http.StatusConflict, "in_use"
+	case errors.Is(err, job.ErrInvalid), errors.Is(err, job.ErrVolumeMissing), errors.Is(err, job.ErrVolumeMounted), errors.Is(err, job.ErrVolumeSize):
 		return http.StatusBadRequest, "invalid"
 	case errors.Is(err, ErrNotWired):
 		return http.StatusNotImplemented, "not_wired"

@@ -12,7 +12,7 @@
 //	GET    /v1/jobs                     every job's status
 //	POST   /v1/jobs                     create a job (job.Spec)
 //	GET    /v1/jobs/{name}              one job's status
-//	DELETE /v1/jobs/{name}              delete a job
+//	DELETE /v1/jobs/{name}              delete a job (?force=true, ?keep_state=true): DeleteResult
 //	POST   /v1/jobs/{name}/{command}    failover | reverse | failback | pause | resume (CommandOptions)
 //	POST   /v1/jobs/{name}/verify       compare source and target
 //	POST   /v1/peer/jobs/{name}/message a state-machine message from the peer agent
@@ -35,6 +35,12 @@ const DefaultPort = 6320
 // ErrNotWired is returned (and served as 501) for an operation whose
 // subsystem is not part of this build yet: doppel never fakes a result.
 var ErrNotWired = errors.New("not wired in this build")
+
+// ErrInUse is returned (and served as 409, kind in_use) when an operation
+// would take a volume away from the applications using it: its export
+// has clients, or its device is mounted. The message names them; --force
+// overrides.
+var ErrInUse = errors.New("in use")
 
 // Info describes an agent.
 type Info struct {
@@ -118,6 +124,27 @@ type JobStatus struct {
 	Probe   ProbeStatus `json:"probe"`
 	Actions []string    `json:"actions,omitempty"` // what the last command did
 	Updated time.Time   `json:"updated"`
+}
+
+// DeleteOptions are the flags of doppel job delete.
+type DeleteOptions struct {
+	// Force deletes the job even while its volume is in use here (open
+	// NBD connections, a mounted /dev/nbdN): the application loses its
+	// disk.
+	Force bool `json:"force,omitempty"`
+	// KeepState archives the job's record and replication state
+	// (generations, bitmap, queue) instead of removing them.
+	KeepState bool `json:"keep_state,omitempty"`
+}
+
+// DeleteResult says what a delete did on one agent.
+type DeleteResult struct {
+	Job string `json:"job"`
+	// Archived is the directory that holds what was kept (the state with
+	// KeepState, split-brain saves always); "" when nothing was.
+	Archived string `json:"archived,omitempty"`
+	// Removed lists what was removed (the replication state directory).
+	Removed []string `json:"removed,omitempty"`
 }
 
 // VerifyResult is the outcome of doppel verify.

@@ -6,6 +6,9 @@
 package job
 
 import (
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -85,6 +88,35 @@ type Spec struct {
 	// Secret authenticates the two agents' messages to each other; it is
 	// created by the CLI and never shown in status.
 	Secret string `json:"secret,omitempty"`
+	// UUID names this incarnation of the job: a job deleted and created
+	// again under the same name is another job, and state one side kept
+	// from the earlier one is never taken for its own. Made by the CLI;
+	// when empty, derived from Secret (IncarnationOf).
+	UUID string `json:"uuid,omitempty"`
+	// VolumeSize is the replicated size in bytes: the source volume's
+	// size when the job was created (the target's volume may be larger;
+	// its tail is not used). 0: each side uses its volume's own size,
+	// which must then be equal.
+	VolumeSize int64 `json:"volume_size,omitempty"`
+}
+
+var uuidRE = regexp.MustCompile(`^[0-9a-f][0-9a-f-]{7,63}$`)
+
+// IncarnationOf is the job UUID derived from a spec's secret, for specs
+// that carry none: both sides share the secret, so they derive the same.
+func IncarnationOf(secret string) string {
+	sum := sha256.Sum256([]byte("doppel job incarnation\x00" + secret))
+	return hex.EncodeToString(sum[:16])
+}
+
+// NewUUID returns a random (version 4) UUID.
+func NewUUID() string {
+	var b [16]byte
+	rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	h := hex.EncodeToString(b[:])
+	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
 
 var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_.-]{0,62}$`)
@@ -155,6 +187,12 @@ func (s *Spec) Validate() error {
 	}
 	if s.Size < 0 {
 		return bad("size %d is negative", s.Size)
+	}
+	if s.VolumeSize < 0 || s.VolumeSize%512 != 0 {
+		return bad("volume size %d is not a non-negative multiple of 512", s.VolumeSize)
+	}
+	if s.UUID != "" && !uuidRE.MatchString(s.UUID) {
+		return bad("uuid %q: want 8-64 lowercase hex digits and dashes", s.UUID)
 	}
 	if s.Witness != "" {
 		if _, err := netip.ParseAddrPort(s.Witness); err != nil {

@@ -24,6 +24,26 @@ type Record struct {
 	Self    string       `json:"self"`
 	HA      ha.HardState `json:"ha"`
 	Created time.Time    `json:"created"`
+	// Volume binds the job to its volume on this host (nil: not bound
+	// yet, a record written by an older doppel).
+	Volume *VolumeBinding `json:"volume,omitempty"`
+}
+
+// VolumeBinding is the volume a job was bound to on this host: like
+// DRBD's metadata, it says whose data the volume holds. The replication
+// state carries the same UUID and device identity, so that state of
+// another volume (a disk swapped, a file re-created at the same path) is
+// detected and never used.
+type VolumeBinding struct {
+	// UUID is given to the volume when the job binds it; for a file it is
+	// also written on the file (extended attribute user.doppel.volume).
+	UUID string `json:"uuid"`
+	// Device identifies the volume (VolumeID.Device).
+	Device string `json:"device"`
+	// Tagged: the UUID is on the volume itself (the file system keeps
+	// extended attributes).
+	Tagged bool      `json:"tagged,omitempty"`
+	Bound  time.Time `json:"bound"`
 }
 
 // Store keeps one record per job under DIR/jobs.
@@ -42,6 +62,20 @@ func OpenStore(stateDir string) (*Store, error) {
 }
 
 func (s *Store) path(name string) string { return filepath.Join(s.dir, name+".json") }
+
+// RecordPath is the file that holds a job's record.
+func (s *Store) RecordPath(name string) string { return s.path(name) }
+
+// ReplStateDir is where a job's replication state (generations, bitmap,
+// activity log, queue) lives under the agent's state directory.
+func ReplStateDir(stateDir, name string) string {
+	return filepath.Join(stateDir, "jobs", name+".repl")
+}
+
+// ArchiveDir is where the agent keeps what it set aside or archived:
+// replication state of another job or volume, and the state of jobs
+// deleted with --keep-state.
+func ArchiveDir(stateDir string) string { return filepath.Join(stateDir, "archive") }
 
 // Create stores a new record; ErrExists if the job is already there.
 func (s *Store) Create(r Record) error {

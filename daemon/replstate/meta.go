@@ -35,6 +35,9 @@ type hello struct {
 	// target durably holds it): the target takes its generation; no
 	// replication follows on this connection.
 	Notify bool `json:"notify,omitempty"`
+	// Job is the source's job incarnation (empty: not bound): a target
+	// bound to another incarnation refuses it.
+	Job string `json:"job,omitempty"`
 }
 
 // reply is the target's answer.

@@ -23,9 +23,15 @@
 // can continue it (the records durable there stand in for the activity log
 // while a backlog exists); otherwise the queue is folded into the bitmap.
 //
-// Files under the state directory: bitmap, activity.log, generation,
-// generation.unshared, queue/STREAM/ (the disk queue segments of the
-// current stream), repl-target.json (the engine's target state),
+// A state directory is bound to one job incarnation and one volume
+// (Identity, identity.json): state found for another job, another
+// incarnation of the same job name or another volume is set aside
+// (renamed, logged, never used), so that a volume whose content the state
+// does not describe is mirrored instead of being taken as in sync.
+//
+// Files under the state directory: identity.json, bitmap, activity.log,
+// generation, generation.unshared, queue/STREAM/ (the disk queue segments
+// of the current stream), repl-target.json (the engine's target state),
 // splitbrain-*.img (saved divergent chunks).
 package replstate
 

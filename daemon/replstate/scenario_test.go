@@ -44,8 +44,13 @@ func openFile(t *testing.T, path string, size int64) *blockdev.File {
 }
 
 func (p *pair) startTarget(dir, file string, discard string) {
-	b := openFile(p.t, file, p.size)
-	tg, err := OpenTarget(TargetConfig{Dir: dir, Backend: b, Discard: discard, Log: testLog(p.t, "target")})
+	p.startTargetWith(TargetConfig{Dir: dir, Discard: discard}, file)
+}
+
+func (p *pair) startTargetWith(cfg TargetConfig, file string) {
+	cfg.Backend = openFile(p.t, file, p.size)
+	cfg.Log = testLog(p.t, "target")
+	tg, err := OpenTarget(cfg)
 	if err != nil {
 		p.t.Fatal(err)
 	}

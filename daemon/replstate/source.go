@@ -74,6 +74,9 @@ type SourceConfig struct {
 	Liveness repl.Liveness
 	// LogOptions sizes the activity log.
 	LogOptions bitmap.LogOptions
+	// Binding ties the state to a job incarnation and a volume: state of
+	// another is set aside and this side starts without it.
+	Binding Binding
 }
 
 // Source is the replicating side with persistent state: a blockdev.Mutator.
@@ -126,6 +129,7 @@ type Source struct {
 	hotAtOpen                           int
 	dirtyAtOpen                         int64
 	queueAtOpen                         int64 // disk queue bytes resumed at open
+	setAside                            string
 }
 
 // OpenSource opens the state under cfg.Dir (creating it) for the volume.
@@ -146,6 +150,9 @@ func OpenSource(cfg SourceConfig) (*Source, error) {
 	s := &Source{cfg: cfg, log: cfg.Log, size: cfg.Backend.Size(), connected: make(chan struct{}, 1),
 		lim: resync.NewLimiter(cfg.ResyncRate, resync.DefaultFloor)}
 	var err error
+	if s.setAside, err = bind(cfg.Dir, cfg.Binding, s.log); err != nil {
+		return nil, err
+	}
 	if s.bm, err = openBitmap(cfg.Dir, s.size, cfg.ChunkSize); err != nil {
 		return nil, err
 	}
@@ -806,7 +813,7 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 		return dec, err
 	}
 	h := hello{VolumeSize: s.size, ChunkSize: s.cfg.ChunkSize, Gen: encodeGen(local), StreamID: cur.StreamID(),
-		Acked: applied, Discard: s.cfg.Discard, Notify: notify}
+		Acked: applied, Discard: s.cfg.Discard, Notify: notify, Job: s.cfg.Binding.Identity.Job}
 	if err := writeMsg(conn, h); err != nil {
 		return dec, fmt.Errorf("send state hello: %w", err)
 	}

@@ -40,6 +40,9 @@ type Status struct {
 	// Synced: the target took this side's generation with nothing left
 	// to resync (queued writes may still be in flight).
 	Synced bool
+	// SetAside is where state of another job or volume was moved at
+	// open ("" when none was).
+	SetAside string
 }
 
 // Status returns a snapshot.
@@ -49,7 +52,7 @@ func (s *Source) Status() Status {
 		HotExtents: s.al.HotExtents(), ResyncActive: s.resyncActive.Load(), ResyncTotal: s.resyncTotal.Load(),
 		ResyncDone: s.resyncDone.Load(), ResyncSent: s.resyncSent.Load(), ResyncPasses: s.resyncPasses.Load(),
 		PeerGeneration: s.peerGen.Load(), ResyncScheduled: s.resyncScheduled.Load(),
-		OpenDirtyBytes: s.dirtyAtOpen, OpenHotExtents: s.hotAtOpen, OpenQueueBytes: s.queueAtOpen, Synced: s.synced.Load()}
+		OpenDirtyBytes: s.dirtyAtOpen, OpenHotExtents: s.hotAtOpen, OpenQueueBytes: s.queueAtOpen, Synced: s.synced.Load(), SetAside: s.setAside}
 	if q := s.q.Load(); q != nil {
 		st.QueueMemBytes, st.QueueDiskBytes, st.QueueOverflow = q.q.MemBytes(), q.q.DiskBytes(), q.overflow.Load()
 	}

@@ -9,7 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -32,6 +31,10 @@ type TargetConfig struct {
 	// Liveness is the sessions' keepalive, timeout and traffic report
 	// (repl.Liveness).
 	Liveness repl.Liveness
+	// Binding ties the state to a job incarnation and a volume: state of
+	// another is set aside, and this side holds no generation (its
+	// content is unknown: the source mirrors it).
+	Binding Binding
 }
 
 // Target is the receiving side with persistent state.
@@ -46,6 +49,7 @@ type Target struct {
 	bm      *bitmap.Bitmap // this side's own dirty chunks (from when it was a source); opened at the first handshake
 	refusal string
 	saved   string
+	aside   string
 }
 
 // OpenTarget opens the state under cfg.Dir for the volume.
@@ -56,7 +60,8 @@ func OpenTarget(cfg TargetConfig) (*Target, error) {
 	if cfg.Discard != "" && cfg.Discard != "target" {
 		return nil, fmt.Errorf("discard %q: a target can only discard its own data (--discard-on target)", cfg.Discard)
 	}
-	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+	aside, err := bind(cfg.Dir, cfg.Binding, cfg.Log)
+	if err != nil {
 		return nil, err
 	}
 	st, ok, err := loadGen(cfg.Dir)
@@ -73,7 +78,7 @@ func OpenTarget(cfg TargetConfig) (*Target, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Target{cfg: cfg, log: cfg.Log, eng: eng, size: cfg.Backend.Size(), gen: st}, nil
+	return &Target{cfg: cfg, log: cfg.Log, eng: eng, size: cfg.Backend.Size(), gen: st, aside: aside}, nil
 }
 
 // Engine returns the replication engine's target.
@@ -150,6 +155,9 @@ func (t *Target) handshake(c net.Conn) (keep bool, err error) {
 	}
 	if h.VolumeSize != t.size {
 		return fail("source volume is %d bytes, target volume is %d", h.VolumeSize, t.size)
+	}
+	if mine := t.cfg.Binding.Identity.Job; h.Job != "" && mine != "" && h.Job != mine {
+		return fail("source is job incarnation %s, this target belongs to %s: the job was created again on one side only (delete it on both and create it again)", h.Job, mine)
 	}
 	src, err := decodeGen(h.Gen)
 	if err != nil {
@@ -256,13 +264,16 @@ type TargetStatus struct {
 	Refusal    string // the last refusal, if any
 	Saved      string // split-brain save of this side, if any
 	DirtyBytes int64  // this side's own dirty bytes
+	// SetAside is where state of another job or volume was moved at
+	// open ("" when none was).
+	SetAside string
 }
 
 // Status returns the target's state.
 func (t *Target) Status() TargetStatus {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	st := TargetStatus{Generation: t.gen.Current, History: t.gen.History, Data: t.gen.Data.String(), Refusal: t.refusal, Saved: t.saved}
+	st := TargetStatus{Generation: t.gen.Current, History: t.gen.History, Data: t.gen.Data.String(), Refusal: t.refusal, Saved: t.saved, SetAside: t.aside}
 	if t.bm != nil {
 		st.DirtyBytes = t.bm.DirtyBytes()
 	}

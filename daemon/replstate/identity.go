@@ -1,0 +1,154 @@
+package replstate
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/doppelha/doppel/daemon/statefile"
+)
+
+// IdentityFile binds a state directory to one job incarnation and one
+// volume (see Identity).
+const IdentityFile = "identity.json"
+
+// maxIdentity bounds the identity file (it holds three short strings).
+const maxIdentity = 64 << 10
+
+// Identity is what a state directory belongs to. Generations, bitmap,
+// activity log and queue describe the data of one volume as one job
+// incarnation replicated it: state found for anything else says nothing
+// about the volume and must not be used (a job deleted and created again
+// would otherwise find "the same generation" on both sides and skip the
+// mirror of a fresh target).
+type Identity struct {
+	// Job is the job incarnation: a UUID made when the job is created
+	// (two jobs of the same name created one after the other differ).
+	Job string `json:"job"`
+	// Volume is the UUID the agent gave the volume when it bound it to
+	// the job (kept in the job's record and, for a file, on the file).
+	Volume string `json:"volume"`
+	// Device is how the volume is found again (file system and inode,
+	// or the block device's stable ID): a different file at the same
+	// path is a different volume.
+	Device string `json:"device"`
+}
+
+// IsZero reports whether no identity was configured (no check).
+func (id Identity) IsZero() bool { return id == Identity{} }
+
+func (id Identity) String() string {
+	return fmt.Sprintf("job %s, volume %s (%s)", id.Job, id.Volume, id.Device)
+}
+
+// ErrIdentity reports an identity file that cannot be read.
+var ErrIdentity = errors.New("unreadable state identity")
+
+// LoadIdentity reads dir's identity; ok is false when it has none.
+func LoadIdentity(dir string) (id Identity, ok bool, err error) {
+	b, err := os.ReadFile(filepath.Join(dir, IdentityFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return id, false, nil
+	}
+	if err != nil {
+		return id, false, err
+	}
+	id, err = decodeIdentity(b)
+	return id, err == nil, err
+}
+
+func decodeIdentity(b []byte) (Identity, error) {
+	var id Identity
+	if len(b) > maxIdentity {
+		return id, fmt.Errorf("%w: %d bytes", ErrIdentity, len(b))
+	}
+	if err := json.Unmarshal(b, &id); err != nil {
+		return id, fmt.Errorf("%w: %v", ErrIdentity, err)
+	}
+	return id, nil
+}
+
+func saveIdentity(dir string, id Identity) error {
+	b, err := json.MarshalIndent(id, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := statefile.Write(filepath.Join(dir, IdentityFile), append(b, '\n'), 0o600); err != nil {
+		return fmt.Errorf("save state identity: %w", err)
+	}
+	return nil
+}
+
+// Binding says how a state directory is bound to an identity at open.
+type Binding struct {
+	// Identity the state must belong to; zero: no check (the state is
+	// used as found, as by doppel repl with a --state-dir).
+	Identity Identity
+	// AdoptUnbound: state without an identity file (written before
+	// identities existed) is taken as this identity's, once. Otherwise
+	// it is set aside like state of another identity.
+	AdoptUnbound bool
+	// SetAsideTo is the directory that receives state of another
+	// identity, renamed to NAME.stale-TIMESTAMP (default: next to the
+	// state directory).
+	SetAsideTo string
+}
+
+// bind makes dir the state of b.Identity: it keeps state of that
+// identity, sets aside (renames, never deletes) state of any other, and
+// writes the identity into a new or adopted directory. It returns where
+// state was set aside ("" when none was) and a reason for the log.
+func bind(dir string, b Binding, log *slog.Logger) (aside string, err error) {
+	if b.Identity.IsZero() {
+		return "", os.MkdirAll(dir, 0o700)
+	}
+	ents, err := os.ReadDir(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return "", err
+	case len(ents) > 0:
+		found, ok, lerr := LoadIdentity(dir)
+		var why string
+		switch {
+		case lerr != nil:
+			why = lerr.Error()
+		case ok && found == b.Identity:
+			return "", nil
+		case ok && found.Job != b.Identity.Job:
+			why = fmt.Sprintf("it belongs to another job incarnation (%s, this job is %s)", found.Job, b.Identity.Job)
+		case ok:
+			why = fmt.Sprintf("it belongs to another volume (%s %s, the job's volume is now %s %s)", found.Volume, found.Device, b.Identity.Volume, b.Identity.Device)
+		case b.AdoptUnbound:
+			log.Warn("replication state without an identity (written by an older doppel): bound to this job and volume", "dir", dir, "identity", b.Identity.String())
+			return "", saveIdentity(dir, b.Identity)
+		default:
+			why = "it has no identity (left by an earlier job of the same name)"
+		}
+		to := b.SetAsideTo
+		if to == "" {
+			to = filepath.Dir(dir)
+		}
+		if err := os.MkdirAll(to, 0o700); err != nil {
+			return "", err
+		}
+		aside = filepath.Join(to, filepath.Base(dir)+".stale-"+time.Now().UTC().Format("20060102T150405.000000000"))
+		if err := os.Rename(dir, aside); err != nil {
+			return "", fmt.Errorf("set aside replication state %s: %w", dir, err)
+		}
+		if err := errors.Join(statefile.SyncDir(filepath.Dir(dir)), statefile.SyncDir(to)); err != nil {
+			return "", err
+		}
+		log.Warn("replication state set aside: not this job's or not this volume's; the volume's content is unknown to the job (a checksum mirror decides what to send)",
+			"dir", dir, "moved_to", aside, "reason", why)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", err
+	}
+	return aside, saveIdentity(dir, b.Identity)
+}
