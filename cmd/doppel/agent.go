@@ -140,6 +140,7 @@ func runAgent(c *cli.Context) error {
 	// the one pinned at doppel server add.
 	planes := &agent.ReplPlanes{Log: log, Cert: a.Identity.Cert, ReplListen: cfg.ReplListen, StateDir: cfg.StateDir}
 	a.Subsystems.DataPlane = planes.Open
+	a.Subsystems.ReplListener = planes
 	err = a.Run(c.Context)
 	if err == nil || errors.Is(err, c.Context.Err()) {
 		log.Info("agent stopped")

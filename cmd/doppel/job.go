@@ -32,8 +32,11 @@ func jobCommand() *cli.Command {
 				Name:      "create",
 				Usage:     "protect a volume of SOURCE on TARGET",
 				ArgsUsage: "NAME",
-				Description: "Creates the job on both agents (source first: it refuses a mounted or\n" +
-					"missing volume). Example, the seed's lab:\n" +
+				Description: "Checks both agents first (pre-flight: volumes, sizes, mounts, other jobs, hook\n" +
+					"scripts, each side reaching the other) and reports every problem at once,\n" +
+					"changing nothing; then creates the job on the target and the source (a failure\n" +
+					"rolls both back) and waits for the first replication handshake (--wait): exit 0\n" +
+					"means the job is mirroring or replicating. Example, the seed's lab:\n" +
 					"  doppel job create web --source vm1 --target vm2 --volume /dev/vdb \\\n" +
 					"    --service-ip 172.17.22.187/24@eth0 --failover auto",
 				Flags: append(connFlags(),
@@ -41,7 +44,7 @@ func jobCommand() *cli.Command {
 					&cli.StringFlag{Name: "target", Usage: "target server"},
 					&cli.StringFlag{Name: "volume", Usage: "block device or file to protect (same path on the target)"},
 					&cli.StringFlag{Name: "target-volume", Usage: "the volume's path on the target, when not the same as --volume"},
-					&cli.StringFlag{Name: "size", Usage: "create a file volume of this size when missing (e.g. 1G)"},
+					&cli.StringFlag{Name: "size", Usage: "create a missing file volume of this size (e.g. 1G; default for the target: the source's size)"},
 					&cli.StringFlag{Name: "mode", Value: job.ModeSync, Usage: "sync (ack after the target applied) or async"},
 					&cli.StringSliceFlag{Name: "service-ip", Usage: "CIDR@IFACE that follows the active side (repeatable)"},
 					&cli.StringSliceFlag{Name: "map-iface", Usage: "SRCIFACE=TGTIFACE: where the target puts a source interface's IPs (repeatable)"},
@@ -49,6 +52,7 @@ func jobCommand() *cli.Command {
 					&cli.StringFlag{Name: "failover", Value: string(ha.FailoverManual), Usage: "auto (when every path is down) or manual (doppel failover)"},
 					&cli.StringSliceFlag{Name: "script", Usage: "HOOK=PATH, hook one of pre-failover, post-failover, pre-failback, post-failback (repeatable)"},
 					&cli.StringFlag{Name: "witness", Usage: "IP[:PORT] of a doppel witness (default port 6327): automatic failover also needs it to have lost the source"},
+					&cli.DurationFlag{Name: "wait", Value: 30 * time.Second, Usage: "how long to wait for the first replication handshake (exit 0 only once it happened)"},
 				),
 				Action: jobCreate,
 			},
@@ -196,6 +200,9 @@ func jobCreate(c *cli.Context) error {
 	if err := required(c, "source", "target", "volume"); err != nil {
 		return err
 	}
+	if c.Duration("wait") <= 0 {
+		return usageErrorf("--wait %v: the create waits for the first replication handshake, give a positive bound", c.Duration("wait"))
+	}
 	spec, err := buildSpec(c, name)
 	if err != nil {
 		return usageErrorf("%v", err)
@@ -218,18 +225,137 @@ func jobCreate(c *cli.Context) error {
 	}
 	src, _ := e.client(spec.Source.Name)
 	tgt, _ := e.client(spec.Target.Name)
-	if _, err := src.CreateJob(ctx, spec); err != nil {
-		return fmt.Errorf("create job %s on source %s: %w", name, spec.Source.Name, err)
+	w := c.App.Writer
+
+	// Pre-flight on both sides before anything changes; every problem of
+	// both is reported at once.
+	if err := preflightCreate(ctx, w, &spec, src, tgt); err != nil {
+		return err
 	}
+	if err := createBoth(ctx, spec, src, tgt); err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "created job %s: %s:%s -> %s:%s, %s, failover %s\n", name, spec.Source.Name, spec.Volume, spec.Target.Name, spec.VolumeOn(spec.Target.Name), spec.Mode, spec.Failover)
+	return waitReplicating(c.Context, w, name, src, tgt, c.Duration("wait"))
+}
+
+// createBoth creates the job on the target first (it then waits for its
+// source) and on the source last; when the source's create fails, the
+// target's is rolled back (its record, state and a volume file it made).
+func createBoth(ctx context.Context, spec job.Spec, src, tgt *api.Client) error {
+	name := spec.Name
 	if _, err := tgt.CreateJob(ctx, spec); err != nil {
-		if derr := src.DeleteJob(ctx, name); derr != nil {
-			err = fmt.Errorf("%w (and removing it from the source %s failed: %v)", err, spec.Source.Name, derr)
-		}
-		return fmt.Errorf("create job %s on target %s: %w", name, spec.Target.Name, err)
+		return fmt.Errorf("create job %s on target %s (nothing was changed on the source %s): %w", name, spec.Target.Name, spec.Source.Name, err)
 	}
-	fmt.Fprintf(c.App.Writer, "created job %s: %s:%s -> %s:%s, %s, failover %s\n", name, spec.Source.Name, spec.Volume, spec.Target.Name, spec.VolumeOn(spec.Target.Name), spec.Mode, spec.Failover)
-	fmt.Fprintf(c.App.Writer, "follow it with: doppel job status %s --watch\n", name)
+	if _, err := src.CreateJob(ctx, spec); err != nil {
+		err = fmt.Errorf("create job %s on source %s: %w", name, spec.Source.Name, err)
+		if _, derr := tgt.DeleteJobWith(ctx, name, api.DeleteOptions{Undo: true, Force: true}); derr != nil {
+			return fmt.Errorf("%w; rolling back the target %s failed too: %v (delete it there: doppel job delete %s --server %s)", err, spec.Target.Name, derr, name, spec.Target.Name)
+		}
+		return fmt.Errorf("%w (rolled back on the target %s: nothing was left)", err, spec.Target.Name)
+	}
 	return nil
+}
+
+// preflightCreate runs the pre-flight of spec on both agents, sizes the
+// job (the source volume's size is what is replicated; a target file to
+// be created gets that size when --size was not given) and reports every
+// problem of both sides at once. Notices are printed.
+func preflightCreate(ctx context.Context, w io.Writer, spec *job.Spec, src, tgt *api.Client) error {
+	var problems []string
+	add := func(server string, p api.Problem) {
+		problems = append(problems, fmt.Sprintf("  %-8s %s", server, p))
+	}
+	sp, err := src.Preflight(ctx, *spec)
+	if err != nil {
+		add(spec.Source.Name, api.Problem{Check: "agent", Message: err.Error()})
+	}
+	if spec.Size == 0 && sp.Volume.Exists && sp.Volume.Size > 0 {
+		spec.Size = sp.Volume.Size // a missing target file is made this size
+	}
+	tp, err := tgt.Preflight(ctx, *spec)
+	if err != nil {
+		add(spec.Target.Name, api.Problem{Check: "agent", Message: err.Error()})
+	}
+	for _, p := range []struct {
+		server string
+		pf     api.Preflight
+	}{{spec.Source.Name, sp}, {spec.Target.Name, tp}} {
+		for _, pr := range p.pf.Problems {
+			add(p.server, pr)
+		}
+	}
+	if s, t := sp.Volume.Size, tp.Volume.Size; s > 0 && t > 0 && t < s {
+		add(spec.Target.Name, api.Problem{Check: "size", Message: fmt.Sprintf("the target volume %s is %d bytes, smaller than the source volume %s (%d bytes)", tp.Volume.Path, t, sp.Volume.Path, s)})
+	}
+	if len(problems) > 0 {
+		return cli.Exit(fmt.Sprintf("job %s not created: %d problem(s), nothing was changed:\n%s", spec.Name, len(problems), strings.Join(problems, "\n")), 1)
+	}
+	spec.VolumeSize = sp.Volume.Size
+	for _, p := range []struct {
+		server string
+		pf     api.Preflight
+	}{{spec.Source.Name, sp}, {spec.Target.Name, tp}} {
+		for _, n := range p.pf.Notices {
+			fmt.Fprintf(w, "  %-8s %s\n", p.server, n)
+		}
+	}
+	if t := tp.Volume.Size; t > spec.VolumeSize {
+		fmt.Fprintf(w, "  %-8s the target volume is %d bytes larger than the source: its last %d bytes are not used\n", tp.Server, t-spec.VolumeSize, t-spec.VolumeSize)
+	}
+	return nil
+}
+
+// waitReplicating waits, at most d, for the job's first replication
+// handshake (the source connected to its target); the job counts as
+// protected only then.
+func waitReplicating(ctx context.Context, w io.Writer, name string, src, tgt *api.Client, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	var st, tst api.JobStatus
+	var serr, terr error
+	for {
+		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		st, serr = src.Job(qctx, name)
+		cancel()
+		if serr == nil && st.HA.LinkUp {
+			what := string(st.HA.State)
+			if st.Data.BytesRemaining > 0 {
+				what += fmt.Sprintf(" (%s to copy)", bytesHuman(st.Data.BytesRemaining))
+			}
+			fmt.Fprintf(w, "replication handshake done: %s\nfollow it with: doppel job status %s --watch\n", what, name)
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			break
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	qctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	tst, terr = tgt.Job(qctx, name)
+	cancel()
+	var why []string
+	for _, v := range []struct {
+		st  api.JobStatus
+		err error
+	}{{st, serr}, {tst, terr}} {
+		switch {
+		case v.err != nil:
+			why = append(why, v.err.Error())
+		default:
+			msg := fmt.Sprintf("%s: %s %s", v.st.Self, v.st.HA.Role, v.st.HA.State)
+			for _, s := range []string{v.st.HA.Reason, v.st.HA.LastError, v.st.Data.Note} {
+				if s != "" {
+					msg += "; " + s
+				}
+			}
+			why = append(why, msg)
+		}
+	}
+	return fmt.Errorf("job %s created, but it is not replicating: no replication handshake within %v (%s). The job stays and connects by itself once the cause is fixed; or remove it: doppel job delete %s",
+		name, d, strings.Join(why, " | "), name)
 }
 
 func jobList(c *cli.Context) (err error) {

@@ -15,6 +15,7 @@ import (
 	"crypto/subtle"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -89,7 +90,8 @@ type Agent struct {
 	mu   sync.Mutex
 	jobs map[string]*runner
 	// createMu serialises creates (volume claims, stale state).
-	createMu sync.Mutex
+	createMu      sync.Mutex
+	replListenErr error // the replication listener could not open at start
 }
 
 // New creates an agent: it loads (creating at first start) its identity
@@ -143,6 +145,13 @@ func (a *Agent) Run(ctx context.Context) error {
 func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
 	a.ctx = ctx
 	a.control = l.Addr().String()
+	if rl := a.Subsystems.ReplListener; rl != nil {
+		if err := rl.Listen(); err != nil {
+			a.replListenErr = err
+			a.Log.Error("replication listener: peers cannot connect to this agent's target jobs until it opens (it is tried again with each)", "addr", a.Config.ReplListen, "err", err)
+		}
+		defer rl.Close()
+	}
 	recs, err := a.Store.List()
 	if err != nil {
 		l.Close()
@@ -228,6 +237,9 @@ func (a *Agent) Info() api.Info {
 	}
 	note("replication", a.Subsystems.DataPlane != nil, "daemon/repl is not connected to the agent yet")
 	note("volumes", a.Subsystems.Volumes != nil, "no volume server")
+	if a.replListenErr != nil {
+		subs["replication"] = "listener: " + a.replListenErr.Error()
+	}
 	note("netident", a.Subsystems.NetIdent != nil, "service IPs cannot move")
 	note("probe", a.Subsystems.Liveness != nil, "failure detection off")
 	if a.Subsystems.Liveness != nil {
@@ -289,13 +301,12 @@ func (a *Agent) CreateJob(ctx context.Context, spec job.Spec) (api.JobStatus, er
 	}
 	a.createMu.Lock()
 	defer a.createMu.Unlock()
-	if _, err := a.runner(spec.Name); err == nil {
-		return api.JobStatus{}, fmt.Errorf("%w: %s", job.ErrExists, spec.Name)
-	}
-	// The volume must not be in use on either side: on the source writes
-	// must go through doppel, on the target doppel overwrites it.
-	if err := job.CheckVolume(spec.VolumeOn(self), spec.Size, a.Config.MountInfo); err != nil {
-		return api.JobStatus{}, fmt.Errorf("job %s on %s: %w", spec.Name, self, err)
+	// Every check of the pre-flight but the peer's reachability (the
+	// orchestrator's pre-flight checks that, from both sides): the job
+	// is new here, the volume exists or can be created, is not mounted,
+	// not another job's or program's, large enough, the hook scripts run.
+	if pre := a.preflight(ctx, spec, false); len(pre.Problems) > 0 {
+		return api.JobStatus{}, fmt.Errorf("job %s: %w", spec.Name, errPreflight(pre))
 	}
 	// Replication state an earlier job of this name left is never this
 	// job's: set it aside before anything opens it.
@@ -312,6 +323,7 @@ func (a *Agent) CreateJob(ctx context.Context, spec job.Spec) (api.JobStatus, er
 	if err != nil {
 		return api.JobStatus{}, fmt.Errorf("job %s on %s: %w", spec.Name, self, err)
 	}
+	rec.CreatedVolume = cl.created
 	if err := a.Store.Create(rec); err != nil {
 		cl.undo()
 		return api.JobStatus{}, err
@@ -344,6 +356,14 @@ func (a *Agent) DeleteJob(ctx context.Context, name string, opts api.DeleteOptio
 	a.mu.Unlock()
 	r.stop()
 	res := api.DeleteResult{Job: name}
+	if opts.Undo && r.rec.CreatedVolume {
+		// A create rolled back: the file it made goes too.
+		path := r.rec.Spec.VolumeOn(r.rec.Self)
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return res, fmt.Errorf("delete job %s: remove the volume file its create made: %w", name, err)
+		}
+		res.Removed = append(res.Removed, path)
+	}
 	dir := job.ReplStateDir(a.Config.StateDir, name)
 	var keep []string
 	if opts.KeepState {

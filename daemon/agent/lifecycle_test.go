@@ -261,3 +261,46 @@ func TestVolumeBelongsToOneJob(t *testing.T) {
 	}
 	b.Close()
 }
+
+// TestPreflightEndpoint: the pre-flight reports, changing nothing, a
+// volume another program holds, a peer whose control API presents
+// another certificate, a peer replication address nobody listens on;
+// and nothing for a job that can be created.
+func TestPreflightEndpoint(t *testing.T) {
+	p := newPair(t, ha.FailoverManual)
+	ctx := context.Background()
+	spec := p.spec
+	spec.Name, spec.Secret, spec.UUID = "db", newSecret(), ""
+	spec.Volume, spec.TargetVolume, spec.Size = filepath.Join(p.root, "db1.img"), filepath.Join(p.root, "db2.img"), 1<<20
+	pre, err := p.agents["vm1"].client.Preflight(ctx, spec)
+	if err != nil || len(pre.Problems) != 0 || pre.Server != "vm1" || pre.Role != ha.RoleSource || !pre.Volume.Create || pre.Volume.Size != 1<<20 {
+		t.Fatalf("pre-flight of a good job: %+v, %v", pre, err)
+	}
+	held, err := blockdev.OpenExclusive(spec.Volume, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	bad := spec
+	bad.Target.Fingerprint = p.spec.Source.Fingerprint[:7] + strings.Repeat("e", 64)
+	bad.Target.Repl = freePort(t)
+	pre, err = p.agents["vm1"].client.Preflight(ctx, bad)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]string{}
+	for _, pr := range pre.Problems {
+		got[pr.Check] = pr.Message
+	}
+	if !strings.Contains(got["in_use"], "held by another program") || !strings.Contains(got["peer_control"], "the job pins") ||
+		!strings.Contains(got["peer_repl"], "cannot reach vm2's replication address") || len(got) != 3 {
+		t.Fatalf("problems %v", pre.Problems)
+	}
+	if _, err := os.Stat(job.ReplStateDir(filepath.Join(p.root, "vm1"), "db")); !os.IsNotExist(err) {
+		t.Fatal("the pre-flight made replication state")
+	}
+	// The create makes the same local checks.
+	if _, err := p.agents["vm1"].client.CreateJob(ctx, bad); !api.IsKind(err, "in_use") {
+		t.Fatalf("create of a held volume: %v", err)
+	}
+}

@@ -78,6 +78,7 @@ func (p *pair) start(name, addr string) {
 	p.agents[name] = startAgentWith(p.t, filepath.Join(p.root, name), addr, Subsystems{Liveness: p.live[name], Volumes: vols}, func(a *Agent) {
 		planes := &ReplPlanes{Log: p.log, Cert: a.Identity.Cert, ReplListen: p.repl[name], StateDir: filepath.Join(p.root, name)}
 		a.Subsystems.DataPlane = planes.Open
+		a.Subsystems.ReplListener = planes
 	})
 }
 

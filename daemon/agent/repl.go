@@ -52,6 +52,63 @@ type ReplPlanes struct {
 	mux       *repl.Mux
 	muxCancel context.CancelFunc // the listener's
 	muxDone   chan struct{}
+	always    bool // Listen: open while the agent runs, not only with target jobs
+}
+
+// Listen opens the replication listener now and keeps it open until
+// Close, with or without target jobs: a peer's pre-flight can check that
+// this agent is reachable before the job exists, and a port taken by
+// another program is found at start, not at the first create.
+func (p *ReplPlanes) Listen() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.mux == nil {
+		p.mux = repl.NewMux(p.Cert, p.Log)
+	}
+	p.always = true
+	return p.listenLocked()
+}
+
+// Close closes the listener opened by Listen once no target job uses it.
+func (p *ReplPlanes) Close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.always = false
+	if p.mux != nil && p.mux.Routes() == 0 {
+		p.stopLocked()
+	}
+	return nil
+}
+
+// listenLocked opens the listener unless it is open. Called with mu held.
+func (p *ReplPlanes) listenLocked() error {
+	if p.muxCancel != nil {
+		return nil
+	}
+	l, err := net.Listen("tcp", p.ReplListen)
+	if err != nil {
+		return fmt.Errorf("listen for replication: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	p.muxCancel, p.muxDone = cancel, done
+	mux := p.mux
+	go func() {
+		defer close(done)
+		if err := mux.Serve(ctx, l); err != nil && ctx.Err() == nil {
+			p.Log.Error("replication listener", "addr", p.ReplListen, "err", err)
+		}
+	}()
+	return nil
+}
+
+// stopLocked closes the listener. Called with mu held.
+func (p *ReplPlanes) stopLocked() {
+	if p.muxCancel != nil {
+		p.muxCancel()
+		<-p.muxDone
+		p.muxCancel, p.muxDone = nil, nil
+	}
 }
 
 // route makes the agent's replication listener hand job name's
@@ -68,30 +125,16 @@ func (p *ReplPlanes) route(name, peerPin string, serve func(context.Context, net
 	if err != nil {
 		return nil, err
 	}
-	if p.muxCancel == nil {
-		l, err := net.Listen("tcp", p.ReplListen)
-		if err != nil {
-			unroute()
-			return nil, fmt.Errorf("listen for replication: %w", err)
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan struct{})
-		p.muxCancel, p.muxDone = cancel, done
-		go func() {
-			defer close(done)
-			if err := p.mux.Serve(ctx, l); err != nil && ctx.Err() == nil {
-				p.Log.Error("replication listener", "addr", p.ReplListen, "err", err)
-			}
-		}()
+	if err := p.listenLocked(); err != nil {
+		unroute()
+		return nil, err
 	}
 	return func() {
 		unroute()
 		p.mu.Lock()
 		defer p.mu.Unlock()
-		if p.mux.Routes() == 0 && p.muxCancel != nil {
-			p.muxCancel()
-			<-p.muxDone
-			p.muxCancel, p.muxDone = nil, nil
+		if p.mux.Routes() == 0 && !p.always {
+			p.stopLocked()
 		}
 	}, nil
 }

@@ -100,14 +100,23 @@ type Peers interface {
 	Send(ctx context.Context, spec job.Spec, m ha.Message) error
 }
 
+// Listener is a listener the agent opens when it starts serving and
+// closes when it stops (the replication listener: ReplPlanes).
+type Listener interface {
+	Listen() error
+	Close() error
+}
+
 // Subsystems are the parts the agent drives. Nil means not wired.
 type Subsystems struct {
 	DataPlane DataPlaneFactory
-	Volumes   Volumes
-	NetIdent  NetIdent
-	Liveness  Liveness
-	Peers     Peers
-	Scripts   *Scripts
+	// ReplListener, when set, is open while the agent serves.
+	ReplListener Listener
+	Volumes      Volumes
+	NetIdent     NetIdent
+	Liveness     Liveness
+	Peers        Peers
+	Scripts      *Scripts
 }
 
 // peerClient delivers messages over the peer's control API, pinning its

@@ -195,6 +195,12 @@ func (c *Client) CreateJob(ctx context.Context, spec job.Spec) (JobStatus, error
 	return st, c.do(ctx, http.MethodPost, "/v1/jobs", spec, &st)
 }
 
+// Preflight runs the dry run of creating spec on the agent.
+func (c *Client) Preflight(ctx context.Context, spec job.Spec) (Preflight, error) {
+	var p Preflight
+	return p, c.do(ctx, http.MethodPost, "/v1/preflight", spec, &p)
+}
+
 // DeleteJob deletes a job on the agent (its replication state too).
 func (c *Client) DeleteJob(ctx context.Context, name string) error {
 	_, err := c.DeleteJobWith(ctx, name, DeleteOptions{})
@@ -209,6 +215,9 @@ func (c *Client) DeleteJobWith(ctx context.Context, name string, opts DeleteOpti
 	}
 	if opts.KeepState {
 		q.Set("keep_state", "true")
+	}
+	if opts.Undo {
+		q.Set("undo", "true")
 	}
 	path := "/v1/jobs/" + url.PathEscape(name)
 	if len(q) > 0 {

@@ -27,6 +27,9 @@ type Backend interface {
 	Jobs(ctx context.Context) ([]JobStatus, error)
 	Job(ctx context.Context, name string) (JobStatus, error)
 	CreateJob(ctx context.Context, spec job.Spec) (JobStatus, error)
+	// Preflight reports what creating spec would find on this agent,
+	// changing nothing.
+	Preflight(ctx context.Context, spec job.Spec) Preflight
 	DeleteJob(ctx context.Context, name string, opts DeleteOptions) (DeleteResult, error)
 	Command(ctx context.Context, name string, cmd ha.EventType, opts CommandOptions) (JobStatus, error)
 	Verify(ctx context.Context, name string) (VerifyResult, error)
@@ -83,6 +86,13 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 		}
 		return writeJSON(w, http.StatusCreated, st)
 	}))
+	s.handle("POST /v1/preflight", s.auth(func(w http.ResponseWriter, r *http.Request) error {
+		var spec job.Spec
+		if err := readJSON(r, &spec); err != nil {
+			return err
+		}
+		return writeJSON(w, http.StatusOK, b.Preflight(r.Context(), spec))
+	}))
 	s.handle("GET /v1/jobs/{name}", s.auth(func(w http.ResponseWriter, r *http.Request) error {
 		st, err := b.Job(r.Context(), r.PathValue("name"))
 		if err != nil {
@@ -93,7 +103,7 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 	s.handle("DELETE /v1/jobs/{name}", s.auth(func(w http.ResponseWriter, r *http.Request) error {
 		var opts DeleteOptions
 		q := r.URL.Query()
-		for k, dst := range map[string]*bool{"force": &opts.Force, "keep_state": &opts.KeepState} {
+		for k, dst := range map[string]*bool{"force": &opts.Force, "keep_state": &opts.KeepState, "undo": &opts.Undo} {
 			if v := q.Get(k); v != "" {
 				b, err := strconv.ParseBool(v)
 				if err != nil {

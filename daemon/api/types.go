@@ -10,9 +10,10 @@
 //
 //	GET    /v1/info                     the agent: hostname, fingerprint, ports, subsystems
 //	GET    /v1/jobs                     every job's status
+//	POST   /v1/preflight                dry run of creating a job (job.Spec): Preflight
 //	POST   /v1/jobs                     create a job (job.Spec)
 //	GET    /v1/jobs/{name}              one job's status
-//	DELETE /v1/jobs/{name}              delete a job (?force=true, ?keep_state=true): DeleteResult
+//	DELETE /v1/jobs/{name}              delete a job (?force, ?keep_state, ?undo=true): DeleteResult
 //	POST   /v1/jobs/{name}/{command}    failover | reverse | failback | pause | resume (CommandOptions)
 //	POST   /v1/jobs/{name}/verify       compare source and target
 //	POST   /v1/peer/jobs/{name}/message a state-machine message from the peer agent
@@ -126,6 +127,46 @@ type JobStatus struct {
 	Updated time.Time   `json:"updated"`
 }
 
+// Preflight is a dry run of creating a job on one agent: what the create
+// would find and do on this host, changing nothing. The CLI runs it on
+// both sides before creating anything, and prints every problem of both;
+// a console can do the same (POST /v1/preflight, then POST /v1/jobs on
+// each side, source last, DELETE with undo=true to roll back).
+type Preflight struct {
+	// Server is this agent's name in the job ("" when it is neither side).
+	Server string      `json:"server"`
+	Role   ha.Role     `json:"role,omitempty"`
+	Volume VolumeFacts `json:"volume"`
+	// Problems would make the create fail or leave a job that cannot
+	// replicate: none may remain.
+	Problems []Problem `json:"problems,omitempty"`
+	// Notices are what the create would do that the operator should know
+	// (state of an earlier job set aside, a volume file created).
+	Notices []string `json:"notices,omitempty"`
+}
+
+// Problem is one failed pre-flight check.
+type Problem struct {
+	// Check names it: spec, agent, job, volume, mount, in_use, size,
+	// script, peer_control, peer_repl.
+	Check   string `json:"check"`
+	Message string `json:"message"`
+}
+
+func (p Problem) String() string { return p.Check + ": " + p.Message }
+
+// VolumeFacts describe a job's volume on one host.
+type VolumeFacts struct {
+	Path   string `json:"path"`
+	Exists bool   `json:"exists"`
+	Kind   string `json:"kind,omitempty"` // file | block
+	// Size in bytes: the volume's, or the size it would be created with
+	// (0: unknown).
+	Size int64 `json:"size"`
+	// Create: the create would make the file (sparse, Size bytes).
+	Create bool `json:"create,omitempty"`
+}
+
 // DeleteOptions are the flags of doppel job delete.
 type DeleteOptions struct {
 	// Force deletes the job even while its volume is in use here (open
@@ -135,6 +176,9 @@ type DeleteOptions struct {
 	// KeepState archives the job's record and replication state
 	// (generations, bitmap, queue) instead of removing them.
 	KeepState bool `json:"keep_state,omitempty"`
+	// Undo rolls back a create: it also removes the volume file when the
+	// create made it.
+	Undo bool `json:"undo,omitempty"`
 }
 
 // DeleteResult says what a delete did on one agent.

@@ -27,6 +27,9 @@ type Record struct {
 	// Volume binds the job to its volume on this host (nil: not bound
 	// yet, a record written by an older doppel).
 	Volume *VolumeBinding `json:"volume,omitempty"`
+	// CreatedVolume: the job's create made the volume file (a rolled
+	// back create removes it).
+	CreatedVolume bool `json:"created_volume,omitempty"`
 }
 
 // VolumeBinding is the volume a job was bound to on this host: like

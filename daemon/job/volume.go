@@ -25,7 +25,9 @@ var (
 
 // CheckVolume says whether path may be protected: it must exist (unless
 // size > 0, for a file volume created on demand), be a block device or a
-// regular file, and not be mounted: writes must go through the agent.
+// regular file, and not be mounted: writes must go through the agent. An
+// existing file's size is not checked (a replica may be larger than its
+// source: see Spec.VolumeSize).
 // mountinfo is the path of /proc/self/mountinfo (a parameter for tests).
 func CheckVolume(path string, size int64, mountinfo string) error {
 	st, err := os.Stat(path)
@@ -55,9 +57,6 @@ func CheckVolume(path string, size int64, mountinfo string) error {
 			return fmt.Errorf("%w: %s is in use by %s (device-mapper, md or a partition holder)", ErrVolumeMounted, path, holders[0].Name())
 		}
 	case mode.IsRegular():
-		if size > 0 && size != st.Size() {
-			return fmt.Errorf("%w: %s exists with size %d, not the %d given", ErrInvalid, path, st.Size(), size)
-		}
 		if where, ok, err := mountedFileLoop(mountinfo, path, st); err != nil {
 			return err
 		} else if ok {
