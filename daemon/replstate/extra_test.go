@@ -152,3 +152,39 @@ func TestManyRestartsDuringOutage(t *testing.T) {
 	p.stopTarget()
 	sameFiles(t, aFile, bFile)
 }
+
+// TestStopWithSyncWriteWaiting: a sync write waits for a target that is
+// gone (the peer was promoted) and the source is stopped meanwhile (the
+// agent fences it, or hands the role over): the write stops waiting (its
+// change is tracked for the next start) and Close returns. Close used to
+// wait for the write, and the write for an acknowledgement nobody would
+// send: the agent hung.
+func TestStopWithSyncWriteWaiting(t *testing.T) {
+	const size = 1 << 20
+	dir := t.TempDir()
+	aFile, bFile := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
+	p := &pair{t: t, nw: &memNet{up: true}, size: size}
+	p.startTarget(filepath.Join(dir, "b"), bFile, "")
+	p.startSource(SourceConfig{Dir: filepath.Join(dir, "a"), Mode: wire.ModeSync, SyncTimeout: time.Hour}, aFile)
+	p.converge(20 * time.Second)
+	p.nw.set(false)
+	wrote := make(chan error, 1)
+	go func() {
+		wrote <- p.src.Apply(t.Context(), &blockdev.Mutation{Op: blockdev.OpWrite, Offset: 0, Length: 4096, Data: bytes.Repeat([]byte{9}, 4096)})
+	}()
+	time.Sleep(100 * time.Millisecond) // the write waits for the target
+	stopped := make(chan error, 1)
+	go func() { stopped <- p.stopSource() }()
+	select {
+	case err := <-stopped:
+		if err != nil {
+			t.Fatalf("stop: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("stopping the source hangs on a sync write waiting for a gone target")
+	}
+	if err := <-wrote; err != nil {
+		t.Fatalf("the waiting write: %v", err)
+	}
+	p.stopTarget()
+}

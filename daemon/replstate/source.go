@@ -636,7 +636,22 @@ func (s *Source) Run(ctx context.Context) error {
 	if s.running.Swap(true) {
 		return errors.New("replication source: Run is already active")
 	}
-	defer s.running.Store(false)
+	s.trackMu.Lock()
+	if s.trackCtx.Err() != nil && !s.tracking.Load() {
+		// Ended by the previous Run's exit.
+		s.trackCtx, s.trackEnd = context.WithCancel(context.Background())
+	}
+	s.trackMu.Unlock()
+	defer func() {
+		s.running.Store(false)
+		// Nobody ships any more: sync writes waiting for the target stop
+		// waiting (their changes are tracked for the next start), as the
+		// writes that arrive from now on do. Close would otherwise wait
+		// for them, and they for an acknowledgement nobody sends.
+		s.trackMu.Lock()
+		s.trackEnd()
+		s.trackMu.Unlock()
+	}()
 	go s.watch(ctx)
 	for {
 		cur := s.cur.Load()
