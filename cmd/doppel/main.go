@@ -1,6 +1,6 @@
 // Command doppel is real-time block replication and failover for Linux: the
 // agent (doppel agent), the operator's CLI (server, job, failover, reverse,
-// failback, verify) and plumbing commands (nbd, repl, probe, ip) in one
+// switchover, failback, verify) and plumbing commands (nbd, repl, probe, ip) in one
 // binary. Each command group lives in a file of its own; main only wires them.
 package main
 
@@ -48,6 +48,7 @@ func run(ctx context.Context, args []string) error {
 			jobCommand(),
 			failoverCommand(),
 			reverseCommand(),
+			switchoverCommand(),
 			failbackCommand(),
 			verifyCommand(),
 			nbdCommand(),

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -26,24 +27,32 @@ import (
 // model is what the volume must hold: every write the NBD server
 // acknowledged, in order.
 type pair struct {
-	t      *testing.T
-	root   string
-	spec   job.Spec
-	agents map[string]*testAgent
-	live   map[string]*memLiveness // what each agent hears of its peer
-	repl   map[string]string       // replication listen addresses
-	model  []byte
-	log    *slog.Logger
+	t       *testing.T
+	root    string
+	spec    job.Spec
+	agents  map[string]*testAgent
+	live    map[string]*memLiveness // what each agent hears of its peer
+	repl    map[string]string       // replication listen addresses
+	rate    int64                   // replication bytes per second (0: unlimited)
+	modelMu sync.Mutex
+	model   []byte
+	log     *slog.Logger
 }
 
 const pairSize = 4 << 20
 
 func newPair(t *testing.T, failover ha.FailoverMode) *pair {
+	return newPairWith(t, failover, job.ModeSync, 0)
+}
+
+// newPairWith: replication mode and a replication rate limit (bytes per
+// second, 0: none).
+func newPairWith(t *testing.T, failover ha.FailoverMode, mode string, rate int64) *pair {
 	t.Helper()
 	root := t.TempDir()
 	os.WriteFile(filepath.Join(root, "mountinfo"), nil, 0o644)
 	p := &pair{t: t, root: root, agents: map[string]*testAgent{}, live: map[string]*memLiveness{},
-		repl: map[string]string{"vm1": freePort(t), "vm2": freePort(t)}, log: slog.New(slog.DiscardHandler)}
+		repl: map[string]string{"vm1": freePort(t), "vm2": freePort(t)}, log: slog.New(slog.DiscardHandler), rate: rate}
 	for _, name := range []string{"vm1", "vm2"} {
 		p.live[name] = &memLiveness{alive: map[string]bool{"web": true}, n: map[string]uint64{}}
 		p.start(name, "127.0.0.1:0")
@@ -52,6 +61,7 @@ func newPair(t *testing.T, failover ha.FailoverMode) *pair {
 	e1.Repl, e2.Repl = p.repl["vm1"], p.repl["vm2"]
 	spec := testSpec(t, e1, e2)
 	spec.Failover = failover
+	spec.Mode = mode
 	spec.Volume, spec.TargetVolume = filepath.Join(root, "vol1.img"), filepath.Join(root, "vol2.img")
 	p.model = make([]byte, pairSize)
 	rand.Read(p.model[:1<<20])
@@ -76,7 +86,7 @@ func newPair(t *testing.T, failover ha.FailoverMode) *pair {
 func (p *pair) start(name, addr string) {
 	vols := &NBDVolumes{Log: p.log, RunDir: filepath.Join(p.root, name, "run")}
 	p.agents[name] = startAgentWith(p.t, filepath.Join(p.root, name), addr, Subsystems{Liveness: p.live[name], Volumes: vols}, func(a *Agent) {
-		planes := &ReplPlanes{Log: p.log, Cert: a.Identity.Cert, ReplListen: p.repl[name], StateDir: filepath.Join(p.root, name)}
+		planes := &ReplPlanes{Log: p.log, Cert: a.Identity.Cert, ReplListen: p.repl[name], StateDir: filepath.Join(p.root, name), RateLimit: p.rate}
 		a.Subsystems.DataPlane = planes.Open
 		a.Subsystems.ReplListener = planes
 	})
@@ -159,7 +169,9 @@ func (p *pair) write(name string, n int) {
 		if _, err := c.WriteAt(buf, int64(off)); err != nil {
 			p.t.Fatalf("write %d bytes at %d on %s: %v", l, off, name, err)
 		}
+		p.modelMu.Lock()
 		copy(p.model[off:], buf)
+		p.modelMu.Unlock()
 	}
 	if err := c.Flush(); err != nil {
 		p.t.Fatalf("flush on %s: %v", name, err)
@@ -178,6 +190,8 @@ func (p *pair) check(name string) {
 			p.t.Fatalf("read %s at %d: %v", name, off, err)
 		}
 	}
+	p.modelMu.Lock()
+	defer p.modelMu.Unlock()
 	if !bytes.Equal(got, p.model) {
 		for i := range got {
 			if got[i] != p.model[i] {
@@ -222,6 +236,39 @@ func (p *pair) commandWhen(name string, cmd ha.EventType, opts api.CommandOption
 		p.t.Fatalf("%s on %s: %v (actions %v)", cmd, name, err, st.Actions)
 	}
 	return st
+}
+
+// writer writes through name's served volume until stop is closed or a
+// write fails (the volume stopped being served there: a switchover); the
+// acknowledged writes go into the model. done receives how many were
+// acknowledged.
+func (p *pair) writer(name string, stop <-chan struct{}) (done <-chan int) {
+	c := p.nbd(name)
+	ch := make(chan int, 1)
+	go func() {
+		defer c.Close()
+		n := 0
+		defer func() { ch <- n }()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			l := 4096 * (1 + randN(4))
+			off := 4096 * randN((pairSize-l)/4096)
+			buf := make([]byte, l)
+			rand.Read(buf)
+			if _, err := c.WriteAt(buf, int64(off)); err != nil {
+				return
+			}
+			p.modelMu.Lock()
+			copy(p.model[off:], buf)
+			p.modelMu.Unlock()
+			n++
+		}
+	}()
+	return ch
 }
 
 func randN(n int) int {

@@ -9,7 +9,6 @@ import (
 	"net"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/doppelha/doppel/blockdev"
@@ -171,7 +170,9 @@ type replPlane struct {
 	changed   chunkSet     // written while not replicating
 	peeked    *int64       // dirty bytes of the closed state (peekDirty), cached while closed
 	gate      sync.RWMutex // held shared by writes in flight
-	quiesced  atomic.Bool
+	holdMu    sync.Mutex
+	hold      chan struct{}      // non-nil while writes are held (quiesce); closed when they may go on
+	drainStop context.CancelFunc // cancels the drain of the current quiesce
 	lastLink  bool
 	lastState string
 }
@@ -236,12 +237,12 @@ func (d *replPlane) source() (*replstate.Source, error) {
 	d.src, d.peeked = src, nil
 	// A new source session takes writes: a quiesce belonged to the one
 	// a switchover closed.
-	d.quiesced.Store(false)
+	d.releaseWrites()
 	return src, nil
 }
 
 // Mutator implements DataPlane: writes go through the source (local write,
-// then shipped), held back once Quiesce ran.
+// then shipped), held while a quiesce lasts.
 func (d *replPlane) Mutator() blockdev.Mutator {
 	if _, err := d.source(); err != nil {
 		d.log.Error("replication source", "err", err)
@@ -252,20 +253,29 @@ func (d *replPlane) Mutator() blockdev.Mutator {
 
 type gated struct{ d *replPlane }
 
-var errQuiesced = errors.New("writes paused: the job is failing back")
-
 // Apply goes through the source whether it runs or not (a failed-over
 // host before reverse, a paused job): not shipped, the write is tracked
-// (queue, then bitmap) and the next start resyncs it.
+// (queue, then bitmap) and the next start resyncs it. While a quiesce
+// holds writes, Apply waits: it goes on when the quiesce ends without a
+// switchover (ResumeWrites), and fails when the source it was held for is
+// closed by the switchover (never acknowledged, never written here).
 func (g gated) Apply(ctx context.Context, m *blockdev.Mutation) error {
-	if g.d.quiesced.Load() {
-		return errQuiesced
+	for {
+		if h := g.d.held(); h != nil {
+			select {
+			case <-h:
+				continue
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		g.d.gate.RLock()
+		if g.d.held() == nil {
+			break
+		}
+		g.d.gate.RUnlock()
 	}
-	g.d.gate.RLock()
 	defer g.d.gate.RUnlock()
-	if g.d.quiesced.Load() {
-		return errQuiesced
-	}
 	g.d.mu.Lock()
 	src, running := g.d.src, g.d.srcRun != nil
 	g.d.mu.Unlock()
@@ -293,7 +303,6 @@ func (d *replPlane) StartSource(ctx context.Context) error {
 	if d.srcRun != nil {
 		return nil
 	}
-	d.quiesced.Store(false)
 	d.changed.reset()
 	rctx, cancel := context.WithCancel(context.Background())
 	d.srcRun = cancel
@@ -341,11 +350,11 @@ func (d *replPlane) StopSource() error {
 	d.mu.Lock()
 	src := d.src
 	d.src = nil
-	// The quiesce ends with the source it drained: writes arriving now
-	// find no source (the volume is about to stop being served here) and
-	// the next promotion of this host serves a writable volume.
-	d.quiesced.Store(false)
 	d.mu.Unlock()
+	// The quiesce ends with the source it drained: the writes it held
+	// find no source and fail (the volume is about to stop being served
+	// here), and the next promotion of this host serves a writable volume.
+	d.releaseWrites()
 	if src == nil {
 		return nil
 	}
@@ -431,19 +440,74 @@ func (d *replPlane) Pause() error {
 // Resume implements DataPlane.
 func (d *replPlane) Resume() error { return d.StartSource(context.Background()) }
 
-// Quiesce implements DataPlane: later writes fail (the pre-failback script
-// stops the application), in-flight ones finish, and it returns once the
-// target acknowledged every write.
+// Quiesce implements DataPlane: later writes are held (not failed: the
+// pre-failback script stops the application, and a switchover that does
+// not happen lets them go on), the writes in flight finish, and it returns
+// once the target holds every acknowledged write: each sequenced write
+// acknowledged, connected, synced, nothing tracked in the bitmap for a
+// later resync.
 func (d *replPlane) Quiesce(ctx context.Context) error {
-	d.quiesced.Store(true)
+	d.holdMu.Lock()
+	if d.hold == nil {
+		d.hold = make(chan struct{})
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	d.drainStop = cancel
+	d.holdMu.Unlock()
+	defer cancel()
 	d.gate.Lock() // wait for the writes in flight
 	//lint:ignore SA2001 taking the lock once is the wait
 	d.gate.Unlock()
-	src, err := d.source()
-	if err != nil {
-		return err
+	d.mu.Lock()
+	src := d.src
+	d.mu.Unlock()
+	if src == nil {
+		return errors.New("drain: no replication source on this host")
 	}
-	return src.Engine().WaitAcked(ctx)
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if err := src.Engine().WaitAcked(ctx); err != nil {
+			return fmt.Errorf("drain: %w", err)
+		}
+		rs := src.Status()
+		if rs.Connected && rs.Synced && !rs.Tracking && !rs.ResyncActive && rs.DirtyBytes == 0 && rs.QueueMemBytes+rs.QueueDiskBytes == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("drain: %w (target %s, %d bytes dirty, queue %d bytes)", ctx.Err(), rs.State, rs.DirtyBytes, rs.QueueMemBytes+rs.QueueDiskBytes)
+		case <-t.C:
+		}
+	}
+}
+
+// ResumeWrites implements DataPlane: the quiesce ends (its drain, if still
+// running, is cancelled) and the held writes go on.
+func (d *replPlane) ResumeWrites() error {
+	d.releaseWrites()
+	return nil
+}
+
+// held returns the channel held writes wait on, nil when writes flow.
+func (d *replPlane) held() chan struct{} {
+	d.holdMu.Lock()
+	defer d.holdMu.Unlock()
+	return d.hold
+}
+
+// releaseWrites ends a quiesce: its drain stops, held writes go on.
+func (d *replPlane) releaseWrites() {
+	d.holdMu.Lock()
+	defer d.holdMu.Unlock()
+	if d.drainStop != nil {
+		d.drainStop()
+		d.drainStop = nil
+	}
+	if d.hold != nil {
+		close(d.hold)
+		d.hold = nil
+	}
 }
 
 // Status implements DataPlane.

@@ -52,6 +52,9 @@ type runner struct {
 	// an action holds mu (a fence waiting on the volume, a script).
 	snap atomic.Pointer[snapshot]
 
+	// ctx lives as long as the runner: what outlives the operator's
+	// request that started it (a drain) runs under it.
+	ctx    context.Context
 	events chan ha.Event   // from the data plane and async actions
 	outbox chan ha.Message // to the peer, in order
 	cancel context.CancelFunc
@@ -158,6 +161,7 @@ func (r *runner) notify(ev ha.Event) {
 
 func (r *runner) start(ctx context.Context) {
 	ctx, r.cancel = context.WithCancel(ctx)
+	r.ctx = ctx
 	if r.subs.Liveness != nil {
 		var also []netip.Addr
 		if ap, err := netip.ParseAddrPort(r.rec.Spec.Witness); err == nil {
@@ -287,7 +291,8 @@ func (r *runner) stepLocked(ctx context.Context, ev ha.Event) {
 	r.process(ctx)
 }
 
-// process performs every pending Ready: persist, send, act.
+// process performs every pending Ready: persist, send, act, send what
+// must follow the actions.
 func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 	defer r.publish()
 	for i := 0; r.node.HasReady() && i < 16; i++ {
@@ -302,13 +307,7 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 				errs = append(errs, err)
 			}
 		}
-		for _, m := range rd.Messages {
-			select {
-			case r.outbox <- m:
-			default:
-				r.log.Error("peer message dropped: outbox full", "msg", m.String())
-			}
-		}
+		r.queue(rd.Messages)
 		for _, a := range rd.Actions {
 			err := r.do(ctx, a)
 			desc := a.String()
@@ -322,6 +321,7 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 			}
 			done = append(done, desc)
 		}
+		r.queue(rd.AfterActions)
 	}
 	if prev, now := r.snap.Load().ha, r.node.Status(); prev.State != now.State || prev.Role != now.Role {
 		r.log.Info("job state", "from", prev.State, "to", now.State, "role", now.Role, "epoch", now.Epoch, "reason", now.Reason)
@@ -332,35 +332,102 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 	return done, errs
 }
 
+// queue hands messages to sendLoop, in order.
+func (r *runner) queue(msgs []ha.Message) {
+	for _, m := range msgs {
+		select {
+		case r.outbox <- m:
+		default:
+			r.log.Error("peer message dropped: outbox full", "msg", m.String())
+		}
+	}
+}
+
+// sendLoop delivers the state machine's messages to the peer, in order.
+// Hellos are repeated by the protocol and sent once; other messages (a
+// promotion, a handover) are retried every second, up to 10 tries. A
+// message being retried does not hold back the ones queued after it: a
+// peer that was unreachable and comes back gets the fresh answers (the
+// hello that fences a restarted old source within its start grace)
+// without waiting for the retries of what it missed. Every message
+// carries the sender's role and epoch, and the receiver acts on it only
+// in the states it applies to, so a retried message overtaken by newer
+// ones is harmless.
 func (r *runner) sendLoop(ctx context.Context) {
+	type outMsg struct {
+		m    ha.Message
+		left int
+		due  time.Time
+	}
+	var q []outMsg
+	add := func(m ha.Message) {
+		tries := 10
+		if m.Type == ha.MsgHello {
+			tries = 1
+		}
+		q = append(q, outMsg{m: m, left: tries})
+	}
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
 	for {
+		if len(q) == 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case m := <-r.outbox:
+				add(m)
+			}
+		}
+	more:
+		for {
+			select {
+			case m := <-r.outbox:
+				add(m)
+			default:
+				break more
+			}
+		}
+		if r.subs.Peers == nil {
+			q = q[:0]
+			continue
+		}
+		var next time.Time
+		keep := q[:0]
+		for _, o := range q {
+			if now := time.Now(); o.due.After(now) {
+				keep = append(keep, o)
+				if next.IsZero() || o.due.Before(next) {
+					next = o.due
+				}
+				continue
+			}
+			sctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+			err := r.subs.Peers.Send(sctx, r.rec.Spec, o.m)
+			cancel()
+			if err == nil || ctx.Err() != nil {
+				continue
+			}
+			o.left--
+			r.log.Debug("peer message not delivered", "msg", o.m.String(), "tries_left", o.left, "err", err)
+			if o.left > 0 {
+				o.due = time.Now().Add(time.Second)
+				keep = append(keep, o)
+				if next.IsZero() || o.due.Before(next) {
+					next = o.due
+				}
+			}
+		}
+		q = keep
+		if len(q) == 0 {
+			continue
+		}
+		timer.Reset(time.Until(next))
 		select {
 		case <-ctx.Done():
 			return
 		case m := <-r.outbox:
-			if r.subs.Peers == nil {
-				continue
-			}
-			// Hellos are repeated by the protocol; role changes are
-			// retried for a while.
-			tries := 1
-			if m.Type != ha.MsgHello {
-				tries = 10
-			}
-			for i := range tries {
-				sctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-				err := r.subs.Peers.Send(sctx, r.rec.Spec, m)
-				cancel()
-				if err == nil {
-					break
-				}
-				r.log.Debug("peer message not delivered", "msg", m.String(), "try", i+1, "err", err)
-				select {
-				case <-ctx.Done():
-					return
-				case <-time.After(time.Second):
-				}
-			}
+			add(m)
+		case <-timer.C:
 		}
 	}
 }
@@ -450,9 +517,14 @@ func (r *runner) do(ctx context.Context, a ha.Action) error {
 			return err
 		}
 		go func() {
-			qctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+			// Not the command's context: the drain outlives the
+			// operator's request.
+			qctx, cancel := context.WithTimeout(r.ctx, 5*time.Minute)
 			defer cancel()
 			if err := dp.Quiesce(qctx); err != nil {
+				if errors.Is(err, context.Canceled) && qctx.Err() == nil {
+					return // ended by resume-writes: the state machine knows why
+				}
 				r.notify(ha.Event{Type: ha.EvActionFailed, Action: ha.ActQuiesce, Err: err.Error()})
 				return
 			}
@@ -481,6 +553,8 @@ func (r *runner) do(ctx context.Context, a ha.Action) error {
 		return dp.Promote(a.Epoch)
 	case ha.ActPauseRepl:
 		return dp.Pause()
+	case ha.ActResumeWrites:
+		return dp.ResumeWrites()
 	case ha.ActResumeRepl:
 		return dp.Resume()
 	}

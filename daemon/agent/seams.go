@@ -36,9 +36,11 @@ type DataPlane interface {
 	Promote(epoch uint64) error
 	Pause() error
 	Resume() error
-	// Quiesce pauses application writes and returns when every
-	// acknowledged write is on the peer (failback).
+	// Quiesce holds application writes and returns when every
+	// acknowledged write is on the peer (switchover, failback).
 	Quiesce(ctx context.Context) error
+	// ResumeWrites ends a quiesce without a switchover: held writes go on.
+	ResumeWrites() error
 	// Mutator is the write path of the served volume (nil: direct).
 	Mutator() blockdev.Mutator
 	Status() api.DataStatus

@@ -227,7 +227,7 @@ func (c *Client) DeleteJobWith(ctx context.Context, name string, opts DeleteOpti
 	return res, c.do(ctx, http.MethodDelete, path, nil, &res)
 }
 
-// Command runs an operator command (failover, reverse, failback, pause,
+// Command runs an operator command (failover, reverse, switchover, failback, pause,
 // resume) on the agent.
 func (c *Client) Command(ctx context.Context, name string, cmd ha.EventType, opts CommandOptions) (JobStatus, error) {
 	var st JobStatus

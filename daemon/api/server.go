@@ -128,9 +128,9 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 	s.handle("POST /v1/jobs/{name}/{command}", s.auth(func(w http.ResponseWriter, r *http.Request) error {
 		cmd := ha.EventType(r.PathValue("command"))
 		switch cmd {
-		case ha.CmdFailover, ha.CmdReverse, ha.CmdFailback, ha.CmdPause, ha.CmdResume:
+		case ha.CmdFailover, ha.CmdReverse, ha.CmdSwitchover, ha.CmdFailback, ha.CmdPause, ha.CmdResume:
 		default:
-			return &httpError{http.StatusNotFound, "not_found", fmt.Sprintf("unknown command %q: use failover, reverse, failback, pause, resume or verify", cmd)}
+			return &httpError{http.StatusNotFound, "not_found", fmt.Sprintf("unknown command %q: use failover, reverse, switchover, failback, pause, resume or verify", cmd)}
 		}
 		var opts CommandOptions
 		if err := readJSON(r, &opts); err != nil {

@@ -14,7 +14,7 @@
 //	POST   /v1/jobs                     create a job (job.Spec)
 //	GET    /v1/jobs/{name}              one job's status
 //	DELETE /v1/jobs/{name}              delete a job (?force, ?keep_state, ?undo=true): DeleteResult
-//	POST   /v1/jobs/{name}/{command}    failover | reverse | failback | pause | resume (CommandOptions)
+//	POST   /v1/jobs/{name}/{command}    failover | reverse | switchover | failback | pause | resume (CommandOptions)
 //	POST   /v1/jobs/{name}/verify       compare source and target
 //	POST   /v1/peer/jobs/{name}/message a state-machine message from the peer agent
 //	GET    /metrics                     Prometheus metrics

@@ -21,11 +21,14 @@ var rewrite = flag.Bool("rewrite", false, "rewrite testdata/*.txt with the actua
 //	start NODE | crash NODE | restart NODE   (restart: from the last persisted state)
 //	net up|down PATH                          heartbeats on PATH flow or not
 //	link up|down                              the replication link, stepped on live nodes
-//	resync | synced                           mirror/resync started/completed (live nodes)
+//	resync [NODE] | synced [NODE]             mirror/resync started/completed (NODE, else live nodes)
 //	tick [N]                                  N ticks; peers hear each other on up paths
 //	deliver                                   deliver queued messages until quiet
-//	failover NODE [force] [discard-queue] | reverse NODE | failback NODE
+//	deliver-one                               deliver the oldest queued message
+//	failover NODE [force] [discard-queue] | reverse NODE | failback NODE | switchover NODE
 //	pause NODE | resume NODE | drained NODE | status NODE
+//	action-failed NODE ACTION                 an action of NODE failed
+//	drop                                      lose every queued message
 func TestInteraction(t *testing.T) {
 	files, err := filepath.Glob("testdata/*.txt")
 	if err != nil || len(files) == 0 {
@@ -181,10 +184,16 @@ func (h *harness) run(cmd string) string {
 			ev = EvLinkUp
 		}
 		h.eachLive(func(name string) { h.step(name, Event{Type: ev}) })
-	case "resync":
-		h.eachLive(func(name string) { h.step(name, Event{Type: EvResync}) })
-	case "synced":
-		h.eachLive(func(name string) { h.step(name, Event{Type: EvSynced}) })
+	case "resync", "synced":
+		ev := Event{Type: EvResync}
+		if f[0] == "synced" {
+			ev.Type = EvSynced
+		}
+		if len(args) > 0 {
+			h.step(arg(0), ev)
+			break
+		}
+		h.eachLive(func(name string) { h.step(name, ev) })
 	case "tick":
 		n := 1
 		if len(args) > 0 {
@@ -203,6 +212,13 @@ func (h *harness) run(cmd string) string {
 				h.nodes[name].n.Tick()
 				h.collect(name)
 			})
+		}
+	case "deliver-one":
+		if len(h.inbox) > 0 {
+			m := h.inbox[0]
+			h.inbox = h.inbox[1:]
+			h.printf("deliver %s", m)
+			h.step(m.To, Event{Type: EvMessage, Msg: &m})
 		}
 	case "deliver":
 		for i := 0; len(h.inbox) > 0 && i < 20; i++ {
@@ -224,10 +240,17 @@ func (h *harness) run(cmd string) string {
 			ev.DiscardQueue = ev.DiscardQueue || a == "discard-queue"
 		}
 		h.step(arg(0), ev)
-	case "reverse", "failback", "pause", "resume":
+	case "reverse", "failback", "switchover", "pause", "resume":
 		h.step(arg(0), Event{Type: EventType(f[0])})
 	case "drained":
 		h.step(arg(0), Event{Type: EvDrained})
+	case "action-failed":
+		h.step(arg(0), Event{Type: EvActionFailed, Action: ActionType(arg(1)), Err: "injected"})
+	case "drop":
+		for _, m := range h.inbox {
+			h.printf("dropped %s", m)
+		}
+		h.inbox = nil
 	case "status":
 		st := h.node(arg(0)).n.Status()
 		h.printf("%s: role=%s state=%s epoch=%d consistent=%t link=%t ticks-to-fail=%d", st.Self, st.Role, st.State, st.Epoch, st.Consistent, st.LinkUp, st.TicksToFail)
@@ -240,6 +263,7 @@ func (h *harness) run(cmd string) string {
 		if st.LastError != "" {
 			h.printf("  last error: %s", st.LastError)
 		}
+		h.printf("  persisted: %s", h.node(arg(0)).persisted)
 	default:
 		h.t.Fatalf("unknown command %q", cmd)
 	}
@@ -323,6 +347,10 @@ func (h *harness) collect(name string) {
 		}
 		for _, a := range rd.Actions {
 			h.printf("%s: action %s", name, a)
+		}
+		for _, m := range rd.AfterActions {
+			h.printf("%s: then send %s", name, m)
+			h.inbox = append(h.inbox, m)
 		}
 	}
 	if st := sn.n.Status().State; st != sn.state {

@@ -25,7 +25,14 @@
 //     heard its peer (or StartGrace ticks passed); a source that learns of a
 //     newer epoch fences itself ("superseded, run doppel reverse");
 //   - equal epochs claimed by two sources is split brain, reported, never
-//     resolved silently.
+//     resolved silently;
+//   - a planned switchover (doppel switchover, doppel failback) holds the
+//     source's writes, drains them to the target, asks the target whether
+//     it can take over, and only then releases the service IPs, stops
+//     serving and becomes target; the peer promotes at a new epoch. A
+//     target that refuses, a drain that fails, a peer that goes silent or
+//     does not answer end the switchover with writes resumed where they
+//     were: nothing moved.
 package ha
 
 import (
@@ -76,6 +83,13 @@ type Node struct {
 	peerDown   bool            // ExternalDetector: its last verdict was down
 	witnessOK  bool            // Witness: it lost the source too (since the last peer-down)
 	startTicks int             // ticks spent in StateStarting
+
+	// A switchover this node started as source (StateSwitchingOver,
+	// StateFailingBack): drained once EvDrained came; waitTicks counts
+	// the ticks since, linkDownTicks the ticks in a row without the link.
+	drained       bool
+	waitTicks     int
+	linkDownTicks int
 
 	peerKnown      bool
 	peerRole       Role
@@ -153,6 +167,8 @@ func (n *Node) Tick() {
 			n.hs.Alone = true
 			n.becomeActiveSource()
 		}
+	case n.switching():
+		n.tickSwitchover()
 	case n.hs.Role == RoleTarget && !n.sourceDown && !n.cfg.ExternalDetector && n.allSilent():
 		n.sourceDown = true
 		n.onSourceDown()
@@ -199,6 +215,9 @@ func (n *Node) Step(ev Event) error {
 			return fmt.Errorf("ha: job %q: %s without an external detector", n.cfg.Job, ev.Type)
 		}
 		n.peerDown = true
+		if n.switching() {
+			n.abortSwitchover(n.cfg.Peer + " was declared down")
+		}
 		if n.hs.Role == RoleTarget && !n.hs.Superseded && !n.sourceDown {
 			n.sourceDown = true
 			n.onSourceDown()
@@ -225,6 +244,9 @@ func (n *Node) Step(ev Event) error {
 		n.onDrained()
 	case EvActionFailed:
 		n.lastErr = fmt.Sprintf("%s: %s", ev.Action, ev.Err)
+		if ev.Action == ActQuiesce && n.switching() && !n.drained {
+			n.abortSwitchover("the drain failed: " + ev.Err)
+		}
 	case EvMessage:
 		if ev.Msg == nil {
 			return fmt.Errorf("ha: job %q: message event without message", n.cfg.Job)
@@ -234,8 +256,8 @@ func (n *Node) Step(ev Event) error {
 		return n.failover(ev, false)
 	case CmdReverse:
 		return n.reverse()
-	case CmdFailback:
-		return n.failback()
+	case CmdFailback, CmdSwitchover:
+		return n.switchover(ev.Type)
 	case CmdPause:
 		return n.pause()
 	case CmdResume:
@@ -248,7 +270,7 @@ func (n *Node) Step(ev Event) error {
 
 // HasReady reports whether Ready has anything to do.
 func (n *Node) HasReady() bool {
-	return n.hs != n.lastSent || len(n.pending.Messages) > 0 || len(n.pending.Actions) > 0
+	return n.hs != n.lastSent || len(n.pending.Messages) > 0 || len(n.pending.Actions) > 0 || len(n.pending.AfterActions) > 0
 }
 
 // Ready returns what the driver must do now and forgets it: the driver
@@ -267,7 +289,7 @@ func (n *Node) Ready() Ready {
 func (n *Node) Status() Status {
 	st := Status{
 		Job: n.cfg.Job, Self: n.cfg.Self, Peer: n.cfg.Peer,
-		Role: n.hs.Role, State: n.state, Epoch: n.hs.Epoch,
+		Home: n.cfg.Home, Role: n.hs.Role, State: n.state, Epoch: n.hs.Epoch,
 		Consistent: n.hs.Consistent, Failover: n.cfg.Failover,
 		LinkUp: n.linkUp, Reason: n.reason, LastError: n.lastErr,
 		TicksToFail: -1,
@@ -336,6 +358,11 @@ func (n *Node) send(t MessageType, reply bool) {
 	})
 }
 
+func (n *Node) sendRefusal(reason string) {
+	n.send(MsgHandoverRefused, false)
+	n.pending.Messages[len(n.pending.Messages)-1].Reason = reason
+}
+
 func (n *Node) hello(reply bool) { n.send(MsgHello, reply) }
 
 func (n *Node) setConsistent(c bool) { n.hs.Consistent = c }
@@ -353,6 +380,9 @@ func (n *Node) start() {
 		n.refreshState()
 	}
 	n.hello(false)
+	if n.hs.HandingOver {
+		n.send(MsgHandover, false) // restarted before the peer confirmed
+	}
 }
 
 // becomeActiveSource serves the volume, takes the service IP and starts
@@ -371,7 +401,7 @@ func (n *Node) becomeActiveSource() {
 // follow from them (not the ones held by a procedure in progress).
 func (n *Node) refreshState() {
 	switch n.state {
-	case StateStarting, StateSuperseded, StateSplitBrain, StateFailingBack, StateSourceDown:
+	case StateStarting, StateSuperseded, StateSplitBrain, StateFailingBack, StateSwitchingOver, StateSourceDown:
 		return
 	case StateFailedOver:
 		if n.hs.FailedOver {
@@ -379,6 +409,8 @@ func (n *Node) refreshState() {
 		}
 	}
 	switch {
+	case n.hs.Role == RoleTarget && n.hs.HandingOver:
+		n.state = StateHandingOver
 	case n.hs.Role == RoleSource && n.hs.Paused:
 		n.state = StatePaused
 	case n.hs.Role == RoleSource && n.hs.FailedOver:
@@ -423,12 +455,12 @@ func (n *Node) failover(ev Event, auto bool) error {
 		return n.refuse(CmdFailover, ErrWrongRole, "%s is the superseded old source of job %s; %s holds the job", n.cfg.Self, n.cfg.Job, n.cfg.Peer)
 	case n.hs.Role == RoleSource:
 		return n.refuse(CmdFailover, ErrWrongRole, "%s is the source of job %s: fail over on its target %s", n.cfg.Self, n.cfg.Job, n.cfg.Peer)
-	case n.state == StateFailingBack:
-		return n.refuse(CmdFailover, ErrBadState, "job %s is failing back", n.cfg.Job)
+	case n.switching():
+		return n.refuse(CmdFailover, ErrBadState, "job %s is switching over", n.cfg.Job)
 	case !n.hs.Consistent && !ev.Force:
 		return n.refuse(CmdFailover, ErrInconsistent, "target %s is inconsistent (mirror or resync incomplete): its data is not a usable image; --force takes over anyway", n.cfg.Self)
 	case !auto && n.peerAlive() && !ev.Force:
-		return n.refuse(CmdFailover, ErrSourceAlive, "source %s is still heard on %s: use doppel failback for a planned switchover, or --force (the source will be fenced)", n.cfg.Peer, n.alivePaths())
+		return n.refuse(CmdFailover, ErrSourceAlive, "source %s is still heard on %s: use doppel switchover for a planned switchover (no data loss), or --force (the source will be fenced)", n.cfg.Peer, n.alivePaths())
 	}
 	epoch := max(n.hs.Epoch, n.peerEpoch) + 1
 	n.act(
@@ -439,10 +471,9 @@ func (n *Node) failover(ev Event, auto bool) error {
 		Action{Type: ActApplyIdentity},
 		Action{Type: ActRunScript, Hook: HookPostFailover},
 	)
-	n.hs.Role = RoleSource
-	n.hs.Epoch = epoch
-	n.hs.FailedOver = true
-	n.hs.Paused = false
+	// Every other flag (paused, alone, handing over) belonged to the
+	// role this node leaves.
+	n.hs = HardState{Role: RoleSource, Epoch: epoch, Consistent: n.hs.Consistent, FailedOver: true}
 	n.sourceDown = false
 	n.state = StateFailedOver
 	n.reason = ""
@@ -467,6 +498,8 @@ func (n *Node) alivePaths() string {
 func (n *Node) fence() {
 	n.hs.Superseded = true
 	n.hs.FailedOver = false
+	n.hs.HandingOver = false
+	n.drained = false
 	n.state = StateSuperseded
 	n.reason = "superseded by " + n.cfg.Peer + ", run doppel reverse"
 	if n.hs.Alone {
@@ -500,32 +533,25 @@ func (n *Node) onMessage(m Message) {
 		n.state = StateReversing
 		n.reason = ""
 		n.act(Action{Type: ActStartTarget})
+	case MsgHandoverPrepare:
+		n.onHandoverPrepare(m)
+	case MsgHandoverReady:
+		if n.switching() && n.drained && n.hs.Role == RoleSource {
+			n.demote()
+		}
+	case MsgHandoverRefused:
+		if n.switching() && n.hs.Role == RoleSource {
+			n.abortSwitchover(n.cfg.Peer + " refused to take over: " + m.Reason)
+		}
 	case MsgHandover:
-		if n.hs.Role != RoleTarget || !n.hs.Consistent {
-			n.lastErr = fmt.Sprintf("refused %s: role %s consistent=%t", m, n.hs.Role, n.hs.Consistent)
-			return
-		}
-		epoch := max(n.hs.Epoch, m.Epoch) + 1
-		n.act(
-			Action{Type: ActStopTarget, ApplyQueue: true},
-			Action{Type: ActPromote, Epoch: epoch},
-			Action{Type: ActServe},
-			Action{Type: ActApplyIdentity},
-			Action{Type: ActStartSource},
-			Action{Type: ActRunScript, Hook: HookPostFailback},
-		)
-		n.hs.Role, n.hs.Epoch = RoleSource, epoch
-		n.sourceDown = false
-		n.reason = ""
-		n.linkUp = false
-		n.state = ""
-		n.refreshState()
-		n.send(MsgHandoverDone, false)
+		n.onHandover(m)
 	case MsgHandoverDone:
-		if n.state != StateFailingBack {
+		if !n.hs.HandingOver {
 			return
 		}
+		n.hs.HandingOver = false
 		n.hs.Epoch = max(n.hs.Epoch, m.Epoch)
+		n.reason = ""
 		n.linkUp = false
 		n.state = ""
 		n.refreshState()
@@ -538,8 +564,17 @@ func (n *Node) onPeerState(m Message) {
 		return
 	}
 	if n.hs.Role == RoleTarget {
-		if m.Role == RoleSource && m.Epoch > n.hs.Epoch && n.state != StateFailingBack {
+		switch {
+		case m.Role == RoleSource && m.Epoch > n.hs.Epoch:
 			n.hs.Epoch = m.Epoch
+			if n.hs.HandingOver {
+				// The peer took over: its confirmation was lost.
+				n.hs.HandingOver = false
+				n.reason = ""
+				n.refreshState()
+			}
+		case m.Role == RoleTarget && n.hs.HandingOver && !m.Reply:
+			n.send(MsgHandover, false) // the peer has not taken over yet
 		}
 		return
 	}
@@ -587,36 +622,149 @@ func (n *Node) reverse() error {
 	return nil
 }
 
-func (n *Node) failback() error {
+// switching reports whether this node is the source of a switchover in
+// progress (before it demoted itself).
+func (n *Node) switching() bool {
+	return n.state == StateSwitchingOver || n.state == StateFailingBack
+}
+
+// switchover starts a planned switchover to the peer (CmdSwitchover), or
+// back to the job's home (CmdFailback, refused elsewhere).
+func (n *Node) switchover(cmd EventType) error {
 	switch {
 	case n.hs.Role != RoleSource || n.hs.Superseded:
-		return n.refuse(CmdFailback, ErrWrongRole, "%s is not the source of job %s: run failback against %s", n.cfg.Self, n.cfg.Job, n.cfg.Peer)
-	case n.cfg.Self == n.cfg.Home:
-		return n.refuse(CmdFailback, ErrBadState, "job %s already runs on its original source %s", n.cfg.Job, n.cfg.Self)
+		return n.refuse(cmd, ErrWrongRole, "%s is not the active source of job %s: run %s against %s", n.cfg.Self, n.cfg.Job, cmd, n.cfg.Peer)
+	case cmd == CmdFailback && n.cfg.Self == n.cfg.Home:
+		return n.refuse(cmd, ErrBadState, "job %s already runs on its original source %s (doppel switchover moves it to %s)", n.cfg.Job, n.cfg.Self, n.cfg.Peer)
+	case n.switching():
+		return n.refuse(cmd, ErrBadState, "a switchover of job %s to %s is already under way", n.cfg.Job, n.cfg.Peer)
 	case n.hs.FailedOver:
-		return n.refuse(CmdFailback, ErrBadState, "job %s is failed over and not protected: run doppel reverse first, then failback once replicating", n.cfg.Job)
+		return n.refuse(cmd, ErrBadState, "job %s is failed over and not protected: run doppel reverse first, then %s once replicating", n.cfg.Job, cmd)
+	case n.hs.Paused:
+		return n.refuse(cmd, ErrBadState, "job %s is paused: doppel job resume first, then %s once replicating", n.cfg.Job, cmd)
 	case n.state != StateReplicating:
-		return n.refuse(CmdFailback, ErrBadState, "failback needs job %s replicating with both hosts up (state: %s)", n.cfg.Job, n.state)
+		return n.refuse(cmd, ErrBadState, "%s needs job %s replicating with both hosts up (state: %s)", cmd, n.cfg.Job, n.state)
+	case !n.peerAlive():
+		return n.refuse(cmd, ErrPeerUnreachable, "target %s is not heard on any path", n.cfg.Peer)
 	}
-	n.state = StateFailingBack
+	n.state = StateSwitchingOver
+	if n.cfg.Peer == n.cfg.Home {
+		n.state = StateFailingBack
+	}
+	n.drained, n.waitTicks, n.linkDownTicks = false, 0, 0
+	n.reason = "switching over to " + n.cfg.Peer + ": writes held while the target catches up"
+	n.lastErr = ""
 	n.act(Action{Type: ActRunScript, Hook: HookPreFailback}, Action{Type: ActQuiesce})
 	return nil
 }
 
+// switchoverTicks bounds the wait for the target's answer once drained,
+// and the link being down during a switchover.
+func (n *Node) switchoverTicks() int { return max(40, 8*n.cfg.Missed) }
+
+func (n *Node) tickSwitchover() {
+	if n.linkUp {
+		n.linkDownTicks = 0
+	} else {
+		n.linkDownTicks++
+	}
+	if n.drained {
+		n.waitTicks++
+	}
+	switch {
+	case n.linkDownTicks > 2*n.cfg.Missed:
+		n.abortSwitchover(fmt.Sprintf("the replication link to %s is down", n.cfg.Peer))
+	case n.waitTicks > n.switchoverTicks():
+		n.abortSwitchover(fmt.Sprintf("%s did not answer within %d intervals", n.cfg.Peer, n.switchoverTicks()))
+	}
+}
+
 func (n *Node) onDrained() {
-	if n.state != StateFailingBack || n.hs.Role != RoleSource {
+	if !n.switching() || n.hs.Role != RoleSource || n.drained {
 		return
 	}
-	// Everything acknowledged is on the peer: hand over.
+	// Every acknowledged write is on the target and writes are held:
+	// ask it to take over (nothing moved yet).
+	n.drained, n.waitTicks = true, 0
+	n.reason = "switching over to " + n.cfg.Peer + ": drained, waiting for it to accept"
+	n.send(MsgHandoverPrepare, false)
+}
+
+// abortSwitchover ends a switchover that did not happen: writes resume
+// here, and the post-failback hook restarts what the pre-failback hook
+// stopped.
+func (n *Node) abortSwitchover(why string) {
+	n.act(Action{Type: ActResumeWrites}, Action{Type: ActRunScript, Hook: HookPostFailback})
+	n.drained = false
+	n.state = ""
+	n.reason = ""
+	n.refreshState()
+	n.lastErr = fmt.Sprintf("switchover to %s aborted, writes resumed on %s: %s", n.cfg.Peer, n.cfg.Self, why)
+}
+
+// onHandoverPrepare: the peer, drained, asks this target to take over.
+func (n *Node) onHandoverPrepare(m Message) {
+	switch {
+	case n.hs.Role != RoleTarget || n.hs.Superseded || n.hs.HandingOver:
+		n.sendRefusal(fmt.Sprintf("%s is %s %s, not its target", n.cfg.Self, n.hs.Role, n.state))
+	case !n.hs.Consistent:
+		n.sendRefusal(fmt.Sprintf("%s's copy is inconsistent (mirror or resync incomplete)", n.cfg.Self))
+	case m.Epoch < n.hs.Epoch:
+		n.sendRefusal(fmt.Sprintf("%s is at epoch %d, the request at %d", n.cfg.Self, n.hs.Epoch, m.Epoch))
+	default:
+		n.send(MsgHandoverReady, false)
+	}
+}
+
+// demote: the target accepted; release the IPs, stop shipping (held
+// writes fail: they were never acknowledged), stop serving, become its
+// target, and tell it to take over (repeated until it confirms).
+func (n *Node) demote() {
 	n.act(
 		Action{Type: ActReleaseIdentity},
-		Action{Type: ActStopServe},
 		Action{Type: ActStopSource},
+		Action{Type: ActStopServe},
 		Action{Type: ActStartTarget},
 	)
-	n.hs.Role = RoleTarget
-	n.hs.Consistent = true
+	n.hs = HardState{Role: RoleTarget, Epoch: n.hs.Epoch, Consistent: true, HandingOver: true}
+	n.drained = false
+	n.linkUp = false
+	n.state = ""
+	n.refreshState()
+	n.reason = "handed over to " + n.cfg.Peer + ", waiting for it to confirm"
+	// Only once the IPs are released and nothing is served here.
 	n.send(MsgHandover, false)
+	last := len(n.pending.Messages) - 1
+	n.pending.AfterActions = append(n.pending.AfterActions, n.pending.Messages[last])
+	n.pending.Messages = n.pending.Messages[:last]
+}
+
+// onHandover: the drained, demoted source hands the role over: promote.
+func (n *Node) onHandover(m Message) {
+	switch {
+	case n.hs.Role == RoleSource && !n.hs.Superseded && n.hs.Epoch > m.Epoch:
+		n.send(MsgHandoverDone, false) // took over already; the confirmation was lost
+		return
+	case n.hs.Role != RoleTarget || !n.hs.Consistent || n.hs.HandingOver:
+		n.lastErr = fmt.Sprintf("refused %s: role %s consistent=%t", m, n.hs.Role, n.hs.Consistent)
+		return
+	}
+	epoch := max(n.hs.Epoch, m.Epoch) + 1
+	n.act(
+		Action{Type: ActStopTarget, ApplyQueue: true},
+		Action{Type: ActPromote, Epoch: epoch},
+		Action{Type: ActServe},
+		Action{Type: ActApplyIdentity},
+		Action{Type: ActStartSource},
+		Action{Type: ActRunScript, Hook: HookPostFailback},
+	)
+	n.hs = HardState{Role: RoleSource, Epoch: epoch, Consistent: true}
+	n.sourceDown = false
+	n.reason = ""
+	n.linkUp = false
+	n.state = ""
+	n.refreshState()
+	n.send(MsgHandoverDone, false)
 }
 
 func (n *Node) pause() error {

@@ -9,19 +9,27 @@ import (
 // and operator commands, and checks after every step: no panic; persisted
 // epochs never go down; a refused command leaves nothing to do; a node whose
 // persisted state is superseded never serves or takes the service IP; a
-// node only serves (or takes the IP) while its persisted role is source.
+// node only serves (or takes the service IP) while its persisted role is source;
+// only a target is handing over. In planned runs (manual failover mode, no
+// failover command, no partition: only switchovers and crashes move the role) the
+// two nodes never serve at the same time, unless one served alone after a
+// restart in which it never heard its peer.
 func TestRandomized(t *testing.T) {
 	for seed := uint64(1); seed <= 300; seed++ {
-		runRandom(t, seed, 400)
+		runRandom(t, seed, 400, false)
+	}
+	for seed := uint64(1); seed <= 300; seed++ {
+		runRandom(t, seed, 400, true)
 	}
 }
 
-func runRandom(t *testing.T, seed uint64, steps int) {
+func runRandom(t *testing.T, seed uint64, steps int, planned bool) {
 	r := rand.New(rand.NewPCG(seed, 7))
 	base := Config{Job: "web", Home: "vm1", Paths: []string{"repl", "app"}, Missed: 1 + r.IntN(4), Failover: FailoverAuto}
-	if r.IntN(2) == 0 {
+	if planned || r.IntN(2) == 0 {
 		base.Failover = FailoverManual
 	}
+	var serving [2]bool
 	names := [2]string{"vm1", "vm2"}
 	cfg := func(i int) Config {
 		c := base
@@ -48,12 +56,28 @@ func runRandom(t *testing.T, seed uint64, steps int) {
 				}
 				persisted[i] = rd.HardState
 			}
+			if persisted[i].HandingOver && persisted[i].Role != RoleTarget {
+				t.Fatalf("seed %d %s: %s hands over as %v", seed, what, names[i], persisted[i])
+			}
+			inbox = append(inbox, rd.Messages...)
 			for _, a := range rd.Actions {
 				if (a.Type == ActServe || a.Type == ActApplyIdentity) && (persisted[i].Superseded || persisted[i].Role != RoleSource) {
 					t.Fatalf("seed %d %s: %s does %s with persisted state %v", seed, what, names[i], a.Type, persisted[i])
 				}
+				switch a.Type {
+				case ActServe:
+					serving[i] = true
+				case ActStopServe:
+					serving[i] = false
+				}
 			}
-			inbox = append(inbox, rd.Messages...)
+			// A restarted source that never heard its peer serves alone
+			// after its grace (Alone, reported as split brain later):
+			// without an arbiter that is the known exception.
+			if planned && serving[0] && serving[1] && !persisted[0].Alone && !persisted[1].Alone {
+				t.Fatalf("seed %d %s: both nodes serve (planned run): %v / %v", seed, what, persisted[0], persisted[1])
+			}
+			inbox = append(inbox, rd.AfterActions...)
 		}
 	}
 	for step := 0; step < steps; step++ {
@@ -95,6 +119,7 @@ func runRandom(t *testing.T, seed uint64, steps int) {
 			what = "crash/restart"
 			if alive[i] {
 				alive[i] = false
+				serving[i] = false
 			} else {
 				alive[i] = true
 				nodes[i], _ = NewNode(cfg(i), persisted[i])
@@ -103,6 +128,9 @@ func runRandom(t *testing.T, seed uint64, steps int) {
 			}
 			continue
 		case k == 8:
+			if planned {
+				continue
+			}
 			p := base.Paths[r.IntN(2)]
 			pathUp[p] = !pathUp[p]
 			continue
@@ -111,7 +139,7 @@ func runRandom(t *testing.T, seed uint64, steps int) {
 			continue
 		}
 		var ev Event
-		switch r.IntN(9) {
+		switch r.IntN(11) {
 		case 0:
 			ev = Event{Type: EvLinkUp}
 		case 1:
@@ -121,6 +149,10 @@ func runRandom(t *testing.T, seed uint64, steps int) {
 		case 3:
 			ev = Event{Type: EvResync}
 		case 4:
+			if planned {
+				ev = Event{Type: CmdSwitchover}
+				break
+			}
 			ev = Event{Type: CmdFailover, Force: r.IntN(4) == 0}
 		case 5:
 			ev = Event{Type: CmdReverse}
@@ -130,6 +162,10 @@ func runRandom(t *testing.T, seed uint64, steps int) {
 			ev = Event{Type: []EventType{CmdPause, CmdResume}[r.IntN(2)]}
 		case 8:
 			ev = Event{Type: EvDrained}
+		case 9:
+			ev = Event{Type: CmdSwitchover}
+		case 10:
+			ev = Event{Type: EvActionFailed, Action: ActQuiesce, Err: "injected"}
 		}
 		what = string(ev.Type)
 		before := n.HasReady()

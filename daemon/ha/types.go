@@ -49,8 +49,16 @@ const (
 	// StateReversing: protection restarted in the other direction after a
 	// failover; the returned host is being resynced (dirty chunks only).
 	StateReversing State = "reversing"
-	// StateFailingBack: a planned switchover is under way.
+	// StateFailingBack: a planned switchover back to the job's home
+	// (doppel failback) is under way on the source handing over.
 	StateFailingBack State = "failing-back"
+	// StateSwitchingOver: a planned switchover away from the job's home
+	// (doppel switchover) is under way on the source handing over.
+	StateSwitchingOver State = "switching-over"
+	// StateHandingOver: this node was the source of a planned switchover,
+	// is drained and demoted to target, and waits for its peer to confirm
+	// that it took over (nothing is served meanwhile).
+	StateHandingOver State = "handing-over"
 	// StateSplitBrain: both nodes were promoted to the same generation
 	// epoch independently. Never resolved silently.
 	StateSplitBrain State = "split-brain"
@@ -125,6 +133,10 @@ type HardState struct {
 	// Alone: this source started serving without hearing its peer (after
 	// StartGrace); if the peer took over meanwhile, the histories diverged.
 	Alone bool `json:"alone,omitempty"`
+	// HandingOver: this node was the source of a planned switchover, is
+	// drained and demoted, and repeats the handover to its peer until the
+	// peer confirms it took over (or is seen as a newer source).
+	HandingOver bool `json:"handing_over,omitempty"`
 }
 
 func (hs HardState) String() string {
@@ -141,6 +153,9 @@ func (hs HardState) String() string {
 	}
 	if hs.Alone {
 		b.WriteString(" alone")
+	}
+	if hs.HandingOver {
+		b.WriteString(" handing-over")
 	}
 	return b.String()
 }
@@ -170,7 +185,7 @@ const (
 	// EvWitness: the witness's answer after a peer-down (Config.Witness):
 	// WitnessLost when it lost the source too; Err says why not.
 	EvWitness EventType = "witness"
-	// EvDrained: the quiesce action completed (writes paused, queue empty,
+	// EvDrained: the quiesce action completed (writes held, queue empty,
 	// target acknowledged everything).
 	EvDrained EventType = "drained"
 	// EvActionFailed: an action of a Ready failed; Err says how.
@@ -183,9 +198,14 @@ const (
 const (
 	CmdFailover EventType = "failover"
 	CmdReverse  EventType = "reverse"
-	CmdFailback EventType = "failback"
-	CmdPause    EventType = "pause"
-	CmdResume   EventType = "resume"
+	// CmdSwitchover: planned switchover to the peer, in either direction
+	// (quiesce, drain, swap roles at a new epoch, move the service IPs,
+	// resume): no acknowledged write is lost. CmdFailback is the same
+	// switchover, refused unless it brings the job back to its home.
+	CmdSwitchover EventType = "switchover"
+	CmdFailback   EventType = "failback"
+	CmdPause      EventType = "pause"
+	CmdResume     EventType = "resume"
 )
 
 // Event is one input to Step.
@@ -218,9 +238,20 @@ const (
 	// MsgReverse: the failed-over node asks the fenced one to become its
 	// target.
 	MsgReverse MessageType = "reverse"
-	// MsgHandover: failback, the drained source hands the role over.
+	// A planned switchover (failback included) in two phases, so that a
+	// target that cannot take over refuses before anything moved:
+	// MsgHandoverPrepare: the drained source (still serving, writes held)
+	// asks its target whether it can take over;
+	MsgHandoverPrepare MessageType = "handover-prepare"
+	// MsgHandoverReady: the target can (consistent, role target);
+	MsgHandoverReady MessageType = "handover-ready"
+	// MsgHandoverRefused: it cannot (Reason); the source resumes writes;
+	MsgHandoverRefused MessageType = "handover-refused"
+	// MsgHandover: the source released the IPs, stopped serving and
+	// became target: the peer takes over at a new epoch (repeated until
+	// MsgHandoverDone);
 	MsgHandover MessageType = "handover"
-	// MsgHandoverDone: failback, the new source confirms it took over.
+	// MsgHandoverDone: the new source confirms it took over.
 	MsgHandoverDone MessageType = "handover-done"
 )
 
@@ -234,6 +265,8 @@ type Message struct {
 	Epoch      uint64      `json:"epoch"`
 	Superseded bool        `json:"superseded,omitempty"`
 	Reply      bool        `json:"reply,omitempty"`
+	// Reason: why a MsgHandoverRefused refused.
+	Reason string `json:"reason,omitempty"`
 }
 
 func (m Message) String() string {
@@ -243,6 +276,9 @@ func (m Message) String() string {
 	}
 	if m.Reply {
 		s += " reply"
+	}
+	if m.Reason != "" {
+		s += " reason=" + fmt.Sprintf("%q", m.Reason)
 	}
 	return s
 }
@@ -264,7 +300,8 @@ const (
 	ActPromote         ActionType = "promote"          // start a new generation at Epoch
 	ActPauseRepl       ActionType = "pause-repl"       // stop shipping, track in bitmap
 	ActResumeRepl      ActionType = "resume-repl"      // resume (resync dirty chunks)
-	ActQuiesce         ActionType = "quiesce"          // pause writes, drain the queue; step EvDrained when done
+	ActQuiesce         ActionType = "quiesce"          // hold writes, drain the queue; step EvDrained when done
+	ActResumeWrites    ActionType = "resume-writes"    // end a quiesce: held writes proceed (a switchover that did not happen)
 	ActRunScript       ActionType = "run-script"       // run the hook script (Hook)
 )
 
@@ -292,17 +329,21 @@ func (a Action) String() string {
 }
 
 // Ready is what the driver must do after Step or Tick: persist HardState
-// first (when MustPersist), then send Messages, then do Actions in order.
+// first (when MustPersist), then send Messages, then do Actions in order,
+// then send AfterActions (whether the actions succeeded or not: a message
+// that must not overtake them, such as a handover that must reach the peer
+// only once this node stopped serving).
 type Ready struct {
-	HardState   HardState
-	MustPersist bool
-	Messages    []Message
-	Actions     []Action
+	HardState    HardState
+	MustPersist  bool
+	Messages     []Message
+	Actions      []Action
+	AfterActions []Message
 }
 
 // Empty reports whether there is nothing to do.
 func (r Ready) Empty() bool {
-	return !r.MustPersist && len(r.Messages) == 0 && len(r.Actions) == 0
+	return !r.MustPersist && len(r.Messages) == 0 && len(r.Actions) == 0 && len(r.AfterActions) == 0
 }
 
 // PathStatus is the monitor's view of one path.
@@ -315,9 +356,11 @@ type PathStatus struct {
 
 // Status is a node's view of the job, for status output.
 type Status struct {
-	Job        string       `json:"job"`
-	Self       string       `json:"self"`
-	Peer       string       `json:"peer"`
+	Job  string `json:"job"`
+	Self string `json:"self"`
+	Peer string `json:"peer"`
+	// Home is the job's original source (failback returns there).
+	Home       string       `json:"home"`
 	Role       Role         `json:"role"`
 	State      State        `json:"state"`
 	Epoch      uint64       `json:"epoch"`
