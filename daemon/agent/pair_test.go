@@ -52,7 +52,7 @@ func newPairWith(t *testing.T, failover ha.FailoverMode, mode string, rate int64
 	root := t.TempDir()
 	os.WriteFile(filepath.Join(root, "mountinfo"), nil, 0o644)
 	p := &pair{t: t, root: root, agents: map[string]*testAgent{}, live: map[string]*memLiveness{},
-		repl: map[string]string{"vm1": freePort(t), "vm2": freePort(t)}, log: slog.New(slog.DiscardHandler), rate: rate}
+		repl: map[string]string{"vm1": freePort(t), "vm2": freePort(t)}, log: pairLog(), rate: rate}
 	for _, name := range []string{"vm1", "vm2"} {
 		p.live[name] = &memLiveness{alive: map[string]bool{"web": true}, n: map[string]uint64{}}
 		p.start(name, "127.0.0.1:0")
@@ -62,6 +62,12 @@ func newPairWith(t *testing.T, failover ha.FailoverMode, mode string, rate int64
 	spec := testSpec(t, e1, e2)
 	spec.Failover = failover
 	spec.Mode = mode
+	if rate > 0 {
+		// A rate-limited session can be silent for longer than 3 × 50 ms
+		// between frames: the replication keepalive timeout follows the
+		// monitor settings.
+		spec.Monitor = job.Monitor{Interval: 250 * time.Millisecond, Missed: 8}
+	}
 	spec.Volume, spec.TargetVolume = filepath.Join(root, "vol1.img"), filepath.Join(root, "vol2.img")
 	p.model = make([]byte, pairSize)
 	rand.Read(p.model[:1<<20])
@@ -274,4 +280,12 @@ func (p *pair) writer(name string, stop <-chan struct{}) (done <-chan int) {
 func randN(n int) int {
 	v, _ := rand.Int(rand.Reader, big.NewInt(int64(n)))
 	return int(v.Int64())
+}
+
+// pairLog is the replication engines' logger: shown with -v.
+func pairLog() *slog.Logger {
+	if testing.Verbose() {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	}
+	return slog.New(slog.DiscardHandler)
 }
