@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -658,6 +659,18 @@ func jobDelete(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	// The target side first: the source keeps sending the job's
+	// heartbeats until its own delete, so the peer's probe, which may
+	// judge a sibling job's heartbeats by this job's, never hears silence.
+	slices.SortStableFunc(views, func(a, b view) int {
+		rank := func(v view) int {
+			if v.Status != nil && v.Status.HA.Role == ha.RoleSource {
+				return 1
+			}
+			return 0
+		}
+		return rank(a) - rank(b)
+	})
 	var errs []error
 	for _, v := range views {
 		if v.Status == nil {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -24,10 +25,20 @@ type ProbeLiveness struct {
 
 	mu   sync.Mutex
 	jobs map[string]*watched
+	// watchers lists, per peer address, the jobs watching it, oldest
+	// first. The probe holds one heartbeat token per address: the oldest
+	// job's. Every job sends its own heartbeats, and the peer sends those
+	// of every job it has, so the oldest job's keep the address alive for
+	// all of them; a new job does not change the token (its peer may not
+	// send its heartbeats yet), and when the token's job goes the next
+	// oldest's takes over (delete the target side first: the source keeps
+	// sending the old job's heartbeats until its own delete).
+	watchers map[netip.Addr][]string
 }
 
 type watched struct {
 	paths  map[string]netip.Addr
+	token  uint64
 	sender *ebpf.Sender
 	cancel context.CancelFunc
 }
@@ -42,10 +53,15 @@ func (p *ProbeLiveness) Watch(job string, paths map[string]netip.Addr, also []ne
 	if _, ok := p.jobs[job]; ok {
 		return nil
 	}
+	if p.watchers == nil {
+		p.watchers = map[netip.Addr][]string{}
+	}
 	var dsts []netip.AddrPort
 	for _, a := range paths {
-		if err := p.Probe.SetPeer(a, token); err != nil {
-			return fmt.Errorf("probe: watch %s: %w", a, err)
+		if len(p.watchers[a]) == 0 {
+			if err := p.Probe.SetPeer(a, token); err != nil {
+				return fmt.Errorf("probe: watch %s: %w", a, err)
+			}
 		}
 		dsts = append(dsts, netip.AddrPortFrom(a, p.Port))
 	}
@@ -64,8 +80,21 @@ func (p *ProbeLiveness) Watch(job string, paths map[string]netip.Addr, also []ne
 		lockRealtime(log, "heartbeat sender")
 		s.Run(ctx, interval, 0, nil)
 	}()
-	p.jobs[job] = &watched{paths: paths, sender: s, cancel: cancel}
+	p.jobs[job] = &watched{paths: paths, token: token, sender: s, cancel: cancel}
+	for _, a := range uniqueAddrs(paths) {
+		p.watchers[a] = append(p.watchers[a], job)
+	}
 	return nil
+}
+
+func uniqueAddrs(paths map[string]netip.Addr) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range paths {
+		if !slices.Contains(out, a) {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // Unwatch implements Liveness.
@@ -79,22 +108,28 @@ func (p *ProbeLiveness) Unwatch(job string) {
 	delete(p.jobs, job)
 	w.cancel()
 	w.sender.Close()
-	for _, a := range w.paths {
-		if !p.usedLocked(a) {
+	for _, a := range uniqueAddrs(w.paths) {
+		js := p.watchers[a]
+		i := slices.Index(js, job)
+		if i < 0 {
+			continue
+		}
+		js = slices.Delete(js, i, i+1)
+		switch {
+		case len(js) == 0:
+			delete(p.watchers, a)
 			p.Probe.RemovePeer(a)
-		}
-	}
-}
-
-func (p *ProbeLiveness) usedLocked(a netip.Addr) bool {
-	for _, w := range p.jobs {
-		for _, b := range w.paths {
-			if a == b {
-				return true
+		case i == 0:
+			// The token's job went: the next oldest job's heartbeats
+			// keep the address alive.
+			p.watchers[a] = js
+			if err := p.Probe.SetPeer(a, p.jobs[js[0]].token); err != nil {
+				p.Log.Error("probe: heartbeat token of the remaining jobs", "peer", a, "job", js[0], "err", err)
 			}
+		default:
+			p.watchers[a] = js
 		}
 	}
-	return false
 }
 
 // Sample implements Liveness.
