@@ -243,51 +243,75 @@ func replSourceCommand() *cli.Command {
 	}
 }
 
+// sourceEngine is what `repl source` runs behind its NBD server: the plain
+// engine (daemon/repl) or, with --state-dir, the one with persistent state
+// (daemon/replstate, repl_state.go).
+type sourceEngine interface {
+	blockdev.Mutator
+	drainer
+	Run(ctx context.Context) error
+	Close() error
+	collectors() []prometheus.Collector
+	// started runs once the NBD server and the link run (the plain
+	// engine's mirror and verify); ctx ends with the NBD server.
+	started(ctx context.Context, log *slog.Logger)
+	// state is the engine's part of the start and stop log lines.
+	state() []any
+}
+
 func replSource(c *cli.Context) error {
 	if c.NArg() > 0 {
 		return usageErrorf("repl source: unexpected argument %q", c.Args().First())
-	}
-	if c.String("state-dir") != "" {
-		return replSourceState(c) // repl_state.go
 	}
 	log := replLogger(c)
 	f, err := parseSourceFlags(c)
 	if err != nil {
 		return err
 	}
+	var st stateSourceFlags
+	stateful := c.String("state-dir") != ""
+	if stateful {
+		if st, err = parseStateSourceFlags(c, f); err != nil {
+			return err
+		}
+	}
 	dial, tlsConf, err := f.dialer(c, log)
 	if err != nil {
 		return err
 	}
-	mode, mirror, taddr := f.mode, f.mirror, f.taddr
-
+	live, err := replLiveness(c)
+	if err != nil {
+		return err
+	}
 	b, err := blockdev.OpenExclusive(c.String("file"), f.size)
 	if err != nil {
 		return err
 	}
 	defer closeBackend(b)
-	live, err := replLiveness(c)
+	var eng sourceEngine
+	if stateful {
+		eng, err = openStateSource(c, log, f, st, b, dial, live) // repl_state.go
+	} else {
+		eng, err = openPlainSource(c, f, b, dial, live, log)
+	}
 	if err != nil {
 		return err
 	}
-	src, err := repl.NewSource(repl.SourceConfig{Backend: b, Mode: mode, ChunkSize: f.chunk,
-		Queue: repl.NewMemQueue(f.queueSize), Dial: dial, Codec: f.codec, RateLimit: f.rateLimit, Log: log, Liveness: live})
-	if err != nil {
-		return err
-	}
-	defer src.Close()
 	srv, err := blockdev.NewServer(log, blockdev.Export{Name: c.String("name"), Description: "doppel replicated " + filepath.Base(c.String("file")),
-		Backend: b, Mutator: src})
+		Backend: b, Mutator: eng})
 	if err != nil {
+		eng.Close()
 		return err
 	}
-	stopMetrics, err := serveMetrics(c.Context, log, c.String("metrics-listen"), src.Collector())
+	stopMetrics, err := serveMetrics(c.Context, log, c.String("metrics-listen"), eng.collectors()...)
 	if err != nil {
+		eng.Close()
 		return err
 	}
 	defer stopMetrics()
 	l, err := blockdev.Listen(c.String("listen"))
 	if err != nil {
+		eng.Close()
 		return err
 	}
 
@@ -295,32 +319,71 @@ func replSource(c *cli.Context) error {
 	linkCtx, stopLink := context.WithCancel(context.Background())
 	defer stopLink()
 	runErr := make(chan error, 1)
-	go func() { runErr <- src.Run(linkCtx) }()
+	go func() { runErr <- eng.Run(linkCtx) }()
 	nbdCtx, stopNBD := context.WithCancel(c.Context)
 	defer stopNBD()
 	nbdErr := make(chan error, 1)
 	go func() { nbdErr <- srv.Serve(nbdCtx, l) }()
-	log.Info("replication source serving", "file", c.String("file"), "size", b.Size(), "listen", c.String("listen"),
-		"target", taddr, "mode", mode, "mirror", mirror, "tls", tlsConf != nil)
+	log.Info("replication source serving", append([]any{"file", c.String("file"), "size", b.Size(), "listen", c.String("listen"),
+		"target", f.taddr, "mode", f.mode, "mirror", f.mirror, "tls", tlsConf != nil}, eng.state()...)...)
+	eng.started(nbdCtx, log)
 
+	fatal := shutdownSource(c.Context, log, c.Duration("drain-timeout"), eng, runErr, nbdErr, stopNBD, stopLink)
+	log.Info("replication source stopped", eng.state()...)
+	return errors.Join(fatal, eng.Close(), b.Sync())
+}
+
+// plainSource is the engine without persistent state: whatever the target
+// lacks at exit is lost to it.
+type plainSource struct {
+	*repl.Source
+	mirror         repl.MirrorKind
+	verify, resync bool
+}
+
+func openPlainSource(c *cli.Context, f sourceFlags, b blockdev.Backend, dial func(context.Context) (net.Conn, error), live repl.Liveness, log *slog.Logger) (sourceEngine, error) {
+	src, err := repl.NewSource(repl.SourceConfig{Backend: b, Mode: f.mode, ChunkSize: f.chunk,
+		Queue: repl.NewMemQueue(f.queueSize), Dial: dial, Codec: f.codec, RateLimit: f.rateLimit, Log: log, Liveness: live})
+	if err != nil {
+		return nil, err
+	}
+	return plainSource{Source: src, mirror: f.mirror, verify: c.Bool("verify") || c.Bool("verify-resync"), resync: c.Bool("verify-resync")}, nil
+}
+
+func (p plainSource) collectors() []prometheus.Collector {
+	return []prometheus.Collector{p.Collector()}
+}
+
+func (p plainSource) started(ctx context.Context, log *slog.Logger) {
 	go func() {
-		if _, err := src.Mirror(nbdCtx, mirror); err != nil {
-			if nbdCtx.Err() == nil {
+		if _, err := p.Mirror(ctx, p.mirror); err != nil {
+			if ctx.Err() == nil {
 				log.Error("mirror failed", "err", err)
 			}
 			return
 		}
-		if c.Bool("verify") || c.Bool("verify-resync") {
-			if _, err := src.Verify(nbdCtx, c.Bool("verify-resync")); err != nil && nbdCtx.Err() == nil {
+		if p.verify {
+			if _, err := p.Verify(ctx, p.resync); err != nil && ctx.Err() == nil {
 				log.Error("verify failed", "err", err)
 			}
 		}
 	}()
+}
 
-	fatal := shutdownSource(c.Context, log, c.Duration("drain-timeout"), plainDrain{src}, runErr, nbdErr, stopNBD, stopLink)
-	st := src.Stats()
-	log.Info("replication source stopped", "acked_seq", st.AckedSeq, "sent_bytes", st.SentBytes, "payload_bytes", st.PayloadBytes)
-	return errors.Join(fatal, b.Sync())
+func (p plainSource) state() []any {
+	st := p.Stats()
+	return []any{"acked_seq", st.AckedSeq, "sent_bytes", st.SentBytes, "payload_bytes", st.PayloadBytes}
+}
+
+func (p plainSource) failWaiters() { p.Source.Close() }
+
+func (p plainSource) drain(ctx context.Context, log *slog.Logger) error {
+	if err := p.WaitAcked(ctx); err != nil {
+		st := p.Stats()
+		return fmt.Errorf("drain: target applied up to %d of %d: %w", st.AckedSeq, st.LastSeq, err)
+	}
+	log.Info("drained: the target applied everything", "seq", p.LastSeq())
+	return nil
 }
 
 // drainer is the replication side of a source's shutdown.
@@ -377,21 +440,6 @@ func shutdownSource(ctx context.Context, log *slog.Logger, drainTimeout time.Dur
 	return fatal
 }
 
-// plainDrain: without a state dir, whatever the target lacks at exit is
-// lost to it, so an incomplete drain is an error.
-type plainDrain struct{ src *repl.Source }
-
-func (p plainDrain) failWaiters() { p.src.Close() }
-
-func (p plainDrain) drain(ctx context.Context, log *slog.Logger) error {
-	if err := p.src.WaitAcked(ctx); err != nil {
-		st := p.src.Stats()
-		return fmt.Errorf("drain: target applied up to %d of %d: %w", st.AckedSeq, st.LastSeq, err)
-	}
-	log.Info("drained: the target applied everything", "seq", p.src.LastSeq())
-	return nil
-}
-
 func replTargetCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "target",
@@ -411,12 +459,19 @@ func replTargetCommand() *cli.Command {
 	}
 }
 
+// targetEngine is what `repl target` serves: the plain engine or, with
+// --state-dir, the one with persistent state (repl_state.go).
+type targetEngine interface {
+	Serve(ctx context.Context, l net.Listener) error
+	Close() error
+	Collector() prometheus.Collector
+	// state is the engine's part of the start and stop log lines.
+	state() []any
+}
+
 func replTarget(c *cli.Context) (err error) {
 	if c.NArg() > 0 {
 		return usageErrorf("repl target: unexpected argument %q", c.Args().First())
-	}
-	if c.String("state-dir") != "" {
-		return replTargetState(c) // repl_state.go
 	}
 	log := replLogger(c)
 	size, err := optionalSize(c, "size")
@@ -426,6 +481,9 @@ func replTarget(c *cli.Context) (err error) {
 	network, _, err := blockdev.ParseListen(c.String("listen"))
 	if err != nil || !strings.HasPrefix(network, "tcp") {
 		return usageErrorf("--listen %q: want tcp:HOST:PORT", c.String("listen"))
+	}
+	if err := checkTargetDiscard(c); err != nil { // repl_state.go
+		return err
 	}
 	file := c.String("file")
 	if size == 0 {
@@ -437,17 +495,21 @@ func replTarget(c *cli.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	statePath := file + ".repl-target.json" // --state-dir: repl_state.go
+	live, err := replLiveness(c)
+	if err != nil {
+		return err
+	}
 	b, err := blockdev.OpenExclusive(file, size)
 	if err != nil {
 		return err
 	}
 	defer func() { err = errors.Join(err, closeBackend(b)) }()
-	live, err := replLiveness(c)
-	if err != nil {
-		return err
+	var tgt targetEngine
+	if dir := c.String("state-dir"); dir != "" {
+		tgt, err = openStateTarget(c, dir, b, live, log) // repl_state.go
+	} else {
+		tgt, err = openPlainTarget(file+".repl-target.json", b, live, log)
 	}
-	tgt, err := repl.NewTarget(repl.TargetConfig{Backend: b, StatePath: statePath, Log: log, Liveness: live})
 	if err != nil {
 		return err
 	}
@@ -464,13 +526,30 @@ func replTarget(c *cli.Context) (err error) {
 	if tlsConf != nil {
 		l = tls.NewListener(l, tlsConf)
 	}
-	st, _, _ := tgt.Status()
-	log.Info("replication target listening", "file", file, "size", b.Size(), "listen", l.Addr().String(),
-		"state", statePath, "data_state", st.State, "applied_seq", st.Applied, "tls", tlsConf != nil)
+	log.Info("replication target listening", append([]any{"file", file, "size", b.Size(), "listen", l.Addr().String(), "tls", tlsConf != nil}, tgt.state()...)...)
 	err = tgt.Serve(c.Context, l)
-	st, durable, _ := tgt.Status()
-	log.Info("replication target stopped", "applied_seq", st.Applied, "durable_seq", durable, "data_state", st.State)
+	log.Info("replication target stopped", tgt.state()...)
 	return err
+}
+
+// plainTarget is the target engine without persistent state: its applied
+// sequence and data state live in one file next to the volume.
+type plainTarget struct {
+	*repl.Target
+	statePath string
+}
+
+func openPlainTarget(statePath string, b blockdev.Backend, live repl.Liveness, log *slog.Logger) (targetEngine, error) {
+	tgt, err := repl.NewTarget(repl.TargetConfig{Backend: b, StatePath: statePath, Log: log, Liveness: live})
+	if err != nil {
+		return nil, err
+	}
+	return plainTarget{Target: tgt, statePath: statePath}, nil
+}
+
+func (p plainTarget) state() []any {
+	st, durable, _ := p.Status()
+	return []any{"state", p.statePath, "data_state", st.State, "applied_seq", st.Applied, "durable_seq", durable}
 }
 
 func replFingerprintCommand() *cli.Command {

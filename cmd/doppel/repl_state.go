@@ -2,17 +2,15 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/doppelha/doppel/blockdev"
 	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/daemon/repl"
 	"github.com/doppelha/doppel/daemon/replstate"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/urfave/cli/v2"
@@ -38,103 +36,74 @@ func targetStateFlags() []cli.Flag {
 	}
 }
 
-// replSourceState is `repl source --state-dir`.
-func replSourceState(c *cli.Context) error {
-	log := replLogger(c)
-	f, err := parseSourceFlags(c)
-	if err != nil {
-		return err
+// stateSourceFlags are the parsed --state-dir flags of `repl source`.
+type stateSourceFlags struct {
+	diskQueue, resyncRate int64
+}
+
+func parseStateSourceFlags(c *cli.Context, f sourceFlags) (stateSourceFlags, error) {
+	var st stateSourceFlags
+	var err error
+	if f.chunk > 64<<10 {
+		return st, usageErrorf("--chunk-size %d: with --state-dir the bitmap chunk is at most 64K", f.chunk)
 	}
-	chunk := f.chunk
-	if chunk > 64<<10 {
-		return usageErrorf("--chunk-size %d: with --state-dir the bitmap chunk is at most 64K", chunk)
-	}
-	memQ := f.queueSize
-	diskQ := int64(-1) // "0": no disk queue
+	st.diskQueue = -1 // "0": no disk queue
 	if c.String("disk-queue-size") != "0" {
-		if diskQ, err = optionalSize(c, "disk-queue-size"); err != nil {
-			return err
+		if st.diskQueue, err = optionalSize(c, "disk-queue-size"); err != nil {
+			return st, err
 		}
 	}
-	var resyncRate int64
 	if s := strings.TrimSuffix(c.String("resync-rate"), "/s"); s != "" {
-		if resyncRate, err = job.ParseSize(s); err != nil {
-			return usageErrorf("--resync-rate: %v", err)
+		if st.resyncRate, err = job.ParseSize(s); err != nil {
+			return st, usageErrorf("--resync-rate: %v", err)
 		}
 	}
 	switch d := c.String("discard-on"); d {
 	case "", "target":
 	case "source":
-		return usageErrorf("%s", discardSourceHint(c, true))
+		return st, usageErrorf("%s", discardSourceHint(c, true))
 	default:
-		return usageErrorf("--discard-on %q: want target (or source, which tells how to swap the roles)", d)
+		return st, usageErrorf("--discard-on %q: want target (or source, which tells how to swap the roles)", d)
 	}
-	dial, tlsConf, err := f.dialer(c, log)
-	if err != nil {
-		return err
-	}
-	live, err := replLiveness(c)
-	if err != nil {
-		return err
-	}
-	mode, mirror, taddr, codec, rateLimit := f.mode, f.mirror, f.taddr, f.codec, f.rateLimit
-	b, err := blockdev.OpenExclusive(c.String("file"), f.size)
-	if err != nil {
-		return err
-	}
-	defer closeBackend(b)
-	src, err := replstate.OpenSource(replstate.SourceConfig{Dir: c.String("state-dir"), Backend: b, Mode: mode, ChunkSize: chunk,
-		MemQueue: memQ, DiskQueue: diskQ, Dial: dial, Codec: codec, RateLimit: rateLimit, ResyncRate: resyncRate,
-		SyncTimeout: c.Duration("sync-timeout"), Discard: c.String("discard-on"), Mirror: mirror, Force: c.Bool("force"), Log: log, Liveness: live})
-	if err != nil {
-		return err
-	}
-	srv, err := blockdev.NewServer(log, blockdev.Export{Name: c.String("name"), Description: "doppel replicated " + filepath.Base(c.String("file")),
-		Backend: b, Mutator: src})
-	if err != nil {
-		src.Close()
-		return err
-	}
-	stopMetrics, err := serveMetrics(c.Context, log, c.String("metrics-listen"), src.Collector(), engineCollector{src})
-	if err != nil {
-		src.Close()
-		return err
-	}
-	defer stopMetrics()
-	l, err := blockdev.Listen(c.String("listen"))
-	if err != nil {
-		src.Close()
-		return err
-	}
-	linkCtx, stopLink := context.WithCancel(context.Background())
-	defer stopLink()
-	runErr := make(chan error, 1)
-	go func() { runErr <- src.Run(linkCtx) }()
-	nbdCtx, stopNBD := context.WithCancel(c.Context)
-	defer stopNBD()
-	nbdErr := make(chan error, 1)
-	go func() { nbdErr <- srv.Serve(nbdCtx, l) }()
-	st := src.Status()
-	log.Info("replication source serving", "file", c.String("file"), "size", b.Size(), "listen", c.String("listen"),
-		"target", taddr, "mode", mode, "state_dir", c.String("state-dir"), "generation", fmt.Sprintf("%016x", st.Generation),
-		"dirty_bytes", st.DirtyBytes, "tls", tlsConf != nil)
-
-	fatal := shutdownSource(c.Context, log, c.Duration("drain-timeout"), stateDrain{src}, runErr, nbdErr, stopNBD, stopLink)
-	st = src.Status()
-	log.Info("replication source stopped", "dirty_bytes", st.DirtyBytes, "resync_sent", st.ResyncSent)
-	return errors.Join(fatal, src.Close(), b.Sync())
+	return st, nil
 }
 
-// stateDrain: with a state dir, a drain is a courtesy: what the target
-// lacks stays in the bitmap for the next start.
-type stateDrain struct{ src *replstate.Source }
+// stateSource is `repl source --state-dir`: with persistent state, a drain
+// is a courtesy, what the target lacks stays in the bitmap for the next
+// start.
+type stateSource struct {
+	*replstate.Source
+	dir string
+}
+
+func openStateSource(c *cli.Context, log *slog.Logger, f sourceFlags, st stateSourceFlags, b blockdev.Backend,
+	dial func(context.Context) (net.Conn, error), live repl.Liveness) (sourceEngine, error) {
+	src, err := replstate.OpenSource(replstate.SourceConfig{Dir: c.String("state-dir"), Backend: b, Mode: f.mode, ChunkSize: f.chunk,
+		MemQueue: f.queueSize, DiskQueue: st.diskQueue, Dial: dial, Codec: f.codec, RateLimit: f.rateLimit, ResyncRate: st.resyncRate,
+		SyncTimeout: c.Duration("sync-timeout"), Discard: c.String("discard-on"), Mirror: f.mirror, Force: c.Bool("force"), Log: log, Liveness: live})
+	if err != nil {
+		return nil, err
+	}
+	return stateSource{Source: src, dir: c.String("state-dir")}, nil
+}
+
+func (s stateSource) collectors() []prometheus.Collector {
+	return []prometheus.Collector{s.Collector(), engineCollector{s.Source}}
+}
+
+func (stateSource) started(context.Context, *slog.Logger) {}
+
+func (s stateSource) state() []any {
+	st := s.Status()
+	return []any{"state_dir", s.dir, "generation", fmt.Sprintf("%016x", st.Generation), "dirty_bytes", st.DirtyBytes, "resync_sent", st.ResyncSent}
+}
 
 // failWaiters closes the engine only: its waiters are tracked, and the
 // state files stay open for the final Close.
-func (s stateDrain) failWaiters() { s.src.Engine().Close() }
+func (s stateSource) failWaiters() { s.Engine().Close() }
 
-func (s stateDrain) drain(ctx context.Context, log *slog.Logger) error {
-	eng := s.src.Engine()
+func (s stateSource) drain(ctx context.Context, log *slog.Logger) error {
+	eng := s.Engine()
 	if !eng.Connected() {
 		log.Info("target not connected: what it lacks stays tracked for the next start")
 		return nil
@@ -195,71 +164,42 @@ func discardSourceHint(c *cli.Context, onSource bool) string {
 		port, tlsThere, c.String("file"), c.String("state-dir"), port, tlsHere, note)
 }
 
-// replTargetState is `repl target --state-dir`.
-func replTargetState(c *cli.Context) (err error) {
-	log := replLogger(c)
-	size, err := optionalSize(c, "size")
-	if err != nil {
-		return err
-	}
-	network, _, err := blockdev.ParseListen(c.String("listen"))
-	if err != nil || !strings.HasPrefix(network, "tcp") {
-		return usageErrorf("--listen %q: want tcp:HOST:PORT", c.String("listen"))
-	}
-	switch d := c.String("discard-on"); d {
-	case "", "target":
-	case "source":
+// checkTargetDiscard validates `repl target --discard-on`.
+func checkTargetDiscard(c *cli.Context) error {
+	switch d := c.String("discard-on"); {
+	case d == "" || (d == "target" && c.String("state-dir") != ""):
+		return nil
+	case d == "target":
+		return usageErrorf("--discard-on needs --state-dir (a split brain is detected with the persistent state)")
+	case d == "source" && c.String("state-dir") != "":
 		return usageErrorf("%s", discardSourceHint(c, false))
 	default:
 		return usageErrorf("--discard-on %q: a target can only discard its own data (target)", d)
 	}
-	file := c.String("file")
-	if size == 0 {
-		if _, err := os.Stat(file); errors.Is(err, os.ErrNotExist) {
-			return usageErrorf("%s does not exist: give --size to create it", file)
-		}
-	}
-	tlsConf, err := replTLS(c, log, true)
-	if err != nil {
-		return err
-	}
-	dir := c.String("state-dir")
+}
+
+// stateTarget is `repl target --state-dir`.
+type stateTarget struct {
+	*replstate.Target
+	dir string
+}
+
+func openStateTarget(c *cli.Context, dir string, b blockdev.Backend, live repl.Liveness, log *slog.Logger) (targetEngine, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
-	}
-	b, err := blockdev.OpenExclusive(file, size)
-	if err != nil {
-		return err
-	}
-	defer func() { err = errors.Join(err, closeBackend(b)) }()
-	live, err := replLiveness(c)
-	if err != nil {
-		return err
+		return nil, err
 	}
 	tgt, err := replstate.OpenTarget(replstate.TargetConfig{Dir: dir, Backend: b, Discard: c.String("discard-on"), Log: log, Liveness: live})
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer func() { err = errors.Join(err, tgt.Close()) }()
-	stopMetrics, err := serveMetrics(c.Context, log, c.String("metrics-listen"), tgt.Engine().Collector())
-	if err != nil {
-		return err
-	}
-	defer stopMetrics()
-	l, err := blockdev.Listen(c.String("listen"))
-	if err != nil {
-		return err
-	}
-	if tlsConf != nil {
-		l = tls.NewListener(l, tlsConf)
-	}
-	st := tgt.Status()
-	log.Info("replication target listening", "file", file, "size", b.Size(), "listen", l.Addr().String(),
-		"state_dir", dir, "generation", fmt.Sprintf("%016x", st.Generation), "data", st.Data, "tls", tlsConf != nil)
-	err = tgt.Serve(c.Context, l)
-	st = tgt.Status()
-	log.Info("replication target stopped", "generation", fmt.Sprintf("%016x", st.Generation), "data", st.Data, "refusal", st.Refusal)
-	return err
+	return stateTarget{Target: tgt, dir: dir}, nil
+}
+
+func (s stateTarget) Collector() prometheus.Collector { return s.Engine().Collector() }
+
+func (s stateTarget) state() []any {
+	st := s.Status()
+	return []any{"state_dir", s.dir, "generation", fmt.Sprintf("%016x", st.Generation), "data", st.Data, "refusal", st.Refusal}
 }
 
 func (e engineCollector) Describe(ch chan<- *prometheus.Desc) { prometheus.DescribeByCollect(e, ch) }
