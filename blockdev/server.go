@@ -6,12 +6,16 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/doppelha/doppel/blockdev/nbdproto"
+	"golang.org/x/sys/unix"
 )
 
 // Export is one named volume served over NBD.
@@ -87,6 +91,67 @@ type Server struct {
 
 	grace time.Duration // shutdownGrace; shorter in tests
 	conns sync.WaitGroup
+
+	cmu     sync.Mutex
+	clients map[*conn]Client // in transmission
+}
+
+// Client is a client connected to an export (past negotiation).
+type Client struct {
+	Export string
+	// Remote names the client: its address, or for a Unix socket the
+	// process at the other end ("pid 1234 (nbdfuse)").
+	Remote string
+	Since  time.Time
+}
+
+func (c Client) String() string {
+	return fmt.Sprintf("%s on export %q since %s", c.Remote, c.Export, c.Since.Format(time.TimeOnly))
+}
+
+// Clients lists the clients in transmission now, oldest first.
+func (s *Server) Clients() []Client {
+	s.cmu.Lock()
+	defer s.cmu.Unlock()
+	out := make([]Client, 0, len(s.clients))
+	for _, c := range s.clients {
+		out = append(out, c)
+	}
+	slices.SortFunc(out, func(a, b Client) int { return a.Since.Compare(b.Since) })
+	return out
+}
+
+func (s *Server) addClient(cn *conn, export string) {
+	s.cmu.Lock()
+	defer s.cmu.Unlock()
+	if s.clients == nil {
+		s.clients = map[*conn]Client{}
+	}
+	s.clients[cn] = Client{Export: export, Remote: peerName(cn.c), Since: time.Now()}
+}
+
+func (s *Server) removeClient(cn *conn) {
+	s.cmu.Lock()
+	defer s.cmu.Unlock()
+	delete(s.clients, cn)
+}
+
+// peerName names the other end of c: its address, or for a Unix socket
+// the process holding it (SO_PEERCRED).
+func peerName(c net.Conn) string {
+	if uc, ok := c.(*net.UnixConn); ok {
+		if raw, err := uc.SyscallConn(); err == nil {
+			var cred *unix.Ucred
+			raw.Control(func(fd uintptr) {
+				cred, _ = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+			})
+			if cred != nil && cred.Pid > 0 {
+				comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", cred.Pid))
+				return fmt.Sprintf("pid %d (%s)", cred.Pid, strings.TrimSpace(string(comm)))
+			}
+		}
+	}
+	return remoteName(c)
 }
 
 // NewServer returns a server for exports. Export names must be unique and
@@ -270,6 +335,8 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 		return err
 	}
 	cn.log.Info("nbd client connected", "export", x.Name)
+	s.addClient(cn, x.Name)
+	defer s.removeClient(cn)
 	err = cn.transmit(ctx, x)
 	cn.log.Info("nbd client disconnected", "export", x.Name)
 	if ctx.Err() != nil && isReadInterrupt(err) {

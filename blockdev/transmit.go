@@ -331,6 +331,7 @@ func (t *tconn) next() *op {
 		t.done = true
 		switch {
 		case errors.Is(err, io.EOF): // hung up between requests
+			t.s.removeClient(t.conn) // gone: the requests it left finish
 		case errors.Is(err, io.ErrUnexpectedEOF):
 			t.err = errors.New("truncated request header")
 		case t.w.failed() != nil: // the writer closed the connection; it reports
@@ -346,6 +347,7 @@ func (t *tconn) next() *op {
 	}
 	if req.typ == nbdproto.CmdDisc {
 		t.done = true
+		t.s.removeClient(t.conn) // gone: the requests it left finish
 		return nil
 	}
 	// Bound the requests alive on this connection, replies not yet sent

@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -173,4 +174,35 @@ func TestAttachWithoutNBD(t *testing.T) {
 		t.Error("a connection was served")
 	}
 	t.Log(err)
+}
+
+// TestUsers: a device's mounts (its own and its partitions'), holders
+// and the processes holding it open are its users; this process is not.
+func TestUsers(t *testing.T) {
+	root := t.TempDir()
+	h := host{sysfs: filepath.Join(root, "sys"), proc: filepath.Join(root, "proc")}
+	mk := func(path, data string) {
+		os.MkdirAll(filepath.Dir(path), 0o755)
+		os.WriteFile(path, []byte(data), 0o644)
+	}
+	mk(filepath.Join(h.sysfs, "block/nbd3/dev"), "43:96\n")
+	mk(filepath.Join(h.sysfs, "block/nbd3/nbd3p1/dev"), "43:97\n")
+	os.MkdirAll(filepath.Join(h.sysfs, "block/nbd3/nbd3p1/holders/dm-0"), 0o755)
+	if got := h.users(3, 1); len(got) != 1 || got[0] != "/dev/nbd3p1 held by dm-0" {
+		t.Fatalf("users %q", got)
+	}
+	mk(filepath.Join(h.proc, "self/mountinfo"), "36 25 43:96 / /mnt/web rw - ext4 /dev/nbd3 rw\n37 25 8:1 / /boot rw - ext4 /dev/sda1 rw\n")
+	for _, pid := range []string{"1", "77"} {
+		mk(filepath.Join(h.proc, pid, "comm"), "app"+pid+"\n")
+		os.MkdirAll(filepath.Join(h.proc, pid, "fd"), 0o755)
+		os.Symlink("/dev/nbd3", filepath.Join(h.proc, pid, "fd", "4"))
+	}
+	got := h.users(3, 1)
+	want := []string{"/dev/nbd3 mounted on /mnt/web", "/dev/nbd3p1 held by dm-0", "/dev/nbd3 open by pid 77 (app77)"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("users\n%q\nwant\n%q", got, want)
+	}
+	if got := h.users(4, 1); len(got) != 0 {
+		t.Fatalf("an unknown device has users %q", got)
+	}
 }

@@ -1,17 +1,21 @@
 package main
 
 import (
-	"errors"
+	"context"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
+	"syscall"
+	"time"
 
 	"github.com/doppelha/doppel/blockdev/kernel"
 	"github.com/doppelha/doppel/daemon/agent"
+	"github.com/doppelha/doppel/daemon/api"
 	"github.com/doppelha/doppel/ebpf"
 	"github.com/doppelha/doppel/netident"
 	"github.com/urfave/cli/v2"
@@ -43,7 +47,43 @@ func agentCommand() *cli.Command {
 			&cli.BoolFlag{Name: "log-json", Usage: "log as JSON instead of text"},
 		},
 		Action: runAgent,
+		Subcommands: []*cli.Command{
+			{
+				Name:  "stop",
+				Usage: "stop an agent (refused while a job's volume is in use, unless --force)",
+				Description: "Asks the agent named by --server to stop. It refuses while any job's volume\n" +
+					"is in use there (NBD clients connected to its export, its /dev/nbdN mounted or\n" +
+					"held open) and says by whom; --force stops it anyway: those users lose their disks.",
+				Flags:  append(connFlags(), &cli.BoolFlag{Name: "force", Usage: "stop even while volumes are in use"}),
+				Action: agentStop,
+			},
+		},
 	}
+}
+
+// agentStop asks one agent (--server) to stop.
+func agentStop(c *cli.Context) error {
+	if args, err := positional(c); err != nil || len(args) != 0 {
+		return usageErrorf("usage: doppel agent stop --server NAME [--force]")
+	}
+	e, err := newClientEnv(c)
+	if err != nil {
+		return err
+	}
+	if e.only == "" {
+		return usageErrorf("doppel agent stop: name the agent with --server (one agent at a time)")
+	}
+	cl, err := e.client(e.only)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
+	defer cancel()
+	if _, err := cl.StopAgent(ctx, api.StopOptions{Force: c.Bool("force")}); err != nil {
+		return fmt.Errorf("stop agent %s: %w", e.only, err)
+	}
+	fmt.Fprintf(c.App.Writer, "agent %s is stopping\n", e.only)
+	return nil
 }
 
 func runAgent(c *cli.Context) error {
@@ -141,8 +181,23 @@ func runAgent(c *cli.Context) error {
 	planes := &agent.ReplPlanes{Log: log, Cert: a.Identity.Cert, ReplListen: cfg.ReplListen, StateDir: cfg.StateDir}
 	a.Subsystems.DataPlane = planes.Open
 	a.Subsystems.ReplListener = planes
-	err = a.Run(c.Context)
-	if err == nil || errors.Is(err, c.Context.Err()) {
+	// SIGTERM (systemctl stop) and SIGINT stop the agent once no volume
+	// is in use; a second one, or doppel agent stop --force, at once.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
+	go func() {
+		forced := false
+		for sig := range sigs {
+			log.Info("signal", "signal", sig, "force", forced)
+			a.Shutdown(forced)
+			forced = true
+		}
+	}()
+	// The agent's own signal handling decides when it stops: not the
+	// CLI's context, cancelled by the first signal.
+	err = a.Run(context.WithoutCancel(c.Context))
+	if err == nil {
 		log.Info("agent stopped")
 		return nil
 	}

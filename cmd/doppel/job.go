@@ -83,9 +83,12 @@ func jobCommand() *cli.Command {
 				Description: "Stops the job and removes it and its replication state (generations, bitmap,\n" +
 					"queue) on both agents. --keep-state archives the record and state instead,\n" +
 					"under STATE/archive/NAME.deleted-TIMESTAMP (printed); split-brain saves are\n" +
-					"always archived, never removed.",
+					"always archived, never removed. Refused, on every host, while the job's volume\n" +
+					"is in use (NBD clients connected to its export, its /dev/nbdN mounted or held\n" +
+					"open): the command says by whom; --force deletes anyway.",
 				Flags: append(connFlags(),
 					&cli.BoolFlag{Name: "keep-state", Usage: "archive the job's record and replication state instead of removing them"},
+					&cli.BoolFlag{Name: "force", Usage: "delete even while the volume is in use (NBD clients, a mounted /dev/nbdN): they lose their disk"},
 				),
 				Action: jobDelete,
 			},
@@ -671,6 +674,22 @@ func jobDelete(c *cli.Context) error {
 		}
 		return rank(a) - rank(b)
 	})
+	// Nothing is deleted anywhere while the volume is in use somewhere
+	// (each agent refuses on its own too).
+	if !c.Bool("force") {
+		var users []string
+		for _, v := range views {
+			if v.Status != nil {
+				for _, u := range v.Status.Data.Users {
+					users = append(users, v.Server+": "+u)
+				}
+			}
+		}
+		if len(users) > 0 {
+			return fmt.Errorf("job %s not deleted (nothing was changed): its volume is in use (%s). Stop the application (unmount) first, or delete with --force: it loses its disk",
+				name, strings.Join(users, "; "))
+		}
+	}
 	var errs []error
 	for _, v := range views {
 		if v.Status == nil {
@@ -683,7 +702,7 @@ func jobDelete(c *cli.Context) error {
 		var res api.DeleteResult
 		if err == nil {
 			ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
-			res, err = cl.DeleteJobWith(ctx, name, api.DeleteOptions{KeepState: c.Bool("keep-state")})
+			res, err = cl.DeleteJobWith(ctx, name, api.DeleteOptions{KeepState: c.Bool("keep-state"), Force: c.Bool("force")})
 			cancel()
 		}
 		if err != nil {

@@ -21,6 +21,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -92,6 +93,11 @@ type Agent struct {
 	// createMu serialises creates (volume claims, stale state).
 	createMu      sync.Mutex
 	replListenErr error // the replication listener could not open at start
+
+	stopc    chan struct{} // closed to stop Serve (StopAgent, Shutdown)
+	stopOnce sync.Once
+	waitMu   sync.Mutex
+	waiting  bool // a stop waits for the volumes to be released
 }
 
 // New creates an agent: it loads (creating at first start) its identity
@@ -122,6 +128,7 @@ func New(log *slog.Logger, cfg Config, subs Subsystems) (*Agent, error) {
 	a := &Agent{
 		Log: log, Config: cfg, Hostname: host, Identity: id, Store: store,
 		Metrics: prometheus.NewRegistry(), Subsystems: subs, jobs: map[string]*runner{},
+		stopc: make(chan struct{}),
 	}
 	a.Metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), jobCollector{a})
 	a.API, err = api.NewServer(log, id, a, a.Metrics)
@@ -141,8 +148,18 @@ func (a *Agent) Run(ctx context.Context) error {
 }
 
 // Serve resumes the stored jobs and serves the control API on l until ctx
-// is cancelled; then it stops the jobs' runners and returns nil.
+// is cancelled or a stop is requested (StopAgent, Shutdown); then it stops
+// the jobs' runners and returns nil.
 func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-a.stopc:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	a.ctx = ctx
 	a.control = l.Addr().String()
 	if rl := a.Subsystems.ReplListener; rl != nil {
@@ -347,6 +364,13 @@ func (a *Agent) DeleteJob(ctx context.Context, name string, opts api.DeleteOptio
 	if err != nil {
 		return api.DeleteResult{}, err
 	}
+	if users := a.inUse(name); len(users) > 0 {
+		if !opts.Force {
+			return api.DeleteResult{}, fmt.Errorf("%w: job %s's volume is in use on %s: %s. Stop the application (unmount) first, or delete with --force: the application loses its disk",
+				api.ErrInUse, name, r.rec.Self, strings.Join(users, "; "))
+		}
+		a.Log.Warn("deleting a job whose volume is in use (forced): its users lose their disk", "job", name, "users", users)
+	}
 	a.mu.Lock()
 	if a.jobs[name] != r {
 		a.mu.Unlock()
@@ -391,6 +415,14 @@ func (a *Agent) DeleteJob(ctx context.Context, name string, opts api.DeleteOptio
 	}
 	a.Log.Info("job deleted", "job", name, "archived", res.Archived, "removed", res.Removed)
 	return res, nil
+}
+
+// inUse says who uses job name's served volume on this host.
+func (a *Agent) inUse(name string) []string {
+	if a.Subsystems.Volumes == nil {
+		return nil
+	}
+	return a.Subsystems.Volumes.InUse(name)
 }
 
 // Command implements api.Backend: an operator command stepped into the

@@ -182,6 +182,8 @@ func (p *pair) write(name string, n int) {
 	if err := c.Flush(); err != nil {
 		p.t.Fatalf("flush on %s: %v", name, err)
 	}
+	c.Close()
+	p.waitFor("the writer gone from "+name, func() bool { return len(p.status(name).Data.Users) == 0 })
 }
 
 // check reads the whole volume through name's served volume and compares

@@ -589,6 +589,7 @@ func (r *runner) status() api.JobStatus {
 	}
 	if r.subs.Volumes != nil {
 		st.Data.Device = r.subs.Volumes.Device(r.rec.Spec.Name)
+		st.Data.Users = r.subs.Volumes.InUse(r.rec.Spec.Name)
 	}
 	interval := r.rec.Spec.Monitor.Interval
 	st.Probe = api.ProbeStatus{Interval: interval, Missed: r.rec.Spec.Monitor.Missed, TimeToFail: -1}

@@ -71,6 +71,10 @@ type Volumes interface {
 	Stop(job string) error
 	// Device returns where the job's volume is served, "" when it is not.
 	Device(job string) string
+	// InUse says who uses the job's served volume (NBD clients, mounts,
+	// processes holding /dev/nbdN open); empty when nobody does or it is
+	// not served.
+	InUse(job string) []string
 }
 
 // NetIdent takes and releases service addresses (netident).

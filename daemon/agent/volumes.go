@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -33,6 +34,7 @@ type served struct {
 	device string
 	cancel context.CancelFunc
 	done   chan struct{}
+	srv    *blockdev.Server
 	kdev   *kernel.Device
 }
 
@@ -54,7 +56,7 @@ func (v *NBDVolumes) Serve(ctx context.Context, spec job.Spec, b blockdev.Backen
 		return "", err
 	}
 	sctx, cancel := context.WithCancel(context.Background())
-	s := &served{cancel: cancel, done: make(chan struct{})}
+	s := &served{cancel: cancel, done: make(chan struct{}), srv: srv}
 	if v.Kernel {
 		if err := kernel.Probe(ctx); err == nil {
 			dev, err := kernel.Attach(ctx, kernel.Config{
@@ -111,6 +113,26 @@ func (v *NBDVolumes) Stop(name string) error {
 		os.Remove(path)
 	}
 	return errors.Join(errs...)
+}
+
+// InUse implements Volumes: the clients connected to the job's export on
+// its Unix socket, or the mounts, holders and processes using its
+// /dev/nbdN.
+func (v *NBDVolumes) InUse(name string) []string {
+	v.mu.Lock()
+	s, ok := v.served[name]
+	v.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	if s.kdev != nil {
+		return s.kdev.Users()
+	}
+	var out []string
+	for _, c := range s.srv.Clients() {
+		out = append(out, fmt.Sprintf("NBD client %s on %s since %s", c.Remote, s.device, c.Since.Format(time.TimeOnly)))
+	}
+	return out
 }
 
 // Device implements Volumes.

@@ -195,6 +195,12 @@ func (c *Client) CreateJob(ctx context.Context, spec job.Spec) (JobStatus, error
 	return st, c.do(ctx, http.MethodPost, "/v1/jobs", spec, &st)
 }
 
+// StopAgent asks the agent to stop.
+func (c *Client) StopAgent(ctx context.Context, opts StopOptions) (StopResult, error) {
+	var res StopResult
+	return res, c.do(ctx, http.MethodPost, "/v1/agent/stop", opts, &res)
+}
+
 // Preflight runs the dry run of creating spec on the agent.
 func (c *Client) Preflight(ctx context.Context, spec job.Spec) (Preflight, error) {
 	var p Preflight

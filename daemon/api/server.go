@@ -31,6 +31,9 @@ type Backend interface {
 	// changing nothing.
 	Preflight(ctx context.Context, spec job.Spec) Preflight
 	DeleteJob(ctx context.Context, name string, opts DeleteOptions) (DeleteResult, error)
+	// StopAgent stops the agent (refused while volumes are in use,
+	// unless forced).
+	StopAgent(ctx context.Context, opts StopOptions) (StopResult, error)
 	Command(ctx context.Context, name string, cmd ha.EventType, opts CommandOptions) (JobStatus, error)
 	Verify(ctx context.Context, name string) (VerifyResult, error)
 	// PeerSecret returns the job's peer secret (job.ErrNotFound if none).
@@ -85,6 +88,17 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 			return err
 		}
 		return writeJSON(w, http.StatusCreated, st)
+	}))
+	s.handle("POST /v1/agent/stop", s.auth(func(w http.ResponseWriter, r *http.Request) error {
+		var opts StopOptions
+		if err := readJSON(r, &opts); err != nil {
+			return err
+		}
+		res, err := b.StopAgent(r.Context(), opts)
+		if err != nil {
+			return err
+		}
+		return writeJSON(w, http.StatusAccepted, res)
 	}))
 	s.handle("POST /v1/preflight", s.auth(func(w http.ResponseWriter, r *http.Request) error {
 		var spec job.Spec

@@ -16,6 +16,7 @@
 //	DELETE /v1/jobs/{name}              delete a job (?force, ?keep_state, ?undo=true): DeleteResult
 //	POST   /v1/jobs/{name}/{command}    failover | reverse | switchover | failback | pause | resume (CommandOptions)
 //	POST   /v1/jobs/{name}/verify       compare source and target
+//	POST   /v1/agent/stop               stop the agent (StopOptions; 409 in_use while volumes are in use)
 //	POST   /v1/peer/jobs/{name}/message a state-machine message from the peer agent
 //	GET    /metrics                     Prometheus metrics
 //
@@ -66,6 +67,10 @@ type DataStatus struct {
 	// Device is where applications use the volume on this host (/dev/nbdN
 	// or unix:PATH of an NBD export); empty when not served here.
 	Device string `json:"device,omitempty"`
+	// Users are who uses the served volume now (NBD clients, mounts,
+	// processes holding /dev/nbdN open): a delete or an agent stop is
+	// refused while there are any, unless forced.
+	Users []string `json:"users,omitempty"`
 	// Progress of the current mirror or resync, in bytes.
 	SyncTotal      int64 `json:"sync_total"`
 	SyncDone       int64 `json:"sync_done"`
@@ -165,6 +170,18 @@ type VolumeFacts struct {
 	Size int64 `json:"size"`
 	// Create: the create would make the file (sparse, Size bytes).
 	Create bool `json:"create,omitempty"`
+}
+
+// StopOptions are the flags of doppel agent stop.
+type StopOptions struct {
+	// Force stops the agent even while volumes are in use (their users
+	// lose their disks).
+	Force bool `json:"force,omitempty"`
+}
+
+// StopResult is the answer to a stop request.
+type StopResult struct {
+	Message string `json:"message"`
 }
 
 // DeleteOptions are the flags of doppel job delete.
