@@ -5,11 +5,6 @@ import (
 	"context"
 	"strings"
 	"testing"
-	"time"
-
-	"github.com/doppelha/doppel/daemon/api"
-	"github.com/doppelha/doppel/daemon/ha"
-	"github.com/doppelha/doppel/daemon/job"
 )
 
 // TestFlagsAfterArguments: the documented syntax puts flags after NAME.
@@ -49,32 +44,5 @@ func TestFlagsAfterArguments(t *testing.T) {
 
 func runWith(out *bytes.Buffer, args ...string) error {
 	out.Reset()
-	return run(context.Background(), args)
-}
-
-func TestRenderStatus(t *testing.T) {
-	spec := job.Spec{Name: "web", Source: job.Endpoint{Name: "vm1"}, Target: job.Endpoint{Name: "vm2"}, Volume: "/dev/vdb", Mode: "sync", Failover: ha.FailoverAuto,
-		ServiceIPs: []job.ServiceIP{{Prefix: "172.17.22.187/24", Iface: "eth0"}}}
-	src := &api.JobStatus{Spec: spec, HA: ha.Status{Role: ha.RoleSource, State: ha.StateMirroring, Epoch: 1, LinkUp: true,
-		Paths: []ha.PathStatus{{Name: "repl", Up: true}}}, Probe: api.ProbeStatus{Mode: "xdp-generic", Interval: 250 * time.Millisecond, Missed: 8, TimeToFail: -1},
-		Data: api.DataStatus{Known: true, Device: "/dev/nbd0", SyncTotal: 4 << 30, SyncDone: 1 << 30, BytesRemaining: 3 << 30, RPO: 0}}
-	tgt := &api.JobStatus{Spec: spec, HA: ha.Status{Role: ha.RoleTarget, State: ha.StateSourceDown, Epoch: 1, Reason: "source vm1 is down: run doppel failover",
-		Paths: []ha.PathStatus{{Name: "repl"}}}, Probe: api.ProbeStatus{Mode: "userspace", TimeToFail: -1}}
-	var b bytes.Buffer
-	renderStatus(&b, []view{{Server: "vm1", Status: src}, {Server: "vm2", Status: tgt}}, time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC))
-	for _, want := range []string{
-		"job web  vm1:/dev/vdb -> vm2:/dev/vdb  mode sync  failover auto",
-		"service IP 172.17.22.187/24@eth0",
-		"vm1    source  mirroring",
-		"volume served at /dev/nbd0",
-		"[#######-----------------------] 25.0% 3.0 GiB remaining",
-		"vm2    target  source-down",
-		"target data inconsistent",
-		"! source vm1 is down: run doppel failover",
-		"peer repl SILENT",
-	} {
-		if !strings.Contains(b.String(), want) {
-			t.Errorf("status lacks %q:\n%s", want, b.String())
-		}
-	}
+	return runIO(context.Background(), args, out, out)
 }

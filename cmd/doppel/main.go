@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -15,10 +16,12 @@ import (
 	"github.com/urfave/cli/v2"
 )
 
-// Exit codes beyond 0 (success) and 1 (error).
+// Exit codes beyond 0 (success) and 1 (error). doppel job status has its
+// own: 0 protected, 1 degraded, 2 not protected or failed over, 3
+// unreachable (daemon/protection).
 const (
-	exitUsage    = 2 // bad flags or arguments
-	exitPeerDown = 3 // probe watch --exit-on-down: the peer was declared down
+	exitUsage    = 64 // bad flags or arguments (EX_USAGE, sysexits.h)
+	exitPeerDown = 3  // probe watch --exit-on-down: the peer was declared down
 )
 
 func main() {
@@ -26,7 +29,9 @@ func main() {
 	err := run(ctx, os.Args)
 	stop()
 	if err != nil && !errors.Is(err, context.Canceled) {
-		fmt.Fprintln(os.Stderr, "doppel:", err)
+		if msg := err.Error(); msg != "" {
+			fmt.Fprintln(os.Stderr, "doppel:", msg)
+		}
 		var ec cli.ExitCoder
 		if errors.As(err, &ec) {
 			os.Exit(ec.ExitCode())
@@ -37,7 +42,14 @@ func main() {
 
 // run builds the CLI app and runs it with args (args[0] is the program name).
 func run(ctx context.Context, args []string) error {
+	return runIO(ctx, args, os.Stdout, os.Stderr)
+}
+
+// runIO is run with the app's output and error output.
+func runIO(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	app := &cli.App{
+		Writer:               stdout,
+		ErrWriter:            stderr,
 		Name:                 "doppel",
 		Usage:                "real-time block replication and failover",
 		EnableBashCompletion: true,
@@ -61,7 +73,7 @@ func run(ctx context.Context, args []string) error {
 	return app.RunContext(ctx, args)
 }
 
-// usageErrorf reports bad command-line input with exit code 2.
+// usageErrorf reports bad command-line input with exit code 64.
 func usageErrorf(format string, a ...any) error {
 	return cli.Exit(fmt.Sprintf(format, a...), exitUsage)
 }

@@ -220,14 +220,20 @@ func connFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "server", Usage: "talk to this server only (a name from doppel server list)", EnvVars: []string{"DOPPEL_SERVER"}},
 		&cli.StringFlag{Name: "token-file", Usage: "use this token instead of the stored one", EnvVars: []string{"DOPPEL_TOKEN_FILE"}},
+		&cli.DurationFlag{Name: "timeout", Value: defaultQueryTimeout, Usage: "how long to wait for each server's answer to a query (servers are asked in parallel)"},
 	}
 }
+
+// defaultQueryTimeout bounds each server's answer to a status query: a
+// dead or blackholed server costs at most this, once, not per server.
+const defaultQueryTimeout = 2 * time.Second
 
 // clientEnv is the CLI's view of its servers for one command.
 type clientEnv struct {
 	cfg       *api.ClientConfig
 	only      string
 	tokenFile string
+	timeout   time.Duration // per server, for queries
 }
 
 func newClientEnv(c *cli.Context) (*clientEnv, error) {
@@ -235,7 +241,10 @@ func newClientEnv(c *cli.Context) (*clientEnv, error) {
 	if err != nil {
 		return nil, err
 	}
-	e := &clientEnv{cfg: cfg, only: c.String("server"), tokenFile: c.String("token-file")}
+	e := &clientEnv{cfg: cfg, only: c.String("server"), tokenFile: c.String("token-file"), timeout: c.Duration("timeout")}
+	if e.timeout <= 0 {
+		e.timeout = defaultQueryTimeout
+	}
 	if e.only != "" {
 		if _, err := cfg.Server(e.only); err != nil {
 			return nil, err
@@ -294,7 +303,7 @@ func (e *clientEnv) findJob(ctx context.Context, name string) ([]view, error) {
 		go func() {
 			defer wg.Done()
 			views[i].Server = s
-			ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			ctx, cancel := context.WithTimeout(ctx, e.timeout)
 			defer cancel()
 			cl, err := e.client(s)
 			if err == nil {
@@ -325,24 +334,16 @@ func (e *clientEnv) findJob(ctx context.Context, name string) ([]view, error) {
 		return nil, fmt.Errorf("job %q not found on %s", name, strings.Join(names, ", "))
 	}
 	// Both sides of the job, even those not found, for the status view.
-	spec := found[0].Status.Spec
-	var out []view
-	for _, side := range []string{spec.Source.Name, spec.Target.Name} {
-		v := view{Server: side, Err: "not in this CLI's servers"}
-		if e.only != "" {
-			v.Err = "not asked (--server " + e.only + ")"
-		}
-		for _, w := range views {
-			if w.Server == side {
-				v = w
+	var notFound []view
+	for _, v := range views {
+		if v.Status == nil {
+			if v.Err == "" || api.IsKind(v.err, "not_found") {
+				v.Err = "job not found there"
 			}
+			notFound = append(notFound, v)
 		}
-		if v.Status == nil && v.Err == "" {
-			v.Err = "job not found there"
-		}
-		out = append(out, v)
 	}
-	return out, nil
+	return jobSides(found[0].Status.Spec, found, notFound, e.only), nil
 }
 
 func sortedKeys[V any](m map[string]V) []string {

@@ -304,6 +304,11 @@ func (d *replPlane) StartSource(ctx context.Context) error {
 		return nil
 	}
 	d.changed.reset()
+	// The state handshake decides: nothing, the union of both dirty
+	// bitmaps, or a diff mirror to a fresh target; synced is when the
+	// target took this side's generation. Until then the job is not
+	// replicating: said before the poll can report this session's link up.
+	d.notify(ha.Event{Type: ha.EvResync})
 	rctx, cancel := context.WithCancel(context.Background())
 	d.srcRun = cancel
 	done := make(chan struct{})
@@ -315,10 +320,6 @@ func (d *replPlane) StartSource(ctx context.Context) error {
 		}
 	}()
 	go func() {
-		// The state handshake decides: nothing, the union of both
-		// dirty bitmaps, or a diff mirror to a fresh target; synced is
-		// when the target took this side's generation.
-		d.notify(ha.Event{Type: ha.EvResync})
 		t := time.NewTicker(100 * time.Millisecond)
 		defer t.Stop()
 		for {

@@ -595,6 +595,7 @@ func (r *runner) status() api.JobStatus {
 	st.Probe = api.ProbeStatus{Interval: interval, Missed: r.rec.Spec.Monitor.Missed, TimeToFail: -1}
 	if r.subs.Liveness != nil {
 		st.Probe.Mode = r.subs.Liveness.Mode()
+		st.Probe.Active = r.probeErrNow() == nil
 		if err := r.probeErrNow(); err != nil {
 			st.Probe.Mode += " (unavailable, failure detection suspended: " + err.Error() + ")"
 		}

@@ -119,6 +119,8 @@ type ProbeStatus struct {
 	// TimeToFail counts down to the source being declared failed; -1 when
 	// not counting.
 	TimeToFail time.Duration `json:"time_to_fail"`
+	// Active: failure detection runs (a probe is wired and readable).
+	Active bool `json:"active"`
 }
 
 // JobStatus is a job as one agent sees it.

@@ -789,6 +789,10 @@ func (n *Node) resume() error {
 	}
 	n.hs.Paused = false
 	n.state = ""
+	// The replication session restarts: the data plane reports the link
+	// up again once it is (until then the job is not replicating, even if
+	// the last session was up when it was paused).
+	n.linkUp = false
 	n.act(Action{Type: ActResumeRepl})
 	n.refreshState()
 	return nil

@@ -69,14 +69,19 @@ func (v jobView) String() string {
 // flags: --server NAME) and returns the views by server.
 func jobStatus(t *testing.T, client *Guest, flags string) (map[string]jobView, string) {
 	t.Helper()
-	out := client.MustRun(t, time.Minute, cliEnv+"doppel job status "+foJob+" --json "+flags)
-	var views []jobView
-	if err := json.Unmarshal([]byte(out), &views); err != nil {
+	// Exit 0-3 are the headline's (protected ... unreachable).
+	out := client.MustRun(t, time.Minute, cliEnv+"doppel job status "+foJob+" --json "+flags+"; [ $? -le 3 ]")
+	var st struct {
+		Headline string    `json:"headline"`
+		Sides    []jobView `json:"sides"`
+	}
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
 		t.Fatalf("job status --json: %v\n%s", err, out)
 	}
 	m := map[string]jobView{}
 	var sb strings.Builder
-	for _, v := range views {
+	sb.WriteString(st.Headline + "\n")
+	for _, v := range st.Sides {
 		m[v.Server] = v
 		sb.WriteString(v.String() + "\n")
 	}
