@@ -20,6 +20,7 @@ declare -A need=(
 	[fusermount3]=fuse3
 	[losetup]=mount
 	[vagrant]=vagrant
+	[etcd]=etcd-server [etcdctl]=etcd-client
 )
 missing=()
 for cmd in "${!need[@]}"; do
