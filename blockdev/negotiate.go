@@ -33,6 +33,21 @@ type conn struct {
 	dlMu      sync.Mutex
 	cancelled bool
 	stopped   atomic.Bool // cancelled, readable without dlMu
+
+	// handing: the connection is being handed over (Server.Handover): the
+	// reader stops at a request boundary, and pending keeps what it read
+	// from the socket without processing it (for the new owner).
+	handing atomic.Bool
+	pending []byte
+}
+
+// handoff makes the reader stop at the next request boundary (a blocked
+// read returns at once); replies still go out.
+func (cn *conn) handoff() {
+	cn.dlMu.Lock()
+	defer cn.dlMu.Unlock()
+	cn.handing.Store(true)
+	cn.c.SetReadDeadline(time.Unix(1, 0))
 }
 
 func newConn(s *Server, c net.Conn) *conn {
@@ -64,7 +79,7 @@ func (cn *conn) cancel() {
 // cancelled.
 func (cn *conn) setDeadlines(t time.Time) {
 	cn.dlMu.Lock()
-	if !cn.cancelled {
+	if !cn.cancelled && !cn.handing.Load() {
 		cn.c.SetDeadline(t)
 	}
 	cn.dlMu.Unlock()

@@ -1,9 +1,12 @@
 package blockdev
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -94,6 +97,8 @@ type Server struct {
 
 	cmu     sync.Mutex
 	clients map[*conn]Client // in transmission
+	handing atomic.Bool      // Handover: hand connections over
+	handed  []Handed
 }
 
 // Client is a client connected to an export (past negotiation).
@@ -317,15 +322,17 @@ func remoteName(c net.Conn) string {
 // (NBD_CMD_DISC, NBD_OPT_ABORT or EOF between requests) or ctx is
 // cancelled (requests already received are finished and answered first),
 // and an error describing a protocol violation or I/O failure otherwise.
+// During a Handover, a client in transmission is handed over instead of
+// closed (see Handed).
 func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 	s.stats.conns.Add(1)
-	defer c.Close()
 	cn := newConn(s, c)
 	// Cancellation unblocks the reader; replies still go out.
 	stop := context.AfterFunc(ctx, cn.cancel)
 	defer stop()
 	x, err := cn.negotiate()
 	if err != nil || x == nil {
+		c.Close()
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -335,9 +342,48 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 		return err
 	}
 	cn.log.Info("nbd client connected", "export", x.Name)
+	return s.transmission(ctx, cn, x)
+}
+
+// ResumeConn resumes transmission on a connection another server (this
+// program's previous instance) handed over: no negotiation; pending are
+// the bytes that server read from c and did not process, read first.
+func (s *Server) ResumeConn(ctx context.Context, c net.Conn, export string, pending []byte) error {
+	s.stats.conns.Add(1)
+	cn := newConn(s, c)
+	if len(pending) > 0 {
+		cn.br = bufio.NewReaderSize(io.MultiReader(bytes.NewReader(pending), c), 64<<10)
+	}
+	x := s.lookup(export)
+	if x == nil {
+		c.Close()
+		return fmt.Errorf("nbd: resume a connection to export %q: no such export", export)
+	}
+	stop := context.AfterFunc(ctx, cn.cancel)
+	defer stop()
+	cn.log.Info("nbd client resumed", "export", x.Name, "pending_bytes", len(pending))
+	return s.transmission(ctx, cn, x)
+}
+
+// transmission runs the transmission phase of cn and closes it, or hands
+// it over.
+func (s *Server) transmission(ctx context.Context, cn *conn, x *export) error {
 	s.addClient(cn, x.Name)
 	defer s.removeClient(cn)
-	err = cn.transmit(ctx, x)
+	if s.handing.Load() {
+		cn.handoff()
+	}
+	err := cn.transmit(ctx, x)
+	if errors.Is(err, errHandedOver) {
+		if herr := s.hand(cn, x); herr != nil {
+			cn.log.Error("nbd: hand the connection over", "export", x.Name, "err", herr)
+			cn.c.Close()
+			return herr
+		}
+		cn.log.Info("nbd client handed over", "export", x.Name, "pending_bytes", len(cn.pending))
+		return nil
+	}
+	cn.c.Close()
 	cn.log.Info("nbd client disconnected", "export", x.Name)
 	if ctx.Err() != nil && isReadInterrupt(err) {
 		err = nil
@@ -346,4 +392,55 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 		s.stats.pf.Add(1)
 	}
 	return err
+}
+
+// Handed is a connection handed over in the middle of transmission: its
+// socket (a duplicate: the server closed its own), the export it had
+// negotiated, and the bytes the server read from it without processing
+// them (the start of the next requests). ResumeConn continues it.
+type Handed struct {
+	Export  string
+	Conn    *os.File
+	Pending []byte
+}
+
+// Handover makes the server hand its clients over instead of serving on:
+// every connection in transmission (and any that reaches it from now on)
+// stops reading at a request boundary, finishes and answers the requests
+// it had read, and is handed over (Handed) instead of closed. Stop
+// accepting (cancel Serve, or stop calling ServeConn) after calling it:
+// connections still negotiating are closed by the cancellation.
+func (s *Server) Handover() {
+	s.cmu.Lock()
+	defer s.cmu.Unlock()
+	s.handing.Store(true)
+	for cn := range s.clients {
+		cn.handoff()
+	}
+}
+
+// Handed returns, and forgets, the connections handed over since
+// Handover; call it once every ServeConn and ResumeConn returned.
+func (s *Server) Handed() []Handed {
+	s.cmu.Lock()
+	defer s.cmu.Unlock()
+	h := s.handed
+	s.handed = nil
+	return h
+}
+
+func (s *Server) hand(cn *conn, x *export) error {
+	fc, ok := cn.c.(interface{ File() (*os.File, error) })
+	if !ok {
+		return fmt.Errorf("a %T cannot be handed over", cn.c)
+	}
+	f, err := fc.File()
+	if err != nil {
+		return err
+	}
+	cn.c.Close()
+	s.cmu.Lock()
+	s.handed = append(s.handed, Handed{Export: x.Name, Conn: f, Pending: cn.pending})
+	s.cmu.Unlock()
+	return nil
 }

@@ -83,6 +83,28 @@ type tconn struct {
 	done bool       // no more requests: DISC, EOF, error
 	err  error      // why reading ended, when it is a failure
 	hb   [nbdproto.RequestHeaderLen]byte
+	// handedOver: reading stopped for a handover (cn.pending holds the
+	// bytes read and not processed).
+	handedOver bool
+}
+
+// errHandedOver ends transmit when the connection was handed over.
+var errHandedOver = errors.New("connection handed over")
+
+// stopForHandover ends reading for a handover: what was read of the next
+// request (prefix) and what the read buffer holds go to cn.pending.
+// Called by the reader, with rmu held.
+func (t *tconn) stopForHandover(prefix ...[]byte) {
+	t.done, t.handedOver = true, true
+	var p []byte
+	for _, b := range prefix {
+		p = append(p, b...)
+	}
+	if n := t.br.Buffered(); n > 0 {
+		b, _ := t.br.Peek(n)
+		p = append(p, b...)
+	}
+	t.pending = p
 }
 
 // transmit runs the transmission phase until the client disconnects, the
@@ -113,6 +135,13 @@ func (cn *conn) transmit(ctx context.Context, x *export) error {
 	go t.worker()
 	// Every request read gets its reply before the workers exit.
 	t.wg.Wait()
+	if t.handedOver {
+		t.w.flush()
+		if werr := t.w.failed(); werr != nil {
+			return fmt.Errorf("send reply: %w", werr)
+		}
+		return errHandedOver
+	}
 	if t.wrot.Load() {
 		if serr := x.mut.Apply(t.ctx, &Mutation{Op: OpFlush}); serr != nil {
 			cn.log.Warn("nbd: sync at disconnect failed", "export", x.Name, "err", serr)
@@ -318,6 +347,10 @@ func (t *tconn) lendRead() {
 // (and err for a failure) when the connection ends; an oversized write
 // that ends the connection is returned with done set so that it is answered.
 func (t *tconn) next() *op {
+	if t.handing.Load() && t.w.failed() == nil {
+		t.stopForHandover()
+		return nil
+	}
 	if t.stopped.Load() || t.w.failed() != nil {
 		// Shutting down, or the client is gone: requests still sitting in
 		// the read buffer are not started.
@@ -327,7 +360,11 @@ func (t *tconn) next() *op {
 	if t.br.Buffered() < nbdproto.RequestHeaderLen {
 		t.w.flush() // held replies go out before the reader may block
 	}
-	if _, err := io.ReadFull(t.br, t.hb[:]); err != nil {
+	if n, err := io.ReadFull(t.br, t.hb[:]); err != nil {
+		if t.handing.Load() && isReadInterrupt(err) {
+			t.stopForHandover(t.hb[:n])
+			return nil
+		}
 		t.done = true
 		switch {
 		case errors.Is(err, io.EOF): // hung up between requests
@@ -363,6 +400,10 @@ func (t *tconn) next() *op {
 	o.cn, o.req, o.errno = t, req, 0
 	if req.typ == nbdproto.CmdWrite {
 		if err := t.readPayload(o); err != nil {
+			if errors.Is(err, errHandedOver) {
+				t.release(o)
+				return nil
+			}
 			t.done, t.err = true, err
 			if o.errno != 0 {
 				return o // oversized beyond skipping: answer, then close
@@ -419,7 +460,14 @@ func (t *tconn) readPayload(o *op) error {
 	if t.br.Buffered() < int(n) {
 		t.w.flush()
 	}
-	if _, err := io.ReadFull(t.br, *o.buf); err != nil {
+	if m, err := io.ReadFull(t.br, *o.buf); err != nil {
+		if t.handing.Load() && isReadInterrupt(err) {
+			// The request goes to the new owner whole: its header
+			// (still in hb: the reader has not read another) and what
+			// came of its payload.
+			t.stopForHandover(t.hb[:], (*o.buf)[:m])
+			return errHandedOver
+		}
 		return fmt.Errorf("read write payload (%d bytes): %w", n, err)
 	}
 	return nil
