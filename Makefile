@@ -6,9 +6,23 @@ CLANG     ?= clang-14
 BIN       := bin/doppel
 GOFLAGS_STATIC := CGO_ENABLED=0
 TEST_TIMEOUT ?= 25m
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# -buildvcs=auto: the git revision in the binary (doppel --version) even
+# where GOFLAGS turns VCS stamping off.
+LDFLAGS   := -X main.version=$(VERSION)
+
+# make install: PREFIX and DESTDIR as every Linux package expects.
+PREFIX     ?= /usr/local
+DESTDIR    ?=
+BINDIR     ?= $(PREFIX)/bin
+DATADIR    ?= $(PREFIX)/share
+MANDIR     ?= $(DATADIR)/man
+UNITDIR    ?= $(PREFIX)/lib/systemd/system
+SYSCONFDIR ?= /etc
+GENDIR     ?= bin
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build static generate check-generate vet check tidy-check staticcheck test test-go test-race test-fuzz test-unit test-vm bench bench-nbd bench-repl demo clean
+.PHONY: help deps build static install uninstall generate check-generate vet check tidy-check staticcheck test test-go test-race test-fuzz test-unit test-vm bench bench-nbd bench-repl demo clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -18,10 +32,35 @@ deps: ## install what the tests need (Debian packages when missing, Go modules)
 	$(GO) mod download
 
 build: ## build bin/doppel
-	$(GO) build -o $(BIN) ./cmd/doppel
+	$(GO) build -buildvcs=auto -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/doppel
 
 static: ## build a static bin/doppel (for initramfs and VMs)
-	$(GOFLAGS_STATIC) $(GO) build -trimpath -ldflags '-s -w' -o $(BIN) ./cmd/doppel
+	$(GOFLAGS_STATIC) $(GO) build -trimpath -ldflags '-s -w $(LDFLAGS)' -o $(BIN) ./cmd/doppel
+
+install: build ## install doppel, its man page, shell completions, the systemd unit and /etc/doppel/agent.yaml (PREFIX=/usr/local, DESTDIR)
+	@mkdir -p $(GENDIR)
+	$(BIN) man > $(GENDIR)/doppel.1
+	$(BIN) completion bash > $(GENDIR)/doppel.bash
+	$(BIN) completion zsh > $(GENDIR)/doppel.zsh
+	$(BIN) completion fish > $(GENDIR)/doppel.fish
+	sed 's|/usr/local/bin/doppel|$(BINDIR)/doppel|g' cmd/doppel/doppel-agent.service > $(GENDIR)/doppel-agent.service
+	install -D -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/doppel
+	install -D -m 0644 $(GENDIR)/doppel.1 $(DESTDIR)$(MANDIR)/man1/doppel.1
+	install -D -m 0644 $(GENDIR)/doppel.bash $(DESTDIR)$(DATADIR)/bash-completion/completions/doppel
+	install -D -m 0644 $(GENDIR)/doppel.zsh $(DESTDIR)$(DATADIR)/zsh/site-functions/_doppel
+	install -D -m 0644 $(GENDIR)/doppel.fish $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/doppel.fish
+	install -D -m 0644 $(GENDIR)/doppel-agent.service $(DESTDIR)$(UNITDIR)/doppel-agent.service
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/doppel/agent.yaml ]; then \
+	  echo "kept $(DESTDIR)$(SYSCONFDIR)/doppel/agent.yaml (the example is cmd/doppel/agent.yaml)"; \
+	else \
+	  echo "install -D -m 0644 cmd/doppel/agent.yaml $(DESTDIR)$(SYSCONFDIR)/doppel/agent.yaml"; \
+	  install -D -m 0644 cmd/doppel/agent.yaml $(DESTDIR)$(SYSCONFDIR)/doppel/agent.yaml; \
+	fi
+
+uninstall: ## remove what make install installed (not /etc/doppel/agent.yaml, not /var/lib/doppel)
+	rm -f $(DESTDIR)$(BINDIR)/doppel $(DESTDIR)$(MANDIR)/man1/doppel.1 \
+	  $(DESTDIR)$(DATADIR)/bash-completion/completions/doppel $(DESTDIR)$(DATADIR)/zsh/site-functions/_doppel \
+	  $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/doppel.fish $(DESTDIR)$(UNITDIR)/doppel-agent.service
 
 generate: ## regenerate the XDP probe's Go bindings and object (needs $(CLANG))
 	@$(CLANG) --version | head -1

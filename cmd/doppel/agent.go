@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -36,12 +38,14 @@ func agentCommand() *cli.Command {
 			"First start creates STATE/tls/{cert,key}.pem and STATE/token (mode 0600):\n" +
 			"give the token file to `doppel server add`. Flags override --config.",
 		Flags: []cli.Flag{
-			&cli.StringFlag{Name: "config", Usage: "YAML config file (state_dir, control_listen, repl_listen, heartbeat_port, probe_mode, probe_interfaces)"},
-			&cli.StringFlag{Name: "state-dir", Usage: "job state, certificate and token (default /var/lib/doppel)"},
-			&cli.StringFlag{Name: "control-listen", Usage: "control API address (default :6320)"},
-			&cli.StringFlag{Name: "repl-listen", Usage: "replication address (default :6325); its host is what peers connect to"},
-			&cli.IntFlag{Name: "heartbeat-port", Usage: "UDP heartbeat port (default 6326)"},
-			&cli.StringFlag{Name: "probe-mode", Usage: "auto, xdp-driver, xdp-generic or userspace (default auto)"},
+			&cli.StringFlag{Name: "config", Usage: "YAML config `FILE` (every key documented in the installed /etc/doppel/agent.yaml)"},
+			// No Value: a flag overrides the config file only when given;
+			// DefaultText shows what applies when neither sets it.
+			&cli.StringFlag{Name: "state-dir", Usage: "job state, certificate and token", DefaultText: "/var/lib/doppel"},
+			&cli.StringFlag{Name: "control-listen", Usage: "control API address", DefaultText: ":6320"},
+			&cli.StringFlag{Name: "repl-listen", Usage: "replication address; its host is what peers connect to", DefaultText: ":6325"},
+			&cli.IntFlag{Name: "heartbeat-port", Usage: "UDP heartbeat port", DefaultText: "6326"},
+			&cli.StringFlag{Name: "probe-mode", Usage: "auto, xdp-driver, xdp-generic or userspace", DefaultText: "auto"},
 			&cli.StringSliceFlag{Name: "probe-iface", Usage: "interface the XDP probe attaches to (repeatable; none: userspace)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.BoolFlag{Name: "log-json", Usage: "log as JSON instead of text"},
@@ -86,6 +90,22 @@ func agentStop(c *cli.Context) error {
 	return nil
 }
 
+// loadAgentConfig reads the agent's YAML config file; an unknown key is an
+// error (a typo must not silently leave a default in place).
+func loadAgentConfig(path string) (agent.Config, error) {
+	var cfg agent.Config
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return cfg, fmt.Errorf("read config: %w", err)
+	}
+	dec := yaml.NewDecoder(strings.NewReader(string(b)))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
+		return cfg, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
 func runAgent(c *cli.Context) error {
 	if c.NArg() > 0 {
 		return usageErrorf("agent takes no arguments, got %q", c.Args().Slice())
@@ -103,14 +123,9 @@ func runAgent(c *cli.Context) error {
 
 	var cfg agent.Config
 	if p := c.String("config"); p != "" {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			return fmt.Errorf("read config: %w", err)
-		}
-		dec := yaml.NewDecoder(strings.NewReader(string(b)))
-		dec.KnownFields(true)
-		if err := dec.Decode(&cfg); err != nil {
-			return fmt.Errorf("config %s: %w", p, err)
+		var err error
+		if cfg, err = loadAgentConfig(p); err != nil {
+			return err
 		}
 	}
 	if v := c.String("state-dir"); v != "" {

@@ -20,7 +20,7 @@ func failoverCommand() *cli.Command {
 			"live job without losing a write). Always refused: a job already failed over\n" +
 			"(next step: doppel reverse).",
 		Flags: append(connFlags(),
-			&cli.BoolFlag{Name: "apply-queue", Usage: "apply the target's queued writes first (default)"},
+			&cli.BoolFlag{Name: "apply-queue", Usage: "apply the target's queued writes first (what happens without --discard-queue)"},
 			&cli.BoolFlag{Name: "discard-queue", Usage: "drop the target's unapplied queue (faster, loses those writes)"},
 			&cli.BoolFlag{Name: "force", Usage: "override the data-safety refusals"},
 			&cli.BoolFlag{Name: "planned", Usage: "a planned switchover with both hosts up (doppel switchover)"},

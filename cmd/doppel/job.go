@@ -63,8 +63,14 @@ func jobCommand() *cli.Command {
 			},
 			{
 				Name:      "status",
-				Usage:     "show a job as both agents see it",
+				Usage:     "show a job as both agents see it, under one headline",
 				ArgsUsage: "NAME",
+				Description: "The first line is the job's headline: PROTECTED, DEGRADED, NOT PROTECTED,\n" +
+					"FAILED OVER or UNREACHABLE, with the reason; then what a failure of the source\n" +
+					"now would cost, the commands that would succeed now, and each side as its\n" +
+					"agent sees it. Every server is asked in parallel, each for at most --timeout.\n" +
+					"Exit status: 0 protected, 1 degraded, 2 not protected or failed over,\n" +
+					"3 unreachable (no agent answered for the job), 64 usage error.",
 				Flags: append(connFlags(),
 					&cli.BoolFlag{Name: "json", Usage: "machine-readable output"},
 					&cli.BoolFlag{Name: "watch", Usage: "refresh every --interval until interrupted"},

@@ -47,11 +47,22 @@ func run(ctx context.Context, args []string) error {
 
 // runIO is run with the app's output and error output.
 func runIO(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	return newApp(stdout, stderr).RunContext(ctx, args)
+}
+
+// newApp is the command tree, writing to stdout and stderr.
+func newApp(stdout, stderr io.Writer) *cli.App {
 	app := &cli.App{
-		Writer:               stdout,
-		ErrWriter:            stderr,
-		Name:                 "doppel",
-		Usage:                "real-time block replication and failover",
+		Writer:    stdout,
+		ErrWriter: stderr,
+		Name:      "doppel",
+		Usage:     "real-time block replication and failover",
+		Description: "doppel agent runs on each host; every other command is a client of the agents'\n" +
+			"control API (servers added with doppel server add). Operator commands: server,\n" +
+			"job, failover, reverse, switchover, failback, verify. Plumbing: nbd, repl,\n" +
+			"probe, ip, witness. doppel job status exits 0 when the job is protected, 1\n" +
+			"degraded, 2 not protected or failed over, 3 when no agent answered; a usage\n" +
+			"error exits 64, any other error 1.",
 		EnableBashCompletion: true,
 		ExitErrHandler:       func(*cli.Context, error) {}, // main reports errors
 		Commands: []*cli.Command{
@@ -68,9 +79,12 @@ func runIO(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			probeCommand(),
 			ipCommand(),
 			witnessCommand(),
+			completionCommand(),
+			manCommand(),
 		},
 	}
-	return app.RunContext(ctx, args)
+	polish(app)
+	return app
 }
 
 // usageErrorf reports bad command-line input with exit code 64.

@@ -375,7 +375,7 @@ func positional(c *cli.Context) ([]string, error) {
 		name, value, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
 		f := lookupFlag(c.Command, name)
 		if f == nil {
-			return nil, usageErrorf("flag provided but not defined: -%s", name)
+			return nil, onUsageError(c, fmt.Errorf("flag provided but not defined: -%s", name), true)
 		}
 		if _, isBool := f.(*cli.BoolFlag); isBool {
 			if !hasValue {
