@@ -21,7 +21,7 @@ func TestFlagsAfterArguments(t *testing.T) {
 		t.Fatalf("conflicting flags after NAME not parsed: %v", err)
 	}
 	err = runWith(&out, "doppel", "failover", "web", "--bogus")
-	if err == nil || !strings.Contains(err.Error(), "not defined") {
+	if err == nil || !strings.Contains(err.Error(), "unknown flag --bogus") {
 		t.Fatalf("unknown flag: %v", err)
 	}
 	err = runWith(&out, "doppel", "job", "create", "web", "--source", "vm1")
