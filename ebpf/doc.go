@@ -1,5 +1,7 @@
-// Package ebpf is doppel's failure-detection probe: an XDP program that
-// timestamps heartbeats from the peer in a BPF map, its loader and map
-// reader, and a userspace fallback. It reports liveness facts; policy lives
-// in daemon.
+// Package ebpf is the folder of doppel's kernel-side failure detection. The
+// code lives in the sub-package heartbeat (github.com/doppelha/doppel/ebpf/heartbeat,
+// a name that does not shadow github.com/cilium/ebpf): the authenticated
+// heartbeat format, the XDP probe (probe.c, its generated bindings and
+// object), its loader and map reader, the userspace fallback and the
+// heartbeat sender. This package holds no code.
 package ebpf

@@ -6,12 +6,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
-	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -19,7 +16,7 @@ import (
 	"github.com/doppelha/doppel/blockdev/kernel"
 	"github.com/doppelha/doppel/daemon/agent"
 	"github.com/doppelha/doppel/daemon/api"
-	"github.com/doppelha/doppel/ebpf"
+	"github.com/doppelha/doppel/ebpf/heartbeat"
 	"github.com/doppelha/doppel/netident"
 	"github.com/urfave/cli/v2"
 	"github.com/vishvananda/netns"
@@ -47,23 +44,12 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "repl-listen", Usage: "replication address; its host is what peers connect to", DefaultText: ":6325"},
 			&cli.IntFlag{Name: "heartbeat-port", Usage: "UDP heartbeat port", DefaultText: "6326"},
 			&cli.StringFlag{Name: "probe-mode", Usage: "auto, xdp-driver, xdp-generic or userspace", DefaultText: "auto"},
-			&cli.StringSliceFlag{Name: "probe-iface", Usage: "interface the XDP probe attaches to (repeatable; none: userspace)"},
+			&cli.StringSliceFlag{Name: "probe-iface", Usage: "interface the XDP probe attaches to (repeatable)", DefaultText: "the interface of the route to each peer address"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.BoolFlag{Name: "log-json", Usage: "log as JSON instead of text"},
 		},
 		Action: runAgent,
 		Subcommands: []*cli.Command{
-			{
-				Name:  "restart",
-				Usage: "restart (or upgrade) an agent without taking the volumes away from their applications",
-				Description: "The agent named by --server starts the doppel binary installed now (an\n" +
-					"upgrade: install the new one first) and hands it its state: the jobs' volumes,\n" +
-					"their exports' sockets and connected clients, the control listener. The\n" +
-					"applications see a pause, not an error. Same as SIGHUP (systemctl reload).\n" +
-					"If the new agent fails, the old one keeps (or takes back) its jobs.",
-				Flags:  connFlags(),
-				Action: agentRestart,
-			},
 			{
 				Name:  "stop",
 				Usage: "stop an agent (refused while a job's volume is in use, unless --force)",
@@ -75,32 +61,6 @@ func agentCommand() *cli.Command {
 			},
 		},
 	}
-}
-
-// agentRestart asks one agent (--server) to restart.
-func agentRestart(c *cli.Context) error {
-	if args, err := positional(c); err != nil || len(args) != 0 {
-		return usageErrorf("usage: doppel agent restart --server NAME")
-	}
-	e, err := newClientEnv(c)
-	if err != nil {
-		return err
-	}
-	if e.only == "" {
-		return usageErrorf("doppel agent restart: name the agent with --server (one agent at a time)")
-	}
-	cl, err := e.client(e.only)
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(c.Context, 2*time.Minute)
-	defer cancel()
-	res, err := cl.RestartAgent(ctx)
-	if err != nil {
-		return fmt.Errorf("restart agent %s: %w", e.only, err)
-	}
-	fmt.Fprintf(c.App.Writer, "agent %s: %s\n", e.only, res.Message)
-	return nil
 }
 
 // agentStop asks one agent (--server) to stop.
@@ -189,7 +149,7 @@ func runAgent(c *cli.Context) error {
 	if cfg.HeartbeatPort < 1 || cfg.HeartbeatPort > 65535 {
 		return usageErrorf("--heartbeat-port %d is not 1-65535", cfg.HeartbeatPort)
 	}
-	mode, err := ebpf.ParseMode(cfg.ProbeMode)
+	mode, err := heartbeat.ParseMode(cfg.ProbeMode)
 	if err != nil {
 		return usageErrorf("--probe-mode: %v", err)
 	}
@@ -198,29 +158,6 @@ func runAgent(c *cli.Context) error {
 	// on its own writeback.
 	if err := kernel.SetIOFlusher(); err != nil {
 		log.Warn("PR_SET_IO_FLUSHER not set", "err", err)
-	}
-
-	// Started by a restarting agent (SIGHUP, doppel agent restart): say we
-	// are up and take its state over. It has stopped its jobs (not what
-	// they serve) and released the probe's socket when this returns.
-	var handover *agent.Handover
-	if fd := os.Getenv(agent.HandoverEnv); fd != "" {
-		os.Unsetenv(agent.HandoverEnv)
-		n, err := strconv.Atoi(fd)
-		if err != nil || n < 3 {
-			return fmt.Errorf("%s=%q: not a descriptor", agent.HandoverEnv, fd)
-		}
-		if handover, err = agent.ReceiveHandover(os.NewFile(uintptr(n), "handover"), version); err != nil {
-			return fmt.Errorf("take over from the previous agent: %w", err)
-		}
-		log.Info("taking over from the previous agent", "its_version", handover.Version(), "version", version)
-	}
-	takeOver := func(err error) error {
-		if handover != nil && err != nil {
-			handover.Ack(err) // it takes its jobs back at once
-			handover.Close()
-		}
-		return err
 	}
 
 	subs := agent.Subsystems{
@@ -234,67 +171,33 @@ func runAgent(c *cli.Context) error {
 		defer m.Close()
 		subs.NetIdent = agent.NetIdentManager{M: m}
 	}
-	pcfg := ebpf.Config{Interfaces: cfg.ProbeIfaces, Mode: mode, HeartbeatPort: uint16(cfg.HeartbeatPort), Logger: log}
-	// A replication listener on one address: heartbeats are received there.
-	if host, _, err := net.SplitHostPort(cfg.ReplListen); err == nil {
-		if a, err := netip.ParseAddr(host); err == nil && !a.IsUnspecified() {
-			pcfg.ListenAddr = a
-		}
-	}
-	var probe ebpf.Probe
-	openProbe := func() agent.Liveness {
-		p, err := ebpf.Open(pcfg)
+	// Without --probe-iface the XDP probe attaches to the interface of the
+	// route to each peer address it watches; the userspace fallback
+	// listens on every address.
+	probe, err := heartbeat.Open(heartbeat.Config{Interfaces: cfg.ProbeIfaces, Mode: mode, Port: uint16(cfg.HeartbeatPort), Logger: log})
+	var live *agent.ProbeLiveness
+	if err != nil {
+		log.Warn("failure probe unavailable: no failure detection", "err", err)
+	} else {
+		defer probe.Close()
+		inc, err := agent.NextIncarnation(cfg.StateDir, time.Now())
 		if err != nil {
-			log.Warn("failure probe unavailable: no failure detection", "err", err)
-			return nil
+			return err
 		}
-		probe = p
-		return &agent.ProbeLiveness{Log: log, Probe: p, Port: uint16(cfg.HeartbeatPort)}
-	}
-	subs.Liveness = openProbe()
-	defer func() {
-		if probe != nil {
-			probe.Close()
-		}
-	}()
-	// A restart starts the binary installed now (an upgrade) with the
-	// same arguments; os.Executable names it even once replaced.
-	cfg.Successor = func(sock *os.File) (agent.Successor, error) {
-		exe, err := os.Executable()
-		if err != nil {
-			return nil, err
-		}
-		return agent.SuccessorCommand(exe, os.Args[1:], os.Environ())(sock)
+		live = &agent.ProbeLiveness{Log: log, Probe: probe, Port: uint16(cfg.HeartbeatPort), Incarnation: inc}
+		subs.Liveness = live
+		log.Info("failure probe", "mode", probe.Mode(), "interfaces", cfg.ProbeIfaces, "incarnation", inc)
 	}
 	a, err := agent.New(log, cfg, subs)
 	if err != nil {
-		return takeOver(err)
-	}
-	// The successor opens its own probe (its heartbeat socket, its XDP
-	// program): this agent's goes first, and comes back if it fails.
-	a.BeforeHandover = func() {
-		sdNotify(log, "RELOADING=1")
-		if probe != nil {
-			probe.Close()
-			probe = nil
-		}
-	}
-	a.AfterFailedHandover = func() error {
-		a.Subsystems.Liveness = openProbe()
-		sdNotify(log, "READY=1")
-		return nil
-	}
-	a.OnServing = func() {
-		if handover != nil {
-			if err := handover.Ack(nil); err != nil {
-				log.Error("tell the previous agent we took over", "err", err)
-			}
-		}
-		sdNotify(log, fmt.Sprintf("MAINPID=%d\nREADY=1", os.Getpid()))
+		return err
 	}
 	// The replication engine authenticates with the agent's certificate:
 	// the one pinned at doppel server add.
 	planes := &agent.ReplPlanes{Log: log, Cert: a.Identity.Cert, ReplListen: cfg.ReplListen, StateDir: cfg.StateDir}
+	if live != nil {
+		planes.SessionRecorder = live.SessionRecorder
+	}
 	a.Subsystems.DataPlane = planes.Open
 	a.Subsystems.ReplListener = planes
 	// SIGTERM (systemctl stop) and SIGINT stop the agent once no volume
@@ -310,63 +213,12 @@ func runAgent(c *cli.Context) error {
 			forced = true
 		}
 	}()
-	// SIGHUP (systemctl reload): restart, keeping the volumes served.
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-	go func() {
-		for range hup {
-			if pid, err := a.Restart(context.Background()); err != nil {
-				log.Error("restart", "err", err)
-			} else {
-				log.Info("restarted: the new agent serves", "pid", pid)
-			}
-		}
-	}()
 	// The agent's own signal handling decides when it stops: not the
 	// CLI's context, cancelled by the first signal.
-	ctx := context.WithoutCancel(c.Context)
-	if handover != nil {
-		a.SetHandover(handover)
-		l, lerr := handover.Control()
-		if lerr == nil && l == nil {
-			l, lerr = net.Listen("tcp", cfg.ControlListen)
-		}
-		if lerr != nil {
-			return takeOver(fmt.Errorf("control listener: %w", lerr))
-		}
-		err = a.Serve(ctx, l)
-	} else {
-		err = a.Run(ctx)
-	}
-	switch {
-	case err != nil:
-		return err
-	case a.HandedOver():
-		log.Info("agent handed over to its successor: exiting")
-	default:
+	err = a.Run(context.WithoutCancel(c.Context))
+	if err == nil {
 		log.Info("agent stopped")
+		return nil
 	}
-	return nil
-}
-
-// sdNotify sends state to systemd when it started the agent with
-// Type=notify (NOTIFY_SOCKET set); otherwise it does nothing.
-func sdNotify(log *slog.Logger, state string) {
-	path := os.Getenv("NOTIFY_SOCKET")
-	if path == "" {
-		return
-	}
-	if path[0] == '@' {
-		path = "\x00" + path[1:]
-	}
-	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: path, Net: "unixgram"})
-	if err != nil {
-		log.Warn("sd_notify", "err", err)
-		return
-	}
-	defer c.Close()
-	if _, err := c.Write([]byte(state)); err != nil {
-		log.Warn("sd_notify", "err", err)
-	}
+	return err
 }

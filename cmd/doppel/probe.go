@@ -6,20 +6,29 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
-	"strconv"
+	"os"
 	"strings"
 	"time"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/doppelha/doppel/daemon/monitor"
-	"github.com/doppelha/doppel/ebpf"
+	"github.com/doppelha/doppel/ebpf/heartbeat"
 )
 
 // probeCommand is the failure-detection plumbing: send heartbeats, or watch
 // a peer's heartbeats with the XDP probe (or its userspace fallback) and
-// the monitor's policy.
+// the monitor's policy. Heartbeats are authenticated: both ends name the
+// job, its secret and the sending host (whose key signs them).
 func probeCommand() *cli.Command {
+	keyFlags := func(senderUsage string) []cli.Flag {
+		return []cli.Flag{
+			&cli.StringFlag{Name: "job", Required: true, Usage: "job `NAME` the heartbeats are for"},
+			&cli.StringFlag{Name: "secret", Usage: "the job's `SECRET` (or --secret-file)"},
+			&cli.StringFlag{Name: "secret-file", Usage: "`FILE` holding the job's secret"},
+			&cli.StringFlag{Name: "sender", Required: true, Usage: senderUsage},
+		}
+	}
 	return &cli.Command{
 		Name:  "probe",
 		Usage: "plumbing: send or watch heartbeats",
@@ -28,44 +37,59 @@ func probeCommand() *cli.Command {
 				Name:      "send",
 				Usage:     "send heartbeats to a peer on every path until interrupted",
 				ArgsUsage: " ",
-				Flags: []cli.Flag{
+				Flags: append(keyFlags("this host's `NAME` (the key that signs the heartbeats)"),
 					&cli.StringSliceFlag{Name: "to", Usage: "peer `IP` (repeat for several paths)", Required: true},
-					&cli.UintFlag{Name: "port", Value: ebpf.HeartbeatPort, Usage: "heartbeat UDP port"},
+					&cli.StringSliceFlag{Name: "from", Usage: "local `IP` each path's heartbeats leave from, in --to order (default: the route's)"},
+					&cli.UintFlag{Name: "port", Value: heartbeat.Port, Usage: "heartbeat UDP port"},
 					&cli.DurationFlag{Name: "interval", Value: monitor.DefaultInterval, Usage: "time between heartbeats"},
-					&cli.StringFlag{Name: "token", Value: "0", Usage: "connection token `T` (decimal or 0x hex, 64 bits)"},
-					&cli.Uint64Flag{Name: "generation", Usage: "generation to announce"},
+					&cli.Uint64Flag{Name: "incarnation", Usage: "sender incarnation `N` (must grow at every start)", DefaultText: "now in unix seconds"},
+					&cli.Uint64Flag{Name: "epoch", Usage: "epoch to announce"},
 					&cli.IntFlag{Name: "count", Usage: "stop after `N` heartbeats (0: until interrupted)"},
-				},
+				),
 				Action: probeSend,
 			},
 			{
 				Name:      "watch",
 				Usage:     "watch a peer's heartbeats and print its state changes",
 				ArgsUsage: " ",
-				Flags: []cli.Flag{
-					&cli.StringSliceFlag{Name: "iface", Usage: "interface `IFACE` to attach the XDP probe to (repeat for several; none: userspace mode)"},
+				Flags: append(keyFlags("the peer's `NAME` (whose key signs its heartbeats)"),
+					&cli.StringSliceFlag{Name: "iface", Usage: "interface `IFACE` to attach the XDP probe to (repeat for several)", DefaultText: "the interface of the route to each peer"},
 					&cli.StringSliceFlag{Name: "peer", Usage: "peer `IP` (repeat for several paths)", Required: true},
 					&cli.DurationFlag{Name: "interval", Value: monitor.DefaultInterval, Usage: "the peer's heartbeat interval"},
 					&cli.IntFlag{Name: "missed", Value: monitor.DefaultMissed, Usage: "intervals of silence on every path before the peer is down"},
 					&cli.IntFlag{Name: "rise", Value: monitor.DefaultRise, Usage: "consecutive packets on one path before a down peer is up again"},
-					&cli.StringFlag{Name: "token", Value: "0", Usage: "expected connection token `T`"},
-					&cli.UintFlag{Name: "port", Value: ebpf.HeartbeatPort, Usage: "heartbeat UDP port"},
-					&cli.UintFlag{Name: "repl-port", Value: ebpf.ReplicationPort, Usage: "replication port whose traffic counts as liveness (0: none)"},
+					&cli.UintFlag{Name: "port", Value: heartbeat.Port, Usage: "heartbeat UDP port"},
 					&cli.StringFlag{Name: "mode", Value: "auto", Usage: "probe mode: auto, xdp-driver, xdp-generic or userspace"},
 					&cli.BoolFlag{Name: "exit-on-down", Usage: "exit with status 3 when the peer is declared down"},
-				},
+				),
 				Action: probeWatch,
 			},
 		},
 	}
 }
 
-func parseToken(s string) (uint64, error) {
-	t, err := strconv.ParseUint(s, 0, 64)
-	if err != nil {
-		return 0, usageErrorf("bad --token %q: want a 64-bit number", s)
+// probeKey is the key of --sender's heartbeats for --job, from the
+// job's secret.
+func probeKey(c *cli.Context) (heartbeat.JobID, heartbeat.Key, error) {
+	secret := c.String("secret")
+	if f := c.String("secret-file"); f != "" {
+		if secret != "" {
+			return heartbeat.JobID{}, heartbeat.Key{}, usageErrorf("--secret and --secret-file exclude each other")
+		}
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return heartbeat.JobID{}, heartbeat.Key{}, fmt.Errorf("read --secret-file: %w", err)
+		}
+		secret = strings.TrimSpace(string(b))
 	}
-	return t, nil
+	if secret == "" {
+		return heartbeat.JobID{}, heartbeat.Key{}, usageErrorf("the job's secret is required (--secret or --secret-file)")
+	}
+	k, err := heartbeat.DeriveKey(secret, c.String("job"), c.String("sender"))
+	if err != nil {
+		return heartbeat.JobID{}, heartbeat.Key{}, usageErrorf("%v", err)
+	}
+	return heartbeat.JobIDOf(c.String("job")), k, nil
 }
 
 func parseAddrs(flag string, vs []string) ([]netip.Addr, error) {
@@ -87,7 +111,14 @@ func probeSend(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	token, err := parseToken(c.String("token"))
+	froms, err := parseAddrs("from", c.StringSlice("from"))
+	if err != nil {
+		return err
+	}
+	if len(froms) > 0 && len(froms) != len(addrs) {
+		return usageErrorf("--from: give one per --to (%d), or none", len(addrs))
+	}
+	id, key, err := probeKey(c)
 	if err != nil {
 		return err
 	}
@@ -95,11 +126,18 @@ func probeSend(c *cli.Context) error {
 	if port == 0 || port > 65535 || interval <= 0 {
 		return usageErrorf("bad --port or --interval")
 	}
-	dsts := make([]netip.AddrPort, len(addrs))
+	dsts := make([]heartbeat.Dest, len(addrs))
 	for i, a := range addrs {
-		dsts[i] = netip.AddrPortFrom(a, uint16(port))
+		dsts[i].Remote = netip.AddrPortFrom(a, uint16(port))
+		if len(froms) > 0 {
+			dsts[i].Local = froms[i]
+		}
 	}
-	s, err := ebpf.NewSender(dsts, ebpf.Heartbeat{Token: token, Generation: c.Uint64("generation")})
+	inc := c.Uint64("incarnation")
+	if inc == 0 {
+		inc = uint64(time.Now().Unix())
+	}
+	s, err := heartbeat.NewSender(heartbeat.SenderConfig{Job: id, Key: key, Incarnation: inc, Epoch: c.Uint64("epoch"), Dests: dsts})
 	if err != nil {
 		return err
 	}
@@ -125,33 +163,26 @@ func probeWatch(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	token, err := parseToken(c.String("token"))
+	id, key, err := probeKey(c)
 	if err != nil {
 		return err
 	}
-	mode, err := ebpf.ParseMode(c.String("mode"))
+	mode, err := heartbeat.ParseMode(c.String("mode"))
 	if err != nil {
 		return usageErrorf("%v", err)
 	}
-	port, replPort := c.Uint("port"), c.Uint("repl-port")
-	if port == 0 || port > 65535 || replPort > 65535 {
-		return usageErrorf("bad --port or --repl-port")
+	port := c.Uint("port")
+	if port == 0 || port > 65535 {
+		return usageErrorf("bad --port")
 	}
 	cfg := monitor.Config{Interval: c.Duration("interval"), Missed: c.Int("missed"), Rise: c.Int("rise")}
 	log := slog.New(slog.NewTextHandler(c.App.ErrWriter, nil))
-	p, err := ebpf.Open(ebpf.Config{
-		Interfaces:      c.StringSlice("iface"),
-		Mode:            mode,
-		HeartbeatPort:   uint16(port),
-		ReplicationPort: uint16(replPort),
-		NoReplication:   replPort == 0,
-		Logger:          log,
-	})
+	p, err := heartbeat.Open(heartbeat.Config{Interfaces: c.StringSlice("iface"), Mode: mode, Port: uint16(port), Logger: log})
 	if err != nil {
 		return err
 	}
 	defer p.Close()
-	down, err := watchPeer(c.Context, c.App.Writer, p, peers, token, cfg, c.Bool("exit-on-down"))
+	down, err := watchPeer(c.Context, c.App.Writer, p, peers, id, key, cfg, c.Bool("exit-on-down"))
 	if err != nil {
 		return err
 	}
@@ -161,20 +192,21 @@ func probeWatch(c *cli.Context) error {
 	return nil
 }
 
-// watchPeer runs the monitor over the probe's view of peers (one path per
-// address) and prints the mode and every state change. With exitOnDown it
-// returns true as soon as the peer is down.
-func watchPeer(ctx context.Context, w io.Writer, p ebpf.Probe, peers []netip.Addr, token uint64, cfg monitor.Config, exitOnDown bool) (bool, error) {
+// watchPeer runs the monitor over the probe's view of the job's peer at
+// peers (one path per address) and prints the mode and every state
+// change. With exitOnDown it returns true as soon as the peer is down.
+func watchPeer(ctx context.Context, w io.Writer, p heartbeat.Probe, peers []netip.Addr, id heartbeat.JobID, key heartbeat.Key, cfg monitor.Config, exitOnDown bool) (bool, error) {
 	paths := make([]string, len(peers))
-	byPath := map[string]netip.Addr{}
+	byPath := map[string]heartbeat.Peer{}
 	for i, a := range peers {
-		if err := p.SetPeer(a, token); err != nil {
+		pr := heartbeat.Peer{Addr: a, Job: id}
+		if err := p.Watch(pr, key); err != nil {
 			return false, err
 		}
 		paths[i] = a.String()
-		byPath[paths[i]] = a
+		byPath[paths[i]] = pr
 	}
-	m, err := monitor.New(cfg, paths, ebpf.Now())
+	m, err := monitor.New(cfg, paths, heartbeat.Now())
 	if err != nil {
 		return false, usageErrorf("%v", err)
 	}
@@ -184,16 +216,16 @@ func watchPeer(ctx context.Context, w io.Writer, p ebpf.Probe, peers []netip.Add
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	down := false
-	err = monitor.Watch(ctx, m, ebpf.Now, func(path string) (monitor.Sample, error) {
+	err = monitor.Watch(ctx, m, heartbeat.Now, func(path string) (monitor.Sample, error) {
 		s, err := p.Stats(byPath[path])
-		return monitor.Sample{LastSeen: s.LastSeen(), Packets: s.Packets()}, err
+		return monitor.Sample{LastSeen: s.LastSeen, Packets: s.Heartbeats, PeerEpoch: s.Epoch}, err
 	}, func(ch monitor.Change) {
-		wall := time.Now().Add(ch.At - ebpf.Now()).UTC().Format("2006-01-02T15:04:05.000Z07:00")
+		wall := time.Now().Add(ch.At - heartbeat.Now()).UTC().Format("2006-01-02T15:04:05.000Z07:00")
 		var stats []string
-		for _, a := range peers {
-			if s, err := p.Stats(a); err == nil {
-				stats = append(stats, fmt.Sprintf("%s: heartbeats %d seq %d gaps %d repl %d bad-token %d",
-					a, s.Heartbeats, s.LastSeq, s.Gaps, s.ReplicationPackets, s.BadToken))
+		for _, path := range paths {
+			if s, err := p.Stats(byPath[path]); err == nil {
+				stats = append(stats, fmt.Sprintf("%s: heartbeats %d incarnation %d seq %d epoch %d gaps %d replays %d bad-mac %d",
+					path, s.Heartbeats, s.Incarnation, s.Seq, s.Epoch, s.Gaps, s.Replays, s.BadMAC))
 			}
 		}
 		fmt.Fprintf(w, "%s peer %s: %s [%s]\n", wall, ch.To, ch, strings.Join(stats, "; "))

@@ -49,7 +49,8 @@ func probeExitCode(err error) int {
 }
 
 func TestProbeSendCount(t *testing.T) {
-	out, err := runProbeCLI(t, "probe", "send", "--to", "127.0.0.1", "--port", probeFreePort(t), "--interval", "5ms", "--count", "3", "--token", "0x2a")
+	out, err := runProbeCLI(t, "probe", "send", "--to", "127.0.0.1", "--port", probeFreePort(t), "--interval", "5ms", "--count", "3",
+		"--job", "web", "--secret", "s3cret", "--sender", "vm1")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -62,7 +63,7 @@ func TestProbeSendCount(t *testing.T) {
 // interval × missed, and --exit-on-down exits with status 3.
 func TestProbeWatchExitOnDown(t *testing.T) {
 	out, err := runProbeCLI(t, "probe", "watch", "--mode", "userspace", "--peer", "127.0.0.2", "--port", probeFreePort(t),
-		"--interval", "20ms", "--missed", "3", "--exit-on-down")
+		"--interval", "20ms", "--missed", "3", "--exit-on-down", "--job", "web", "--secret", "s3cret", "--sender", "vm1")
 	if probeExitCode(err) != exitPeerDown {
 		t.Fatalf("err %v (exit code %d), want exit code %d", err, probeExitCode(err), exitPeerDown)
 	}
@@ -86,13 +87,49 @@ func TestProbeWatchExitOnDown(t *testing.T) {
 
 func TestProbeUsageErrors(t *testing.T) {
 	for _, args := range [][]string{
-		{"probe", "watch", "--peer", "not-an-ip"},
-		{"probe", "watch", "--peer", "127.0.0.1", "--mode", "xdp"},
-		{"probe", "watch", "--peer", "127.0.0.1", "--token", "x"},
-		{"probe", "send", "--to", "127.0.0.1", "--port", "70000"},
+		{"probe", "watch", "--peer", "not-an-ip", "--job", "web", "--secret", "s", "--sender", "vm1"},
+		{"probe", "watch", "--peer", "127.0.0.1", "--mode", "xdp", "--job", "web", "--secret", "s", "--sender", "vm1"},
+		{"probe", "watch", "--peer", "127.0.0.1", "--job", "web", "--sender", "vm1"}, // no secret
+		{"probe", "send", "--to", "127.0.0.1", "--port", "70000", "--job", "web", "--secret", "s", "--sender", "vm1"},
+		{"probe", "send", "--to", "127.0.0.1", "--from", "127.0.0.1,127.0.0.2", "--job", "web", "--secret", "s", "--sender", "vm1"},
 	} {
 		if _, err := runProbeCLI(t, args...); probeExitCode(err) != exitUsage {
 			t.Errorf("%v: %v (exit code %d), want a usage error", args, err, probeExitCode(err))
 		}
+	}
+}
+
+// TestProbeSendWatch: heartbeats sent with the job's secret as vm1 bring
+// the peer up in a watcher that expects vm1's key; signed as anyone else
+// they are counted as bad MACs and the peer is declared down.
+func TestProbeSendWatch(t *testing.T) {
+	for _, tc := range []struct {
+		sender, want string
+	}{{"vm1", "peer up"}, {"vm9", "bad-mac "}} {
+		t.Run(tc.sender, func(t *testing.T) {
+			port := probeFreePort(t)
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			sent := make(chan error, 1)
+			go func() {
+				sent <- run(ctx, []string{"doppel", "probe", "send", "--to", "127.0.0.1", "--port", port, "--interval", "10ms",
+					"--job", "web", "--secret", "s3cret", "--sender", tc.sender})
+			}()
+			time.AfterFunc(500*time.Millisecond, cancel) // then the watcher declares the peer down and exits
+			out, err := runProbeCLI(t, "probe", "watch", "--mode", "userspace", "--peer", "127.0.0.1", "--port", port,
+				"--interval", "10ms", "--missed", "30", "--rise", "1", "--exit-on-down", "--job", "web", "--secret", "s3cret", "--sender", "vm1")
+			cancel()
+			<-sent
+			switch tc.sender {
+			case "vm1":
+				if probeExitCode(err) != exitPeerDown || !strings.Contains(out, "peer up") || !strings.Contains(out, "bad-mac 0") {
+					t.Fatalf("heartbeats of vm1 did not bring the peer up: %v\n%s", err, out)
+				}
+			default:
+				if probeExitCode(err) != exitPeerDown || strings.Contains(out, "peer up") || strings.Contains(out, "bad-mac 0") {
+					t.Fatalf("heartbeats signed by %s: %v\n%s", tc.sender, err, out)
+				}
+			}
+		})
 	}
 }

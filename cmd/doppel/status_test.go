@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"flag"
 	"net"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,12 +12,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/doppelha/doppel/daemon/agent"
 	"github.com/doppelha/doppel/daemon/api"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/monitor"
 	"github.com/doppelha/doppel/daemon/protection"
-	"github.com/doppelha/doppel/ebpf"
+	"github.com/doppelha/doppel/ebpf/heartbeat"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/*.golden with the actual output")
@@ -136,15 +136,14 @@ type liveAlways struct {
 	n  uint64
 }
 
-func (l *liveAlways) Watch(string, map[string]netip.Addr, []netip.Addr, uint64, time.Duration) error {
-	return nil
-}
-func (l *liveAlways) Unwatch(string) {}
+func (l *liveAlways) Watch(agent.LivenessWatch) error { return nil }
+func (l *liveAlways) Unwatch(string)                  {}
+func (l *liveAlways) SetEpoch(string, uint64)         {}
 func (l *liveAlways) Sample(string, string) (monitor.Sample, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.n++
-	return monitor.Sample{LastSeen: ebpf.Now(), Packets: l.n}, nil
+	return monitor.Sample{LastSeen: heartbeat.Now(), Packets: l.n}, nil
 }
 func (l *liveAlways) Mode() string { return "test" }
 

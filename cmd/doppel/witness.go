@@ -10,7 +10,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/doppelha/doppel/daemon/agent"
-	"github.com/doppelha/doppel/ebpf"
+	"github.com/doppelha/doppel/ebpf/heartbeat"
 )
 
 func witnessCommand() *cli.Command {
@@ -25,7 +25,7 @@ witness lost the source too (silent for interval × missed, or never heard).
 A target that cannot reach the witness does not fail over automatically.`,
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "listen", Value: fmt.Sprintf(":%d", agent.DefaultWitnessPort), Usage: "HOST:PORT for the targets' queries (TCP)"},
-			&cli.IntFlag{Name: "heartbeat-port", Value: ebpf.HeartbeatPort, Usage: "UDP port the agents' heartbeats arrive on (on the --listen host)"},
+			&cli.IntFlag{Name: "heartbeat-port", Value: heartbeat.Port, Usage: "UDP port the agents' heartbeats arrive on (on the --listen host)"},
 			&cli.BoolFlag{Name: "log-json", Usage: "structured logs as JSON"},
 		},
 		Action: func(c *cli.Context) error {

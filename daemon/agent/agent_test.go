@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -23,7 +22,7 @@ import (
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/monitor"
-	"github.com/doppelha/doppel/ebpf"
+	"github.com/doppelha/doppel/ebpf/heartbeat"
 )
 
 // testAgent is an agent serving on loopback for a test.
@@ -53,28 +52,20 @@ func startAgentAt(t *testing.T, dir, addr string, subs Subsystems) *testAgent {
 // startAgentWith calls configure (if any) on the agent before it serves.
 func startAgentWith(t *testing.T, dir, addr string, subs Subsystems, configure func(*Agent)) *testAgent {
 	t.Helper()
-	l, err := net.Listen("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return startAgentOn(t, dir, l, subs, configure)
-}
-
-// startAgentOn serves an agent on l (a listener handed over by a
-// restarting agent, for one).
-func startAgentOn(t *testing.T, dir string, l net.Listener, subs Subsystems, configure func(*Agent)) *testAgent {
-	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("agent", filepath.Base(dir))
 	}
 	a, err := New(log, Config{StateDir: dir, MountInfo: filepath.Join(dir, "..", "mountinfo")}, subs)
 	if err != nil {
-		l.Close()
 		t.Fatal(err)
 	}
 	if configure != nil {
 		configure(a)
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	ta := &testAgent{t: t, a: a, dir: dir, addr: l.Addr().String(), cancel: cancel, done: make(chan error, 1), subs: subs}
@@ -252,10 +243,9 @@ type memLiveness struct {
 	err   error                    // the probe cannot be read
 }
 
-func (m *memLiveness) Watch(job string, _ map[string]netip.Addr, _ []netip.Addr, _ uint64, _ time.Duration) error {
-	return nil
-}
-func (m *memLiveness) Unwatch(string) {}
+func (m *memLiveness) Watch(LivenessWatch) error     { return nil }
+func (m *memLiveness) Unwatch(string)                {}
+func (m *memLiveness) SetEpoch(job string, e uint64) {}
 func (m *memLiveness) Sample(job, path string) (monitor.Sample, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -267,7 +257,7 @@ func (m *memLiveness) Sample(job, path string) (monitor.Sample, error) {
 		if m.seen == nil {
 			m.seen = map[string]time.Duration{}
 		}
-		m.seen[job+path] = ebpf.Now()
+		m.seen[job+path] = heartbeat.Now()
 	}
 	return monitor.Sample{LastSeen: m.seen[job+path], Packets: m.n[job+path]}, nil
 }

@@ -8,7 +8,7 @@ import (
 
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/monitor"
-	"github.com/doppelha/doppel/ebpf"
+	"github.com/doppelha/doppel/ebpf/heartbeat"
 )
 
 // detectorView is what status reads of a job's detector (daemon/monitor
@@ -28,7 +28,7 @@ func (v *detectorView) timeToFail() (time.Duration, bool) {
 	if !v.running.Load() || v.down.Load() {
 		return 0, false
 	}
-	ttf := max(time.Duration(v.deadline.Load())-ebpf.Now(), 0)
+	ttf := max(time.Duration(v.deadline.Load())-heartbeat.Now(), 0)
 	if ttf > v.timeout-v.interval {
 		return 0, false
 	}
@@ -52,7 +52,7 @@ func (r *runner) detect(ctx context.Context) {
 	v.timeout, v.interval = cfg.Timeout(), cfg.Interval
 	defer v.running.Store(false)
 	for ctx.Err() == nil {
-		start := ebpf.Now()
+		start := heartbeat.Now()
 		m, err := monitor.New(cfg, r.pathNames, start)
 		if err != nil {
 			r.log.Error("failure detector", "err", err)
@@ -70,7 +70,7 @@ func (r *runner) detect(ctx context.Context) {
 			}
 			return s, err
 		}
-		err = monitor.Watch(ctx, m, ebpf.Now, sample, func(ch monitor.Change) {
+		err = monitor.Watch(ctx, m, heartbeat.Now, sample, func(ch monitor.Change) {
 			switch ch.To {
 			case monitor.Down:
 				v.down.Store(true)
@@ -105,7 +105,7 @@ func (r *runner) detect(ctx context.Context) {
 // the witness has not (a source that dies after a partition, a witness
 // that comes back); each answer goes to the state machine (ha.EvWitness).
 func (r *runner) askWitness(ctx context.Context) {
-	q := witnessQuery{Job: heartbeatJobID(r.rec.Spec.Name), Token: peerToken(r.rec.Spec.Secret)}
+	q := witnessQuery{Job: heartbeatJobID(r.rec.Spec.Name)}
 	for _, name := range r.pathNames {
 		q.Addrs = append(q.Addrs, r.paths[name])
 	}

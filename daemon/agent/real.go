@@ -2,153 +2,205 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/doppelha/doppel/daemon/monitor"
-	"github.com/doppelha/doppel/ebpf"
+	"github.com/doppelha/doppel/ebpf/heartbeat"
 	"github.com/doppelha/doppel/netident"
 )
 
-// ProbeLiveness implements Liveness with the ebpf probe (XDP, or its
-// userspace fallback) and heartbeat senders: one sender per job, to every
-// path's peer address.
+// ProbeLiveness implements Liveness with the heartbeat probe (XDP, or its
+// userspace fallback) and one heartbeat sender per job. Everything is per
+// job: the probe counts (peer address, job) pairs with the job's keys, so
+// two jobs between the same hosts never see each other's heartbeats, and
+// unwatching one leaves the other's counters alone.
 type ProbeLiveness struct {
 	Log   *slog.Logger
-	Probe ebpf.Probe
+	Probe heartbeat.Probe
 	// Port is the peers' heartbeat port.
 	Port uint16
+	// Incarnation is this agent start's (NextIncarnation).
+	Incarnation uint64
 
-	mu   sync.Mutex
-	jobs map[string]*watched
-	// watchers lists, per peer address, the jobs watching it, oldest
-	// first. The probe holds one heartbeat token per address: the oldest
-	// job's. Every job sends its own heartbeats, and the peer sends those
-	// of every job it has, so the oldest job's keep the address alive for
-	// all of them; a new job does not change the token (its peer may not
-	// send its heartbeats yet), and when the token's job goes the next
-	// oldest's takes over (delete the target side first: the source keeps
-	// sending the old job's heartbeats until its own delete).
-	watchers map[netip.Addr][]string
+	mu       sync.Mutex
+	jobs     map[string]*watched
+	sessions map[string]*sessionActivity
 }
 
 type watched struct {
-	paths  map[string]netip.Addr
-	token  uint64
-	sender *ebpf.Sender
+	id     heartbeat.JobID
+	paths  map[string]PathAddrs
+	sender *heartbeat.Sender
 	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// sessionActivity is the replication session's proof of the peer's life:
+// the CLOCK_MONOTONIC time of the newest frame read from it, and a count.
+type sessionActivity struct {
+	last   atomic.Int64
+	frames atomic.Uint64
+}
+
+func (a *sessionActivity) record() {
+	a.last.Store(int64(heartbeat.Now()))
+	a.frames.Add(1)
+}
+
+// SessionRecorder returns the function the job's replication sessions
+// call for every frame they read (repl.Liveness.OnRecv): those frames
+// count as the liveness of the job's session path.
+func (p *ProbeLiveness) SessionRecorder(job string) func() {
+	return p.session(job).record
+}
+
+func (p *ProbeLiveness) session(job string) *sessionActivity {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.sessions == nil {
+		p.sessions = map[string]*sessionActivity{}
+	}
+	a, ok := p.sessions[job]
+	if !ok {
+		a = &sessionActivity{}
+		p.sessions[job] = a
+	}
+	return a
 }
 
 // Watch implements Liveness.
-func (p *ProbeLiveness) Watch(job string, paths map[string]netip.Addr, also []netip.Addr, token uint64, interval time.Duration) error {
+func (p *ProbeLiveness) Watch(w LivenessWatch) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.jobs == nil {
 		p.jobs = map[string]*watched{}
 	}
-	if _, ok := p.jobs[job]; ok {
+	if _, ok := p.jobs[w.Job]; ok {
 		return nil
 	}
-	if p.watchers == nil {
-		p.watchers = map[netip.Addr][]string{}
-	}
-	var dsts []netip.AddrPort
-	for _, a := range paths {
-		if len(p.watchers[a]) == 0 {
-			if err := p.Probe.SetPeer(a, token); err != nil {
-				return fmt.Errorf("probe: watch %s: %w", a, err)
-			}
-		}
-		dsts = append(dsts, netip.AddrPortFrom(a, p.Port))
-	}
-	for _, a := range also {
-		dsts = append(dsts, netip.AddrPortFrom(a, p.Port))
-	}
-	hb := ebpf.Heartbeat{Token: token, Job: heartbeatJobID(job)}
-	s, err := ebpf.NewSender(dsts, hb)
+	sendKey, err := heartbeat.DeriveKey(w.Secret, w.Job, w.Self)
 	if err != nil {
 		return err
 	}
+	recvKey, err := heartbeat.DeriveKey(w.Secret, w.Job, w.Peer)
+	if err != nil {
+		return err
+	}
+	id := heartbeat.JobIDOf(w.Job)
+	var watchedPeers []heartbeat.Peer
+	undo := func() {
+		for _, pr := range watchedPeers {
+			p.Probe.Unwatch(pr)
+		}
+	}
+	var dsts []heartbeat.Dest
+	for name, pa := range w.Paths {
+		pr := heartbeat.Peer{Addr: pa.Peer, Job: id}
+		if err := p.Probe.Watch(pr, recvKey); err != nil {
+			undo()
+			return fmt.Errorf("probe: watch path %s of job %s: %w", name, w.Job, err)
+		}
+		watchedPeers = append(watchedPeers, pr)
+		dsts = append(dsts, heartbeat.Dest{Local: pa.Local, Remote: netip.AddrPortFrom(pa.Peer, p.Port)})
+	}
+	for _, a := range w.Also {
+		dsts = append(dsts, heartbeat.Dest{Remote: netip.AddrPortFrom(a, p.Port)})
+	}
+	log := p.Log.With("job", w.Job)
+	cfg := heartbeat.SenderConfig{Job: id, Key: sendKey, Incarnation: max(p.Incarnation, 1), Epoch: w.Epoch, Dests: dsts}
+	s, err := heartbeat.NewSender(cfg)
+	if err != nil {
+		// A local address not on this host (behind NAT, a name that
+		// resolved elsewhere): the routes choose the source addresses.
+		for i := range cfg.Dests {
+			cfg.Dests[i].Local = netip.Addr{}
+		}
+		var err2 error
+		if s, err2 = heartbeat.NewSender(cfg); err2 != nil {
+			undo()
+			return errors.Join(err, err2)
+		}
+		log.Warn("heartbeats leave from the routes' source addresses, not each path's own: the peer may not tell the paths apart", "err", err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	log := p.Log.With("job", job)
+	done := make(chan struct{})
 	go func() {
+		defer close(done)
 		// A real-time thread of its own, ended with the goroutine.
 		lockRealtime(log, "heartbeat sender")
-		s.Run(ctx, interval, 0, nil)
+		var lastErr time.Time
+		s.Run(ctx, w.Interval, 0, func(err error) {
+			if time.Since(lastErr) > time.Minute { // a cut link fails every send
+				log.Debug("heartbeat not sent", "err", err)
+				lastErr = time.Now()
+			}
+		})
 	}()
-	p.jobs[job] = &watched{paths: paths, token: token, sender: s, cancel: cancel}
-	for _, a := range uniqueAddrs(paths) {
-		p.watchers[a] = append(p.watchers[a], job)
-	}
+	p.jobs[w.Job] = &watched{id: id, paths: w.Paths, sender: s, cancel: cancel, done: done}
 	return nil
 }
 
-func uniqueAddrs(paths map[string]netip.Addr) []netip.Addr {
-	var out []netip.Addr
-	for _, a := range paths {
-		if !slices.Contains(out, a) {
-			out = append(out, a)
-		}
-	}
-	return out
-}
-
-// Unwatch implements Liveness.
+// Unwatch implements Liveness: only this job's entries go.
 func (p *ProbeLiveness) Unwatch(job string) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	w, ok := p.jobs[job]
+	delete(p.jobs, job)
+	delete(p.sessions, job)
+	p.mu.Unlock()
 	if !ok {
 		return
 	}
-	delete(p.jobs, job)
 	w.cancel()
+	<-w.done
 	w.sender.Close()
-	for _, a := range uniqueAddrs(w.paths) {
-		js := p.watchers[a]
-		i := slices.Index(js, job)
-		if i < 0 {
-			continue
-		}
-		js = slices.Delete(js, i, i+1)
-		switch {
-		case len(js) == 0:
-			delete(p.watchers, a)
-			p.Probe.RemovePeer(a)
-		case i == 0:
-			// The token's job went: the next oldest job's heartbeats
-			// keep the address alive.
-			p.watchers[a] = js
-			if err := p.Probe.SetPeer(a, p.jobs[js[0]].token); err != nil {
-				p.Log.Error("probe: heartbeat token of the remaining jobs", "peer", a, "job", js[0], "err", err)
-			}
-		default:
-			p.watchers[a] = js
+	for _, pa := range w.paths {
+		if err := p.Probe.Unwatch(heartbeat.Peer{Addr: pa.Peer, Job: w.id}); err != nil {
+			p.Log.Warn("probe: unwatch", "job", job, "peer", pa.Peer, "err", err)
 		}
 	}
 }
 
-// Sample implements Liveness.
+// SetEpoch implements Liveness.
+func (p *ProbeLiveness) SetEpoch(job string, epoch uint64) {
+	p.mu.Lock()
+	w, ok := p.jobs[job]
+	p.mu.Unlock()
+	if ok {
+		w.sender.SetEpoch(epoch)
+	}
+}
+
+// Sample implements Liveness: the probe's facts about the path's peer
+// address for this job, and on the session path the replication
+// session's frames too.
 func (p *ProbeLiveness) Sample(job, path string) (monitor.Sample, error) {
 	p.mu.Lock()
 	w, ok := p.jobs[job]
+	sess := p.sessions[job]
 	p.mu.Unlock()
 	if !ok {
 		return monitor.Sample{}, fmt.Errorf("probe: job %s not watched", job)
 	}
-	a, ok := w.paths[path]
+	pa, ok := w.paths[path]
 	if !ok {
 		return monitor.Sample{}, fmt.Errorf("probe: job %s has no path %s", job, path)
 	}
-	st, err := p.Probe.Stats(a)
+	st, err := p.Probe.Stats(heartbeat.Peer{Addr: pa.Peer, Job: w.id})
 	if err != nil {
 		return monitor.Sample{}, err
 	}
-	return monitor.Sample{LastSeen: st.LastSeen(), Packets: st.Packets()}, nil
+	s := monitor.Sample{LastSeen: st.LastSeen, Packets: st.Heartbeats, PeerEpoch: st.Epoch}
+	if pa.Session && sess != nil {
+		s.LastSeen = max(s.LastSeen, time.Duration(sess.last.Load()))
+		s.Packets += sess.frames.Load()
+	}
+	return s, nil
 }
 
 // Mode implements Liveness.

@@ -46,6 +46,10 @@ type ReplPlanes struct {
 	StateDir   string
 	// RateLimit caps replication bytes per second (0: unlimited).
 	RateLimit int64
+	// SessionRecorder, if set, returns what a job's replication sessions
+	// call for every frame they read: the session path's liveness
+	// (ProbeLiveness.SessionRecorder).
+	SessionRecorder func(job string) func()
 
 	mu        sync.Mutex
 	mux       *repl.Mux
@@ -173,11 +177,8 @@ type replPlane struct {
 	holdMu    sync.Mutex
 	hold      chan struct{}      // non-nil while writes are held (quiesce); closed when they may go on
 	drainStop context.CancelFunc // cancels the drain of the current quiesce
-	// lastLink, lastState: the facts last reported by the poll; linkGen
-	// counts the roles started (which reset them). Under mu.
 	lastLink  bool
 	lastState string
-	linkGen   uint64
 }
 
 func (d *replPlane) mode() wire.Mode {
@@ -192,7 +193,11 @@ func (d *replPlane) mode() wire.Mode {
 // the bound of the failure detector.
 func (d *replPlane) liveness() repl.Liveness {
 	m := d.rec.Spec.Monitor
-	return repl.Liveness{Interval: m.Interval, Timeout: m.Interval * time.Duration(m.Missed)}
+	l := repl.Liveness{Interval: m.Interval, Timeout: m.Interval * time.Duration(m.Missed)}
+	if d.p.SessionRecorder != nil {
+		l.OnRecv = d.p.SessionRecorder(d.rec.Spec.Name)
+	}
+	return l
 }
 
 func (d *replPlane) stateDir() string {
@@ -341,7 +346,6 @@ func (d *replPlane) StartSource(ctx context.Context) error {
 		}
 	}()
 	d.lastLink = false
-	d.linkGen++
 	d.startPoll()
 	return nil
 }
@@ -406,7 +410,6 @@ func (d *replPlane) StartTarget(ctx context.Context) error {
 	}
 	d.tgt, d.tgtRemove, d.peeked = t, remove, nil
 	d.lastLink, d.lastState = false, ""
-	d.linkGen++
 	if t.Status().Data != "consistent" {
 		// Whatever the job's record says (its state was set aside, a
 		// resync was interrupted): this copy is not consistent.
@@ -628,7 +631,7 @@ func (d *replPlane) startPoll() {
 			case <-t.C:
 			}
 			d.mu.Lock()
-			src, tgt, running, gen := d.src, d.tgt, d.srcRun != nil, d.linkGen
+			src, tgt, running := d.src, d.tgt, d.srcRun != nil
 			d.mu.Unlock()
 			link, state := false, ""
 			if src != nil {
@@ -647,33 +650,22 @@ func (d *replPlane) startPoll() {
 					state = "inconsistent"
 				}
 			}
-			// The facts are compared and recorded under d.mu, and
-			// dropped when a role started meanwhile (they describe the
-			// session before it).
-			var evs []ha.Event
-			d.mu.Lock()
-			if gen == d.linkGen {
-				if link != d.lastLink {
-					d.lastLink = link
-					if link {
-						evs = append(evs, ha.Event{Type: ha.EvLinkUp})
-					} else {
-						evs = append(evs, ha.Event{Type: ha.EvLinkDown})
-					}
-				}
-				if link && state != "" && state != d.lastState {
-					switch state {
-					case "consistent":
-						evs = append(evs, ha.Event{Type: ha.EvSynced})
-					case "inconsistent":
-						evs = append(evs, ha.Event{Type: ha.EvResync})
-					}
-					d.lastState = state
+			if link != d.lastLink {
+				d.lastLink = link
+				if link {
+					d.notify(ha.Event{Type: ha.EvLinkUp})
+				} else {
+					d.notify(ha.Event{Type: ha.EvLinkDown})
 				}
 			}
-			d.mu.Unlock()
-			for _, ev := range evs {
-				d.notify(ev)
+			if link && state != "" && state != d.lastState {
+				switch state {
+				case "consistent":
+					d.notify(ha.Event{Type: ha.EvSynced})
+				case "inconsistent":
+					d.notify(ha.Event{Type: ha.EvResync})
+				}
+				d.lastState = state
 			}
 		}
 	}()

@@ -2,8 +2,6 @@ package agent
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -145,12 +143,6 @@ func monitoredPaths(peer job.Endpoint) (map[string]netip.Addr, error) {
 	return out, nil
 }
 
-// peerToken is the heartbeat token both agents derive from the job secret.
-func peerToken(secret string) uint64 {
-	sum := sha256.Sum256([]byte("doppel heartbeat token\x00" + secret))
-	return binary.BigEndian.Uint64(sum[:8])
-}
-
 func (r *runner) notify(ev ha.Event) {
 	select {
 	case r.events <- ev:
@@ -163,11 +155,7 @@ func (r *runner) start(ctx context.Context) {
 	ctx, r.cancel = context.WithCancel(ctx)
 	r.ctx = ctx
 	if r.subs.Liveness != nil {
-		var also []netip.Addr
-		if ap, err := netip.ParseAddrPort(r.rec.Spec.Witness); err == nil {
-			also = append(also, ap.Addr().Unmap())
-		}
-		if err := r.subs.Liveness.Watch(r.rec.Spec.Name, r.paths, also, peerToken(r.rec.Spec.Secret), r.rec.Spec.Monitor.Interval); err != nil {
+		if err := r.subs.Liveness.Watch(r.livenessWatch()); err != nil {
 			r.log.Error("probe: watch peer", "err", err)
 		}
 	}
@@ -197,11 +185,6 @@ func (r *runner) stop() {
 	defer r.mu.Unlock()
 	if r.subs.Volumes != nil {
 		r.subs.Volumes.Stop(r.rec.Spec.Name)
-	}
-	if nv, ok := r.subs.Volumes.(*NBDVolumes); ok {
-		if ad := nv.Unadopt(r.rec.Spec.Name); ad != nil {
-			ad.close() // handed over by the previous agent, never served
-		}
 	}
 	if r.dp != nil {
 		r.dp.Close()
@@ -328,6 +311,7 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 		}
 		r.queue(rd.AfterActions)
 	}
+	r.announceEpoch()
 	if prev, now := r.snap.Load().ha, r.node.Status(); prev.State != now.State || prev.Role != now.Role {
 		r.log.Info("job state", "from", prev.State, "to", now.State, "role", now.Role, "epoch", now.Epoch, "reason", now.Reason)
 	}

@@ -83,22 +83,52 @@ type NetIdent interface {
 	Release(ctx context.Context, addrs []netident.Addr) error
 }
 
-// Liveness is the probe side of failure detection: it sends heartbeats to
-// the peer on every path and timestamps and counts the peer's packets per
-// path. The policy (down after interval × missed of silence on every path,
-// up again after rise packets) is daemon/monitor's.
+// Liveness is the probe side of failure detection: it sends a job's
+// authenticated heartbeats to the peer on every path and timestamps and
+// counts the peer's, per job and path (deleting or changing one job never
+// changes what another sees). The policy (down after interval × missed of
+// silence on every path, up again after rise packets) is daemon/monitor's.
 type Liveness interface {
-	// Watch starts heartbeats every interval to, and counting of, the peer
-	// addresses of a job's paths (path name -> peer address); heartbeats
-	// also go to the addresses in also (a witness).
-	Watch(job string, paths map[string]netip.Addr, also []netip.Addr, token uint64, interval time.Duration) error
+	// Watch starts the job's heartbeats to, and the counting of, its peer
+	// on every path. Watching a watched job changes nothing.
+	Watch(w LivenessWatch) error
+	// Unwatch stops them and forgets the job's counters.
 	Unwatch(job string)
+	// SetEpoch changes the epoch the job's heartbeats announce (the
+	// fencing token; the peer reads it in its samples' PeerEpoch).
+	SetEpoch(job string, epoch uint64)
 	// Sample is what the probe knows about a path: the arrival time of
-	// the peer's newest packet on CLOCK_MONOTONIC (ebpf.Now's clock;
-	// zero: never) and the cumulative packet count.
+	// the peer's newest authenticated packet on CLOCK_MONOTONIC
+	// (heartbeat.Now's clock; zero: never), the cumulative count, and the
+	// epoch the peer's newest heartbeat announced.
 	Sample(job, path string) (monitor.Sample, error)
 	// Mode is the probe mode in use (xdp-generic, userspace...).
 	Mode() string
+}
+
+// LivenessWatch is what Liveness.Watch needs of a job.
+type LivenessWatch struct {
+	Job string
+	// Self and Peer name the two endpoints: each direction has its own
+	// heartbeat key, derived from Secret.
+	Self, Peer string
+	Secret     string
+	// Paths are the monitored paths by name (repl, app).
+	Paths map[string]PathAddrs
+	// Also receive the heartbeats, not counted (a witness).
+	Also     []netip.Addr
+	Interval time.Duration
+	// Epoch is announced until SetEpoch changes it.
+	Epoch uint64
+}
+
+// PathAddrs are one path's addresses: this host's (heartbeats leave from
+// it, so the peer recognises the path; invalid: the route's choice) and
+// the peer's. Session marks the path the replication session runs on: its
+// authenticated frames count as that path's liveness too.
+type PathAddrs struct {
+	Local, Peer netip.Addr
+	Session     bool
 }
 
 // Peers delivers state-machine messages to the peer agent of a job.

@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"log/slog"
 	"net"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,7 +14,7 @@ import (
 	"github.com/doppelha/doppel/blockdev/nbdclient"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
-	"github.com/doppelha/doppel/ebpf"
+	"github.com/doppelha/doppel/ebpf/heartbeat"
 )
 
 // TestDeleteLeavesSiblingAlone: two jobs between the same two agents,
@@ -38,7 +37,10 @@ func testDeleteLeavesSibling(t *testing.T, deleted string) {
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
-	hbPort := freeUDPPort(t)
+	// Each agent's probe listens on every address (as the agent's does),
+	// on a port of its own, and sends to the other's.
+	hbPorts := map[string]uint16{"vm1": freeUDPPort(t), "vm2": freeUDPPort(t)}
+	peerOf := map[string]string{"vm1": "vm2", "vm2": "vm1"}
 	hosts := map[string]string{"vm1": "127.0.0.1", "vm2": "127.0.0.2"}
 	agents := map[string]*testAgent{}
 	repl := map[string]string{}
@@ -50,12 +52,12 @@ func testDeleteLeavesSibling(t *testing.T, deleted string) {
 		}
 		repl[name] = l.Addr().String()
 		l.Close()
-		probe, err := ebpf.Open(ebpf.Config{Mode: ebpf.ModeUserspace, HeartbeatPort: hbPort, ListenAddr: netip.MustParseAddr(host), Logger: log})
+		probe, err := heartbeat.Open(heartbeat.Config{Mode: heartbeat.ModeUserspace, Port: hbPorts[name], Logger: log})
 		if err != nil {
 			t.Fatalf("userspace probe on %s: %v", host, err)
 		}
 		t.Cleanup(func() { probe.Close() })
-		live := &ProbeLiveness{Log: log.With("agent", name), Probe: probe, Port: hbPort}
+		live := &ProbeLiveness{Log: log.With("agent", name), Probe: probe, Port: hbPorts[peerOf[name]], Incarnation: 1}
 		vols := &NBDVolumes{Log: log, RunDir: filepath.Join(root, name, "run")}
 		agents[name] = startAgentWith(t, filepath.Join(root, name), host+":0", Subsystems{Liveness: live, Volumes: vols}, func(a *Agent) {
 			planes := &ReplPlanes{Log: log.With("agent", name), Cert: a.Identity.Cert, ReplListen: repl[name], StateDir: filepath.Join(root, name)}

@@ -3,7 +3,6 @@ package agent
 import (
 	"bufio"
 	"context"
-	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -17,7 +16,7 @@ import (
 	"time"
 
 	"github.com/doppelha/doppel/daemon/repl"
-	"github.com/doppelha/doppel/ebpf"
+	"github.com/doppelha/doppel/ebpf/heartbeat"
 )
 
 // DefaultWitnessPort is the witness's query port (TCP).
@@ -32,16 +31,17 @@ const DefaultWitnessPort = 6327
 // side — the source still serving — therefore stays put, and so does a
 // target that cannot reach the witness (it may be the isolated one).
 //
-// Trust: the witness is a plain service on a trusted network. Heartbeats
-// carry the job's token (derived from its secret), so it only answers for
-// sources that know the job; queries and answers are not authenticated:
+// Trust: the witness is a plain service on a trusted network. It parses
+// heartbeats without verifying them (it has no job keys): it answers for
+// any sender of a well-formed heartbeat naming the job, and queries and
+// answers are not authenticated:
 // someone who can forge a "lost" answer can cause the split brain the
 // witness exists to prevent, one who forges "heard" only blocks automatic
 // failover.
 //
 // Query (one line, one per connection):
 //
-//	DOPPEL-WITNESS 1 <job id: 32 hex> <token: 16 hex> <addr>[,<addr>...]
+//	DOPPEL-WITNESS 1 <job id: 32 hex> <token: 16 hex, ignored> <addr>[,<addr>...]
 //
 // Reply: "HEARD <ms since the newest heartbeat from any addr>" or "NEVER",
 // or "ERR <text>".
@@ -52,10 +52,7 @@ const witnessProto = "DOPPEL-WITNESS 1"
 const maxWitnessLine = 512
 
 // heartbeatJobID is the job ID heartbeats carry.
-func heartbeatJobID(job string) [16]byte {
-	id := sha256.Sum256([]byte(job))
-	return [16]byte(id[:16])
-}
+func heartbeatJobID(job string) [16]byte { return heartbeat.JobIDOf(job) }
 
 type witnessQuery struct {
 	Job   [16]byte
@@ -128,9 +125,8 @@ func parseWitnessReply(line string) (silence time.Duration, heard bool, err erro
 }
 
 type witnessKey struct {
-	job   [16]byte
-	token uint64
-	from  netip.Addr
+	job  [16]byte
+	from netip.Addr
 }
 
 // Witness is the witness service: it records heartbeats and answers
@@ -172,7 +168,7 @@ func (w *Witness) answer(q witnessQuery, now time.Duration) string {
 	var newest time.Duration
 	heard := false
 	for _, a := range q.Addrs {
-		if t, ok := w.seen[witnessKey{q.Job, q.Token, a}]; ok && (!heard || t > newest) {
+		if t, ok := w.seen[witnessKey{q.Job, a}]; ok && (!heard || t > newest) {
 			newest, heard = t, true
 		}
 	}
@@ -195,8 +191,8 @@ func (w *Witness) ServeHeartbeats(ctx context.Context, c net.PacketConn) error {
 			}
 			return err
 		}
-		at := ebpf.Now()
-		var hb ebpf.Heartbeat
+		at := heartbeat.Now()
+		var hb heartbeat.Packet
 		if hb.UnmarshalBinary(buf[:n]) != nil {
 			continue
 		}
@@ -208,7 +204,7 @@ func (w *Witness) ServeHeartbeats(ctx context.Context, c net.PacketConn) error {
 		if !ok {
 			continue
 		}
-		w.record(witnessKey{hb.Job, hb.Token, a.Unmap()}, at)
+		w.record(witnessKey{hb.Job, a.Unmap()}, at)
 	}
 }
 
@@ -226,7 +222,7 @@ func (w *Witness) ServeQueries(ctx context.Context, l net.Listener) error {
 			io.WriteString(c, "ERR "+strings.ReplaceAll(err.Error(), "\n", " ")+"\n")
 			return nil
 		}
-		io.WriteString(c, w.answer(q, ebpf.Now()))
+		io.WriteString(c, w.answer(q, heartbeat.Now()))
 		return nil
 	})
 }

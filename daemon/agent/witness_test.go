@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/doppelha/doppel/daemon/ha"
-	"github.com/doppelha/doppel/ebpf"
+	"github.com/doppelha/doppel/ebpf/heartbeat"
 )
 
 func TestWitnessProtocol(t *testing.T) {
@@ -28,8 +28,8 @@ func TestWitnessProtocol(t *testing.T) {
 	if a := w.answer(q, time.Second); a != "NEVER\n" {
 		t.Fatalf("unknown source: %q", a)
 	}
-	w.record(witnessKey{q.Job, q.Token, q.Addrs[1]}, time.Second)
-	w.record(witnessKey{q.Job, q.Token + 1, q.Addrs[0]}, 2*time.Second) // another job's token: not counted
+	w.record(witnessKey{q.Job, q.Addrs[1]}, time.Second)
+	w.record(witnessKey{heartbeatJobID("db"), q.Addrs[0]}, 2*time.Second) // another job: not counted
 	if a := w.answer(q, 1500*time.Millisecond); a != "HEARD 500\n" {
 		t.Fatalf("answer %q, want HEARD 500", a)
 	}
@@ -44,7 +44,7 @@ func TestWitnessProtocol(t *testing.T) {
 	}
 	// Bounded memory.
 	for i := range maxWitnessEntries + 10 {
-		w.record(witnessKey{token: uint64(i)}, time.Duration(i))
+		w.record(witnessKey{job: [16]byte{byte(i), byte(i >> 8)}}, time.Duration(i))
 	}
 	if len(w.seen) > maxWitnessEntries {
 		t.Fatalf("%d entries", len(w.seen))
@@ -136,7 +136,11 @@ func TestWitnessVoteAgents(t *testing.T) {
 		return st.HA.State == ha.StateReplicating && st.HA.Consistent
 	})
 	// The source's heartbeats to the witness (memLiveness sends none).
-	s, err := ebpf.NewSender([]netip.AddrPort{hbAddr}, ebpf.Heartbeat{Token: peerToken(spec.Secret), Job: heartbeatJobID("web")})
+	key, err := heartbeat.DeriveKey(spec.Secret, "web", "vm1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := heartbeat.NewSender(heartbeat.SenderConfig{Job: heartbeat.JobIDOf("web"), Key: key, Incarnation: 1, Dests: []heartbeat.Dest{{Remote: hbAddr}}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -8,7 +8,7 @@ import (
 )
 
 // The agent feeds the monitor what the probe saw on each path and ticks
-// it with the same monotonic clock (ebpf.Now in production).
+// it with the same monotonic clock (heartbeat.Now in production).
 func Example() {
 	ms := time.Millisecond
 	m, _ := monitor.New(monitor.Config{Interval: 250 * ms, Missed: 8}, []string{"repl", "service"}, 0)

@@ -7,7 +7,7 @@
 // packets on one path (hysteresis, so a flapping link does not flap the
 // peer). The Monitor is a pure state machine: it holds no sockets and reads
 // no clock. Times are CLOCK_MONOTONIC instants as time.Duration (the clock
-// of ebpf.Now and of the XDP probe's bpf_ktime_get_ns), passed in by the
+// of heartbeat.Now and of the XDP probe's bpf_ktime_get_ns), passed in by the
 // caller; Watch is the loop that drives it from a probe.
 package monitor
 
@@ -81,10 +81,13 @@ func (c *Config) validate() error {
 
 // Sample is what a probe knows about one path: the arrival time of its
 // newest packet (zero: never) and the cumulative packet count. A count
-// that goes backwards is taken as a probe restart.
+// that goes backwards is taken as a probe restart. PeerEpoch is the epoch
+// (the failover fencing token) the peer announced in its newest
+// authenticated heartbeat on the path (zero: none).
 type Sample struct {
-	LastSeen time.Duration
-	Packets  uint64
+	LastSeen  time.Duration
+	Packets   uint64
+	PeerEpoch uint64
 }
 
 // Change is a state transition returned by Tick.
@@ -125,10 +128,11 @@ var ErrUnknownPath = errors.New("monitor: unknown path")
 // Monitor is the failure detector for one peer. It is not safe for
 // concurrent use.
 type Monitor struct {
-	cfg   Config
-	start time.Duration
-	paths []*path
-	state State
+	cfg       Config
+	start     time.Duration
+	paths     []*path
+	state     State
+	peerEpoch uint64
 }
 
 // New returns a monitor in state Unknown for a peer reached over the named
@@ -161,6 +165,7 @@ func (m *Monitor) Observe(name string, s Sample) error {
 		return fmt.Errorf("%w %q", ErrUnknownPath, name)
 	}
 	p := m.paths[i]
+	m.peerEpoch = max(m.peerEpoch, s.PeerEpoch)
 	prev := p.sample
 	delta := s.Packets - prev.Packets
 	if s.Packets < prev.Packets {
@@ -246,6 +251,11 @@ func (m *Monitor) newestPath() string {
 	}
 	return best.name
 }
+
+// PeerEpoch is the highest epoch the peer announced in an authenticated
+// heartbeat on any path (zero: none). Policy about it (a source that sees
+// a higher epoch than its own fences itself) is the caller's.
+func (m *Monitor) PeerEpoch() uint64 { return m.peerEpoch }
 
 // State is the state after the last Tick.
 func (m *Monitor) State() State { return m.state }

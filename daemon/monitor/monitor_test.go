@@ -218,3 +218,18 @@ func TestWatch(t *testing.T) {
 		}
 	})
 }
+
+// TestPeerEpoch: the monitor keeps the highest epoch any path's samples
+// announced, whatever the order and whether or not the sample is new.
+func TestPeerEpoch(t *testing.T) {
+	m := mustNew(t, Config{Interval: 100 * ms, Missed: 3}, "repl", "app")
+	if m.PeerEpoch() != 0 {
+		t.Fatalf("epoch %d before any sample", m.PeerEpoch())
+	}
+	m.Observe("repl", Sample{LastSeen: 1100 * ms, Packets: 1, PeerEpoch: 3})
+	m.Observe("app", Sample{LastSeen: 1100 * ms, Packets: 1, PeerEpoch: 4})
+	m.Observe("repl", Sample{LastSeen: 1100 * ms, Packets: 1, PeerEpoch: 2})
+	if m.PeerEpoch() != 4 {
+		t.Fatalf("epoch %d, want 4", m.PeerEpoch())
+	}
+}

@@ -239,8 +239,8 @@ func TestSessionBlackholeNetns(t *testing.T) {
 					t.Fatal(err)
 				}
 				time.Sleep(timeout / 2)
+				cut := time.Now() // before the cut command: delays only lengthen what is measured
 				restore := cm.cut(t, l)
-				cut := time.Now()
 				var sd, td time.Duration
 				for deadline := cut.Add(timeout + 10*time.Second); (sd == 0 || td == 0) && time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 					if sd == 0 && !src.Connected() {

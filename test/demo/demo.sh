@@ -108,9 +108,10 @@ say "namespaces $NS1 $NS2 $NSC, bridges $BRA (application) $BRR (replication), w
 bold "2. Install the agents (doppel agent) on vm1 and vm2"
 mkdir -p $D/vm1 $D/vm2
 start_agent() { # host ns app-ip repl-ip
+	# As the README starts it: no --probe-iface, the probe attaches to the
+	# interface of the route to each peer address (both paths here).
 	ip netns exec $2 "$DOPPEL" agent --state-dir $D/$1/state \
-		--control-listen $3:6320 --repl-listen $4:6325 \
-		--probe-iface eth0 --probe-iface eth1 >>$D/$1/agent.log 2>&1 &
+		--control-listen $3:6320 --repl-listen $4:6325 >>$D/$1/agent.log 2>&1 &
 	echo $! >$D/$1/agent.pid
 	PIDS+=($!)
 	disown $! # killed on purpose later: no "Killed" job report from bash
@@ -193,6 +194,8 @@ cli job create web --source vm1 --target vm2 --volume $D/vm1.img --target-volume
 	--service-ip $SVC/24@eth0 --failover auto --monitor interval=200ms,missed=5 --witness 172.17.22.100 \
 	--script post-failover=$D/hook.sh --script pre-failback=$D/hook.sh --script post-failback=$D/hook.sh | sed 's/^/   /'
 wait_for "mirror to complete" 60 is_state vm2 replicating
+both_paths() { local out; out=$(jstatus); [[ "$out" != *SILENT* && "$out" == *"probe    xdp-"*"peer repl up, app up"* ]]; }
+wait_for "each agent to hear the other on both paths (XDP on the routes' interfaces)" 10 both_paths
 status
 
 bold "5. Put ext4 on the protected volume (vm1 serves it as an NBD export; nbdfuse + loop), write files"

@@ -1,4 +1,4 @@
-package ebpf
+package heartbeat
 
 import (
 	"bufio"
@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -77,20 +78,23 @@ func (l *lab) startHelperAs(ns string, rt bool, prefix []string, bin, test strin
 	return &helper{cmd: cmd, lines: lines, stdin: in}
 }
 
-// helperWatch starts a monitor process in B on B's veth, watching A.
-func (l *lab) helperWatch(mode Mode, cfg monitor.Config, token uint64, rt bool) *helper {
+// helperWatch starts a monitor process in B on B's veth, watching the lab
+// job from A with A's key.
+func (l *lab) helperWatch(mode Mode, cfg monitor.Config, rt bool) *helper {
 	return l.startHelper(l.nsB, rt, "TestHelperWatch",
 		"DOPPEL_HELPER_IFACE="+l.vethB, "DOPPEL_HELPER_PEER="+l.addrA.String(), "DOPPEL_HELPER_MODE="+modeName(mode),
-		fmt.Sprintf("DOPPEL_HELPER_CFG=%v,%d,%d,%d", cfg.Interval, cfg.Missed, cfg.Rise, token))
+		fmt.Sprintf("DOPPEL_HELPER_CFG=%v,%d,%d", cfg.Interval, cfg.Missed, cfg.Rise))
 }
 
 // helperSend starts a heartbeat sender process in A at real-time priority,
 // as corosync runs its own: it stands for the peer host, which this host's
-// load must not starve.
-func (l *lab) helperSend(interval time.Duration, token uint64) *helper {
+// load must not starve. It signs as signer, with incarnation inc; with
+// replay it sends sequence numbers 1 to 5 over and over (a replay of
+// heartbeats already sent with that incarnation).
+func (l *lab) helperSend(interval time.Duration, signer string, inc uint64, replay bool) *helper {
 	l.t.Helper()
 	h := l.startHelper(l.nsA, true, "TestHelperSend",
-		fmt.Sprintf("DOPPEL_HELPER_SEND=%s,%v,%d,%s,%s", l.addrB, interval, token, l.nsA, l.vethA))
+		fmt.Sprintf("DOPPEL_HELPER_SEND=%s,%v,%s,%s,%s,%d,%v", l.addrB, interval, signer, l.nsA, l.vethA, inc, replay))
 	h.expect(l.t, "sending", 10*time.Second) // so that a monitor started next finds it running
 	return h
 }
@@ -150,20 +154,39 @@ func TestHelperSend(t *testing.T) {
 		t.Skip("helper process of the namespace tests")
 	}
 	f := strings.Split(os.Getenv("DOPPEL_HELPER_SEND"), ",")
-	if len(f) != 5 {
+	if len(f) != 7 {
 		t.Fatalf("bad DOPPEL_HELPER_SEND %q", os.Getenv("DOPPEL_HELPER_SEND"))
 	}
 	iv, err1 := time.ParseDuration(f[1])
-	token, err2 := strconv.ParseUint(f[2], 10, 64)
-	if err := errors.Join(err1, err2); err != nil {
+	inc, err2 := strconv.ParseUint(f[5], 10, 64)
+	replay, err3 := strconv.ParseBool(f[6])
+	if err := errors.Join(err1, err2, err3); err != nil {
 		t.Fatal(err)
 	}
 	l := &lab{t: t, nsA: f[3], vethA: f[4]}
-	s, err := NewSender([]netip.AddrPort{netip.AddrPortFrom(netip.MustParseAddr(f[0]), HeartbeatPort)}, Heartbeat{Token: token})
+	s, err := newLabSender(t, f[2], inc, Dest{Remote: netip.AddrPortFrom(netip.MustParseAddr(f[0]), Port)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
+	send := s.Send
+	if replay {
+		k := labKey(t, f[2])
+		c, err := net.Dial("udp", netip.AddrPortFrom(netip.MustParseAddr(f[0]), Port).String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		var n uint64
+		send = func() error {
+			n++
+			p := Packet{Job: labJobID, Incarnation: inc, Seq: (n-1)%5 + 1, Epoch: 1}
+			p.Sign(k)
+			b, _ := p.MarshalBinary()
+			_, err := c.Write(b)
+			return err
+		}
+	}
 	cmds := make(chan string)
 	go func() {
 		sc := bufio.NewScanner(os.Stdin)
@@ -175,11 +198,11 @@ func TestHelperSend(t *testing.T) {
 	var restore func() error
 	tk := time.NewTicker(iv)
 	defer tk.Stop()
-	s.Send()
+	send()
 	fmt.Println("HELPER sending")
 	for {
 		<-tk.C
-		s.Send()
+		send()
 		select {
 		case c, ok := <-cmds:
 			if !ok {
@@ -234,14 +257,13 @@ func TestHelperWatch(t *testing.T) {
 		t.Skip("helper process of the namespace tests")
 	}
 	f := strings.Split(os.Getenv("DOPPEL_HELPER_CFG"), ",")
-	if len(f) != 4 {
+	if len(f) != 3 {
 		t.Fatalf("bad DOPPEL_HELPER_CFG %q", os.Getenv("DOPPEL_HELPER_CFG"))
 	}
 	iv, err1 := time.ParseDuration(f[0])
 	missed, err2 := strconv.Atoi(f[1])
 	rise, err3 := strconv.Atoi(f[2])
-	token, err4 := strconv.ParseUint(f[3], 10, 64)
-	if err := errors.Join(err1, err2, err3, err4); err != nil {
+	if err := errors.Join(err1, err2, err3); err != nil {
 		t.Fatal(err)
 	}
 	mode, err := ParseMode(os.Getenv("DOPPEL_HELPER_MODE"))
@@ -254,8 +276,8 @@ func TestHelperWatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer p.Close()
-	peer := netip.MustParseAddr(os.Getenv("DOPPEL_HELPER_PEER"))
-	if err := p.SetPeer(peer, token); err != nil {
+	peer := labPeer(netip.MustParseAddr(os.Getenv("DOPPEL_HELPER_PEER")))
+	if err := p.Watch(peer, labKey(t, labGood)); err != nil {
 		t.Fatal(err)
 	}
 	m, err := monitor.New(monitor.Config{Interval: iv, Missed: missed, Rise: rise}, []string{"p"}, Now())
@@ -265,10 +287,10 @@ func TestHelperWatch(t *testing.T) {
 	fmt.Printf("HELPER mode %s\n", p.Mode())
 	err = monitor.Watch(t.Context(), m, Now, func(string) (monitor.Sample, error) {
 		s, err := p.Stats(peer)
-		return monitor.Sample{LastSeen: s.LastSeen(), Packets: s.Packets()}, err
+		return monitor.Sample{LastSeen: s.LastSeen, Packets: s.Heartbeats}, err
 	}, func(c monitor.Change) {
 		st, _ := p.Stats(peer)
-		fmt.Printf("HELPER %s %d %d heartbeats=%d seq=%d gaps=%d last=%d now=%d\n", c.To, c.At, c.Silence, st.Heartbeats, st.LastSeq, st.Gaps, st.LastSeen(), Now())
+		fmt.Printf("HELPER %s %d %d heartbeats=%d seq=%d gaps=%d replays=%d badmac=%d last=%d now=%d\n", c.To, c.At, c.Silence, st.Heartbeats, st.Seq, st.Gaps, st.Replays, st.BadMAC, st.LastSeen, Now())
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -1,4 +1,4 @@
-package ebpf
+package heartbeat
 
 import (
 	"context"
@@ -78,8 +78,6 @@ var cutMethods = []cutMethod{
 	}},
 }
 
-const tok2 = 0xfeedfacecafe0001
-
 func cutMethodByName(name string) (cutMethod, bool) {
 	for _, cm := range cutMethods {
 		if cm.name == name {
@@ -111,8 +109,8 @@ func TestDetect(t *testing.T) {
 				t.Run(name, func(t *testing.T) {
 					l := newLab(t)
 					timeout, iv := cfg.Timeout(), cfg.Interval
-					snd := l.helperSend(iv, tok2)
-					mon := l.helperWatch(mode, cfg, tok2, true)
+					snd := l.helperSend(iv, labGood, incNow(), false)
+					mon := l.helperWatch(mode, cfg, true)
 					got := Mode(mon.expect(t, "mode ", 10*time.Second)[1])
 					switch {
 					case mode == ModeAuto && got != ModeXDPDriver && got != ModeXDPGeneric:
@@ -192,10 +190,10 @@ func TestUnprivilegedFallback(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg := monitor.Config{Interval: 100 * time.Millisecond, Missed: 3, Rise: 3}
-	snd := l.helperSend(cfg.Interval, tok2)
+	snd := l.helperSend(cfg.Interval, labGood, incNow(), false)
 	mon := l.startHelperAs(l.nsB, false, []string{"setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"}, bin, "TestHelperWatch",
 		"DOPPEL_HELPER_IFACE="+l.vethB, "DOPPEL_HELPER_PEER="+l.addrA.String(), "DOPPEL_HELPER_MODE=auto",
-		fmt.Sprintf("DOPPEL_HELPER_CFG=%v,%d,%d,%d", cfg.Interval, cfg.Missed, cfg.Rise, uint64(tok2)))
+		fmt.Sprintf("DOPPEL_HELPER_CFG=%v,%d,%d", cfg.Interval, cfg.Missed, cfg.Rise))
 	logLine := strings.Join(mon.expect(t, "log ", 10*time.Second), " ")
 	if !strings.Contains(logLine, "level=WARN") || !strings.Contains(logLine, "falling back to the userspace heartbeat listener") {
 		t.Errorf("fallback log line %q", logLine)
@@ -215,72 +213,65 @@ func TestUnprivilegedFallback(t *testing.T) {
 	mon.quiet(t, 500*time.Millisecond) // logged once, not per evaluation
 }
 
-// TestWrongToken: a peer whose real heartbeats stop is declared down on
-// time although heartbeats with a wrong token keep coming from its address,
-// and they never bring it back up.
-func TestWrongToken(t *testing.T) {
-	l := newLab(t)
-	cfg := monitor.Config{Interval: 100 * time.Millisecond, Missed: 3, Rise: 1}
-	good := l.helperSend(cfg.Interval, tok2)
-	l.helperSend(cfg.Interval/2, tok2+1) // the spoofer, twice as often
-	mon := l.helperWatch(ModeAuto, cfg, tok2, true)
-	mon.expect(t, "mode ", 10*time.Second)
-	mon.expect(t, "up ", 2*time.Second)
-	time.Sleep(500 * time.Millisecond)
-	stopAt := parseNs(t, good.command(t, "stop", "stopped ")[1])
-	at := parseNs(t, mon.expect(t, "down ", 3*time.Second)[1])
-	if d := at - stopAt; d < cfg.Timeout()-5*time.Millisecond || d > cfg.Timeout()+2*cfg.Interval {
-		t.Errorf("down %v after the real heartbeats stopped, want within [%v, %v]", d, cfg.Timeout(), cfg.Timeout()+2*cfg.Interval)
-	}
-	mon.quiet(t, 2*time.Second)
-}
+// incNow is a fresh incarnation, as an agent starting now would take.
+func incNow() uint64 { return uint64(time.Now().UnixNano()) }
 
-// TestWrongTokenCounted: the probe counts the spoofed heartbeats as such.
-func TestWrongTokenCounted(t *testing.T) {
-	for _, mode := range []Mode{ModeAuto, ModeUserspace} {
-		t.Run(modeName(mode), func(t *testing.T) {
+// TestSpoofedAndReplayed: a peer whose real heartbeats stop is declared
+// down on time although heartbeats keep coming from its address, twice as
+// often: signed with a key that is not its own for the job (spoofed), or
+// with its key but old (incarnation, sequence) (replayed: sequence 1 to 5
+// of the real sender's incarnation, over and over). Neither ever brings it
+// back up.
+func TestSpoofedAndReplayed(t *testing.T) {
+	for _, attack := range []string{"spoofed", "replayed"} {
+		t.Run(attack, func(t *testing.T) {
 			l := newLab(t)
-			p := l.openProbe(mode, tok2)
-			s := l.startSender(20*time.Millisecond, tok2+1)
+			cfg := monitor.Config{Interval: 100 * time.Millisecond, Missed: 3, Rise: 1}
+			inc := incNow()
+			good := l.helperSend(cfg.Interval, labGood, inc, false)
+			mon := l.helperWatch(ModeAuto, cfg, true)
+			mon.expect(t, "mode ", 10*time.Second)
+			mon.expect(t, "up ", 2*time.Second)
+			time.Sleep(time.Second) // the real sender is past sequence 5
+			if attack == "spoofed" {
+				l.helperSend(cfg.Interval/2, labSpoof, inc+1, false)
+			} else {
+				l.helperSend(cfg.Interval/2, labGood, inc, true)
+			}
 			time.Sleep(500 * time.Millisecond)
-			s.Stop()
-			st, err := p.Stats(l.addrA)
-			if err != nil {
-				t.Fatal(err)
+			stopAt := parseNs(t, good.command(t, "stop", "stopped ")[1])
+			f := mon.expect(t, "down ", 3*time.Second)
+			if d := parseNs(t, f[1]) - stopAt; d < cfg.Timeout()-5*time.Millisecond || d > cfg.Timeout()+2*cfg.Interval {
+				t.Errorf("down %v after the real heartbeats stopped, want within [%v, %v]", d, cfg.Timeout(), cfg.Timeout()+2*cfg.Interval)
 			}
-			if st.BadToken < 10 || st.Heartbeats != 0 || st.LastSeen() != 0 {
-				t.Fatalf("stats %+v: want only bad-token heartbeats", st)
+			counted := strings.Join(f, " ")
+			if want := map[string]string{"spoofed": "badmac=0", "replayed": "replays=0"}[attack]; strings.Contains(counted, want) {
+				t.Errorf("the %s heartbeats were not counted as such: %s", attack, counted)
 			}
+			mon.quiet(t, 2*time.Second)
 		})
 	}
 }
 
-// TestReplicationTrafficIsLiveness: with XDP, packets on the replication
-// port keep the peer up without any heartbeat.
-func TestReplicationTrafficIsLiveness(t *testing.T) {
-	l := newLab(t)
-	cfg := monitor.Config{Interval: 100 * time.Millisecond, Missed: 3, Rise: 1}
-	p := l.openProbe(ModeAuto, tok2)
-	w := startWatch(t, p, l.addrA, cfg)
-	var s *Sender
-	if err := inNS(t, l.nsA, func() (err error) {
-		s, err = NewSender([]netip.AddrPort{netip.AddrPortFrom(l.addrB, ReplicationPort)}, Heartbeat{})
-		return err
-	}); err != nil {
-		t.Fatal(err)
+// TestBadMACCounted: the probe counts heartbeats signed with another key
+// as bad MACs, never as liveness, in every mode.
+func TestBadMACCounted(t *testing.T) {
+	for _, mode := range []Mode{ModeAuto, ModeUserspace} {
+		t.Run(modeName(mode), func(t *testing.T) {
+			l := newLab(t)
+			p := l.openProbe(mode)
+			s := l.startSender(20*time.Millisecond, labSpoof)
+			time.Sleep(500 * time.Millisecond)
+			s.Stop()
+			st, err := p.Stats(labPeer(l.addrA))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.BadMAC < 10 || st.Heartbeats != 0 || st.LastSeen != 0 {
+				t.Fatalf("stats %+v: want only bad-MAC heartbeats", st)
+			}
+		})
 	}
-	defer s.Close()
-	for range 20 { // 2 s of replication-port datagrams, no heartbeat
-		s.Send()
-		time.Sleep(cfg.Interval)
-	}
-	w.next(t, monitor.Up, time.Second)
-	w.quiet(t, 0)
-	st, _ := p.Stats(l.addrA)
-	if st.Heartbeats != 0 || st.ReplicationPackets < 15 {
-		t.Fatalf("stats %+v", st)
-	}
-	w.next(t, monitor.Down, time.Second)
 }
 
 // TestNoFalseDownSIGSTOP stops the monitor process for 2 × interval ×
@@ -292,8 +283,8 @@ func TestNoFalseDownSIGSTOP(t *testing.T) {
 		t.Run(modeName(mode), func(t *testing.T) {
 			l := newLab(t)
 			cfg := monitor.Config{Interval: 50 * time.Millisecond, Missed: 3, Rise: 3}
-			sender := l.helperSend(cfg.Interval, tok2)
-			mon := l.helperWatch(mode, cfg, tok2, false)
+			sender := l.helperSend(cfg.Interval, labGood, incNow(), false)
+			mon := l.helperWatch(mode, cfg, false)
 			t.Log(mon.expect(t, "mode ", 10*time.Second))
 			mon.expect(t, "up ", 2*time.Second)
 			pause := 2 * cfg.Timeout()
@@ -335,8 +326,8 @@ func TestNoFalseDownBusyCPU(t *testing.T) {
 	t.Parallel()
 	l := newLab(t)
 	cfg := monitor.Config{Interval: 50 * time.Millisecond, Missed: 3, Rise: 3}
-	l.helperSend(cfg.Interval, tok2)
-	mon := l.helperWatch(ModeAuto, cfg, tok2, false) // normal priority: it competes with the busy loops
+	l.helperSend(cfg.Interval, labGood, incNow(), false)
+	mon := l.helperWatch(ModeAuto, cfg, false) // normal priority: it competes with the busy loops
 	mon.expect(t, "mode ", 10*time.Second)
 	mon.expect(t, "up ", 2*time.Second)
 	busyCPUs(t)
@@ -349,8 +340,8 @@ func TestNoFalseDownLoss(t *testing.T) {
 	t.Parallel()
 	l := newLab(t)
 	cfg := monitor.Config{Interval: 250 * time.Millisecond, Missed: 8, Rise: 3}
-	p := l.openProbe(ModeAuto, tok2)
-	l.startSender(cfg.Interval, tok2)
+	p := l.openProbe(ModeAuto)
+	l.startSender(cfg.Interval, labGood)
 	w := startWatch(t, p, l.addrA, cfg)
 	w.next(t, monitor.Up, 5*time.Second) // before the loss: ARP resolved
 	remove, how, err := l.addLoss(10)
@@ -359,10 +350,10 @@ func TestNoFalseDownLoss(t *testing.T) {
 	}
 	defer remove()
 	t.Log("10% loss with", how)
-	before, _ := p.Stats(l.addrA)
+	before, _ := p.Stats(labPeer(l.addrA))
 	soak := envDuration("DOPPEL_PROBE_SOAK", 20*time.Second)
 	w.quiet(t, soak)
-	st, _ := p.Stats(l.addrA)
+	st, _ := p.Stats(labPeer(l.addrA))
 	st.Heartbeats -= before.Heartbeats
 	st.Gaps -= before.Gaps
 	t.Logf("after %v: %d heartbeats, %d gaps (%.1f%% lost)", soak, st.Heartbeats, st.Gaps, 100*float64(st.Gaps)/float64(st.Gaps+st.Heartbeats))
@@ -380,13 +371,13 @@ func TestIPv6EndToEnd(t *testing.T) {
 			a6, b6 := netip.MustParseAddr("fd98::1"), netip.MustParseAddr("fd98::2")
 			run(t, "ip", "-n", l.nsA, "addr", "add", a6.String()+"/64", "dev", l.vethA, "nodad")
 			run(t, "ip", "-n", l.nsB, "addr", "add", b6.String()+"/64", "dev", l.vethB, "nodad")
-			p := l.openProbe(mode, tok2)
-			if err := p.SetPeer(a6, tok2); err != nil {
+			p := l.openProbe(mode)
+			if err := p.Watch(labPeer(a6), labKey(t, labGood)); err != nil {
 				t.Fatal(err)
 			}
 			var s *Sender
 			err := inNS(t, l.nsA, func() (err error) {
-				s, err = NewSender([]netip.AddrPort{netip.AddrPortFrom(b6, HeartbeatPort)}, Heartbeat{Token: tok2})
+				s, err = newLabSender(t, labGood, incNow(), Dest{Local: a6, Remote: netip.AddrPortFrom(b6, Port)})
 				return err
 			})
 			if err != nil {
@@ -395,83 +386,109 @@ func TestIPv6EndToEnd(t *testing.T) {
 			defer s.Close()
 			// Send until five have counted (the first ones wait for
 			// neighbour discovery), at most 3 s.
-			var st PeerStats
+			var st Stats
 			for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline) && st.Heartbeats < 5; {
 				s.Send()
 				time.Sleep(20 * time.Millisecond)
-				if st, err = p.Stats(a6); err != nil {
+				if st, err = p.Stats(labPeer(a6)); err != nil {
 					t.Fatal(err)
 				}
 			}
 			seq, _, _ := s.Counts()
-			if st.Heartbeats < 5 || st.LastSeq == 0 || st.LastSeq > seq || st.LastSeen() == 0 {
+			if st.Heartbeats < 5 || st.Seq == 0 || st.Seq > seq || st.LastSeen == 0 {
 				t.Fatalf("IPv6 stats after %d sent: %+v", seq, st)
 			}
-			if v4, _ := p.Stats(l.addrA); v4.Heartbeats != 0 {
+			if v4, _ := p.Stats(labPeer(l.addrA)); v4.Heartbeats != 0 {
 				t.Fatalf("IPv6 heartbeats counted for the IPv4 peer: %+v", v4)
 			}
 		})
 	}
 }
 
-// TestTwoPaths: the peer is reached over two links (two veth pairs, the
-// probe attached to both). Cutting one keeps it up; cutting the second
-// makes it down, interval × missed after the last heartbeat on either.
+// TestTwoPaths: the peer is reached over two links (two veth pairs) and
+// sends each path's heartbeats from its own address on that path. With
+// the XDP probe on both interfaces, with the XDP probe attaching to each
+// peer address's route by itself (no interface given), and with the
+// userspace listener (bound to every address): cutting one link keeps
+// the peer up; cutting the second makes it down, interval × missed after
+// the last heartbeat on either.
 func TestTwoPaths(t *testing.T) {
-	l := newLab(t)
-	vA2, vB2 := "dpwa"+l.vethA[4:], "dpwb"+l.vethB[4:]
-	a2, b2 := netip.MustParseAddr("10.98.1.1"), netip.MustParseAddr("10.98.1.2")
-	run(t, "ip", "link", "add", vA2, "netns", l.nsA, "type", "veth", "peer", "name", vB2, "netns", l.nsB)
-	run(t, "ip", "-n", l.nsA, "addr", "add", a2.String()+"/24", "dev", vA2)
-	run(t, "ip", "-n", l.nsB, "addr", "add", b2.String()+"/24", "dev", vB2)
-	run(t, "ip", "-n", l.nsA, "link", "set", vA2, "up")
-	run(t, "ip", "-n", l.nsB, "link", "set", vB2, "up")
+	for _, setup := range []string{"interfaces", "route", "userspace"} {
+		t.Run(setup, func(t *testing.T) {
+			l := newLab(t)
+			vA2, vB2 := "dpwa"+l.vethA[4:], "dpwb"+l.vethB[4:]
+			a2, b2 := netip.MustParseAddr("10.98.1.1"), netip.MustParseAddr("10.98.1.2")
+			run(t, "ip", "link", "add", vA2, "netns", l.nsA, "type", "veth", "peer", "name", vB2, "netns", l.nsB)
+			run(t, "ip", "-n", l.nsA, "addr", "add", a2.String()+"/24", "dev", vA2)
+			run(t, "ip", "-n", l.nsB, "addr", "add", b2.String()+"/24", "dev", vB2)
+			run(t, "ip", "-n", l.nsA, "link", "set", vA2, "up")
+			run(t, "ip", "-n", l.nsB, "link", "set", vB2, "up")
 
-	var p Probe
-	if err := inNS(t, l.nsB, func() (err error) {
-		p, err = Open(Config{Interfaces: []string{l.vethB, vB2}})
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer p.Close()
-	if m := p.Mode(); m != ModeXDPDriver && m != ModeXDPGeneric {
-		t.Fatalf("mode %s", m)
-	}
-	for _, a := range []netip.Addr{l.addrA, a2} {
-		if err := p.SetPeer(a, tok2); err != nil {
-			t.Fatal(err)
-		}
-	}
-	var s *Sender
-	if err := inNS(t, l.nsA, func() (err error) {
-		s, err = NewSender([]netip.AddrPort{netip.AddrPortFrom(l.addrB, HeartbeatPort), netip.AddrPortFrom(b2, HeartbeatPort)}, Heartbeat{Token: tok2})
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	cfg := monitor.Config{Interval: 100 * time.Millisecond, Missed: 5, Rise: 3}
-	go s.Run(ctx, cfg.Interval, 0, nil)
-	defer s.Close()
-	w := startWatchPaths(t, p, []netip.Addr{l.addrA, a2}, cfg)
-	w.next(t, monitor.Up, 2*time.Second)
+			cfg := Config{Interfaces: []string{l.vethB, vB2}}
+			switch setup {
+			case "route":
+				cfg.Interfaces = nil
+			case "userspace":
+				cfg = Config{Mode: ModeUserspace}
+			}
+			var p Probe
+			if err := inNS(t, l.nsB, func() (err error) {
+				p, err = Open(cfg)
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			if setup == "route" && p.Mode() != ModeXDP {
+				t.Fatalf("mode before any peer is watched: %s, want %s", p.Mode(), ModeXDP)
+			}
+			for _, a := range []netip.Addr{l.addrA, a2} {
+				if err := p.Watch(labPeer(a), labKey(t, labGood)); err != nil { // route: attaches here, from outside the namespace
+					t.Fatal(err)
+				}
+			}
+			switch m := p.Mode(); setup {
+			case "userspace":
+				if m != ModeUserspace {
+					t.Fatalf("mode %s", m)
+				}
+			default:
+				if m != ModeXDPDriver && m != ModeXDPGeneric {
+					t.Fatalf("mode %s", m)
+				}
+			}
+			var s *Sender
+			if err := inNS(t, l.nsA, func() (err error) {
+				s, err = newLabSender(t, labGood, incNow(),
+					Dest{Local: l.addrA, Remote: netip.AddrPortFrom(l.addrB, Port)}, Dest{Local: a2, Remote: netip.AddrPortFrom(b2, Port)})
+				return err
+			}); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			mcfg := monitor.Config{Interval: 100 * time.Millisecond, Missed: 5, Rise: 3}
+			go s.Run(ctx, mcfg.Interval, 0, nil)
+			defer s.Close()
+			w := startWatchPaths(t, p, []netip.Addr{l.addrA, a2}, mcfg)
+			w.next(t, monitor.Up, 2*time.Second)
 
-	run(t, "ip", "-n", l.nsA, "link", "set", l.vethA, "down")
-	w.quiet(t, 3*cfg.Timeout())
-	before, _ := p.Stats(a2)
-	time.Sleep(cfg.Interval * 2)
-	if after, _ := p.Stats(a2); after.Heartbeats <= before.Heartbeats {
-		t.Fatalf("second path not carrying heartbeats: %+v", after)
-	}
-	run(t, "ip", "-n", l.nsA, "link", "set", vA2, "down")
-	c := w.next(t, monitor.Down, cfg.Timeout()+2*time.Second)
-	if c.Silence < cfg.Timeout() {
-		t.Fatalf("down after %v of silence, before %v", c.Silence, cfg.Timeout())
-	}
-	st, _ := p.Stats(a2)
-	if c.LastSeen != st.LastSeen() {
-		t.Errorf("down measured from %v, want the last heartbeat on the surviving path %v", c.LastSeen, st.LastSeen())
+			run(t, "ip", "-n", l.nsA, "link", "set", l.vethA, "down")
+			w.quiet(t, 3*mcfg.Timeout())
+			before, _ := p.Stats(labPeer(a2))
+			time.Sleep(mcfg.Interval * 2)
+			if after, _ := p.Stats(labPeer(a2)); after.Heartbeats <= before.Heartbeats {
+				t.Fatalf("second path not carrying heartbeats: %+v", after)
+			}
+			run(t, "ip", "-n", l.nsA, "link", "set", vA2, "down")
+			c := w.next(t, monitor.Down, mcfg.Timeout()+2*time.Second)
+			if c.Silence < mcfg.Timeout() {
+				t.Fatalf("down after %v of silence, before %v", c.Silence, mcfg.Timeout())
+			}
+			st, _ := p.Stats(labPeer(a2))
+			if c.LastSeen != st.LastSeen {
+				t.Errorf("down measured from %v, want the last heartbeat on the surviving path %v", c.LastSeen, st.LastSeen)
+			}
+		})
 	}
 }

@@ -1,4 +1,4 @@
-package ebpf
+package heartbeat
 
 import (
 	"bytes"
@@ -39,7 +39,7 @@ func TestGeneratedFilesAreFresh(t *testing.T) {
 	}
 	out := t.TempDir()
 	cmd := exec.Command("go", append([]string{"tool", "bpf2go", "-output-dir", out}, args...)...)
-	cmd.Env = append(os.Environ(), "GOPACKAGE=ebpf", "GOFILE=gen.go", "BPF2GO_CC="+cc, "BPF2GO_STRIP="+strip)
+	cmd.Env = append(os.Environ(), "GOPACKAGE=heartbeat", "GOFILE=gen.go", "BPF2GO_CC="+cc, "BPF2GO_STRIP="+strip)
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("bpf2go: %v\n%s", err, b)
 	}

@@ -1,4 +1,4 @@
-package ebpf
+package heartbeat
 
 import (
 	"context"
@@ -108,8 +108,33 @@ func inNS(t testing.TB, ns string, f func() error) error {
 	return <-errc
 }
 
-// openProbe opens a probe in B on B's veth, watching A's address.
-func (l *lab) openProbe(mode Mode, token uint64) Probe {
+// The lab's job: its heartbeats are sent by "A" (the peer) and watched
+// by B with A's key.
+const (
+	labJob    = "lab"
+	labSecret = "lab secret"
+	labGood   = "A"     // the peer's real signing identity
+	labSpoof  = "spoof" // a sender without the job's key for A
+)
+
+var labJobID = JobIDOf(labJob)
+
+func labKey(t testing.TB, signer string) Key { return testKey(t, labSecret, labJob, signer) }
+
+// labPeer is the lab job seen from addr.
+func labPeer(addr netip.Addr) Peer { return Peer{Addr: addr, Job: labJobID} }
+
+// newLabSender opens a sender of the lab job signed as signer, with
+// incarnation inc, to every destination.
+func newLabSender(t testing.TB, signer string, inc uint64, dsts ...Dest) (*Sender, error) {
+	return NewSender(SenderConfig{Job: labJobID, Key: labKey(t, signer), Incarnation: inc, Epoch: 1, Dests: dsts})
+}
+
+func toB(l *lab) Dest { return Dest{Remote: netip.AddrPortFrom(l.addrB, Port)} }
+
+// openProbe opens a probe in B on B's veth, watching the lab job from A's
+// address with A's key.
+func (l *lab) openProbe(mode Mode) Probe {
 	l.t.Helper()
 	var p Probe
 	err := inNS(l.t, l.nsB, func() (err error) {
@@ -120,7 +145,7 @@ func (l *lab) openProbe(mode Mode, token uint64) Probe {
 		l.t.Fatalf("open probe (%q): %v", mode, err)
 	}
 	l.t.Cleanup(func() { p.Close() })
-	if err := p.SetPeer(l.addrA, token); err != nil {
+	if err := p.Watch(labPeer(l.addrA), labKey(l.t, labGood)); err != nil {
 		l.t.Fatal(err)
 	}
 	return p
@@ -136,11 +161,11 @@ type pacedSender struct {
 	done  chan struct{}
 }
 
-func (l *lab) startSender(interval time.Duration, token uint64) *pacedSender {
+func (l *lab) startSender(interval time.Duration, signer string) *pacedSender {
 	l.t.Helper()
 	var s *Sender
 	err := inNS(l.t, l.nsA, func() (err error) {
-		s, err = NewSender([]netip.AddrPort{netip.AddrPortFrom(l.addrB, HeartbeatPort)}, Heartbeat{Token: token, Generation: 1})
+		s, err = newLabSender(l.t, signer, uint64(time.Now().Unix()), toB(l))
 		return err
 	})
 	if err != nil {
@@ -204,8 +229,8 @@ func startWatchPaths(t testing.TB, p Probe, peers []netip.Addr, cfg monitor.Conf
 	done := make(chan error, 1)
 	go func() {
 		done <- monitor.Watch(ctx, m, Now, func(path string) (monitor.Sample, error) {
-			s, err := p.Stats(netip.MustParseAddr(path))
-			return monitor.Sample{LastSeen: s.LastSeen(), Packets: s.Packets()}, err
+			s, err := p.Stats(labPeer(netip.MustParseAddr(path)))
+			return monitor.Sample{LastSeen: s.LastSeen, Packets: s.Heartbeats}, err
 		}, func(c monitor.Change) {
 			w.mu.Lock()
 			w.all = append(w.all, c)

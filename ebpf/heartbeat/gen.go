@@ -1,4 +1,4 @@
-package ebpf
+package heartbeat
 
 // The XDP object is rebuilt by `make generate`, which pins the compiler
 // (BPF2GO_CC=clang-14, BPF2GO_STRIP=llvm-strip-14); `make check-generate`

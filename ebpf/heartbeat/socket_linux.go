@@ -1,4 +1,4 @@
-package ebpf
+package heartbeat
 
 import (
 	"errors"
@@ -21,7 +21,10 @@ type hbSocket struct {
 	oob []byte
 }
 
-func listenHeartbeats(addr netip.Addr, port uint16) (*hbSocket, error) {
+// listenHeartbeats binds port on every address, IPv4 and IPv6: heartbeats
+// arrive on every path's address (binding only one, say the replication
+// address, would leave the other paths silent).
+func listenHeartbeats(port uint16) (*hbSocket, error) {
 	fd, err := unix.Socket(unix.AF_INET6, unix.SOCK_DGRAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_UDP)
 	if err != nil {
 		return nil, fmt.Errorf("open heartbeat socket: %w", err)
@@ -38,13 +41,7 @@ func listenHeartbeats(addr netip.Addr, port uint16) (*hbSocket, error) {
 			return nil, fmt.Errorf("set heartbeat socket option %d: %w", o.opt, err)
 		}
 	}
-	if !addr.IsValid() {
-		addr = netip.IPv6Unspecified()
-	}
-	sa := &unix.SockaddrInet6{Port: int(port), Addr: addr.Unmap().As16()}
-	if addr.Unmap().Is4() {
-		sa.Addr = addr.As16() // v4-mapped
-	}
+	sa := &unix.SockaddrInet6{Port: int(port)}
 	if err := unix.Bind(fd, sa); err != nil {
 		unix.Close(fd)
 		return nil, fmt.Errorf("bind heartbeat socket to port %d: %w", port, err)
