@@ -7,6 +7,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -146,6 +147,50 @@ func OpenExclusive(path string, size int64) (*File, error) {
 		return nil, err
 	}
 	return f, nil
+}
+
+// AdoptFile makes a backend of f, a volume another process opened with
+// OpenExclusive and handed over (its lock or exclusive claim goes with
+// the descriptor): path is where it was opened from, size its size as it
+// was served (0: the file's or device's own).
+func AdoptFile(f *os.File, path string, size int64) (*File, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return nil, fmt.Errorf("adopt %s: %w", path, err)
+	}
+	var d *File
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFREG:
+		d = newFile(f, path, st.Size, false)
+	case unix.S_IFBLK:
+		var n uint64
+		if err := ioctlPtr(int(f.Fd()), unix.BLKGETSIZE64, unsafe.Pointer(&n)); err != nil {
+			return nil, fmt.Errorf("adopt %s: BLKGETSIZE64: %w", path, err)
+		}
+		d = newFile(f, path, int64(n), true)
+		var ss int32
+		if err := ioctlPtr(d.fd, unix.BLKSSZGET, unsafe.Pointer(&ss)); err == nil && ss > 0 {
+			d.sector = int64(ss)
+		}
+	default:
+		return nil, fmt.Errorf("adopt %s: neither a regular file nor a block device", path)
+	}
+	if size > 0 && size != d.size {
+		if err := d.LimitSize(size); err != nil {
+			return nil, err
+		}
+	}
+	return d, nil
+}
+
+// Dup returns a duplicate of the backend's descriptor (to hand the volume
+// to another process: an exclusive lock goes with it).
+func (f *File) Dup() (*os.File, error) {
+	fd, err := unix.FcntlInt(uintptr(f.fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("dup %s: %w", f.path, err)
+	}
+	return os.NewFile(uintptr(fd), f.path), nil
 }
 
 // lockFile takes an exclusive flock on fd, without waiting.

@@ -332,12 +332,13 @@ func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 	defer stop()
 	x, err := cn.negotiate()
 	if err != nil || x == nil {
+		// Counted before the close: a client seeing it sees the count.
+		if err != nil && ctx.Err() == nil {
+			s.stats.pf.Add(1)
+		}
 		c.Close()
 		if ctx.Err() != nil {
 			return nil
-		}
-		if err != nil {
-			s.stats.pf.Add(1)
 		}
 		return err
 	}
@@ -383,14 +384,14 @@ func (s *Server) transmission(ctx context.Context, cn *conn, x *export) error {
 		cn.log.Info("nbd client handed over", "export", x.Name, "pending_bytes", len(cn.pending))
 		return nil
 	}
-	cn.c.Close()
-	cn.log.Info("nbd client disconnected", "export", x.Name)
 	if ctx.Err() != nil && isReadInterrupt(err) {
 		err = nil
 	}
 	if err != nil {
 		s.stats.pf.Add(1)
 	}
+	cn.c.Close()
+	cn.log.Info("nbd client disconnected", "export", x.Name)
 	return err
 }
 

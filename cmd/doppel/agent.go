@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -51,6 +53,17 @@ func agentCommand() *cli.Command {
 		Action: runAgent,
 		Subcommands: []*cli.Command{
 			{
+				Name:  "restart",
+				Usage: "restart (or upgrade) an agent without taking the volumes away from their applications",
+				Description: "The agent named by --server starts the doppel binary installed now (an\n" +
+					"upgrade: install the new one first) and hands it its state: the jobs' volumes,\n" +
+					"their exports' sockets and connected clients, the control listener. The\n" +
+					"applications see a pause, not an error. Same as SIGHUP (systemctl reload).\n" +
+					"If the new agent fails, the old one keeps (or takes back) its jobs.",
+				Flags:  connFlags(),
+				Action: agentRestart,
+			},
+			{
 				Name:  "stop",
 				Usage: "stop an agent (refused while a job's volume is in use, unless --force)",
 				Description: "Asks the agent named by --server to stop. It refuses while any job's volume\n" +
@@ -61,6 +74,32 @@ func agentCommand() *cli.Command {
 			},
 		},
 	}
+}
+
+// agentRestart asks one agent (--server) to restart.
+func agentRestart(c *cli.Context) error {
+	if args, err := positional(c); err != nil || len(args) != 0 {
+		return usageErrorf("usage: doppel agent restart --server NAME")
+	}
+	e, err := newClientEnv(c)
+	if err != nil {
+		return err
+	}
+	if e.only == "" {
+		return usageErrorf("doppel agent restart: name the agent with --server (one agent at a time)")
+	}
+	cl, err := e.client(e.only)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(c.Context, 2*time.Minute)
+	defer cancel()
+	res, err := cl.RestartAgent(ctx)
+	if err != nil {
+		return fmt.Errorf("restart agent %s: %w", e.only, err)
+	}
+	fmt.Fprintf(c.App.Writer, "agent %s: %s\n", e.only, res.Message)
+	return nil
 }
 
 // agentStop asks one agent (--server) to stop.
@@ -160,6 +199,29 @@ func runAgent(c *cli.Context) error {
 		log.Warn("PR_SET_IO_FLUSHER not set", "err", err)
 	}
 
+	// Started by a restarting agent (SIGHUP, doppel agent restart): say we
+	// are up and take its state over. It has stopped its jobs (not what
+	// they serve) and released the probe's socket when this returns.
+	var handover *agent.Handover
+	if fd := os.Getenv(agent.HandoverEnv); fd != "" {
+		os.Unsetenv(agent.HandoverEnv)
+		n, err := strconv.Atoi(fd)
+		if err != nil || n < 3 {
+			return fmt.Errorf("%s=%q: not a descriptor", agent.HandoverEnv, fd)
+		}
+		if handover, err = agent.ReceiveHandover(os.NewFile(uintptr(n), "handover"), version); err != nil {
+			return fmt.Errorf("take over from the previous agent: %w", err)
+		}
+		log.Info("taking over from the previous agent", "its_version", handover.Version(), "version", version)
+	}
+	takeOver := func(err error) error {
+		if handover != nil && err != nil {
+			handover.Ack(err) // it takes its jobs back at once
+			handover.Close()
+		}
+		return err
+	}
+
 	subs := agent.Subsystems{
 		Volumes: &agent.NBDVolumes{Log: log, RunDir: filepath.Join(cfg.StateDir, "run"), Kernel: true},
 	}
@@ -173,30 +235,86 @@ func runAgent(c *cli.Context) error {
 	}
 	// Without --probe-iface the XDP probe attaches to the interface of the
 	// route to each peer address it watches; the userspace fallback
-	// listens on every address.
-	probe, err := heartbeat.Open(heartbeat.Config{Interfaces: cfg.ProbeIfaces, Mode: mode, Port: uint16(cfg.HeartbeatPort), Logger: log})
+	// listens on every address. A restart's successor opens its own (this
+	// agent's is closed first, and opened again if the successor fails).
+	var probe heartbeat.Probe
 	var live *agent.ProbeLiveness
-	if err != nil {
-		log.Warn("failure probe unavailable: no failure detection", "err", err)
-	} else {
-		defer probe.Close()
+	openProbe := func() error {
+		p, err := heartbeat.Open(heartbeat.Config{Interfaces: cfg.ProbeIfaces, Mode: mode, Port: uint16(cfg.HeartbeatPort), Logger: log})
+		if err != nil {
+			log.Warn("failure probe unavailable: no failure detection", "err", err)
+			probe, live = nil, nil
+			return nil
+		}
 		inc, err := agent.NextIncarnation(cfg.StateDir, time.Now())
 		if err != nil {
+			p.Close()
 			return err
 		}
-		live = &agent.ProbeLiveness{Log: log, Probe: probe, Port: uint16(cfg.HeartbeatPort), Incarnation: inc}
+		probe = p
+		live = &agent.ProbeLiveness{Log: log, Probe: p, Port: uint16(cfg.HeartbeatPort), Incarnation: inc}
+		log.Info("failure probe", "mode", p.Mode(), "interfaces", cfg.ProbeIfaces, "incarnation", inc)
+		return nil
+	}
+	if err := openProbe(); err != nil {
+		return takeOver(err)
+	}
+	if live != nil {
 		subs.Liveness = live
-		log.Info("failure probe", "mode", probe.Mode(), "interfaces", cfg.ProbeIfaces, "incarnation", inc)
+	}
+	defer func() {
+		if probe != nil {
+			probe.Close()
+		}
+	}()
+	// A restart starts the binary installed now (an upgrade) with the
+	// same arguments; os.Executable names it even once replaced.
+	cfg.Successor = func(sock *os.File) (agent.Successor, error) {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, err
+		}
+		return agent.SuccessorCommand(exe, os.Args[1:], os.Environ())(sock)
 	}
 	a, err := agent.New(log, cfg, subs)
 	if err != nil {
+		return takeOver(err)
+	}
+	// The successor opens its own probe (its heartbeat socket, its XDP
+	// program): this agent's goes first, and comes back if it fails.
+	a.BeforeHandover = func() {
+		sdNotify(log, "RELOADING=1")
+		if probe != nil {
+			probe.Close()
+			probe = nil
+		}
+	}
+	a.AfterFailedHandover = func() error {
+		err := openProbe()
+		if live != nil {
+			a.Subsystems.Liveness = live
+		} else {
+			a.Subsystems.Liveness = nil
+		}
+		sdNotify(log, "READY=1")
 		return err
+	}
+	a.OnServing = func() {
+		if handover != nil {
+			if err := handover.Ack(nil); err != nil {
+				log.Error("tell the previous agent we took over", "err", err)
+			}
+		}
+		sdNotify(log, fmt.Sprintf("MAINPID=%d\nREADY=1", os.Getpid()))
 	}
 	// The replication engine authenticates with the agent's certificate:
 	// the one pinned at doppel server add.
 	planes := &agent.ReplPlanes{Log: log, Cert: a.Identity.Cert, ReplListen: cfg.ReplListen, StateDir: cfg.StateDir}
-	if live != nil {
-		planes.SessionRecorder = live.SessionRecorder
+	planes.SessionRecorder = func(job string) func() {
+		if live == nil {
+			return nil
+		}
+		return live.SessionRecorder(job)
 	}
 	a.Subsystems.DataPlane = planes.Open
 	a.Subsystems.ReplListener = planes
@@ -213,12 +331,63 @@ func runAgent(c *cli.Context) error {
 			forced = true
 		}
 	}()
+	// SIGHUP (systemctl reload): restart, keeping the volumes served.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for range hup {
+			if pid, err := a.Restart(context.Background()); err != nil {
+				log.Error("restart", "err", err)
+			} else {
+				log.Info("restarted: the new agent serves", "pid", pid)
+			}
+		}
+	}()
 	// The agent's own signal handling decides when it stops: not the
 	// CLI's context, cancelled by the first signal.
-	err = a.Run(context.WithoutCancel(c.Context))
-	if err == nil {
-		log.Info("agent stopped")
-		return nil
+	ctx := context.WithoutCancel(c.Context)
+	if handover != nil {
+		a.SetHandover(handover)
+		l, lerr := handover.Control()
+		if lerr == nil && l == nil {
+			l, lerr = net.Listen("tcp", cfg.ControlListen)
+		}
+		if lerr != nil {
+			return takeOver(fmt.Errorf("control listener: %w", lerr))
+		}
+		err = a.Serve(ctx, l)
+	} else {
+		err = a.Run(ctx)
 	}
-	return err
+	switch {
+	case err != nil:
+		return err
+	case a.HandedOver():
+		log.Info("agent handed over to its successor: exiting")
+	default:
+		log.Info("agent stopped")
+	}
+	return nil
+}
+
+// sdNotify sends state to systemd when it started the agent with
+// Type=notify (NOTIFY_SOCKET set); otherwise it does nothing.
+func sdNotify(log *slog.Logger, state string) {
+	path := os.Getenv("NOTIFY_SOCKET")
+	if path == "" {
+		return
+	}
+	if path[0] == '@' {
+		path = "\x00" + path[1:]
+	}
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		log.Warn("sd_notify", "err", err)
+		return
+	}
+	defer c.Close()
+	if _, err := c.Write([]byte(state)); err != nil {
+		log.Warn("sd_notify", "err", err)
+	}
 }

@@ -23,6 +23,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/doppelha/doppel/daemon/api"
@@ -45,6 +46,9 @@ type Config struct {
 	// MountInfo is where mounts are read from (default /proc/self/mountinfo).
 	MountInfo string `yaml:"-"`
 	Version   string `yaml:"-"`
+	// Successor starts the agent that takes over at a restart, given the
+	// socket to talk to this one on (SuccessorCommand); nil: no restart.
+	Successor func(sock *os.File) (Successor, error) `yaml:"-"`
 }
 
 // Defaults fills unset fields.
@@ -98,6 +102,22 @@ type Agent struct {
 	stopOnce sync.Once
 	waitMu   sync.Mutex
 	waiting  bool // a stop waits for the volumes to be released
+
+	// Restart (restart.go).
+	controlL   net.Listener
+	handover   *handedState // from the predecessor, adopted by Serve
+	restartMu  sync.Mutex
+	restarting atomic.Bool
+	handedOver atomic.Bool
+	ackTimeout time.Duration // tests: successorAck
+	// BeforeHandover releases what the successor must open itself (the
+	// heartbeat probe's socket); AfterFailedHandover takes it back when
+	// the successor failed. OnServing runs once Serve resumed the jobs
+	// and is about to serve the API (a successor acknowledges its
+	// predecessor there).
+	BeforeHandover      func()
+	AfterFailedHandover func() error
+	OnServing           func()
 }
 
 // New creates an agent: it loads (creating at first start) its identity
@@ -162,6 +182,9 @@ func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
 	}()
 	a.ctx = ctx
 	a.control = l.Addr().String()
+	a.mu.Lock()
+	a.controlL = l
+	a.mu.Unlock()
 	if rl := a.Subsystems.ReplListener; rl != nil {
 		if err := rl.Listen(); err != nil {
 			a.replListenErr = err
@@ -169,20 +192,21 @@ func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
 		}
 		defer rl.Close()
 	}
-	recs, err := a.Store.List()
-	if err != nil {
+	st := a.handover
+	a.handover = nil
+	if err := a.resumeAll(st); err != nil {
 		l.Close()
 		return err
 	}
-	for _, rec := range recs {
-		if err := a.resumeJob(rec); err != nil {
-			a.Log.Error("resume job", "job", rec.Spec.Name, "err", err)
-			continue
-		}
-		a.Log.Info("resumed job", "job", rec.Spec.Name, "role", rec.HA.Role, "epoch", rec.HA.Epoch)
+	a.mu.Lock()
+	njobs := len(a.jobs)
+	a.mu.Unlock()
+	a.Log.Info("agent ready", "control", a.control, "fingerprint", a.Identity.Fingerprint, "jobs", njobs, "state_dir", a.Config.StateDir,
+		"adopted", st != nil)
+	if a.OnServing != nil {
+		a.OnServing()
 	}
-	a.Log.Info("agent ready", "control", a.control, "fingerprint", a.Identity.Fingerprint, "jobs", len(recs), "state_dir", a.Config.StateDir)
-	err = a.API.Serve(ctx, l)
+	err := a.API.Serve(ctx, l)
 	a.mu.Lock()
 	runners := a.jobs
 	a.jobs = map[string]*runner{}
@@ -300,6 +324,9 @@ func (a *Agent) Job(ctx context.Context, name string) (api.JobStatus, error) {
 // name left, claims and binds the volume, stores the job and starts it.
 // Nothing is left behind when it fails.
 func (a *Agent) CreateJob(ctx context.Context, spec job.Spec) (api.JobStatus, error) {
+	if a.restarting.Load() {
+		return api.JobStatus{}, fmt.Errorf("%w: retry in a moment", api.ErrRestarting)
+	}
 	spec.Defaults()
 	if spec.UUID == "" {
 		spec.UUID = job.IncarnationOf(spec.Secret)
@@ -360,6 +387,9 @@ func (a *Agent) CreateJob(ctx context.Context, spec job.Spec) (api.JobStatus, er
 // the job's record). Split-brain saves are always archived, never
 // removed. The volume's data and any service IP stay as they are.
 func (a *Agent) DeleteJob(ctx context.Context, name string, opts api.DeleteOptions) (api.DeleteResult, error) {
+	if a.restarting.Load() {
+		return api.DeleteResult{}, fmt.Errorf("%w: retry in a moment", api.ErrRestarting)
+	}
 	r, err := a.runner(name)
 	if err != nil {
 		return api.DeleteResult{}, err
@@ -425,11 +455,23 @@ func (a *Agent) inUse(name string) []string {
 	return a.Subsystems.Volumes.InUse(name)
 }
 
+// RestartAgent implements api.Backend (Restart).
+func (a *Agent) RestartAgent(ctx context.Context) (api.RestartResult, error) {
+	pid, err := a.Restart(ctx)
+	if err != nil {
+		return api.RestartResult{}, err
+	}
+	return api.RestartResult{PID: pid, Message: fmt.Sprintf("the agent restarted: now pid %d", pid)}, nil
+}
+
 // Command implements api.Backend: an operator command stepped into the
 // job's state machine. A refusal changes nothing (409); when the command is
 // accepted but an action it needs fails (for example a subsystem not wired
 // in), the error says what was done and what failed.
 func (a *Agent) Command(ctx context.Context, name string, cmd ha.EventType, opts api.CommandOptions) (api.JobStatus, error) {
+	if a.restarting.Load() {
+		return api.JobStatus{}, fmt.Errorf("%w: retry in a moment", api.ErrRestarting)
+	}
 	r, err := a.runner(name)
 	if err != nil {
 		return api.JobStatus{}, err

@@ -52,20 +52,28 @@ func startAgentAt(t *testing.T, dir, addr string, subs Subsystems) *testAgent {
 // startAgentWith calls configure (if any) on the agent before it serves.
 func startAgentWith(t *testing.T, dir, addr string, subs Subsystems, configure func(*Agent)) *testAgent {
 	t.Helper()
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return startAgentOn(t, dir, l, subs, configure)
+}
+
+// startAgentOn serves an agent on l (a listener handed over by a
+// restarting agent, for one).
+func startAgentOn(t *testing.T, dir string, l net.Listener, subs Subsystems, configure func(*Agent)) *testAgent {
+	t.Helper()
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("agent", filepath.Base(dir))
 	}
 	a, err := New(log, Config{StateDir: dir, MountInfo: filepath.Join(dir, "..", "mountinfo")}, subs)
 	if err != nil {
+		l.Close()
 		t.Fatal(err)
 	}
 	if configure != nil {
 		configure(a)
-	}
-	l, err := net.Listen("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	ta := &testAgent{t: t, a: a, dir: dir, addr: l.Addr().String(), cancel: cancel, done: make(chan error, 1), subs: subs}

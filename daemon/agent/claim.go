@@ -102,11 +102,8 @@ func (a *Agent) holder(k volumeKey, name string) (string, string) {
 }
 
 // openClaim opens the volume of rec on this host exclusively and binds it
-// to the job: a record without a binding is bound now (the binding is
-// stored in rec, which the caller persists); a volume that is not the
-// bound one is re-bound on a target (its replication state is set aside
-// and the source mirrors it) and refused on a source. legacy: the record
-// was written by a doppel without identities (its state is adopted).
+// to the job (bindClaim). legacy: the record was written by a doppel
+// without identities (its state is adopted).
 func (a *Agent) openClaim(rec *job.Record, legacy bool) (*claim, error) {
 	spec := &rec.Spec
 	path := spec.VolumeOn(rec.Self)
@@ -131,12 +128,6 @@ func (a *Agent) openClaim(rec *job.Record, legacy bool) (*claim, error) {
 		return nil, fmt.Errorf("open volume: %w", err)
 	}
 	c := &claim{path: path, file: f, created: !exists}
-	var st unix.Stat_t
-	if err := unix.Fstat(f.Fd(), &st); err != nil {
-		c.undo()
-		return nil, fmt.Errorf("stat %s: %w", path, err)
-	}
-	c.key = keyOf(&st)
 	if n := spec.VolumeSize; n > 0 {
 		switch {
 		case f.Size() < n:
@@ -149,17 +140,56 @@ func (a *Agent) openClaim(rec *job.Record, legacy bool) (*claim, error) {
 			}
 		}
 	}
+	if err := a.bindClaim(rec, c, legacy); err != nil {
+		if errors.Is(err, ErrVolumeChanged) {
+			c.close()
+		} else {
+			c.undo()
+		}
+		return nil, err
+	}
+	return c, nil
+}
+
+// adoptClaim makes a claim of the volume f the previous agent handed over
+// (opened exclusively by it, its lock held by the descriptor), served at
+// size bytes, and binds it like openClaim.
+func (a *Agent) adoptClaim(rec *job.Record, f *os.File, size int64, legacy bool) (*claim, error) {
+	path := rec.Spec.VolumeOn(rec.Self)
+	b, err := blockdev.AdoptFile(f, path, size)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	c := &claim{path: path, file: b}
+	if err := a.bindClaim(rec, c, legacy); err != nil {
+		c.close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// bindClaim binds the claimed volume to the job: a record without a
+// binding is bound now (the binding is stored in rec, which the caller
+// persists); a volume that is not the bound one is re-bound on a target
+// (its replication state is set aside and the source mirrors it) and
+// refused on a source (ErrVolumeChanged).
+func (a *Agent) bindClaim(rec *job.Record, c *claim, legacy bool) error {
+	spec, path, f := &rec.Spec, c.path, c.file
+	var st unix.Stat_t
+	if err := unix.Fstat(f.Fd(), &st); err != nil {
+		return fmt.Errorf("stat %s: %w", path, err)
+	}
+	c.key = keyOf(&st)
 	id, err := job.IdentifyFD(f.Fd())
 	if err != nil {
-		c.undo()
-		return nil, err
+		return err
 	}
 	b := rec.Volume
 	switch {
 	case b == nil:
 		if err := a.bindVolume(rec, c, id); err != nil {
-			c.undo()
-			return nil, err
+			return err
 		}
 	case b.Device != id.Device || b.Tagged && id.Tag != b.UUID:
 		why := fmt.Sprintf("%s is %s", path, id.Device)
@@ -168,12 +198,10 @@ func (a *Agent) openClaim(rec *job.Record, legacy bool) (*claim, error) {
 		}
 		why += fmt.Sprintf("; the job's volume was %s tagged %q (bound %s)", b.Device, b.UUID, b.Bound.Format(time.RFC3339))
 		if rec.HA.Role == ha.RoleSource {
-			c.close()
-			return nil, fmt.Errorf("%w: %s. Its data is not the data this job replicated: it is not served. If it is the right volume, delete the job and create it again (a checksum mirror sends only what differs)", ErrVolumeChanged, why)
+			return fmt.Errorf("%w: %s. Its data is not the data this job replicated: it is not served. If it is the right volume, delete the job and create it again (a checksum mirror sends only what differs)", ErrVolumeChanged, why)
 		}
 		if err := a.bindVolume(rec, c, id); err != nil {
-			c.undo()
-			return nil, err
+			return err
 		}
 		c.note = fmt.Sprintf("volume changed (%s): bound again, its replication state set aside; the source mirrors it (checksums: only what differs is sent)", why)
 		a.Log.Warn("target volume changed: bound again, replication state set aside", "job", spec.Name, "why", why)
@@ -183,7 +211,7 @@ func (a *Agent) openClaim(rec *job.Record, legacy bool) (*claim, error) {
 		AdoptUnbound: legacy,
 		SetAsideTo:   job.ArchiveDir(a.Config.StateDir),
 	}
-	return c, nil
+	return nil
 }
 
 // bindVolume gives the volume a new UUID, writes it on the volume when it

@@ -37,6 +37,7 @@ type pair struct {
 	modelMu sync.Mutex
 	model   []byte
 	log     *slog.Logger
+	next    chan *testAgent // a successor agent, once it serves
 }
 
 const pairSize = 4 << 20
@@ -90,12 +91,18 @@ func newPairWith(t *testing.T, failover ha.FailoverMode, mode string, rate int64
 
 // start starts (or restarts, at the same control address) an agent.
 func (p *pair) start(name, addr string) {
+	subs, configure := p.subsystems(name)
+	p.agents[name] = startAgentWith(p.t, filepath.Join(p.root, name), addr, subs, configure)
+}
+
+// subsystems are what an agent of the pair runs with.
+func (p *pair) subsystems(name string) (Subsystems, func(*Agent)) {
 	vols := &NBDVolumes{Log: p.log, RunDir: filepath.Join(p.root, name, "run")}
-	p.agents[name] = startAgentWith(p.t, filepath.Join(p.root, name), addr, Subsystems{Liveness: p.live[name], Volumes: vols}, func(a *Agent) {
+	return Subsystems{Liveness: p.live[name], Volumes: vols}, func(a *Agent) {
 		planes := &ReplPlanes{Log: p.log, Cert: a.Identity.Cert, ReplListen: p.repl[name], StateDir: filepath.Join(p.root, name), RateLimit: p.rate}
 		a.Subsystems.DataPlane = planes.Open
 		a.Subsystems.ReplListener = planes
-	})
+	}
 }
 
 func peerOf(name string) string {

@@ -186,6 +186,11 @@ func (r *runner) stop() {
 	if r.subs.Volumes != nil {
 		r.subs.Volumes.Stop(r.rec.Spec.Name)
 	}
+	if nv, ok := r.subs.Volumes.(*NBDVolumes); ok {
+		if ad := nv.Unadopt(r.rec.Spec.Name); ad != nil {
+			ad.close() // handed over by the previous agent, never served
+		}
+	}
 	if r.dp != nil {
 		r.dp.Close()
 	}

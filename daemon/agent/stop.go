@@ -55,6 +55,9 @@ func describeUsers(users map[string][]string) string {
 // volumes are no longer served), refused while a volume is in use unless
 // opts.Force.
 func (a *Agent) StopAgent(ctx context.Context, opts api.StopOptions) (api.StopResult, error) {
+	if a.restarting.Load() {
+		return api.StopResult{}, fmt.Errorf("%w: retry in a moment", api.ErrRestarting)
+	}
 	users := a.Users()
 	if len(users) > 0 && !opts.Force {
 		return api.StopResult{}, fmt.Errorf("%w: not stopping the agent on %s: %s. Stop the applications (unmount) first, or stop with --force: they lose their disks",

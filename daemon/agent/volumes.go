@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"sync"
@@ -26,16 +27,19 @@ type NBDVolumes struct {
 	// Kernel tries /dev/nbdN first.
 	Kernel bool
 
-	mu     sync.Mutex
-	served map[string]*served
+	mu      sync.Mutex
+	served  map[string]*served
+	adopted map[string]*adoptedExport // handed over by the previous agent, served at the next Serve
 }
 
 type served struct {
-	device string
-	cancel context.CancelFunc
-	done   chan struct{}
-	srv    *blockdev.Server
-	kdev   *kernel.Device
+	device  string
+	cancel  context.CancelFunc
+	done    chan struct{}
+	srv     *blockdev.Server
+	kdev    *kernel.Device
+	l       *net.UnixListener
+	resumed sync.WaitGroup // connections resumed after a handover
 }
 
 // Serve implements Volumes. Serving an already served job returns its
@@ -48,6 +52,10 @@ func (v *NBDVolumes) Serve(ctx context.Context, spec job.Spec, b blockdev.Backen
 	}
 	if v.served == nil {
 		v.served = map[string]*served{}
+	}
+	if ad, ok := v.adopted[spec.Name]; ok {
+		delete(v.adopted, spec.Name)
+		return v.serveAdopted(spec, ad, b, m)
 	}
 	srv, err := blockdev.NewServer(v.Log.With("job", spec.Name), blockdev.Export{
 		Name: spec.Name, Description: "doppel job " + spec.Name, Backend: b, Mutator: m,
@@ -82,6 +90,7 @@ func (v *NBDVolumes) Serve(ctx context.Context, spec job.Spec, b blockdev.Backen
 		return "", err
 	}
 	s.device = "unix:" + path
+	s.l, _ = l.(*net.UnixListener)
 	go func() {
 		defer close(s.done)
 		if err := srv.Serve(sctx, l); err != nil && !errors.Is(err, context.Canceled) {
@@ -109,6 +118,7 @@ func (v *NBDVolumes) Stop(name string) error {
 	}
 	s.cancel()
 	<-s.done
+	s.resumed.Wait()
 	if path, ok := cutUnix(s.device); ok {
 		os.Remove(path)
 	}

@@ -23,7 +23,7 @@ import (
 // Error is an error response from an agent.
 type Error struct {
 	Status  int
-	Kind    string // not_found, refused, invalid, in_use, unauthorized, not_wired, exists, internal
+	Kind    string // not_found, refused, invalid, in_use, restarting, unauthorized, not_wired, exists, internal
 	Message string
 }
 
@@ -193,6 +193,12 @@ func (c *Client) Job(ctx context.Context, name string) (JobStatus, error) {
 func (c *Client) CreateJob(ctx context.Context, spec job.Spec) (JobStatus, error) {
 	var st JobStatus
 	return st, c.do(ctx, http.MethodPost, "/v1/jobs", spec, &st)
+}
+
+// RestartAgent asks the agent to restart, keeping the volumes served.
+func (c *Client) RestartAgent(ctx context.Context) (RestartResult, error) {
+	var res RestartResult
+	return res, c.do(ctx, http.MethodPost, "/v1/agent/restart", nil, &res)
 }
 
 // StopAgent asks the agent to stop.

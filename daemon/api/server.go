@@ -34,6 +34,9 @@ type Backend interface {
 	// StopAgent stops the agent (refused while volumes are in use,
 	// unless forced).
 	StopAgent(ctx context.Context, opts StopOptions) (StopResult, error)
+	// RestartAgent hands the agent's state to a new agent process (the
+	// binary now installed) without taking the volumes away.
+	RestartAgent(ctx context.Context) (RestartResult, error)
 	Command(ctx context.Context, name string, cmd ha.EventType, opts CommandOptions) (JobStatus, error)
 	Verify(ctx context.Context, name string) (VerifyResult, error)
 	// PeerSecret returns the job's peer secret (job.ErrNotFound if none).
@@ -99,6 +102,13 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 			return err
 		}
 		return writeJSON(w, http.StatusAccepted, res)
+	}))
+	s.handle("POST /v1/agent/restart", s.auth(func(w http.ResponseWriter, r *http.Request) error {
+		res, err := b.RestartAgent(r.Context())
+		if err != nil {
+			return err
+		}
+		return writeJSON(w, http.StatusOK, res)
 	}))
 	s.handle("POST /v1/preflight", s.auth(func(w http.ResponseWriter, r *http.Request) error {
 		var spec job.Spec
@@ -263,6 +273,8 @@ func classify(err error) (int, string) {
 		return http.StatusConflict, "refused"
 	case errors.Is(err, job.ErrVolumeInUse), errors.Is(err, ErrInUse):
 		return http.StatusConflict, "in_use"
+	case errors.Is(err, ErrRestarting):
+		return http.StatusConflict, "restarting"
 	case errors.Is(err, job.ErrInvalid), errors.Is(err, job.ErrVolumeMissing), errors.Is(err, job.ErrVolumeMounted), errors.Is(err, job.ErrVolumeSize):
 		return http.StatusBadRequest, "invalid"
 	case errors.Is(err, ErrNotWired):

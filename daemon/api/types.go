@@ -17,6 +17,7 @@
 //	POST   /v1/jobs/{name}/{command}    failover | reverse | switchover | failback | pause | resume (CommandOptions)
 //	POST   /v1/jobs/{name}/verify       compare source and target
 //	POST   /v1/agent/stop               stop the agent (StopOptions; 409 in_use while volumes are in use)
+//	POST   /v1/agent/restart            restart (upgrade) the agent keeping the volumes served: RestartResult
 //	POST   /v1/peer/jobs/{name}/message a state-machine message from the peer agent
 //	GET    /metrics                     Prometheus metrics
 //
@@ -37,6 +38,11 @@ const DefaultPort = 6320
 // ErrNotWired is returned (and served as 501) for an operation whose
 // subsystem is not part of this build yet: doppel never fakes a result.
 var ErrNotWired = errors.New("not wired in this build")
+
+// ErrRestarting refuses what would change a job while the agent hands
+// its state over to its successor (a restart or an upgrade): retry in a
+// moment.
+var ErrRestarting = errors.New("the agent is restarting")
 
 // ErrInUse is returned (and served as 409, kind in_use) when an operation
 // would take a volume away from the applications using it: its export
@@ -179,6 +185,13 @@ type StopOptions struct {
 	// Force stops the agent even while volumes are in use (their users
 	// lose their disks).
 	Force bool `json:"force,omitempty"`
+}
+
+// RestartResult is the answer to a restart request.
+type RestartResult struct {
+	// PID of the agent that took over.
+	PID     int    `json:"pid"`
+	Message string `json:"message"`
 }
 
 // StopResult is the answer to a stop request.

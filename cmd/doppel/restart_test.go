@@ -1,0 +1,281 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/doppelha/doppel/blockdev/nbdclient"
+	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/ha"
+)
+
+// agentProc is a doppel agent run as a process (this test binary run as
+// doppel, see childEnv), on its own loopback address.
+type agentProc struct {
+	name, host, dir, control string
+	cmd                      *exec.Cmd
+	log                      string
+	client                   *api.Client
+	exited                   chan error
+}
+
+func startAgentProc(t *testing.T, root, name, host string, hb int) *agentProc {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ap := &agentProc{name: name, host: host, dir: filepath.Join(root, name), control: freeAddrOn(t, host), exited: make(chan error, 1)}
+	ap.log = filepath.Join(root, name+".log")
+	f, err := os.Create(ap.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ap.cmd = exec.Command(exe, "doppel", "agent", "--state-dir", ap.dir, "--control-listen", ap.control,
+		"--repl-listen", freeAddrOn(t, host), "--heartbeat-port", fmt.Sprint(hb), "--probe-mode", "userspace")
+	ap.cmd.Env = append(os.Environ(), childEnv+"=1")
+	ap.cmd.Stdout, ap.cmd.Stderr = f, f
+	if err := ap.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	go func() { ap.exited <- ap.cmd.Wait() }()
+	t.Cleanup(func() {
+		ap.cmd.Process.Kill()
+		if t.Failed() {
+			b, _ := os.ReadFile(ap.log)
+			t.Logf("%s log:\n%s", name, tail(string(b), 6000))
+		}
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		token, terr := os.ReadFile(filepath.Join(ap.dir, "token"))
+		fp, ferr := api.FetchFingerprint(context.Background(), ap.control)
+		if terr == nil && ferr == nil {
+			if ap.client, err = api.NewClient(ap.control, strings.TrimSpace(string(token)), fp); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := ap.client.Info(context.Background()); err == nil {
+				return ap
+			}
+		}
+		if time.Now().After(deadline) {
+			b, _ := os.ReadFile(ap.log)
+			t.Fatalf("agent %s did not come up: %v %v\n%s", name, terr, ferr, b)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func freeAddrOn(t *testing.T, host string) string {
+	l, err := net.Listen("tcp", host+":0")
+	if err != nil {
+		t.Skipf("loopback address %s: %v", host, err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// procLab is two agent processes (vm1 on 127.0.0.1, vm2 on 127.0.0.2)
+// with a job web replicating vm1's 64 MiB volume to vm2, created by the
+// CLI.
+func procLab(t *testing.T) map[string]*agentProc {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("agent processes: slow tier")
+	}
+	root := t.TempDir()
+	hb := int(freeUDPPortOn(t))
+	agents := map[string]*agentProc{
+		"vm1": startAgentProc(t, root, "vm1", "127.0.0.1", hb),
+		"vm2": startAgentProc(t, root, "vm2", "127.0.0.2", hb),
+	}
+	cfg, err := api.LoadClientConfig(filepath.Join(root, "cli.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"vm1", "vm2"} {
+		ap := agents[n]
+		token, _ := os.ReadFile(filepath.Join(ap.dir, "token"))
+		fp, _ := api.FetchFingerprint(context.Background(), ap.control)
+		cfg.Put(api.ServerEntry{Name: n, Addr: ap.control, Fingerprint: fp, Token: strings.TrimSpace(string(token))})
+	}
+	if err := cfg.Save(); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("DOPPEL_CONFIG", cfg.Path())
+	if err := run(context.Background(), []string{"doppel", "job", "create", "web", "--source", "vm1", "--target", "vm2",
+		"--volume", filepath.Join(root, "vol1.img"), "--target-volume", filepath.Join(root, "vol2.img"), "--size", "64M",
+		"--monitor", "interval=250ms,missed=8"}); err != nil {
+		t.Fatalf("create: %v", err)
+	}
+	waitJob(t, agents, func(s, tg api.JobStatus) bool { return protected(s, tg) })
+	return agents
+}
+
+func freeUDPPortOn(t *testing.T) uint16 {
+	c, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	return uint16(c.LocalAddr().(*net.UDPAddr).Port)
+}
+
+func protected(s, tg api.JobStatus) bool {
+	return s.HA.Role == ha.RoleSource && s.HA.State == ha.StateReplicating && strings.HasPrefix(s.Data.Device, "unix:") &&
+		tg.HA.Role == ha.RoleTarget && tg.HA.State == ha.StateReplicating && tg.HA.Consistent
+}
+
+func waitJob(t *testing.T, agents map[string]*agentProc, f func(s, tg api.JobStatus) bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		s, err1 := agents["vm1"].client.Job(context.Background(), "web")
+		tg, err2 := agents["vm2"].client.Job(context.Background(), "web")
+		if err1 == nil && err2 == nil && f(s, tg) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out: vm1 %s %s (%v), vm2 %s %s consistent %t (%v)", s.HA.Role, s.HA.State, err1, tg.HA.Role, tg.HA.State, tg.HA.Consistent, err2)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// loadWriter writes 4 KiB random blocks at random offsets through the
+// job's export as fast as they are acknowledged, keeping the longest
+// wait for one and the first error.
+type loadWriter struct {
+	c       *nbdclient.Client
+	stop    chan struct{}
+	done    chan struct{}
+	mu      sync.Mutex
+	longest time.Duration
+	writes  int
+	err     error
+}
+
+func startLoad(t *testing.T, ap *agentProc) *loadWriter {
+	t.Helper()
+	st, err := ap.client.Job(context.Background(), "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path, _ := strings.CutPrefix(st.Data.Device, "unix:")
+	c, err := nbdclient.Dial("unix", path, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &loadWriter{c: c, stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(w.done)
+		buf := make([]byte, 4096)
+		blocks := big.NewInt(int64(c.Export.Size / 4096))
+		for {
+			select {
+			case <-w.stop:
+				return
+			default:
+			}
+			rand.Read(buf)
+			n, _ := rand.Int(rand.Reader, blocks)
+			start := time.Now()
+			_, err := c.WriteAt(buf, n.Int64()*4096)
+			d := time.Since(start)
+			w.mu.Lock()
+			w.longest = max(w.longest, d)
+			if err == nil {
+				w.writes++
+			} else {
+				w.err = err
+			}
+			w.mu.Unlock()
+			if err != nil {
+				return
+			}
+		}
+	}()
+	return w
+}
+
+func (w *loadWriter) finish() (int, time.Duration, error) {
+	close(w.stop)
+	<-w.done
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.c.Flush(); err != nil && w.err == nil {
+		w.err = err
+	}
+	w.c.Close()
+	return w.writes, w.longest, w.err
+}
+
+// TestAgentRestartUnderLoad: the agent processes restart (doppel agent
+// restart: a new process takes the volume, the export's socket and the
+// connected client over SCM_RIGHTS) while a client writes through the
+// source's export as fast as it can. The client sees no error; afterwards
+// the job replicates and doppel verify finds no difference. The source
+// restarts twice, the target once.
+func TestAgentRestartUnderLoad(t *testing.T) {
+	agents := procLab(t)
+	ctx := context.Background()
+	var pids []int
+	t.Cleanup(func() {
+		for _, pid := range pids {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	})
+	for i, name := range []string{"vm1", "vm2", "vm1"} {
+		w := startLoad(t, agents["vm1"])
+		time.Sleep(time.Second)
+		ap := agents[name]
+		oldPid := ap.cmd.Process.Pid
+		if i == 2 {
+			oldPid = pids[0]
+		}
+		start := time.Now()
+		res, err := ap.client.RestartAgent(ctx)
+		if err != nil {
+			t.Fatalf("restart %s: %v", name, err)
+		}
+		took := time.Since(start)
+		pids = append(pids, res.PID)
+		if res.PID == oldPid {
+			t.Fatalf("restart %s: the same process (%d) serves", name, res.PID)
+		}
+		if i < 2 {
+			select {
+			case err := <-ap.exited:
+				if err != nil {
+					t.Fatalf("%s: the old agent exited with %v", name, err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s: the old agent did not exit", name)
+			}
+		}
+		time.Sleep(time.Second)
+		writes, longest, err := w.finish()
+		if err != nil {
+			t.Fatalf("restart of %s under load: the application got an error: %v", name, err)
+		}
+		t.Logf("restart of %s (pid %d -> %d) took %v; %d writes of 4 KiB meanwhile, the longest waited %v",
+			name, oldPid, res.PID, took.Round(time.Millisecond), writes, longest.Round(time.Millisecond))
+		waitJob(t, agents, func(s, tg api.JobStatus) bool { return protected(s, tg) })
+		v, err := agents["vm1"].client.Verify(ctx, "web")
+		if err != nil || !v.Equal || v.Differing != 0 {
+			t.Fatalf("verify after restarting %s: %+v, %v", name, v, err)
+		}
+	}
+}
