@@ -279,3 +279,62 @@ func TestAgentRestartUnderLoad(t *testing.T) {
 		}
 	}
 }
+
+// TestAgentSIGTERMWaitsForUsers: SIGTERM to an agent process whose
+// volume has a client keeps it serving (the client writes on); it exits
+// once the client disconnects. A second SIGTERM stops it at once.
+func TestAgentSIGTERMWaitsForUsers(t *testing.T) {
+	agents := procLab(t)
+	w := startLoad(t, agents["vm1"])
+	vm1 := agents["vm1"]
+	vm1.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-vm1.exited:
+		t.Fatalf("the agent exited (%v) while its volume was in use", err)
+	case <-time.After(1500 * time.Millisecond):
+	}
+	if _, _, err := w.finish(); err != nil {
+		t.Fatalf("the client lost its disk to a SIGTERM: %v", err)
+	}
+	select {
+	case err := <-vm1.exited:
+		if err != nil {
+			t.Fatalf("exit: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the agent did not stop once its volume was released")
+	}
+	b, _ := os.ReadFile(vm1.log)
+	if !strings.Contains(string(b), "refusing to stop while volumes are in use") {
+		t.Errorf("the log does not say why the stop waited:\n%s", tail(string(b), 3000))
+	}
+	// vm2, the target, serves nothing: SIGTERM stops it at once.
+	agents["vm2"].cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-agents["vm2"].exited:
+		if err != nil {
+			t.Fatalf("vm2 exit: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("an agent with nothing in use did not stop on SIGTERM")
+	}
+}
+
+// TestAgentSecondSIGTERMForces: a second SIGTERM stops an agent whose
+// volume is in use; the client loses its connection.
+func TestAgentSecondSIGTERMForces(t *testing.T) {
+	agents := procLab(t)
+	w := startLoad(t, agents["vm1"])
+	vm1 := agents["vm1"]
+	vm1.cmd.Process.Signal(syscall.SIGTERM)
+	time.Sleep(500 * time.Millisecond)
+	vm1.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-vm1.exited:
+	case <-time.After(15 * time.Second):
+		t.Fatal("a second SIGTERM did not stop the agent")
+	}
+	if _, _, err := w.finish(); err == nil {
+		t.Fatal("the client still writes to a stopped agent's volume")
+	}
+}
