@@ -648,3 +648,57 @@ func SetIOFlusher() error {
 	}
 	return fmt.Errorf("prctl(PR_SET_IO_FLUSHER): %w", errno)
 }
+
+// Release stops serving the device without disconnecting it, for a
+// handover to another process: the server must have been told to hand
+// its connections over first (blockdev.Server.Handover), so that serving
+// them ends with the server's ends handed over, not closed; the device
+// stays connected to them. The thread that connected the device ends.
+// Detach does nothing afterwards.
+func (d *Device) Release() {
+	d.detach.Do(func() {
+		d.cancel()
+		<-d.done
+		if d.release != nil {
+			close(d.release)
+		}
+		close(d.stopped)
+		d.log.Info("nbd device released for a handover", "device", d.Path())
+	})
+}
+
+// Adopt takes over /dev/nbdN (index), connected by another process (a
+// restarting agent) that handed over the server ends of its connections:
+// serve runs connection i (resuming it where that process stopped) until
+// Detach. The device must still be connected.
+func Adopt(index int, conns []net.Conn, serve func(ctx context.Context, i int, c net.Conn) error, log *slog.Logger) (*Device, error) {
+	return realHost.adopt(index, conns, serve, log)
+}
+
+func (h host) adopt(index int, conns []net.Conn, serve func(ctx context.Context, i int, c net.Conn) error, log *slog.Logger) (*Device, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	s, err := h.state(index)
+	if err != nil {
+		return nil, fmt.Errorf("adopt %s: %w", devPath(index), err)
+	}
+	if !s.Busy() {
+		return nil, fmt.Errorf("adopt %s: the device is not connected (its connections were lost)", devPath(index))
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	d := &Device{index: index, log: log, host: h, cancel: cancel, conns: conns, done: make(chan struct{}), stopped: make(chan struct{})}
+	var wg sync.WaitGroup
+	for i, c := range conns {
+		wg.Go(func() {
+			if err := serve(ctx, i, c); err != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, net.ErrClosed) {
+				d.mu.Lock()
+				d.errs = append(d.errs, err)
+				d.mu.Unlock()
+			}
+		})
+	}
+	go func() { wg.Wait(); close(d.done) }()
+	log.Info("nbd device adopted", "device", d.Path(), "connections", len(conns))
+	return d, nil
+}

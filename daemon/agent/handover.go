@@ -9,8 +9,10 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strings"
 
 	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/blockdev/kernel"
 	"github.com/doppelha/doppel/daemon/job"
 	"golang.org/x/sys/unix"
 )
@@ -47,10 +49,13 @@ type handedJob struct {
 	Export *handedExport `json:"export,omitempty"`
 }
 
-// handedExport is a job's served export.
+// handedExport is a job's served export: an NBD export on a Unix socket
+// (its listening socket and clients' connections), or /dev/nbdN (the
+// server ends of the kernel's connections; the device stays connected).
 type handedExport struct {
-	Device   string       `json:"device"`   // unix:PATH
-	Listener int          `json:"listener"` // its listening socket
+	Device   string       `json:"device"`   // unix:PATH or /dev/nbdN
+	Listener int          `json:"listener"` // the Unix socket's listener (-1: /dev/nbdN)
+	Kernel   int          `json:"kernel"`   // N of /dev/nbdN (-1: a Unix socket)
 	Conns    []handedConn `json:"conns,omitempty"`
 }
 
@@ -103,11 +108,15 @@ func (h *handover) validate() error {
 			return err
 		}
 		if e := j.Export; e != nil {
-			if _, ok := cutUnix(e.Device); !ok {
-				return fmt.Errorf("%w: job %s: export %q is not a Unix socket", errManifest, j.Name, e.Device)
-			}
-			if err := use("job "+j.Name+" export listener", e.Listener, false); err != nil {
-				return err
+			if _, ok := cutUnix(e.Device); ok {
+				if e.Kernel != -1 {
+					return fmt.Errorf("%w: job %s: export %q with a kernel device %d", errManifest, j.Name, e.Device, e.Kernel)
+				}
+				if err := use("job "+j.Name+" export listener", e.Listener, false); err != nil {
+					return err
+				}
+			} else if n, err := kernel.ParseDevice(e.Device); err != nil || n != e.Kernel || e.Listener != -1 || !strings.HasPrefix(e.Device, "/dev/") {
+				return fmt.Errorf("%w: job %s: export %q is neither unix:PATH nor /dev/nbdN (kernel %d, listener %d)", errManifest, j.Name, e.Device, e.Kernel, e.Listener)
 			}
 			for _, c := range e.Conns {
 				if err := use("job "+j.Name+" connection", c.FD, false); err != nil {
@@ -284,7 +293,7 @@ func (s *handedState) take(i int) *os.File {
 
 // export rebuilds a job's adopted export from its handed part.
 func (s *handedState) export(e *handedExport) *adoptedExport {
-	ad := &adoptedExport{device: e.Device, listener: s.take(e.Listener)}
+	ad := &adoptedExport{device: e.Device, listener: s.take(e.Listener), kernel: e.Kernel}
 	for _, c := range e.Conns {
 		ad.conns = append(ad.conns, blockdev.Handed{Export: c.Export, Conn: s.take(c.FD), Pending: c.Pending})
 	}

@@ -13,10 +13,14 @@ import (
 // accepts names every descriptor once and re-encodes to itself.
 func FuzzHandoverManifest(f *testing.F) {
 	good := handover{Version: "v1", Files: 4, Control: 0, Jobs: []handedJob{
-		{Name: "web", Volume: 1, Size: 1 << 20, Export: &handedExport{Device: "unix:/run/web.sock", Listener: 2,
+		{Name: "web", Volume: 1, Size: 1 << 20, Export: &handedExport{Device: "unix:/run/web.sock", Listener: 2, Kernel: -1,
 			Conns: []handedConn{{FD: 3, Export: "web", Pending: []byte{1, 2, 3}}}}},
 		{Name: "db", Volume: -1},
 	}}
+	kern := handover{Files: 3, Control: -1, Jobs: []handedJob{{Name: "db", Volume: 0, Export: &handedExport{Device: "/dev/nbd3", Listener: -1, Kernel: 3,
+		Conns: []handedConn{{FD: 1, Export: "db"}, {FD: 2, Export: "db"}}}}}}
+	kb, _ := json.Marshal(kern)
+	f.Add(kb)
 	b, _ := json.Marshal(good)
 	f.Add(b)
 	f.Add([]byte(`{"files":1,"control":0,"jobs":[{"name":"x","volume":0}]}`))
@@ -55,7 +59,10 @@ func TestHandoverManifestRefusals(t *testing.T) {
 		{`{"files":1,"control":1}`, "descriptor 1 of 1"},
 		{`{"files":2,"control":0,"jobs":[{"name":"web","volume":0}]}`, "named twice"},
 		{`{"files":1,"control":-1,"jobs":[{"name":"Web","volume":0}]}`, "invalid"},
-		{`{"files":1,"control":-1,"jobs":[{"name":"web","volume":-1,"export":{"device":"/dev/nbd0","listener":0}}]}`, "not a Unix socket"},
+		{`{"files":1,"control":-1,"jobs":[{"name":"web","volume":-1,"export":{"device":"/dev/nbd0","listener":0,"kernel":0}}]}`, "neither unix:PATH nor /dev/nbdN"},
+		{`{"files":1,"control":-1,"jobs":[{"name":"web","volume":-1,"export":{"device":"/dev/nbd1","listener":-1,"kernel":0}}]}`, "neither unix:PATH nor /dev/nbdN"},
+		{`{"files":1,"control":-1,"jobs":[{"name":"web","volume":-1,"export":{"device":"/dev/sda","listener":-1,"kernel":0}}]}`, "neither unix:PATH nor /dev/nbdN"},
+		{`{"files":1,"control":-1,"jobs":[{"name":"web","volume":-1,"export":{"device":"unix:/x","listener":0,"kernel":0}}]}`, "with a kernel device"},
 		{`{"files":70000}`, "70000 descriptors"},
 	} {
 		if _, err := decodeHandover([]byte(tc.json)); err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -8,6 +8,7 @@ import (
 	"os"
 
 	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/blockdev/kernel"
 	"github.com/doppelha/doppel/daemon/job"
 )
 
@@ -16,26 +17,35 @@ import (
 // from them and not processed.
 type adoptedExport struct {
 	device   string
-	listener *os.File
+	listener *os.File // a Unix-socket export's (nil: kernel)
+	kernel   int      // N of an adopted /dev/nbdN (-1: none)
 	conns    []blockdev.Handed
 }
 
 // Freeze hands job name's export over instead of stopping it: the socket
-// stays where it is (not unlinked), its clients stop at a request
-// boundary with their requests answered, and their connections are
-// returned, as the listener's, for the next agent (or this one, Adopt).
-// A job that is not served returns nil.
+// stays where it is (not unlinked), or /dev/nbdN stays connected; its
+// clients (the kernel's connections) stop at a request boundary with
+// their requests answered, and their connections are returned, as the
+// listener's, for the next agent (or this one, Adopt). A job that is not
+// served returns nil.
 func (v *NBDVolumes) Freeze(name string) (*adoptedExport, error) {
 	v.mu.Lock()
 	s, ok := v.served[name]
-	if ok && (s.kdev != nil || s.l == nil) {
+	if ok && s.kdev == nil && s.l == nil {
 		v.mu.Unlock()
-		return nil, fmt.Errorf("job %s: its export %s cannot be handed over (only Unix-socket exports can)", name, s.device)
+		return nil, fmt.Errorf("job %s: its export %s cannot be handed over", name, s.device)
 	}
 	delete(v.served, name)
 	v.mu.Unlock()
 	if !ok {
 		return nil, nil
+	}
+	if s.kdev != nil {
+		s.srv.Handover()
+		s.kdev.Release() // connected still: to the server ends handed over
+		s.cancel()
+		<-s.done
+		return &adoptedExport{device: s.device, kernel: s.kdev.Index(), conns: s.srv.Handed()}, nil
 	}
 	lf, err := s.l.File() // a duplicate: the listening socket outlives this server
 	if err != nil {
@@ -46,7 +56,7 @@ func (v *NBDVolumes) Freeze(name string) (*adoptedExport, error) {
 	s.cancel() // stops accepting; clients finish and are handed over
 	<-s.done
 	s.resumed.Wait()
-	return &adoptedExport{device: s.device, listener: lf, conns: s.srv.Handed()}, nil
+	return &adoptedExport{device: s.device, listener: lf, kernel: -1, conns: s.srv.Handed()}, nil
 }
 
 // Adopt makes the next Serve of job name continue the export ad, handed
@@ -80,6 +90,9 @@ func (v *NBDVolumes) serveAdopted(spec job.Spec, ad *adoptedExport, b blockdev.B
 	if err != nil {
 		ad.close()
 		return "", err
+	}
+	if ad.kernel >= 0 {
+		return v.serveAdoptedKernel(spec, ad, srv)
 	}
 	fl, err := net.FileListener(ad.listener)
 	ad.listener.Close()
@@ -122,6 +135,38 @@ func (v *NBDVolumes) serveAdopted(spec job.Spec, ad *adoptedExport, b blockdev.B
 	return s.device, nil
 }
 
+// serveAdoptedKernel continues serving an adopted /dev/nbdN: its
+// connections resume where the previous agent stopped. Called with mu
+// held.
+func (v *NBDVolumes) serveAdoptedKernel(spec job.Spec, ad *adoptedExport, srv *blockdev.Server) (string, error) {
+	log := v.Log.With("job", spec.Name)
+	var conns []net.Conn
+	var handed []blockdev.Handed
+	for _, h := range ad.conns {
+		c, err := net.FileConn(h.Conn)
+		h.Conn.Close()
+		if err != nil {
+			log.Error("resume a handed-over NBD connection of the device", "err", err)
+			continue
+		}
+		conns, handed = append(conns, c), append(handed, h)
+	}
+	dev, err := kernel.Adopt(ad.kernel, conns, func(ctx context.Context, i int, c net.Conn) error {
+		return srv.ResumeConn(ctx, c, handed[i].Export, handed[i].Pending)
+	}, log)
+	if err != nil {
+		for _, c := range conns {
+			c.Close()
+		}
+		return "", err
+	}
+	s := &served{device: dev.Path(), cancel: func() {}, done: make(chan struct{}), srv: srv, kdev: dev}
+	close(s.done)
+	v.served[spec.Name] = s
+	log.Info("device adopted from the previous agent", "device", dev.Path(), "connections", len(conns))
+	return s.device, nil
+}
+
 func (ad *adoptedExport) closeConns() {
 	for _, h := range ad.conns {
 		h.Conn.Close()
@@ -129,6 +174,8 @@ func (ad *adoptedExport) closeConns() {
 }
 
 func (ad *adoptedExport) close() {
-	ad.listener.Close()
+	if ad.listener != nil {
+		ad.listener.Close()
+	}
 	ad.closeConns()
 }

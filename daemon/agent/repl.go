@@ -519,6 +519,20 @@ func (d *replPlane) releaseWrites() {
 	}
 }
 
+// Flush makes the writes acknowledged so far durable here and, when the
+// source replicates, on the target (a barrier through the stream), so
+// that closing afterwards leaves nothing to resync. A restart calls it
+// before it closes the data plane.
+func (d *replPlane) Flush(ctx context.Context) error {
+	d.mu.Lock()
+	src, running := d.src, d.srcRun != nil
+	d.mu.Unlock()
+	if src == nil || !running {
+		return nil
+	}
+	return src.Apply(ctx, &blockdev.Mutation{Op: blockdev.OpFlush})
+}
+
 // Status implements DataPlane.
 func (d *replPlane) Status() api.DataStatus {
 	d.mu.Lock()

@@ -23,6 +23,8 @@ const (
 	successorHello = 30 * time.Second
 	// successorAck bounds the new agent's adoption of the handed state.
 	successorAck = 60 * time.Second
+	// restartFlush bounds the barrier to the target before the handover.
+	restartFlush = 5 * time.Second
 )
 
 // successorHelloMsg is the new agent's first word: it started (its
@@ -126,23 +128,14 @@ func (a *Agent) Restart(ctx context.Context) (int, error) {
 // took over (it must then leave the served resources alone).
 func (a *Agent) HandedOver() bool { return a.handedOver.Load() }
 
-// restartable refuses a restart that would cut an application off:
-// kernel-attached exports are not handed over.
+// restartable refuses a restart that would cut an application off: a
+// volume server that cannot hand its exports over.
 func (a *Agent) restartable() error {
 	if a.Subsystems.Volumes == nil {
 		return nil
 	}
 	if _, ok := a.Subsystems.Volumes.(*NBDVolumes); !ok {
 		return fmt.Errorf("restart: the volume server cannot hand its exports over")
-	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	for name := range a.jobs {
-		if dev := a.Subsystems.Volumes.Device(name); dev != "" {
-			if _, ok := cutUnix(dev); !ok {
-				return fmt.Errorf("restart: job %s is served as %s: kernel-attached volumes are not handed over yet (stop the application, or restart with doppel agent stop and start)", name, dev)
-			}
-		}
 	}
 	return nil
 }
@@ -179,6 +172,9 @@ func (a *Agent) freeze() (*handedState, error) {
 			errs = append(errs, fmt.Errorf("control listener: %w", err))
 		} else {
 			st.h.Control = st.add(f)
+			// From now on the successor accepts (a request to this agent
+			// would find no job: a peer's hello would be lost).
+			a.API.StopAccepting()
 		}
 	}
 	return st, errors.Join(errs...)
@@ -209,7 +205,10 @@ func (r *runner) freeze(st *handedState) (handedJob, error) {
 			ad = nv.Unadopt(hj.Name) // adopted, not served yet: pass it on
 		}
 		if ad != nil {
-			e := &handedExport{Device: ad.device, Listener: st.add(ad.listener)}
+			e := &handedExport{Device: ad.device, Listener: -1, Kernel: ad.kernel}
+			if ad.listener != nil {
+				e.Listener = st.add(ad.listener)
+			}
 			for _, h := range ad.conns {
 				e.Conns = append(e.Conns, handedConn{FD: st.add(h.Conn), Export: h.Export, Pending: h.Pending})
 			}
@@ -217,6 +216,15 @@ func (r *runner) freeze(st *handedState) (handedJob, error) {
 		}
 	}
 	if r.dp != nil {
+		// The exports are stopped: a barrier makes what they wrote
+		// durable on the target, so the successor has nothing to resync.
+		if f, ok := r.dp.(interface{ Flush(context.Context) error }); ok {
+			ctx, cancel := context.WithTimeout(context.Background(), restartFlush)
+			if err := f.Flush(ctx); err != nil {
+				r.log.Warn("restart: flush before closing replication (the successor resyncs what the target may lack)", "err", err)
+			}
+			cancel()
+		}
 		if err := r.dp.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close replication: %w", err))
 		}
@@ -241,7 +249,14 @@ func (a *Agent) takeBack(st *handedState) error {
 			a.Log.Error("restart: reopen what the handover closed", "err", err)
 		}
 	}
-	st.take(st.h.Control).Close() // this agent's own listener never stopped
+	if f := st.take(st.h.Control); f != nil {
+		l, err := net.FileListener(f)
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("take the control listener back: %w", err)
+		}
+		a.API.ResumeAccepting(l)
+	}
 	if rl := a.Subsystems.ReplListener; rl != nil {
 		if err := rl.Listen(); err != nil {
 			a.Log.Error("replication listener", "err", err)

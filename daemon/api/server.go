@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/doppelha/doppel/daemon/ha"
@@ -52,6 +53,12 @@ type Server struct {
 	reg      *prometheus.Registry
 	requests *prometheus.CounterVec
 	mux      *http.ServeMux
+
+	// Handing the listener over (StopAccepting, ResumeAccepting).
+	lmu    sync.Mutex
+	ln     net.Listener
+	paused bool
+	resume chan net.Listener
 }
 
 // maxBody bounds request bodies.
@@ -209,16 +216,67 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 		BaseContext:       func(net.Listener) context.Context { return ctx },
 	}
-	errc := make(chan error, 1)
-	go func() { errc <- hs.Serve(tls.NewListener(l, s.TLSConfig())) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("serve control API: %w", err)
-	case <-ctx.Done():
+	shutdown := func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		hs.Shutdown(sctx)
-		return nil
+	}
+	for {
+		s.lmu.Lock()
+		s.ln, s.paused = l, false
+		if s.resume == nil {
+			s.resume = make(chan net.Listener, 1)
+		}
+		resume := s.resume
+		s.lmu.Unlock()
+		errc := make(chan error, 1)
+		go func() { errc <- hs.Serve(tls.NewListener(l, s.TLSConfig())) }()
+		select {
+		case err := <-errc:
+			s.lmu.Lock()
+			paused := s.paused
+			s.lmu.Unlock()
+			if !paused {
+				return fmt.Errorf("serve control API: %w", err)
+			}
+			// Handed over: requests in progress finish; new ones go to
+			// the listener's new owner, or here again (ResumeAccepting).
+			select {
+			case l = <-resume:
+				continue
+			case <-ctx.Done():
+				shutdown()
+				return nil
+			}
+		case <-ctx.Done():
+			shutdown()
+			return nil
+		}
+	}
+}
+
+// StopAccepting closes the server's listener without ending the requests
+// in progress: a restarting agent hands a duplicate of it to its
+// successor, which accepts from then on. Serve keeps running until its
+// context ends, or serves again on the listener ResumeAccepting gives.
+func (s *Server) StopAccepting() {
+	s.lmu.Lock()
+	defer s.lmu.Unlock()
+	if s.ln == nil || s.paused {
+		return
+	}
+	s.paused = true
+	s.ln.Close()
+}
+
+// ResumeAccepting makes a server that stopped accepting serve l (the
+// successor failed: this agent takes its listener back).
+func (s *Server) ResumeAccepting(l net.Listener) {
+	s.lmu.Lock()
+	r := s.resume
+	s.lmu.Unlock()
+	if r != nil {
+		r <- l
 	}
 }
 
