@@ -177,8 +177,11 @@ type replPlane struct {
 	holdMu    sync.Mutex
 	hold      chan struct{}      // non-nil while writes are held (quiesce); closed when they may go on
 	drainStop context.CancelFunc // cancels the drain of the current quiesce
+	// lastLink, lastState: the facts last reported by the poll; linkGen
+	// counts the roles started (which reset them). Under mu.
 	lastLink  bool
 	lastState string
+	linkGen   uint64
 }
 
 func (d *replPlane) mode() wire.Mode {
@@ -346,6 +349,7 @@ func (d *replPlane) StartSource(ctx context.Context) error {
 		}
 	}()
 	d.lastLink = false
+	d.linkGen++
 	d.startPoll()
 	return nil
 }
@@ -410,6 +414,7 @@ func (d *replPlane) StartTarget(ctx context.Context) error {
 	}
 	d.tgt, d.tgtRemove, d.peeked = t, remove, nil
 	d.lastLink, d.lastState = false, ""
+	d.linkGen++
 	if t.Status().Data != "consistent" {
 		// Whatever the job's record says (its state was set aside, a
 		// resync was interrupted): this copy is not consistent.
@@ -645,7 +650,7 @@ func (d *replPlane) startPoll() {
 			case <-t.C:
 			}
 			d.mu.Lock()
-			src, tgt, running := d.src, d.tgt, d.srcRun != nil
+			src, tgt, running, gen := d.src, d.tgt, d.srcRun != nil, d.linkGen
 			d.mu.Unlock()
 			link, state := false, ""
 			if src != nil {
@@ -664,22 +669,33 @@ func (d *replPlane) startPoll() {
 					state = "inconsistent"
 				}
 			}
-			if link != d.lastLink {
-				d.lastLink = link
-				if link {
-					d.notify(ha.Event{Type: ha.EvLinkUp})
-				} else {
-					d.notify(ha.Event{Type: ha.EvLinkDown})
+			// The facts are compared and recorded under d.mu, and
+			// dropped when a role started meanwhile (they describe the
+			// session before it).
+			var evs []ha.Event
+			d.mu.Lock()
+			if gen == d.linkGen {
+				if link != d.lastLink {
+					d.lastLink = link
+					if link {
+						evs = append(evs, ha.Event{Type: ha.EvLinkUp})
+					} else {
+						evs = append(evs, ha.Event{Type: ha.EvLinkDown})
+					}
+				}
+				if link && state != "" && state != d.lastState {
+					switch state {
+					case "consistent":
+						evs = append(evs, ha.Event{Type: ha.EvSynced})
+					case "inconsistent":
+						evs = append(evs, ha.Event{Type: ha.EvResync})
+					}
+					d.lastState = state
 				}
 			}
-			if link && state != "" && state != d.lastState {
-				switch state {
-				case "consistent":
-					d.notify(ha.Event{Type: ha.EvSynced})
-				case "inconsistent":
-					d.notify(ha.Event{Type: ha.EvResync})
-				}
-				d.lastState = state
+			d.mu.Unlock()
+			for _, ev := range evs {
+				d.notify(ev)
 			}
 		}
 	}()
