@@ -338,3 +338,51 @@ func TestAgentSecondSIGTERMForces(t *testing.T) {
 		t.Fatal("the client still writes to a stopped agent's volume")
 	}
 }
+
+// TestDeleteAndStopRefusedWhileInUse: through the CLI, job delete and
+// agent stop are refused while a client uses the source's export, naming
+// it, and change nothing on either host; once the client is gone both go
+// through.
+func TestDeleteAndStopRefusedWhileInUse(t *testing.T) {
+	agents := procLab(t)
+	ctx := context.Background()
+	w := startLoad(t, agents["vm1"])
+	err := run(ctx, []string{"doppel", "job", "delete", "web"})
+	if err == nil || !strings.Contains(err.Error(), "not deleted (nothing was changed): its volume is in use (vm1: NBD client pid ") {
+		t.Fatalf("delete while in use: %v", err)
+	}
+	err = run(ctx, []string{"doppel", "agent", "stop", "--server", "vm1"})
+	if err == nil || !strings.Contains(err.Error(), "job web: NBD client pid ") {
+		t.Fatalf("agent stop while in use: %v", err)
+	}
+	for _, n := range []string{"vm1", "vm2"} {
+		if _, err := agents[n].client.Job(ctx, "web"); err != nil {
+			t.Fatalf("%s lost the job to a refused delete: %v", n, err)
+		}
+	}
+	if _, _, err := w.finish(); err != nil {
+		t.Fatalf("the client lost its disk: %v", err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err = run(ctx, []string{"doppel", "job", "delete", "web"})
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond) // the server notices the disconnect
+	}
+	if err != nil {
+		t.Fatalf("delete once the client is gone: %v", err)
+	}
+	if err := run(ctx, []string{"doppel", "agent", "stop", "--server", "vm1"}); err != nil {
+		t.Fatalf("agent stop: %v", err)
+	}
+	select {
+	case err := <-agents["vm1"].exited:
+		if err != nil {
+			t.Fatalf("exit: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the agent did not stop")
+	}
+}
