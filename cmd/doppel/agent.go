@@ -46,6 +46,7 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "repl-listen", Usage: "replication address; its host is what peers connect to", DefaultText: ":6325"},
 			&cli.IntFlag{Name: "heartbeat-port", Usage: "UDP heartbeat port", DefaultText: "6326"},
 			&cli.StringFlag{Name: "probe-mode", Usage: "auto, xdp-driver, xdp-generic or userspace", DefaultText: "auto"},
+			&cli.StringFlag{Name: "metrics-listen", Usage: "also serve /metrics in plain HTTP without a token on `HOST:PORT` (the control port serves them with the API token)"},
 			&cli.StringSliceFlag{Name: "probe-iface", Usage: "interface the XDP probe attaches to (repeatable)", DefaultText: "the interface of the route to each peer address"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.BoolFlag{Name: "log-json", Usage: "log as JSON instead of text"},
@@ -179,6 +180,9 @@ func runAgent(c *cli.Context) error {
 	}
 	if v := c.String("probe-mode"); v != "" {
 		cfg.ProbeMode = v
+	}
+	if v := c.String("metrics-listen"); v != "" {
+		cfg.MetricsListen = v
 	}
 	if v := c.StringSlice("probe-iface"); len(v) > 0 {
 		cfg.ProbeIfaces = v

@@ -40,9 +40,14 @@ type Config struct {
 	ReplListen    string `yaml:"repl_listen"`    // default :6325
 	HeartbeatPort int    `yaml:"heartbeat_port"` // default 6326
 	// ProbeMode is auto, xdp-driver, xdp-generic or userspace; ProbeIfaces
-	// are the interfaces the XDP probe attaches to (none: userspace).
+	// are the interfaces the XDP probe attaches to (none: the interface of
+	// the route to each peer address).
 	ProbeMode   string   `yaml:"probe_mode"`
 	ProbeIfaces []string `yaml:"probe_interfaces"`
+	// MetricsListen, if set, serves /metrics in plain HTTP without a
+	// token on this address (the control port serves them with the API
+	// token).
+	MetricsListen string `yaml:"metrics_listen"`
 	// MountInfo is where mounts are read from (default /proc/self/mountinfo).
 	MountInfo string `yaml:"-"`
 	Version   string `yaml:"-"`
@@ -163,6 +168,23 @@ func (a *Agent) Run(ctx context.Context) error {
 	l, err := net.Listen("tcp", a.Config.ControlListen)
 	if err != nil {
 		return fmt.Errorf("listen on control address: %w", err)
+	}
+	if a.Config.MetricsListen != "" {
+		ml, err := net.Listen("tcp", a.Config.MetricsListen)
+		if err != nil {
+			l.Close()
+			return fmt.Errorf("listen on metrics address: %w", err)
+		}
+		mctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		defer func() { cancel(); <-done }()
+		go func() {
+			defer close(done)
+			if err := a.API.ServeMetrics(mctx, ml); err != nil {
+				a.Log.Error("metrics listener", "addr", a.Config.MetricsListen, "err", err)
+			}
+		}()
+		a.Log.Info("metrics without token", "listen", ml.Addr().String())
 	}
 	return a.Serve(ctx, l)
 }

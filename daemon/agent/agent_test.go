@@ -564,7 +564,9 @@ func scrape(t *testing.T, ta *testAgent) string {
 	// The agent's self-signed certificate has no IP SAN: the test skips
 	// the chain check (the API client pins the fingerprint instead).
 	cfg := &tls.Config{InsecureSkipVerify: true}
-	resp, err := (&http.Client{Transport: &http.Transport{TLSClientConfig: cfg}}).Get("https://" + ta.addr + "/metrics")
+	req, _ := http.NewRequest("GET", "https://"+ta.addr+"/metrics", nil)
+	req.Header.Set("Authorization", "Bearer "+ta.a.Identity.Token) // /metrics needs the API token
+	resp, err := (&http.Client{Transport: &http.Transport{TLSClientConfig: cfg}}).Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -581,4 +583,36 @@ func grepLines(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestMetricsListen: with metrics_listen the agent serves /metrics in
+// plain HTTP without a token there; the control port still wants it.
+func TestMetricsListen(t *testing.T) {
+	root := t.TempDir()
+	os.WriteFile(filepath.Join(root, "mountinfo"), nil, 0o644)
+	free, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	maddr := free.Addr().String()
+	free.Close()
+	a, err := New(slog.New(slog.DiscardHandler), Config{StateDir: filepath.Join(root, "vm1"), ControlListen: "127.0.0.1:0",
+		MetricsListen: maddr, MountInfo: filepath.Join(root, "mountinfo")}, Subsystems{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	var resp *http.Response
+	waitFor(t, "metrics listener", func() bool {
+		resp, err = http.Get("http://" + maddr + "/metrics")
+		return err == nil
+	})
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(b), "go_goroutines") {
+		t.Fatalf("metrics listener: %d %.200s", resp.StatusCode, b)
+	}
 }

@@ -47,6 +47,12 @@ type Backend interface {
 
 // Server is the control API's HTTPS server.
 type Server struct {
+	// Limits; NewServer sets the defaults, change them before Serve.
+	MaxConns          int           // connections served at once; beyond, HTTP 503 (kind busy)
+	ReadHeaderTimeout time.Duration // TLS handshake and request header
+	BodyTimeout       time.Duration // request body
+	IdleTimeout       time.Duration // keep-alive connection without a request
+
 	log      *slog.Logger
 	id       *Identity
 	b        Backend
@@ -67,7 +73,8 @@ const maxBody = 1 << 20
 // NewServer returns the API for b, authenticated by id. Metrics are
 // registered on reg and served, with reg's other collectors, on /metrics.
 func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Registry) (*Server, error) {
-	s := &Server{log: log, id: id, b: b, reg: reg, mux: http.NewServeMux()}
+	s := &Server{log: log, id: id, b: b, reg: reg, mux: http.NewServeMux(),
+		MaxConns: DefaultMaxConns, ReadHeaderTimeout: DefaultReadHeaderTimeout, BodyTimeout: DefaultBodyTimeout, IdleTimeout: DefaultIdleTimeout}
 	s.requests = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "doppel_api_requests_total",
 		Help: "Control API requests by route and HTTP status.",
@@ -90,7 +97,7 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 	}))
 	s.handle("POST /v1/jobs", s.auth(func(w http.ResponseWriter, r *http.Request) error {
 		var spec job.Spec
-		if err := readJSON(r, &spec); err != nil {
+		if err := s.readJSON(w, r, &spec); err != nil {
 			return err
 		}
 		st, err := b.CreateJob(r.Context(), spec)
@@ -101,7 +108,7 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 	}))
 	s.handle("POST /v1/agent/stop", s.auth(func(w http.ResponseWriter, r *http.Request) error {
 		var opts StopOptions
-		if err := readJSON(r, &opts); err != nil {
+		if err := s.readJSON(w, r, &opts); err != nil {
 			return err
 		}
 		res, err := b.StopAgent(r.Context(), opts)
@@ -119,7 +126,7 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 	}))
 	s.handle("POST /v1/preflight", s.auth(func(w http.ResponseWriter, r *http.Request) error {
 		var spec job.Spec
-		if err := readJSON(r, &spec); err != nil {
+		if err := s.readJSON(w, r, &spec); err != nil {
 			return err
 		}
 		return writeJSON(w, http.StatusOK, b.Preflight(r.Context(), spec))
@@ -164,7 +171,7 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 			return &httpError{http.StatusNotFound, "not_found", fmt.Sprintf("unknown command %q: use failover, reverse, switchover, failback, pause, resume or verify", cmd)}
 		}
 		var opts CommandOptions
-		if err := readJSON(r, &opts); err != nil {
+		if err := s.readJSON(w, r, &opts); err != nil {
 			return err
 		}
 		st, err := b.Command(r.Context(), r.PathValue("name"), cmd, opts)
@@ -174,16 +181,22 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 		return writeJSON(w, http.StatusOK, st)
 	}))
 	s.handle("POST /v1/peer/jobs/{name}/message", func(w http.ResponseWriter, r *http.Request) error {
+		// An unknown job and a wrong secret get the same answer, after
+		// the same comparison: the route does not tell which jobs exist.
 		name := r.PathValue("name")
 		secret, err := b.PeerSecret(name)
-		if err != nil {
+		known := err == nil
+		switch {
+		case errors.Is(err, job.ErrNotFound):
+			secret = unknownJobSecret
+		case err != nil:
 			return err
 		}
-		if !bearerOK(r, secret) {
-			return errUnauthorized
+		if !bearerOK(r, secret) || !known {
+			return errPeerUnauthorized
 		}
 		var m ha.Message
-		if err := readJSON(r, &m); err != nil {
+		if err := s.readJSON(w, r, &m); err != nil {
 			return err
 		}
 		if err := b.PeerMessage(r.Context(), name, m); err != nil {
@@ -192,7 +205,14 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 		w.WriteHeader(http.StatusNoContent)
 		return nil
 	})
-	s.mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	// Metrics need the API token here (a Prometheus scrape config sets
+	// it as its bearer token); ServeMetrics serves them without one on a
+	// listener of their own (doppel agent --metrics-listen).
+	metrics := s.MetricsHandler()
+	s.handle("GET /metrics", s.auth(func(w http.ResponseWriter, r *http.Request) error {
+		metrics.ServeHTTP(w, r)
+		return nil
+	}))
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, &httpError{http.StatusNotFound, "not_found", fmt.Sprintf("no route %s %s", r.Method, r.URL.Path)})
 	})
@@ -202,6 +222,26 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 // Handler returns the API's HTTP handler (without TLS), for tests.
 func (s *Server) Handler() http.Handler { return s.mux }
 
+// MetricsHandler serves the registry's metrics, without authentication.
+func (s *Server) MetricsHandler() http.Handler {
+	return promhttp.HandlerFor(s.reg, promhttp.HandlerOpts{})
+}
+
+// ServeMetrics serves /metrics in plain HTTP, without a token, on l until
+// ctx is done (a listener on a monitoring network: --metrics-listen).
+func (s *Server) ServeMetrics(ctx context.Context, l net.Listener) error {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", s.MetricsHandler())
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: s.ReadHeaderTimeout, ReadTimeout: s.BodyTimeout, WriteTimeout: time.Minute,
+		IdleTimeout: s.IdleTimeout, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)}
+	stop := context.AfterFunc(ctx, func() { hs.Close() })
+	defer stop()
+	if err := hs.Serve(newLimitListener(l, make(chan struct{}, s.MaxConns), func(c net.Conn) { c.Close() })); err != nil && ctx.Err() == nil {
+		return fmt.Errorf("serve metrics: %w", err)
+	}
+	return nil
+}
+
 // TLSConfig returns the server-side TLS configuration.
 func (s *Server) TLSConfig() *tls.Config {
 	return &tls.Config{Certificates: []tls.Certificate{s.id.Cert}, MinVersion: tls.VersionTLS13}
@@ -210,12 +250,18 @@ func (s *Server) TLSConfig() *tls.Config {
 // Serve serves HTTPS on l until ctx is cancelled, then shuts down
 // gracefully and returns nil.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	// No ReadTimeout or WriteTimeout: a command (failback, verify) may
+	// run for minutes. The body has its own deadline (readJSON), idle
+	// connections are closed, and their number is capped.
 	hs := &http.Server{
 		Handler:           s.mux,
-		ReadHeaderTimeout: 10 * time.Second,
+		ReadHeaderTimeout: s.ReadHeaderTimeout,
+		IdleTimeout:       s.IdleTimeout,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 		BaseContext:       func(net.Listener) context.Context { return ctx },
 	}
+	cfg := s.TLSConfig()
+	slots := make(chan struct{}, s.MaxConns) // shared by the listeners a resumed server serves
 	shutdown := func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -230,7 +276,8 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 		resume := s.resume
 		s.lmu.Unlock()
 		errc := make(chan error, 1)
-		go func() { errc <- hs.Serve(tls.NewListener(l, s.TLSConfig())) }()
+		ll := newLimitListener(l, slots, rejectBusy(cfg, s.MaxConns))
+		go func() { errc <- hs.Serve(tls.NewListener(ll, cfg)) }()
 		select {
 		case err := <-errc:
 			s.lmu.Lock()
@@ -317,6 +364,14 @@ func (e *httpError) Error() string { return e.msg }
 
 var errUnauthorized = &httpError{http.StatusUnauthorized, "unauthorized", "wrong or missing API token (the agent's token is in its state dir, file token)"}
 
+// errPeerUnauthorized answers a peer message for an unknown job and one
+// with a wrong job secret alike.
+var errPeerUnauthorized = &httpError{http.StatusUnauthorized, "unauthorized", "wrong job secret, or no such job on this agent"}
+
+// unknownJobSecret is compared with the token of a peer message for an
+// unknown job, so that it takes the time of a real comparison.
+const unknownJobSecret = "doppel: no such job; this secret is never accepted"
+
 // classify maps an error to an HTTP status and kind.
 func classify(err error) (int, string) {
 	var he *httpError
@@ -357,10 +412,22 @@ func writeJSON(w http.ResponseWriter, code int, v any) error {
 	return json.NewEncoder(w).Encode(v)
 }
 
-func readJSON(r *http.Request, v any) error {
+// readJSON reads the request body (at most maxBody bytes, within
+// BodyTimeout) into v.
+func (s *Server) readJSON(w http.ResponseWriter, r *http.Request, v any) error {
+	rc := http.NewResponseController(w)
+	if s.BodyTimeout > 0 {
+		rc.SetReadDeadline(time.Now().Add(s.BodyTimeout))
+	}
 	body, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
 	if err != nil {
+		// The deadline stays: the connection closes after the answer
+		// instead of waiting for the rest of the body.
+		w.Header().Set("Connection", "close")
 		return &httpError{http.StatusBadRequest, "invalid", "read request: " + err.Error()}
+	}
+	if s.BodyTimeout > 0 {
+		rc.SetReadDeadline(time.Time{})
 	}
 	if len(body) > maxBody {
 		return &httpError{http.StatusRequestEntityTooLarge, "invalid", "request body over 1 MiB"}
@@ -380,6 +447,10 @@ type statusWriter struct {
 	http.ResponseWriter
 	code int
 }
+
+// Unwrap lets http.ResponseController reach the connection (readJSON's
+// body deadline).
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
 func (w *statusWriter) WriteHeader(code int) {
 	w.code = code
