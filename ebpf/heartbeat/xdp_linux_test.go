@@ -239,3 +239,33 @@ func TestXDPProgramSize(t *testing.T) {
 	vi, _ := info.VerifiedInstructions()
 	t.Logf("XDP probe: %d instructions loaded, %d verified instructions processed", len(insns), vi)
 }
+
+// BenchmarkXDPHeartbeat is the XDP program's cost per heartbeat (parse,
+// map lookups, SipHash-2-4, the locked update), measured by the kernel
+// over repeated runs of one frame (the first counts, the rest are
+// replays: the same work).
+func BenchmarkXDPHeartbeat(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root: loads a BPF program")
+	}
+	p, err := loadXDP(Config{Port: Port})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.Close()
+	for pr, k := range vecWatched(b) {
+		if err := p.Watch(pr, k); err != nil {
+			b.Fatal(err)
+		}
+	}
+	frame := frameOf(b, hb(peer4, "web", 100, 1, 3))
+	b.ResetTimer()
+	ret, d, err := p.objs.DoppelProbe.Benchmark(frame, b.N, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if ret != xdpPass {
+		b.Fatalf("verdict %d", ret)
+	}
+	b.ReportMetric(float64(d.Nanoseconds()), "ns/heartbeat")
+}
