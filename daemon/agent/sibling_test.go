@@ -43,6 +43,7 @@ func testDeleteLeavesSibling(t *testing.T, deleted string) {
 	peerOf := map[string]string{"vm1": "vm2", "vm2": "vm1"}
 	hosts := map[string]string{"vm1": "127.0.0.1", "vm2": "127.0.0.2"}
 	agents := map[string]*testAgent{}
+	lives := map[string]*ProbeLiveness{}
 	repl := map[string]string{}
 	for _, name := range []string{"vm1", "vm2"} {
 		host := hosts[name]
@@ -58,9 +59,11 @@ func testDeleteLeavesSibling(t *testing.T, deleted string) {
 		}
 		t.Cleanup(func() { probe.Close() })
 		live := &ProbeLiveness{Log: log.With("agent", name), Probe: probe, Port: hbPorts[peerOf[name]], Incarnation: 1}
+		lives[name] = live
 		vols := &NBDVolumes{Log: log, RunDir: filepath.Join(root, name, "run")}
 		agents[name] = startAgentWith(t, filepath.Join(root, name), host+":0", Subsystems{Liveness: live, Volumes: vols}, func(a *Agent) {
-			planes := &ReplPlanes{Log: log.With("agent", name), Cert: a.Identity.Cert, ReplListen: repl[name], StateDir: filepath.Join(root, name)}
+			planes := &ReplPlanes{Log: log.With("agent", name), Cert: a.Identity.Cert, ReplListen: repl[name], StateDir: filepath.Join(root, name),
+				SessionRecorder: live.SessionRecorder}
 			a.Subsystems.DataPlane = planes.Open
 			a.Subsystems.ReplListener = planes
 		})
@@ -100,6 +103,12 @@ func testDeleteLeavesSibling(t *testing.T, deleted string) {
 			s, tg := status("vm1", j), status("vm2", j)
 			return s.state == ha.StateReplicating && strings.HasPrefix(s.device, "unix:") && tg.state == ha.StateReplicating && tg.cons
 		})
+		// Both ends count the replication session's frames for the job's
+		// repl path (acks on the source, frames and keepalives on the
+		// target).
+		for n, l := range lives {
+			waitFor(t, j+" session frames counted on "+n, func() bool { return l.session(j).frames.Load() > 0 })
+		}
 	}
 	sibling := "alpha"
 	if deleted == "alpha" {
