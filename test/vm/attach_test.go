@@ -196,7 +196,7 @@ exit $rc`)
 			t.Errorf("exit %d:\n%s", rc, out)
 		}
 		out, rc, _ = g.Run(t.Context(), "doppel nbd attach --file /var/lib/doppel/x.img --size 16M --device /dev/sda 2>&1")
-		if rc != 2 || !strings.Contains(out, "not an nbd device") {
+		if rc != 64 || !strings.Contains(out, "not an nbd device") {
 			t.Errorf("--device /dev/sda: exit %d: %s", rc, out)
 		}
 	})
