@@ -27,6 +27,16 @@ func TestSocketArrivalTimestamps(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
+	// The kernel turns receive timestamps on with a static key it may flip
+	// from a work queue (net_enable_timestamp): a datagram arriving right
+	// after the socket was set up can be stamped only when read. One
+	// warm-up datagram, read and dropped, waits that out (a probe's socket
+	// lives for the agent's life).
+	if _, err := c.Write([]byte{0xff}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	s.drain(func(netip.Addr, []byte, time.Duration) {})
 	type window struct{ from, to time.Duration }
 	var sent []window
 	for i := range 3 {
