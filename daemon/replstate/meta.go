@@ -38,6 +38,9 @@ type hello struct {
 	// Job is the source's job incarnation (empty: not bound): a target
 	// bound to another incarnation refuses it.
 	Job string `json:"job,omitempty"`
+	// Epoch is the source's failover epoch, the fencing token (0: not
+	// known): a target that knows a newer one refuses the source.
+	Epoch uint64 `json:"epoch,omitempty"`
 }
 
 // reply is the target's answer.
@@ -49,6 +52,9 @@ type reply struct {
 	Bitmap   []byte `json:"bitmap,omitempty"`
 	Discard  string `json:"discard,omitempty"` // the target's own --discard-on
 	Error    string `json:"error,omitempty"`
+	// Epoch is the newest epoch the target knows; above the source's, the
+	// source was superseded and must fence itself.
+	Epoch uint64 `json:"epoch,omitempty"`
 }
 
 // commit is the source's decision.

@@ -77,7 +77,37 @@ type SourceConfig struct {
 	// Binding ties the state to a job incarnation and a volume: state of
 	// another is set aside and this side starts without it.
 	Binding Binding
+	// Epoch returns this side's failover epoch, sent in every state hello
+	// (nil: none). A target that knows a newer one refuses replication and
+	// names it: Superseded is then called with it, and Run returns
+	// ErrSuperseded.
+	Epoch      func() uint64
+	Superseded func(epoch uint64)
+	// Authority, when set, decides whether a write the target has not
+	// acknowledged may be acknowledged (docs/safety.md): every write in
+	// async mode, and in sync mode the writes tracked without the target.
+	// Nil: always (no arbiter).
+	Authority Authority
 }
+
+// Authority is the arbiter's say on acknowledging writes the target has
+// not acknowledged (docs/safety.md, "Who may acknowledge a write").
+type Authority interface {
+	// AckLocal returns nil once such a write may be acknowledged: the
+	// source holds its lease and, in sync mode, the arbiter records the
+	// target as out of sync (AckLocal records it first, under the lease).
+	// It waits while that is not possible, and fails with an error
+	// wrapping syscall.EIO when this side was superseded or after the
+	// suspend bound. The write is on the local disk either way: failing
+	// only means it was never acknowledged.
+	AckLocal(ctx context.Context) error
+	// TargetInSync reports that the target holds every acknowledged write
+	// again (sync mode: the stream is connected and the resync is done).
+	TargetInSync()
+}
+
+// ErrSuperseded: the target knows a newer epoch than this source's.
+var ErrSuperseded = errors.New("superseded by a newer epoch")
 
 // Source is the replicating side with persistent state: a blockdev.Mutator.
 type Source struct {
@@ -540,7 +570,10 @@ func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
 	}
 	err := cur.Apply(actx, m)
 	if err == nil {
-		return nil
+		if s.cfg.Mode == wire.ModeSync || s.cfg.Authority == nil {
+			return nil // sync: the target acknowledged it
+		}
+		return s.cfg.Authority.AckLocal(ctx)
 	}
 	if ctx.Err() != nil {
 		return err
@@ -553,7 +586,12 @@ func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
 			return err
 		}
 		if m.Op == blockdev.OpFlush || m.FUA {
-			return s.cfg.Backend.Sync()
+			if err := s.cfg.Backend.Sync(); err != nil {
+				return err
+			}
+		}
+		if s.cfg.Authority != nil {
+			return s.cfg.Authority.AckLocal(ctx)
 		}
 		return nil
 	}
@@ -828,7 +866,7 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 		return dec, err
 	}
 	h := hello{VolumeSize: s.size, ChunkSize: s.cfg.ChunkSize, Gen: encodeGen(local), StreamID: cur.StreamID(),
-		Acked: applied, Discard: s.cfg.Discard, Notify: notify, Job: s.cfg.Binding.Identity.Job}
+		Acked: applied, Discard: s.cfg.Discard, Notify: notify, Job: s.cfg.Binding.Identity.Job, Epoch: s.epoch()}
 	if err := writeMsg(conn, h); err != nil {
 		return dec, fmt.Errorf("send state hello: %w", err)
 	}
@@ -839,12 +877,19 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 		}
 		return dec, fmt.Errorf("read state reply: %w", err)
 	}
+	if mine := s.epoch(); mine > 0 && rp.Epoch > mine {
+		// The target knows a newer epoch: another side was promoted.
+		if s.cfg.Superseded != nil {
+			s.cfg.Superseded(rp.Epoch)
+		}
+		return dec, s.refuse(fmt.Errorf("%w: %w: the target knows epoch %d, this source is at %d", ErrRefused, ErrSuperseded, rp.Epoch, mine))
+	}
 	if rp.Error != "" {
 		return dec, s.refuse(fmt.Errorf("%w by the target: %s", ErrRefused, rp.Error))
 	}
 	if notify {
 		s.genMu.Lock()
-		s.synced.Store(s.gen.Current == local.Current)
+		s.markSynced(s.gen.Current == local.Current)
 		s.genMu.Unlock()
 		return dec, nil
 	}
@@ -927,12 +972,28 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 	s.decision.Store(&str)
 	if c.Adopt {
 		s.genMu.Lock()
-		s.synced.Store(s.gen.Current == local.Current)
+		s.markSynced(s.gen.Current == local.Current)
 		s.genMu.Unlock()
 	}
 	s.at("committed")
 	s.log.Info("state handshake", "decision", dec.Outcome, "reason", dec.Reason, "dirty_bytes", s.bm.DirtyBytes(), "full", full)
 	return dec, nil
+}
+
+// epoch is this side's failover epoch (0: unknown).
+func (s *Source) epoch() uint64 {
+	if s.cfg.Epoch == nil {
+		return 0
+	}
+	return s.cfg.Epoch()
+}
+
+// markSynced records whether the target holds this side's generation,
+// consistent; becoming so tells the authority the target is in sync.
+func (s *Source) markSynced(on bool) {
+	if !s.synced.Swap(on) && on && s.cfg.Authority != nil {
+		s.cfg.Authority.TargetInSync()
+	}
 }
 
 func (s *Source) at(point string) {

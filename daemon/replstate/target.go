@@ -35,6 +35,11 @@ type TargetConfig struct {
 	// another is set aside, and this side holds no generation (its
 	// content is unknown: the source mirrors it).
 	Binding Binding
+	// Epoch returns the newest failover epoch this side knows (nil: none):
+	// a source with an older one is refused and told it (it fences
+	// itself). NewerEpoch is called with a source's epoch above it.
+	Epoch      func() uint64
+	NewerEpoch func(epoch uint64)
 }
 
 // Target is the receiving side with persistent state.
@@ -152,6 +157,15 @@ func (t *Target) handshake(c net.Conn) (keep bool, err error) {
 		rp.Error = fmt.Sprintf(format, a...)
 		writeMsg(c, rp)
 		return false, fmt.Errorf("%w: %s", ErrRefused, rp.Error)
+	}
+	if t.cfg.Epoch != nil {
+		rp.Epoch = t.cfg.Epoch()
+		switch {
+		case h.Epoch > 0 && h.Epoch < rp.Epoch:
+			return fail("superseded: this side knows epoch %d, the source is at %d (another side was promoted)", rp.Epoch, h.Epoch)
+		case h.Epoch > rp.Epoch && t.cfg.NewerEpoch != nil:
+			t.cfg.NewerEpoch(h.Epoch)
+		}
 	}
 	if h.VolumeSize != t.size {
 		return fail("source volume is %d bytes, target volume is %d", h.VolumeSize, t.size)
@@ -278,4 +292,31 @@ func (t *Target) Status() TargetStatus {
 		st.DirtyBytes = t.bm.DirtyBytes()
 	}
 	return st
+}
+
+// RefuseOlder answers the state handshake on c for a side that is no
+// longer a target, because it was promoted at epoch: any source is told the
+// epoch and refused (an old source then fences itself). It reads the
+// source's magic and hello first.
+func RefuseOlder(c net.Conn, epoch uint64, why string) error {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if tc, ok := c.(*tls.Conn); ok {
+		if err := tc.Handshake(); err != nil {
+			return fmt.Errorf("TLS handshake: %w", err)
+		}
+	}
+	var m [4]byte
+	if _, err := io.ReadFull(c, m[:]); err != nil {
+		return fmt.Errorf("read hello: %w", err)
+	}
+	if m != metaMagic {
+		return fmt.Errorf("%w: a source without state cannot be told the epoch", ErrRefused)
+	}
+	var h hello
+	if err := readMsg(c, &h); err != nil {
+		return fmt.Errorf("read state hello: %w", err)
+	}
+	rp := reply{Epoch: epoch, Error: fmt.Sprintf("superseded: %s (epoch %d; the source is at %d)", why, epoch, h.Epoch)}
+	return errors.Join(writeMsg(c, rp), fmt.Errorf("%w: %s", ErrRefused, rp.Error))
 }
