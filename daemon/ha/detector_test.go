@@ -70,38 +70,79 @@ func TestExternalDetector(t *testing.T) {
 	}
 }
 
-// TestWitnessVote: with a witness, the detector's peer-down alone does not
-// fail over in auto mode; the witness losing the source too does.
-func TestWitnessVote(t *testing.T) {
+// TestArbiterCampaign: with an arbiter, the detector's peer-down starts a
+// campaign and nothing is served until the arbiter grants an epoch; a
+// refusal that may change keeps it going, a final one ends it, the
+// source coming back stops it.
+func TestArbiterCampaign(t *testing.T) {
 	c := testConfig("vm2")
-	c.ExternalDetector, c.Witness = true, true
-	n, _ := NewNode(c, HardState{Role: RoleTarget, Epoch: 1, Consistent: true})
+	c.ExternalDetector, c.Arbiter = true, true
+	n, _ := NewNode(c, HardState{Role: RoleTarget, Epoch: 3, Consistent: true})
 	n.Step(Event{Type: EvStart})
+	n.Ready()
 	n.Step(Event{Type: EvPeerDown})
-	if st := n.Status(); st.State != StateSourceDown || !strings.Contains(st.Reason, "witness") {
-		t.Fatalf("peer-down without the witness: %s %q", st.State, st.Reason)
+	rd := n.Ready()
+	if st := n.Status(); st.State != StatePromoting || len(rd.Actions) != 1 || rd.Actions[0].Type != ActCampaign || rd.Actions[0].Epoch != 4 {
+		t.Fatalf("peer-down with an arbiter: %s %v", st.State, rd.Actions)
 	}
-	n.Step(Event{Type: EvWitness, WitnessLost: false, Err: "the witness heard it 200ms ago"})
-	if st := n.Status(); st.State != StateSourceDown || !strings.Contains(st.Reason, "heard it 200ms ago") {
-		t.Fatalf("witness still hears: %s %q", st.State, st.Reason)
+	n.Step(Event{Type: EvPromotion, Err: "the source holds the lease"})
+	if st := n.Status(); st.State != StatePromoting || !strings.Contains(st.Reason, "holds the lease") || n.HasReady() {
+		t.Fatalf("not final refusal: %s %q", st.State, st.Reason)
 	}
-	n.Step(Event{Type: EvWitness, WitnessLost: true})
-	if st := n.Status(); st.State != StateFailedOver {
-		t.Fatalf("witness lost it too: %s %q", st.State, st.Reason)
+	n.Step(Event{Type: EvPromotion, Epoch: 4})
+	rd = n.Ready()
+	if st := n.Status(); st.State != StateFailedOver || st.Epoch != 4 || rd.HardState.Role != RoleSource {
+		t.Fatalf("granted: %s epoch %d", st.State, st.Epoch)
 	}
-	// The witness's earlier verdict does not carry over a peer-up.
+	// A final refusal (out of sync): back to source-down, nothing served.
 	n, _ = NewNode(c, HardState{Role: RoleTarget, Epoch: 1, Consistent: true})
 	n.Step(Event{Type: EvStart})
 	n.Step(Event{Type: EvPeerDown})
+	n.Ready()
+	n.Step(Event{Type: EvPromotion, Err: "the target is out of sync", Final: true})
+	if st := n.Status(); st.State != StateSourceDown || !strings.Contains(st.Reason, "out of sync") || st.Role != RoleTarget || n.HasReady() {
+		t.Fatalf("final refusal: %s %q %s", st.State, st.Reason, st.Role)
+	}
+	// The source comes back during a campaign: stopped.
+	n, _ = NewNode(c, HardState{Role: RoleTarget, Epoch: 1, Consistent: true})
+	n.Step(Event{Type: EvStart})
+	n.Step(Event{Type: EvPeerDown})
+	n.Ready()
 	n.Step(Event{Type: EvPeerUp, Path: "repl"})
-	n.Step(Event{Type: EvPeerDown})
-	if st := n.Status(); st.State != StateSourceDown {
-		t.Fatalf("second peer-down: %s", st.State)
+	rd = n.Ready()
+	if st := n.Status(); st.State == StatePromoting || len(rd.Actions) != 1 || rd.Actions[0].Type != ActStopCampaign {
+		t.Fatalf("peer back during the campaign: %s %v", st.State, rd.Actions)
 	}
-	c.Witness = false
+	// Without an arbiter the answers are refused.
+	c.Arbiter = false
 	n, _ = NewNode(c, HardState{Role: RoleTarget, Epoch: 1, Consistent: true})
 	n.Step(Event{Type: EvStart})
-	if err := n.Step(Event{Type: EvWitness, WitnessLost: true}); err == nil {
-		t.Fatal("witness event accepted without a witness")
+	if err := n.Step(Event{Type: EvPromotion, Epoch: 2}); err == nil {
+		t.Fatal("promotion accepted without an arbiter")
+	}
+}
+
+// TestEpochSeenFences: a source that learns a newer epoch fences itself;
+// a target follows it.
+func TestEpochSeenFences(t *testing.T) {
+	c := testConfig("vm1")
+	c.ExternalDetector = true
+	n, _ := NewNode(c, HardState{Role: RoleSource, Epoch: 2})
+	n.Step(Event{Type: EvStart})
+	n.Step(Event{Type: EvEpochSeen, Epoch: 2})
+	if n.Status().State == StateSuperseded {
+		t.Fatal("fenced by its own epoch")
+	}
+	n.Step(Event{Type: EvEpochSeen, Epoch: 3})
+	if st := n.Status(); st.State != StateSuperseded || !n.HardState().Superseded {
+		t.Fatalf("source after a newer epoch: %s", st.State)
+	}
+	t2 := testConfig("vm2")
+	t2.ExternalDetector = true
+	m, _ := NewNode(t2, HardState{Role: RoleTarget, Epoch: 2, Consistent: true})
+	m.Step(Event{Type: EvStart})
+	m.Step(Event{Type: EvEpochSeen, Epoch: 5})
+	if m.HardState().Epoch != 5 || m.HardState().Role != RoleTarget {
+		t.Fatalf("target after a newer epoch: %s", m.HardState())
 	}
 }

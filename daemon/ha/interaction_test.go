@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -17,7 +18,7 @@ var rewrite = flag.Bool("rewrite", false, "rewrite testdata/*.txt with the actua
 // command, a line "----" and the expected output; -rewrite regenerates the
 // outputs. Commands:
 //
-//	new home=vm1 failover=auto|manual missed=N paths=a,b [grace=N]   two nodes vm1, vm2
+//	new home=vm1 failover=auto|manual missed=N paths=a,b [grace=N] [detector=external] [arbiter=on]   two nodes vm1, vm2
 //	start NODE | crash NODE | restart NODE   (restart: from the last persisted state)
 //	net up|down PATH                          heartbeats on PATH flow or not
 //	link up|down                              the replication link, stepped on live nodes
@@ -29,6 +30,9 @@ var rewrite = flag.Bool("rewrite", false, "rewrite testdata/*.txt with the actua
 //	pause NODE | resume NODE | drained NODE | status NODE
 //	action-failed NODE ACTION                 an action of NODE failed
 //	drop                                      lose every queued message
+//	peer-down NODE | peer-up NODE             the external detector's verdicts (detector=external)
+//	promotion NODE epoch=N | promotion NODE refused=WORD [final]   the arbiter's answer to a campaign
+//	epoch-seen NODE N | lease NODE held|lost  arbiter facts
 func TestInteraction(t *testing.T) {
 	files, err := filepath.Glob("testdata/*.txt")
 	if err != nil || len(files) == 0 {
@@ -153,7 +157,8 @@ func (h *harness) run(cmd string) string {
 		missed, _ := strconv.Atoi(m["missed"])
 		grace, _ := strconv.Atoi(m["grace"])
 		h.cfg = Config{Job: "web", Home: m["home"], Failover: FailoverMode(m["failover"]),
-			Paths: strings.Split(m["paths"], ","), Missed: missed, StartGrace: grace}
+			Paths: strings.Split(m["paths"], ","), Missed: missed, StartGrace: grace,
+			ExternalDetector: m["detector"] == "external", Arbiter: m["arbiter"] == "on"}
 		h.names = []string{"vm1", "vm2"}
 		h.nodes = map[string]*simNode{}
 		h.pathsUp = map[string]bool{}
@@ -242,6 +247,22 @@ func (h *harness) run(cmd string) string {
 		h.step(arg(0), ev)
 	case "reverse", "failback", "switchover", "pause", "resume":
 		h.step(arg(0), Event{Type: EventType(f[0])})
+	case "peer-down":
+		h.step(arg(0), Event{Type: EvPeerDown})
+	case "peer-up":
+		h.step(arg(0), Event{Type: EvPeerUp, Path: h.cfg.Paths[0]})
+	case "promotion":
+		m := kv(args[1:])
+		ev := Event{Type: EvPromotion, Err: m["refused"], Final: slices.Contains(args, "final")}
+		if e, ok := m["epoch"]; ok {
+			ev.Epoch, _ = strconv.ParseUint(e, 10, 64)
+		}
+		h.step(arg(0), ev)
+	case "epoch-seen":
+		e, _ := strconv.ParseUint(arg(1), 10, 64)
+		h.step(arg(0), Event{Type: EvEpochSeen, Epoch: e})
+	case "lease":
+		h.step(arg(0), Event{Type: EvLease, Held: arg(1) == "held"})
 	case "drained":
 		h.step(arg(0), Event{Type: EvDrained})
 	case "action-failed":

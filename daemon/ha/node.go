@@ -64,9 +64,11 @@ type Config struct {
 	// "source still heard" refusal; TicksToFail is -1 (the detector
 	// reports its own countdown).
 	ExternalDetector bool
-	// Witness: an automatic failover also needs the witness to have lost
-	// the source (EvWitness with WitnessLost after EvPeerDown).
-	Witness bool
+	// Arbiter: promotions go through the arbiter (docs/safety.md): a
+	// failover asks it for the next epoch (ActCampaign) and happens only
+	// with the epoch it granted (EvPromotion); a newer epoch learned
+	// anywhere fences a source (EvEpochSeen).
+	Arbiter bool
 }
 
 // Node is the state machine of one job on one agent.
@@ -81,7 +83,8 @@ type Node struct {
 	heard      map[string]bool // path -> heard since the last tick
 	sourceDown bool            // target: monitor declared the source failed
 	peerDown   bool            // ExternalDetector: its last verdict was down
-	witnessOK  bool            // Witness: it lost the source too (since the last peer-down)
+	// campaign: Arbiter, a promotion asked for and not answered for good.
+	campaign *campaign
 	startTicks int             // ticks spent in StateStarting
 
 	// A switchover this node started as source (StateSwitchingOver,
@@ -101,6 +104,16 @@ type Node struct {
 
 	pending  Ready
 	lastSent HardState
+}
+
+// campaign is a promotion this target asked the arbiter for.
+type campaign struct {
+	auto         bool // the source was declared down (not the operator)
+	planned      bool // a switchover's handover
+	force        bool
+	discardQueue bool
+	prevState    State // to go back to when it is refused
+	prevReason   string
 }
 
 // NewNode returns a node for cfg resuming from hs (the zero HardState is not
@@ -227,18 +240,25 @@ func (n *Node) Step(ev Event) error {
 			return fmt.Errorf("ha: job %q: %s without an external detector", n.cfg.Job, ev.Type)
 		}
 		n.peerDown = false
-		n.witnessOK = false
-		n.sourceBack()
-	case EvWitness:
-		if !n.cfg.Witness {
-			return fmt.Errorf("ha: job %q: %s without a witness", n.cfg.Job, ev.Type)
+		if n.campaign != nil && n.campaign.auto {
+			// The source is back: it was not gone.
+			n.campaign = nil
+			n.act(Action{Type: ActStopCampaign})
+			n.state = StateSourceDown // sourceBack leaves it
 		}
-		n.witnessOK = ev.WitnessLost
-		if n.sourceDown && n.state == StateSourceDown {
-			n.onSourceDown()
-			if !ev.WitnessLost && ev.Err != "" && n.state == StateSourceDown {
-				n.reason += " (" + ev.Err + ")"
-			}
+		n.sourceBack()
+	case EvPromotion:
+		if !n.cfg.Arbiter {
+			return fmt.Errorf("ha: job %q: %s without an arbiter", n.cfg.Job, ev.Type)
+		}
+		n.onPromotion(ev)
+	case EvEpochSeen:
+		n.onEpochSeen(ev.Epoch)
+	case EvLease:
+		if ev.Held && n.state == StateStarting && !n.hs.Superseded {
+			// Nobody can have been promoted while this side holds the key.
+			n.reason = ""
+			n.becomeActiveSource()
 		}
 	case EvDrained:
 		n.onDrained()
@@ -401,7 +421,7 @@ func (n *Node) becomeActiveSource() {
 // follow from them (not the ones held by a procedure in progress).
 func (n *Node) refreshState() {
 	switch n.state {
-	case StateStarting, StateSuperseded, StateSplitBrain, StateFailingBack, StateSwitchingOver, StateSourceDown:
+	case StateStarting, StateSuperseded, StateSplitBrain, StateFailingBack, StateSwitchingOver, StateSourceDown, StatePromoting:
 		return
 	case StateFailedOver:
 		if n.hs.FailedOver {
@@ -428,11 +448,10 @@ func (n *Node) refreshState() {
 
 func (n *Node) onSourceDown() {
 	switch {
-	case n.cfg.Failover == FailoverAuto && n.hs.Consistent && n.cfg.Witness && !n.witnessOK:
-		n.state = StateSourceDown
-		n.reason = "source " + n.cfg.Peer + " is silent on every path here, but the witness does not confirm it is gone: no automatic failover (doppel failover --force once it really is)"
 	case n.cfg.Failover == FailoverAuto && n.hs.Consistent:
-		// Every path is silent (and the witness lost it): the source is gone.
+		// Every path is silent: the source is gone (with an arbiter, once
+		// its lease expired).
+		n.state = StateSourceDown
 		_ = n.failover(Event{Type: CmdFailover}, true)
 	case n.cfg.Failover == FailoverAuto:
 		n.state = StateSourceDown
@@ -462,10 +481,84 @@ func (n *Node) failover(ev Event, auto bool) error {
 	case !auto && n.peerAlive() && !ev.Force:
 		return n.refuse(CmdFailover, ErrSourceAlive, "source %s is still heard on %s: use doppel switchover for a planned switchover (no data loss), or --force (the source will be fenced)", n.cfg.Peer, n.alivePaths())
 	}
-	epoch := max(n.hs.Epoch, n.peerEpoch) + 1
+	if n.cfg.Arbiter {
+		if n.campaign != nil {
+			return n.refuse(CmdFailover, ErrBadState, "job %s: a promotion of %s is already under way (%s)", n.cfg.Job, n.cfg.Self, n.reason)
+		}
+		n.askArbiter(&campaign{auto: auto, force: ev.Force, discardQueue: ev.DiscardQueue})
+		return nil
+	}
+	n.promoteFailover(max(n.hs.Epoch, n.peerEpoch)+1, ev.DiscardQueue)
+	return nil
+}
+
+// askArbiter starts a campaign for the next epoch: nothing changes until
+// the arbiter grants it (EvPromotion).
+func (n *Node) askArbiter(c *campaign) {
+	c.prevState, c.prevReason = n.state, n.reason
+	n.campaign = c
+	epoch := n.hs.Epoch + 1
+	n.state = StatePromoting
+	n.reason = fmt.Sprintf("asking the arbiter for epoch %d", epoch)
+	if c.force {
+		n.reason += " (forced: the old source's lease is revoked and waited out)"
+	}
+	n.act(Action{Type: ActCampaign, Epoch: epoch, Force: c.force})
+}
+
+// onPromotion takes the arbiter's answer.
+func (n *Node) onPromotion(ev Event) {
+	c := n.campaign
+	if c == nil || n.hs.Role != RoleTarget || n.hs.Superseded {
+		n.lastErr = fmt.Sprintf("arbiter answer (epoch %d, %q) with no promotion asked", ev.Epoch, ev.Err)
+		return
+	}
+	if ev.Err != "" {
+		if !ev.Final {
+			n.reason = "waiting for the arbiter: " + ev.Err
+			return
+		}
+		n.campaign = nil
+		n.lastErr = "the arbiter refused the promotion of " + n.cfg.Self + ": " + ev.Err
+		n.state, n.reason = c.prevState, c.prevReason
+		if c.auto && n.sourceDown {
+			n.state = StateSourceDown
+			n.reason = "source " + n.cfg.Peer + " is down but the arbiter refused to promote " + n.cfg.Self + ": " + ev.Err
+			return
+		}
+		if n.state == StatePromoting || n.state == "" {
+			n.state = ""
+			n.refreshState()
+		}
+		return
+	}
+	n.campaign = nil
+	if c.planned {
+		n.takeOver(ev.Epoch)
+		return
+	}
+	n.promoteFailover(ev.Epoch, c.discardQueue)
+}
+
+// onEpochSeen: a newer epoch than this node's exists somewhere.
+func (n *Node) onEpochSeen(epoch uint64) {
+	n.peerEpoch = max(n.peerEpoch, epoch)
+	if epoch <= n.hs.Epoch || n.hs.Superseded {
+		return
+	}
+	switch {
+	case n.hs.Role == RoleSource:
+		n.fence()
+	case n.campaign == nil:
+		n.hs.Epoch = epoch // a target follows the newest history
+	}
+}
+
+// promoteFailover makes this target the source at epoch.
+func (n *Node) promoteFailover(epoch uint64, discardQueue bool) {
 	n.act(
 		Action{Type: ActRunScript, Hook: HookPreFailover},
-		Action{Type: ActStopTarget, ApplyQueue: !ev.DiscardQueue},
+		Action{Type: ActStopTarget, ApplyQueue: !discardQueue},
 		Action{Type: ActPromote, Epoch: epoch},
 		Action{Type: ActServe},
 		Action{Type: ActApplyIdentity},
@@ -480,7 +573,6 @@ func (n *Node) failover(ev Event, auto bool) error {
 	n.lastErr = ""
 	// Tell the old source, in case it hears: it fences itself.
 	n.send(MsgPromoted, false)
-	return nil
 }
 
 func (n *Node) alivePaths() string {
@@ -724,8 +816,12 @@ func (n *Node) demote() {
 		Action{Type: ActReleaseIdentity},
 		Action{Type: ActStopSource},
 		Action{Type: ActStopServe},
-		Action{Type: ActStartTarget},
 	)
+	if n.cfg.Arbiter {
+		// Drained and no longer serving: the peer may have the key now.
+		n.act(Action{Type: ActResign})
+	}
+	n.act(Action{Type: ActStartTarget})
 	n.hs = HardState{Role: RoleTarget, Epoch: n.hs.Epoch, Consistent: true, HandingOver: true}
 	n.drained = false
 	n.linkUp = false
@@ -749,7 +845,18 @@ func (n *Node) onHandover(m Message) {
 		n.lastErr = fmt.Sprintf("refused %s: role %s consistent=%t", m, n.hs.Role, n.hs.Consistent)
 		return
 	}
-	epoch := max(n.hs.Epoch, m.Epoch) + 1
+	n.hs.Epoch = max(n.hs.Epoch, m.Epoch)
+	if n.cfg.Arbiter {
+		if n.campaign == nil {
+			n.askArbiter(&campaign{planned: true})
+		}
+		return
+	}
+	n.takeOver(n.hs.Epoch + 1)
+}
+
+// takeOver completes a planned switchover on the new source at epoch.
+func (n *Node) takeOver(epoch uint64) {
 	n.act(
 		Action{Type: ActStopTarget, ApplyQueue: true},
 		Action{Type: ActPromote, Epoch: epoch},

@@ -62,6 +62,10 @@ const (
 	// StateSplitBrain: both nodes were promoted to the same generation
 	// epoch independently. Never resolved silently.
 	StateSplitBrain State = "split-brain"
+	// StatePromoting: the target asked the arbiter for the next epoch
+	// (after its detector declared the source down, or the operator's
+	// failover) and waits for the answer; nothing was served yet.
+	StatePromoting State = "promoting"
 )
 
 // FailoverMode says whether the target takes over on its own.
@@ -182,9 +186,18 @@ const (
 	// rise hysteresis passed; Path: the path that brought it back).
 	EvPeerDown EventType = "peer-down"
 	EvPeerUp   EventType = "peer-up"
-	// EvWitness: the witness's answer after a peer-down (Config.Witness):
-	// WitnessLost when it lost the source too; Err says why not.
-	EvWitness EventType = "witness"
+	// EvPromotion: the arbiter's answer to ActCampaign (Config.Arbiter):
+	// won at Epoch, or refused with Err; Final when it will not change
+	// by asking again (a stale epoch, out of sync), else the campaign
+	// goes on (the source still holds the lease).
+	EvPromotion EventType = "promotion"
+	// EvEpochSeen: a newer epoch was learned (the arbiter's record, a
+	// replication handshake refused, a heartbeat): a source fences itself.
+	EvEpochSeen EventType = "epoch-seen"
+	// EvLease: the source's lease is held (Held) or not (Err says why): a
+	// restarted source that holds it serves at once (nobody can have been
+	// promoted meanwhile).
+	EvLease EventType = "lease"
 	// EvDrained: the quiesce action completed (writes held, queue empty,
 	// target acknowledged everything).
 	EvDrained EventType = "drained"
@@ -219,9 +232,11 @@ type Event struct {
 	// of applying it first (the default).
 	DiscardQueue bool
 	Action       ActionType // EvActionFailed
-	Err          string     // EvActionFailed; EvWitness: why not lost
+	Err          string     // EvActionFailed, EvPromotion (refused), EvLease (not held)
 	Msg          *Message   // EvMessage
-	WitnessLost  bool       // EvWitness
+	Epoch        uint64     // EvPromotion, EvEpochSeen
+	Final        bool       // EvPromotion
+	Held         bool       // EvLease
 }
 
 // MessageType names a message between the two nodes of a job.
@@ -303,6 +318,9 @@ const (
 	ActQuiesce         ActionType = "quiesce"          // hold writes, drain the queue; step EvDrained when done
 	ActResumeWrites    ActionType = "resume-writes"    // end a quiesce: held writes proceed (a switchover that did not happen)
 	ActRunScript       ActionType = "run-script"       // run the hook script (Hook)
+	ActCampaign        ActionType = "campaign"         // ask the arbiter for Epoch (Force: forced takeover); step EvPromotion
+	ActStopCampaign    ActionType = "stop-campaign"    // stop asking (the source came back)
+	ActResign          ActionType = "resign"           // give the leadership key up (a drained source handing over)
 )
 
 // Action is one thing the driver must do, in the order given.
@@ -311,6 +329,7 @@ type Action struct {
 	Epoch      uint64 // ActPromote
 	ApplyQueue bool   // ActStopTarget
 	Hook       Hook   // ActRunScript
+	Force      bool   // ActCampaign: forced takeover
 }
 
 func (a Action) String() string {
@@ -324,6 +343,12 @@ func (a Action) String() string {
 		return string(a.Type) + " discard-queue"
 	case ActRunScript:
 		return fmt.Sprintf("%s %s", a.Type, a.Hook)
+	case ActCampaign:
+		s := fmt.Sprintf("%s epoch=%d", a.Type, a.Epoch)
+		if a.Force {
+			s += " force"
+		}
+		return s
 	}
 	return string(a.Type)
 }
