@@ -84,8 +84,8 @@ type Node struct {
 	sourceDown bool            // target: monitor declared the source failed
 	peerDown   bool            // ExternalDetector: its last verdict was down
 	// campaign: Arbiter, a promotion asked for and not answered for good.
-	campaign *campaign
-	startTicks int             // ticks spent in StateStarting
+	campaign   *campaign
+	startTicks int // ticks spent in StateStarting
 
 	// A switchover this node started as source (StateSwitchingOver,
 	// StateFailingBack): drained once EvDrained came; waitTicks counts
