@@ -48,6 +48,11 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "probe-mode", Usage: "auto, xdp-driver, xdp-generic or userspace", DefaultText: "auto"},
 			&cli.StringFlag{Name: "metrics-listen", Usage: "also serve /metrics in plain HTTP without a token on `HOST:PORT` (the control port serves them with the API token)"},
 			&cli.StringSliceFlag{Name: "probe-iface", Usage: "interface the XDP probe attaches to (repeatable)", DefaultText: "the interface of the route to each peer address"},
+			&cli.StringSliceFlag{Name: "arbiter-endpoints", Usage: "etcd endpoints of the arbiter (repeatable or comma-separated, e.g. http://10.0.0.5:2379); config: arbiter.endpoints"},
+			&cli.StringFlag{Name: "arbiter-ca", Usage: "CA file of the etcd servers (TLS)"},
+			&cli.StringFlag{Name: "arbiter-cert", Usage: "client certificate file for etcd"},
+			&cli.StringFlag{Name: "arbiter-key", Usage: "its key file"},
+			&cli.StringFlag{Name: "arbiter-prefix", Usage: "etcd key prefix (default /doppel)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.BoolFlag{Name: "log-json", Usage: "log as JSON instead of text"},
 		},
@@ -187,6 +192,17 @@ func runAgent(c *cli.Context) error {
 	if v := c.StringSlice("probe-iface"); len(v) > 0 {
 		cfg.ProbeIfaces = v
 	}
+	if v := c.StringSlice("arbiter-endpoints"); len(v) > 0 {
+		cfg.Arbiter.Endpoints = nil
+		for _, e := range v {
+			cfg.Arbiter.Endpoints = append(cfg.Arbiter.Endpoints, strings.Split(e, ",")...)
+		}
+	}
+	for flag, dst := range map[string]*string{"arbiter-ca": &cfg.Arbiter.CA, "arbiter-cert": &cfg.Arbiter.Cert, "arbiter-key": &cfg.Arbiter.Key, "arbiter-prefix": &cfg.Arbiter.Prefix} {
+		if v := c.String(flag); v != "" {
+			*dst = v
+		}
+	}
 	cfg.Defaults()
 	cfg.Version = version
 	if cfg.HeartbeatPort < 1 || cfg.HeartbeatPort > 65535 {
@@ -228,6 +244,15 @@ func runAgent(c *cli.Context) error {
 
 	subs := agent.Subsystems{
 		Volumes: &agent.NBDVolumes{Log: log, RunDir: filepath.Join(cfg.StateDir, "run"), Kernel: true},
+	}
+	arb, err := agent.DialArbiter(log, cfg.Arbiter)
+	if err != nil {
+		return usageErrorf("%v", err)
+	}
+	if arb != nil {
+		defer arb.Close()
+		subs.Arbiter = arb
+		log.Info("arbiter", "endpoints", cfg.Arbiter.Endpoints)
 	}
 	if sys, err := netident.OpenLinux(nil, netns.None()); err != nil {
 		log.Warn("network identity unavailable: service IPs will not move", "err", err)

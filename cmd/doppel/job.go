@@ -14,7 +14,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/doppelha/doppel/daemon/agent"
 	"github.com/doppelha/doppel/daemon/api"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
@@ -50,7 +49,9 @@ func jobCommand() *cli.Command {
 					&cli.StringFlag{Name: "monitor", Value: "interval=250ms,missed=8", Usage: "failure detection: interval=DURATION,missed=N"},
 					&cli.StringFlag{Name: "failover", Value: string(ha.FailoverManual), Usage: "auto (when every path is down) or manual (doppel failover)"},
 					&cli.StringSliceFlag{Name: "script", Usage: "HOOK=PATH, hook one of pre-failover, post-failover, pre-failback, post-failback (repeatable)"},
-					&cli.StringFlag{Name: "witness", Usage: "IP[:PORT] of a doppel witness (default port 6327): automatic failover also needs it to have lost the source"},
+					&cli.StringFlag{Name: "arbiter", Usage: "etcd: promotions need the agents' etcd arbiter (endpoints in each agent's config; docs/arbiter.md); strongly advised with --failover auto"},
+					&cli.DurationFlag{Name: "lease-ttl", Usage: "with --arbiter: the source's lease TTL (default 5s, 2s to 2m): the failover waits for it, an isolated source stops acknowledging before it"},
+					&cli.DurationFlag{Name: "suspend-timeout", Usage: "with --arbiter: how long writes the source may not acknowledge are held before they fail with EIO (default 30s, -1s: forever)"},
 					&cli.DurationFlag{Name: "wait", Value: 30 * time.Second, Usage: "how long to wait for the first replication handshake (exit 0 only once it happened)"},
 				),
 				Action: jobCreate,
@@ -78,6 +79,7 @@ func jobCommand() *cli.Command {
 				),
 				Action: jobStatus,
 			},
+			jobEventsCommand(),
 			{Name: "pause", Usage: "pause replication (writes are tracked, resynced on resume)", ArgsUsage: "NAME", Flags: connFlags(), Action: jobSimple(ha.CmdPause)},
 			{Name: "resume", Usage: "resume replication", ArgsUsage: "NAME", Flags: connFlags(), Action: jobSimple(ha.CmdResume)},
 			{
@@ -150,11 +152,11 @@ func buildSpec(c *cli.Context, name string) (job.Spec, error) {
 		return spec, err
 	}
 	spec.Monitor = m
-	if w := c.String("witness"); w != "" {
-		if a, err := netip.ParseAddr(w); err == nil {
-			w = netip.AddrPortFrom(a, agent.DefaultWitnessPort).String()
-		}
-		spec.Witness = w
+	spec.Arbiter = c.String("arbiter")
+	spec.LeaseTTL = c.Duration("lease-ttl")
+	spec.SuspendTimeout = c.Duration("suspend-timeout")
+	if spec.Arbiter == "" && (spec.LeaseTTL != 0 || spec.SuspendTimeout != 0) {
+		return spec, fmt.Errorf("%w: --lease-ttl and --suspend-timeout go with --arbiter etcd", job.ErrInvalid)
 	}
 	for _, s := range c.StringSlice("script") {
 		hook, path, ok := strings.Cut(s, "=")
@@ -234,6 +236,10 @@ func jobCreate(c *cli.Context) error {
 	src, _ := e.client(spec.Source.Name)
 	tgt, _ := e.client(spec.Target.Name)
 	w := c.App.Writer
+	if spec.Failover == ha.FailoverAuto && spec.Arbiter == "" {
+		fmt.Fprintf(c.App.ErrWriter, "warning: --failover auto without --arbiter: a partition between %s and %s (not a failure of %s) makes %s take over while %s keeps serving: split brain, writes of one side missing on the other. Use --arbiter etcd (docs/safety.md).\n",
+			spec.Source.Name, spec.Target.Name, spec.Source.Name, spec.Target.Name, spec.Source.Name)
+	}
 
 	// Pre-flight on both sides before anything changes; every problem of
 	// both is reported at once.

@@ -78,7 +78,6 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			replCommand(),
 			probeCommand(),
 			ipCommand(),
-			witnessCommand(),
 			completionCommand(),
 			manCommand(),
 		},

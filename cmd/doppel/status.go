@@ -224,8 +224,8 @@ func renderStatus(w io.Writer, v protection.Verdict, views []view, rates syncRat
 	for _, ip := range spec.ServiceIPs {
 		fmt.Fprintf(w, "  service IP %s@%s\n", ip.Prefix, ip.Iface)
 	}
-	if spec.Witness != "" {
-		fmt.Fprintf(w, "  witness %s (automatic failover also needs it to have lost the source)\n", spec.Witness)
+	if spec.Arbiter != "" {
+		fmt.Fprintf(w, "  arbiter %s, lease TTL %v\n", spec.Arbiter, spec.LeaseTTL)
 	}
 	ordered := append([]view(nil), views...)
 	sort.SliceStable(ordered, func(i, j int) bool { return ordered[i].Server == src && ordered[j].Server != src })
@@ -290,9 +290,38 @@ func renderSide(w io.Writer, v view, rates syncRates) {
 		fmt.Fprintf(w, "; source declared failed in %v", st.Probe.TimeToFail)
 	}
 	fmt.Fprintln(w)
+	if a := st.Arbiter; a != nil {
+		fmt.Fprintf(w, "         arbiter  %s\n", arbiterLine(st.HA.Role, a))
+	}
 	if st.HA.LastError != "" {
 		fmt.Fprintf(w, "         last error: %s\n", st.HA.LastError)
 	}
+}
+
+// arbiterLine is one side's arbiter in words.
+func arbiterLine(role ha.Role, a *api.ArbiterStatus) string {
+	var parts []string
+	switch {
+	case a.Holding:
+		parts = append(parts, fmt.Sprintf("holds the lease (renewed %v ago, TTL %v)", a.LeaseAge.Round(10*time.Millisecond), a.TTL))
+	case role == ha.RoleSource && a.LeaseAge >= 0:
+		parts = append(parts, fmt.Sprintf("LEASE NOT HELD (last renewal %v ago, TTL %v): writes the target does not acknowledge are held", a.LeaseAge.Round(10*time.Millisecond), a.TTL))
+	case role == ha.RoleSource:
+		parts = append(parts, "LEASE NOT HELD yet")
+	}
+	if a.TargetOutOfSync {
+		parts = append(parts, "target recorded OUT OF SYNC (it cannot be promoted automatically)")
+	}
+	if a.Campaign != "" {
+		parts = append(parts, "promotion: "+a.Campaign)
+	}
+	if a.Error != "" && !a.Holding {
+		parts = append(parts, "error: "+a.Error)
+	}
+	if len(parts) == 0 {
+		parts = append(parts, "no lease on this side (etcd "+strings.Join(a.Endpoints, ",")+")")
+	}
+	return strings.Join(parts, "; ")
 }
 
 // jobListJSON is doppel job list --json.

@@ -49,11 +49,23 @@ type Config struct {
 	// token).
 	MetricsListen string `yaml:"metrics_listen"`
 	// MountInfo is where mounts are read from (default /proc/self/mountinfo).
-	MountInfo string `yaml:"-"`
-	Version   string `yaml:"-"`
+	// Arbiter is how this agent reaches the etcd arbiter of the jobs
+	// created with --arbiter etcd (docs/arbiter.md).
+	Arbiter   ArbiterConfig `yaml:"arbiter"`
+	MountInfo string        `yaml:"-"`
+	Version   string        `yaml:"-"`
 	// Successor starts the agent that takes over at a restart, given the
 	// socket to talk to this one on (SuccessorCommand); nil: no restart.
 	Successor func(sock *os.File) (Successor, error) `yaml:"-"`
+}
+
+// ArbiterConfig is the agent's etcd client configuration.
+type ArbiterConfig struct {
+	Endpoints []string `yaml:"endpoints"` // e.g. https://10.0.0.5:2379
+	CA        string   `yaml:"ca"`        // CA file of the etcd servers' certificates (TLS)
+	Cert      string   `yaml:"cert"`      // client certificate file (etcd client-cert-auth)
+	Key       string   `yaml:"key"`       // its key file
+	Prefix    string   `yaml:"prefix"`    // key prefix (default /doppel)
 }
 
 // Defaults fills unset fields.
@@ -441,6 +453,7 @@ func (a *Agent) DeleteJob(ctx context.Context, name string, opts api.DeleteOptio
 		res.Removed = append(res.Removed, path)
 	}
 	dir := job.ReplStateDir(a.Config.StateDir, name)
+	events := strings.TrimSuffix(a.Store.RecordPath(name), ".json") + ".events"
 	var keep []string
 	if opts.KeepState {
 		keep = append(keep, dir)
@@ -450,6 +463,9 @@ func (a *Agent) DeleteJob(ctx context.Context, name string, opts api.DeleteOptio
 	if len(keep) > 0 {
 		if opts.KeepState {
 			keep = append(keep, a.Store.RecordPath(name))
+			if _, err := os.Stat(events); err == nil {
+				keep = append(keep, events)
+			}
 		}
 		res.Archived, err = a.archiveAll(name, "deleted", keep)
 		if err != nil {
@@ -461,6 +477,18 @@ func (a *Agent) DeleteJob(ctx context.Context, name string, opts api.DeleteOptio
 			return res, fmt.Errorf("delete job %s: remove its replication state %s: %w", name, dir, err)
 		}
 		res.Removed = append(res.Removed, dir)
+	}
+	if err := os.Remove(events); err == nil {
+		res.Removed = append(res.Removed, events)
+	}
+	if r.rec.Spec.Arbiter != "" && a.Subsystems.Arbiter != nil {
+		// The records go with the job; the peer's delete (or a lease
+		// still running) may keep them a moment: not an error.
+		dctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		if err := a.Subsystems.Arbiter.DeleteJob(dctx, name); err != nil {
+			a.Log.Info("arbiter records of the job kept", "job", name, "why", err)
+		}
+		cancel()
 	}
 	if err := a.Store.Delete(name); err != nil && !errors.Is(err, job.ErrNotFound) {
 		return res, err
@@ -499,9 +527,16 @@ func (a *Agent) Command(ctx context.Context, name string, cmd ha.EventType, opts
 		return api.JobStatus{}, err
 	}
 	a.Log.Info("operator command", "job", name, "command", cmd, "force", opts.Force, "discard_queue", opts.DiscardQueue)
+	r.history.add(r.epoch.Load(), "command", fmt.Sprintf("operator: %s (force %t, discard queue %t)", cmd, opts.Force, opts.DiscardQueue))
 	done, errs, err := r.step(ctx, ha.Event{Type: cmd, Force: opts.Force, DiscardQueue: opts.DiscardQueue})
 	if err != nil {
+		r.history.add(r.epoch.Load(), "command", fmt.Sprintf("operator: %s refused: %v", cmd, err))
 		return api.JobStatus{}, err
+	}
+	if cmd == ha.CmdFailover && r.arb != nil {
+		if err := a.awaitPromotion(ctx, r); err != nil {
+			return r.status(), err
+		}
 	}
 	st := r.status()
 	st.Actions = done
@@ -509,6 +544,38 @@ func (a *Agent) Command(ctx context.Context, name string, cmd ha.EventType, opts
 		return st, fmt.Errorf("%s of job %s: now %s (epoch %d), but %d of %d actions failed: %w", cmd, name, st.HA.State, st.HA.Epoch, len(errs), len(done), errors.Join(errs...))
 	}
 	return st, nil
+}
+
+// Events implements api.Backend.
+func (a *Agent) Events(ctx context.Context, name string) ([]api.Event, error) {
+	r, err := a.runner(name)
+	if err != nil {
+		return nil, err
+	}
+	return r.history.list(), nil
+}
+
+// awaitPromotion waits for the arbiter's answer to an operator's
+// failover (a forced one waits one lease TTL); a refusal is the
+// command's refusal.
+func (a *Agent) awaitPromotion(ctx context.Context, r *runner) error {
+	bound := r.arb.ttl + 15*time.Second
+	ctx, cancel := context.WithTimeout(ctx, bound)
+	defer cancel()
+	for {
+		st := r.snap.Load().ha
+		switch {
+		case st.State != ha.StatePromoting && st.Role == ha.RoleSource:
+			return nil
+		case st.State != ha.StatePromoting:
+			return &ha.RefusedError{Command: ha.CmdFailover, Err: ha.ErrSourceAlive, Reason: st.LastError}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("failover of job %s: the arbiter has not answered within %v (%s); the promotion goes on in the background: see doppel job status", r.rec.Spec.Name, bound, st.Reason)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // Verify implements api.Backend.

@@ -62,8 +62,16 @@ func (r *runner) detect(ctx context.Context) {
 		v.deadline.Store(int64(start + cfg.Timeout()))
 		v.running.Store(true)
 		var newest time.Duration
+		var seenEpoch uint64
 		sample := func(path string) (monitor.Sample, error) {
 			s, err := r.subs.Liveness.Sample(r.rec.Spec.Name, path)
+			if err == nil && s.PeerEpoch > r.epoch.Load() && s.PeerEpoch > seenEpoch {
+				// An authenticated heartbeat names a newer epoch: a source
+				// fences itself at once.
+				seenEpoch = s.PeerEpoch
+				r.history.add(r.epoch.Load(), "detector", fmt.Sprintf("the peer's heartbeats carry epoch %d", s.PeerEpoch))
+				r.notify(ha.Event{Type: ha.EvEpochSeen, Epoch: s.PeerEpoch})
+			}
 			if err == nil && s.LastSeen > newest {
 				newest = s.LastSeen
 				v.deadline.Store(int64(newest + cfg.Timeout()))
@@ -75,14 +83,12 @@ func (r *runner) detect(ctx context.Context) {
 			case monitor.Down:
 				v.down.Store(true)
 				r.log.Warn("peer down: no traffic on any path", "silence", ch.Silence.Round(time.Millisecond), "timeout", cfg.Timeout())
+				r.history.add(r.epoch.Load(), "detector", fmt.Sprintf("peer down: no authenticated traffic on any path for %v (timeout %v)", ch.Silence.Round(time.Millisecond), cfg.Timeout()))
 				r.notify(ha.Event{Type: ha.EvPeerDown})
-				if r.rec.Spec.Witness != "" {
-					go r.askWitness(ctx)
-				}
 			case monitor.Up:
 				v.down.Store(false)
 				if ch.From == monitor.Down {
-					r.log.Info("peer up again", "path", ch.Path)
+					r.history.add(r.epoch.Load(), "detector", "peer up again on path "+ch.Path)
 				}
 				r.notify(ha.Event{Type: ha.EvPeerUp, Path: ch.Path})
 			}
@@ -96,46 +102,6 @@ func (r *runner) detect(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-time.After(cfg.Interval):
-		}
-	}
-}
-
-// askWitness asks the job's witness whether it lost the source too,
-// right away and then every half second while the detector says down and
-// the witness has not (a source that dies after a partition, a witness
-// that comes back); each answer goes to the state machine (ha.EvWitness).
-func (r *runner) askWitness(ctx context.Context) {
-	q := witnessQuery{Job: heartbeatJobID(r.rec.Spec.Name)}
-	for _, name := range r.pathNames {
-		q.Addrs = append(q.Addrs, r.paths[name])
-	}
-	timeout := r.rec.Spec.Monitor.Interval * time.Duration(r.rec.Spec.Monitor.Missed)
-	last := ""
-	for {
-		silence, heard, err := askWitness(ctx, r.rec.Spec.Witness, q)
-		lost := err == nil && (!heard || silence >= timeout)
-		why := ""
-		switch {
-		case err != nil:
-			why = err.Error()
-		case !lost:
-			why = fmt.Sprintf("the witness heard it %v ago", silence)
-		}
-		if why != last || lost {
-			r.log.Info("witness", "lost_source", lost, "detail", why)
-			last = why
-		}
-		r.notify(ha.Event{Type: ha.EvWitness, WitnessLost: lost, Err: why})
-		if lost {
-			return
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(500 * time.Millisecond):
-		}
-		if !r.det.down.Load() {
-			return
 		}
 	}
 }

@@ -21,9 +21,6 @@ func (r *runner) livenessWatch() LivenessWatch {
 	for name, a := range r.paths {
 		w.Paths[name] = PathAddrs{Local: locals[name], Peer: a, Session: name == "repl"}
 	}
-	if ap, err := netip.ParseAddrPort(spec.Witness); err == nil {
-		w.Also = append(w.Also, ap.Addr().Unmap())
-	}
 	return w
 }
 

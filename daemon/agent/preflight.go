@@ -74,6 +74,21 @@ func (a *Agent) preflight(ctx context.Context, spec job.Spec, network bool) api.
 			a.Hostname, a.Identity.Fingerprint, spec.Source.Name, spec.Target.Name)
 		return p
 	}
+	if spec.Arbiter != "" {
+		if a.Subsystems.Arbiter == nil {
+			bad("arbiter", "%s has no arbiter configured: set arbiter.endpoints in its agent config (or --arbiter-endpoints) to the etcd cluster", p.Server)
+		} else if network {
+			actx, cancel := context.WithTimeout(ctx, 3*time.Second)
+			v, err := a.Subsystems.Arbiter.View(actx, spec.Name)
+			cancel()
+			switch {
+			case err != nil:
+				bad("arbiter", "%s cannot reach the arbiter %v: %v", p.Server, a.Subsystems.Arbiter.Endpoints(), err)
+			case v.Epoch != nil || v.Leader != nil:
+				bad("arbiter", "the arbiter already holds records of a job %s (epoch %d): delete that job first (doppel job delete)", spec.Name, v.CurrentEpoch())
+			}
+		}
+	}
 	if job.ValidName("job", spec.Name) == nil {
 		if _, err := a.runner(spec.Name); err == nil {
 			bad("job", "a job %s exists on %s already", spec.Name, p.Server)

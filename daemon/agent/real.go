@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -108,9 +109,6 @@ func (p *ProbeLiveness) Watch(w LivenessWatch) error {
 		}
 		watchedPeers = append(watchedPeers, pr)
 		dsts = append(dsts, heartbeat.Dest{Local: pa.Local, Remote: netip.AddrPortFrom(pa.Peer, p.Port)})
-	}
-	for _, a := range w.Also {
-		dsts = append(dsts, heartbeat.Dest{Remote: netip.AddrPortFrom(a, p.Port)})
 	}
 	log := p.Log.With("job", w.Job)
 	cfg := heartbeat.SenderConfig{Job: id, Key: sendKey, Incarnation: max(p.Incarnation, 1), Epoch: w.Epoch, Dests: dsts}
@@ -219,4 +217,10 @@ func (n NetIdentManager) Apply(ctx context.Context, addrs []netident.Addr) error
 func (n NetIdentManager) Release(ctx context.Context, addrs []netident.Addr) error {
 	_, err := n.M.Release(ctx, netident.Identity{Addrs: addrs})
 	return err
+}
+
+// heartbeatJobID is the job ID heartbeats carry.
+func heartbeatJobID(job string) [16]byte {
+	id := sha256.Sum256([]byte(job))
+	return [16]byte(id[:16])
 }

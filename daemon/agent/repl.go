@@ -143,7 +143,7 @@ func (p *ReplPlanes) route(name, peerPin string, serve func(context.Context, net
 }
 
 // Open implements DataPlaneFactory.
-func (p *ReplPlanes) Open(rec job.Record, vol JobVolume, notify func(ha.Event)) (DataPlane, error) {
+func (p *ReplPlanes) Open(rec job.Record, vol JobVolume, fence Fencing, notify func(ha.Event)) (DataPlane, error) {
 	_, peer, ok := rec.Spec.Endpoints(rec.Self)
 	if !ok {
 		return nil, fmt.Errorf("job %s: not a side of it", rec.Spec.Name)
@@ -151,13 +151,14 @@ func (p *ReplPlanes) Open(rec job.Record, vol JobVolume, notify func(ha.Event)) 
 	if vol.Backend == nil {
 		return nil, fmt.Errorf("job %s: no volume", rec.Spec.Name)
 	}
-	return &replPlane{p: p, rec: rec, vol: vol, peer: peer, notify: notify, log: p.Log.With("job", rec.Spec.Name)}, nil
+	return &replPlane{p: p, rec: rec, vol: vol, fence: fence, peer: peer, notify: notify, log: p.Log.With("job", rec.Spec.Name)}, nil
 }
 
 type replPlane struct {
 	p      *ReplPlanes
 	rec    job.Record
 	vol    JobVolume // the job's volume: used, never closed here
+	fence  Fencing
 	peer   job.Endpoint
 	notify func(ha.Event)
 	log    *slog.Logger
@@ -168,6 +169,9 @@ type replPlane struct {
 	srcDone   chan struct{}
 	tgt       *replstate.Target
 	tgtRemove func() // stops routing to the target, ends its sessions
+	// oldRemove stops answering the old source's connections with the
+	// epoch that superseded it (set after a promotion).
+	oldRemove func()
 	pollStop  context.CancelFunc
 
 	rpo       rpoEstimator
@@ -241,6 +245,7 @@ func (d *replPlane) source() (*replstate.Source, error) {
 	src, err := replstate.OpenSource(replstate.SourceConfig{Dir: d.stateDir(),
 		Backend: d.vol.Backend, Mode: d.mode(), Log: d.log, RateLimit: d.p.RateLimit, Mirror: repl.MirrorDiff, Force: true,
 		Dial: dial, Liveness: d.liveness(), Binding: d.vol.Binding,
+		Epoch: d.fence.Epoch, Superseded: d.fence.NewerEpoch, Authority: d.fence.Authority, SyncTimeout: d.fence.SyncTimeout,
 	})
 	if err != nil {
 		return nil, err
@@ -402,8 +407,12 @@ func (d *replPlane) StartTarget(ctx context.Context) error {
 	if d.tgt != nil {
 		return nil
 	}
+	if d.oldRemove != nil {
+		d.oldRemove() // this side is a target again: the route is the target's
+		d.oldRemove = nil
+	}
 	t, err := replstate.OpenTarget(replstate.TargetConfig{Dir: d.stateDir(), Backend: d.vol.Backend, Log: d.log, Discard: "target",
-		Liveness: d.liveness(), Binding: d.vol.Binding})
+		Liveness: d.liveness(), Binding: d.vol.Binding, Epoch: d.fence.Epoch, NewerEpoch: d.fence.NewerEpoch})
 	if err != nil {
 		return err
 	}
@@ -441,7 +450,28 @@ func (d *replPlane) StopTarget(applyQueue bool) error {
 // Promote implements DataPlane. The new epoch is persisted in the job
 // record before this runs; the new generation is started when this side's
 // source opens its state (it was a target: daemon/replstate promotes it).
-func (d *replPlane) Promote(epoch uint64) error { return nil }
+// From now on the agent's replication listener answers the old source's
+// connections with the epoch that superseded it, so it fences itself at
+// its first contact.
+func (d *replPlane) Promote(epoch uint64) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.oldRemove != nil {
+		d.oldRemove()
+		d.oldRemove = nil
+	}
+	why := fmt.Sprintf("%s was promoted", d.rec.Self)
+	remove, err := d.p.route(d.rec.Spec.Name, d.peer.Fingerprint, func(_ context.Context, c net.Conn) error {
+		err := replstate.RefuseOlder(c, epoch, why)
+		d.log.Info("told the old source it was superseded", "epoch", epoch, "err", err)
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("answer the old source on the replication listener: %w", err)
+	}
+	d.oldRemove = remove
+	return nil
+}
 
 // Pause implements DataPlane: shipping stops; writes queue up to the
 // queue's bounds (memory, then disk), then are tracked in the bitmap.
@@ -706,6 +736,10 @@ func (d *replPlane) Close() error {
 	err := errors.Join(d.StopSource(), d.StopTarget(false))
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if d.oldRemove != nil {
+		d.oldRemove()
+		d.oldRemove = nil
+	}
 	if d.pollStop != nil {
 		d.pollStop()
 		d.pollStop = nil

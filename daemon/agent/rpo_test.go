@@ -173,7 +173,7 @@ func (ps *planeSide) open(t *testing.T, spec job.Spec, self string) *replPlane {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dp, err := ps.planes.Open(job.Record{Spec: spec, Self: self}, JobVolume{Backend: b}, func(ha.Event) {})
+	dp, err := ps.planes.Open(job.Record{Spec: spec, Self: self}, JobVolume{Backend: b}, Fencing{}, func(ha.Event) {})
 	if err != nil {
 		b.Close()
 		t.Fatal(err)

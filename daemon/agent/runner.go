@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -43,8 +44,16 @@ type runner struct {
 	pathNames   []string // monitored paths, in order
 	det         detectorView
 	lastPkts    map[string]uint64
+	ticks       int   // ticks since start (announcements)
 	probeErr    error // the probe could not be read: ticks suspended
 	lastActions []string
+
+	// history is the job's decision log (doppel job events).
+	history *eventLog
+	// arb is the job's arbiter (nil: none); epoch the node's epoch as of
+	// the last Ready (read by the data plane's handshakes).
+	arb   *arbiterSide
+	epoch atomic.Uint64
 
 	// snap is the status as of the last processed event, readable while
 	// an action holds mu (a fence waiting on the volume, a script).
@@ -89,13 +98,21 @@ func newRunner(a *Agent, rec job.Record, cl *claim, claimErr error) (*runner, er
 		}
 	}
 	r.pathNames = names
+	r.history = openEventLog(r.log, strings.TrimSuffix(a.Store.RecordPath(rec.Spec.Name), ".json")+".events")
+	if rec.Spec.Arbiter != "" {
+		if a.Subsystems.Arbiter == nil {
+			return nil, fmt.Errorf("job %s needs an arbiter (%s), but this agent has none: set arbiter.endpoints in its config (or --arbiter-endpoints)", rec.Spec.Name, rec.Spec.Arbiter)
+		}
+		r.arb = newArbiterSide(r, a.Subsystems.Arbiter)
+	}
+	r.epoch.Store(rec.HA.Epoch)
 	// With a probe, daemon/monitor decides (kernel arrival timestamps,
 	// rise hysteresis): the state machine takes its verdicts.
 	r.node, err = ha.NewNode(ha.Config{
 		Job: rec.Spec.Name, Self: me.Name, Peer: peer.Name, Home: rec.Spec.Source.Name,
 		Failover: rec.Spec.Failover, Paths: names, Missed: rec.Spec.Monitor.Missed,
 		ExternalDetector: a.Subsystems.Liveness != nil,
-		Witness:          a.Subsystems.Liveness != nil && rec.Spec.Witness != "",
+		Arbiter:          r.arb != nil,
 	}, rec.HA)
 	if err != nil {
 		return nil, err
@@ -107,7 +124,7 @@ func newRunner(a *Agent, rec job.Record, cl *claim, claimErr error) (*runner, er
 	case cl == nil:
 		r.dpErr = fmt.Errorf("volume: %w", claimErr)
 	default:
-		r.dp, err = r.subs.DataPlane(rec, JobVolume{Backend: cl.file, Binding: cl.binding}, r.notify)
+		r.dp, err = r.subs.DataPlane(rec, JobVolume{Backend: cl.file, Binding: cl.binding}, r.fencing(), r.notify)
 	}
 	if err != nil {
 		r.dpErr = fmt.Errorf("open data plane: %w", err)
@@ -143,6 +160,34 @@ func monitoredPaths(peer job.Endpoint) (map[string]netip.Addr, error) {
 	return out, nil
 }
 
+// fencing is what the data plane needs of the epoch and the arbiter.
+func (r *runner) fencing() Fencing {
+	f := Fencing{
+		Epoch: r.epoch.Load,
+		NewerEpoch: func(e uint64) {
+			r.history.add(r.epoch.Load(), "peer", fmt.Sprintf("replication handshake: the peer knows epoch %d", e))
+			r.notify(ha.Event{Type: ha.EvEpochSeen, Epoch: e})
+		},
+	}
+	if r.arb != nil {
+		f.Authority = r.arb
+		// Without the target, a sync source records it out of sync and
+		// continues once the session is declared dead.
+		m := r.rec.Spec.Monitor
+		f.SyncTimeout = m.Interval * time.Duration(m.Missed)
+	}
+	return f
+}
+
+// notifyWait is notify for an event that must not be dropped: it waits
+// for room (or the runner's end).
+func (r *runner) notifyWait(ev ha.Event) {
+	select {
+	case r.events <- ev:
+	case <-r.ctx.Done():
+	}
+}
+
 func (r *runner) notify(ev ha.Event) {
 	select {
 	case r.events <- ev:
@@ -154,6 +199,9 @@ func (r *runner) notify(ev ha.Event) {
 func (r *runner) start(ctx context.Context) {
 	ctx, r.cancel = context.WithCancel(ctx)
 	r.ctx = ctx
+	if r.arb != nil {
+		go r.arb.watch(ctx)
+	}
 	if r.subs.Liveness != nil {
 		if err := r.subs.Liveness.Watch(r.livenessWatch()); err != nil {
 			r.log.Error("probe: watch peer", "err", err)
@@ -180,6 +228,9 @@ func (r *runner) stop() {
 	}
 	if r.subs.Liveness != nil {
 		r.subs.Liveness.Unwatch(r.rec.Spec.Name)
+	}
+	if r.arb != nil {
+		r.arb.close()
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -255,6 +306,12 @@ func (r *runner) tick(ctx context.Context) {
 		}
 	}
 	r.node.Tick()
+	// While the link is down, say who we are every ~2 s: the peer may
+	// have missed a promotion (or this side may have).
+	r.ticks++
+	if every := max(int(2*time.Second/r.rec.Spec.Monitor.Interval), 1); r.ticks%every == 0 && !r.node.Status().LinkUp {
+		r.node.Announce()
+	}
 	r.process(ctx)
 	r.publish()
 }
@@ -301,6 +358,10 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 			}
 		}
 		r.queue(rd.Messages)
+		if r.arb != nil && rd.HardState.Superseded {
+			// Held writes fail now, before the actions wait for them.
+			r.arb.fence()
+		}
 		for _, a := range rd.Actions {
 			err := r.do(ctx, a)
 			desc := a.String()
@@ -317,8 +378,17 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 		r.queue(rd.AfterActions)
 	}
 	r.announceEpoch()
+	hs := r.node.HardState()
+	r.epoch.Store(hs.Epoch)
+	if r.arb != nil {
+		r.arb.reconcile(hs)
+	}
 	if prev, now := r.snap.Load().ha, r.node.Status(); prev.State != now.State || prev.Role != now.Role {
-		r.log.Info("job state", "from", prev.State, "to", now.State, "role", now.Role, "epoch", now.Epoch, "reason", now.Reason)
+		msg := fmt.Sprintf("%s %s -> %s", now.Role, prev.State, now.State)
+		if now.Reason != "" {
+			msg += ": " + now.Reason
+		}
+		r.history.add(now.Epoch, "state", msg)
 	}
 	if len(done) > 0 {
 		r.lastActions = done
@@ -348,18 +418,27 @@ func (r *runner) queue(msgs []ha.Message) {
 // in the states it applies to, so a retried message overtaken by newer
 // ones is harmless.
 func (r *runner) sendLoop(ctx context.Context) {
+	// A hello is tried once (the protocol repeats them: announce); a
+	// role change is retried until delivered, backing off to 5 s, or
+	// until a newer message of its kind replaces it: an old source that
+	// comes back after a long partition still hears of the promotion.
 	type outMsg struct {
-		m    ha.Message
-		left int
-		due  time.Time
+		m     ha.Message
+		tries int
+		due   time.Time
 	}
 	var q []outMsg
 	add := func(m ha.Message) {
-		tries := 10
-		if m.Type == ha.MsgHello {
-			tries = 1
+		if m.Type != ha.MsgHello {
+			keep := q[:0]
+			for _, o := range q {
+				if o.m.Type != m.Type {
+					keep = append(keep, o)
+				}
+			}
+			q = keep
 		}
-		q = append(q, outMsg{m: m, left: tries})
+		q = append(q, outMsg{m: m})
 	}
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
@@ -401,10 +480,10 @@ func (r *runner) sendLoop(ctx context.Context) {
 			if err == nil || ctx.Err() != nil {
 				continue
 			}
-			o.left--
-			r.log.Debug("peer message not delivered", "msg", o.m.String(), "tries_left", o.left, "err", err)
-			if o.left > 0 {
-				o.due = time.Now().Add(time.Second)
+			o.tries++
+			r.log.Debug("peer message not delivered", "msg", o.m.String(), "tries", o.tries, "err", err)
+			if o.m.Type != ha.MsgHello {
+				o.due = time.Now().Add(min(time.Second<<min(o.tries-1, 3), 5*time.Second))
 				keep = append(keep, o)
 				if next.IsZero() || o.due.Before(next) {
 					next = o.due
@@ -456,6 +535,19 @@ func (r *runner) serviceAddrs() ([]netident.Addr, error) {
 func (r *runner) do(ctx context.Context, a ha.Action) error {
 	spec := r.rec.Spec
 	switch a.Type {
+	case ha.ActCampaign, ha.ActStopCampaign, ha.ActResign:
+		if r.arb == nil {
+			return fmt.Errorf("%s: job %s has no arbiter", a.Type, spec.Name)
+		}
+		switch a.Type {
+		case ha.ActCampaign:
+			r.arb.startCampaign(a.Epoch, a.Force)
+		case ha.ActStopCampaign:
+			r.arb.stopCampaign()
+		default:
+			return r.arb.resign(ctx)
+		}
+		return nil
 	case ha.ActServe:
 		if r.subs.Volumes == nil {
 			return fmt.Errorf("%w: volume serving (blockdev)", api.ErrNotWired)
@@ -572,6 +664,9 @@ func (r *runner) status() api.JobStatus {
 		HA:      hs,
 		Actions: snap.actions,
 		Updated: time.Now().UTC(),
+	}
+	if r.arb != nil {
+		st.Arbiter = r.arb.statusView()
 	}
 	if r.dp != nil {
 		st.Data = r.dp.Status()

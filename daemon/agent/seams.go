@@ -7,6 +7,7 @@ import (
 
 	"github.com/doppelha/doppel/blockdev"
 	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/arbiter"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/monitor"
@@ -51,7 +52,24 @@ type DataPlane interface {
 // DataPlaneFactory opens the data plane of a job on this agent. vol is the
 // job's volume, opened once and exclusively for as long as the job exists
 // on this agent: the data plane uses it and never closes it.
-type DataPlaneFactory func(rec job.Record, vol JobVolume, notify func(ha.Event)) (DataPlane, error)
+type DataPlaneFactory func(rec job.Record, vol JobVolume, fence Fencing, notify func(ha.Event)) (DataPlane, error)
+
+// Fencing is what a data plane needs of the job's epoch and arbiter
+// (docs/safety.md): the epoch travels in every replication handshake, a
+// newer one learned there is reported, and the authority decides whether
+// a write the target has not acknowledged may be acknowledged.
+type Fencing struct {
+	// Epoch returns the job's current epoch on this agent.
+	Epoch func() uint64
+	// NewerEpoch reports an epoch above Epoch learned in a handshake (a
+	// source that sees it fences itself).
+	NewerEpoch func(epoch uint64)
+	// Authority is the arbiter's gate (nil: no arbiter).
+	Authority replstate.Authority
+	// SyncTimeout: sync mode, how long writes wait for an absent target
+	// before the source continues without it (0: replstate's default).
+	SyncTimeout time.Duration
+}
 
 // JobVolume is a job's volume as its data plane sees it.
 type JobVolume struct {
@@ -114,9 +132,7 @@ type LivenessWatch struct {
 	Self, Peer string
 	Secret     string
 	// Paths are the monitored paths by name (repl, app).
-	Paths map[string]PathAddrs
-	// Also receive the heartbeats, not counted (a witness).
-	Also     []netip.Addr
+	Paths    map[string]PathAddrs
 	Interval time.Duration
 	// Epoch is announced until SetEpoch changes it.
 	Epoch uint64
@@ -153,6 +169,9 @@ type Subsystems struct {
 	Liveness     Liveness
 	Peers        Peers
 	Scripts      *Scripts
+	// Arbiter is the agent's etcd arbiter (nil: none configured); jobs
+	// created with --arbiter etcd need it.
+	Arbiter *arbiter.Client
 }
 
 // peerClient delivers messages over the peer's control API, pinning its

@@ -252,6 +252,12 @@ func (c *Client) Verify(ctx context.Context, name string) (VerifyResult, error) 
 	return v, c.do(ctx, http.MethodPost, "/v1/jobs/"+url.PathEscape(name)+"/verify", nil, &v)
 }
 
+// Events returns a job's history on this agent, oldest first.
+func (c *Client) Events(ctx context.Context, name string) ([]Event, error) {
+	var evs []Event
+	return evs, c.do(ctx, http.MethodGet, "/v1/jobs/"+url.PathEscape(name)+"/events", nil, &evs)
+}
+
 // PeerMessage delivers a state-machine message; the client's token must be
 // the job's peer secret.
 func (c *Client) PeerMessage(ctx context.Context, name string, m ha.Message) error {

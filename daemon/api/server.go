@@ -40,6 +40,8 @@ type Backend interface {
 	RestartAgent(ctx context.Context) (RestartResult, error)
 	Command(ctx context.Context, name string, cmd ha.EventType, opts CommandOptions) (JobStatus, error)
 	Verify(ctx context.Context, name string) (VerifyResult, error)
+	// Events is the job's recent history on this agent, oldest first.
+	Events(ctx context.Context, name string) ([]Event, error)
 	// PeerSecret returns the job's peer secret (job.ErrNotFound if none).
 	PeerSecret(name string) (string, error)
 	PeerMessage(ctx context.Context, name string, m ha.Message) error
@@ -137,6 +139,13 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 			return err
 		}
 		return writeJSON(w, http.StatusOK, st)
+	}))
+	s.handle("GET /v1/jobs/{name}/events", s.auth(func(w http.ResponseWriter, r *http.Request) error {
+		evs, err := b.Events(r.Context(), r.PathValue("name"))
+		if err != nil {
+			return err
+		}
+		return writeJSON(w, http.StatusOK, evs)
 	}))
 	s.handle("DELETE /v1/jobs/{name}", s.auth(func(w http.ResponseWriter, r *http.Request) error {
 		var opts DeleteOptions

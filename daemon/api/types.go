@@ -137,7 +137,38 @@ type JobStatus struct {
 	Data    DataStatus  `json:"data"`
 	Probe   ProbeStatus `json:"probe"`
 	Actions []string    `json:"actions,omitempty"` // what the last command did
-	Updated time.Time   `json:"updated"`
+	// Arbiter is this side's view of the job's arbiter (nil: none).
+	Arbiter *ArbiterStatus `json:"arbiter,omitempty"`
+	Updated time.Time      `json:"updated"`
+}
+
+// ArbiterStatus is a job's arbiter as one agent sees it.
+type ArbiterStatus struct {
+	Endpoints []string `json:"endpoints"`
+	// Holding: this side holds the leadership key and may acknowledge
+	// writes the target did not (source side).
+	Holding bool `json:"holding"`
+	// LeaseAge is how long ago the last successful renewal started (-1:
+	// none); TTL the lease's time to live.
+	LeaseAge time.Duration `json:"lease_age"`
+	TTL      time.Duration `json:"ttl"`
+	// TargetOutOfSync: sync mode, this source recorded its target as
+	// missing writes (it continued without it).
+	TargetOutOfSync bool `json:"target_out_of_sync,omitempty"`
+	// Campaign says what a promoting target is waiting for.
+	Campaign string `json:"campaign,omitempty"`
+	// Error is the last failure to reach or use the arbiter.
+	Error string `json:"error,omitempty"`
+}
+
+// Event is one decision or fact in a job's history on one agent, in the
+// style of Patroni's HA loop log: what it saw, what it did.
+type Event struct {
+	Time  time.Time `json:"time"`
+	Epoch uint64    `json:"epoch"`
+	// Kind: state, action, arbiter, detector, command, peer, data.
+	Kind string `json:"kind"`
+	Msg  string `json:"msg"`
 }
 
 // Preflight is a dry run of creating a job on one agent: what the create

@@ -3,81 +3,21 @@ package arbiter
 import (
 	"context"
 	"errors"
-	"fmt"
-	"net"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/doppelha/doppel/daemon/arbiter/etcdtest"
 )
 
-// startEtcd runs a single-member etcd (Debian's etcd-server) on free
-// loopback ports for the test and returns its client endpoint.
 func startEtcd(t *testing.T) string {
-	ep, _ := startEtcdProc(t)
+	ep, _ := etcdtest.Start(t)
 	return ep
 }
 
-// startEtcdProc is startEtcd returning the process too.
-func startEtcdProc(t *testing.T) (string, *os.Process) {
-	t.Helper()
-	bin, err := exec.LookPath("etcd")
-	if err != nil {
-		if _, serr := os.Stat("/usr/bin/etcd"); serr != nil {
-			t.Skip("etcd not installed (make deps installs Debian's etcd-server)")
-		}
-		bin = "/usr/bin/etcd"
-	}
-	port := func() int {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer l.Close()
-		return l.Addr().(*net.TCPAddr).Port
-	}
-	cp, pp := port(), port()
-	client := fmt.Sprintf("http://127.0.0.1:%d", cp)
-	peer := fmt.Sprintf("http://127.0.0.1:%d", pp)
-	dir := t.TempDir()
-	cmd := exec.Command(bin, "--name", "t", "--data-dir", filepath.Join(dir, "data"),
-		"--listen-client-urls", client, "--advertise-client-urls", client,
-		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-		"--initial-cluster", "t="+peer, "--log-level", "error")
-	logf, err := os.Create(filepath.Join(dir, "etcd.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		logf.Close()
-		if t.Failed() {
-			b, _ := os.ReadFile(logf.Name())
-			t.Logf("etcd log:\n%s", b)
-		}
-	})
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", cp), 200*time.Millisecond)
-		if err == nil {
-			c.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("etcd did not listen on %s: %v", client, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return client, cmd.Process
-}
+func startEtcdProc(t *testing.T) (string, *os.Process) { return etcdtest.Start(t) }
 
 func dial(t *testing.T, ep string) *Client {
 	t.Helper()

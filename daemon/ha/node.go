@@ -288,6 +288,16 @@ func (n *Node) Step(ev Event) error {
 	return nil
 }
 
+// Announce queues a hello with this node's role and epoch. The driver
+// repeats it while the replication link is down, so a peer that was away
+// (a partition, a restart) learns of a promotion at its first contact,
+// whoever reaches whom first.
+func (n *Node) Announce() {
+	if n.started {
+		n.hello(false)
+	}
+}
+
 // HasReady reports whether Ready has anything to do.
 func (n *Node) HasReady() bool {
 	return n.hs != n.lastSent || len(n.pending.Messages) > 0 || len(n.pending.Actions) > 0 || len(n.pending.AfterActions) > 0

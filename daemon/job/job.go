@@ -40,6 +40,13 @@ const (
 	DefaultMissed   = 8
 	MinInterval     = 50 * time.Millisecond
 	MinMissed       = 3
+
+	// ArbiterEtcd is the one arbiter doppel has.
+	ArbiterEtcd           = "etcd"
+	DefaultLeaseTTL       = 5 * time.Second
+	MinLeaseTTL           = 2 * time.Second
+	MaxLeaseTTL           = 120 * time.Second
+	DefaultSuspendTimeout = 30 * time.Second
 )
 
 // Endpoint is one agent of a job as the operator's CLI knows it.
@@ -81,10 +88,16 @@ type Spec struct {
 	Monitor    Monitor            `json:"monitor"`
 	Failover   ha.FailoverMode    `json:"failover"`
 	Scripts    map[ha.Hook]string `json:"scripts,omitempty"`
-	// Witness is the HOST:PORT of a witness (doppel witness) that both
-	// agents send heartbeats to: with one, an automatic failover also
-	// needs the witness to have lost the source. Empty: none.
-	Witness string `json:"witness,omitempty"`
+	// Arbiter is "etcd" when promotions go through the agents' etcd
+	// arbiter (docs/safety.md; endpoints in each agent's config), "" for
+	// none.
+	Arbiter string `json:"arbiter,omitempty"`
+	// LeaseTTL is the source's lease on the arbiter (default 5 s).
+	LeaseTTL time.Duration `json:"lease_ttl,omitempty"`
+	// SuspendTimeout bounds how long writes the source may not acknowledge
+	// (lease lost, target gone) are held before they fail with EIO
+	// (default 30 s; negative: hold them forever).
+	SuspendTimeout time.Duration `json:"suspend_timeout,omitempty"`
 	// Secret authenticates the two agents' messages to each other; it is
 	// created by the CLI and never shown in status.
 	Secret string `json:"secret,omitempty"`
@@ -144,6 +157,12 @@ func (s *Spec) Defaults() {
 	if s.Failover == "" {
 		s.Failover = ha.FailoverManual
 	}
+	if s.Arbiter != "" && s.LeaseTTL == 0 {
+		s.LeaseTTL = DefaultLeaseTTL
+	}
+	if s.Arbiter != "" && s.SuspendTimeout == 0 {
+		s.SuspendTimeout = DefaultSuspendTimeout
+	}
 }
 
 // Validate checks every field and says what is wrong with the first bad one.
@@ -194,10 +213,17 @@ func (s *Spec) Validate() error {
 	if s.UUID != "" && !uuidRE.MatchString(s.UUID) {
 		return bad("uuid %q: want 8-64 lowercase hex digits and dashes", s.UUID)
 	}
-	if s.Witness != "" {
-		if _, err := netip.ParseAddrPort(s.Witness); err != nil {
-			return bad("witness %q: want IP:PORT (e.g. 172.17.22.100:6327): %v", s.Witness, err)
+	switch s.Arbiter {
+	case "":
+		if s.LeaseTTL != 0 {
+			return bad("a lease TTL needs an arbiter (--arbiter etcd)")
 		}
+	case ArbiterEtcd:
+		if s.LeaseTTL < MinLeaseTTL || s.LeaseTTL > MaxLeaseTTL {
+			return bad("lease TTL %v: want %v to %v", s.LeaseTTL, MinLeaseTTL, MaxLeaseTTL)
+		}
+	default:
+		return bad("arbiter %q: use etcd (or none)", s.Arbiter)
 	}
 	if s.Mode != ModeSync && s.Mode != ModeAsync {
 		return bad("mode %q: use sync or async", s.Mode)

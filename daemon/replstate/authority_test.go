@@ -85,8 +85,16 @@ func TestAuthorityHoldsAcks(t *testing.T) {
 			p.startTarget(filepath.Join(dir, "b"), bFile, "")
 			p.startSource(SourceConfig{Dir: filepath.Join(dir, "a"), Mode: mode, SyncTimeout: 200 * time.Millisecond, Authority: g}, aFile)
 			p.converge(20 * time.Second)
-			if mode == wire.ModeSync && g.inSync.Load() == 0 {
-				t.Fatal("the target converged but the authority was never told it is in sync")
+			if mode == wire.ModeSync {
+				deadline := time.Now().Add(5 * time.Second)
+				for g.inSync.Load() == 0 {
+					if time.Now().After(deadline) {
+						t.Fatal("the target converged but the authority was never told it is in sync")
+					}
+					time.Sleep(10 * time.Millisecond)
+				}
+			} else if g.inSync.Load() != 0 {
+				t.Fatal("an async source told the authority its target is in sync")
 			}
 			before := g.asked.Load()
 			p.write(0, randBytes(rng, 4096))
@@ -174,4 +182,50 @@ func TestEpochFencing(t *testing.T) {
 	}
 	p.stopSource()
 	p.stopTarget()
+}
+
+// TestRefuseOlder: a promoted side answers an older source with its epoch
+// (the source fences itself), and a newer one with nothing it would take
+// for a refusal (it retries).
+func TestRefuseOlder(t *testing.T) {
+	const size = 1 << 20
+	dir := t.TempDir()
+	nw := &memNet{up: true}
+	l := nw.listen()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go RefuseOlder(c, 5, "vm2 was promoted")
+		}
+	}()
+	p := &pair{t: t, nw: nw, size: size}
+	superseded := make(chan uint64, 1)
+	p.startSource(SourceConfig{Dir: filepath.Join(dir, "old"), Mode: wire.ModeAsync,
+		Epoch: func() uint64 { return 4 }, Superseded: func(e uint64) { superseded <- e }}, filepath.Join(dir, "a.img"))
+	select {
+	case e := <-superseded:
+		if e != 5 {
+			t.Fatalf("told epoch %d, want 5", e)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the older source was never told it was superseded")
+	}
+	if err := <-p.srcErr; !errors.Is(err, ErrSuperseded) {
+		t.Fatalf("older source stopped with %v", err)
+	}
+	p.src.Close()
+	// A newer source is not refused: it keeps trying.
+	p.startSource(SourceConfig{Dir: filepath.Join(dir, "new"), Mode: wire.ModeAsync, Epoch: func() uint64 { return 6 }}, filepath.Join(dir, "b.img"))
+	select {
+	case err := <-p.srcErr:
+		t.Fatalf("newer source stopped: %v", err)
+	case <-time.After(time.Second):
+	}
+	if st := p.src.Status(); st.Refusal != "" {
+		t.Fatalf("newer source refused: %s", st.Refusal)
+	}
+	p.stopSource()
 }

@@ -143,8 +143,11 @@ type Source struct {
 	trackCtx context.Context // cancelled while in tracking mode (sync writes stop waiting)
 	trackEnd context.CancelFunc
 	tracking atomic.Bool
-	running  atomic.Bool  // Run is active: without it, every write is tracked
-	downAt   atomic.Int64 // unix nanos the link went down (0: up)
+	// resumeSeq: the target is in sync (for the authority) only once it
+	// acknowledged up to here (the last write acknowledged without it).
+	resumeSeq atomic.Uint64
+	running   atomic.Bool  // Run is active: without it, every write is tracked
+	downAt    atomic.Int64 // unix nanos the link went down (0: up)
 
 	connected chan struct{} // a handshake committed (buffered 1)
 	needFull  atomic.Bool
@@ -591,6 +594,14 @@ func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
 			}
 		}
 		if s.cfg.Authority != nil {
+			// The target is in sync again only once it acknowledged
+			// this write too.
+			for seq := cur.LastSeq(); ; {
+				old := s.resumeSeq.Load()
+				if seq <= old || s.resumeSeq.CompareAndSwap(old, seq) {
+					break
+				}
+			}
 			return s.cfg.Authority.AckLocal(ctx)
 		}
 		return nil
@@ -744,6 +755,7 @@ func (s *Source) watch(ctx context.Context) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
 	var lastClean, lastRelease, lastBarrier int64
+	inSync := false // as last told to the authority
 	for {
 		select {
 		case <-ctx.Done():
@@ -793,6 +805,7 @@ func (s *Source) watch(ctx context.Context) {
 		case up:
 			s.downAt.Store(0)
 			if s.tracking.Swap(false) {
+				s.resumeSeq.Store(cur.LastSeq())
 				s.trackMu.Lock()
 				s.trackCtx, s.trackEnd = context.WithCancel(context.Background())
 				s.trackMu.Unlock()
@@ -808,7 +821,26 @@ func (s *Source) watch(ctx context.Context) {
 			s.log.Warn("target unreachable: continuing in tracking mode (changes recorded for a resync)",
 				"after", s.trackAfter())
 		}
+		inSync = s.authorityInSync(cur, up, inSync)
 	}
+}
+
+// authorityInSync reports to the authority (sync mode) each time the
+// target again holds every write this source acknowledged: connected, not
+// tracking, nothing dirty, no resync or mirror to run, and everything
+// written before tracking ended acknowledged (later writes wait for the
+// target).
+func (s *Source) authorityInSync(cur *repl.Source, up bool, was bool) bool {
+	if s.cfg.Authority == nil || s.cfg.Mode != wire.ModeSync {
+		return false
+	}
+	acked, _ := cur.Progress()
+	now := up && cur.Connected() && !s.tracking.Load() && s.bm.DirtyChunks() == 0 && !s.resyncActive.Load() &&
+		!s.needFull.Load() && acked >= s.resumeSeq.Load() && s.refusal.Load() == nil
+	if now && !was {
+		s.cfg.Authority.TargetInSync()
+	}
+	return now
 }
 
 func (s *Source) trackAfter() time.Duration {
@@ -889,7 +921,7 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 	}
 	if notify {
 		s.genMu.Lock()
-		s.markSynced(s.gen.Current == local.Current)
+		s.synced.Store(s.gen.Current == local.Current)
 		s.genMu.Unlock()
 		return dec, nil
 	}
@@ -972,7 +1004,7 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 	s.decision.Store(&str)
 	if c.Adopt {
 		s.genMu.Lock()
-		s.markSynced(s.gen.Current == local.Current)
+		s.synced.Store(s.gen.Current == local.Current)
 		s.genMu.Unlock()
 	}
 	s.at("committed")
@@ -986,14 +1018,6 @@ func (s *Source) epoch() uint64 {
 		return 0
 	}
 	return s.cfg.Epoch()
-}
-
-// markSynced records whether the target holds this side's generation,
-// consistent; becoming so tells the authority the target is in sync.
-func (s *Source) markSynced(on bool) {
-	if !s.synced.Swap(on) && on && s.cfg.Authority != nil {
-		s.cfg.Authority.TargetInSync()
-	}
 }
 
 func (s *Source) at(point string) {

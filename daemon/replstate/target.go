@@ -317,6 +317,11 @@ func RefuseOlder(c net.Conn, epoch uint64, why string) error {
 	if err := readMsg(c, &h); err != nil {
 		return fmt.Errorf("read state hello: %w", err)
 	}
+	if h.Epoch >= epoch {
+		// A source at least as new (this side was superseded in turn and
+		// is about to become its target): no answer, it retries.
+		return fmt.Errorf("source at epoch %d, not older than %d: not refused, not served yet", h.Epoch, epoch)
+	}
 	rp := reply{Epoch: epoch, Error: fmt.Sprintf("superseded: %s (epoch %d; the source is at %d)", why, epoch, h.Epoch)}
 	return errors.Join(writeMsg(c, rp), fmt.Errorf("%w: %s", ErrRefused, rp.Error))
 }
