@@ -52,7 +52,7 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "arbiter-ca", Usage: "CA file of the etcd servers (TLS)"},
 			&cli.StringFlag{Name: "arbiter-cert", Usage: "client certificate file for etcd"},
 			&cli.StringFlag{Name: "arbiter-key", Usage: "its key file"},
-			&cli.StringFlag{Name: "arbiter-prefix", Usage: "etcd key prefix (default /doppel)"},
+			&cli.StringFlag{Name: "arbiter-prefix", Usage: "etcd key prefix", DefaultText: "/doppel"},
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error"},
 			&cli.BoolFlag{Name: "log-json", Usage: "log as JSON instead of text"},
 		},

@@ -197,6 +197,9 @@ func TestAgentConfigExample(t *testing.T) {
 	if len(cfg.ProbeIfaces) == 0 {
 		cfg.ProbeIfaces, defaults.ProbeIfaces = nil, nil
 	}
+	if len(cfg.Arbiter.Endpoints) == 0 {
+		cfg.Arbiter.Endpoints = nil
+	}
 	if !reflect.DeepEqual(cfg, defaults) {
 		t.Errorf("the example's values are not the defaults:\n got %+v\nwant %+v", cfg, defaults)
 	}
