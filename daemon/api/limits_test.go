@@ -21,7 +21,8 @@ import (
 // oneJob is a Backend with one job, "web", whose peer secret is "s3cret".
 type oneJob struct{}
 
-func (oneJob) Info() Info { return Info{} }
+func (oneJob) Info() Info                                      { return Info{} }
+func (oneJob) Events(context.Context, string) ([]Event, error) { return nil, nil }
 func (oneJob) Jobs(context.Context) ([]JobStatus, error) {
 	return []JobStatus{}, nil
 }
