@@ -38,6 +38,8 @@ type pair struct {
 	model   []byte
 	log     *slog.Logger
 	next    chan *testAgent // a successor agent, once it serves
+	// extra adds to an agent's subsystems (an arbiter client).
+	extra func(name string, subs *Subsystems)
 }
 
 const pairSize = 4 << 20
@@ -98,7 +100,11 @@ func (p *pair) start(name, addr string) {
 // subsystems are what an agent of the pair runs with.
 func (p *pair) subsystems(name string) (Subsystems, func(*Agent)) {
 	vols := &NBDVolumes{Log: p.log, RunDir: filepath.Join(p.root, name, "run")}
-	return Subsystems{Liveness: p.live[name], Volumes: vols}, func(a *Agent) {
+	subs := Subsystems{Liveness: p.live[name], Volumes: vols}
+	if p.extra != nil {
+		p.extra(name, &subs)
+	}
+	return subs, func(a *Agent) {
 		planes := &ReplPlanes{Log: p.log, Cert: a.Identity.Cert, ReplListen: p.repl[name], StateDir: filepath.Join(p.root, name), RateLimit: p.rate}
 		a.Subsystems.DataPlane = planes.Open
 		a.Subsystems.ReplListener = planes

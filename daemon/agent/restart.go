@@ -225,6 +225,13 @@ func (r *runner) freeze(st *handedState) (handedJob, error) {
 			}
 			cancel()
 		}
+	}
+	if r.arb != nil {
+		// After the exports' last writes: the lease stays on its key,
+		// the successor takes it back.
+		r.arb.close()
+	}
+	if r.dp != nil {
 		if err := r.dp.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("close replication: %w", err))
 		}

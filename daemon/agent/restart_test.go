@@ -11,6 +11,7 @@ import (
 
 	"github.com/doppelha/doppel/blockdev/nbdclient"
 	"github.com/doppelha/doppel/daemon/ha"
+	"github.com/doppelha/doppel/daemon/job"
 	"golang.org/x/sys/unix"
 )
 
@@ -208,4 +209,37 @@ func TestRestartSuccessorFails(t *testing.T) {
 	if _, err := p.agents["vm1"].client.Job(ctx, "web"); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestRestartWithArbiter: a job whose source holds its lease on the etcd
+// arbiter (sync mode) restarts under a writer: no write fails, the new
+// agent holds the lease again, and the volume holds every acknowledged
+// write.
+func TestRestartWithArbiter(t *testing.T) {
+	ap := newArbPair(t, job.ModeSync, 0)
+	p := ap.pair
+	p.extra = func(name string, subs *Subsystems) { subs.Arbiter = ap.clis[name] }
+	p.agents["vm1"].a.Config.Successor = p.successor("vm1", false)
+	w := p.startWriter("vm1")
+	time.Sleep(300 * time.Millisecond)
+	old := p.agents["vm1"]
+	if _, err := old.client.RestartAgent(context.Background()); err != nil {
+		t.Fatalf("restart: %v", err)
+	}
+	select {
+	case ta := <-p.next:
+		p.agents["vm1"] = ta
+	case <-time.After(10 * time.Second):
+		t.Fatal("no successor")
+	}
+	time.Sleep(500 * time.Millisecond)
+	writes, longest, err := w.finish()
+	if err != nil {
+		t.Fatalf("the application got an error across the restart: %v", err)
+	}
+	t.Logf("%d writes, the longest took %v", writes, longest.Round(time.Millisecond))
+	ap.waitHolding("vm1")
+	p.waitProtected("vm1")
+	p.verify("vm1")
+	p.check("vm1")
 }
