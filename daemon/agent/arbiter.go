@@ -59,8 +59,11 @@ func newArbiterSide(r *runner, c *arbiter.Client) *arbiterSide {
 
 // reconcile makes the holder follow the node's hard state: held at the
 // node's epoch while it is the active source, not otherwise. Called with
-// the runner's lock held after every Ready.
-func (a *arbiterSide) reconcile(hs ha.HardState) {
+// the runner's lock held for every Ready: before its actions with release
+// false (a new source holds its key before it serves and runs its hooks,
+// whose writes need it), after them with release true (a demoted source
+// resigns in its actions first).
+func (a *arbiterSide) reconcile(hs ha.HardState, release bool) {
 	a.fenced.Store(hs.Superseded)
 	want := hs.Role == ha.RoleSource && !hs.Superseded && !hs.HandingOver
 	a.mu.Lock()
@@ -80,12 +83,12 @@ func (a *arbiterSide) reconcile(hs ha.HardState) {
 		a.holder = a.c.Hold(a.r.rec.Spec.Name, a.r.rec.Self, hs.Epoch, a.ttl, a.onHolder)
 		a.r.history.add(hs.Epoch, "arbiter", fmt.Sprintf("holding the leadership key at epoch %d (lease TTL %v): acquiring", hs.Epoch, a.ttl))
 		a.broadcastLocked()
-	case a.holder != nil:
+	case a.holder != nil && release:
 		stop = append(stop, a.holder)
 		a.holder = nil
 		a.broadcastLocked()
 	}
-	if !want && a.pending != nil && a.campaign == nil {
+	if release && !want && a.pending != nil && a.campaign == nil {
 		stop = append(stop, a.pending)
 		a.pending = nil
 	}
@@ -153,7 +156,7 @@ func (a *arbiterSide) watch(ctx context.Context) {
 // startCampaign asks the arbiter for epoch (the state machine's
 // ActCampaign) until it is granted, refused for good, or stopped; each
 // answer goes to the state machine (ha.EvPromotion).
-func (a *arbiterSide) startCampaign(epoch uint64, force bool) {
+func (a *arbiterSide) startCampaign(epoch uint64, force bool, why string) {
 	a.mu.Lock()
 	if a.campaign != nil {
 		a.campaign()
@@ -163,10 +166,7 @@ func (a *arbiterSide) startCampaign(epoch uint64, force bool) {
 	a.mu.Unlock()
 	spec := a.r.rec.Spec
 	req := arbiter.PromoteRequest{Job: spec.Name, Self: a.r.rec.Self, Peer: a.peer, Epoch: epoch - 1,
-		RequireInSync: a.sync && !force, TTL: a.ttl, Reason: "failover: the source was declared down"}
-	if force {
-		req.Reason = "forced failover by the operator"
-	}
+		RequireInSync: a.sync && !force, TTL: a.ttl, Reason: why}
 	a.r.history.add(epoch-1, "arbiter", fmt.Sprintf("campaign for epoch %d (forced %t, in sync required %t)", epoch, force, req.RequireInSync))
 	retry := max(spec.Monitor.Interval, 200*time.Millisecond)
 	go func() {

@@ -357,10 +357,16 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 				errs = append(errs, err)
 			}
 		}
+		// The data plane's handshakes carry the epoch the actions below
+		// act at (a promoted side starts its source with the new one).
+		r.epoch.Store(rd.HardState.Epoch)
 		r.queue(rd.Messages)
-		if r.arb != nil && rd.HardState.Superseded {
-			// Held writes fail now, before the actions wait for them.
-			r.arb.fence()
+		if r.arb != nil {
+			if rd.HardState.Superseded {
+				// Held writes fail now, before the actions wait for them.
+				r.arb.fence()
+			}
+			r.arb.reconcile(rd.HardState, false)
 		}
 		for _, a := range rd.Actions {
 			err := r.do(ctx, a)
@@ -381,7 +387,7 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 	hs := r.node.HardState()
 	r.epoch.Store(hs.Epoch)
 	if r.arb != nil {
-		r.arb.reconcile(hs)
+		r.arb.reconcile(hs, true)
 	}
 	if prev, now := r.snap.Load().ha, r.node.Status(); prev.State != now.State || prev.Role != now.Role {
 		msg := fmt.Sprintf("%s %s -> %s", now.Role, prev.State, now.State)
@@ -541,7 +547,7 @@ func (r *runner) do(ctx context.Context, a ha.Action) error {
 		}
 		switch a.Type {
 		case ha.ActCampaign:
-			r.arb.startCampaign(a.Epoch, a.Force)
+			r.arb.startCampaign(a.Epoch, a.Force, a.Why)
 		case ha.ActStopCampaign:
 			r.arb.stopCampaign()
 		default:

@@ -513,7 +513,16 @@ func (n *Node) askArbiter(c *campaign) {
 	if c.force {
 		n.reason += " (forced: the old source's lease is revoked and waited out)"
 	}
-	n.act(Action{Type: ActCampaign, Epoch: epoch, Force: c.force})
+	why := "failover: the operator asked"
+	switch {
+	case c.planned:
+		why = "switchover: " + n.cfg.Peer + " handed over"
+	case c.force:
+		why = "forced failover by the operator"
+	case c.auto:
+		why = "failover: " + n.cfg.Peer + " was declared down"
+	}
+	n.act(Action{Type: ActCampaign, Epoch: epoch, Force: c.force, Why: why})
 }
 
 // onPromotion takes the arbiter's answer.

@@ -330,6 +330,7 @@ type Action struct {
 	ApplyQueue bool   // ActStopTarget
 	Hook       Hook   // ActRunScript
 	Force      bool   // ActCampaign: forced takeover
+	Why        string // ActCampaign: what the promotion is for, in words
 }
 
 func (a Action) String() string {

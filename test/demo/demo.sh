@@ -1,12 +1,14 @@
 #!/bin/bash
-# doppel demo: the seed tutorial's lab in network namespaces on one machine.
+# doppel demo: the two-VM lab in network namespaces on one machine.
 #
 #   vm1 (source)  eth0 172.17.22.11  eth1 192.168.0.11  ┐
 #   vm2 (target)  eth0 172.17.22.12  eth1 192.168.0.12  ├ bridges: application 172.17.22.0/24,
-#   client        eth0 172.17.22.100                    ┘          replication 192.168.0.0/24
+#   client        eth0 172.17.22.100                    │          replication 192.168.0.0/24
+#   etcd          eth0 172.17.22.201-203 (3 members)     ┘ the arbiter
 #   service IP    172.17.22.187 (a tiny HTTP service with files on ext4 on the protected volume)
 #
-# Steps: agents on vm1 and vm2, servers added from the client, job created,
+# Steps: a 3-member etcd cluster (the arbiter), agents on vm1 and vm2, servers
+# added from the client, job created (--arbiter etcd),
 # ext4 on the volume (nbdfuse + loop: this kernel may have no nbd module),
 # files written, service started; vm1 force-stopped (agent killed, links
 # down); automatic failover: vm2 takes the IP, mounts the volume, serves the
@@ -20,13 +22,13 @@ set -euo pipefail
 DOPPEL=$(realpath "${1:-bin/doppel}")
 [ "$(id -u)" = 0 ] || { echo "demo: needs root (network namespaces, loop devices, FUSE)"; exit 1; }
 [ -x "$DOPPEL" ] || { echo "demo: no doppel binary at $DOPPEL (make build)"; exit 1; }
-for t in ip nsenter nbdfuse losetup mkfs.ext4 busybox curl sha256sum; do
+for t in ip nsenter nbdfuse losetup mkfs.ext4 busybox curl sha256sum etcd; do
 	command -v $t >/dev/null || { echo "demo: missing $t (make deps)"; exit 1; }
 done
 
 S=$(head -c 3 /dev/urandom | od -An -tx1 | tr -d ' \n')
 D=$(mktemp -d /tmp/doppel-demo-$S.XXXX)
-NS1=vm1-$S NS2=vm2-$S NSC=client-$S
+NS1=vm1-$S NS2=vm2-$S NSC=client-$S NSE=etcd-$S
 BRA=dpa$S BRR=dpr$S
 SVC=172.17.22.187
 export DOPPEL_CONFIG=$D/cli.json
@@ -69,7 +71,8 @@ cleanup() {
 	if [ $rc != 0 ]; then
 		mkdir -p /tmp/doppel-demo-logs
 		for h in vm1 vm2; do cp $D/$h/agent.log /tmp/doppel-demo-logs/$h-agent.log 2>/dev/null; cp $D/$h/hook.log /tmp/doppel-demo-logs/$h-hook.log 2>/dev/null; done
-		cp $D/client/witness.log /tmp/doppel-demo-logs/witness.log 2>/dev/null
+		for i in 1 2 3; do cp $D/etcd/$i.log /tmp/doppel-demo-logs/etcd-$i.log 2>/dev/null; done
+		for h in vm1 vm2; do cli job events web --server $h --last 0 >/tmp/doppel-demo-logs/$h-events.txt 2>&1; done
 		echo "demo: failed; agent and hook logs in /tmp/doppel-demo-logs"
 	fi
 	for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null; done
@@ -81,7 +84,7 @@ cleanup() {
 		fusermount3 -u -z $D/$h/fuse 2>/dev/null
 	done
 	sleep 0.3
-	for ns in $NS1 $NS2 $NSC; do ip netns del $ns 2>/dev/null; done
+	for ns in $NS1 $NS2 $NSC $NSE; do ip netns del $ns 2>/dev/null; done
 	ip link del $BRA 2>/dev/null; ip link del $BRR 2>/dev/null
 	rm -rf "$D"
 }
@@ -99,19 +102,38 @@ veth() { # ns ifname bridge addr
 	ip -n $1 addr add $4 dev $2
 	ip -n $1 link set $2 up
 }
-for ns in $NS1 $NS2 $NSC; do ip netns add $ns; ip -n $ns link set lo up; done
+for ns in $NS1 $NS2 $NSC $NSE; do ip netns add $ns; ip -n $ns link set lo up; done
 veth $NS1 eth0 $BRA 172.17.22.11/24; veth $NS1 eth1 $BRR 192.168.0.11/24
 veth $NS2 eth0 $BRA 172.17.22.12/24; veth $NS2 eth1 $BRR 192.168.0.12/24
 veth $NSC eth0 $BRA 172.17.22.100/24
-say "namespaces $NS1 $NS2 $NSC, bridges $BRA (application) $BRR (replication), work dir $D"
+veth $NSE eth0 $BRA 172.17.22.201/24
+ip -n $NSE addr add 172.17.22.202/24 dev eth0; ip -n $NSE addr add 172.17.22.203/24 dev eth0
+say "namespaces $NS1 $NS2 $NSC $NSE, bridges $BRA (application) $BRR (replication), work dir $D"
 
-bold "2. Install the agents (doppel agent) on vm1 and vm2"
+bold "2. The arbiter: a 3-member etcd cluster (the etcd Patroni and Kubernetes users already run)"
+mkdir -p $D/etcd
+CLUSTER=e1=http://172.17.22.201:2380,e2=http://172.17.22.202:2380,e3=http://172.17.22.203:2380
+ENDPOINTS=http://172.17.22.201:2379,http://172.17.22.202:2379,http://172.17.22.203:2379
+for i in 1 2 3; do
+	ip=172.17.22.20$i
+	ip netns exec $NSE etcd --name e$i --data-dir $D/etcd/e$i --log-level error \
+		--listen-client-urls http://$ip:2379 --advertise-client-urls http://$ip:2379 \
+		--listen-peer-urls http://$ip:2380 --initial-advertise-peer-urls http://$ip:2380 \
+		--initial-cluster $CLUSTER --initial-cluster-state new --initial-cluster-token demo-$S >>$D/etcd/$i.log 2>&1 &
+	PIDS+=($!)
+	disown $!
+done
+etcd_up() { ip netns exec $NSC env ETCDCTL_API=3 etcdctl --endpoints $ENDPOINTS --dial-timeout 1s endpoint health >/dev/null 2>&1; }
+if command -v etcdctl >/dev/null; then wait_for "etcd cluster healthy" 30 etcd_up; else sleep 3; fi
+say "etcd members e1 e2 e3 on 172.17.22.201-203 (endpoints $ENDPOINTS)"
+
+bold "3. Install the agents (doppel agent) on vm1 and vm2, each pointed at the arbiter"
 mkdir -p $D/vm1 $D/vm2
 start_agent() { # host ns app-ip repl-ip
 	# As the README starts it: no --probe-iface, the probe attaches to the
 	# interface of the route to each peer address (both paths here).
 	ip netns exec $2 "$DOPPEL" agent --state-dir $D/$1/state \
-		--control-listen $3:6320 --repl-listen $4:6325 >>$D/$1/agent.log 2>&1 &
+		--control-listen $3:6320 --repl-listen $4:6325 --arbiter-endpoints $ENDPOINTS >>$D/$1/agent.log 2>&1 &
 	echo $! >$D/$1/agent.pid
 	PIDS+=($!)
 	disown $! # killed on purpose later: no "Killed" job report from bash
@@ -121,17 +143,10 @@ start_agent vm2 $NS2 172.17.22.12 192.168.0.12
 wait_for "agent on vm1" 10 test -f $D/vm1/state/token
 wait_for "agent on vm2" 10 test -f $D/vm2/state/token
 wait_for "agents ready" 10 grep -q "agent ready" $D/vm1/agent.log $D/vm2/agent.log
-# The witness: the client's side of the lab hears both agents' heartbeats;
-# automatic failover also needs it to have lost the source.
-mkdir -p $D/client
-ip netns exec $NSC "$DOPPEL" witness --listen 172.17.22.100:6327 >>$D/client/witness.log 2>&1 &
-PIDS+=($!)
-disown $!
-wait_for "witness ready" 10 grep -q "witness ready" $D/client/witness.log
 sleep 0.5
 say "each agent created its certificate and an API token (mode $(stat -c %a $D/vm1/state/token))"
 
-bold "3. From the console (client namespace): add the servers, pinning their certificates"
+bold "4. From the console (client namespace): add the servers, pinning their certificates"
 fp() { grep -o 'fingerprint=sha256:[0-9a-f]*' $D/$1/agent.log | head -1 | cut -d= -f2; }
 cli server add vm1 172.17.22.11 --token-file $D/vm1/state/token --fingerprint "$(fp vm1)" | sed 's/^/   /'
 cli server add vm2 172.17.22.12 --token-file $D/vm2/state/token --fingerprint "$(fp vm2)" | sed 's/^/   /'
@@ -141,7 +156,7 @@ head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >$D/bad.token
 if cli job list --server vm1 --token-file $D/bad.token >$D/out 2>&1; then fail "wrong token accepted"; fi
 say "  $(cat $D/out)"
 
-bold "4. Create the protection job: vm1's volume replicated to vm2, service IP $SVC, automatic failover"
+bold "5. Create the protection job: vm1's volume replicated to vm2, service IP $SVC, automatic failover through the arbiter"
 truncate -s 256M $D/vm1.img $D/vm2.img
 cat >$D/hook.sh <<EOF
 #!/bin/bash
@@ -191,14 +206,14 @@ echo \$! >\$H/httpd.pid
 EOF
 chmod +x $D/hook.sh $D/mount.sh $D/service.sh
 cli job create web --source vm1 --target vm2 --volume $D/vm1.img --target-volume $D/vm2.img \
-	--service-ip $SVC/24@eth0 --failover auto --monitor interval=200ms,missed=5 --witness 172.17.22.100 \
+	--service-ip $SVC/24@eth0 --failover auto --monitor interval=200ms,missed=5 --arbiter etcd --lease-ttl 3s \
 	--script post-failover=$D/hook.sh --script pre-failback=$D/hook.sh --script post-failback=$D/hook.sh | sed 's/^/   /'
 wait_for "mirror to complete" 60 is_state vm2 replicating
 both_paths() { local out; out=$(jstatus); [[ "$out" != *SILENT* && "$out" == *"probe    xdp-"*"peer repl up, app up"* ]]; }
 wait_for "each agent to hear the other on both paths (XDP on the routes' interfaces)" 10 both_paths
 status
 
-bold "5. Put ext4 on the protected volume (vm1 serves it as an NBD export; nbdfuse + loop), write files"
+bold "6. Put ext4 on the protected volume (vm1 serves it as an NBD export; nbdfuse + loop), write files"
 sock=$(jstatus --json | busybox awk -F'"' '/"device": "unix:/ { sub("unix:", "", $4); print $4; exit }')
 [ -S "$sock" ] || fail "vm1 does not serve the volume (device '$sock')"
 $D/mount.sh vm1 "$sock" mkfs
@@ -213,15 +228,16 @@ wait_for "service on vm1" 10 ip netns exec $NSC curl -sf -m 1 -o /dev/null http:
 say "client -> http://$SVC:8080/index.html: $(ip netns exec $NSC curl -sf -m 2 http://$SVC:8080/index.html)"
 pause 1
 
-bold "6. A partition between vm1 and vm2 only: vm2 no longer hears vm1, the witness (client side) still does"
+bold "7. A partition between vm1 and vm2 only: vm2 no longer hears vm1, both still reach the arbiter"
 ip -n $NS1 route add blackhole 172.17.22.12/32; ip -n $NS1 route add blackhole 192.168.0.12/32
-wait_for "vm2 to declare vm1 down" 15 is_state vm2 source-down
-sleep 1.5
+wait_for "vm2 to declare vm1 down and ask the arbiter" 15 is_state vm2 promoting
+sleep 4 # longer than the lease TTL (3 s): vm1 renews it, vm2 is refused
 status
-is_state vm2 source-down && [ "$(state_of vm2 role)" = target ] || fail "vm2 took over while the witness still heard vm1"
+is_state vm2 promoting && [ "$(state_of vm2 role)" = target ] || fail "vm2 took over while vm1 held its lease"
 if has_ip $NS2; then fail "vm2 took the service IP during the partition"; fi
-grep -q 'msg=witness .*lost_source=false' $D/vm2/agent.log || fail "vm2 did not ask the witness"
-say "no failover: the witness still hears vm1; vm2 asks again every 500 ms"
+cli job events web --server vm2 --last 0 | grep -q "refused for now: the source holds the lease" || fail "vm2 did not ask the arbiter"
+say "no failover: the arbiter refuses vm2 while vm1 renews its lease (vm2 asks again every 200 ms)"
+cli job events web --last 8 | sed 's/^/     /' 
 ip -n $NS1 route del blackhole 172.17.22.12/32; ip -n $NS1 route del blackhole 192.168.0.12/32
 wait_for "the partition to heal" 30 is_state vm2 replicating
 say "healed: vm2 hears vm1 again and replicates"
@@ -233,7 +249,7 @@ cool() { [ "$(state_of vm1 hot_extents)" -le 2 ]; }
 wait_for "vm1's hot extents to cool" 20 cool
 say "vm1: $(state_of vm1 hot_extents) hot extents in its activity log"
 
-bold "7. Force-stop vm1: agent killed, links down"
+bold "8. Force-stop vm1: agent killed, links down"
 T0=$(date +%s.%N)
 kill -9 "$(cat $D/vm1/agent.pid)"
 ip -n $NS1 link set eth0 down; ip -n $NS1 link set eth1 down
@@ -249,21 +265,21 @@ done
 T1=$(date +%s.%N)
 RTO=$(awk -v a=$T0 -v b=$T1 'BEGIN { printf "%.2f", b - a }')
 
-bold "8. Automatic failover: vm2 took the service IP and serves the same files (RTO ${RTO}s)"
+bold "9. Automatic failover: vm2 took the service IP and serves the same files (RTO ${RTO}s)"
 status
 for f in file1.bin file2.bin file3.bin file4.bin file5.bin index.html; do
 	ip netns exec $NSC curl -sf -m 5 -o $D/got.$f http://$SVC:8080/$f
 done
 (cd $D && for f in file1.bin file2.bin file3.bin file4.bin file5.bin index.html; do echo "$(sha256sum <got.$f | cut -d' ' -f1)  $f"; done) >$D/sums2
 diff $D/sums $D/sums2 >/dev/null || fail "files differ on vm2"
-grep -q 'msg=witness .*lost_source=true' $D/vm2/agent.log || fail "vm2 failed over without the witness's vote"
-say "vm2's detector declared vm1 down and the witness (client side) had lost vm1 too"
+cli job events web --server vm2 --last 0 | grep -q "promoted: the arbiter granted epoch 2" || fail "vm2 failed over without the arbiter's grant"
+say "vm2's detector declared vm1 down; once vm1's lease expired the arbiter granted vm2 epoch 2"
 say "all $(wc -l <$D/sums) files intact on vm2 (sha256 match); client reached $SVC on vm2 ${RTO}s after the kill"
 ip -n $NS2 -br addr show eth0 | sed 's/^/   vm2: /'
 echo "written on vm2 after the failover" >$D/vm2/fs/after-failover.txt; sync -f $D/vm2/fs/after-failover.txt
 pause 1
 
-bold "9. Bring vm1 back: it finds it was superseded and stays fenced"
+bold "10. Bring vm1 back: it finds it was superseded and stays fenced"
 ip -n $NS1 link set eth0 up; ip -n $NS1 link set eth1 up
 umount -l $D/vm1/fs 2>/dev/null || true; losetup -d "$(cat $D/vm1/loop)" 2>/dev/null || true
 kill "$(cat $D/vm1/nbdfuse.pid)" 2>/dev/null || true; fusermount3 -u -z $D/vm1/fuse 2>/dev/null || true
@@ -274,7 +290,7 @@ status
 if has_ip $NS1; then fail "returned vm1 holds the service IP"; fi
 say "vm1 holds no service IP and does not serve the volume"
 
-bold "10. doppel reverse: vm1 becomes the target, resynced with only what differs"
+bold "11. doppel reverse: vm1 becomes the target, resynced with only what differs"
 # What differs: the chunks vm2 wrote since the failover, and vm1's dirty
 # chunks (its writes vm2 never acknowledged, plus the hot extents of its crash).
 CHANGED2=$(state_of vm2 changed_bytes) DIRTY1=$(state_of vm1 dirty_bytes)
@@ -288,13 +304,13 @@ cli verify web | sed 's/^/   /' || fail "vm1 and vm2 differ after the reverse re
 # writes vm2 queued since the failover, shipped in order, plus the resync).
 REV=$(state_of vm1 applied_bytes) RESYNC=$(state_of vm2 mirror_sent)
 say "reverse sent $REV bytes of the 256 MiB volume ($RESYNC of them by resync of the union of both sides' dirty bitmaps)"
-# Issue 7's bound: at most 1.1 × (bytes changed on vm2 + vm1's dirty chunks).
+# The reverse bound: at most 1.1 × (bytes changed on vm2 + vm1's dirty chunks).
 [ $((REV * 10)) -le $((11 * (CHANGED2 + DIRTY1))) ] ||
 	fail "reverse sent $REV bytes: more than 1.1 × ($CHANGED2 changed on vm2 + $DIRTY1 dirty on vm1)"
 say "$REV ≤ 1.1 × ($CHANGED2 + $DIRTY1) = $(( 11 * (CHANGED2 + DIRTY1) / 10 ))"
 
 
-bold "11. doppel failback: planned switchover, vm1 is the source again, vm2 the standby"
+bold "12. doppel failback: planned switchover, vm1 is the source again, vm2 the standby"
 cli failback web | sed 's/^/   /'
 is_source() { [ "$(state_of "$1" role)" = source ]; }
 wait_for "vm1 to take the source role back" 60 is_source vm1
