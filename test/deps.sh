@@ -21,6 +21,7 @@ declare -A need=(
 	[losetup]=mount
 	[vagrant]=vagrant
 	[etcd]=etcd-server [etcdctl]=etcd-client
+	[mkfs.xfs]=xfsprogs [mkfs.btrfs]=btrfs-progs [fsfreeze]=util-linux
 )
 missing=()
 for cmd in "${!need[@]}"; do
