@@ -60,7 +60,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Description: "doppel agent runs on each host; every other command is a client of the agents'\n" +
 			"control API (servers added with doppel server add). Operator commands: server,\n" +
 			"job, failover, reverse, switchover, failback, verify. Plumbing: nbd, repl,\n" +
-			"probe, ip, witness. doppel job status exits 0 when the job is protected, 1\n" +
+			"probe, ip. doppel job status exits 0 when the job is protected, 1\n" +
 			"degraded, 2 not protected or failed over, 3 when no agent answered; a usage\n" +
 			"error exits 64, any other error 1.",
 		EnableBashCompletion: true,

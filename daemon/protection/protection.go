@@ -30,6 +30,7 @@ import (
 
 	"github.com/doppelha/doppel/daemon/api"
 	"github.com/doppelha/doppel/daemon/ha"
+	"github.com/doppelha/doppel/daemon/job"
 )
 
 // Level is the headline.
@@ -40,20 +41,25 @@ const (
 	Protected    Level = "PROTECTED"
 	Degraded     Level = "DEGRADED"
 	NotProtected Level = "NOT PROTECTED"
-	FailedOver   Level = "FAILED OVER"
+	// Suspended: the source holds writes it may not acknowledge (it
+	// cannot renew its lease on the arbiter and its target does not
+	// acknowledge them): the application waits, then gets EIO.
+	Suspended  Level = "SUSPENDED"
+	FailedOver Level = "FAILED OVER"
 	// Unreachable: no agent of the job answered; its state is unknown.
 	Unreachable Level = "UNREACHABLE"
 )
 
 // ExitCode is the exit status of doppel job status for the level: 0
-// protected, 1 degraded, 2 not protected or failed over, 3 unreachable.
+// protected, 1 degraded, 2 not protected, suspended or failed over, 3
+// unreachable.
 func (l Level) ExitCode() int {
 	switch l {
 	case Protected:
 		return 0
 	case Degraded:
 		return 1
-	case NotProtected, FailedOver:
+	case NotProtected, Suspended, FailedOver:
 		return 2
 	}
 	return 3
@@ -197,6 +203,19 @@ func judge(sides []Side, src, tgt *Side, peer func(string) *Side) (Level, string
 	}
 	st := src.Status
 	other := peer(src.Server)
+	if a := st.Arbiter; a != nil && !a.Holding && st.HA.State != ha.StateStarting {
+		// Without its lease a source acknowledges only what its target
+		// acknowledges: an async source nothing, a sync one nothing
+		// while the target is away (docs/safety.md).
+		lease := fmt.Sprintf("%s cannot renew its lease on the arbiter", src.Server)
+		if a.Error != "" {
+			lease += " (" + a.Error + ")"
+		}
+		if st.Spec.Mode == job.ModeAsync || st.HA.State != ha.StateReplicating {
+			return Suspended, lease + fmt.Sprintf(": writes on %s are held, then fail with EIO after the suspend timeout; they go on once the lease is back", src.Server), nil
+		}
+		return Degraded, lease + fmt.Sprintf(": no automatic failover; writes go on while %s acknowledges them", other.Server), nil
+	}
 	switch st.HA.State {
 	case ha.StateStarting:
 		return NotProtected, fmt.Sprintf("%s restarted and waits to hear %s before serving", src.Server, other.Server), nil
@@ -204,7 +223,11 @@ func judge(sides []Side, src, tgt *Side, peer func(string) *Side) (Level, string
 		return NotProtected, fmt.Sprintf("replication paused by the operator: writes on %s are tracked (%s dirty), not sent", src.Server, bytesHuman(st.Data.DirtyBytes)),
 			[]string{fmt.Sprintf("doppel job resume %s", name)}
 	case ha.StateDisconnected:
-		return NotProtected, fmt.Sprintf("%s cannot reach %s for replication: writes are tracked for a resync (%s dirty)", src.Server, other.Server, bytesHuman(st.Data.DirtyBytes)), nil
+		r := fmt.Sprintf("%s cannot reach %s for replication: writes are tracked for a resync (%s dirty)", src.Server, other.Server, bytesHuman(st.Data.DirtyBytes))
+		if a := st.Arbiter; a != nil && a.TargetOutOfSync {
+			r += fmt.Sprintf("; %s is recorded out of sync: it cannot be promoted automatically", other.Server)
+		}
+		return NotProtected, r, nil
 	case ha.StateMirroring, ha.StateReversing:
 		what := "mirror"
 		if st.HA.State == ha.StateReversing {
@@ -249,6 +272,9 @@ func judge(sides []Side, src, tgt *Side, peer func(string) *Side) (Level, string
 	if st.Data.QueueDisk > 0 {
 		why = append(why, fmt.Sprintf("the replication queue spilled to disk (%s)", bytesHuman(st.Data.QueueDisk)))
 	}
+	if a := st.Arbiter; a != nil && a.TargetOutOfSync {
+		why = append(why, fmt.Sprintf("%s is recorded out of sync on the arbiter until its resync is acknowledged: no automatic failover onto it meanwhile", other.Server))
+	}
 	if limit := time.Duration(st.Probe.Missed) * st.Probe.Interval; limit > 0 && st.Data.RPO > limit {
 		why = append(why, fmt.Sprintf("%s lags: RPO %v", other.Server, st.Data.RPO.Round(time.Millisecond)))
 	}
@@ -285,6 +311,10 @@ func risk(src, tgt *Side) Risk {
 	r.FailoverIn = time.Duration(t.Probe.Missed) * t.Probe.Interval
 	if t.Probe.TimeToFail >= 0 {
 		r.FailoverIn = t.Probe.TimeToFail
+	}
+	if t.Spec.Arbiter != "" {
+		// The promotion waits for the source's lease to expire.
+		r.FailoverIn = max(r.FailoverIn, t.Spec.LeaseTTL)
 	}
 	return r
 }

@@ -32,6 +32,15 @@ func side(server string, role ha.Role, state ha.State, tweak ...func(*api.JobSta
 
 func down(server, err string) Side { return Side{Server: server, Err: err} }
 
+// withArbiter gives a side an etcd arbiter (lease TTL 5 s); holding: the
+// side holds the lease.
+func withArbiter(holding bool) func(*api.JobStatus) {
+	return func(s *api.JobStatus) {
+		s.Spec.Arbiter, s.Spec.LeaseTTL = job.ArbiterEtcd, 5*time.Second
+		s.Arbiter = &api.ArbiterStatus{Holding: holding, TTL: 5 * time.Second, LeaseAge: -1}
+	}
+}
+
 func TestAssess(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
@@ -72,6 +81,33 @@ func TestAssess(t *testing.T) {
 				s.HA.Paths[1].Up = false
 			})},
 			level: Degraded, reason: "vm2 does not hear vm1 on path app", src: "vm1", tgt: "vm2",
+		},
+		{
+			name:  "arbiter: the failover waits for the lease",
+			sides: []Side{side("vm1", ha.RoleSource, ha.StateReplicating, withArbiter(true)), side("vm2", ha.RoleTarget, ha.StateReplicating, withArbiter(false))},
+			level: Protected, src: "vm1", tgt: "vm2", risk: "vm2 takes over in ~5s (automatic)",
+		},
+		{
+			name:  "arbiter unreachable, sync and replicating: writes go on, no failover",
+			sides: []Side{side("vm1", ha.RoleSource, ha.StateReplicating, withArbiter(false)), side("vm2", ha.RoleTarget, ha.StateReplicating, withArbiter(false))},
+			level: Degraded, reason: "vm1 cannot renew its lease on the arbiter", src: "vm1", tgt: "vm2",
+		},
+		{
+			name: "arbiter unreachable, async: writes held",
+			sides: []Side{side("vm1", ha.RoleSource, ha.StateReplicating, withArbiter(false), func(s *api.JobStatus) { s.Spec.Mode = job.ModeAsync }),
+				side("vm2", ha.RoleTarget, ha.StateReplicating, withArbiter(false))},
+			level: Suspended, reason: "writes on vm1 are held", src: "vm1", tgt: "vm2",
+		},
+		{
+			name:  "arbiter unreachable and the target gone, sync: writes held",
+			sides: []Side{side("vm1", ha.RoleSource, ha.StateDisconnected, withArbiter(false)), down("vm2", "timeout")},
+			level: Suspended, reason: "writes on vm1 are held", src: "vm1", tgt: "vm2",
+		},
+		{
+			name: "target recorded out of sync, link down",
+			sides: []Side{side("vm1", ha.RoleSource, ha.StateDisconnected, withArbiter(true), func(s *api.JobStatus) { s.Arbiter.TargetOutOfSync = true }),
+				side("vm2", ha.RoleTarget, ha.StateDisconnected, withArbiter(false))},
+			level: NotProtected, reason: "vm2 is recorded out of sync", src: "vm1", tgt: "vm2",
 		},
 		{
 			name:  "the target's agent does not answer",
