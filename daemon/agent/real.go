@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -217,10 +216,4 @@ func (n NetIdentManager) Apply(ctx context.Context, addrs []netident.Addr) error
 func (n NetIdentManager) Release(ctx context.Context, addrs []netident.Addr) error {
 	_, err := n.M.Release(ctx, netident.Identity{Addrs: addrs})
 	return err
-}
-
-// heartbeatJobID is the job ID heartbeats carry.
-func heartbeatJobID(job string) [16]byte {
-	id := sha256.Sum256([]byte(job))
-	return [16]byte(id[:16])
 }
