@@ -33,6 +33,17 @@ type TargetConfig struct {
 	// Liveness bounds how long a silent session goes unnoticed, and
 	// reports the source's frames (keepalive.go).
 	Liveness Liveness
+	// BeforeMirror, when set, is called before a mirror or resync begins
+	// on a consistent target (the frame that makes it inconsistent), with
+	// no frame being applied and the last applied sequence: the moment to
+	// snapshot the last consistent image. An error stops the session
+	// (the mirror does not start).
+	BeforeMirror func(applied uint64, purpose wire.Purpose) error
+	// HoldResync: the end of a resync pass leaves the data inconsistent
+	// until MarkConsistent (replstate: a resync by bitmap is many passes,
+	// and only the source knows when the last chunk is sent; between
+	// passes the target holds some chunks newer than the rest).
+	HoldResync bool
 }
 
 // TargetState is what a target persists.
@@ -57,6 +68,7 @@ type Target struct {
 	stream    uint64
 	applied   uint64
 	durable   uint64
+	lastData  uint64 // the last applied sequence that changed data
 	state     uint8
 	persisted time.Time
 	peer      string
@@ -98,7 +110,9 @@ func NewTarget(cfg TargetConfig) (*Target, error) {
 			if st.VolumeSize != t.size {
 				return nil, fmt.Errorf("replication target: state %s is for a %d-byte volume, this one has %d", cfg.StatePath, st.VolumeSize, t.size)
 			}
-			t.stream, t.applied, t.durable = st.StreamID, st.Applied, st.Applied
+			// What changed data last is not persisted: as late as
+			// possible.
+			t.stream, t.applied, t.durable, t.lastData = st.StreamID, st.Applied, st.Applied, st.Applied
 			if st.State == "inconsistent" {
 				t.state = wire.StateInconsistent
 			}
@@ -126,6 +140,31 @@ func (t *Target) Quiesce(f func(applied uint64) error) error {
 	a := t.applied
 	t.mu.Unlock()
 	return f(a)
+}
+
+// MarkConsistent records that the data is a consistent image again (the
+// source finished a resync: HoldResync).
+func (t *Target) MarkConsistent() error {
+	t.applyMu.Lock()
+	defer t.applyMu.Unlock()
+	t.mu.Lock()
+	was := t.state
+	t.state = wire.StateConsistent
+	t.mu.Unlock()
+	if was == wire.StateConsistent {
+		return nil
+	}
+	t.log.Info("resync complete: target data consistent")
+	return t.persist(true)
+}
+
+// LastData is the sequence of the last applied frame that changed the
+// volume's data (0 when none in this stream): the image at any sequence
+// from it to Status's applied is the same.
+func (t *Target) LastData() uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.lastData
 }
 
 // Close syncs the backend and persists the state.
@@ -299,7 +338,7 @@ func (t *Target) ServeConn(ctx context.Context, c net.Conn) error {
 	w := &wire.Welcome{Version: v, StreamID: t.stream, Applied: t.applied, VolumeSize: uint64(t.size), State: t.state}
 	newStream := h.StreamID != t.stream
 	if newStream {
-		t.stream, t.applied, t.durable = h.StreamID, h.BaseSeq, h.BaseSeq
+		t.stream, t.applied, t.durable, t.lastData = h.StreamID, h.BaseSeq, h.BaseSeq, 0
 	}
 	t.mu.Unlock()
 	defer func() {
@@ -509,6 +548,16 @@ func (t *Target) apply(f wire.Sequenced) (wire.Frame, error) {
 	case *wire.MirrorHole:
 		err = blockdev.ApplyTo(t.b, &blockdev.Mutation{Op: blockdev.OpTrim, Offset: int64(f.Offset), Length: int64(f.Length)})
 	case *wire.MirrorState:
+		if f.Phase == wire.PhaseBegin && t.cfg.BeforeMirror != nil {
+			t.mu.Lock()
+			consistent, applied := t.state == wire.StateConsistent, t.applied
+			t.mu.Unlock()
+			if consistent {
+				if err := t.cfg.BeforeMirror(applied, f.Purpose); err != nil {
+					return nil, fmt.Errorf("before %v: %w", f.Purpose, err)
+				}
+			}
+		}
 		if f.Phase == wire.PhaseBegin {
 			t.mu.Lock()
 			t.state = wire.StateInconsistent
@@ -535,7 +584,7 @@ func (t *Target) apply(f wire.Sequenced) (wire.Frame, error) {
 	if durable {
 		t.durable = f.Sequence()
 	}
-	if ms, ok := f.(*wire.MirrorState); ok && ms.Phase == wire.PhaseEnd {
+	if ms, ok := f.(*wire.MirrorState); ok && ms.Phase == wire.PhaseEnd && !(t.cfg.HoldResync && ms.Purpose == wire.PurposeResync) {
 		t.state = wire.StateConsistent
 		persist = true
 		t.log.Info("mirror ended: target data consistent", "purpose", ms.Purpose)
@@ -548,6 +597,10 @@ func (t *Target) apply(f wire.Sequenced) (wire.Frame, error) {
 	}
 	t.mu.Lock()
 	t.applied = f.Sequence()
+	switch f.(type) {
+	case *wire.Write, *wire.Trim, *wire.Zeroes, *wire.MirrorData, *wire.MirrorHole:
+		t.lastData = f.Sequence()
+	}
 	t.mu.Unlock()
 	return reply, nil
 }

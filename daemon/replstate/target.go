@@ -17,6 +17,7 @@ import (
 	"github.com/doppelha/doppel/daemon/bitmap"
 	"github.com/doppelha/doppel/daemon/gen"
 	"github.com/doppelha/doppel/daemon/repl"
+	"github.com/doppelha/doppel/daemon/snapshot"
 	"github.com/doppelha/doppel/daemon/splitbrain"
 )
 
@@ -40,6 +41,13 @@ type TargetConfig struct {
 	// itself). NewerEpoch is called with a source's epoch above it.
 	Epoch      func() uint64
 	NewerEpoch func(epoch uint64)
+	// BeforeInconsistent, when set, is called before this side's data
+	// turns inconsistent while it is consistent (a resync, a mirror, a
+	// reverse overwriting it), with no frame being applied and the
+	// point its volume holds: DRBD's before-resync-target handler, where
+	// the agent snapshots the last consistent image. An error refuses
+	// the resync (the source retries).
+	BeforeInconsistent func(p snapshot.Point, why string) error
 }
 
 // Target is the receiving side with persistent state.
@@ -56,6 +64,10 @@ type Target struct {
 	saved   string
 	aside   string
 }
+
+// ErrNotConsistent: the target's data is not a consistent image now
+// (mid-mirror or mid-resync).
+var ErrNotConsistent = errors.New("target data is not consistent (a mirror or resync is running or was interrupted)")
 
 // OpenTarget opens the state under cfg.Dir for the volume.
 func OpenTarget(cfg TargetConfig) (*Target, error) {
@@ -79,11 +91,85 @@ func OpenTarget(cfg TargetConfig) (*Target, error) {
 			return nil, err
 		}
 	}
-	eng, err := repl.NewTarget(repl.TargetConfig{Backend: cfg.Backend, StatePath: filepath.Join(cfg.Dir, TargetFile), Log: cfg.Log, Liveness: cfg.Liveness})
+	t := &Target{cfg: cfg, log: cfg.Log, size: cfg.Backend.Size(), gen: st, aside: aside}
+	// A resync inside the stream (after a queue overflow) leaves the
+	// data inconsistent until the source says the bitmap is clean (the
+	// resync notice, or an adopting handshake). No snapshot is taken
+	// there: the target cannot tell which writes the overflow dropped,
+	// so there is no known consistent point to keep.
+	rc := repl.TargetConfig{Backend: cfg.Backend, StatePath: filepath.Join(cfg.Dir, TargetFile), Log: cfg.Log, Liveness: cfg.Liveness, HoldResync: true}
+	eng, err := repl.NewTarget(rc)
 	if err != nil {
 		return nil, err
 	}
-	return &Target{cfg: cfg, log: cfg.Log, eng: eng, size: cfg.Backend.Size(), gen: st, aside: aside}, nil
+	t.eng = eng
+	t.setGen(st)
+	return t, nil
+}
+
+// setGen records the generation state. Called with mu held (or before
+// the target is shared).
+func (t *Target) setGen(st gen.State) {
+	t.gen = st
+}
+
+// consistentLocked reports whether both the generation and the engine
+// say the data is a consistent image. Called with mu held.
+func (t *Target) consistentLocked() bool {
+	es, _, _ := t.eng.Status()
+	return t.gen.Current != 0 && t.gen.Data == gen.Consistent && es.State == "consistent"
+}
+
+// AtPoint runs f with no frame being applied and no handshake changing
+// the generation, with the point the volume holds: a snapshot there is
+// a crash-consistent image of the source's history up to p.Seq. It
+// fails with ErrNotConsistent when the data is not a consistent image.
+func (t *Target) AtPoint(f func(p snapshot.Point) error) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if !t.consistentLocked() {
+		return ErrNotConsistent
+	}
+	g := t.gen.Current
+	return t.eng.Quiesce(func(applied uint64) error {
+		es, _, _ := t.eng.Status()
+		if es.State != "consistent" {
+			return ErrNotConsistent
+		}
+		return f(snapshot.Point{Generation: g, Stream: es.StreamID, Seq: applied})
+	})
+}
+
+// AtSeq is AtPoint once the target applied seq of stream (waiting for
+// it until ctx ends), with the volume holding exactly the image at seq:
+// no frame after it changed data. The source keeps its file system
+// frozen meanwhile (an application-consistent snapshot).
+func (t *Target) AtSeq(ctx context.Context, stream, seq uint64, f func(p snapshot.Point) error) error {
+	for {
+		es, _, _ := t.eng.Status()
+		if es.StreamID != stream {
+			return fmt.Errorf("the target follows stream %016x, the point is in %016x (the stream restarted): take the snapshot again", es.StreamID, stream)
+		}
+		if es.Applied >= seq {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("wait for sequence %d (applied %d): %w", seq, es.Applied, ctx.Err())
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	return t.AtPoint(func(p snapshot.Point) error {
+		if p.Stream != stream {
+			return fmt.Errorf("the stream restarted before the point was reached")
+		}
+		if ld := t.eng.LastData(); ld > seq {
+			return fmt.Errorf("data changed after the point (sequence %d > %d): the source was not frozen", ld, seq)
+		}
+		p.Seq = seq
+		p.AppConsistent = true
+		return f(p)
+	})
 }
 
 // Engine returns the replication engine's target.
@@ -211,7 +297,10 @@ func (t *Target) handshake(c net.Conn) (keep bool, err error) {
 		if err := saveGen(t.cfg.Dir, st); err != nil {
 			return fail("%v", err)
 		}
-		t.gen = st
+		t.setGen(st)
+		if err := t.eng.MarkConsistent(); err != nil {
+			return fail("%v", err)
+		}
 		t.log.Info("resync complete: target consistent", "generation", fmt.Sprintf("%016x", st.Current))
 		return false, writeMsg(c, rp)
 	}
@@ -254,12 +343,35 @@ func (t *Target) handshake(c net.Conn) (keep bool, err error) {
 	case cm.Resync:
 		st.BeginResync(src)
 	}
+	if (cm.Full || cm.Resync) && t.cfg.BeforeInconsistent != nil && t.consistentLocked() {
+		why := fmt.Sprintf("%s: %s", cm.Outcome, cm.Reason)
+		if cm.Full {
+			why = "full mirror: " + why
+		}
+		g := t.gen.Current
+		err := t.eng.Quiesce(func(applied uint64) error {
+			es, _, _ := t.eng.Status()
+			return t.cfg.BeforeInconsistent(snapshot.Point{Generation: g, Stream: es.StreamID, Seq: applied}, why)
+		})
+		if err != nil {
+			d.Error = fmt.Sprintf("before the resync: %v", err)
+			writeMsg(c, d)
+			return false, fmt.Errorf("%w: %s", ErrRefused, d.Error)
+		}
+	}
 	if err := saveGen(t.cfg.Dir, st); err != nil {
 		d.Error = err.Error()
 		writeMsg(c, d)
 		return false, err
 	}
-	t.gen = st
+	t.setGen(st)
+	if cm.Adopt {
+		// The source says this side holds its generation's data: a
+		// resync whose notice was lost is over.
+		if err := t.eng.MarkConsistent(); err != nil {
+			return false, err
+		}
+	}
 	// The source holds our dirty chunks durably now.
 	t.bm.ClearAll()
 	if err := t.bm.Flush(); err != nil {
