@@ -74,6 +74,8 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			switchoverCommand(),
 			failbackCommand(),
 			verifyCommand(),
+			snapshotCommand(),
+			testFailoverCommand(),
 			nbdCommand(),
 			replCommand(),
 			probeCommand(),

@@ -167,7 +167,7 @@ func New(log *slog.Logger, cfg Config, subs Subsystems) (*Agent, error) {
 		Metrics: prometheus.NewRegistry(), Subsystems: subs, jobs: map[string]*runner{},
 		stopc: make(chan struct{}),
 	}
-	a.Metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), jobCollector{a})
+	a.Metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), jobCollector{a}, snapshotCollector{a})
 	a.API, err = api.NewServer(log, id, a, a.Metrics)
 	if err != nil {
 		return nil, err
@@ -455,9 +455,21 @@ func (a *Agent) DeleteJob(ctx context.Context, name string, opts api.DeleteOptio
 	dir := job.ReplStateDir(a.Config.StateDir, name)
 	events := strings.TrimSuffix(a.Store.RecordPath(name), ".json") + ".events"
 	var keep []string
+	snapDir := SnapshotsDir(a.Config.StateDir, name)
 	if opts.KeepState {
+		// The snapshots stay too: their images where they are, their
+		// catalog archived with the state.
 		keep = append(keep, dir)
-	} else if saves, _ := filepath.Glob(filepath.Join(dir, "splitbrain-*")); len(saves) > 0 {
+		if _, err := os.Stat(snapDir); err == nil {
+			keep = append(keep, snapDir)
+		}
+	} else if r.snaps != nil && r.snaps.mgr != nil {
+		if err := r.snaps.mgr.RemoveAll(); err != nil {
+			return res, fmt.Errorf("delete job %s: remove its snapshots: %w (the job is stopped; its record is kept)", name, err)
+		}
+		res.Removed = append(res.Removed, snapDir)
+	}
+	if saves, _ := filepath.Glob(filepath.Join(dir, "splitbrain-*")); !opts.KeepState && len(saves) > 0 {
 		keep = append(keep, saves...)
 	}
 	if len(keep) > 0 {

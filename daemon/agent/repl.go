@@ -18,6 +18,7 @@ import (
 	"github.com/doppelha/doppel/daemon/repl"
 	"github.com/doppelha/doppel/daemon/repl/wire"
 	"github.com/doppelha/doppel/daemon/replstate"
+	volsnap "github.com/doppelha/doppel/daemon/snapshot"
 	"github.com/doppelha/doppel/daemon/tlspin"
 )
 
@@ -412,7 +413,8 @@ func (d *replPlane) StartTarget(ctx context.Context) error {
 		d.oldRemove = nil
 	}
 	t, err := replstate.OpenTarget(replstate.TargetConfig{Dir: d.stateDir(), Backend: d.vol.Backend, Log: d.log, Discard: "target",
-		Liveness: d.liveness(), Binding: d.vol.Binding, Epoch: d.fence.Epoch, NewerEpoch: d.fence.NewerEpoch})
+		Liveness: d.liveness(), Binding: d.vol.Binding, Epoch: d.fence.Epoch, NewerEpoch: d.fence.NewerEpoch,
+		BeforeInconsistent: d.vol.BeforeInconsistent})
 	if err != nil {
 		return err
 	}
@@ -566,6 +568,50 @@ func (d *replPlane) Flush(ctx context.Context) error {
 		return nil
 	}
 	return src.Apply(ctx, &blockdev.Mutation{Op: blockdev.OpFlush})
+}
+
+// AtPoint runs f at the target's current consistent point (snapshots).
+func (d *replPlane) AtPoint(f func(volsnap.Point) error) error {
+	d.mu.Lock()
+	tgt := d.tgt
+	d.mu.Unlock()
+	if tgt == nil {
+		return fmt.Errorf("%w: job %s: this side applies no replication stream (not its target now)", job.ErrInvalid, d.rec.Spec.Name)
+	}
+	return tgt.AtPoint(f)
+}
+
+// AtSeq runs f exactly at sequence seq of stream, once the target
+// applied it (an application-consistent snapshot).
+func (d *replPlane) AtSeq(ctx context.Context, stream, seq uint64, f func(volsnap.Point) error) error {
+	d.mu.Lock()
+	tgt := d.tgt
+	d.mu.Unlock()
+	if tgt == nil {
+		return fmt.Errorf("%w: job %s: this side applies no replication stream (not its target now)", job.ErrInvalid, d.rec.Spec.Name)
+	}
+	return tgt.AtSeq(ctx, stream, seq, f)
+}
+
+// Mark sends a flush through the stream (a barrier, durable here and, in
+// sync mode, applied on the target when it returns) and returns the
+// stream and the last sequence issued: the target holds the image of
+// this moment once it applied it. The source must replicate.
+func (d *replPlane) Mark(ctx context.Context) (uint64, uint64, error) {
+	d.mu.Lock()
+	src, running := d.src, d.srcRun != nil
+	d.mu.Unlock()
+	if src == nil || !running {
+		return 0, 0, fmt.Errorf("%w: job %s does not replicate from this side now", job.ErrInvalid, d.rec.Spec.Name)
+	}
+	if rs := src.Status(); !rs.Connected || rs.Tracking {
+		return 0, 0, fmt.Errorf("%w: job %s's target is not connected: the point would not reach it", job.ErrInvalid, d.rec.Spec.Name)
+	}
+	if err := src.Apply(ctx, &blockdev.Mutation{Op: blockdev.OpFlush}); err != nil {
+		return 0, 0, err
+	}
+	eng := src.Engine()
+	return eng.StreamID(), eng.LastSeq(), nil
 }
 
 // Status implements DataPlane.

@@ -55,6 +55,9 @@ type runner struct {
 	arb   *arbiterSide
 	epoch atomic.Uint64
 
+	// snaps are the job's snapshots and test failover on this host.
+	snaps *jobSnapshots
+
 	// snap is the status as of the last processed event, readable while
 	// an action holds mu (a fence waiting on the volume, a script).
 	snap atomic.Pointer[snapshot]
@@ -118,13 +121,14 @@ func newRunner(a *Agent, rec job.Record, cl *claim, claimErr error) (*runner, er
 		return nil, err
 	}
 	r.snap.Store(&snapshot{ha: r.node.Status()})
+	r.snaps = openSnapshots(r)
 	switch {
 	case r.subs.DataPlane == nil:
 		r.dpErr = fmt.Errorf("%w: the replication engine (daemon/repl) is not connected to the agent yet", api.ErrNotWired)
 	case cl == nil:
 		r.dpErr = fmt.Errorf("volume: %w", claimErr)
 	default:
-		r.dp, err = r.subs.DataPlane(rec, JobVolume{Backend: cl.file, Binding: cl.binding}, r.fencing(), r.notify)
+		r.dp, err = r.subs.DataPlane(rec, JobVolume{Backend: cl.file, Binding: cl.binding, BeforeInconsistent: r.snaps.beforeInconsistent}, r.fencing(), r.notify)
 	}
 	if err != nil {
 		r.dpErr = fmt.Errorf("open data plane: %w", err)
@@ -212,6 +216,7 @@ func (r *runner) start(ctx context.Context) {
 	r.mu.Unlock()
 	go r.sendLoop(ctx)
 	go r.loop(ctx)
+	go r.snaps.scheduleLoop(ctx)
 	if r.subs.Liveness != nil {
 		r.detDone = make(chan struct{})
 		go r.detect(ctx)
@@ -232,6 +237,7 @@ func (r *runner) stop() {
 	if r.arb != nil {
 		r.arb.close()
 	}
+	r.snaps.close()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.subs.Volumes != nil {
@@ -674,6 +680,7 @@ func (r *runner) status() api.JobStatus {
 	if r.arb != nil {
 		st.Arbiter = r.arb.statusView()
 	}
+	st.Snapshots = r.snaps.status()
 	if r.dp != nil {
 		st.Data = r.dp.Status()
 	} else {

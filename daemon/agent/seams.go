@@ -12,6 +12,7 @@ import (
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/monitor"
 	"github.com/doppelha/doppel/daemon/replstate"
+	volsnap "github.com/doppelha/doppel/daemon/snapshot"
 	"github.com/doppelha/doppel/netident"
 )
 
@@ -77,6 +78,10 @@ type JobVolume struct {
 	// Binding ties the job's replication state to this job incarnation
 	// and this volume (state of another is set aside).
 	Binding replstate.Binding
+	// BeforeInconsistent is called on the target before its copy turns
+	// inconsistent (replstate.TargetConfig.BeforeInconsistent): the
+	// automatic snapshot. Nil: none.
+	BeforeInconsistent func(p volsnap.Point, why string) error
 }
 
 // Volumes serves a job's volume to local applications.

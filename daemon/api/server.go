@@ -172,6 +172,7 @@ func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Regist
 		}
 		return writeJSON(w, http.StatusOK, res)
 	}))
+	s.snapshotRoutes(b)
 	s.handle("POST /v1/jobs/{name}/{command}", s.auth(func(w http.ResponseWriter, r *http.Request) error {
 		cmd := ha.EventType(r.PathValue("command"))
 		switch cmd {
@@ -387,6 +388,11 @@ func classify(err error) (int, string) {
 	switch {
 	case errors.As(err, &he):
 		return he.code, he.kind
+	}
+	if code, kind, ok := classifySnapshot(err); ok {
+		return code, kind
+	}
+	switch {
 	case errors.Is(err, job.ErrNotFound):
 		return http.StatusNotFound, "not_found"
 	case errors.Is(err, job.ErrExists):

@@ -139,7 +139,9 @@ type JobStatus struct {
 	Actions []string    `json:"actions,omitempty"` // what the last command did
 	// Arbiter is this side's view of the job's arbiter (nil: none).
 	Arbiter *ArbiterStatus `json:"arbiter,omitempty"`
-	Updated time.Time      `json:"updated"`
+	// Snapshots are the job's snapshots on this side (nil: not wired).
+	Snapshots *SnapshotStatus `json:"snapshots,omitempty"`
+	Updated   time.Time       `json:"updated"`
 }
 
 // ArbiterStatus is a job's arbiter as one agent sees it.
