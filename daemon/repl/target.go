@@ -39,11 +39,6 @@ type TargetConfig struct {
 	// snapshot the last consistent image. An error stops the session
 	// (the mirror does not start).
 	BeforeMirror func(applied uint64, purpose wire.Purpose) error
-	// HoldResync: the end of a resync pass leaves the data inconsistent
-	// until MarkConsistent (replstate: a resync by bitmap is many passes,
-	// and only the source knows when the last chunk is sent; between
-	// passes the target holds some chunks newer than the rest).
-	HoldResync bool
 }
 
 // TargetState is what a target persists.
@@ -143,7 +138,8 @@ func (t *Target) Quiesce(f func(applied uint64) error) error {
 }
 
 // MarkConsistent records that the data is a consistent image again (the
-// source finished a resync: HoldResync).
+// source says the target holds its generation: a resync notice, an
+// adopting handshake), in case an interrupted resync left it inconsistent.
 func (t *Target) MarkConsistent() error {
 	t.applyMu.Lock()
 	defer t.applyMu.Unlock()
@@ -584,7 +580,7 @@ func (t *Target) apply(f wire.Sequenced) (wire.Frame, error) {
 	if durable {
 		t.durable = f.Sequence()
 	}
-	if ms, ok := f.(*wire.MirrorState); ok && ms.Phase == wire.PhaseEnd && !(t.cfg.HoldResync && ms.Purpose == wire.PurposeResync) {
+	if ms, ok := f.(*wire.MirrorState); ok && ms.Phase == wire.PhaseEnd {
 		t.state = wire.StateConsistent
 		persist = true
 		t.log.Info("mirror ended: target data consistent", "purpose", ms.Purpose)

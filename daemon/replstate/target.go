@@ -92,12 +92,11 @@ func OpenTarget(cfg TargetConfig) (*Target, error) {
 		}
 	}
 	t := &Target{cfg: cfg, log: cfg.Log, size: cfg.Backend.Size(), gen: st, aside: aside}
-	// A resync inside the stream (after a queue overflow) leaves the
-	// data inconsistent until the source says the bitmap is clean (the
-	// resync notice, or an adopting handshake). No snapshot is taken
-	// there: the target cannot tell which writes the overflow dropped,
-	// so there is no known consistent point to keep.
-	rc := repl.TargetConfig{Backend: cfg.Backend, StatePath: filepath.Join(cfg.Dir, TargetFile), Log: cfg.Log, Liveness: cfg.Liveness, HoldResync: true}
+	// No snapshot is taken before a resync inside the stream (a queue
+	// overflow, activity-log evictions resynced by bitmap): the target
+	// cannot tell which writes it lacks, so there is no known consistent
+	// point to keep.
+	rc := repl.TargetConfig{Backend: cfg.Backend, StatePath: filepath.Join(cfg.Dir, TargetFile), Log: cfg.Log, Liveness: cfg.Liveness}
 	eng, err := repl.NewTarget(rc)
 	if err != nil {
 		return nil, err
