@@ -123,17 +123,40 @@ func (t *Target) consistentLocked() bool {
 // the generation, with the point the volume holds: a snapshot there is
 // a crash-consistent image of the source's history up to p.Seq. It
 // fails with ErrNotConsistent when the data is not a consistent image.
+//
+// A resync batch inside the stream (the generation consistent, the
+// engine between a batch's begin and end) is waited for, up to
+// pointWait.
 func (t *Target) AtPoint(f func(p snapshot.Point) error) error {
+	deadline := time.Now().Add(pointWait)
+	for {
+		err := t.atPoint(f)
+		if !errors.Is(err, errMidBatch) {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%w: a resync inside the stream did not pause for %v", ErrNotConsistent, pointWait)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// pointWait bounds AtPoint's wait for the end of a resync batch.
+const pointWait = 10 * time.Second
+
+var errMidBatch = errors.New("mid resync batch")
+
+func (t *Target) atPoint(f func(p snapshot.Point) error) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if !t.consistentLocked() {
+	if t.gen.Current == 0 || t.gen.Data != gen.Consistent {
 		return ErrNotConsistent
 	}
 	g := t.gen.Current
 	return t.eng.Quiesce(func(applied uint64) error {
 		es, _, _ := t.eng.Status()
 		if es.State != "consistent" {
-			return ErrNotConsistent
+			return errMidBatch
 		}
 		return f(snapshot.Point{Generation: g, Stream: es.StreamID, Seq: applied})
 	})
