@@ -22,7 +22,7 @@ SYSCONFDIR ?= /etc
 GENDIR     ?= bin
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build static install uninstall generate check-generate vet check tidy-check staticcheck test test-go test-race test-fuzz test-unit test-vm bench bench-nbd bench-repl demo clean
+.PHONY: help deps build static install uninstall generate check-generate vet check tidy-check staticcheck test test-go test-race test-fuzz test-soak test-unit test-vm bench bench-nbd bench-repl demo clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -96,6 +96,9 @@ test-race: ## the unit tier under the race detector
 
 test-fuzz: ## every fuzz target for FUZZTIME (default 5s) beyond its seeds
 	GO=$(GO) test/fuzz.sh
+
+test-soak: ## the long soaks: no false down at 50 ms × 3 with every CPU busy, 2 minutes (root)
+	DOPPEL_PROBE_SOAK=2m $(GO) test -count=1 -timeout 30m -run 'TestNoFalseDown' -v ./ebpf/heartbeat/
 
 test-unit: ## unit tests only (no root, no network namespaces, no VMs)
 	$(GO) test -short ./...

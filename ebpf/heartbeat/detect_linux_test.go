@@ -321,8 +321,14 @@ func busyCPUs(t *testing.T) {
 }
 
 // TestNoFalseDownBusyCPU: 50 ms × 3 with every CPU saturated by busy
-// loops, for DOPPEL_PROBE_SOAK (default 20 s; the figure is 2 min).
+// loops, for DOPPEL_PROBE_SOAK. A soak whose verdict depends on what else
+// the machine runs (a sender at normal priority competing with the busy
+// loops and with every other test): it runs in make test-soak, where
+// DOPPEL_PROBE_SOAK is set (2 min), not in make test.
 func TestNoFalseDownBusyCPU(t *testing.T) {
+	if os.Getenv("DOPPEL_PROBE_SOAK") == "" {
+		t.Skip("soak test: make test-soak runs it (DOPPEL_PROBE_SOAK=2m)")
+	}
 	t.Parallel()
 	l := newLab(t)
 	cfg := monitor.Config{Interval: 50 * time.Millisecond, Missed: 3, Rise: 3}
