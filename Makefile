@@ -112,7 +112,7 @@ bench-nbd: deps build ## fio's nbd engine against doppel, nbdkit, qemu-nbd and g
 	$(GO) build -o bin/gonbd-serve ./bench/cmd/gonbd-serve
 	$(GO) run ./bench/cmd/nbdbench -doppel $(BIN) -gonbd bin/gonbd-serve $(BENCH_FLAGS)
 
-bench-repl: deps build ## fio through a replicated export: unreplicated vs async vs sync, mirror vs nbdcopy (root, ~4 min)
+bench-repl: deps build ## fio through doppel async/sync vs QEMU's mirror, the two-copy limit and unreplicated; mirror vs nbdcopy (root, ~14 min)
 	$(GO) run ./bench/cmd/replbench -doppel $(BIN) $(BENCH_FLAGS)
 
 demo: deps build ## two-host lab in network namespaces: protect, fail over, reverse, fail back (root)

@@ -48,6 +48,50 @@ func TestParseFio(t *testing.T) {
 	}
 }
 
+// TestParseFioTwoLegs parses a two-job run with a flush after every write
+// (the two-copy limit on the flush row) and combines the legs.
+func TestParseFioTwoLegs(t *testing.T) {
+	out, err := os.ReadFile(filepath.Join("testdata", "fio-two-legs-fsync.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ParseFio(out, true); err == nil || !strings.Contains(err.Error(), "2 jobs") {
+		t.Errorf("ParseFio of two jobs: %v", err)
+	}
+	rs, err := ParseFioJobs(out, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rs) != 2 {
+		t.Fatalf("%d results", len(rs))
+	}
+	local, remote := rs[0], rs[1]
+	if local.IOPS != 14146.179402 || local.IOs != 4258 || local.SyncLatMeanNs != 25671.632605 || local.LatMeanNs != 41342.931423 {
+		t.Errorf("local leg: %+v", local)
+	}
+	if remote.IOPS != 15299.003322 || remote.SyncLatMeanNs != 25717.27861 {
+		t.Errorf("remote leg: %+v", remote)
+	}
+	if got, want := local.OpLatNs(), 41342.931423+25671.632605; got != want {
+		t.Errorf("op latency %v, want %v", got, want)
+	}
+	both := BothCopies(local, remote)
+	if both.IOPS != local.IOPS || both.BW != local.BW || both.IOs != local.IOs {
+		t.Errorf("both copies: rate %v %v %v, want the slower leg's", both.IOPS, both.BW, both.IOs)
+	}
+	if both.LatMeanNs != local.LatMeanNs || both.SyncLatMeanNs != remote.SyncLatMeanNs || both.LatP99Ns != 109056 || len(both.Legs) != 2 {
+		t.Errorf("both copies: latency %+v, want the higher of each", both)
+	}
+}
+
+func TestFioTwoLegs(t *testing.T) {
+	got := strings.Join(FioTwoLegs(SyncRow, "L", "R", 3*time.Second, time.Second), " ")
+	want := "--ioengine=nbd --rw=randwrite --bs=4k --iodepth=1 --numjobs=1 --time_based --runtime=3000ms --output-format=json --ramp_time=1000ms --fsync=1 --norandommap --randrepeat=0 --name=local --uri=L --name=remote --uri=R"
+	if got != want {
+		t.Errorf("FioTwoLegs:\n got %s\nwant %s", got, want)
+	}
+}
+
 func TestFioArgs(t *testing.T) {
 	got := strings.Join(FioArgs(NBDRows[5], "nbd+unix:///?socket=/s", 4*time.Second, time.Second), " ")
 	want := "--name=randread-4k-qd32 --ioengine=nbd --uri=nbd+unix:///?socket=/s --rw=randread --bs=4k --iodepth=32 --numjobs=1 --time_based --runtime=4000ms --output-format=json --ramp_time=1000ms --norandommap --randrepeat=0"

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os/exec"
+	"slices"
 	"strconv"
 	"time"
 )
@@ -18,6 +19,7 @@ type Job struct {
 	RW      string // fio --rw: read, write, randread, randwrite
 	BS      string // fio --bs, e.g. "4k", "1M"
 	IODepth int
+	Fsync   int // fio --fsync: a flush after every Fsync writes (0: none)
 }
 
 // Write reports whether the job writes.
@@ -29,6 +31,11 @@ func (j Job) Random() bool { return j.RW == "randread" || j.RW == "randwrite" }
 // Latency reports whether the row is latency-bound (iodepth 1), so that its
 // latency is worth reporting next to its IOPS.
 func (j Job) Latency() bool { return j.IODepth == 1 }
+
+// SyncRow is the replication table's write+flush row: every 4 KiB write is
+// followed by a flush (fio --fsync=1, an NBD_CMD_FLUSH on the nbd engine),
+// as a database commit does.
+var SyncRow = Job{Name: "rand write 4 KiB + flush each, iodepth 1", Slug: "randwrite-4k-qd1-fsync", RW: "randwrite", BS: "4k", IODepth: 1, Fsync: 1}
 
 // NBDRows are the rows of the NBD server table.
 var NBDRows = []Job{
@@ -59,6 +66,9 @@ func FioArgs(job Job, uri string, runtime, ramp time.Duration) []string {
 	if ramp > 0 {
 		args = append(args, "--ramp_time="+fioDuration(ramp))
 	}
+	if job.Fsync > 0 {
+		args = append(args, "--fsync="+strconv.Itoa(job.Fsync))
+	}
 	if job.Random() {
 		// No random map: fio's own bookkeeping would otherwise take CPU from
 		// the server on this small machine; offsets stay uniform.
@@ -78,19 +88,27 @@ func fioDuration(d time.Duration) string {
 
 // Result is what one fio run measured, for the job's direction.
 type Result struct {
-	IOPS       float64 // I/O operations per second
-	BW         float64 // bytes per second
-	LatMeanNs  float64 // mean completion latency as fio's lat_ns (submission + completion)
-	LatP99Ns   float64 // 99th percentile of clat_ns
-	IOs        int64   // completed I/Os in the measured period
-	RuntimeMs  int64   // measured period
-	FioVersion string
+	IOPS      float64 // I/O operations per second
+	BW        float64 // bytes per second
+	LatMeanNs float64 // mean completion latency as fio's lat_ns (submission + completion)
+	LatP99Ns  float64 // 99th percentile of clat_ns
+	// SyncLatMeanNs is the mean latency of the flushes fio issued after
+	// writes (--fsync), 0 without.
+	SyncLatMeanNs float64
+	IOs           int64 // completed I/Os in the measured period
+	RuntimeMs     int64 // measured period
+	FioVersion    string
 
 	// The server's CPU time (user + system, all threads) over the whole fio
 	// run, as a share of one core and per I/O (assuming the measured rate
 	// held during the ramp too). Zero when not measured.
 	ServerCPUShare float64
 	ServerCPUPerIO time.Duration
+
+	// Load is /proc/loadavg's 1-minute figure when the run started.
+	Load float64 `json:",omitempty"`
+	// Legs are the two legs' own results for a two-copy limit run.
+	Legs []Result `json:",omitempty"`
 }
 
 // SetServerCPU records the server's CPU time cpu used during a fio run that
@@ -103,15 +121,24 @@ func (r *Result) SetServerCPU(cpu, wall time.Duration) {
 	r.ServerCPUPerIO = time.Duration(float64(cpu) / (r.IOPS * wall.Seconds()))
 }
 
+// OpLatNs is the mean latency of one operation as the application sees it:
+// a write, plus its flush for --fsync rows.
+func (r Result) OpLatNs() float64 { return r.LatMeanNs + r.SyncLatMeanNs }
+
 // MiBps is the bandwidth in MiB/s.
 func (r Result) MiBps() float64 { return r.BW / (1 << 20) }
 
 type fioOutput struct {
 	Version string `json:"fio version"`
 	Jobs    []struct {
+		Name  string      `json:"jobname"`
 		Error int         `json:"error"`
 		Read  fioDirStats `json:"read"`
 		Write fioDirStats `json:"write"`
+		Sync  struct {
+			TotalIOs int64  `json:"total_ios"`
+			LatNs    fioLat `json:"lat_ns"`
+		} `json:"sync"`
 	} `json:"jobs"`
 }
 
@@ -141,53 +168,98 @@ var ErrNoIO = errors.New("fio completed no I/O")
 // connected to NBD server") before the JSON; anything before the first '{'
 // is skipped.
 func ParseFio(out []byte, write bool) (Result, error) {
+	rs, err := ParseFioJobs(out, write)
+	if err != nil {
+		return Result{}, err
+	}
+	if len(rs) != 1 {
+		return Result{}, fmt.Errorf("parse fio output: %d jobs, want 1", len(rs))
+	}
+	return rs[0], nil
+}
+
+// ParseFioJobs is ParseFio for a run of several jobs (not grouped): one
+// Result per job, in fio's order.
+func ParseFioJobs(out []byte, write bool) ([]Result, error) {
 	i := bytes.IndexByte(out, '{')
 	if i < 0 {
-		return Result{}, fmt.Errorf("parse fio output: no JSON in %q", truncate(out, 200))
+		return nil, fmt.Errorf("parse fio output: no JSON in %q", truncate(out, 200))
 	}
 	var o fioOutput
 	if err := json.Unmarshal(out[i:], &o); err != nil {
-		return Result{}, fmt.Errorf("parse fio output: %w", err)
+		return nil, fmt.Errorf("parse fio output: %w", err)
 	}
-	if len(o.Jobs) != 1 {
-		return Result{}, fmt.Errorf("parse fio output: %d jobs, want 1", len(o.Jobs))
+	if len(o.Jobs) == 0 {
+		return nil, errors.New("parse fio output: no jobs")
 	}
-	j := o.Jobs[0]
-	if j.Error != 0 {
-		return Result{}, fmt.Errorf("fio job failed with error %d", j.Error)
+	var rs []Result
+	for _, j := range o.Jobs {
+		if j.Error != 0 {
+			return nil, fmt.Errorf("fio job %s failed with error %d", j.Name, j.Error)
+		}
+		s := j.Read
+		if write {
+			s = j.Write
+		}
+		if s.TotalIOs == 0 || s.IOBytes == 0 {
+			return nil, ErrNoIO
+		}
+		r := Result{
+			IOPS:       s.IOPS,
+			BW:         s.BWBytes,
+			LatMeanNs:  s.LatNs.Mean,
+			LatP99Ns:   s.ClatNs.Percentile["99.000000"],
+			IOs:        s.TotalIOs,
+			RuntimeMs:  s.Runtime,
+			FioVersion: o.Version,
+		}
+		if j.Sync.TotalIOs > 0 {
+			r.SyncLatMeanNs = j.Sync.LatNs.Mean
+		}
+		rs = append(rs, r)
 	}
-	s := j.Read
-	if write {
-		s = j.Write
-	}
-	if s.TotalIOs == 0 || s.IOBytes == 0 {
-		return Result{}, ErrNoIO
-	}
-	return Result{
-		IOPS:       s.IOPS,
-		BW:         s.BWBytes,
-		LatMeanNs:  s.LatNs.Mean,
-		LatP99Ns:   s.ClatNs.Percentile["99.000000"],
-		IOs:        s.TotalIOs,
-		RuntimeMs:  s.Runtime,
-		FioVersion: o.Version,
-	}, nil
+	return rs, nil
+}
+
+// BothCopies combines the results of two legs that ran at the same time,
+// each writing every block once (the two-copy limit): a block exists twice
+// at the rate of the slower leg, and a write issued to both at once is done
+// when the later one is.
+func BothCopies(a, b Result) Result {
+	r := a
+	r.IOPS, r.BW, r.IOs = min(a.IOPS, b.IOPS), min(a.BW, b.BW), min(a.IOs, b.IOs)
+	r.LatMeanNs, r.LatP99Ns = max(a.LatMeanNs, b.LatMeanNs), max(a.LatP99Ns, b.LatP99Ns)
+	r.SyncLatMeanNs = max(a.SyncLatMeanNs, b.SyncLatMeanNs)
+	r.Legs = []Result{a, b}
+	return r
 }
 
 // RunFio runs fio with args and parses its result.
 func RunFio(ctx context.Context, fio string, args []string, write bool) (Result, error) {
+	out, err := runFio(ctx, []string{fio}, args)
+	if err != nil {
+		return Result{}, err
+	}
+	r, err := ParseFio(out.stdout, write)
+	if err != nil {
+		return Result{}, fmt.Errorf("%w (stderr: %s)", err, truncate(out.stderr, 300))
+	}
+	return r, nil
+}
+
+type fioOut struct{ stdout, stderr []byte }
+
+// runFio runs the command fio (argv, e.g. inside a namespace) with args.
+func runFio(ctx context.Context, fio, args []string) (fioOut, error) {
 	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, fio, args...)
+	argv := append(slices.Clone(fio), args...)
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	cmd.WaitDelay = 5 * time.Second
 	if err := cmd.Run(); err != nil {
-		return Result{}, fmt.Errorf("run fio: %w: %s", err, truncate(stderr.Bytes(), 500))
+		return fioOut{}, fmt.Errorf("run fio: %w: %s", err, truncate(stderr.Bytes(), 500))
 	}
-	r, err := ParseFio(stdout.Bytes(), write)
-	if err != nil {
-		return Result{}, fmt.Errorf("%w (stderr: %s)", err, truncate(stderr.Bytes(), 300))
-	}
-	return r, nil
+	return fioOut{stdout.Bytes(), stderr.Bytes()}, nil
 }
 
 func truncate(b []byte, n int) string {

@@ -12,25 +12,46 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 )
 
 // ReplSection is the heading of the replication benchmark in RESULTS.md.
-const ReplSection = "## Replication: fio nbd engine on a replicated export, mirror vs nbdcopy"
+const ReplSection = "## Replication: doppel against QEMU's mirror, the two-copy limit and nbdcopy"
 
-// ReplRows are the rows of issue 3's table.
-var ReplRows = []Job{NBDRows[0], NBDRows[2], NBDRows[3]}
+// ReplRows are the rows of the replication table.
+var ReplRows = []Job{NBDRows[0], NBDRows[2], NBDRows[3], SyncRow}
 
-// Replication modes compared, in table order.
+// The configurations compared (the table's columns), in table order.
 const (
 	ModeUnreplicated = "unreplicated"
-	ModeAsync        = "async"
-	ModeSync         = "sync"
+	// ModeLimit is the two-copy limit: the same fio job writing every
+	// block twice, once through doppel's unreplicated export on the source
+	// and once across the veth to a plain `doppel nbd serve` on the target
+	// side, both legs at once.
+	ModeLimit = "limit"
+	// ModeQemuAsync and ModeQemuSync are qemu-storage-daemon exporting the
+	// source with a block mirror to qemu-nbd on the target side, in
+	// copy-mode background and write-blocking (active) respectively.
+	ModeQemuAsync = "qemu-async"
+	ModeQemuSync  = "qemu-sync"
+	ModeAsync     = "async"
+	ModeSync      = "sync"
 )
 
 // ReplModes are the columns of the table.
-var ReplModes = []string{ModeUnreplicated, ModeAsync, ModeSync}
+var ReplModes = []string{ModeUnreplicated, ModeLimit, ModeQemuAsync, ModeAsync, ModeQemuSync, ModeSync}
+
+// ModeTitle is a configuration's column heading.
+var ModeTitle = map[string]string{
+	ModeUnreplicated: "unreplicated",
+	ModeLimit:        "two-copy limit",
+	ModeQemuAsync:    "qemu mirror, background",
+	ModeAsync:        "doppel async",
+	ModeQemuSync:     "qemu mirror, write-blocking",
+	ModeSync:         "doppel sync",
+}
 
 // ReplMetricNames are the Prometheus series the harness reads from `doppel
 // repl source --metrics-listen`. Each is a metric name optionally followed
@@ -67,14 +88,18 @@ func (m Metrics) series(spec string) (float64, bool) {
 
 // ReplConfig configures RunRepl.
 type ReplConfig struct {
-	Doppel     string
-	Fio        string
-	Dir        string // volumes, sockets, logs
-	Size       int64  // volume of the fio rows
-	Runs       int    // runs per row and mode, modes alternated run by run
-	Runtime    time.Duration
-	Ramp       time.Duration
-	Rows       []Job
+	Doppel  string
+	Fio     string
+	Dir     string // volumes, sockets, logs
+	Size    int64  // volume of the fio rows
+	Runs    int    // runs per row and configuration, configurations alternated run by run
+	Runtime time.Duration
+	Ramp    time.Duration
+	Rows    []Job
+	Modes   []string // configurations measured (default ReplModes)
+	// NoStateDir runs doppel's sources without --state-dir (no bitmap,
+	// activity log or disk queue: the bare engine).
+	NoStateDir bool
 	MirrorSize int64 // volume mirrored (filled with pseudo-random data)
 	MirrorRuns int   // runs of each of doppel's mirror and nbdcopy, alternated
 	Metrics    ReplMetricNames
@@ -140,13 +165,31 @@ func CheckRepl(doppel string) error {
 	return nil
 }
 
-// replSetup is one configuration being measured.
-type replSetup struct {
-	mode          string
-	sock          string
-	src, tgt      string // files (tgt empty when unreplicated)
-	metrics       string // source metrics URL (empty when unreplicated)
-	srcProc, tgtP *Proc
+// replTier is one configuration being measured (a column): set up once,
+// kept running while the others are measured.
+type replTier struct {
+	mode   string
+	uri    string // the export fio writes to
+	remote string // ModeLimit: the second leg's export, across the veth
+	procs  []*Proc
+	// drain waits until nothing written is left to replicate (nil: no
+	// replication backlog to wait for).
+	drain func(ctx context.Context) error
+	// src and tgt must hold the same bytes once drained (tgt empty: no
+	// such check); files are fdatasync'd before each run.
+	src, tgt string
+	files    []string
+	// stop stops the processes, sources first.
+	stop func() error
+}
+
+// cpu is the CPU time the tier's processes used so far.
+func (t *replTier) cpu() time.Duration {
+	var c time.Duration
+	for _, p := range t.procs {
+		c += ProcCPU(p.PID())
+	}
+	return c
 }
 
 // replPair is one source/target pair of `doppel repl` across the link.
@@ -158,7 +201,10 @@ type replPair struct {
 	size           int64 // for the target's --size when its file is missing (0: not passed)
 	port           int   // replication port; metrics on port+1 (target) and port+2 (source)
 	mirror         string
-	srcExtra       []string
+	// stateful: the source keeps its persistent state (--state-dir: bitmap,
+	// activity log, disk queue), as the agent's jobs do.
+	stateful bool
+	srcExtra []string
 }
 
 func (p replPair) argv() (tgt, src []string) {
@@ -176,6 +222,9 @@ func (p replPair) argv() (tgt, src []string) {
 		"--listen", "unix:"+p.sock, "--target", fmt.Sprintf("tcp:%s:%d", replTgtIP, p.port),
 		"--mode", p.mode, "--mirror", p.mirror, "--insecure",
 		"--metrics-listen", fmt.Sprintf("%s:%d", replSrcIP, p.port+2))
+	if p.stateful {
+		src = append(src, "--state-dir", p.src+".state")
+	}
 	return tgt, append(src, p.srcExtra...)
 }
 
@@ -188,6 +237,10 @@ func (p replPair) metricsURL() string {
 func (p replPair) start(ctx context.Context, start func(string, []string) (*Proc, error)) (tgt, src *Proc, err error) {
 	tArgv, sArgv := p.argv()
 	os.Remove(p.sock)
+	if p.stateful {
+		os.RemoveAll(p.src + ".state")
+	}
+	os.RemoveAll(p.tgt + ".state")
 	if tgt, err = start(p.mode+" target", tArgv); err != nil {
 		return nil, nil, err
 	}
@@ -199,13 +252,280 @@ func (p replPair) start(ctx context.Context, start func(string, []string) (*Proc
 	return tgt, src, err
 }
 
-// RunRepl measures unreplicated, async and sync writes through doppel's NBD
-// export and the mirror against nbdcopy, across a veth pair between two
-// namespaces it creates and deletes.
+// replEnv is what every tier's set-up shares.
+type replEnv struct {
+	ctx     context.Context
+	cfg     ReplConfig
+	rep     *ReplReport
+	link    *Link
+	srcHTTP *http.Client
+	start   func(name string, argv []string) (*Proc, error)
+	log     *slog.Logger
+}
+
+// volumes creates zeroed, allocated volumes for a tier.
+func (e *replEnv) volumes(names ...string) ([]string, error) {
+	var paths []string
+	for _, n := range names {
+		p := filepath.Join(e.cfg.Dir, n+".img")
+		if err := PrepareVolume(p, e.cfg.Size, false, 0); err != nil {
+			return nil, err
+		}
+		paths = append(paths, p)
+	}
+	return paths, nil
+}
+
+// stopAll stops procs in order and joins their errors.
+func stopAll(procs ...*Proc) error {
+	var errs []error
+	for _, p := range procs {
+		if p != nil && p.Alive() {
+			errs = append(errs, p.Stop(30*time.Second))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// unreplicatedTier is `doppel nbd serve` of the source volume.
+func (e *replEnv) unreplicatedTier(mode string) (*replTier, error) {
+	vols, err := e.volumes(mode + "-src")
+	if err != nil {
+		return nil, err
+	}
+	sock := filepath.Join(e.cfg.Dir, mode+".sock")
+	argv := In(e.link.Src, e.cfg.Doppel, "nbd", "serve", "--file", vols[0], "--listen", "unix:"+sock)
+	e.rep.Argv[mode] = displayArgv(argv, e.cfg.Dir)
+	p, err := e.start(mode, argv)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.WaitUnix(e.ctx, sock, 15*time.Second); err != nil {
+		return nil, err
+	}
+	return &replTier{mode: mode, uri: "nbd+unix:///?socket=" + sock, procs: []*Proc{p}, files: vols,
+		stop: func() error { return stopAll(p) }}, nil
+}
+
+// limitTier is the two-copy limit: doppel's unreplicated export on the
+// source side (the local leg) and a plain `doppel nbd serve` on the target
+// side, reached across the veth (the remote leg).
+func (e *replEnv) limitTier(port int) (*replTier, error) {
+	t, err := e.unreplicatedTier(ModeLimit + "-local")
+	if err != nil {
+		return nil, err
+	}
+	t.mode = ModeLimit
+	e.rep.Argv[ModeLimit+" local leg"] = e.rep.Argv[ModeLimit+"-local"]
+	delete(e.rep.Argv, ModeLimit+"-local")
+	vols, err := e.volumes(ModeLimit + "-remote")
+	if err != nil {
+		return nil, err
+	}
+	addr := fmt.Sprintf("%s:%d", replTgtIP, port)
+	argv := In(e.link.Tgt, e.cfg.Doppel, "nbd", "serve", "--file", vols[0], "--listen", "tcp:"+addr)
+	e.rep.Argv[ModeLimit+" remote leg"] = displayArgv(argv, e.cfg.Dir)
+	p, err := e.start(ModeLimit+" remote", argv)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.WaitReady(e.ctx, 15*time.Second, func() error { return dialClose(e.ctx, e.link.Tgt, addr) }); err != nil {
+		return nil, err
+	}
+	t.remote = "nbd://" + addr + "/"
+	t.procs = append(t.procs, p)
+	t.files = append(t.files, vols...)
+	t.stop = func() error { return stopAll(t.procs...) }
+	return t, nil
+}
+
+// doppelTier is `doppel repl source` (with its persistent state, as the
+// agent runs it) replicating to `doppel repl target` across the veth.
+func (e *replEnv) doppelTier(mode string, port int) (*replTier, error) {
+	vols, err := e.volumes(mode+"-src", mode+"-tgt")
+	if err != nil {
+		return nil, err
+	}
+	pair := replPair{cfg: e.cfg, link: e.link, mode: mode, src: vols[0], tgt: vols[1], sock: filepath.Join(e.cfg.Dir, mode+".sock"),
+		port: port, mirror: "none", stateful: !e.cfg.NoStateDir}
+	tArgv, sArgv := pair.argv()
+	e.rep.Argv[mode+" target"] = displayArgv(tArgv, e.cfg.Dir)
+	e.rep.Argv[mode+" source"] = displayArgv(sArgv, e.cfg.Dir)
+	tp, sp, err := pair.start(e.ctx, e.start)
+	if err != nil {
+		return nil, err
+	}
+	if err := sp.WaitUnix(e.ctx, pair.sock, 15*time.Second); err != nil {
+		return nil, err
+	}
+	url := pair.metricsURL()
+	t := &replTier{mode: mode, uri: "nbd+unix:///?socket=" + pair.sock, procs: []*Proc{sp, tp}, src: vols[0], tgt: vols[1], files: vols,
+		stop: func() error { return stopAll(sp, tp) }}
+	t.drain = func(ctx context.Context) error {
+		return waitDrained(ctx, e.srcHTTP, url, e.cfg.Metrics, 60*time.Second)
+	}
+	return t, nil
+}
+
+// qemuTier is qemu-storage-daemon exporting the source volume over NBD
+// with a block mirror (blockdev-mirror, sync none: like doppel's --mirror
+// none, only new writes) onto an nbd blockdev connected across the veth to
+// qemu-nbd serving the target volume. copyMode is "background" (writes
+// acknowledged once local, copied by the job) or "write-blocking" (QEMU's
+// active mirror: a write is acknowledged once written locally and on the
+// target).
+func (e *replEnv) qemuTier(mode, copyMode string, port int) (*replTier, error) {
+	vols, err := e.volumes(mode+"-src", mode+"-tgt")
+	if err != nil {
+		return nil, err
+	}
+	addr := fmt.Sprintf("%s:%d", replTgtIP, port)
+	tArgv := In(e.link.Tgt, "qemu-nbd", "-f", "raw", "--cache=writeback", "--aio=threads", "-t",
+		"-b", replTgtIP, "-p", strconv.Itoa(port), vols[1])
+	sock := filepath.Join(e.cfg.Dir, mode+".sock")
+	qmpSock := filepath.Join(e.cfg.Dir, mode+".qmp")
+	os.Remove(sock)
+	os.Remove(qmpSock)
+	sArgv := In(e.link.Src, "qemu-storage-daemon",
+		"--blockdev", "driver=file,filename="+vols[0]+",node-name=file0",
+		"--blockdev", "driver=raw,file=file0,node-name=src0",
+		"--nbd-server", "addr.type=unix,addr.path="+sock,
+		"--export", "type=nbd,id=exp0,node-name=src0,writable=on,name=vol",
+		"--chardev", "socket,path="+qmpSock+",server=on,wait=off,id=qmp0",
+		"--monitor", "chardev=qmp0")
+	e.rep.Argv[mode+" target"] = displayArgv(tArgv, e.cfg.Dir)
+	e.rep.Argv[mode+" source"] = displayArgv(sArgv, e.cfg.Dir)
+	tp, err := e.start(mode+" target", tArgv)
+	if err != nil {
+		return nil, err
+	}
+	if err := tp.WaitReady(e.ctx, 15*time.Second, func() error { return dialClose(e.ctx, e.link.Tgt, addr) }); err != nil {
+		return nil, err
+	}
+	sp, err := e.start(mode+" source", sArgv)
+	if err != nil {
+		return nil, err
+	}
+	if err := sp.WaitUnix(e.ctx, sock, 15*time.Second); err != nil {
+		return nil, err
+	}
+	qmp, err := DialQMP(e.ctx, qmpSock, 15*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	const job = "mirror0"
+	cmds := []struct {
+		cmd  string
+		args map[string]any
+	}{
+		{"blockdev-add", map[string]any{"driver": "nbd", "node-name": "tgt0",
+			"server": map[string]any{"type": "inet", "host": replTgtIP, "port": strconv.Itoa(port)}}},
+		{"blockdev-mirror", map[string]any{"job-id": job, "device": "src0", "target": "tgt0", "sync": "none", "copy-mode": copyMode}},
+	}
+	for _, c := range cmds {
+		if _, err := qmp.Execute(c.cmd, c.args); err != nil {
+			qmp.Close()
+			return nil, fmt.Errorf("%s: %w (log: %s)", mode, err, sp.LogTail(300))
+		}
+		e.rep.Argv[mode+" QMP "+c.cmd] = qmpDisplay(c.args)
+	}
+	if _, err := qmp.WaitJob(e.ctx, job, 30*time.Second, func(j BlockJob) bool { return j.Ready }); err != nil {
+		qmp.Close()
+		return nil, fmt.Errorf("%s: mirror not ready: %w", mode, err)
+	}
+	t := &replTier{mode: mode, uri: "nbd+unix:///vol?socket=" + sock, procs: []*Proc{sp, tp}, src: vols[0], tgt: vols[1], files: vols}
+	t.drain = func(ctx context.Context) error {
+		// The job notices a write made in background mode at its next
+		// iteration (up to 100 ms later): synced twice, 150 ms apart.
+		for range 2 {
+			if _, err := qmp.WaitJob(ctx, job, 60*time.Second, MirrorSynced); err != nil {
+				return fmt.Errorf("%s: %w", mode, err)
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(150 * time.Millisecond):
+			}
+		}
+		_, err := qmp.WaitJob(ctx, job, 60*time.Second, MirrorSynced)
+		return err
+	}
+	t.stop = func() error {
+		qmp.Close()
+		return stopAll(sp, tp)
+	}
+	return t, nil
+}
+
+// qmpDisplay renders QMP arguments for the report.
+func qmpDisplay(args map[string]any) string {
+	var parts []string
+	for _, k := range sortedKeys(args) {
+		v := args[k]
+		if m, ok := v.(map[string]any); ok {
+			v = "{" + qmpDisplay(m) + "}"
+		}
+		parts = append(parts, fmt.Sprintf("%s: %v", k, v))
+	}
+	return strings.Join(parts, ", ")
+}
+
+// fioCommand is the fio command line of row against tier t: fio runs in
+// the source namespace.
+func (e *replEnv) fioCommand(t *replTier, row Job) (fio, args []string) {
+	fio = In(e.link.Src, e.cfg.Fio)
+	if t.remote == "" {
+		return fio, FioArgs(row, t.uri, e.cfg.Runtime, e.cfg.Ramp)
+	}
+	return fio, FioTwoLegs(row, t.uri, t.remote, e.cfg.Runtime, e.cfg.Ramp)
+}
+
+// FioTwoLegs returns fio's arguments for the two-copy limit of job: two
+// fio jobs in one run, started together with the same options, one on each
+// export ("local" on local, "remote" on remote).
+func FioTwoLegs(job Job, local, remote string, runtime, ramp time.Duration) []string {
+	one := FioArgs(job, "", runtime, ramp)
+	var global []string
+	for _, a := range one {
+		if !strings.HasPrefix(a, "--name=") && !strings.HasPrefix(a, "--uri=") {
+			global = append(global, a)
+		}
+	}
+	return append(global, "--name=local", "--uri="+local, "--name=remote", "--uri="+remote)
+}
+
+// measure runs row once against t.
+func (e *replEnv) measure(t *replTier, row Job) (Result, error) {
+	fio, args := e.fioCommand(t, row)
+	out, err := runFio(e.ctx, fio, args)
+	if err != nil {
+		return Result{}, err
+	}
+	rs, err := ParseFioJobs(out.stdout, true)
+	if err != nil {
+		return Result{}, fmt.Errorf("%w (stderr: %s)", err, truncate(out.stderr, 300))
+	}
+	switch {
+	case t.remote != "" && len(rs) == 2:
+		return BothCopies(rs[0], rs[1]), nil
+	case t.remote == "" && len(rs) == 1:
+		return rs[0], nil
+	}
+	return Result{}, fmt.Errorf("parse fio output: %d jobs", len(rs))
+}
+
+// RunRepl measures, across a veth pair between two namespaces it creates
+// and deletes, fio writes through doppel's replicated export (async, sync)
+// against doppel's unreplicated export, the two-copy limit and QEMU's
+// block mirror (background and write-blocking), then doppel's mirror
+// against nbdcopy.
 func RunRepl(ctx context.Context, cfg ReplConfig) (*ReplReport, error) {
 	log := cfg.Log
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
+	}
+	if len(cfg.Modes) == 0 {
+		cfg.Modes = ReplModes
 	}
 	if err := CheckRepl(cfg.Doppel); err != nil {
 		return nil, err
@@ -244,123 +564,114 @@ func RunRepl(ctx context.Context, cfg ReplConfig) (*ReplReport, error) {
 		}
 		return p, err
 	}
+	env := &replEnv{ctx: ctx, cfg: cfg, rep: rep, link: link, srcHTTP: srcHTTP, start: start, log: log}
 
-	// Three configurations, all running, measured in turn.
-	var setups []*replSetup
-	for i, mode := range ReplModes {
-		s := &replSetup{mode: mode, sock: filepath.Join(cfg.Dir, mode+".sock"), src: filepath.Join(cfg.Dir, mode+"-src.img")}
-		if err := PrepareVolume(s.src, cfg.Size, false, 0); err != nil {
-			return nil, err
+	// Every configuration set up, all running, measured in turn.
+	var tiers []*replTier
+	defer func() {
+		for _, t := range tiers {
+			_ = t.stop()
 		}
-		if mode == ModeUnreplicated {
-			argv := In(link.Src, cfg.Doppel, "nbd", "serve", "--file", s.src, "--listen", "unix:"+s.sock)
-			rep.Argv[mode] = displayArgv(argv, cfg.Dir)
-			if s.srcProc, err = start(mode, argv); err != nil {
-				return nil, err
-			}
-		} else {
-			s.tgt = filepath.Join(cfg.Dir, mode+"-tgt.img")
-			if err := PrepareVolume(s.tgt, cfg.Size, false, 0); err != nil {
-				return nil, err
-			}
-			pair := replPair{cfg: cfg, link: link, mode: mode, src: s.src, tgt: s.tgt, sock: s.sock, port: 16325 + 10*i, mirror: "none"}
-			tgtArgv, srcArgv := pair.argv()
-			s.metrics = pair.metricsURL()
-			rep.Argv[mode+" target"] = displayArgv(tgtArgv, cfg.Dir)
-			rep.Argv[mode+" source"] = displayArgv(srcArgv, cfg.Dir)
-			if s.tgtP, s.srcProc, err = pair.start(ctx, start); err != nil {
-				return nil, err
-			}
+	}()
+	for i, mode := range cfg.Modes {
+		port := 16325 + 10*i
+		var t *replTier
+		switch mode {
+		case ModeUnreplicated:
+			t, err = env.unreplicatedTier(mode)
+		case ModeLimit:
+			t, err = env.limitTier(port)
+		case ModeAsync, ModeSync:
+			t, err = env.doppelTier(mode, port)
+		case ModeQemuAsync:
+			t, err = env.qemuTier(mode, "background", port)
+		case ModeQemuSync:
+			t, err = env.qemuTier(mode, "write-blocking", port)
+		default:
+			err = fmt.Errorf("unknown configuration %q", mode)
 		}
-		if err := s.srcProc.WaitUnix(ctx, s.sock, 15*time.Second); err != nil {
-			return nil, err
+		if err != nil {
+			return nil, fmt.Errorf("set up %s: %w", mode, err)
 		}
-		setups = append(setups, s)
+		tiers = append(tiers, t)
 		log.Info("configuration ready", "mode", mode)
 	}
 
-	var files []string
-	for _, s := range setups {
-		files = append(files, s.src)
-		if s.tgt != "" {
-			files = append(files, s.tgt)
+	drainAll := func() error {
+		for _, o := range tiers {
+			if o.drain != nil {
+				if err := o.drain(ctx); err != nil {
+					return fmt.Errorf("%s: %w", o.mode, err)
+				}
+			}
 		}
+		var files []string
+		for _, o := range tiers {
+			files = append(files, o.files...)
+		}
+		return SyncFiles(files...)
 	}
 	for _, row := range cfg.Rows {
 		rep.Runs[row.Slug] = map[string][]Result{}
 		rep.Failed[row.Slug] = map[string][]string{}
 		for run := range cfg.Runs {
-			for _, s := range Rotate(setups, run) {
-				for _, p := range []*Proc{s.srcProc, s.tgtP} {
-					if p != nil && !p.Alive() {
+			for _, t := range Rotate(tiers, run) {
+				for _, p := range t.procs {
+					if !p.Alive() {
 						return nil, p.Exited()
 					}
 				}
-				// Start each run from a quiet state: every queue drained, no
-				// dirty pages left by the previous run.
-				for _, o := range setups {
-					if o.metrics != "" {
-						if err := waitDrained(ctx, srcHTTP, o.metrics, cfg.Metrics, 60*time.Second); err != nil {
-							return nil, fmt.Errorf("%s: %w", o.mode, err)
-						}
-					}
-				}
-				if err := SyncFiles(files...); err != nil {
+				// Start each run from a quiet state: every replication
+				// backlog drained, no dirty pages left by the previous run.
+				if err := drainAll(); err != nil {
 					return nil, err
 				}
-				cpu := func() time.Duration {
-					c := ProcCPU(s.srcProc.PID())
-					if s.tgtP != nil {
-						c += ProcCPU(s.tgtP.PID())
-					}
-					return c
-				}
-				cpu0, t0 := cpu(), time.Now()
-				res, err := RunFio(ctx, cfg.Fio, FioArgs(row, "nbd+unix:///?socket="+s.sock, cfg.Runtime, cfg.Ramp), true)
+				load := loadAvg1()
+				cpu0, t0 := t.cpu(), time.Now()
+				res, err := env.measure(t, row)
 				if ctx.Err() != nil {
 					return nil, ctx.Err()
 				}
-				res.SetServerCPU(cpu()-cpu0, time.Since(t0))
+				res.SetServerCPU(t.cpu()-cpu0, time.Since(t0))
+				res.Load = load
 				if err != nil {
-					log.Warn("run failed", "row", row.Slug, "mode", s.mode, "run", run+1, "err", err)
-					rep.Failed[row.Slug][s.mode] = append(rep.Failed[row.Slug][s.mode], err.Error())
+					log.Warn("run failed", "row", row.Slug, "mode", t.mode, "run", run+1, "err", err)
+					rep.Failed[row.Slug][t.mode] = append(rep.Failed[row.Slug][t.mode], err.Error())
 					continue
 				}
 				rep.FioVersion = res.FioVersion
-				rep.Runs[row.Slug][s.mode] = append(rep.Runs[row.Slug][s.mode], res)
-				log.Info("run", "row", row.Slug, "mode", s.mode, "run", run+1,
-					"iops", math.Round(res.IOPS), "MiB/s", math.Round(res.MiBps()), "lat_us", math.Round(res.LatMeanNs/1e3),
-					"cpu_us_per_io", math.Round(float64(res.ServerCPUPerIO.Nanoseconds())/100)/10)
+				rep.Runs[row.Slug][t.mode] = append(rep.Runs[row.Slug][t.mode], res)
+				log.Info("run", "row", row.Slug, "mode", t.mode, "run", run+1,
+					"iops", math.Round(res.IOPS), "MiB/s", math.Round(res.MiBps()), "lat_us", math.Round(res.OpLatNs()/1e3),
+					"cpu_us_per_io", math.Round(float64(res.ServerCPUPerIO.Nanoseconds())/100)/10, "load", load)
 			}
 		}
 	}
 
 	// Every replicated write must be on the target: drain, stop, compare.
-	for _, s := range setups {
-		if s.tgt == "" {
+	for _, t := range tiers {
+		if t.tgt == "" {
 			continue
 		}
-		if err := waitDrained(ctx, srcHTTP, s.metrics, cfg.Metrics, 60*time.Second); err != nil {
-			rep.Identical[s.mode] = "not checked: " + err.Error()
-			continue
+		if t.drain != nil {
+			if err := t.drain(ctx); err != nil {
+				rep.Identical[t.mode] = "not checked: " + err.Error()
+				continue
+			}
 		}
-		if err := s.srcProc.Stop(30 * time.Second); err != nil {
-			log.Warn("stop", "mode", s.mode, "err", err)
+		if err := t.stop(); err != nil {
+			log.Warn("stop", "mode", t.mode, "err", err)
 		}
-		if err := s.tgtP.Stop(30 * time.Second); err != nil {
-			log.Warn("stop", "mode", s.mode+" target", "err", err)
-		}
-		if err := SameContent(s.src, s.tgt); err != nil {
-			rep.Identical[s.mode] = "**no**: " + err.Error()
+		if err := SameContent(t.src, t.tgt); err != nil {
+			rep.Identical[t.mode] = "**no**: " + err.Error()
 		} else {
-			rep.Identical[s.mode] = "yes"
+			rep.Identical[t.mode] = "yes"
 		}
 	}
-	for _, s := range setups {
-		if s.srcProc.Alive() {
-			_ = s.srcProc.Stop(10 * time.Second)
-		}
+	for _, t := range tiers {
+		_ = t.stop()
 	}
+	tiers = nil
 
 	if cfg.ProfileDir != "" && len(cfg.ProfileRows) > 0 {
 		if err := profileRepl(ctx, cfg, rep, link, start, log); err != nil {
@@ -376,6 +687,16 @@ func RunRepl(ctx context.Context, cfg ReplConfig) (*ReplReport, error) {
 	rep.LoadEnd = LoadAvg()
 	rep.End = time.Now().UTC()
 	return rep, nil
+}
+
+// loadAvg1 is /proc/loadavg's 1-minute figure (0 when unreadable).
+func loadAvg1() float64 {
+	f := strings.Fields(LoadAvg())
+	if len(f) == 0 {
+		return 0
+	}
+	v, _ := strconv.ParseFloat(f[0], 64)
+	return v
 }
 
 // profileRepl profiles the source of a fresh pair during each profile row.
@@ -396,7 +717,7 @@ func profileRepl(ctx context.Context, cfg ReplConfig, rep *ReplReport, link *Lin
 		}
 		pair := replPair{cfg: cfg, link: link, mode: pr.Mode, port: 16375, mirror: "none",
 			src: filepath.Join(cfg.Dir, "prof-src.img"), tgt: filepath.Join(cfg.Dir, "prof-tgt.img"),
-			sock: filepath.Join(cfg.Dir, "prof.sock")}
+			sock: filepath.Join(cfg.Dir, "prof.sock"), stateful: !cfg.NoStateDir}
 		if usePprof {
 			pair.srcExtra = []string{"--cpuprofile", prof}
 		}
@@ -785,180 +1106,4 @@ func displayArgv(argv []string, dir string) string {
 		s = strings.ReplaceAll(s, wd+"/", "")
 	}
 	return s
-}
-
-// Median returns the median of a figure over the runs of row in mode.
-func (r *ReplReport) Median(row, mode string, f func(Result) float64) float64 {
-	var xs []float64
-	for _, res := range r.Runs[row][mode] {
-		xs = append(xs, f(res))
-	}
-	return Median(xs)
-}
-
-// Markdown renders the report as the RESULTS.md section.
-func (r *ReplReport) Markdown(command, note string) string {
-	var b strings.Builder
-	cfg := r.Config
-	w := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
-	w("%s\n\n", ReplSection)
-	w("Measured %s by `%s`.\n\n", r.Start.Format("2006-01-02 15:04 MST"), command)
-	m := r.Machine
-	w("- Machine: %s; files on %s. Load average %s at start, %s at end.\n", m, m.FS, m.Load, r.LoadEnd)
-	if note != "" {
-		w("- **Conditions: %s**\n", note)
-	}
-	w("- Tools: %s", r.FioVersion)
-	for _, k := range sortedKeys(m.Versions) {
-		w(", %s", m.Versions[k])
-	}
-	w(".\n")
-	w("- Network: two network namespaces made for the run, joined by a veth pair (%s ↔ %s); mean ping RTT %s.\n",
-		replSrcIP, replTgtIP, FormatMicros(float64(r.RTT.Nanoseconds())))
-	w("- Method: fio's `nbd` engine on the source's export (Unix socket), %s volumes (fresh, zero, identical on both sides: `--mirror none`). "+
-		"All three configurations run side by side and are measured in turn, alternated run by run, %d runs each of %v after a %v ramp; "+
-		"before each run every async queue is drained and the volumes fdatasync'd. Same fio arguments as the NBD section. "+
-		"Figures are medians; ratios are to unreplicated. Replication runs in plaintext (`--insecure`), no compression.\n",
-		humanBytes(cfg.Size), cfg.Runs, cfg.Runtime, cfg.Ramp)
-	w("- Commands:\n")
-	for _, k := range sortedKeys(r.Argv) {
-		w("  - %s: `%s`\n", k, r.Argv[k])
-	}
-	w("\n| workload | unit | unreplicated | async | sync | async ÷ unrepl. | sync ÷ unrepl. |\n|---|---|--:|--:|--:|--:|--:|\n")
-	var missA, missS []string
-	for _, row := range cfg.Rows {
-		unit, f := Headline(row)
-		if row.Latency() {
-			unit += " (mean latency)"
-		}
-		w("| %s | %s |", row.Name, unit)
-		for _, mode := range ReplModes {
-			cell := FormatCount(r.Median(row.Slug, mode, f))
-			if row.Latency() {
-				cell += " (" + FormatMicros(r.Median(row.Slug, mode, func(x Result) float64 { return x.LatMeanNs })) + ")"
-			}
-			if n := len(r.Failed[row.Slug][mode]); n > 0 {
-				cell += fmt.Sprintf(" [%d failed]", n)
-			}
-			w(" %s |", cell)
-		}
-		u := r.Median(row.Slug, ModeUnreplicated, f)
-		ra, rs := Ratio(r.Median(row.Slug, ModeAsync, f), u), Ratio(r.Median(row.Slug, ModeSync, f), u)
-		w(" %s | %s |\n", FormatRatio(ra), FormatRatio(rs))
-		if !(ra >= 0.9) {
-			missA = append(missA, row.Name)
-		}
-		if !(rs >= 0.7) {
-			missS = append(missS, row.Name)
-		}
-	}
-	w("\n")
-	verdict := func(miss []string) string {
-		if len(miss) == 0 {
-			return "**met**"
-		}
-		return "**not met** on " + strings.Join(miss, "; ")
-	}
-	w("Targets (issue 3): async ≥ 0.9× unreplicated — %s; sync ≥ 0.7× unreplicated — %s.\n", verdict(missA), verdict(missS))
-	for _, row := range cfg.Rows {
-		if !row.Latency() {
-			continue
-		}
-		lat := func(x Result) float64 { return x.LatMeanNs }
-		u, s := r.Median(row.Slug, ModeUnreplicated, lat), r.Median(row.Slug, ModeSync, lat)
-		bound := u + float64(r.RTT.Nanoseconds()) + 100e3
-		v := "**met**"
-		if !(s <= bound) {
-			v = "**not met**"
-		}
-		w("Sync latency, %s: %s vs unreplicated %s + RTT %s + 100 µs = %s — %s.\n", row.Name, FormatMicros(s), FormatMicros(u),
-			FormatMicros(float64(r.RTT.Nanoseconds())), FormatMicros(bound), v)
-	}
-	w("\ndoppel's CPU time per write (user + system of the source and target processes over the run ÷ writes; unreplicated: the one server), median, and in parentheses the cores used:\n\n")
-	w("| workload | unreplicated | async | sync |\n|---|--:|--:|--:|\n")
-	for _, row := range cfg.Rows {
-		w("| %s |", row.Name)
-		for _, mode := range ReplModes {
-			per := r.Median(row.Slug, mode, func(x Result) float64 { return float64(x.ServerCPUPerIO.Nanoseconds()) })
-			share := r.Median(row.Slug, mode, func(x Result) float64 { return x.ServerCPUShare })
-			if per > 0 {
-				w(" %s (%.2f) |", FormatMicros(per), share)
-			} else {
-				w(" n/a |")
-			}
-		}
-		w("\n")
-	}
-	w("\n")
-	for _, mode := range []string{ModeAsync, ModeSync} {
-		if v, ok := r.Identical[mode]; ok {
-			w("Target byte-identical to the source after the %s runs (queue drained, `cmp`-style compare): %s.\n", mode, v)
-		}
-	}
-	if cfg.MirrorRuns > 0 {
-		w("\n**Mirror** of a %s volume of pseudo-random data (nothing to skip) across the same veth, %d runs each, alternated; time from start to the last byte applied "+
-			"(doppel: source process start until the mirror metric reports the whole volume; nbdcopy: the whole `nbdcopy --flush` run). Each copy is then compared with the source.\n\n",
-			humanBytes(cfg.MirrorSize), cfg.MirrorRuns)
-		d, n := Median(r.MirrorDoppel), Median(r.MirrorNbdcopy)
-		ratio := Ratio(d, n)
-		w("| copy | MiB/s (median) | runs (MiB/s) |\n|---|--:|---|\n")
-		w("| doppel repl source --mirror full | %s | %s |\n", FormatCount(d/(1<<20)), joinMiB(r.MirrorDoppel))
-		w("| nbdcopy, nbdkit → nbdkit | %s | %s |\n\n", FormatCount(n/(1<<20)), joinMiB(r.MirrorNbdcopy))
-		v := "**met**"
-		if !(ratio >= 0.9) {
-			v = "**not met**"
-		}
-		w("Mirror ÷ nbdcopy: %s (target ≥ 0.9×: %s).", FormatRatio(ratio), v)
-		if len(r.MirrorSent) > 0 {
-			w(" Mirror chunk data sent: %s MiB (median).", FormatCount(Median(r.MirrorSent)/(1<<20)))
-		}
-		w("\n")
-		for _, e := range r.MirrorFailed {
-			w("- failed run: %s\n", strings.ReplaceAll(truncate([]byte(e), 200), "\n", " "))
-		}
-	}
-	writeProfiles(&b, "the replication source and target", r.Profiles, r.ProfileNote)
-	w("\n<details><summary>Every run</summary>\n\n| workload | mode | runs |\n|---|---|---|\n")
-	for _, row := range cfg.Rows {
-		_, f := Headline(row)
-		for _, mode := range ReplModes {
-			var vs []string
-			for _, res := range r.Runs[row.Slug][mode] {
-				vs = append(vs, FormatCount(f(res)))
-			}
-			for _, e := range r.Failed[row.Slug][mode] {
-				vs = append(vs, "failed: "+strings.ReplaceAll(truncate([]byte(e), 80), "|", "/"))
-			}
-			w("| %s | %s | %s |\n", row.Name, mode, strings.Join(vs, ", "))
-		}
-	}
-	w("\n</details>\n")
-	return b.String()
-}
-
-func joinMiB(xs []float64) string {
-	var s []string
-	for _, x := range xs {
-		s = append(s, FormatCount(x/(1<<20)))
-	}
-	return strings.Join(s, ", ")
-}
-
-// lineWith returns the time and the took= field of the last line of the log
-// at path that contains s (for the run's log line), or "".
-func lineWith(path, s string) string {
-	b, _ := os.ReadFile(path)
-	lines := strings.Split(string(b), "\n")
-	for i := len(lines) - 1; i >= 0; i-- {
-		if strings.Contains(lines[i], s) {
-			var out []string
-			for _, f := range strings.Fields(lines[i]) {
-				if strings.HasPrefix(f, "time=") || strings.HasPrefix(f, "took=") {
-					out = append(out, f)
-				}
-			}
-			return strings.Join(out, " ")
-		}
-	}
-	return ""
 }

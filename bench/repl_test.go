@@ -112,24 +112,31 @@ func TestLink(t *testing.T) {
 }
 
 func TestReplMarkdownVerdicts(t *testing.T) {
-	rows := []Job{NBDRows[0], NBDRows[2]}
+	rows := []Job{NBDRows[0], NBDRows[2], SyncRow}
 	rep := &ReplReport{
-		Config:    ReplConfig{Rows: rows, Size: 1 << 30, Runs: 1, Runtime: time.Second, MirrorRuns: 1, MirrorSize: 1 << 30},
+		Config:    ReplConfig{Rows: rows, Size: 1 << 30, Runs: 1, Runtime: time.Second, MirrorRuns: 2, MirrorSize: 1 << 30},
 		RTT:       50 * time.Microsecond,
 		Argv:      map[string]string{},
 		Runs:      map[string]map[string][]Result{},
 		Failed:    map[string]map[string][]string{},
-		Identical: map[string]string{ModeAsync: "yes", ModeSync: "yes"},
+		Identical: map[string]string{ModeAsync: "yes", ModeSync: "yes", ModeQemuSync: "yes"},
 	}
 	mib := float64(1 << 20)
 	rep.Runs[rows[0].Slug] = map[string][]Result{
-		ModeUnreplicated: {{BW: 1000 * mib}}, ModeAsync: {{BW: 950 * mib}}, ModeSync: {{BW: 600 * mib}},
+		ModeUnreplicated: {{BW: 1000 * mib, Load: 1.5}}, ModeLimit: {{BW: 800 * mib, Legs: []Result{{BW: 800 * mib}, {BW: 900 * mib}}}},
+		ModeQemuAsync: {{BW: 500 * mib}}, ModeAsync: {{BW: 760 * mib}}, ModeQemuSync: {{BW: 400 * mib}}, ModeSync: {{BW: 600 * mib}},
 	}
 	rep.Runs[rows[1].Slug] = map[string][]Result{
-		ModeUnreplicated: {{IOPS: 20000, LatMeanNs: 50e3}}, ModeAsync: {{IOPS: 19000, LatMeanNs: 52e3}}, ModeSync: {{IOPS: 5000, LatMeanNs: 190e3}},
+		ModeUnreplicated: {{IOPS: 20000, LatMeanNs: 50e3}}, ModeLimit: {{IOPS: 15000, LatMeanNs: 66e3}},
+		ModeQemuAsync: {{IOPS: 9000, LatMeanNs: 110e3}}, ModeAsync: {{IOPS: 19000, LatMeanNs: 52e3}},
+		ModeQemuSync: {{IOPS: 4500, LatMeanNs: 220e3}}, ModeSync: {{IOPS: 6000, LatMeanNs: 160e3}},
 	}
-	rep.MirrorDoppel = []float64{400 * mib}
-	rep.MirrorNbdcopy = []float64{500 * mib}
+	rep.Runs[rows[2].Slug] = map[string][]Result{
+		ModeUnreplicated: {{IOPS: 2000, LatMeanNs: 50e3, SyncLatMeanNs: 450e3}}, ModeLimit: {{IOPS: 1500}},
+		ModeQemuAsync: {{IOPS: 1400}}, ModeAsync: {{IOPS: 1300}}, ModeQemuSync: {{IOPS: 1200}}, ModeSync: {{IOPS: 1000}},
+	}
+	rep.MirrorDoppel = []float64{400 * mib, 700 * mib}
+	rep.MirrorNbdcopy = []float64{500 * mib, 500 * mib}
 	rep.Profiles = []Profile{{Row: Job{Name: "sync: rand write 4 KiB, iodepth 32", IODepth: 32, BS: "4k"}, Res: Result{IOPS: 9000},
 		Top: "perf record -F 999 -g of the source process\n    75.75%     1.99%  [k] do_syscall_64\n"}}
 	md := rep.Markdown("cmd", "")
@@ -137,10 +144,17 @@ func TestReplMarkdownVerdicts(t *testing.T) {
 		"sampled with `perf record -F 999 -g -p PID`",
 		"<summary>sync: rand write 4 KiB, iodepth 32 (profiled run: 9,000 IOPS)</summary>",
 		"75.75%     1.99%  [k] do_syscall_64",
-		"| seq write 1 MiB, iodepth 16 | MiB/s | 1,000 | 950 | 600 | 0.95× | 0.60× |",
-		"async ≥ 0.9× unreplicated — **met**; sync ≥ 0.7× unreplicated — **not met** on seq write 1 MiB, iodepth 16; rand write 4 KiB, iodepth 1.",
-		"190 µs vs unreplicated 50.0 µs + RTT 50.0 µs + 100 µs = 200 µs — **met**",
-		"Mirror ÷ nbdcopy: 0.80× (target ≥ 0.9×: **not met**)",
+		"| workload | unit | unreplicated | two-copy limit | qemu mirror, background | doppel async | qemu mirror, write-blocking | doppel sync |",
+		"| seq write 1 MiB, iodepth 16 | MiB/s | 1,000 | 800 | 500 | 760 | 400 | 600 |",
+		"| rand write 4 KiB + flush each, iodepth 1 | IOPS (mean latency) | 2,000 (500 µs) |",
+		"| seq write 1 MiB, iodepth 16 | 0.95× | 0.75× | 1.52× | 1.50× | 0.76× | 0.60× | 0.80× |",
+		"- doppel sync ≥ 1.2× QEMU's write-blocking mirror on every row: **not met** (not on rand write 4 KiB + flush each, iodepth 1 (0.83×))",
+		"- doppel async ≥ 0.9× the two-copy limit on seq write 1 MiB, iodepth 16: **met** (0.95×)",
+		"- doppel sync latency on rand write 4 KiB, iodepth 1 ≤ unreplicated + 1 RTT + 50 µs: **not met** (160 µs vs 50.0 µs + 50.0 µs + 50 µs = 150 µs)",
+		"- doppel mirror ≥ 1.0× nbdcopy with a spread (max ÷ min of its runs) under 1.5×: **not met** (1.10×, spread 1.75×)",
+		"| seq write 1 MiB, iodepth 16 | two-copy limit | 800 [800, 900] |",
+		"| seq write 1 MiB, iodepth 16 | unreplicated | 1,000 (1.5) |",
+		"Target byte-identical to the source after the qemu mirror, write-blocking runs",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("report lacks %q:\n%s", want, md)
@@ -149,9 +163,10 @@ func TestReplMarkdownVerdicts(t *testing.T) {
 }
 
 // TestRunReplSmoke runs the replication harness end to end, briefly, on a
-// freshly built doppel: namespaces, the three configurations, fio, the
-// drained-queue and byte-identity checks and one mirror against nbdcopy. It
-// fails when `doppel repl` changes a flag or a metric the harness reads.
+// freshly built doppel: namespaces, every configuration (QEMU's mirrors
+// through QMP included), fio, the drained-backlog and byte-identity checks
+// and one mirror against nbdcopy. It fails when `doppel repl` changes a flag
+// or a metric the harness reads.
 func TestRunReplSmoke(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds doppel and runs fio across network namespaces")
@@ -159,7 +174,7 @@ func TestRunReplSmoke(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: creates network namespaces")
 	}
-	for _, tool := range []string{"fio", "nbdkit", "nbdcopy", "go"} {
+	for _, tool := range []string{"fio", "nbdkit", "nbdcopy", "go", "qemu-storage-daemon", "qemu-nbd"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("%s not installed (make deps installs it)", tool)
 		}
@@ -176,7 +191,7 @@ func TestRunReplSmoke(t *testing.T) {
 		Size:       16 << 20,
 		Runs:       1,
 		Runtime:    300 * time.Millisecond,
-		Rows:       []Job{NBDRows[2]},
+		Rows:       []Job{SyncRow},
 		MirrorSize: 16 << 20,
 		MirrorRuns: 1,
 		Metrics:    DefaultReplMetrics,
@@ -185,11 +200,14 @@ func TestRunReplSmoke(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, mode := range ReplModes {
-		if n := len(rep.Runs[NBDRows[2].Slug][mode]); n != 1 {
-			t.Errorf("%s: %d runs, failures %v", mode, n, rep.Failed[NBDRows[2].Slug][mode])
+		if n := len(rep.Runs[SyncRow.Slug][mode]); n != 1 {
+			t.Errorf("%s: %d runs, failures %v", mode, n, rep.Failed[SyncRow.Slug][mode])
 		}
 	}
-	for _, mode := range []string{ModeAsync, ModeSync} {
+	if r := rep.Runs[SyncRow.Slug][ModeLimit]; len(r) == 1 && (len(r[0].Legs) != 2 || r[0].SyncLatMeanNs == 0) {
+		t.Errorf("limit run: %+v", r[0])
+	}
+	for _, mode := range []string{ModeAsync, ModeSync, ModeQemuAsync, ModeQemuSync} {
 		if rep.Identical[mode] != "yes" {
 			t.Errorf("%s: target identical: %q", mode, rep.Identical[mode])
 		}

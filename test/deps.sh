@@ -7,7 +7,7 @@ set -euo pipefail
 declare -A need=(
 	[nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdfuse]=libnbd-bin
 	[nbdkit]=nbdkit
-	[qemu-nbd]=qemu-utils [qemu-io]=qemu-utils
+	[qemu-nbd]=qemu-utils [qemu-io]=qemu-utils [qemu-storage-daemon]=qemu-system-common
 	[fio]=fio
 	[qemu-system-x86_64]=qemu-system-x86
 	[busybox]=busybox-static

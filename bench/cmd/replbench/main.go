@@ -1,7 +1,11 @@
 // Command replbench measures fio's nbd engine through doppel's replicated
-// export (unreplicated vs async vs sync) across a veth pair between two
-// network namespaces it creates, and doppel's full mirror against nbdcopy
-// between two nbdkit servers, writing the figures to bench/RESULTS.md.
+// export (async, sync) across a veth pair between two network namespaces it
+// creates, side by side with doppel's unreplicated export, the two-copy
+// limit (every block written twice, locally and across the veth, with no
+// replication logic) and QEMU's block mirror (qemu-storage-daemon,
+// background and write-blocking), then doppel's full mirror against
+// nbdcopy between two nbdkit servers, writing the figures to
+// bench/RESULTS.md.
 // `make bench-repl` runs it as root from the repository root; -short is a
 // quick run that checks the harness itself.
 package main
@@ -17,6 +21,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -41,15 +46,17 @@ func run(ctx context.Context, args []string) error {
 		fio        = fs.String("fio", "fio", "fio binary (with the nbd engine)")
 		dir        = fs.String("dir", "/var/tmp", "parent of the working directory")
 		size       = fs.Int64("size", 1<<30, "volume size of the fio rows, bytes")
-		runs       = fs.Int("runs", 3, "runs per row and mode")
-		runtime    = fs.Duration("runtime", 4*time.Second, "measured time per run")
+		runs       = fs.Int("runs", 5, "runs per row and configuration")
+		runtime    = fs.Duration("runtime", 3*time.Second, "measured time per run")
 		ramp       = fs.Duration("ramp", time.Second, "ramp time per run (not measured)")
-		rows       = fs.String("rows", "", "comma-separated row slugs (default: write-1m-qd16,randwrite-4k-qd1,randwrite-4k-qd32)")
+		rows       = fs.String("rows", "", "comma-separated row slugs (default: write-1m-qd16,randwrite-4k-qd1,randwrite-4k-qd32,randwrite-4k-qd1-fsync)")
+		noState    = fs.Bool("no-state-dir", false, "run doppel's sources without --state-dir (the bare engine: no bitmap, activity log or disk queue)")
+		modes      = fs.String("modes", "", "comma-separated configurations (default: "+strings.Join(bench.ReplModes, ",")+")")
 		mirrorSize = fs.Int64("mirror-size", 1<<30, "size of the mirrored volume, bytes")
-		mirrorRuns = fs.Int("mirror-runs", 3, "runs of each of doppel's mirror and nbdcopy (0: skip)")
+		mirrorRuns = fs.Int("mirror-runs", 5, "runs of each of doppel's mirror and nbdcopy (0: skip)")
 		results    = fs.String("results", "bench/RESULTS.md", "Markdown file whose replication section is replaced (empty: print only)")
 		note       = fs.String("note", "", "remark on the conditions, printed in bold in the report")
-		short      = fs.Bool("short", false, "quick check of the harness: 64 MiB volumes, 1 run of 1 s, one mirror run, results printed not written")
+		short      = fs.Bool("short", false, "quick check of the harness: 64 MiB volumes, 1 run of 1 s, one mirror run, results printed not written (flags given override these)")
 		keep       = fs.Bool("keep", false, "keep the working directory")
 		profDir    = fs.String("profile-dir", "bench/profiles", "where the source's CPU profiles go (empty: no profiling)")
 		profRows   = fs.String("profile-rows", "sync:randwrite-4k-qd32,sync:write-1m-qd16,async:write-1m-qd16", "MODE:ROW pairs to profile the source on")
@@ -60,9 +67,16 @@ func run(ctx context.Context, args []string) error {
 		return err
 	}
 	if *short {
-		*size, *mirrorSize, *runs, *mirrorRuns, *runtime, *ramp = 64<<20, 64<<20, 1, 1, time.Second, 0
+		// -short sets what the command line does not.
 		set := map[string]bool{}
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		for name, v := range map[string]string{"size": "67108864", "mirror-size": "67108864", "runs": "1", "mirror-runs": "1", "runtime": "1s", "ramp": "0s"} {
+			if !set[name] {
+				if err := fs.Set(name, v); err != nil {
+					return err
+				}
+			}
+		}
 		if !set["results"] {
 			*results = ""
 		}
@@ -90,7 +104,7 @@ func run(ctx context.Context, args []string) error {
 	if os.Geteuid() != 0 {
 		return errors.New("needs root: it creates network namespaces and a veth pair")
 	}
-	for _, tool := range []string{*fio, "ip", "ping", "nbdkit", "nbdcopy"} {
+	for _, tool := range []string{*fio, "ip", "ping", "nbdkit", "nbdcopy", "qemu-storage-daemon", "qemu-nbd"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			return fmt.Errorf("%w (make deps installs it)", err)
 		}
@@ -102,20 +116,25 @@ func run(ctx context.Context, args []string) error {
 	if err := bench.CheckRepl(doppelAbs); err != nil {
 		return fmt.Errorf("%w; the harness is ready and runs once `doppel repl source|target` exist (`make build`)", err)
 	}
+	known := append(slices.Clone(bench.NBDRows), bench.SyncRow)
 	jobs := bench.ReplRows
 	if *rows != "" {
 		jobs = nil
 		for _, slug := range strings.Split(*rows, ",") {
-			found := false
-			for _, j := range bench.NBDRows {
-				if j.Slug == strings.TrimSpace(slug) {
-					jobs = append(jobs, j)
-					found = true
-				}
-			}
-			if !found {
+			i := slices.IndexFunc(known, func(j bench.Job) bool { return j.Slug == strings.TrimSpace(slug) })
+			if i < 0 {
 				return fmt.Errorf("unknown row %q", slug)
 			}
+			jobs = append(jobs, known[i])
+		}
+	}
+	var cols []string
+	if *modes != "" {
+		for _, m := range strings.Split(*modes, ",") {
+			if !slices.Contains(bench.ReplModes, strings.TrimSpace(m)) {
+				return fmt.Errorf("unknown configuration %q (want some of %s)", m, strings.Join(bench.ReplModes, ","))
+			}
+			cols = append(cols, strings.TrimSpace(m))
 		}
 	}
 	var prows []bench.ReplProfileRow
@@ -123,7 +142,7 @@ func run(ctx context.Context, args []string) error {
 		for _, pr := range strings.Split(*profRows, ",") {
 			mode, slug, ok := strings.Cut(strings.TrimSpace(pr), ":")
 			found := false
-			for _, j := range bench.NBDRows {
+			for _, j := range known {
 				if ok && j.Slug == slug && (mode == bench.ModeSync || mode == bench.ModeAsync) {
 					prows = append(prows, bench.ReplProfileRow{Mode: mode, Row: j})
 					found = true
@@ -148,6 +167,7 @@ func run(ctx context.Context, args []string) error {
 		"nbdkit":  {"nbdkit", "--version"},
 		"nbdcopy": {"nbdcopy", "--version"},
 		"go":      {"go", "version"},
+		"qemu":    {"qemu-storage-daemon", "--version"},
 	})
 	machine.Versions["doppel"] = "doppel " + bench.BinaryRevision(doppelAbs, ".")
 
@@ -160,6 +180,8 @@ func run(ctx context.Context, args []string) error {
 		Runtime:     *runtime,
 		Ramp:        *ramp,
 		Rows:        jobs,
+		Modes:       cols,
+		NoStateDir:  *noState,
 		MirrorSize:  *mirrorSize,
 		MirrorRuns:  *mirrorRuns,
 		Metrics:     bench.DefaultReplMetrics,
