@@ -87,14 +87,14 @@ func agentRestart(c *cli.Context) error {
 	if args, err := positional(c); err != nil || len(args) != 0 {
 		return usageErrorf("usage: doppel agent restart --server NAME")
 	}
-	e, err := newClientEnv(c)
+	f, err := fleet(c)
 	if err != nil {
 		return err
 	}
-	if e.only == "" {
+	if f.Only() == "" {
 		return usageErrorf("doppel agent restart: name the agent with --server (one agent at a time)")
 	}
-	cl, err := e.client(e.only)
+	cl, err := f.Client(f.Only())
 	if err != nil {
 		return err
 	}
@@ -102,9 +102,9 @@ func agentRestart(c *cli.Context) error {
 	defer cancel()
 	res, err := cl.RestartAgent(ctx)
 	if err != nil {
-		return fmt.Errorf("restart agent %s: %w", e.only, err)
+		return fmt.Errorf("restart agent %s: %w", f.Only(), err)
 	}
-	fmt.Fprintf(c.App.Writer, "agent %s: %s\n", e.only, res.Message)
+	fmt.Fprintf(c.App.Writer, "agent %s: %s\n", f.Only(), res.Message)
 	return nil
 }
 
@@ -113,23 +113,23 @@ func agentStop(c *cli.Context) error {
 	if args, err := positional(c); err != nil || len(args) != 0 {
 		return usageErrorf("usage: doppel agent stop --server NAME [--force]")
 	}
-	e, err := newClientEnv(c)
+	f, err := fleet(c)
 	if err != nil {
 		return err
 	}
-	if e.only == "" {
+	if f.Only() == "" {
 		return usageErrorf("doppel agent stop: name the agent with --server (one agent at a time)")
 	}
-	cl, err := e.client(e.only)
+	cl, err := f.Client(f.Only())
 	if err != nil {
 		return err
 	}
 	ctx, cancel := context.WithTimeout(c.Context, 30*time.Second)
 	defer cancel()
 	if _, err := cl.StopAgent(ctx, api.StopOptions{Force: c.Bool("force")}); err != nil {
-		return fmt.Errorf("stop agent %s: %w", e.only, err)
+		return fmt.Errorf("stop agent %s: %w", f.Only(), err)
 	}
-	fmt.Fprintf(c.App.Writer, "agent %s is stopping\n", e.only)
+	fmt.Fprintf(c.App.Writer, "agent %s is stopping\n", f.Only())
 	return nil
 }
 

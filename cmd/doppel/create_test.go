@@ -14,6 +14,7 @@ import (
 
 	"github.com/doppelha/doppel/daemon/agent"
 	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/urfave/cli/v2"
@@ -32,7 +33,7 @@ func startLab(t *testing.T, replicate map[string]bool) (root string, agents map[
 	t.Helper()
 	root = t.TempDir()
 	agents = map[string]*labAgent{}
-	cfg, err := api.LoadClientConfig(filepath.Join(root, "cli.json"))
+	cfg, err := client.LoadConfig(filepath.Join(root, "cli.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,7 +73,7 @@ func startLab(t *testing.T, replicate map[string]bool) (root string, agents map[
 		if la.client, err = api.NewClient(la.addr, a.Identity.Token, a.Identity.Fingerprint); err != nil {
 			t.Fatal(err)
 		}
-		cfg.Put(api.ServerEntry{Name: name, Addr: la.addr, Fingerprint: a.Identity.Fingerprint, Token: a.Identity.Token})
+		cfg.Put(client.Server{Name: name, Addr: la.addr, Fingerprint: a.Identity.Fingerprint, Token: a.Identity.Token})
 		agents[name] = la
 	}
 	if err := cfg.Save(); err != nil {
@@ -205,7 +206,7 @@ func TestJobCreateRollsBack(t *testing.T) {
 	// The source's create fails: it is refused a spec that does not name
 	// its certificate (a server re-added meanwhile).
 	spec.Source.Fingerprint = "sha256:" + strings.Repeat("0", 64)
-	err := createBoth(context.Background(), spec, agents["vm1"].client, agents["vm2"].client)
+	err := client.CreateBoth(context.Background(), spec, agents["vm1"].client, agents["vm2"].client)
 	if err == nil || !strings.Contains(err.Error(), "rolled back on the target vm2") {
 		t.Fatalf("createBoth: %v", err)
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/urfave/cli/v2"
 )
@@ -40,24 +41,7 @@ func failoverCommand() *cli.Command {
 				return switchover(c, ha.CmdSwitchover)
 			}
 			opts := api.CommandOptions{Force: c.Bool("force"), DiscardQueue: c.Bool("discard-queue")}
-			return sendCommand(c, ha.CmdFailover, opts, pickFailover)
+			return sendCommand(c, ha.CmdFailover, opts, client.ForFailover)
 		},
 	}
-}
-
-// pickFailover sends a failover to the job's target; when no side is a
-// target any more, to the failed-over side (whose state machine refuses a
-// second failover with the reason).
-func pickFailover(views []view) (string, error) {
-	for _, v := range views {
-		if v.Status != nil && v.Status.HA.Role == ha.RoleTarget {
-			return v.Server, nil
-		}
-	}
-	for _, v := range views {
-		if v.Status != nil && v.Status.HA.State == ha.StateFailedOver {
-			return v.Server, nil
-		}
-	}
-	return "", unreachableErr(views, "the job's target (a failover runs there)")
 }

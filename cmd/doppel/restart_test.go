@@ -17,6 +17,7 @@ import (
 
 	"github.com/doppelha/doppel/blockdev/nbdclient"
 	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/ha"
 )
 
@@ -101,7 +102,7 @@ func procLab(t *testing.T) map[string]*agentProc {
 		"vm1": startAgentProc(t, root, "vm1", "127.0.0.1", hb),
 		"vm2": startAgentProc(t, root, "vm2", "127.0.0.2", hb),
 	}
-	cfg, err := api.LoadClientConfig(filepath.Join(root, "cli.json"))
+	cfg, err := client.LoadConfig(filepath.Join(root, "cli.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -109,7 +110,7 @@ func procLab(t *testing.T) map[string]*agentProc {
 		ap := agents[n]
 		token, _ := os.ReadFile(filepath.Join(ap.dir, "token"))
 		fp, _ := api.FetchFingerprint(context.Background(), ap.control)
-		cfg.Put(api.ServerEntry{Name: n, Addr: ap.control, Fingerprint: fp, Token: strings.TrimSpace(string(token))})
+		cfg.Put(client.Server{Name: n, Addr: ap.control, Fingerprint: fp, Token: strings.TrimSpace(string(token))})
 	}
 	if err := cfg.Save(); err != nil {
 		t.Fatal(err)

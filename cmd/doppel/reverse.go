@@ -2,6 +2,7 @@ package main
 
 import (
 	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/urfave/cli/v2"
 )
@@ -18,18 +19,7 @@ func reverseCommand() *cli.Command {
 			"the chunks in the union of both sides' dirty bitmaps are resynced.",
 		Flags: connFlags(),
 		Action: func(c *cli.Context) error {
-			return sendCommand(c, ha.CmdReverse, api.CommandOptions{}, pickReverse)
+			return sendCommand(c, ha.CmdReverse, api.CommandOptions{}, client.ForReverse)
 		},
 	}
-}
-
-// pickReverse sends a reverse to the failed-over side, else to the active
-// source (whose state machine says why it does not apply).
-func pickReverse(views []view) (string, error) {
-	for _, v := range views {
-		if v.Status != nil && v.Status.HA.State == ha.StateFailedOver {
-			return v.Server, nil
-		}
-	}
-	return activeSource(views)
 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/tlspin"
 	"github.com/urfave/cli/v2"
@@ -106,7 +107,7 @@ func serverAdd(c *cli.Context) error {
 			return errors.New("not added")
 		}
 	}
-	s := api.ServerEntry{Name: name, Addr: addr, Fingerprint: fp, Token: token}
+	s := client.Server{Name: name, Addr: addr, Fingerprint: fp, Token: token}
 	cl, err := s.Client()
 	if err != nil {
 		return err
@@ -207,12 +208,12 @@ func serverRemove(c *cli.Context) error {
 	return nil
 }
 
-func loadConfig() (*api.ClientConfig, error) {
-	p, err := api.ConfigPath()
+func loadConfig() (*client.Config, error) {
+	p, err := client.ConfigPath()
 	if err != nil {
 		return nil, err
 	}
-	return api.LoadClientConfig(p)
+	return client.LoadConfig(p)
 }
 
 // connFlags are accepted by every client command.
@@ -220,130 +221,14 @@ func connFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "server", Usage: "talk to this server only (a name from doppel server list)", EnvVars: []string{"DOPPEL_SERVER"}},
 		&cli.StringFlag{Name: "token-file", Usage: "use this token instead of the stored one", EnvVars: []string{"DOPPEL_TOKEN_FILE"}},
-		&cli.DurationFlag{Name: "timeout", Value: defaultQueryTimeout, Usage: "how long to wait for each server's answer to a query (servers are asked in parallel)"},
+		&cli.DurationFlag{Name: "timeout", Value: client.DefaultTimeout, Usage: "how long to wait for each server's answer to a query (servers are asked in parallel)"},
 	}
 }
 
-// defaultQueryTimeout bounds each server's answer to a status query: a
-// dead or blackholed server costs at most this, once, not per server.
-const defaultQueryTimeout = 2 * time.Second
-
-// clientEnv is the CLI's view of its servers for one command.
-type clientEnv struct {
-	cfg       *api.ClientConfig
-	only      string
-	tokenFile string
-	timeout   time.Duration // per server, for queries
-}
-
-func newClientEnv(c *cli.Context) (*clientEnv, error) {
-	cfg, err := loadConfig()
-	if err != nil {
-		return nil, err
-	}
-	e := &clientEnv{cfg: cfg, only: c.String("server"), tokenFile: c.String("token-file"), timeout: c.Duration("timeout")}
-	if e.timeout <= 0 {
-		e.timeout = defaultQueryTimeout
-	}
-	if e.only != "" {
-		if _, err := cfg.Server(e.only); err != nil {
-			return nil, err
-		}
-	}
-	if len(cfg.Servers) == 0 {
-		return nil, fmt.Errorf("no servers configured (%s): add them with doppel server add NAME HOST --token-file FILE", cfg.Path())
-	}
-	return e, nil
-}
-
-func (e *clientEnv) client(name string) (*api.Client, error) {
-	s, err := e.cfg.Server(name)
-	if err != nil {
-		return nil, err
-	}
-	if e.tokenFile != "" && (e.only == "" || e.only == name) {
-		if s.Token, err = api.ReadToken(e.tokenFile); err != nil {
-			return nil, err
-		}
-	}
-	return s.Client()
-}
-
-// servers are the servers a command consults: --server, or all.
-func (e *clientEnv) servers() []string {
-	if e.only != "" {
-		return []string{e.only}
-	}
-	names := make([]string, len(e.cfg.Servers))
-	for i, s := range e.cfg.Servers {
-		names[i] = s.Name
-	}
-	return names
-}
-
-// view is one server's answer about a job.
-type view struct {
-	Server string         `json:"server"`
-	Status *api.JobStatus `json:"status,omitempty"`
-	Err    string         `json:"error,omitempty"`
-	err    error
-}
-
-// findJob asks the servers (all, or --server) about a job, in parallel.
-// It fails when no server knows the job, saying which were unreachable.
-func (e *clientEnv) findJob(ctx context.Context, name string) ([]view, error) {
-	if err := job.ValidName("job", name); err != nil {
-		return nil, usageErrorf("%v", err)
-	}
-	names := e.servers()
-	views := make([]view, len(names))
-	var wg sync.WaitGroup
-	for i, s := range names {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			views[i].Server = s
-			ctx, cancel := context.WithTimeout(ctx, e.timeout)
-			defer cancel()
-			cl, err := e.client(s)
-			if err == nil {
-				var st api.JobStatus
-				if st, err = cl.Job(ctx, name); err == nil {
-					views[i].Status = &st
-					return
-				}
-			}
-			views[i].err, views[i].Err = err, err.Error()
-		}()
-	}
-	wg.Wait()
-	var found []view
-	var unreachable []string
-	for _, v := range views {
-		switch {
-		case v.Status != nil:
-			found = append(found, v)
-		case !api.IsKind(v.err, "not_found"):
-			unreachable = append(unreachable, fmt.Sprintf("%s (%v)", v.Server, v.err))
-		}
-	}
-	if len(found) == 0 {
-		if len(unreachable) > 0 {
-			return nil, fmt.Errorf("job %q not found on any reachable server; unreachable: %s", name, strings.Join(unreachable, "; "))
-		}
-		return nil, fmt.Errorf("job %q not found on %s", name, strings.Join(names, ", "))
-	}
-	// Both sides of the job, even those not found, for the status view.
-	var notFound []view
-	for _, v := range views {
-		if v.Status == nil {
-			if v.Err == "" || api.IsKind(v.err, "not_found") {
-				v.Err = "job not found there"
-			}
-			notFound = append(notFound, v)
-		}
-	}
-	return jobSides(found[0].Status.Spec, found, notFound, e.only), nil
+// fleet is the set of servers the command of c talks to (--server,
+// --token-file, --timeout).
+func fleet(c *cli.Context) (*client.Fleet, error) {
+	return client.Open(client.Options{Only: c.String("server"), TokenFile: c.String("token-file"), Timeout: c.Duration("timeout")})
 }
 
 func sortedKeys[V any](m map[string]V) []string {

@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/doppelha/doppel/daemon/api"
-	"github.com/doppelha/doppel/daemon/ha"
+	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/snapshot"
 	"github.com/urfave/cli/v2"
@@ -118,35 +118,14 @@ func jobArgs(c *cli.Context, usage string, min, max int) ([]string, error) {
 	return args, nil
 }
 
-// pickTarget chooses the job's target (where snapshots live).
-func pickTarget(views []view) (string, error) {
-	for _, v := range views {
-		if v.Status != nil && v.Status.HA.Role == ha.RoleTarget {
-			return v.Server, nil
-		}
-	}
-	return "", unreachableErr(views, "the job's target (snapshots live there)")
-}
-
 // serverFor connects to the server pick chooses among the job's sides
 // (or --server).
-func serverFor(c *cli.Context, name string, pick func([]view) (string, error)) (string, *api.Client, error) {
-	e, err := newClientEnv(c)
+func serverFor(c *cli.Context, name string, pick client.Picker) (string, *api.Client, error) {
+	f, err := fleet(c)
 	if err != nil {
 		return "", nil, err
 	}
-	server := e.only
-	if server == "" {
-		views, err := e.findJob(c.Context, name)
-		if err != nil {
-			return "", nil, err
-		}
-		if server, err = pick(views); err != nil {
-			return "", nil, err
-		}
-	}
-	cl, err := e.client(server)
-	return server, cl, err
+	return f.Pick(c.Context, name, pick)
 }
 
 func snapshotCreate(c *cli.Context) error {
@@ -163,35 +142,19 @@ func snapshotCreate(c *cli.Context) error {
 	if mount != "" && script != "" {
 		return usageErrorf("--fsfreeze and --freeze-script exclude each other")
 	}
-	server, cl, err := serverFor(c, name, pickTarget)
+	var freeze *api.FreezeRequest
+	if mount != "" || script != "" {
+		freeze = &api.FreezeRequest{Mount: mount, Script: script, Timeout: c.Duration("freeze-timeout")}
+	}
+	f, err := fleet(c)
 	if err != nil {
 		return err
 	}
 	ctx, cancel := context.WithTimeout(c.Context, 2*time.Minute)
 	defer cancel()
-	if mount != "" || script != "" {
-		srcName, src, err := serverFor(c, name, activeSource)
-		if err != nil {
-			return err
-		}
-		fr, err := src.Freeze(ctx, name, api.FreezeRequest{Mount: mount, Script: script, Timeout: c.Duration("freeze-timeout")})
-		if err != nil {
-			return fmt.Errorf("freeze on %s: %w", srcName, err)
-		}
-		req.AtStream, req.AtSeq = fr.Stream, fr.Seq
-		info, cerr := cl.CreateSnapshot(ctx, name, req)
-		terr := src.Thaw(context.WithoutCancel(ctx), name)
-		if cerr != nil {
-			return fmt.Errorf("snapshot on %s: %w", server, cerr)
-		}
-		if terr != nil {
-			return fmt.Errorf("snapshot %s taken, but the thaw on %s failed: %w", info.Name, srcName, terr)
-		}
-		return printSnapshot(c, server, info)
-	}
-	info, err := cl.CreateSnapshot(ctx, name, req)
+	server, info, err := f.Snapshot(ctx, name, req, freeze)
 	if err != nil {
-		return fmt.Errorf("snapshot on %s: %w", server, err)
+		return err
 	}
 	return printSnapshot(c, server, info)
 }
@@ -214,7 +177,7 @@ func snapshotList(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	server, cl, err := serverFor(c, args[0], pickTarget)
+	server, cl, err := serverFor(c, args[0], client.Target)
 	if err != nil {
 		return err
 	}
@@ -291,7 +254,7 @@ func snapshotDelete(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	server, cl, err := serverFor(c, args[0], pickTarget)
+	server, cl, err := serverFor(c, args[0], client.Target)
 	if err != nil {
 		return err
 	}
@@ -314,31 +277,21 @@ func snapshotSchedule(c *cli.Context) error {
 	if err := s.Validate(); err != nil {
 		return usageErrorf("%v", err)
 	}
-	e, err := newClientEnv(c)
-	if err != nil {
-		return err
-	}
-	views, err := e.findJob(c.Context, name)
+	f, err := fleet(c)
 	if err != nil {
 		return err
 	}
 	ctx, cancel := context.WithTimeout(c.Context, time.Minute)
 	defer cancel()
-	var failed []string
-	for _, v := range views {
-		if v.Status == nil {
-			failed = append(failed, fmt.Sprintf("%s: %s", v.Server, v.Err))
-			continue
+	failed, err := f.EachSide(ctx, name, func(server string, cl *api.Client) error {
+		if err := cl.SetSnapshotSchedule(ctx, name, s); err != nil {
+			return err
 		}
-		cl, err := e.client(v.Server)
-		if err == nil {
-			err = cl.SetSnapshotSchedule(ctx, name, s)
-		}
-		if err != nil {
-			failed = append(failed, fmt.Sprintf("%s: %v", v.Server, err))
-			continue
-		}
-		fmt.Fprintf(c.App.Writer, "%s on %s: %s\n", name, v.Server, scheduleLine(s))
+		fmt.Fprintf(c.App.Writer, "%s on %s: %s\n", name, server, scheduleLine(s))
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	if len(failed) > 0 {
 		return fmt.Errorf("schedule not set on every side (it must be, to follow the target): %s", strings.Join(failed, "; "))
@@ -355,8 +308,7 @@ func testFailover(c *cli.Context) error {
 	if c.Bool("stop") && (c.String("snapshot") != "" || c.String("test-ip") != "") {
 		return usageErrorf("--stop takes neither --snapshot nor --test-ip")
 	}
-	pick := pickTarget
-	server, cl, err := serverFor(c, name, pick)
+	server, cl, err := serverFor(c, name, client.Target)
 	if err != nil {
 		return err
 	}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -10,11 +9,11 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"text/tabwriter"
 	"time"
 
 	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/protection"
@@ -36,20 +35,11 @@ func exitStatus(code int) error {
 	return statusExit(code)
 }
 
-// sides turns findJob's views into the protection package's input.
-func sides(views []view) []protection.Side {
-	out := make([]protection.Side, len(views))
-	for i, v := range views {
-		out[i] = protection.Side{Server: v.Server, Status: v.Status, Err: v.Err}
-	}
-	return out
-}
-
 // jobStatusJSON is doppel job status --json: the verdict, then each
 // side's status as its agent reported it (or why it did not answer).
 type jobStatusJSON struct {
 	protection.Verdict
-	Sides []view `json:"sides"`
+	Sides []client.Side `json:"sides"`
 }
 
 func jobStatus(c *cli.Context) error {
@@ -57,7 +47,7 @@ func jobStatus(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	e, err := newClientEnv(c)
+	f, err := fleet(c)
 	if err != nil {
 		return err
 	}
@@ -67,14 +57,11 @@ func jobStatus(c *cli.Context) error {
 	rates := syncRates{}
 	code := 0
 	for {
-		views, err := e.findJob(c.Context, name)
+		views, err := f.FindJob(c.Context, name)
 		var v protection.Verdict
 		if err == nil {
-			v = protection.Assess(sides(views))
+			v = client.Assess(views)
 		} else {
-			if isUsage(err) {
-				return err
-			}
 			v = protection.Verdict{Job: name, Level: protection.Unreachable, Reason: err.Error(), ExitCode: protection.Unreachable.ExitCode()}
 		}
 		code = v.ExitCode
@@ -101,11 +88,6 @@ func jobStatus(c *cli.Context) error {
 		case <-time.After(c.Duration("interval")):
 		}
 	}
-}
-
-func isUsage(err error) bool {
-	var ec cli.ExitCoder
-	return errors.As(err, &ec) && ec.ExitCode() == exitUsage
 }
 
 // watchScreen redraws a frame in place on a terminal: cursor home, each
@@ -146,7 +128,7 @@ type syncRate struct {
 	rate float64 // bytes per second, 0 unknown
 }
 
-func (r syncRates) observe(views []view, now time.Time) {
+func (r syncRates) observe(views []client.Side, now time.Time) {
 	for _, v := range views {
 		if v.Status == nil || v.Status.Data.SyncTotal == 0 {
 			delete(r, v.Server)
@@ -196,7 +178,7 @@ func headline(l protection.Level, tty bool) string {
 // headline, its reason, what a failure of the source now would cost, the
 // commands that would succeed now), the job in its real direction, then
 // each side as its agent sees it, the source first.
-func renderStatus(w io.Writer, v protection.Verdict, views []view, rates syncRates, now time.Time, tty bool) {
+func renderStatus(w io.Writer, v protection.Verdict, views []client.Side, rates syncRates, now time.Time, tty bool) {
 	var spec job.Spec
 	for _, vw := range views {
 		if vw.Status != nil {
@@ -227,14 +209,14 @@ func renderStatus(w io.Writer, v protection.Verdict, views []view, rates syncRat
 	if spec.Arbiter != "" {
 		fmt.Fprintf(w, "  arbiter %s, lease TTL %v\n", spec.Arbiter, spec.LeaseTTL)
 	}
-	ordered := append([]view(nil), views...)
+	ordered := append([]client.Side(nil), views...)
 	sort.SliceStable(ordered, func(i, j int) bool { return ordered[i].Server == src && ordered[j].Server != src })
 	for _, vw := range ordered {
 		renderSide(w, vw, rates)
 	}
 }
 
-func renderSide(w io.Writer, v view, rates syncRates) {
+func renderSide(w io.Writer, v client.Side, rates syncRates) {
 	if v.Status == nil {
 		fmt.Fprintf(w, "\n  %-6s unreachable: %s\n", v.Server, v.Err)
 		return
@@ -327,63 +309,23 @@ func arbiterLine(role ha.Role, a *api.ArbiterStatus) string {
 // jobListJSON is doppel job list --json.
 type jobListJSON struct {
 	Jobs        []jobStatusJSON `json:"jobs"`
-	Unreachable []view          `json:"unreachable,omitempty"`
+	Unreachable []client.Side   `json:"unreachable,omitempty"`
 }
 
 // jobList asks every server (in parallel, each bounded by --timeout) for
 // its jobs and prints one line per job: its verdict and real direction.
 func jobList(c *cli.Context) error {
-	e, err := newClientEnv(c)
+	f, err := fleet(c)
 	if err != nil {
 		return err
 	}
-	names := e.servers()
-	answers := make([][]api.JobStatus, len(names))
-	errs := make([]error, len(names))
-	var wg sync.WaitGroup
-	for i, s := range names {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			ctx, cancel := context.WithTimeout(c.Context, e.timeout)
-			defer cancel()
-			cl, err := e.client(s)
-			if err == nil {
-				answers[i], err = cl.Jobs(ctx)
-			}
-			errs[i] = err
-		}()
-	}
-	wg.Wait()
+	list := f.List(c.Context)
 	var out jobListJSON
-	byJob := map[string][]view{}
-	var jobNames []string
-	for i, s := range names {
-		if errs[i] != nil {
-			out.Unreachable = append(out.Unreachable, view{Server: s, Err: errs[i].Error(), err: errs[i]})
-			continue
-		}
-		for _, st := range answers[i] {
-			if _, ok := byJob[st.Spec.Name]; !ok {
-				jobNames = append(jobNames, st.Spec.Name)
-			}
-			byJob[st.Spec.Name] = append(byJob[st.Spec.Name], view{Server: s, Status: &st})
-		}
+	out.Unreachable = list.Unreachable
+	for _, j := range list.Jobs {
+		out.Jobs = append(out.Jobs, jobStatusJSON{Verdict: client.Assess(j.Sides), Sides: j.Sides})
 	}
-	sort.Strings(jobNames)
-	for _, name := range jobNames {
-		found := byJob[name]
-		views := jobSides(found[0].Status.Spec, found, out.Unreachable, e.only)
-		out.Jobs = append(out.Jobs, jobStatusJSON{Verdict: protection.Assess(sides(views)), Sides: views})
-	}
-	var failed error
-	if len(out.Unreachable) > 0 {
-		var parts []string
-		for _, u := range out.Unreachable {
-			parts = append(parts, u.Server+": "+u.Err)
-		}
-		failed = fmt.Errorf("%d of %d servers did not answer: %s", len(out.Unreachable), len(names), strings.Join(parts, "; "))
-	}
+	failed := list.Err(len(f.Servers()))
 	if c.Bool("json") {
 		return errors.Join(writeJSONOut(c.App.Writer, out), failed)
 	}
@@ -413,30 +355,6 @@ func jobList(c *cli.Context) error {
 		fmt.Fprintln(c.App.Writer, "no jobs")
 	}
 	return failed
-}
-
-// jobSides are the two sides of a job with spec, from the answers found
-// (and the servers that did not answer), in spec order.
-func jobSides(spec job.Spec, found, unreachable []view, only string) []view {
-	var out []view
-	for _, side := range []string{spec.Source.Name, spec.Target.Name} {
-		v := view{Server: side, Err: "not in this CLI's servers"}
-		if only != "" {
-			v.Err = "not asked (--server " + only + ")"
-		}
-		for _, u := range unreachable {
-			if u.Server == side {
-				v = u
-			}
-		}
-		for _, f := range found {
-			if f.Server == side {
-				v = f
-			}
-		}
-		out = append(out, v)
-	}
-	return out
 }
 
 func dataState(s ha.Status) string {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/doppelha/doppel/daemon/agent"
 	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/monitor"
@@ -63,9 +64,9 @@ func statusOf(server string, role ha.Role, state ha.State, epoch uint64) *api.Jo
 // the real roles (vm2 serves, vm1 receives), not the job's creation.
 func TestRenderStatus(t *testing.T) {
 	at := time.Date(2026, 1, 1, 12, 0, 0, 0, time.UTC)
-	render := func(views []view, rates syncRates) string {
+	render := func(views []client.Side, rates syncRates) string {
 		var b bytes.Buffer
-		renderStatus(&b, protection.Assess(sides(views)), views, rates, at, false)
+		renderStatus(&b, client.Assess(views), views, rates, at, false)
 		return b.String()
 	}
 	// A mirror in progress, with the rate --watch measured.
@@ -73,13 +74,13 @@ func TestRenderStatus(t *testing.T) {
 	src.Data.SyncTotal, src.Data.SyncDone, src.Data.BytesRemaining = 4<<30, 1<<30, 3<<30
 	tgt := statusOf("vm2", ha.RoleTarget, ha.StateMirroring, 1)
 	tgt.HA.Consistent = false
-	golden(t, "status_mirroring", render([]view{{Server: "vm1", Status: src}, {Server: "vm2", Status: tgt}},
+	golden(t, "status_mirroring", render([]client.Side{{Server: "vm1", Status: src}, {Server: "vm2", Status: tgt}},
 		syncRates{"vm1": {rate: 100 << 20}}))
 
 	// Protected the other way after a reverse and resync: vm2 -> vm1.
 	vm1 := statusOf("vm1", ha.RoleTarget, ha.StateReplicating, 2)
 	vm2 := statusOf("vm2", ha.RoleSource, ha.StateReplicating, 2)
-	out := render([]view{{Server: "vm1", Status: vm1}, {Server: "vm2", Status: vm2}}, nil)
+	out := render([]client.Side{{Server: "vm1", Status: vm1}, {Server: "vm2", Status: vm2}}, nil)
 	if !strings.Contains(out, "job web  vm2:/dev/vdc -> vm1:/dev/vdb") {
 		t.Errorf("after a reverse the header shows the creation direction:\n%s", out)
 	}
@@ -91,8 +92,8 @@ func TestRenderStatus(t *testing.T) {
 	old.HA.Reason, old.Data.Device = "superseded by vm2, run doppel reverse", ""
 	fo := statusOf("vm2", ha.RoleSource, ha.StateFailedOver, 2)
 	fo.HA.LinkUp = false
-	golden(t, "status_failed_over", render([]view{{Server: "vm1", Status: old}, {Server: "vm2", Status: fo}}, nil))
-	out = render([]view{{Server: "vm1", Err: "dial tcp 10.0.0.1:6320: connect: connection refused"}, {Server: "vm2", Status: fo}}, nil)
+	golden(t, "status_failed_over", render([]client.Side{{Server: "vm1", Status: old}, {Server: "vm2", Status: fo}}, nil))
+	out = render([]client.Side{{Server: "vm1", Err: "dial tcp 10.0.0.1:6320: connect: connection refused"}, {Server: "vm2", Status: fo}}, nil)
 	if strings.Contains(out, "next:") {
 		t.Errorf("advice printed although no command would succeed:\n%s", out)
 	}
@@ -117,10 +118,10 @@ func TestWatchRedraw(t *testing.T) {
 		t.Errorf("non-tty frames %q", got)
 	}
 	r := syncRates{}
-	mk := func(done int64) []view {
+	mk := func(done int64) []client.Side {
 		st := statusOf("vm1", ha.RoleSource, ha.StateMirroring, 1)
 		st.Data.SyncTotal, st.Data.SyncDone = 1<<30, done
-		return []view{{Server: "vm1", Status: st}}
+		return []client.Side{{Server: "vm1", Status: st}}
 	}
 	t0 := time.Unix(0, 0)
 	r.observe(mk(0), t0)
@@ -263,11 +264,11 @@ func TestJobStatusHeadlineAndExitCodes(t *testing.T) {
 	}
 	o, _, _ = status("--json")
 	var js struct {
-		Headline string `json:"headline"`
-		Source   string `json:"source"`
-		Target   string `json:"target"`
-		ExitCode int    `json:"exit_code"`
-		Sides    []view `json:"sides"`
+		Headline string        `json:"headline"`
+		Source   string        `json:"source"`
+		Target   string        `json:"target"`
+		ExitCode int           `json:"exit_code"`
+		Sides    []client.Side `json:"sides"`
 	}
 	if err := json.Unmarshal([]byte(o), &js); err != nil || js.Headline != "PROTECTED" || js.Source != "vm2" || js.Target != "vm1" || len(js.Sides) != 2 {
 		t.Errorf("--json: %+v, %v\n%s", js, err, o)

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/doppelha/doppel/daemon/api"
+	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/urfave/cli/v2"
 )
@@ -42,54 +43,34 @@ func switchover(c *cli.Context, cmd ha.EventType) error {
 	if err != nil {
 		return err
 	}
-	e, err := newClientEnv(c)
+	f, err := fleet(c)
 	if err != nil {
 		return err
 	}
-	views, err := e.findJob(c.Context, name)
+	sides, err := f.FindJob(c.Context, name)
 	if err != nil {
 		return err
 	}
-	from, err := activeSource(views)
+	from, err := client.ActiveSource(sides)
 	if err != nil {
 		return err
 	}
-	if err := sendCommand(c, cmd, api.CommandOptions{}, activeSource); err != nil {
+	if err := sendCommand(c, cmd, api.CommandOptions{}, client.ActiveSource); err != nil {
 		return err
 	}
-	if c.Duration("wait") <= 0 {
+	wait := c.Duration("wait")
+	if wait <= 0 {
 		return nil
 	}
-	return waitSwitchover(c, e, name, cmd, from)
-}
-
-// waitSwitchover follows a switchover away from from until the other side
-// is the replicating source; it reports the switchover's own abort.
-func waitSwitchover(c *cli.Context, e *clientEnv, name string, cmd ha.EventType, from string) error {
-	e.only = "" // both sides
-	ctx, cancel := context.WithTimeout(c.Context, c.Duration("wait"))
+	ctx, cancel := context.WithTimeout(c.Context, wait)
 	defer cancel()
-	for {
-		views, err := e.findJob(ctx, name)
-		if err == nil {
-			for _, v := range views {
-				st := v.Status
-				if st == nil {
-					continue
-				}
-				if v.Server != from && st.HA.Role == ha.RoleSource && st.HA.State == ha.StateReplicating {
-					fmt.Fprintf(c.App.Writer, "%s %s done: %s is the source (epoch %d), %s the standby\n", cmd, name, v.Server, st.HA.Epoch, from)
-					return nil
-				}
-				if v.Server == from && st.HA.Role == ha.RoleSource && st.HA.State != ha.StateSwitchingOver && st.HA.State != ha.StateFailingBack && st.HA.LastError != "" {
-					return fmt.Errorf("%s %s: %s", cmd, name, st.HA.LastError)
-				}
-			}
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%s %s not complete after %v: see doppel job status %s", cmd, name, c.Duration("wait"), name)
-		case <-time.After(250 * time.Millisecond):
-		}
+	now, err := f.WaitSwitchover(ctx, name, cmd, from)
+	switch {
+	case err != nil && ctx.Err() != nil:
+		return fmt.Errorf("%s %s not complete after %v: see doppel job status %s", cmd, name, wait, name)
+	case err != nil:
+		return err
 	}
+	fmt.Fprintf(c.App.Writer, "%s %s done: %s is the source (epoch %d), %s the standby\n", cmd, name, now.Server, now.Status.HA.Epoch, from)
+	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/doppelha/doppel/daemon/client"
 	"github.com/urfave/cli/v2"
 )
 
@@ -16,7 +17,7 @@ func verifyCommand() *cli.Command {
 		ArgsUsage: "NAME",
 		Flags:     append(connFlags(), &cli.BoolFlag{Name: "json", Usage: "machine-readable output"}),
 		Action: func(c *cli.Context) error {
-			name, server, cl, err := jobServer(c, "doppel verify NAME", activeSource)
+			name, server, cl, err := jobServer(c, "doppel verify NAME", client.ActiveSource)
 			if err != nil {
 				return err
 			}

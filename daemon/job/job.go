@@ -122,6 +122,14 @@ func IncarnationOf(secret string) string {
 	return hex.EncodeToString(sum[:16])
 }
 
+// NewSecret returns a random job secret (32 bytes, hex): what the two
+// agents of a job authenticate each other's messages with.
+func NewSecret() string {
+	var b [32]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
 // NewUUID returns a random (version 4) UUID.
 func NewUUID() string {
 	var b [16]byte

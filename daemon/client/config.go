@@ -1,4 +1,4 @@
-package api
+package client
 
 import (
 	"encoding/json"
@@ -9,22 +9,23 @@ import (
 	"path/filepath"
 	"sort"
 
+	"github.com/doppelha/doppel/daemon/api"
 	"github.com/doppelha/doppel/daemon/statefile"
 )
 
-// ServerEntry is an agent the CLI knows: its address, pinned certificate and
-// token (the client config file is 0600 for that reason).
-type ServerEntry struct {
+// Server is an agent the operator's tools know: its address, pinned
+// certificate and token (the config file is 0600 for that reason).
+type Server struct {
 	Name        string `json:"name"`
 	Addr        string `json:"addr"` // HOST:PORT of the control API
 	Fingerprint string `json:"fingerprint"`
 	Token       string `json:"token"`
 }
 
-// ClientConfig is the CLI's configuration: the servers added with
-// doppel server add.
-type ClientConfig struct {
-	Servers []ServerEntry `json:"servers"`
+// Config is the operator's list of agents: the servers added with doppel
+// server add, shared by the CLI and the console.
+type Config struct {
+	Servers []Server `json:"servers"`
 	path    string
 }
 
@@ -40,9 +41,9 @@ func ConfigPath() (string, error) {
 	return filepath.Join(dir, "doppel", "config.json"), nil
 }
 
-// LoadClientConfig reads the config at path (empty when missing).
-func LoadClientConfig(path string) (*ClientConfig, error) {
-	c := &ClientConfig{path: path}
+// LoadConfig reads the config at path (empty when missing).
+func LoadConfig(path string) (*Config, error) {
+	c := &Config{path: path}
 	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return c, nil
@@ -57,7 +58,7 @@ func LoadClientConfig(path string) (*ClientConfig, error) {
 }
 
 // Save writes the config atomically with mode 0600.
-func (c *ClientConfig) Save() error {
+func (c *Config) Save() error {
 	if err := os.MkdirAll(filepath.Dir(c.path), 0o700); err != nil {
 		return fmt.Errorf("save config: %w", err)
 	}
@@ -73,13 +74,13 @@ func (c *ClientConfig) Save() error {
 }
 
 // Path is where the config lives.
-func (c *ClientConfig) Path() string { return c.path }
+func (c *Config) Path() string { return c.path }
 
 // ErrUnknownServer is returned for a server name not in the config.
 var ErrUnknownServer = errors.New("unknown server")
 
 // Server returns the named server.
-func (c *ClientConfig) Server(name string) (ServerEntry, error) {
+func (c *Config) Server(name string) (Server, error) {
 	for _, s := range c.Servers {
 		if s.Name == name {
 			return s, nil
@@ -89,11 +90,11 @@ func (c *ClientConfig) Server(name string) (ServerEntry, error) {
 	for i, s := range c.Servers {
 		names[i] = s.Name
 	}
-	return ServerEntry{}, fmt.Errorf("%w %q (known: %v; add it with doppel server add)", ErrUnknownServer, name, names)
+	return Server{}, fmt.Errorf("%w %q (known: %v; add it with doppel server add)", ErrUnknownServer, name, names)
 }
 
 // Put adds or replaces a server.
-func (c *ClientConfig) Put(s ServerEntry) {
+func (c *Config) Put(s Server) {
 	for i := range c.Servers {
 		if c.Servers[i].Name == s.Name {
 			c.Servers[i] = s
@@ -104,7 +105,7 @@ func (c *ClientConfig) Put(s ServerEntry) {
 }
 
 // Remove deletes a server; ErrUnknownServer when absent.
-func (c *ClientConfig) Remove(name string) error {
+func (c *Config) Remove(name string) error {
 	for i := range c.Servers {
 		if c.Servers[i].Name == name {
 			c.Servers = append(c.Servers[:i], c.Servers[i+1:]...)
@@ -115,7 +116,7 @@ func (c *ClientConfig) Remove(name string) error {
 	return err
 }
 
-// Client returns a client for the server.
-func (s ServerEntry) Client() (*Client, error) {
-	return NewClient(s.Addr, s.Token, s.Fingerprint)
+// Client returns a client of the server's control API.
+func (s Server) Client() (*api.Client, error) {
+	return api.NewClient(s.Addr, s.Token, s.Fingerprint)
 }
