@@ -120,6 +120,8 @@ type pairOpts struct {
 	// live and tgtLive configure the source's and the target's session
 	// liveness.
 	live, tgtLive Liveness
+	// incomplete is the source's SourceConfig.Incomplete.
+	incomplete func() bool
 }
 
 func startTarget(t testing.TB, ctx context.Context, b blockdev.Backend, log *slog.Logger, wrap func(net.Listener) net.Listener) (*Target, string) {
@@ -166,7 +168,7 @@ func newPair(t testing.TB, srcB, tgtB blockdev.Backend, o pairOpts) *pair {
 		return d.DialContext(ctx, "tcp", addr)
 	}
 	src, err := NewSource(SourceConfig{Backend: srcB, Mode: o.mode, Queue: o.queue, ChunkSize: o.chunk,
-		Dial: dial, Codec: codec, RateLimit: o.rate, Log: log.With("side", "source"), Liveness: o.live})
+		Dial: dial, Codec: codec, RateLimit: o.rate, Log: log.With("side", "source"), Liveness: o.live, Incomplete: o.incomplete})
 	if err != nil {
 		t.Fatal(err)
 	}

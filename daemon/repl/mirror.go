@@ -116,6 +116,18 @@ func (s *Source) Mirror(ctx context.Context, kind MirrorKind) (MirrorResult, err
 
 // endPass sequences the end of a pass and waits for the target to apply it.
 func (s *Source) endPass(ctx context.Context, p wire.Purpose) error {
+	if s.cfg.Incomplete != nil && s.cfg.Incomplete() {
+		// Changes the target lacks are still to come (tracked outside
+		// the stream): its copy is not a consistent image yet. The pass
+		// still ends with what it sent durable on the target (a barrier
+		// instead of the end marker): callers release what covered those
+		// ranges only then.
+		seq, err := s.push(&wire.Flush{})
+		if err != nil {
+			return err
+		}
+		return s.waitAck(ctx, seq)
+	}
 	seq, err := s.push(&wire.MirrorState{Phase: wire.PhaseEnd, Purpose: p})
 	if err != nil {
 		return err
@@ -125,6 +137,23 @@ func (s *Source) endPass(ctx context.Context, p wire.Purpose) error {
 	}
 	s.setTargetState(wire.StateConsistent)
 	return nil
+}
+
+// EndResync ends a resync the target is still inconsistent from (its last
+// pass ended while changes were missing): once nothing is missing, the
+// target is told its copy is a consistent image again. A no-op when the
+// target is not inconsistent or changes are still missing.
+func (s *Source) EndResync(ctx context.Context) error {
+	s.ackMu.Lock()
+	st := s.tstate
+	s.ackMu.Unlock()
+	if st != wire.StateInconsistent {
+		return nil
+	}
+	if err := s.waitConnected(ctx); err != nil {
+		return err
+	}
+	return s.endPass(ctx, wire.PurposeResync)
 }
 
 // fullPass sends every allocated non-zero range and a hole for the rest.

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -378,5 +379,53 @@ func TestResyncRanges(t *testing.T) {
 	}
 	if _, err := p.src.Resync(context.Background(), []Range{{size - 10, 20}}); err == nil {
 		t.Fatal("range outside the volume accepted")
+	}
+}
+
+// TestResyncIncompleteStaysInconsistent: a resync pass that ends while
+// changes are still missing (tracked outside the stream) leaves the target
+// inconsistent, with what it sent durable; EndResync, once nothing is
+// missing, makes it consistent. Without the Incomplete check the end of
+// every batch marked the target consistent while later batches were still
+// to come: a failover between two would have promoted a mix of old and
+// new data.
+func TestResyncIncompleteStaysInconsistent(t *testing.T) {
+	const size = 1 << 20
+	srcB, tgtB := newMem(size), newMem(size)
+	copy(srcB.data, randBytes(rand.New(rand.NewPCG(9, 9)), size))
+	var missing atomic.Bool
+	missing.Store(true)
+	p := newPair(t, srcB, tgtB, pairOpts{mode: wire.ModeSync, incomplete: missing.Load})
+	ctx := context.Background()
+	state := func() string { st, _, _ := p.tgt.Status(); return st.State }
+	syncs := tgtB.syncs.Load()
+	if _, err := p.src.Resync(ctx, []Range{{0, 65536}}); err != nil {
+		t.Fatal(err)
+	}
+	if got := state(); got != "inconsistent" {
+		t.Fatalf("after a batch with changes still missing the target is %s", got)
+	}
+	if tgtB.syncs.Load() == syncs {
+		t.Fatal("the batch ended without making what it sent durable")
+	}
+	if !bytes.Equal(srcB.snapshot()[:65536], tgtB.snapshot()[:65536]) {
+		t.Fatal("the batch's data is not on the target")
+	}
+	// Still missing: EndResync changes nothing.
+	if err := p.src.EndResync(ctx); err != nil || state() != "inconsistent" {
+		t.Fatalf("EndResync while missing: %v, target %s", err, state())
+	}
+	if _, err := p.src.Resync(ctx, []Range{{65536, size - 65536}}); err != nil {
+		t.Fatal(err)
+	}
+	missing.Store(false)
+	if err := p.src.EndResync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := state(); got != "consistent" {
+		t.Fatalf("after EndResync with nothing missing the target is %s", got)
+	}
+	if !bytes.Equal(srcB.snapshot(), tgtB.snapshot()) {
+		t.Fatal("target differs after the resync")
 	}
 }

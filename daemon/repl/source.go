@@ -50,6 +50,12 @@ type SourceConfig struct {
 	RateLimit int64
 	// Log receives structured logs; nil discards them.
 	Log *slog.Logger
+	// Incomplete, when set, reports that the target still lacks changes
+	// that are not in the stream (the caller's dirty bitmap): the end of a
+	// mirror or resync pass then leaves the target inconsistent, and a
+	// later pass (EndResync once nothing is missing) makes it consistent.
+	// Without it, the end of every pass does.
+	Incomplete func() bool
 	// Liveness bounds how long a silent session goes unnoticed, and
 	// reports the target's frames (keepalive.go).
 	Liveness Liveness

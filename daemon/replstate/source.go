@@ -390,7 +390,10 @@ func (s *Source) startStream(qq *queue.Queue, rp *repl.ResumePoint) error {
 	q := newSpillQueue(qq)
 	src, err := repl.NewSource(repl.SourceConfig{Backend: s.cfg.Backend, Mode: s.cfg.Mode, ChunkSize: s.cfg.ChunkSize,
 		Queue: q, Tracker: (*durableTracker)(s), Dial: s.dial, Codec: s.cfg.Codec, RateLimit: s.cfg.RateLimit, Log: s.log,
-		Liveness: s.cfg.Liveness, Resume: rp})
+		Liveness: s.cfg.Liveness, Resume: rp,
+		// A pass that ends with changes still in the bitmap (dropped from
+		// the stream, or spilled) leaves the target inconsistent.
+		Incomplete: func() bool { return s.bm.DirtyChunks() > 0 }})
 	if err != nil {
 		qq.Close()
 		return err
@@ -754,7 +757,11 @@ func (s *Source) restream(old *repl.Source) error {
 func (s *Source) watch(ctx context.Context) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
-	var lastClean, lastRelease, lastBarrier int64
+	var lastClean, lastRelease, lastBarrier, lastLogBarrier int64
+	slots := s.cfg.LogOptions.Slots
+	if slots == 0 {
+		slots = 64
+	}
 	inSync := false // as last told to the authority
 	for {
 		select {
@@ -790,6 +797,15 @@ func (s *Source) watch(ctx context.Context) {
 				lastBarrier = now
 				go s.barrier(ctx)
 			}
+		}
+		// Extents stay hot until the target made their changes durable;
+		// without the application's flushes the activity log would fill
+		// and spill them into the bitmap (a resync of whole extents the
+		// target already holds). Past half full, a barrier makes them
+		// durable instead, at most every 100 ms.
+		if up && s.trk.Pending() > 0 && s.al.HotExtents() >= slots/2 && now-lastLogBarrier > int64(100*time.Millisecond) {
+			lastLogBarrier = now
+			go s.barrier(ctx)
 		}
 		if up && now-lastClean > int64(2*time.Second) {
 			// Idle extents are on the target (durably) or in the bitmap:
@@ -1088,6 +1104,11 @@ func (s *Source) syncer(ctx context.Context, cur *repl.Source) {
 			continue
 		}
 		if s.bm.DirtyChunks() == 0 {
+			// A pass that ended while changes were missing left the target
+			// inconsistent: nothing is missing now.
+			if err := cur.EndResync(ctx); err != nil && ctx.Err() == nil {
+				s.log.Warn("end of resync", "err", err)
+			}
 			continue
 		}
 		if err := s.resyncPass(ctx, cur); err != nil {
