@@ -338,7 +338,7 @@ func runAgent(c *cli.Context) error {
 	}
 	// The replication engine authenticates with the agent's certificate:
 	// the one pinned at doppel server add.
-	planes := &agent.ReplPlanes{Log: log, Cert: a.Identity.Cert, ReplListen: cfg.ReplListen, StateDir: cfg.StateDir}
+	planes := &agent.ReplPlanes{Log: log, Cert: a.Credentials.Cert, ReplListen: cfg.ReplListen, StateDir: cfg.StateDir}
 	planes.SessionRecorder = func(job string) func() {
 		if live == nil {
 			return nil

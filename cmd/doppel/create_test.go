@@ -50,7 +50,7 @@ func startLab(t *testing.T, replicate map[string]bool) (root string, agents map[
 			t.Fatal(err)
 		}
 		if replicate[name] {
-			planes := &agent.ReplPlanes{Log: log, Cert: a.Identity.Cert, ReplListen: la.repl, StateDir: la.dir}
+			planes := &agent.ReplPlanes{Log: log, Cert: a.Credentials.Cert, ReplListen: la.repl, StateDir: la.dir}
 			a.Subsystems.DataPlane = planes.Open
 			a.Subsystems.ReplListener = planes
 		} else {
@@ -70,10 +70,10 @@ func startLab(t *testing.T, replicate map[string]bool) (root string, agents map[
 		go func() { done <- a.Serve(ctx, l) }()
 		t.Cleanup(func() { cancel(); <-done })
 		la.a, la.addr = a, l.Addr().String()
-		if la.client, err = api.NewClient(la.addr, a.Identity.Token, a.Identity.Fingerprint); err != nil {
+		if la.client, err = api.NewClient(la.addr, a.Credentials.Token, a.Credentials.Fingerprint); err != nil {
 			t.Fatal(err)
 		}
-		cfg.Put(client.Server{Name: name, Addr: la.addr, Fingerprint: a.Identity.Fingerprint, Token: a.Identity.Token})
+		cfg.Put(client.Server{Name: name, Addr: la.addr, Fingerprint: a.Credentials.Fingerprint, Token: a.Credentials.Token})
 		agents[name] = la
 	}
 	if err := cfg.Save(); err != nil {
@@ -195,7 +195,7 @@ func TestJobCreateRollsBack(t *testing.T) {
 		Secret: strings.Repeat("ab", 32), UUID: job.NewUUID(), VolumeSize: 1 << 20}
 	os.WriteFile(spec.Volume, make([]byte, 1<<20), 0o600)
 	for _, la := range agents {
-		ep := job.Endpoint{Name: la.name, Control: la.addr, Repl: la.repl, Fingerprint: la.a.Identity.Fingerprint}
+		ep := job.Endpoint{Name: la.name, Control: la.addr, Repl: la.repl, Fingerprint: la.a.Credentials.Fingerprint}
 		if la.name == "vm1" {
 			spec.Source = ep
 		} else {

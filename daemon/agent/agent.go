@@ -95,8 +95,8 @@ type Agent struct {
 	Log      *slog.Logger
 	Config   Config
 	Hostname string
-	// Identity is the agent's certificate and API token.
-	Identity *api.Identity
+	// Credentials is the agent's certificate and API token.
+	Credentials *api.Credentials
 	// Store persists job records under StateDir/jobs.
 	Store *job.Store
 	// Metrics is the registry served on /metrics.
@@ -137,7 +137,7 @@ type Agent struct {
 	OnServing           func()
 }
 
-// New creates an agent: it loads (creating at first start) its identity
+// New creates an agent: it loads (creating at first start) its credentials
 // and opens the job store. Subsystems left nil are reported as not wired.
 func New(log *slog.Logger, cfg Config, subs Subsystems) (*Agent, error) {
 	cfg.Defaults()
@@ -145,7 +145,7 @@ func New(log *slog.Logger, cfg Config, subs Subsystems) (*Agent, error) {
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
 	host, _ := os.Hostname()
-	id, created, err := api.LoadOrCreateIdentity(cfg.StateDir, host)
+	id, created, err := api.LoadOrCreateCredentials(cfg.StateDir, host)
 	if err != nil {
 		return nil, err
 	}
@@ -163,7 +163,7 @@ func New(log *slog.Logger, cfg Config, subs Subsystems) (*Agent, error) {
 		subs.Scripts = &Scripts{Log: log}
 	}
 	a := &Agent{
-		Log: log, Config: cfg, Hostname: host, Identity: id, Store: store,
+		Log: log, Config: cfg, Hostname: host, Credentials: id, Store: store,
 		Metrics: prometheus.NewRegistry(), Subsystems: subs, jobs: map[string]*runner{},
 		stopc: make(chan struct{}),
 	}
@@ -235,7 +235,7 @@ func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
 	a.mu.Lock()
 	njobs := len(a.jobs)
 	a.mu.Unlock()
-	a.Log.Info("agent ready", "control", a.control, "fingerprint", a.Identity.Fingerprint, "jobs", njobs, "state_dir", a.Config.StateDir,
+	a.Log.Info("agent ready", "control", a.control, "fingerprint", a.Credentials.Fingerprint, "jobs", njobs, "state_dir", a.Config.StateDir,
 		"adopted", st != nil)
 	if a.OnServing != nil {
 		a.OnServing()
@@ -300,7 +300,7 @@ func (a *Agent) runner(name string) (*runner, error) {
 	return r, nil
 }
 
-// Info implements api.Backend.
+// Info implements api.Agent.
 func (a *Agent) Info() api.Info {
 	subs := map[string]string{}
 	note := func(name string, wired bool, why string) {
@@ -321,13 +321,13 @@ func (a *Agent) Info() api.Info {
 		subs["probe"] = "ok: " + a.Subsystems.Liveness.Mode()
 	}
 	return api.Info{
-		Hostname: a.Hostname, Version: a.Config.Version, Fingerprint: a.Identity.Fingerprint,
+		Hostname: a.Hostname, Version: a.Config.Version, Fingerprint: a.Credentials.Fingerprint,
 		Control: a.control, Repl: a.Config.ReplListen, HeartbeatPort: a.Config.HeartbeatPort,
 		Subsystems: subs,
 	}
 }
 
-// Jobs implements api.Backend.
+// Jobs implements api.Agent.
 func (a *Agent) Jobs(ctx context.Context) ([]api.JobStatus, error) {
 	a.mu.Lock()
 	rs := make([]*runner, 0, len(a.jobs))
@@ -343,7 +343,7 @@ func (a *Agent) Jobs(ctx context.Context) ([]api.JobStatus, error) {
 	return out, nil
 }
 
-// Job implements api.Backend.
+// Job implements api.Agent.
 func (a *Agent) Job(ctx context.Context, name string) (api.JobStatus, error) {
 	r, err := a.runner(name)
 	if err != nil {
@@ -352,7 +352,7 @@ func (a *Agent) Job(ctx context.Context, name string) (api.JobStatus, error) {
 	return r.status(), nil
 }
 
-// CreateJob implements api.Backend: it validates the spec, finds which
+// CreateJob implements api.Agent: it validates the spec, finds which
 // side of the job this agent is (by its certificate's fingerprint), checks
 // the volume, sets aside replication state an earlier job of the same
 // name left, claims and binds the volume, stores the job and starts it.
@@ -369,13 +369,13 @@ func (a *Agent) CreateJob(ctx context.Context, spec job.Spec) (api.JobStatus, er
 		return api.JobStatus{}, err
 	}
 	var self string
-	switch a.Identity.Fingerprint {
+	switch a.Credentials.Fingerprint {
 	case spec.Source.Fingerprint:
 		self = spec.Source.Name
 	case spec.Target.Fingerprint:
 		self = spec.Target.Name
 	default:
-		return api.JobStatus{}, fmt.Errorf("%w %q: this agent (%s) is neither its source %s nor its target %s (fingerprints differ: was the server re-added?)", job.ErrInvalid, spec.Name, a.Identity.Fingerprint, spec.Source.Name, spec.Target.Name)
+		return api.JobStatus{}, fmt.Errorf("%w %q: this agent (%s) is neither its source %s nor its target %s (fingerprints differ: was the server re-added?)", job.ErrInvalid, spec.Name, a.Credentials.Fingerprint, spec.Source.Name, spec.Target.Name)
 	}
 	a.createMu.Lock()
 	defer a.createMu.Unlock()
@@ -416,7 +416,7 @@ func (a *Agent) CreateJob(ctx context.Context, spec job.Spec) (api.JobStatus, er
 	return a.Job(ctx, spec.Name)
 }
 
-// DeleteJob implements api.Backend: it stops the job and forgets it,
+// DeleteJob implements api.Agent: it stops the job and forgets it,
 // removing its replication state (or, with KeepState, archiving it with
 // the job's record). Split-brain saves are always archived, never
 // removed. The volume's data and any service IP stay as they are.
@@ -517,7 +517,7 @@ func (a *Agent) inUse(name string) []string {
 	return a.Subsystems.Volumes.InUse(name)
 }
 
-// RestartAgent implements api.Backend (Restart).
+// RestartAgent implements api.Agent (Restart).
 func (a *Agent) RestartAgent(ctx context.Context) (api.RestartResult, error) {
 	pid, err := a.Restart(ctx)
 	if err != nil {
@@ -526,7 +526,7 @@ func (a *Agent) RestartAgent(ctx context.Context) (api.RestartResult, error) {
 	return api.RestartResult{PID: pid, Message: fmt.Sprintf("the agent restarted: now pid %d", pid)}, nil
 }
 
-// Command implements api.Backend: an operator command stepped into the
+// Command implements api.Agent: an operator command stepped into the
 // job's state machine. A refusal changes nothing (409); when the command is
 // accepted but an action it needs fails (for example a subsystem not wired
 // in), the error says what was done and what failed.
@@ -558,7 +558,7 @@ func (a *Agent) Command(ctx context.Context, name string, cmd ha.EventType, opts
 	return st, nil
 }
 
-// Events implements api.Backend.
+// Events implements api.Agent.
 func (a *Agent) Events(ctx context.Context, name string) ([]api.Event, error) {
 	r, err := a.runner(name)
 	if err != nil {
@@ -590,7 +590,7 @@ func (a *Agent) awaitPromotion(ctx context.Context, r *runner) error {
 	}
 }
 
-// Verify implements api.Backend.
+// Verify implements api.Agent.
 func (a *Agent) Verify(ctx context.Context, name string) (api.VerifyResult, error) {
 	r, err := a.runner(name)
 	if err != nil {
@@ -605,7 +605,7 @@ func (a *Agent) Verify(ctx context.Context, name string) (api.VerifyResult, erro
 	return dp.Verify(ctx)
 }
 
-// PeerSecret implements api.Backend.
+// PeerSecret implements api.Agent.
 func (a *Agent) PeerSecret(name string) (string, error) {
 	r, err := a.runner(name)
 	if err != nil {
@@ -614,7 +614,7 @@ func (a *Agent) PeerSecret(name string) (string, error) {
 	return r.rec.Spec.Secret, nil
 }
 
-// PeerMessage implements api.Backend.
+// PeerMessage implements api.Agent.
 func (a *Agent) PeerMessage(ctx context.Context, name string, m ha.Message) error {
 	r, err := a.runner(name)
 	if err != nil {

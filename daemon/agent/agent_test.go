@@ -78,7 +78,7 @@ func startAgentOn(t *testing.T, dir string, l net.Listener, subs Subsystems, con
 	ctx, cancel := context.WithCancel(context.Background())
 	ta := &testAgent{t: t, a: a, dir: dir, addr: l.Addr().String(), cancel: cancel, done: make(chan error, 1), subs: subs}
 	go func() { ta.done <- a.Serve(ctx, l) }()
-	ta.client, err = api.NewClient(ta.addr, a.Identity.Token, a.Identity.Fingerprint)
+	ta.client, err = api.NewClient(ta.addr, a.Credentials.Token, a.Credentials.Fingerprint)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,7 +104,7 @@ func newSecret() string {
 }
 
 func endpoint(name string, ta *testAgent) job.Endpoint {
-	return job.Endpoint{Name: name, Control: ta.addr, Repl: "127.0.0.1:6325", Fingerprint: ta.a.Identity.Fingerprint}
+	return job.Endpoint{Name: name, Control: ta.addr, Repl: "127.0.0.1:6325", Fingerprint: ta.a.Credentials.Fingerprint}
 }
 
 func testSpec(t *testing.T, src, tgt job.Endpoint) job.Spec {
@@ -125,7 +125,7 @@ func TestIdentityCreatedOnceWithModes(t *testing.T) {
 	os.WriteFile(filepath.Join(root, "mountinfo"), nil, 0o644)
 	dir := filepath.Join(root, "a")
 	ta := startAgent(t, dir, Subsystems{})
-	fp, token := ta.a.Identity.Fingerprint, ta.a.Identity.Token
+	fp, token := ta.a.Credentials.Fingerprint, ta.a.Credentials.Token
 	for path, want := range map[string]os.FileMode{"token": 0o600, "tls/key.pem": 0o600} {
 		fi, err := os.Stat(filepath.Join(dir, path))
 		if err != nil || fi.Mode().Perm() != want {
@@ -134,7 +134,7 @@ func TestIdentityCreatedOnceWithModes(t *testing.T) {
 	}
 	ta.stop()
 	tb := startAgent(t, dir, Subsystems{})
-	if tb.a.Identity.Fingerprint != fp || tb.a.Identity.Token != token {
+	if tb.a.Credentials.Fingerprint != fp || tb.a.Credentials.Token != token {
 		t.Fatal("restart created a new identity: clients' pins and tokens would break")
 	}
 	// A token readable by others is refused at start.
@@ -154,7 +154,7 @@ func TestAPIErrorsAndPersistence(t *testing.T) {
 	spec := testSpec(t, endpoint("vm1", ta), other)
 
 	// Wrong token: 401, and nothing changed.
-	bad, _ := api.NewClient(ta.addr, "not-the-token-at-all", ta.a.Identity.Fingerprint)
+	bad, _ := api.NewClient(ta.addr, "not-the-token-at-all", ta.a.Credentials.Fingerprint)
 	_, err := bad.CreateJob(ctx, spec)
 	var ae *api.Error
 	if !errors.As(err, &ae) || ae.Status != http.StatusUnauthorized {
@@ -168,11 +168,11 @@ func TestAPIErrorsAndPersistence(t *testing.T) {
 	}
 
 	// Wrong pin: the client refuses the agent.
-	pinned, _ := api.NewClient(ta.addr, ta.a.Identity.Token, "sha256:"+strings.Repeat("0", 64))
+	pinned, _ := api.NewClient(ta.addr, ta.a.Credentials.Token, "sha256:"+strings.Repeat("0", 64))
 	if _, err := pinned.Info(ctx); !errors.Is(err, api.ErrFingerprintMismatch) {
 		t.Fatalf("wrong fingerprint: %v, want ErrFingerprintMismatch", err)
 	}
-	if fp, err := api.FetchFingerprint(ctx, ta.addr); err != nil || fp != ta.a.Identity.Fingerprint {
+	if fp, err := api.FetchFingerprint(ctx, ta.addr); err != nil || fp != ta.a.Credentials.Fingerprint {
 		t.Fatalf("FetchFingerprint = %q, %v", fp, err)
 	}
 
@@ -370,7 +370,7 @@ func TestTwoAgentsFailoverAndFence(t *testing.T) {
 		t.Fatalf("fenced vm1: device %q reason %q", st1.Data.Device, st1.HA.Reason)
 	}
 	// Peer messages need the job's secret.
-	c, _ := api.NewClient(a2.addr, "wrong-secret-wrong-secret", a2.a.Identity.Fingerprint)
+	c, _ := api.NewClient(a2.addr, "wrong-secret-wrong-secret", a2.a.Credentials.Fingerprint)
 	if err := c.PeerMessage(ctx, "web", ha.Message{Type: ha.MsgPromoted, From: "vm1", To: "vm2", Role: ha.RoleSource, Epoch: 99}); !api.IsKind(err, "unauthorized") {
 		t.Fatalf("peer message with a wrong secret: %v", err)
 	}
@@ -398,7 +398,7 @@ func TestManualFailoverWithReplication(t *testing.T) {
 	start := func(name string, live Liveness, repl string) *testAgent {
 		vols := &NBDVolumes{Log: log, RunDir: filepath.Join(root, name, "run")}
 		return startAgentWith(t, filepath.Join(root, name), "127.0.0.1:0", Subsystems{Liveness: live, Volumes: vols}, func(a *Agent) {
-			planes := &ReplPlanes{Log: log, Cert: a.Identity.Cert, ReplListen: repl, StateDir: filepath.Join(root, name)}
+			planes := &ReplPlanes{Log: log, Cert: a.Credentials.Cert, ReplListen: repl, StateDir: filepath.Join(root, name)}
 			a.Subsystems.DataPlane = planes.Open
 		})
 	}
@@ -482,7 +482,7 @@ func TestRestartMidMirrorResumes(t *testing.T) {
 	start := func(name, addr, repl string, rate int64) *testAgent {
 		vols := &NBDVolumes{Log: log, RunDir: filepath.Join(root, name, "run")}
 		return startAgentWith(t, filepath.Join(root, name), addr, Subsystems{Liveness: alive(), Volumes: vols}, func(a *Agent) {
-			planes := &ReplPlanes{Log: log, Cert: a.Identity.Cert, ReplListen: repl, StateDir: filepath.Join(root, name), RateLimit: rate}
+			planes := &ReplPlanes{Log: log, Cert: a.Credentials.Cert, ReplListen: repl, StateDir: filepath.Join(root, name), RateLimit: rate}
 			a.Subsystems.DataPlane = planes.Open
 		})
 	}
@@ -565,7 +565,7 @@ func scrape(t *testing.T, ta *testAgent) string {
 	// the chain check (the API client pins the fingerprint instead).
 	cfg := &tls.Config{InsecureSkipVerify: true}
 	req, _ := http.NewRequest("GET", "https://"+ta.addr+"/metrics", nil)
-	req.Header.Set("Authorization", "Bearer "+ta.a.Identity.Token) // /metrics needs the API token
+	req.Header.Set("Authorization", "Bearer "+ta.a.Credentials.Token) // /metrics needs the API token
 	resp, err := (&http.Client{Transport: &http.Transport{TLSClientConfig: cfg}}).Do(req)
 	if err != nil {
 		t.Fatal(err)

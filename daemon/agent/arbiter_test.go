@@ -94,7 +94,7 @@ func (ap *arbPair) start(name, addr string) {
 	vols := &NBDVolumes{Log: p.log, RunDir: filepath.Join(p.root, name, "run")}
 	p.agents[name] = startAgentWith(p.t, filepath.Join(p.root, name), addr,
 		Subsystems{Liveness: p.live[name], Volumes: vols, Arbiter: ap.clis[name]}, func(a *Agent) {
-			planes := &ReplPlanes{Log: p.log, Cert: a.Identity.Cert, ReplListen: p.repl[name], StateDir: filepath.Join(p.root, name)}
+			planes := &ReplPlanes{Log: p.log, Cert: a.Credentials.Cert, ReplListen: p.repl[name], StateDir: filepath.Join(p.root, name)}
 			a.Subsystems.DataPlane = planes.Open
 			a.Subsystems.ReplListener = planes
 		})

@@ -105,7 +105,7 @@ func (p *pair) subsystems(name string) (Subsystems, func(*Agent)) {
 		p.extra(name, &subs)
 	}
 	return subs, func(a *Agent) {
-		planes := &ReplPlanes{Log: p.log, Cert: a.Identity.Cert, ReplListen: p.repl[name], StateDir: filepath.Join(p.root, name), RateLimit: p.rate}
+		planes := &ReplPlanes{Log: p.log, Cert: a.Credentials.Cert, ReplListen: p.repl[name], StateDir: filepath.Join(p.root, name), RateLimit: p.rate}
 		a.Subsystems.DataPlane = planes.Open
 		a.Subsystems.ReplListener = planes
 	}

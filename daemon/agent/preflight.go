@@ -22,7 +22,7 @@ import (
 // peerCheckTimeout bounds each reachability check of the pre-flight.
 const peerCheckTimeout = 3 * time.Second
 
-// Preflight implements api.Backend: every check a create of spec would
+// Preflight implements api.Agent: every check a create of spec would
 // make on this agent, plus the reachability of the peer's control and
 // replication addresses from here, without changing anything.
 func (a *Agent) Preflight(ctx context.Context, spec job.Spec) api.Preflight {
@@ -64,14 +64,14 @@ func (a *Agent) preflight(ctx context.Context, spec job.Spec, network bool) api.
 	if err := spec.Validate(); err != nil {
 		bad("spec", "%v", err)
 	}
-	switch a.Identity.Fingerprint {
+	switch a.Credentials.Fingerprint {
 	case spec.Source.Fingerprint:
 		p.Server, p.Role = spec.Source.Name, ha.RoleSource
 	case spec.Target.Fingerprint:
 		p.Server, p.Role = spec.Target.Name, ha.RoleTarget
 	default:
 		bad("agent", "this agent (%s, %s) is neither the source %s nor the target %s (fingerprints differ: was the server re-added?)",
-			a.Hostname, a.Identity.Fingerprint, spec.Source.Name, spec.Target.Name)
+			a.Hostname, a.Credentials.Fingerprint, spec.Source.Name, spec.Target.Name)
 		return p
 	}
 	if spec.Arbiter != "" {

@@ -62,7 +62,7 @@ func testDeleteLeavesSibling(t *testing.T, deleted string) {
 		lives[name] = live
 		vols := &NBDVolumes{Log: log, RunDir: filepath.Join(root, name, "run")}
 		agents[name] = startAgentWith(t, filepath.Join(root, name), host+":0", Subsystems{Liveness: live, Volumes: vols}, func(a *Agent) {
-			planes := &ReplPlanes{Log: log.With("agent", name), Cert: a.Identity.Cert, ReplListen: repl[name], StateDir: filepath.Join(root, name),
+			planes := &ReplPlanes{Log: log.With("agent", name), Cert: a.Credentials.Cert, ReplListen: repl[name], StateDir: filepath.Join(root, name),
 				SessionRecorder: live.SessionRecorder}
 			a.Subsystems.DataPlane = planes.Open
 			a.Subsystems.ReplListener = planes

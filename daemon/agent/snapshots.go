@@ -574,7 +574,7 @@ func (s *jobSnapshots) thaw() error {
 	return fr.thaw()
 }
 
-// The api.SnapshotBackend methods.
+// The api.SnapshotAgent methods.
 
 func (a *Agent) snapshotsOf(name string) (*jobSnapshots, error) {
 	r, err := a.runner(name)
@@ -587,7 +587,7 @@ func (a *Agent) snapshotsOf(name string) (*jobSnapshots, error) {
 	return r.snaps, nil
 }
 
-// Snapshots implements api.SnapshotBackend.
+// Snapshots implements api.SnapshotAgent.
 func (a *Agent) Snapshots(ctx context.Context, name string) (api.SnapshotList, error) {
 	s, err := a.snapshotsOf(name)
 	if err != nil {
@@ -596,7 +596,7 @@ func (a *Agent) Snapshots(ctx context.Context, name string) (api.SnapshotList, e
 	return s.list(), nil
 }
 
-// CreateSnapshot implements api.SnapshotBackend.
+// CreateSnapshot implements api.SnapshotAgent.
 func (a *Agent) CreateSnapshot(ctx context.Context, name string, req api.SnapshotRequest) (api.SnapshotInfo, error) {
 	s, err := a.snapshotsOf(name)
 	if err != nil {
@@ -614,7 +614,7 @@ func (a *Agent) CreateSnapshot(ctx context.Context, name string, req api.Snapsho
 	return api.SnapshotInfo{Snapshot: snap, Usage: s.mgr.Usage(snap)}, nil
 }
 
-// DeleteSnapshot implements api.SnapshotBackend.
+// DeleteSnapshot implements api.SnapshotAgent.
 func (a *Agent) DeleteSnapshot(ctx context.Context, name, snap string) error {
 	s, err := a.snapshotsOf(name)
 	if err != nil {
@@ -630,7 +630,7 @@ func (a *Agent) DeleteSnapshot(ctx context.Context, name, snap string) error {
 	return nil
 }
 
-// SetSnapshotSchedule implements api.SnapshotBackend.
+// SetSnapshotSchedule implements api.SnapshotAgent.
 func (a *Agent) SetSnapshotSchedule(ctx context.Context, name string, sc volsnap.Schedule) error {
 	s, err := a.snapshotsOf(name)
 	if err != nil {
@@ -646,7 +646,7 @@ func (a *Agent) SetSnapshotSchedule(ctx context.Context, name string, sc volsnap
 	return nil
 }
 
-// Freeze implements api.SnapshotBackend.
+// Freeze implements api.SnapshotAgent.
 func (a *Agent) Freeze(ctx context.Context, name string, req api.FreezeRequest) (api.FreezeResult, error) {
 	s, err := a.snapshotsOf(name)
 	if err != nil {
@@ -655,7 +655,7 @@ func (a *Agent) Freeze(ctx context.Context, name string, req api.FreezeRequest) 
 	return s.freeze(ctx, req)
 }
 
-// Thaw implements api.SnapshotBackend.
+// Thaw implements api.SnapshotAgent.
 func (a *Agent) Thaw(ctx context.Context, name string) error {
 	s, err := a.snapshotsOf(name)
 	if err != nil {
@@ -664,7 +664,7 @@ func (a *Agent) Thaw(ctx context.Context, name string) error {
 	return s.thaw()
 }
 
-// StartTestFailover implements api.SnapshotBackend.
+// StartTestFailover implements api.SnapshotAgent.
 func (a *Agent) StartTestFailover(ctx context.Context, name string, req api.TestFailoverRequest) (api.TestFailoverStatus, error) {
 	s, err := a.snapshotsOf(name)
 	if err != nil {
@@ -673,7 +673,7 @@ func (a *Agent) StartTestFailover(ctx context.Context, name string, req api.Test
 	return s.startTest(ctx, req)
 }
 
-// StopTestFailover implements api.SnapshotBackend.
+// StopTestFailover implements api.SnapshotAgent.
 func (a *Agent) StopTestFailover(ctx context.Context, name string) error {
 	s, err := a.snapshotsOf(name)
 	if err != nil {

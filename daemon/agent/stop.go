@@ -51,7 +51,7 @@ func describeUsers(users map[string][]string) string {
 	return strings.Join(parts, "; ")
 }
 
-// StopAgent implements api.Backend: the agent stops (its jobs stop, their
+// StopAgent implements api.Agent: the agent stops (its jobs stop, their
 // volumes are no longer served), refused while a volume is in use unless
 // opts.Force.
 func (a *Agent) StopAgent(ctx context.Context, opts api.StopOptions) (api.StopResult, error) {

@@ -41,11 +41,11 @@ func TestWithPort(t *testing.T) {
 
 func TestIdentityFiles(t *testing.T) {
 	dir := t.TempDir()
-	id, created, err := LoadOrCreateIdentity(dir, "vm1")
+	id, created, err := LoadOrCreateCredentials(dir, "vm1")
 	if err != nil || len(created) != 3 {
 		t.Fatalf("first start: created %v, %v", created, err)
 	}
-	id2, created, err := LoadOrCreateIdentity(dir, "vm1")
+	id2, created, err := LoadOrCreateCredentials(dir, "vm1")
 	if err != nil || len(created) != 0 || id2.Fingerprint != id.Fingerprint || id2.Token != id.Token {
 		t.Fatalf("second start changed the identity (created %v, %v)", created, err)
 	}

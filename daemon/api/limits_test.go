@@ -18,7 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// oneJob is a Backend with one job, "web", whose peer secret is "s3cret".
+// oneJob is an Agent with one job, "web", whose peer secret is "s3cret".
 type oneJob struct{}
 
 func (oneJob) Info() Info                                      { return Info{} }
@@ -61,9 +61,9 @@ func (oneJob) PeerMessage(context.Context, string, ha.Message) error { return ni
 
 // testServer serves the API for oneJob on loopback; configure changes its
 // limits before it serves.
-func testServer(t *testing.T, configure func(*Server)) (s *Server, addr string, id *Identity) {
+func testServer(t *testing.T, configure func(*Server)) (s *Server, addr string, id *Credentials) {
 	t.Helper()
-	id, _, err := LoadOrCreateIdentity(t.TempDir(), "vm1")
+	id, _, err := LoadOrCreateCredentials(t.TempDir(), "vm1")
 	if err != nil {
 		t.Fatal(err)
 	}

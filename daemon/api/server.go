@@ -22,8 +22,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// Backend is what the API serves: the agent implements it.
-type Backend interface {
+// Agent is what the API serves: the agent implements it.
+type Agent interface {
 	Info() Info
 	Jobs(ctx context.Context) ([]JobStatus, error)
 	Job(ctx context.Context, name string) (JobStatus, error)
@@ -56,8 +56,8 @@ type Server struct {
 	IdleTimeout       time.Duration // keep-alive connection without a request
 
 	log      *slog.Logger
-	id       *Identity
-	b        Backend
+	id       *Credentials
+	b        Agent
 	reg      *prometheus.Registry
 	requests *prometheus.CounterVec
 	mux      *http.ServeMux
@@ -74,7 +74,7 @@ const maxBody = 1 << 20
 
 // NewServer returns the API for b, authenticated by id. Metrics are
 // registered on reg and served, with reg's other collectors, on /metrics.
-func NewServer(log *slog.Logger, id *Identity, b Backend, reg *prometheus.Registry) (*Server, error) {
+func NewServer(log *slog.Logger, id *Credentials, b Agent, reg *prometheus.Registry) (*Server, error) {
 	s := &Server{log: log, id: id, b: b, reg: reg, mux: http.NewServeMux(),
 		MaxConns: DefaultMaxConns, ReadHeaderTimeout: DefaultReadHeaderTimeout, BodyTimeout: DefaultBodyTimeout, IdleTimeout: DefaultIdleTimeout}
 	s.requests = prometheus.NewCounterVec(prometheus.CounterOpts{

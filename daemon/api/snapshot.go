@@ -10,7 +10,7 @@ import (
 )
 
 // Snapshot routes (all under the API token; served when the backend
-// implements SnapshotBackend, else 501):
+// implements SnapshotAgent, else 501):
 //
 //	GET    /v1/jobs/{name}/snapshots               the job's snapshots on this agent: SnapshotList
 //	POST   /v1/jobs/{name}/snapshots               take one (SnapshotRequest; the job's target): SnapshotInfo
@@ -21,8 +21,8 @@ import (
 //	POST   /v1/jobs/{name}/test-failover           start a test failover (TestFailoverRequest): TestFailoverStatus
 //	DELETE /v1/jobs/{name}/test-failover           stop it, discarding the clone
 
-// SnapshotBackend is what the snapshot routes need of the agent.
-type SnapshotBackend interface {
+// SnapshotAgent is what the snapshot routes need of the agent.
+type SnapshotAgent interface {
 	Snapshots(ctx context.Context, job string) (SnapshotList, error)
 	CreateSnapshot(ctx context.Context, job string, req SnapshotRequest) (SnapshotInfo, error)
 	DeleteSnapshot(ctx context.Context, job, name string) error
@@ -119,8 +119,8 @@ type TestFailoverStatus struct {
 	Clients []string       `json:"clients,omitempty"`
 }
 
-func (s *Server) snapshotRoutes(b Backend) {
-	sb, _ := b.(SnapshotBackend)
+func (s *Server) snapshotRoutes(b Agent) {
+	sb, _ := b.(SnapshotAgent)
 	wired := func(h func(w http.ResponseWriter, r *http.Request) error) func(w http.ResponseWriter, r *http.Request) error {
 		return func(w http.ResponseWriter, r *http.Request) error {
 			if sb == nil {

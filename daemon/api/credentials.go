@@ -15,23 +15,23 @@ import (
 	"github.com/doppelha/doppel/daemon/tlspin"
 )
 
-// Identity is an agent's credentials: its self-signed TLS certificate
+// Credentials are an agent's credentials: its self-signed TLS certificate
 // (clients pin its fingerprint) and the bearer token clients must present.
 // Both are created at first start in the state directory:
 //
 //	STATE/tls/cert.pem   the certificate (0644)
 //	STATE/tls/key.pem    its private key (0600)
 //	STATE/token          the API token (0600)
-type Identity struct {
+type Credentials struct {
 	Cert        tls.Certificate
 	Fingerprint string // "sha256:" + hex of the certificate's DER
 	Token       string
 	TokenPath   string
 }
 
-// LoadOrCreateIdentity loads the agent's identity from stateDir, creating
+// LoadOrCreateCredentials loads the agent's credentials from stateDir, creating
 // what is missing. created reports which files were made.
-func LoadOrCreateIdentity(stateDir, hostname string) (id *Identity, created []string, err error) {
+func LoadOrCreateCredentials(stateDir, hostname string) (id *Credentials, created []string, err error) {
 	if err := os.MkdirAll(filepath.Join(stateDir, "tls"), 0o700); err != nil {
 		return nil, nil, fmt.Errorf("create state dir: %w", err)
 	}
@@ -66,7 +66,7 @@ func LoadOrCreateIdentity(stateDir, hostname string) (id *Identity, created []st
 	if err != nil {
 		return nil, nil, err
 	}
-	return &Identity{Cert: cert, Fingerprint: tlspin.Fingerprint(cert.Certificate[0]), Token: token, TokenPath: tokenPath}, created, nil
+	return &Credentials{Cert: cert, Fingerprint: tlspin.Fingerprint(cert.Certificate[0]), Token: token, TokenPath: tokenPath}, created, nil
 }
 
 // ReadToken reads a token file (one line).
