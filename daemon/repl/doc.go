@@ -44,7 +44,7 @@
 // TargetConfig.StatePath. Its data state is inconsistent from the start to
 // the end of a mirror or resync pass.
 //
-// # Seams (daemon/bitmap, daemon/queue, daemon/gen)
+// # Seams (daemon/bitmap, daemon/queue, daemon/generation)
 //
 //   - [Queue]: Push / Read(after) / Release(seq) / Len. The default
 //     [MemQueue] is bounded (128 MiB) and applies back pressure when full;

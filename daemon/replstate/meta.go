@@ -27,7 +27,7 @@ var ErrMalformed = errors.New("malformed state handshake message")
 type hello struct {
 	VolumeSize int64  `json:"volume_size"`
 	ChunkSize  int64  `json:"chunk_size"`
-	Gen        []byte `json:"gen"` // gen.State binary
+	Gen        []byte `json:"gen"` // generation.State binary
 	StreamID   uint64 `json:"stream_id"`
 	Acked      uint64 `json:"acked_seq"`
 	Discard    string `json:"discard,omitempty"` // "target": the operator resolved a split brain against the target

@@ -10,7 +10,7 @@
 //     In sync mode, when the target is gone for longer than SyncTimeout, it
 //     continues in tracking mode (DRBD's disconnect) instead of blocking.
 //   - Every connection starts with a state handshake: both generation
-//     states and the target's bitmap are exchanged, gen.Decide rules, and
+//     states and the target's bitmap are exchanged, generation.Decide rules, and
 //     the union of both bitmaps is resynced in disk order (resumable: a
 //     resynced chunk is cleared once the target holds it durably). Split
 //     brain and unrelated data are refused with the reason;
@@ -43,7 +43,7 @@ import (
 	"path/filepath"
 
 	"github.com/doppelha/doppel/daemon/bitmap"
-	"github.com/doppelha/doppel/daemon/gen"
+	"github.com/doppelha/doppel/daemon/generation"
 )
 
 // File names under the state directory.
@@ -71,10 +71,10 @@ func openBitmap(dir string, size, chunk int64) (*bitmap.Bitmap, error) {
 }
 
 // loadGen loads the generation state; ok is false when there is none.
-func loadGen(dir string) (st gen.State, ok bool, err error) {
-	st, err = gen.Load(filepath.Join(dir, GenerationFile))
+func loadGen(dir string) (st generation.State, ok bool, err error) {
+	st, err = generation.Load(filepath.Join(dir, GenerationFile))
 	if errors.Is(err, fs.ErrNotExist) {
-		return gen.State{}, false, nil
+		return generation.State{}, false, nil
 	}
 	if err != nil {
 		return st, false, fmt.Errorf("load generation state: %w", err)
@@ -82,20 +82,20 @@ func loadGen(dir string) (st gen.State, ok bool, err error) {
 	return st, true, nil
 }
 
-func saveGen(dir string, st gen.State) error {
-	if err := gen.Save(filepath.Join(dir, GenerationFile), st); err != nil {
+func saveGen(dir string, st generation.State) error {
+	if err := generation.Save(filepath.Join(dir, GenerationFile), st); err != nil {
 		return fmt.Errorf("save generation state: %w", err)
 	}
 	return nil
 }
 
-func encodeGen(st gen.State) []byte {
+func encodeGen(st generation.State) []byte {
 	b, _ := st.MarshalBinary()
 	return b
 }
 
-func decodeGen(b []byte) (gen.State, error) {
-	var st gen.State
+func decodeGen(b []byte) (generation.State, error) {
+	var st generation.State
 	if err := st.UnmarshalBinary(b); err != nil {
 		return st, fmt.Errorf("peer generation state: %w", err)
 	}

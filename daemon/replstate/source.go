@@ -18,7 +18,7 @@ import (
 
 	"github.com/doppelha/doppel/blockdev"
 	"github.com/doppelha/doppel/daemon/bitmap"
-	"github.com/doppelha/doppel/daemon/gen"
+	"github.com/doppelha/doppel/daemon/generation"
 	"github.com/doppelha/doppel/daemon/queue"
 	"github.com/doppelha/doppel/daemon/repl"
 	"github.com/doppelha/doppel/daemon/repl/wire"
@@ -121,7 +121,7 @@ type Source struct {
 	lim *resync.Limiter
 
 	genMu sync.Mutex
-	gen   gen.State
+	gen   generation.State
 	// shared is the generation the peer may hold: the last one sent to it
 	// in a state hello (it may have adopted it, whatever became of the
 	// connection), or the persisted current one when its state said so; 0
@@ -210,10 +210,10 @@ func OpenSource(cfg SourceConfig) (*Source, error) {
 	prev := st.Current
 	switch {
 	case !ok || st.Current == 0:
-		st = gen.NewSource()
+		st = generation.NewSource()
 		s.log.Info("new replication state: this side holds the reference copy", "generation", fmt.Sprintf("%016x", st.Current))
-	case st.Role == gen.RoleTarget:
-		if err := st.Promote(gen.NewID(), cfg.Force); err != nil {
+	case st.Side == generation.SideTarget:
+		if err := st.Promote(generation.NewID(), cfg.Force); err != nil {
 			s.closeFiles()
 			return nil, fmt.Errorf("promote %s to source: %w (force to use it anyway)", cfg.Dir, err)
 		}
@@ -224,7 +224,7 @@ func OpenSource(cfg SourceConfig) (*Source, error) {
 	if ok && !unshared && (s.hotAtOpen > 0 || s.dirtyAtOpen > 0 || s.queueAtOpen > 0) {
 		// Changes the target may lack: a new generation, so that a
 		// promotion of the target meanwhile is seen as split brain.
-		st.NewGeneration(gen.NewID())
+		st.NewGeneration(generation.NewID())
 	}
 	if err := saveGen(cfg.Dir, st); err != nil {
 		s.closeFiles()
@@ -634,7 +634,7 @@ func (s *Source) bumpGeneration() error {
 		return nil
 	}
 	st := s.gen.Clone()
-	st.NewGeneration(gen.NewID())
+	st.NewGeneration(generation.NewID())
 	// The generation first, then the marker: a crash between them leaves
 	// a generation taken for shared (another one at the next restart),
 	// never a shared one taken for unshared.
@@ -670,7 +670,7 @@ func (s *Source) markUnshared(on bool) error {
 // share records that the peer may hold local, the current generation (it
 // is about to be sent in a state hello), durably before it is sent. The
 // caller holds genMu.
-func (s *Source) share(local gen.State) error {
+func (s *Source) share(local generation.State) error {
 	if s.shared == local.Current {
 		return nil
 	}
@@ -888,8 +888,8 @@ func (s *Source) dial(ctx context.Context) (net.Conn, error) {
 
 // handshake runs the state handshake on conn. notify only tells the target
 // that a resync completed.
-func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen.Decision, error) {
-	var dec gen.Decision
+func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (generation.Decision, error) {
+	var dec generation.Decision
 	conn.SetDeadline(time.Now().Add(30 * time.Second))
 	defer conn.SetDeadline(time.Time{})
 	if tc, ok := conn.(*tls.Conn); ok {
@@ -946,17 +946,17 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 		return dec, &repl.FatalError{Err: err}
 	}
 	s.peerGen.Store(peer.Current)
-	dec = gen.Decide(local, peer)
+	dec = generation.Decide(local, peer)
 	discard := s.cfg.Discard == "target" || rp.Discard == "target"
 	c := commit{Outcome: dec.Outcome.String(), Reason: dec.Reason, Gen: encodeGen(local)}
 	switch dec.Outcome {
-	case gen.InSync, gen.ResyncToPeer:
-	case gen.SplitBrain:
+	case generation.InSync, generation.ResyncToPeer:
+	case generation.SplitBrain:
 		if !discard {
 			c.Refused = true
 		}
 		c.Discard = discard
-	case gen.ResyncFromPeer:
+	case generation.ResyncFromPeer:
 		c.Refused = true
 		dec.Reason += ": the peer is newer (it was promoted); run this side as the target"
 		c.Reason = dec.Reason
@@ -966,7 +966,7 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 	if c.Refused {
 		writeMsg(conn, c)
 		msg := fmt.Sprintf("%s: %s", dec.Outcome, dec.Reason)
-		if dec.Outcome == gen.SplitBrain {
+		if dec.Outcome == generation.SplitBrain {
 			msg += fmt.Sprintf("; local %d dirty bytes since the split, target %s; resolve with --discard-on target (the target's divergent chunks are saved first), "+
 				"or keep the target's data with --discard-on source (it prints the commands that swap the roles)",
 				s.bm.DirtyBytes(), peerDirty(rp.Bitmap, s.size, s.cfg.ChunkSize))

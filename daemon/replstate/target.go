@@ -15,7 +15,7 @@ import (
 
 	"github.com/doppelha/doppel/blockdev"
 	"github.com/doppelha/doppel/daemon/bitmap"
-	"github.com/doppelha/doppel/daemon/gen"
+	"github.com/doppelha/doppel/daemon/generation"
 	"github.com/doppelha/doppel/daemon/repl"
 	"github.com/doppelha/doppel/daemon/snapshot"
 	"github.com/doppelha/doppel/daemon/splitbrain"
@@ -58,7 +58,7 @@ type Target struct {
 	size int64
 
 	mu      sync.Mutex // one handshake at a time; guards gen, bm
-	gen     gen.State
+	gen     generation.State
 	bm      *bitmap.Bitmap // this side's own dirty chunks (from when it was a source); opened at the first handshake
 	refusal string
 	saved   string
@@ -85,7 +85,7 @@ func OpenTarget(cfg TargetConfig) (*Target, error) {
 	if err != nil {
 		return nil, err
 	}
-	if ok && st.Role == gen.RoleSource {
+	if ok && st.Side == generation.SideSource {
 		st.Demote()
 		if err := saveGen(cfg.Dir, st); err != nil {
 			return nil, err
@@ -108,7 +108,7 @@ func OpenTarget(cfg TargetConfig) (*Target, error) {
 
 // setGen records the generation state. Called with mu held (or before
 // the target is shared).
-func (t *Target) setGen(st gen.State) {
+func (t *Target) setGen(st generation.State) {
 	t.gen = st
 }
 
@@ -116,7 +116,7 @@ func (t *Target) setGen(st gen.State) {
 // say the data is a consistent image. Called with mu held.
 func (t *Target) consistentLocked() bool {
 	es, _, _ := t.eng.Status()
-	return t.gen.Current != 0 && t.gen.Data == gen.Consistent && es.State == "consistent"
+	return t.gen.Current != 0 && t.gen.Data == generation.Consistent && es.State == "consistent"
 }
 
 // AtPoint runs f with no frame being applied and no handshake changing
@@ -149,7 +149,7 @@ var errMidBatch = errors.New("mid resync batch")
 func (t *Target) atPoint(f func(p snapshot.Point) error) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.gen.Current == 0 || t.gen.Data != gen.Consistent {
+	if t.gen.Current == 0 || t.gen.Data != generation.Consistent {
 		return ErrNotConsistent
 	}
 	g := t.gen.Current

@@ -3,7 +3,7 @@ package resync
 // A randomized simulation of two nodes built from the resilience blocks the
 // way the replication engine is meant to use them: a Tracker on every
 // write, the async queue while connected, bitmap-only tracking (and a new
-// generation) while disconnected, gen.Decide on reconnect, a resync of the
+// generation) while disconnected, generation.Decide on reconnect, a resync of the
 // union of both bitmaps (the bitmap is the cursor), split-brain saves, and
 // crashes that discard everything not yet in the state files. It checks
 // that the blocks compose: both images converge, split-brain saves hold the
@@ -20,7 +20,7 @@ import (
 	"testing"
 
 	"github.com/doppelha/doppel/daemon/bitmap"
-	"github.com/doppelha/doppel/daemon/gen"
+	"github.com/doppelha/doppel/daemon/generation"
 	"github.com/doppelha/doppel/daemon/queue"
 	"github.com/doppelha/doppel/daemon/splitbrain"
 )
@@ -39,7 +39,7 @@ type node struct {
 	al      *bitmap.ActivityLog
 	tr      *bitmap.Tracker
 	q       *queue.Queue
-	g       gen.State
+	g       generation.State
 	seq     uint64 // last sequence assigned (source) or applied (target)
 	tracked bool   // wrote without the peer in the current generation
 }
@@ -61,7 +61,7 @@ func (n *node) open() {
 	// (with the hot extents) covers them, and replaying a tail whose head
 	// was in memory would break the order.
 	n.q.Ack(n.q.LastSeq())
-	if n.g, err = gen.Load(filepath.Join(n.dir, "gen")); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if n.g, err = generation.Load(filepath.Join(n.dir, "gen")); err != nil && !errors.Is(err, os.ErrNotExist) {
 		t.Fatal(err)
 	}
 	n.seq = max(n.g.AckedSeq, n.g.AppliedSeq, n.q.LastSeq())
@@ -76,7 +76,7 @@ func (n *node) crash() {
 }
 
 func (n *node) save() {
-	if err := gen.Save(filepath.Join(n.dir, "gen"), n.g); err != nil {
+	if err := generation.Save(filepath.Join(n.dir, "gen"), n.g); err != nil {
 		n.t.Fatal(err)
 	}
 }
@@ -118,7 +118,7 @@ func (s *sim) write(n *node) {
 	}
 	copy(n.vol[off:], data)
 	p := s.peer(n)
-	if s.connected && p.g.Role == gen.RoleTarget && s.resync == nil || s.connected && s.resync != nil && s.resync.from == n {
+	if s.connected && p.g.Side == generation.SideTarget && s.resync == nil || s.connected && s.resync != nil && s.resync.from == n {
 		n.seq++
 		rec := binary.LittleEndian.AppendUint64(nil, uint64(off))
 		if err := n.q.Push(n.seq, append(rec, data...)); err != nil {
@@ -131,7 +131,7 @@ func (s *sim) write(n *node) {
 	}
 	// Tracking mode: writes the peer will not see in order.
 	if !n.tracked {
-		n.g.NewGeneration(gen.NewID())
+		n.g.NewGeneration(generation.NewID())
 		n.save()
 		n.tracked = true
 	}
@@ -181,24 +181,24 @@ func (s *sim) connect() {
 	for _, n := range []*node{s.a, s.b} {
 		n.tracked = false
 	}
-	d := gen.Decide(s.a.g, s.b.g)
+	d := generation.Decide(s.a.g, s.b.g)
 	var from, to *node
 	switch d.Outcome {
-	case gen.InSync:
+	case generation.InSync:
 		// Same generation: the source side still sends its dirty and hot
 		// chunks (a crash may have left some).
 		from, to = s.a, s.b
-		if s.b.g.Role == gen.RoleSource {
+		if s.b.g.Side == generation.SideSource {
 			from, to = s.b, s.a
 		}
-	case gen.ResyncToPeer:
+	case generation.ResyncToPeer:
 		from, to = s.a, s.b
-	case gen.ResyncFromPeer:
+	case generation.ResyncFromPeer:
 		from, to = s.b, s.a
-	case gen.SplitBrain:
+	case generation.SplitBrain:
 		// The operator discards the side that is not a source, or b.
 		from, to = s.a, s.b
-		if s.a.g.Role != gen.RoleSource {
+		if s.a.g.Side != generation.SideSource {
 			from, to = s.b, s.a
 		}
 		s.splitBrain(from, to)
@@ -273,7 +273,7 @@ func (s *sim) resyncStep(k int) {
 func (s *sim) writer() *node {
 	var w []*node
 	for _, n := range []*node{s.a, s.b} {
-		if n.g.Role == gen.RoleSource {
+		if n.g.Side == generation.SideSource {
 			w = append(w, n)
 		}
 	}
@@ -302,7 +302,7 @@ func runSim(t *testing.T, seed uint64) {
 		os.MkdirAll(n.dir, 0o700)
 		n.open()
 	}
-	s.a.g = gen.NewSource()
+	s.a.g = generation.NewSource()
 	s.a.save()
 	s.b.g.Demote()
 	s.connect()
@@ -333,8 +333,8 @@ func runSim(t *testing.T, seed uint64) {
 			// Failover: the target is promoted while the link is down.
 			if !s.connected {
 				for _, n := range []*node{s.a, s.b} {
-					if n.g.Role == gen.RoleTarget && n.g.Data == gen.Consistent {
-						if err := n.g.Promote(gen.NewID(), false); err != nil {
+					if n.g.Side == generation.SideTarget && n.g.Data == generation.Consistent {
+						if err := n.g.Promote(generation.NewID(), false); err != nil {
 							t.Fatal(err)
 						}
 						n.save()
@@ -363,7 +363,7 @@ func runSim(t *testing.T, seed uint64) {
 			}
 		}
 	}
-	if d := gen.Decide(s.a.g, s.b.g); d.Outcome != gen.InSync {
+	if d := generation.Decide(s.a.g, s.b.g); d.Outcome != generation.InSync {
 		t.Fatalf("after healing: %v (%s)", d.Outcome, d.Reason)
 	}
 	if s.sent > s.dirtySum {

@@ -73,7 +73,7 @@ func (k Kind) valid() bool {
 
 // Point is where in the replication history a snapshot was taken.
 type Point struct {
-	// Generation is the target's generation ID (daemon/gen), Stream the
+	// Generation is the target's generation ID (daemon/generation), Stream the
 	// replication stream and Seq the last sequence applied in it.
 	Generation uint64 `json:"generation"`
 	Stream     uint64 `json:"stream"`

@@ -1,4 +1,4 @@
-package gen
+package generation
 
 import (
 	"bytes"
@@ -135,7 +135,7 @@ func TestFailoverReverseFailback(t *testing.T) {
 	}
 	p.resync(p.expect("failback", ResyncToPeer))
 	p.expect("failed back", InSync)
-	if p.a.Role != RoleSource || p.b.Role != RoleTarget || !p.b.Knows(g1) {
+	if p.a.Side != SideSource || p.b.Side != SideTarget || !p.b.Knows(g1) {
 		t.Fatalf("after failback: a=%v b=%v", p.a, p.b)
 	}
 }
@@ -175,7 +175,7 @@ func TestInconsistentCannotBePromoted(t *testing.T) {
 	if err := s.Promote(NewID(), false); !errors.Is(err, ErrInconsistent) {
 		t.Fatalf("promote inconsistent: %v", err)
 	}
-	if err := s.Promote(NewID(), true); err != nil || s.Data != Consistent || s.Role != RoleSource {
+	if err := s.Promote(NewID(), true); err != nil || s.Data != Consistent || s.Side != SideSource {
 		t.Fatalf("forced promote: %v %v", err, s)
 	}
 }
@@ -219,7 +219,7 @@ func TestSaveLoad(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Current != s.Current || got.AckedSeq != 42 || len(got.History) != 1 || got.History[0] != s.History[0] || got.Role != RoleSource {
+	if got.Current != s.Current || got.AckedSeq != 42 || len(got.History) != 1 || got.History[0] != s.History[0] || got.Side != SideSource {
 		t.Fatalf("loaded %v, want %v", got, s)
 	}
 	// Torn or damaged files are refused, never misread.

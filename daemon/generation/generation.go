@@ -1,4 +1,4 @@
-// Package gen keeps each side's generation state and decides, when two
+// Package generation keeps each side's generation state and decides, when two
 // sides connect, what must happen: nothing, a resync in one direction, or a
 // refusal (split brain, unrelated data, no good copy).
 //
@@ -21,7 +21,7 @@
 //	                                              from the other (bitmaps)
 //	both moved on from a shared ancestor        -> SplitBrain (never resolved here)
 //	no shared ID at all                         -> Unrelated (refuse)
-package gen
+package generation
 
 import (
 	"crypto/rand"
@@ -38,20 +38,22 @@ import (
 // MaxHistory is how many previous generations a state remembers.
 const MaxHistory = 16
 
-// Role is what a side does in the job.
-type Role uint8
+// Side is the end of the replication a generation state was last on: the
+// writer or the receiver. (What the job's agent does, as the operator sees
+// it, is ha.Role; the two agree once a role change has completed.)
+type Side uint8
 
-// Roles.
+// Sides.
 const (
-	RoleTarget Role = iota // receives and applies; not writable by applications
-	RoleSource             // serves the volume and ships its writes
+	SideTarget Side = iota // receives and applies; not writable by applications
+	SideSource             // serves the volume and ships its writes
 )
 
-func (r Role) String() string {
+func (r Side) String() string {
 	switch r {
-	case RoleTarget:
+	case SideTarget:
 		return "target"
-	case RoleSource:
+	case SideSource:
 		return "source"
 	}
 	return fmt.Sprintf("role(%d)", uint8(r))
@@ -81,7 +83,7 @@ func (d DataState) String() string {
 type State struct {
 	Current    uint64   // current generation; 0: none
 	History    []uint64 // previous generations, newest first, at most MaxHistory
-	Role       Role
+	Side       Side
 	Data       DataState
 	AppliedSeq uint64 // target: last sequence applied in Current
 	AckedSeq   uint64 // source: last sequence the peer acknowledged in Current
@@ -107,7 +109,7 @@ func NewID() uint64 {
 // NewSource is the state of the side a job is created on: its volume is the
 // reference copy, in a fresh generation.
 func NewSource() State {
-	return State{Current: NewID(), Role: RoleSource, Data: Consistent}
+	return State{Current: NewID(), Side: SideSource, Data: Consistent}
 }
 
 // Knows reports whether id is the current generation or in the history.
@@ -146,7 +148,7 @@ func (s *State) Promote(id uint64, force bool) error {
 		return fmt.Errorf("promote: %w (a resync was not finished); force to accept a damaged copy", ErrInconsistent)
 	}
 	s.NewGeneration(id)
-	s.Role = RoleSource
+	s.Side = SideSource
 	if force {
 		s.Data = Consistent
 	}
@@ -154,7 +156,7 @@ func (s *State) Promote(id uint64, force bool) error {
 }
 
 // Demote makes this side a target; its generation is unchanged.
-func (s *State) Demote() { s.Role = RoleTarget }
+func (s *State) Demote() { s.Side = SideTarget }
 
 // BeginResync is called on the side about to be overwritten by src: it takes
 // src's generation and history and is inconsistent until EndResync. If the
@@ -176,8 +178,8 @@ func (s State) Validate() error {
 	if len(s.History) > MaxHistory {
 		return fmt.Errorf("%w: %d history entries", ErrCorrupt, len(s.History))
 	}
-	if s.Role > RoleSource || s.Data > Consistent {
-		return fmt.Errorf("%w: role %d data %d", ErrCorrupt, s.Role, s.Data)
+	if s.Side > SideSource || s.Data > Consistent {
+		return fmt.Errorf("%w: role %d data %d", ErrCorrupt, s.Side, s.Data)
 	}
 	if s.Current == 0 && len(s.History) > 0 {
 		return fmt.Errorf("%w: history without a current generation", ErrCorrupt)
@@ -191,7 +193,7 @@ func (s State) Validate() error {
 }
 
 func (s State) String() string {
-	return fmt.Sprintf("%016x %v %v history=%d applied=%d acked=%d", s.Current, s.Role, s.Data, len(s.History), s.AppliedSeq, s.AckedSeq)
+	return fmt.Sprintf("%016x %v %v history=%d applied=%d acked=%d", s.Current, s.Side, s.Data, len(s.History), s.AppliedSeq, s.AckedSeq)
 }
 
 const (
@@ -211,7 +213,7 @@ func (s State) MarshalBinary() ([]byte, error) {
 	b := make([]byte, 0, fixed+8*len(s.History)+4)
 	b = append(b, magic...)
 	b = binary.LittleEndian.AppendUint16(b, version)
-	b = append(b, byte(s.Role), byte(s.Data))
+	b = append(b, byte(s.Side), byte(s.Data))
 	b = binary.LittleEndian.AppendUint64(b, s.Current)
 	b = binary.LittleEndian.AppendUint64(b, s.AppliedSeq)
 	b = binary.LittleEndian.AppendUint64(b, s.AckedSeq)
@@ -241,7 +243,7 @@ func (s *State) UnmarshalBinary(b []byte) error {
 		return fmt.Errorf("%w: checksum mismatch", ErrCorrupt)
 	}
 	st := State{
-		Role:       Role(b[6]),
+		Side:       Side(b[6]),
 		Data:       DataState(b[7]),
 		Current:    binary.LittleEndian.Uint64(b[8:]),
 		AppliedSeq: binary.LittleEndian.Uint64(b[16:]),
