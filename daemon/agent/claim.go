@@ -207,7 +207,7 @@ func (a *Agent) bindClaim(rec *job.Record, c *claim, legacy bool) error {
 		a.Log.Warn("target volume changed: bound again, replication state set aside", "job", spec.Name, "why", why)
 	}
 	c.binding = replstate.Binding{
-		Identity:     replstate.Identity{Job: spec.UUID, Volume: rec.Volume.UUID, Device: rec.Volume.Device},
+		Owner:        replstate.Owner{Job: spec.UUID, Volume: rec.Volume.UUID, Device: rec.Volume.Device},
 		AdoptUnbound: legacy,
 		SetAsideTo:   job.ArchiveDir(a.Config.StateDir),
 	}

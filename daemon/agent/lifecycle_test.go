@@ -85,7 +85,7 @@ func TestDeleteRemovesOrArchivesState(t *testing.T) {
 	ctx := context.Background()
 	state := func(n string) string { return job.ReplStateDir(filepath.Join(p.root, n), "web") }
 	for _, n := range []string{"vm1", "vm2"} {
-		if _, err := os.Stat(filepath.Join(state(n), replstate.IdentityFile)); err != nil {
+		if _, err := os.Stat(filepath.Join(state(n), replstate.OwnerFile)); err != nil {
 			t.Fatalf("%s: the job's state is not bound to it: %v", n, err)
 		}
 	}
@@ -99,7 +99,7 @@ func TestDeleteRemovesOrArchivesState(t *testing.T) {
 		if !strings.HasPrefix(res.Archived, job.ArchiveDir(filepath.Join(p.root, n))) {
 			t.Fatalf("%s: archived to %q", n, res.Archived)
 		}
-		for _, f := range []string{"web.repl/" + replstate.GenerationFile, "web.repl/" + replstate.IdentityFile, "web.json"} {
+		for _, f := range []string{"web.repl/" + replstate.GenerationFile, "web.repl/" + replstate.OwnerFile, "web.json"} {
 			if _, err := os.Stat(filepath.Join(res.Archived, f)); err != nil {
 				t.Errorf("%s: archive lacks %s: %v", n, f, err)
 			}

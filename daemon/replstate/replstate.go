@@ -24,7 +24,7 @@
 // while a backlog exists); otherwise the queue is folded into the bitmap.
 //
 // A state directory is bound to one job incarnation and one volume
-// (Identity, identity.json): state found for another job, another
+// (Owner, identity.json): state found for another job, another
 // incarnation of the same job name or another volume is set aside
 // (renamed, logged, never used), so that a volume whose content the state
 // does not describe is mirrored instead of being taken as in sync.

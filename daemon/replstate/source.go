@@ -914,7 +914,7 @@ func (s *Source) handshake(ctx context.Context, conn net.Conn, notify bool) (gen
 		return dec, err
 	}
 	h := hello{VolumeSize: s.size, ChunkSize: s.cfg.ChunkSize, Gen: encodeGen(local), StreamID: cur.StreamID(),
-		Acked: applied, Discard: s.cfg.Discard, Notify: notify, Job: s.cfg.Binding.Identity.Job, Epoch: s.epoch()}
+		Acked: applied, Discard: s.cfg.Discard, Notify: notify, Job: s.cfg.Binding.Owner.Job, Epoch: s.epoch()}
 	if err := writeMsg(conn, h); err != nil {
 		return dec, fmt.Errorf("send state hello: %w", err)
 	}

@@ -278,7 +278,7 @@ func (t *Target) handshake(c net.Conn) (keep bool, err error) {
 	if h.VolumeSize != t.size {
 		return fail("source volume is %d bytes, target volume is %d", h.VolumeSize, t.size)
 	}
-	if mine := t.cfg.Binding.Identity.Job; h.Job != "" && mine != "" && h.Job != mine {
+	if mine := t.cfg.Binding.Owner.Job; h.Job != "" && mine != "" && h.Job != mine {
 		return fail("source is job incarnation %s, this target belongs to %s: the job was created again on one side only (delete it on both and create it again)", h.Job, mine)
 	}
 	src, err := decodeGen(h.Gen)

@@ -13,20 +13,20 @@ import (
 	"github.com/doppelha/doppel/daemon/statefile"
 )
 
-// IdentityFile binds a state directory to one job incarnation and one
-// volume (see Identity).
-const IdentityFile = "identity.json"
+// OwnerFile binds a state directory to one job incarnation and one
+// volume (see Owner).
+const OwnerFile = "identity.json"
 
-// maxIdentity bounds the identity file (it holds three short strings).
-const maxIdentity = 64 << 10
+// maxOwner bounds the identity file (it holds three short strings).
+const maxOwner = 64 << 10
 
-// Identity is what a state directory belongs to. Generations, bitmap,
+// Owner is what a state directory belongs to. Generations, bitmap,
 // activity log and queue describe the data of one volume as one job
 // incarnation replicated it: state found for anything else says nothing
 // about the volume and must not be used (a job deleted and created again
 // would otherwise find "the same generation" on both sides and skip the
 // mirror of a fresh target).
-type Identity struct {
+type Owner struct {
 	// Job is the job incarnation: a UUID made when the job is created
 	// (two jobs of the same name created one after the other differ).
 	Job string `json:"job"`
@@ -39,56 +39,56 @@ type Identity struct {
 	Device string `json:"device"`
 }
 
-// IsZero reports whether no identity was configured (no check).
-func (id Identity) IsZero() bool { return id == Identity{} }
+// IsZero reports whether no owner was configured (no check).
+func (id Owner) IsZero() bool { return id == Owner{} }
 
-func (id Identity) String() string {
+func (id Owner) String() string {
 	return fmt.Sprintf("job %s, volume %s (%s)", id.Job, id.Volume, id.Device)
 }
 
-// ErrIdentity reports an identity file that cannot be read.
-var ErrIdentity = errors.New("unreadable state identity")
+// ErrOwner reports an identity file that cannot be read.
+var ErrOwner = errors.New("unreadable state identity")
 
-// LoadIdentity reads dir's identity; ok is false when it has none.
-func LoadIdentity(dir string) (id Identity, ok bool, err error) {
-	b, err := os.ReadFile(filepath.Join(dir, IdentityFile))
+// LoadOwner reads dir's identity; ok is false when it has none.
+func LoadOwner(dir string) (id Owner, ok bool, err error) {
+	b, err := os.ReadFile(filepath.Join(dir, OwnerFile))
 	if errors.Is(err, fs.ErrNotExist) {
 		return id, false, nil
 	}
 	if err != nil {
 		return id, false, err
 	}
-	id, err = decodeIdentity(b)
+	id, err = decodeOwner(b)
 	return id, err == nil, err
 }
 
-func decodeIdentity(b []byte) (Identity, error) {
-	var id Identity
-	if len(b) > maxIdentity {
-		return id, fmt.Errorf("%w: %d bytes", ErrIdentity, len(b))
+func decodeOwner(b []byte) (Owner, error) {
+	var id Owner
+	if len(b) > maxOwner {
+		return id, fmt.Errorf("%w: %d bytes", ErrOwner, len(b))
 	}
 	if err := json.Unmarshal(b, &id); err != nil {
-		return id, fmt.Errorf("%w: %v", ErrIdentity, err)
+		return id, fmt.Errorf("%w: %v", ErrOwner, err)
 	}
 	return id, nil
 }
 
-func saveIdentity(dir string, id Identity) error {
+func saveOwner(dir string, id Owner) error {
 	b, err := json.MarshalIndent(id, "", "  ")
 	if err != nil {
 		return err
 	}
-	if err := statefile.Write(filepath.Join(dir, IdentityFile), append(b, '\n'), 0o600); err != nil {
+	if err := statefile.Write(filepath.Join(dir, OwnerFile), append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("save state identity: %w", err)
 	}
 	return nil
 }
 
-// Binding says how a state directory is bound to an identity at open.
+// Binding says how a state directory is bound to its owner at open.
 type Binding struct {
-	// Identity the state must belong to; zero: no check (the state is
+	// Owner the state must belong to; zero: no check (the state is
 	// used as found, as by doppel repl with a --state-dir).
-	Identity Identity
+	Owner Owner
 	// AdoptUnbound: state without an identity file (written before
 	// identities existed) is taken as this identity's, once. Otherwise
 	// it is set aside like state of another identity.
@@ -99,12 +99,12 @@ type Binding struct {
 	SetAsideTo string
 }
 
-// bind makes dir the state of b.Identity: it keeps state of that
+// bind makes dir the state of b.Owner: it keeps state of that
 // identity, sets aside (renames, never deletes) state of any other, and
 // writes the identity into a new or adopted directory. It returns where
 // state was set aside ("" when none was) and a reason for the log.
 func bind(dir string, b Binding, log *slog.Logger) (aside string, err error) {
-	if b.Identity.IsZero() {
+	if b.Owner.IsZero() {
 		return "", os.MkdirAll(dir, 0o700)
 	}
 	ents, err := os.ReadDir(dir)
@@ -113,20 +113,20 @@ func bind(dir string, b Binding, log *slog.Logger) (aside string, err error) {
 	case err != nil:
 		return "", err
 	case len(ents) > 0:
-		found, ok, lerr := LoadIdentity(dir)
+		found, ok, lerr := LoadOwner(dir)
 		var why string
 		switch {
 		case lerr != nil:
 			why = lerr.Error()
-		case ok && found == b.Identity:
+		case ok && found == b.Owner:
 			return "", nil
-		case ok && found.Job != b.Identity.Job:
-			why = fmt.Sprintf("it belongs to another job incarnation (%s, this job is %s)", found.Job, b.Identity.Job)
+		case ok && found.Job != b.Owner.Job:
+			why = fmt.Sprintf("it belongs to another job incarnation (%s, this job is %s)", found.Job, b.Owner.Job)
 		case ok:
-			why = fmt.Sprintf("it belongs to another volume (%s %s, the job's volume is now %s %s)", found.Volume, found.Device, b.Identity.Volume, b.Identity.Device)
+			why = fmt.Sprintf("it belongs to another volume (%s %s, the job's volume is now %s %s)", found.Volume, found.Device, b.Owner.Volume, b.Owner.Device)
 		case b.AdoptUnbound:
-			log.Warn("replication state without an identity (written by an older doppel): bound to this job and volume", "dir", dir, "identity", b.Identity.String())
-			return "", saveIdentity(dir, b.Identity)
+			log.Warn("replication state without an identity (written by an older doppel): bound to this job and volume", "dir", dir, "identity", b.Owner.String())
+			return "", saveOwner(dir, b.Owner)
 		default:
 			why = "it has no identity (left by an earlier job of the same name)"
 		}
@@ -150,5 +150,5 @@ func bind(dir string, b Binding, log *slog.Logger) (aside string, err error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", err
 	}
-	return aside, saveIdentity(dir, b.Identity)
+	return aside, saveOwner(dir, b.Owner)
 }

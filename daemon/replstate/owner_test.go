@@ -15,18 +15,18 @@ import (
 // deleted, never used); state of the same identity is kept.
 func TestBindSetsAsideForeignState(t *testing.T) {
 	log := testLog(t, "bind")
-	id := Identity{Job: "job-1", Volume: "vol-1", Device: "file fsid=1 ino=2"}
+	id := Owner{Job: "job-1", Volume: "vol-1", Device: "file fsid=1 ino=2"}
 	for _, tc := range []struct {
 		name    string
-		found   *Identity // nil: no identity file
+		found   *Owner // nil: no identity file
 		adopt   bool
 		aside   bool
 		wantWhy string
 	}{
 		{name: "same", found: &id},
-		{name: "other job", found: &Identity{Job: "job-0", Volume: "vol-1", Device: id.Device}, aside: true},
-		{name: "other volume", found: &Identity{Job: "job-1", Volume: "vol-0", Device: id.Device}, aside: true},
-		{name: "other device", found: &Identity{Job: "job-1", Volume: "vol-1", Device: "file fsid=1 ino=3"}, aside: true},
+		{name: "other job", found: &Owner{Job: "job-0", Volume: "vol-1", Device: id.Device}, aside: true},
+		{name: "other volume", found: &Owner{Job: "job-1", Volume: "vol-0", Device: id.Device}, aside: true},
+		{name: "other device", found: &Owner{Job: "job-1", Volume: "vol-1", Device: "file fsid=1 ino=3"}, aside: true},
 		{name: "unbound", aside: true},
 		{name: "unbound adopted", adopt: true},
 	} {
@@ -36,16 +36,16 @@ func TestBindSetsAsideForeignState(t *testing.T) {
 			os.MkdirAll(dir, 0o700)
 			os.WriteFile(filepath.Join(dir, GenerationFile), []byte("old"), 0o600)
 			if tc.found != nil {
-				if err := saveIdentity(dir, *tc.found); err != nil {
+				if err := saveOwner(dir, *tc.found); err != nil {
 					t.Fatal(err)
 				}
 			}
 			asideTo := filepath.Join(root, "archive")
-			aside, err := bind(dir, Binding{Identity: id, AdoptUnbound: tc.adopt, SetAsideTo: asideTo}, log)
+			aside, err := bind(dir, Binding{Owner: id, AdoptUnbound: tc.adopt, SetAsideTo: asideTo}, log)
 			if err != nil {
 				t.Fatal(err)
 			}
-			got, ok, err := LoadIdentity(dir)
+			got, ok, err := LoadOwner(dir)
 			if err != nil || !ok || got != id {
 				t.Fatalf("after bind the identity is %+v (found %t, %v), want %+v", got, ok, err, id)
 			}
@@ -74,7 +74,7 @@ func TestBindSetsAsideForeignState(t *testing.T) {
 	if aside, err := bind(dir, Binding{}, log); err != nil || aside != "" {
 		t.Fatalf("unbound open: %q, %v", aside, err)
 	}
-	if _, ok, _ := LoadIdentity(dir); ok {
+	if _, ok, _ := LoadOwner(dir); ok {
 		t.Fatal("an unbound open wrote an identity")
 	}
 }
@@ -90,7 +90,7 @@ func TestStaleStateIsNotTrusted(t *testing.T) {
 	data := bytes.Repeat([]byte("doppel!!"), size/8)
 	os.WriteFile(aFile, data, 0o600)
 	old := func(side string) Binding {
-		return Binding{Identity: Identity{Job: "inc-1", Volume: "vol-" + side, Device: "d-" + side}}
+		return Binding{Owner: Owner{Job: "inc-1", Volume: "vol-" + side, Device: "d-" + side}}
 	}
 	p := &pair{t: t, nw: &memNet{up: true}, size: size}
 	tb := old("b")
@@ -104,13 +104,13 @@ func TestStaleStateIsNotTrusted(t *testing.T) {
 	// A new incarnation, a fresh (empty) target volume.
 	os.Remove(bFile)
 	nb := tb
-	nb.Identity.Job, nb.Identity.Volume = "inc-2", "vol-b2"
+	nb.Owner.Job, nb.Owner.Volume = "inc-2", "vol-b2"
 	p.startTargetWith(TargetConfig{Dir: filepath.Join(dir, "b"), Binding: nb}, bFile)
 	if st := p.tgt.Status(); st.Generation != 0 || st.Data != "inconsistent" || st.SetAside == "" {
 		t.Fatalf("a new incarnation's target trusts the old state: %+v", st)
 	}
 	na := old("a")
-	na.Identity.Job = "inc-2"
+	na.Owner.Job = "inc-2"
 	p.startSource(SourceConfig{Dir: filepath.Join(dir, "a"), Binding: na}, aFile)
 	if st := p.src.Status(); st.SetAside == "" {
 		t.Fatal("the source kept the old incarnation's state")
@@ -130,8 +130,8 @@ func TestTargetRefusesOtherIncarnation(t *testing.T) {
 	aFile, bFile := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
 	os.WriteFile(aFile, bytes.Repeat([]byte{7}, size), 0o600)
 	p := &pair{t: t, nw: &memNet{up: true}, size: size}
-	p.startTargetWith(TargetConfig{Dir: filepath.Join(dir, "b"), Binding: Binding{Identity: Identity{Job: "inc-2", Volume: "v", Device: "d"}}}, bFile)
-	p.startSource(SourceConfig{Dir: filepath.Join(dir, "a"), Binding: Binding{Identity: Identity{Job: "inc-1", Volume: "v", Device: "d"}}}, aFile)
+	p.startTargetWith(TargetConfig{Dir: filepath.Join(dir, "b"), Binding: Binding{Owner: Owner{Job: "inc-2", Volume: "v", Device: "d"}}}, bFile)
+	p.startSource(SourceConfig{Dir: filepath.Join(dir, "a"), Binding: Binding{Owner: Owner{Job: "inc-1", Volume: "v", Device: "d"}}}, aFile)
 	deadline := time.Now().Add(10 * time.Second)
 	for p.src.Status().Refusal == "" {
 		if time.Now().After(deadline) {
@@ -149,15 +149,15 @@ func TestTargetRefusesOtherIncarnation(t *testing.T) {
 	}
 }
 
-// FuzzIdentity: the identity decoder never panics, and what it accepts
+// FuzzOwner: the identity decoder never panics, and what it accepts
 // encodes and decodes to itself.
-func FuzzIdentity(f *testing.F) {
-	b, _ := json.Marshal(Identity{Job: "j", Volume: "v", Device: "file fsid=1 ino=2"})
+func FuzzOwner(f *testing.F) {
+	b, _ := json.Marshal(Owner{Job: "j", Volume: "v", Device: "file fsid=1 ino=2"})
 	f.Add(b)
 	f.Add([]byte(`{}`))
 	f.Add([]byte(`{"job":1}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		id, err := decodeIdentity(b)
+		id, err := decodeOwner(b)
 		if err != nil {
 			return
 		}
@@ -165,7 +165,7 @@ func FuzzIdentity(f *testing.F) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		id2, err := decodeIdentity(again)
+		id2, err := decodeOwner(again)
 		if err != nil || id2 != id {
 			t.Fatalf("round trip: %+v -> %+v, %v", id, id2, err)
 		}
