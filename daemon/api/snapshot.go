@@ -9,7 +9,7 @@ import (
 	"github.com/doppelha/doppel/daemon/snapshot"
 )
 
-// Snapshot routes (all under the API token; served when the backend
+// Snapshot routes (all under the API token; served when the agent
 // implements SnapshotAgent, else 501):
 //
 //	GET    /v1/jobs/{name}/snapshots               the job's snapshots on this agent: SnapshotList

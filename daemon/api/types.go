@@ -5,8 +5,8 @@
 // 409 for a command the job's state refuses (with the reason), 400 for bad
 // input, 501 for a subsystem this build does not have wired.
 //
-// Routes (all under the token except /metrics and /v1/peer, which uses the
-// job's peer secret):
+// Routes (all under the token except /v1/peer, which uses the job's peer
+// secret; the snapshot routes are in snapshot.go):
 //
 //	GET    /v1/info                     the agent: hostname, fingerprint, ports, subsystems
 //	GET    /v1/jobs                     every job's status
@@ -19,9 +19,11 @@
 //	POST   /v1/agent/stop               stop the agent (StopOptions; 409 in_use while volumes are in use)
 //	POST   /v1/agent/restart            restart (upgrade) the agent keeping the volumes served: RestartResult
 //	POST   /v1/peer/jobs/{name}/message a state-machine message from the peer agent
-//	GET    /metrics                     Prometheus metrics
+//	GET    /metrics                     Prometheus metrics (also without the token on the agent's --metrics-listen)
 //
-// The package also holds the Go client the CLI and the agents use.
+// The package also holds the Go client of one agent's API (Client): the
+// agents use it for peer messages, and daemon/client, which drives every
+// agent of a job for the CLI and the console, builds on it.
 package api
 
 import (
