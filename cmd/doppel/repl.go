@@ -336,18 +336,18 @@ func replSource(c *cli.Context) error {
 // plainSource is the engine without persistent state: whatever the target
 // lacks at exit is lost to it.
 type plainSource struct {
-	*repl.Source
+	*repl.Stream
 	mirror         repl.MirrorKind
 	verify, resync bool
 }
 
 func openPlainSource(c *cli.Context, f sourceFlags, b blockdev.Backend, dial func(context.Context) (net.Conn, error), live repl.Liveness, log *slog.Logger) (sourceEngine, error) {
-	src, err := repl.NewSource(repl.SourceConfig{Backend: b, Mode: f.mode, ChunkSize: f.chunk,
-		Queue: repl.NewMemQueue(f.queueSize), Dial: dial, Codec: f.codec, RateLimit: f.rateLimit, Log: log, Liveness: live})
+	src, err := repl.NewStream(repl.StreamConfig{Backend: b, Mode: f.mode, ChunkSize: f.chunk,
+		Backlog: repl.NewMemBacklog(f.queueSize), Dial: dial, Codec: f.codec, RateLimit: f.rateLimit, Log: log, Liveness: live})
 	if err != nil {
 		return nil, err
 	}
-	return plainSource{Source: src, mirror: f.mirror, verify: c.Bool("verify") || c.Bool("verify-resync"), resync: c.Bool("verify-resync")}, nil
+	return plainSource{Stream: src, mirror: f.mirror, verify: c.Bool("verify") || c.Bool("verify-resync"), resync: c.Bool("verify-resync")}, nil
 }
 
 func (p plainSource) collectors() []prometheus.Collector {
@@ -375,7 +375,7 @@ func (p plainSource) state() []any {
 	return []any{"acked_seq", st.AckedSeq, "sent_bytes", st.SentBytes, "payload_bytes", st.PayloadBytes}
 }
 
-func (p plainSource) failWaiters() { p.Source.Close() }
+func (p plainSource) failWaiters() { p.Stream.Close() }
 
 func (p plainSource) drain(ctx context.Context, log *slog.Logger) error {
 	if err := p.WaitAcked(ctx); err != nil {
@@ -535,16 +535,16 @@ func replTarget(c *cli.Context) (err error) {
 // plainTarget is the target engine without persistent state: its applied
 // sequence and data state live in one file next to the volume.
 type plainTarget struct {
-	*repl.Target
+	*repl.Applier
 	statePath string
 }
 
 func openPlainTarget(statePath string, b blockdev.Backend, live repl.Liveness, log *slog.Logger) (targetEngine, error) {
-	tgt, err := repl.NewTarget(repl.TargetConfig{Backend: b, StatePath: statePath, Log: log, Liveness: live})
+	tgt, err := repl.NewApplier(repl.ApplierConfig{Backend: b, StatePath: statePath, Log: log, Liveness: live})
 	if err != nil {
 		return nil, err
 	}
-	return plainTarget{Target: tgt, statePath: statePath}, nil
+	return plainTarget{Applier: tgt, statePath: statePath}, nil
 }
 
 func (p plainTarget) state() []any {

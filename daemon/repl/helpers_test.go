@@ -99,8 +99,8 @@ func testLogger(t testing.TB) (*slog.Logger, *logBuf) {
 
 // pair is a source and a target connected over loopback TCP.
 type pair struct {
-	src    *Source
-	tgt    *Target
+	src    *Stream
+	tgt    *Applier
 	srcB   blockdev.Backend
 	tgtB   blockdev.Backend
 	addr   string
@@ -112,7 +112,7 @@ type pair struct {
 
 type pairOpts struct {
 	mode  wire.Mode
-	queue Queue
+	queue Backlog
 	codec string
 	chunk int64
 	dial  func(ctx context.Context, addr string) (net.Conn, error)
@@ -124,14 +124,14 @@ type pairOpts struct {
 	incomplete func() bool
 }
 
-func startTarget(t testing.TB, ctx context.Context, b blockdev.Backend, log *slog.Logger, wrap func(net.Listener) net.Listener) (*Target, string) {
+func startTarget(t testing.TB, ctx context.Context, b blockdev.Backend, log *slog.Logger, wrap func(net.Listener) net.Listener) (*Applier, string) {
 	t.Helper()
 	return startTargetLive(t, ctx, b, log, wrap, Liveness{})
 }
 
-func startTargetLive(t testing.TB, ctx context.Context, b blockdev.Backend, log *slog.Logger, wrap func(net.Listener) net.Listener, live Liveness) (*Target, string) {
+func startTargetLive(t testing.TB, ctx context.Context, b blockdev.Backend, log *slog.Logger, wrap func(net.Listener) net.Listener, live Liveness) (*Applier, string) {
 	t.Helper()
-	tgt, err := NewTarget(TargetConfig{Backend: b, StatePath: filepath.Join(t.TempDir(), "target.json"), Log: log, Liveness: live})
+	tgt, err := NewApplier(ApplierConfig{Backend: b, StatePath: filepath.Join(t.TempDir(), "target.json"), Log: log, Liveness: live})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -167,7 +167,7 @@ func newPair(t testing.TB, srcB, tgtB blockdev.Backend, o pairOpts) *pair {
 		var d net.Dialer
 		return d.DialContext(ctx, "tcp", addr)
 	}
-	src, err := NewSource(SourceConfig{Backend: srcB, Mode: o.mode, Queue: o.queue, ChunkSize: o.chunk,
+	src, err := NewStream(StreamConfig{Backend: srcB, Mode: o.mode, Backlog: o.queue, ChunkSize: o.chunk,
 		Dial: dial, Codec: codec, RateLimit: o.rate, Log: log.With("side", "source"), Liveness: o.live, Incomplete: o.incomplete})
 	if err != nil {
 		t.Fatal(err)

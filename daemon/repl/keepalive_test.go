@@ -197,7 +197,7 @@ func TestKeepaliveVersion1Target(t *testing.T) {
 		}
 	}()
 	log, _ := testLogger(t)
-	src, err := NewSource(SourceConfig{Backend: newMem(1 << 20), Mode: wire.ModeAsync, Log: log,
+	src, err := NewStream(StreamConfig{Backend: newMem(1 << 20), Mode: wire.ModeAsync, Log: log,
 		Liveness: Liveness{Interval: 20 * time.Millisecond, Timeout: 200 * time.Millisecond},
 		Dial: func(ctx context.Context) (net.Conn, error) {
 			var d net.Dialer

@@ -50,20 +50,20 @@ func b2f(b bool) float64 {
 	return 0
 }
 
-// sourceCollector exports a Source's Stats.
-type sourceCollector struct{ s *Source }
+// streamCollector exports a Stream's Stats.
+type streamCollector struct{ s *Stream }
 
 // Collector returns a Prometheus collector for the source's metrics.
-func (s *Source) Collector() prometheus.Collector { return sourceCollector{s} }
+func (s *Stream) Collector() prometheus.Collector { return streamCollector{s} }
 
-func (sourceCollector) Describe(ch chan<- *prometheus.Desc) {
+func (streamCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSent, descPayload, descRecv, descQueueBytes, descQueueEntries,
 		descSeq, descMirror, descMirrorActive, descConnected, descTargetState} {
 		ch <- d
 	}
 }
 
-func (c sourceCollector) Collect(ch chan<- prometheus.Metric) {
+func (c streamCollector) Collect(ch chan<- prometheus.Metric) {
 	st := c.s.Stats()
 	for _, k := range kindNames {
 		ch <- counter(descSent, float64(st.SentBytes[k]), k)
@@ -86,19 +86,19 @@ func (c sourceCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// targetCollector exports a Target's state.
-type targetCollector struct{ t *Target }
+// applierCollector exports an Applier's state.
+type applierCollector struct{ t *Applier }
 
 // Collector returns a Prometheus collector for the target's metrics.
-func (t *Target) Collector() prometheus.Collector { return targetCollector{t} }
+func (t *Applier) Collector() prometheus.Collector { return applierCollector{t} }
 
-func (targetCollector) Describe(ch chan<- *prometheus.Desc) {
+func (applierCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descRecv, descApplied, descApplyBytes, descConnected, descTargetState, descRefused} {
 		ch <- d
 	}
 }
 
-func (c targetCollector) Collect(ch chan<- prometheus.Metric) {
+func (c applierCollector) Collect(ch chan<- prometheus.Metric) {
 	st, durable, peer := c.t.Status()
 	ch <- counter(descRecv, float64(c.t.tst.recvBytes.Load()))
 	ch <- gauge(descApplied, float64(st.Applied), "applied")

@@ -66,14 +66,14 @@ const (
 
 // mirrorQueueCap is how full the queue may be before a mirror waits for
 // acks, so that mirror traffic never crowds out application writes.
-func (s *Source) mirrorQueueCap() int64 { return 8 << 20 }
+func (s *Stream) mirrorQueueCap() int64 { return 8 << 20 }
 
 // Mirror copies the volume to the target while the application keeps
 // writing, and marks the target consistent when done. Every range is read
 // under the range lock and its frame sequenced before the lock is released,
 // so a mirror chunk can never overtake (and overwrite) a newer application
 // write on the target: both travel in the one ordered stream.
-func (s *Source) Mirror(ctx context.Context, kind MirrorKind) (MirrorResult, error) {
+func (s *Stream) Mirror(ctx context.Context, kind MirrorKind) (MirrorResult, error) {
 	switch kind {
 	case MirrorNone:
 		return MirrorResult{}, nil
@@ -115,7 +115,7 @@ func (s *Source) Mirror(ctx context.Context, kind MirrorKind) (MirrorResult, err
 }
 
 // endPass sequences the end of a pass and waits for the target to apply it.
-func (s *Source) endPass(ctx context.Context, p wire.Purpose) error {
+func (s *Stream) endPass(ctx context.Context, p wire.Purpose) error {
 	if s.cfg.Incomplete != nil && s.cfg.Incomplete() {
 		// Changes the target lacks are still to come (tracked outside
 		// the stream): its copy is not a consistent image yet. The pass
@@ -143,7 +143,7 @@ func (s *Source) endPass(ctx context.Context, p wire.Purpose) error {
 // pass ended while changes were missing): once nothing is missing, the
 // target is told its copy is a consistent image again. A no-op when the
 // target is not inconsistent or changes are still missing.
-func (s *Source) EndResync(ctx context.Context) error {
+func (s *Stream) EndResync(ctx context.Context) error {
 	s.ackMu.Lock()
 	st := s.tstate
 	s.ackMu.Unlock()
@@ -157,7 +157,7 @@ func (s *Source) EndResync(ctx context.Context) error {
 }
 
 // fullPass sends every allocated non-zero range and a hole for the rest.
-func (s *Source) fullPass(ctx context.Context) (MirrorResult, error) {
+func (s *Stream) fullPass(ctx context.Context) (MirrorResult, error) {
 	var res MirrorResult
 	for off := int64(0); off < s.size; {
 		if err := s.waitQueueBelow(ctx, s.mirrorQueueCap()); err != nil {
@@ -211,7 +211,7 @@ func getMirrorBuf() *[]byte {
 
 // sendRange reads [off, off+n) under the range lock and sequences it as
 // data frames for the non-zero chunks and hole frames for zero ones.
-func (s *Source) sendRange(off, n int64, p wire.Purpose) (sent, holes int64, err error) {
+func (s *Stream) sendRange(off, n int64, p wire.Purpose) (sent, holes int64, err error) {
 	for n > 0 {
 		step := min(n, mirrorIO)
 		// Frames keep slices of buf until acknowledged; the queue then
@@ -268,7 +268,7 @@ type pendingSums struct {
 // sumPass compares chunk checksums of the whole volume with the target's,
 // each pair taken at the same point of the stream. With send, differing
 // chunks are sent (purpose p); otherwise they are only reported.
-func (s *Source) sumPass(ctx context.Context, p wire.Purpose, send bool) (MirrorResult, error) {
+func (s *Stream) sumPass(ctx context.Context, p wire.Purpose, send bool) (MirrorResult, error) {
 	var res MirrorResult
 	var pending []pendingSums
 	defer func() { // abandoned requests (error paths)
@@ -386,7 +386,7 @@ func appendRange(rs []Range, r Range) []Range {
 // write in flight is never reported as a difference) and reports the
 // differing ranges. With resync, it then sends them, marking the target
 // inconsistent for the duration.
-func (s *Source) Verify(ctx context.Context, resync bool) (MirrorResult, error) {
+func (s *Stream) Verify(ctx context.Context, resync bool) (MirrorResult, error) {
 	if err := s.waitConnected(ctx); err != nil {
 		return MirrorResult{}, err
 	}
@@ -413,7 +413,7 @@ func (s *Source) Verify(ctx context.Context, resync bool) (MirrorResult, error) 
 // disk order) as they are now, each read under the range lock and
 // sequenced into the stream, with the target inconsistent until the pass
 // ends. Progress is reported like a mirror's.
-func (s *Source) Resync(ctx context.Context, ranges []Range) (MirrorResult, error) {
+func (s *Stream) Resync(ctx context.Context, ranges []Range) (MirrorResult, error) {
 	var res MirrorResult
 	if err := s.waitConnected(ctx); err != nil {
 		return res, err

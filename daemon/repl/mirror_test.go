@@ -18,7 +18,7 @@ import (
 )
 
 // liveWriter writes random ranges through src.Apply until stop is closed.
-func liveWriter(t *testing.T, src *Source, size int, seed uint64, stop <-chan struct{}) *sync.WaitGroup {
+func liveWriter(t *testing.T, src *Stream, size int, seed uint64, stop <-chan struct{}) *sync.WaitGroup {
 	var wg sync.WaitGroup
 	for w := range 3 {
 		wg.Add(1)

@@ -311,6 +311,6 @@ func (p *prefixConn) Read(b []byte) (int, error) { return p.r.Read(b) }
 // Received reports what t took from its sources since it was opened: wire
 // bytes read and payload bytes applied (writes, mirror and resync data).
 // (Kept here, by the mux, as the agent's accessor to the target's counters.)
-func (t *Target) Received() (wireBytes, payload int64) {
+func (t *Applier) Received() (wireBytes, payload int64) {
 	return t.tst.recvBytes.Load(), t.tst.appliedBytes.Load()
 }

@@ -206,14 +206,14 @@ func TestSessionBlackholeNetns(t *testing.T) {
 			log, _ := testLogger(t)
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
-			tgt, err := NewTarget(TargetConfig{Backend: newMem(1 << 20), Log: log.With("side", "target")})
+			tgt, err := NewApplier(ApplierConfig{Backend: newMem(1 << 20), Log: log.With("side", "target")})
 			if err != nil {
 				t.Fatal(err)
 			}
 			srvDone := make(chan struct{})
 			go func() { defer close(srvDone); tgt.Serve(ctx, tls.NewListener(ln, srvConf)) }()
 			defer func() { cancel(); <-srvDone }()
-			src, err := NewSource(SourceConfig{Backend: newMem(1 << 20), Mode: wire.ModeSync, Log: log.With("side", "source"),
+			src, err := NewStream(StreamConfig{Backend: newMem(1 << 20), Mode: wire.ModeSync, Log: log.With("side", "source"),
 				Dial: func(ctx context.Context) (c net.Conn, err error) {
 					err = inNetns(l.nsA, func() error {
 						d := tls.Dialer{NetDialer: &net.Dialer{Timeout: time.Second}, Config: cliConf}

@@ -129,7 +129,7 @@ func TestSourceRefusesWrongVersionTarget(t *testing.T) {
 		time.Sleep(time.Second)
 	}()
 	log, _ := testLogger(t)
-	src, err := NewSource(SourceConfig{Backend: newMem(1 << 20), Mode: wire.ModeSync, Log: log,
+	src, err := NewStream(StreamConfig{Backend: newMem(1 << 20), Mode: wire.ModeSync, Log: log,
 		Dial: func(ctx context.Context) (net.Conn, error) { return net.Dial("tcp", l.Addr().String()) }})
 	if err != nil {
 		t.Fatal(err)
@@ -183,12 +183,12 @@ func TestTLSPinning(t *testing.T) {
 	tgtB := newMem(1 << 20)
 	_, addr := startTarget(t, ctx, tgtB, log.With("side", "target"), func(l net.Listener) net.Listener { return tls.NewListener(l, srvConf) })
 
-	run := func(cert tls.Certificate, pin string) (*Source, error) {
+	run := func(cert tls.Certificate, pin string) (*Stream, error) {
 		conf, err := tlspin.ClientConfig(&cert, pin)
 		if err != nil {
 			t.Fatal(err)
 		}
-		src, err := NewSource(SourceConfig{Backend: newMem(1 << 20), Mode: wire.ModeSync, Log: log.With("side", "source"),
+		src, err := NewStream(StreamConfig{Backend: newMem(1 << 20), Mode: wire.ModeSync, Log: log.With("side", "source"),
 			Dial: func(ctx context.Context) (net.Conn, error) {
 				d := tls.Dialer{Config: conf}
 				return d.DialContext(ctx, "tcp", addr)
@@ -316,8 +316,8 @@ func TestCompression(t *testing.T) {
 func TestResumeFromPersistentQueue(t *testing.T) {
 	const size = 1 << 20
 	srcB, tgtB := newMem(size), newMem(size)
-	q := NewMemQueue(0)
-	src1, err := NewSource(SourceConfig{Backend: srcB, Mode: wire.ModeAsync, Queue: q})
+	q := NewMemBacklog(0)
+	src1, err := NewStream(StreamConfig{Backend: srcB, Mode: wire.ModeAsync, Backlog: q})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -336,7 +336,7 @@ func TestResumeFromPersistentQueue(t *testing.T) {
 	defer cancel()
 	tgt, addr := startTarget(t, ctx, tgtB, log, nil)
 	defer tgt.Close()
-	src2, err := NewSource(SourceConfig{Backend: srcB, Mode: wire.ModeAsync, Queue: q, Resume: resume, Log: log,
+	src2, err := NewStream(StreamConfig{Backend: srcB, Mode: wire.ModeAsync, Backlog: q, Resume: resume, Log: log,
 		Dial: func(ctx context.Context) (net.Conn, error) { return net.Dial("tcp", addr) }})
 	if err != nil {
 		t.Fatal(err)

@@ -101,13 +101,13 @@ func TestSyncAckedWritesAreOnTarget(t *testing.T) {
 
 // recQueue records every entry pushed, in sequence order.
 type recQueue struct {
-	*MemQueue
+	*MemBacklog
 	mu   sync.Mutex
 	ents []Entry
 }
 
 func (q *recQueue) Push(ctx context.Context, e Entry) error {
-	if err := q.MemQueue.Push(ctx, e); err != nil {
+	if err := q.MemBacklog.Push(ctx, e); err != nil {
 		return err
 	}
 	// The log outlives the entry's release (its payload may be the NBD
@@ -184,7 +184,7 @@ func (s slowBackend) ReadAt(p []byte, off int64) (int, error) {
 func TestAsyncTargetIsAlwaysAPrefix(t *testing.T) {
 	const size = 2 << 20
 	srcB, tgtMem := newMem(size), newMem(size)
-	q := &recQueue{MemQueue: NewMemQueue(8 << 20)}
+	q := &recQueue{MemBacklog: NewMemBacklog(8 << 20)}
 	p := newPair(t, srcB, slowBackend{tgtMem, 100 * time.Microsecond}, pairOpts{mode: wire.ModeAsync, queue: q})
 	sock := serveNBD(t, srcB, p.src)
 
@@ -321,7 +321,7 @@ loop:
 	t.Logf("%d snapshots (%d behind the source), %d writes, %d frames", snaps, lagged, len(ws), p.src.LastSeq())
 }
 
-var _ blockdev.Mutator = (*Source)(nil)
+var _ blockdev.Mutator = (*Stream)(nil)
 
 // TestLentBufferOutlivesSlowLocalWrite: a write's frame shares the NBD
 // server's buffer with the local write, and an async target acknowledges

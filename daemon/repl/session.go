@@ -37,7 +37,7 @@ func fatalf(format string, a ...any) error { return &FatalError{Err: fmt.Errorf(
 // resumed; waiters then fail with that error.
 //
 // All connection handling of the source lives here and in session.
-func (s *Source) Run(ctx context.Context) error {
+func (s *Stream) Run(ctx context.Context) error {
 	if s.cfg.Dial == nil {
 		return errors.New("replication source: no Dial")
 	}
@@ -75,7 +75,7 @@ func (s *Source) Run(ctx context.Context) error {
 
 // session runs one connection: handshake, then a sender and a receiver
 // until either fails.
-func (s *Source) session(ctx context.Context, conn net.Conn) error {
+func (s *Stream) session(ctx context.Context, conn net.Conn) error {
 	defer conn.Close()
 	peer := conn.RemoteAddr().String()
 	live := s.cfg.Liveness
@@ -189,7 +189,7 @@ func (s *Source) session(ctx context.Context, conn net.Conn) error {
 }
 
 // send writes queued frames after seq `from` until ctx is done.
-func (s *Source) send(ctx context.Context, conn net.Conn, out *sessionOut, from uint64) error {
+func (s *Stream) send(ctx context.Context, conn net.Conn, out *sessionOut, from uint64) error {
 	bw := out.bw
 	var lim *rate.Limiter
 	if s.cfg.RateLimit > 0 {
@@ -269,7 +269,7 @@ func (s *Source) send(ctx context.Context, conn net.Conn, out *sessionOut, from 
 
 // writeFrame writes one encoded frame (buf, then its payload tail) while
 // holding the session's writer, so that a keepalive never splits it.
-func (s *Source) writeFrame(conn net.Conn, out *sessionOut, buf, tail []byte) error {
+func (s *Stream) writeFrame(conn net.Conn, out *sessionOut, buf, tail []byte) error {
 	out.mu.Lock()
 	defer out.mu.Unlock()
 	out.n.Add(1)
@@ -337,7 +337,7 @@ func purposeKind(p wire.Purpose) int {
 
 // receive reads the target's frames until the connection fails, or
 // nothing arrived for the keepalive timeout (dl).
-func (s *Source) receive(ctx context.Context, r *wire.Reader, dl *readDeadline) error {
+func (s *Stream) receive(ctx context.Context, r *wire.Reader, dl *readDeadline) error {
 	for {
 		dl.refresh()
 		if ctx.Err() != nil {
@@ -393,13 +393,13 @@ func (s *Source) receive(ctx context.Context, r *wire.Reader, dl *readDeadline) 
 
 // sumBox is the mailbox of the checksum reply for seq (created when the
 // request was sequenced).
-func (s *Source) sumBox(seq uint64) chan *wire.SumReply {
+func (s *Stream) sumBox(seq uint64) chan *wire.SumReply {
 	ch, _ := s.sums.LoadOrStore(seq, make(chan *wire.SumReply, 1))
 	return ch.(chan *wire.SumReply)
 }
 
 // failSums wakes every pending checksum request after a lost session.
-func (s *Source) failSums() {
+func (s *Stream) failSums() {
 	s.sums.Range(func(k, v any) bool {
 		select {
 		case v.(chan *wire.SumReply) <- nil:

@@ -5,7 +5,7 @@ package repl
 // its activity-log extents only once the target made a change durable.
 
 // Connected reports whether a session with the target is established.
-func (s *Source) Connected() bool {
+func (s *Stream) Connected() bool {
 	s.ackMu.Lock()
 	defer s.ackMu.Unlock()
 	return s.conn
@@ -13,7 +13,7 @@ func (s *Source) Connected() bool {
 
 // Progress returns the last sequence the target applied and the last it
 // made durable (fsynced) in this stream.
-func (s *Source) Progress() (applied, durable uint64) {
+func (s *Stream) Progress() (applied, durable uint64) {
 	s.ackMu.Lock()
 	defer s.ackMu.Unlock()
 	return s.acked, s.durable

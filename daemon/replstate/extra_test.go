@@ -68,7 +68,7 @@ func TestPlainSourceToStateTarget(t *testing.T) {
 	bFile := filepath.Join(dir, "b.img")
 	p.startTarget(filepath.Join(dir, "b"), bFile, "")
 	a := openFile(t, filepath.Join(dir, "a.img"), size)
-	src, err := repl.NewSource(repl.SourceConfig{Backend: a, Mode: wire.ModeSync, Dial: nw.dial})
+	src, err := repl.NewStream(repl.StreamConfig{Backend: a, Mode: wire.ModeSync, Dial: nw.dial})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,7 +1,7 @@
 // Package replstate is the persistent replication state of one side under a
 // state directory: the dirty bitmap and activity log, the memory → disk
 // queue, the generation state, plus the connect-time decision between the two
-// sides. It wraps daemon/repl's Source and Target:
+// sides. It wraps daemon/repl's Stream and Applier:
 //
 //   - Source is the blockdev.Mutator of the replicating side. Its writes are
 //     made hot in the activity log before they are applied, queued (memory,

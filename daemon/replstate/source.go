@@ -51,7 +51,7 @@ type SourceConfig struct {
 	// MemQueue and DiskQueue bound the queue (0: defaults; DiskQueue < 0:
 	// no disk queue).
 	MemQueue, DiskQueue int64
-	// Dial connects to the target (see repl.SourceConfig.Dial).
+	// Dial connects to the target (see repl.StreamConfig.Dial).
 	Dial      func(ctx context.Context) (net.Conn, error)
 	Codec     *wire.Codec
 	RateLimit int64 // link bytes/s (0: unlimited)
@@ -135,8 +135,8 @@ type Source struct {
 	hook func(point string)
 
 	swap sync.RWMutex // held shared by Apply, exclusively to replace cur
-	cur  atomic.Pointer[repl.Source]
-	q    atomic.Pointer[spillQueue]
+	cur  atomic.Pointer[repl.Stream]
+	q    atomic.Pointer[queueBacklog]
 	qq   *queue.Queue
 
 	trackMu  sync.Mutex
@@ -387,9 +387,9 @@ func (s *Source) newStream() error {
 
 // startStream creates the engine on qq, continuing the stream at rp.
 func (s *Source) startStream(qq *queue.Queue, rp *repl.ResumePoint) error {
-	q := newSpillQueue(qq)
-	src, err := repl.NewSource(repl.SourceConfig{Backend: s.cfg.Backend, Mode: s.cfg.Mode, ChunkSize: s.cfg.ChunkSize,
-		Queue: q, Tracker: (*durableTracker)(s), Dial: s.dial, Codec: s.cfg.Codec, RateLimit: s.cfg.RateLimit, Log: s.log,
+	q := newQueueBacklog(qq)
+	src, err := repl.NewStream(repl.StreamConfig{Backend: s.cfg.Backend, Mode: s.cfg.Mode, ChunkSize: s.cfg.ChunkSize,
+		Backlog: q, Tracker: (*durableTracker)(s), Dial: s.dial, Codec: s.cfg.Codec, RateLimit: s.cfg.RateLimit, Log: s.log,
 		Liveness: s.cfg.Liveness, Resume: rp,
 		// A pass that ends with changes still in the bitmap (dropped from
 		// the stream, or spilled) leaves the target inconsistent.
@@ -466,7 +466,7 @@ func setFrame(bm *bitmap.Bitmap, f wire.Frame) {
 // (not even a barrier that does not fit: its failed push is an overflow
 // too), so the target's durable point would never move and records kept
 // for it would stop the queue from draining.
-func (s *Source) pressured(q *spillQueue) bool { return q.overflow.Load() }
+func (s *Source) pressured(q *queueBacklog) bool { return q.overflow.Load() }
 
 // unkeepQueued moves the changes of the records kept for the target's
 // durable point (above d) to the bitmap, durably, so that the queue
@@ -548,7 +548,7 @@ func (t *durableTracker) Acked(seq uint64) {
 
 // Engine returns the current replication engine (it changes when the
 // stream restarts).
-func (s *Source) Engine() *repl.Source { return s.cur.Load() }
+func (s *Source) Engine() *repl.Stream { return s.cur.Load() }
 
 // Apply implements blockdev.Mutator.
 func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
@@ -739,7 +739,7 @@ func (s *Source) Run(ctx context.Context) error {
 
 // restream replaces the engine with a new stream; every change the old
 // one did not deliver durably is moved to the bitmap.
-func (s *Source) restream(old *repl.Source) error {
+func (s *Source) restream(old *repl.Stream) error {
 	old.Close() // sync waiters return; their changes are tracked
 	s.swap.Lock()
 	defer s.swap.Unlock()
@@ -846,7 +846,7 @@ func (s *Source) watch(ctx context.Context) {
 // tracking, nothing dirty, no resync or mirror to run, and everything
 // written before tracking ended acknowledged (later writes wait for the
 // target).
-func (s *Source) authorityInSync(cur *repl.Source, up bool, was bool) bool {
+func (s *Source) authorityInSync(cur *repl.Stream, up bool, was bool) bool {
 	if s.cfg.Authority == nil || s.cfg.Mode != wire.ModeSync {
 		return false
 	}
@@ -866,7 +866,7 @@ func (s *Source) trackAfter() time.Duration {
 	return 0
 }
 
-// dial connects and runs the state handshake (repl.Source calls it for
+// dial connects and runs the state handshake (repl.Stream calls it for
 // every connection).
 func (s *Source) dial(ctx context.Context) (net.Conn, error) {
 	conn, err := s.cfg.Dial(ctx)
@@ -1058,7 +1058,7 @@ func (s *Source) refuse(err error) error {
 }
 
 // syncer runs the full mirror or the bitmap resyncs while connected.
-func (s *Source) syncer(ctx context.Context, cur *repl.Source) {
+func (s *Source) syncer(ctx context.Context, cur *repl.Stream) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
 	for {
@@ -1126,7 +1126,7 @@ func (s *Source) syncer(ctx context.Context, cur *repl.Source) {
 // resyncPass sends every dirty chunk in disk order, in batches; a batch's
 // chunks are hot in the activity log (so a crash resends them) and clean
 // in the bitmap once the target holds them durably.
-func (s *Source) resyncPass(ctx context.Context, cur *repl.Source) error {
+func (s *Source) resyncPass(ctx context.Context, cur *repl.Stream) error {
 	total := s.bm.DirtyBytes()
 	s.resyncTotal.Store(total)
 	s.resyncScheduled.Add(total)
@@ -1232,7 +1232,7 @@ func (s *Source) queueCap() int64 {
 }
 
 // waitQueueRoom waits until the queue holds at most n bytes.
-func (s *Source) waitQueueRoom(ctx context.Context, cur *repl.Source, n int64) error {
+func (s *Source) waitQueueRoom(ctx context.Context, cur *repl.Stream, n int64) error {
 	for {
 		q := s.q.Load()
 		if b, _ := q.Len(); b <= n {

@@ -54,7 +54,7 @@ type TargetConfig struct {
 type Target struct {
 	cfg  TargetConfig
 	log  *slog.Logger
-	eng  *repl.Target
+	eng  *repl.Applier
 	size int64
 
 	mu      sync.Mutex // one handshake at a time; guards gen, bm
@@ -96,8 +96,8 @@ func OpenTarget(cfg TargetConfig) (*Target, error) {
 	// overflow, activity-log evictions resynced by bitmap): the target
 	// cannot tell which writes it lacks, so there is no known consistent
 	// point to keep.
-	rc := repl.TargetConfig{Backend: cfg.Backend, StatePath: filepath.Join(cfg.Dir, TargetFile), Log: cfg.Log, Liveness: cfg.Liveness}
-	eng, err := repl.NewTarget(rc)
+	rc := repl.ApplierConfig{Backend: cfg.Backend, StatePath: filepath.Join(cfg.Dir, TargetFile), Log: cfg.Log, Liveness: cfg.Liveness}
+	eng, err := repl.NewApplier(rc)
 	if err != nil {
 		return nil, err
 	}
@@ -195,7 +195,7 @@ func (t *Target) AtSeq(ctx context.Context, stream, seq uint64, f func(p snapsho
 }
 
 // Engine returns the replication engine's target.
-func (t *Target) Engine() *repl.Target { return t.eng }
+func (t *Target) Engine() *repl.Applier { return t.eng }
 
 // Close closes the engine and the bitmap.
 func (t *Target) Close() error {

@@ -74,7 +74,7 @@ func (m *Manager) Mechanism() (Mechanism, error) {
 }
 
 // Create takes snapshot name of the volume at point p. The caller keeps
-// writes off the volume meanwhile (repl.Target.Quiesce).
+// writes off the volume meanwhile (repl.Applier.Quiesce).
 func (m *Manager) Create(name string, kind Kind, p Point, note string) (Snapshot, error) {
 	if err := ValidName(name); err != nil {
 		return Snapshot{}, err

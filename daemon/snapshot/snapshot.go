@@ -3,7 +3,7 @@
 // (a resync or a reverse), plus writable clones for a test failover.
 //
 // A snapshot is taken while the target applies nothing (the caller runs
-// Create inside repl.Target.Quiesce), so it is a crash-consistent image
+// Create inside repl.Applier.Quiesce), so it is a crash-consistent image
 // of the source's history up to a replication sequence number, recorded
 // with it. The copy itself is made by a Mechanism chosen from the volume:
 //

@@ -11,7 +11,7 @@ import (
 	"github.com/doppelha/doppel/daemon/repl/wire"
 )
 
-// spillQueue adapts the memory → disk queue (daemon/queue) to repl.Queue.
+// queueBacklog adapts the memory → disk queue (daemon/queue) to repl.Backlog.
 // Push never waits: when memory and disk are full it fails with
 // queue.ErrFull and the queue overflows: every later push fails too, so
 // the target keeps a prefix of the history (consistent) while the source
@@ -21,7 +21,7 @@ import (
 // Records durable on disk may stand in for the activity log (see
 // Source.releaseQueued): once that happened up to sequence early, Release
 // keeps records until the target holds them durably, not merely applied.
-type spillQueue struct {
+type queueBacklog struct {
 	q        *queue.Queue
 	overflow atomic.Bool
 
@@ -35,10 +35,10 @@ type spillQueue struct {
 	acked  atomic.Uint64
 }
 
-func newSpillQueue(q *queue.Queue) *spillQueue { return &spillQueue{q: q} }
+func newQueueBacklog(q *queue.Queue) *queueBacklog { return &queueBacklog{q: q} }
 
-// Push implements repl.Queue.
-func (s *spillQueue) Push(_ context.Context, e repl.Entry) error {
+// Push implements repl.Backlog.
+func (s *queueBacklog) Push(_ context.Context, e repl.Entry) error {
 	if s.overflow.Load() {
 		return fmt.Errorf("overflowed, tracking in the bitmap: %w", queue.ErrFull)
 	}
@@ -59,8 +59,8 @@ func (s *spillQueue) Push(_ context.Context, e repl.Entry) error {
 	return nil
 }
 
-// Read implements repl.Queue.
-func (s *spillQueue) Read(ctx context.Context, after uint64, max int) ([]repl.Entry, error) {
+// Read implements repl.Backlog.
+func (s *queueBacklog) Read(ctx context.Context, after uint64, max int) ([]repl.Entry, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if a := s.acked.Load(); after < a {
@@ -102,7 +102,7 @@ func (s *spillQueue) Read(ctx context.Context, after uint64, max int) ([]repl.En
 	return out, nil
 }
 
-func (s *spillQueue) entry(r queue.Record) (repl.Entry, error) {
+func (s *queueBacklog) entry(r queue.Record) (repl.Entry, error) {
 	f, err := wire.Decode(r.Data)
 	if err != nil {
 		return repl.Entry{}, fmt.Errorf("queued frame %d: %w", r.Seq, err)
@@ -114,8 +114,8 @@ func (s *spillQueue) entry(r queue.Record) (repl.Entry, error) {
 	return repl.Entry{Seq: r.Seq, Frame: sf, Size: int64(len(r.Data))}, nil
 }
 
-// Release implements repl.Queue.
-func (s *spillQueue) Release(seq uint64) {
+// Release implements repl.Backlog.
+func (s *queueBacklog) Release(seq uint64) {
 	s.relMu.Lock()
 	defer s.relMu.Unlock()
 	if s.early > 0 && s.durable != nil {
@@ -137,7 +137,7 @@ func (s *spillQueue) Release(seq uint64) {
 // cover their changes. It returns the sequence the queue had released up
 // to: the changes of records after it (up to d) may leave the activity
 // log; the ones before stay covered there until the target's durable ack.
-func (s *spillQueue) stand(d uint64) (after uint64) {
+func (s *queueBacklog) stand(d uint64) (after uint64) {
 	s.relMu.Lock()
 	defer s.relMu.Unlock()
 	s.early = max(s.early, d)
@@ -146,7 +146,7 @@ func (s *spillQueue) stand(d uint64) (after uint64) {
 
 // catchUp releases up to the applied sequence a (clamped as Release does)
 // when records are kept for the target's durable point.
-func (s *spillQueue) catchUp(a uint64) {
+func (s *queueBacklog) catchUp(a uint64) {
 	s.relMu.Lock()
 	keep := s.early > 0
 	s.relMu.Unlock()
@@ -157,7 +157,7 @@ func (s *spillQueue) catchUp(a uint64) {
 
 // waitsFor reports whether records are kept until the target's durable
 // point, which is at d.
-func (s *spillQueue) waitsFor(d uint64) bool {
+func (s *queueBacklog) waitsFor(d uint64) bool {
 	s.relMu.Lock()
 	defer s.relMu.Unlock()
 	return s.early > d
@@ -165,7 +165,7 @@ func (s *spillQueue) waitsFor(d uint64) bool {
 
 // keptAbove returns the highest sequence kept for the target's durable
 // point when it is above d (0: none).
-func (s *spillQueue) keptAbove(d uint64) uint64 {
+func (s *queueBacklog) keptAbove(d uint64) uint64 {
 	s.relMu.Lock()
 	defer s.relMu.Unlock()
 	if s.early > d {
@@ -176,7 +176,7 @@ func (s *spillQueue) keptAbove(d uint64) uint64 {
 
 // records calls fn for every queued frame with after < seq <= upTo, in
 // order (the sender re-seeks afterwards).
-func (s *spillQueue) records(after, upTo uint64, fn func(seq uint64, f wire.Frame, err error)) error {
+func (s *queueBacklog) records(after, upTo uint64, fn func(seq uint64, f wire.Frame, err error)) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.seeked = false
@@ -198,7 +198,7 @@ func (s *spillQueue) records(after, upTo uint64, fn func(seq uint64, f wire.Fram
 
 // unkeep stops keeping records for the target's durable point (their
 // changes are in the bitmap now), unless more were kept meanwhile.
-func (s *spillQueue) unkeep(early uint64) bool {
+func (s *queueBacklog) unkeep(early uint64) bool {
 	s.relMu.Lock()
 	defer s.relMu.Unlock()
 	if s.early != early {
@@ -208,5 +208,5 @@ func (s *spillQueue) unkeep(early uint64) bool {
 	return true
 }
 
-// Len implements repl.Queue.
-func (s *spillQueue) Len() (int64, int) { return s.q.MemBytes() + s.q.DiskBytes(), s.q.Len() }
+// Len implements repl.Backlog.
+func (s *queueBacklog) Len() (int64, int) { return s.q.MemBytes() + s.q.DiskBytes(), s.q.Len() }

@@ -9,8 +9,8 @@ import (
 	"github.com/doppelha/doppel/daemon/repl/wire"
 )
 
-func TestMemQueue(t *testing.T) {
-	q := NewMemQueue(300)
+func TestMemBacklog(t *testing.T) {
+	q := NewMemBacklog(300)
 	ctx := context.Background()
 	push := func(seq uint64) error {
 		return q.Push(ctx, Entry{Seq: seq, Frame: &wire.Flush{Seq: seq}, Size: 100})

@@ -26,8 +26,8 @@ var (
 	ErrClosed = errors.New("replication source closed")
 )
 
-// SourceConfig configures a [Source].
-type SourceConfig struct {
+// StreamConfig configures a [Stream].
+type StreamConfig struct {
 	// Backend is the protected volume: the local half of every mutation.
 	Backend blockdev.Backend
 	// Mode is wire.ModeSync or wire.ModeAsync.
@@ -35,9 +35,9 @@ type SourceConfig struct {
 	// ChunkSize is the mirror and checksum chunk (power of two, ≥ 4 KiB);
 	// 0 means DefaultChunkSize.
 	ChunkSize int64
-	// Queue holds sequenced frames until the target acknowledges them;
-	// nil means NewMemQueue(DefaultQueueBytes).
-	Queue Queue
+	// Backlog holds sequenced frames until the target acknowledges them;
+	// nil means NewMemBacklog(DefaultBacklogBytes).
+	Backlog Backlog
 	// Tracker records ranges not yet on the target; nil tracks nothing.
 	Tracker Tracker
 	// Dial connects to the target; TLS, if any, is the dialer's business
@@ -60,7 +60,7 @@ type SourceConfig struct {
 	// reports the target's frames (keepalive.go).
 	Liveness Liveness
 	// Resume continues an existing stream (a restarted source whose
-	// persistent Queue still holds the unacknowledged frames); nil starts
+	// persistent Backlog still holds the unacknowledged frames); nil starts
 	// a new stream with a random ID at sequence 1.
 	Resume *ResumePoint
 }
@@ -69,18 +69,18 @@ type SourceConfig struct {
 type ResumePoint struct {
 	StreamID uint64 // the stream's ID (non-zero)
 	LastSeq  uint64 // last sequence assigned before the restart
-	AckedSeq uint64 // the target applied everything up to here; Queue holds AckedSeq+1..LastSeq
+	AckedSeq uint64 // the target applied everything up to here; Backlog holds AckedSeq+1..LastSeq
 }
 
-// Source is the replicating side: a [blockdev.Mutator] that applies each
-// mutation locally, sequences it, and ships it to the target.
-type Source struct {
-	cfg     SourceConfig
+// Stream is the source side of replication: a [blockdev.Mutator] that
+// applies each mutation locally, sequences it, and ships it to the target.
+type Stream struct {
+	cfg     StreamConfig
 	log     *slog.Logger
 	b       blockdev.Backend
 	size    int64
 	chunk   int64
-	queue   Queue
+	queue   Backlog
 	tracker Tracker
 	ext     extents
 
@@ -131,8 +131,8 @@ const (
 
 var kindNames = [kinds]string{"write", "mirror", "resync", "verify"}
 
-// NewSource returns a source for cfg. Call Run to connect it.
-func NewSource(cfg SourceConfig) (*Source, error) {
+// NewStream returns a stream for cfg. Call Run to connect it.
+func NewStream(cfg StreamConfig) (*Stream, error) {
 	if cfg.Backend == nil {
 		return nil, errors.New("replication source: no backend")
 	}
@@ -145,8 +145,8 @@ func NewSource(cfg SourceConfig) (*Source, error) {
 	if c := cfg.ChunkSize; c < 4096 || c > 1<<24 || c&(c-1) != 0 {
 		return nil, fmt.Errorf("replication source: chunk size %d is not a power of two in 4 KiB..16 MiB", c)
 	}
-	if cfg.Queue == nil {
-		cfg.Queue = NewMemQueue(DefaultQueueBytes)
+	if cfg.Backlog == nil {
+		cfg.Backlog = NewMemBacklog(DefaultBacklogBytes)
 	}
 	if cfg.Tracker == nil {
 		cfg.Tracker = nopTracker{}
@@ -159,9 +159,9 @@ func NewSource(cfg SourceConfig) (*Source, error) {
 	if _, err := rand.Read(id[:]); err != nil {
 		return nil, err
 	}
-	s := &Source{
+	s := &Stream{
 		cfg: cfg, log: cfg.Log, b: cfg.Backend, size: cfg.Backend.Size(), chunk: cfg.ChunkSize,
-		queue: cfg.Queue, tracker: cfg.Tracker, ext: newExtents(cfg.Backend),
+		queue: cfg.Backlog, tracker: cfg.Tracker, ext: newExtents(cfg.Backend),
 		streamID: binary.BigEndian.Uint64(id[:]) | 1, ackCh: make(chan struct{}),
 	}
 	if r := cfg.Resume; r != nil {
@@ -176,14 +176,14 @@ func NewSource(cfg SourceConfig) (*Source, error) {
 
 // StreamID identifies this source's sequence stream (persist it with the
 // queue to resume after a restart).
-func (s *Source) StreamID() uint64 { return s.streamID }
+func (s *Stream) StreamID() uint64 { return s.streamID }
 
 // Mode returns the replication mode.
-func (s *Source) Mode() wire.Mode { return s.cfg.Mode }
+func (s *Stream) Mode() wire.Mode { return s.cfg.Mode }
 
 // Close stops the source: waiters fail with ErrClosed. It does not close
 // the backend.
-func (s *Source) Close() error {
+func (s *Stream) Close() error {
 	s.stop()
 	s.fail(ErrClosed)
 	return s.ext.Close()
@@ -192,7 +192,7 @@ func (s *Source) Close() error {
 // Apply implements [blockdev.Mutator]: the local write, then the frame in
 // the replication stream, then (sync mode, or a durable request) the wait
 // for the target.
-func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {
+func (s *Stream) Apply(ctx context.Context, m *blockdev.Mutation) error {
 	if m.Op == blockdev.OpFlush {
 		seq, err := s.push(&wire.Flush{})
 		if err != nil {
@@ -335,11 +335,11 @@ func entrySize(f wire.Sequenced) int64 {
 
 // push sequences fs (consecutively) and queues them; it returns the last
 // sequence.
-func (s *Source) push(fs ...wire.Sequenced) (uint64, error) { return s.pushDone(nil, fs...) }
+func (s *Stream) push(fs ...wire.Sequenced) (uint64, error) { return s.pushDone(nil, fs...) }
 
 // pushDone is push with the queue's release callback of the last frame
 // (see Entry.Done); done is dropped when not every frame was queued.
-func (s *Source) pushDone(done func(), fs ...wire.Sequenced) (uint64, error) {
+func (s *Stream) pushDone(done func(), fs ...wire.Sequenced) (uint64, error) {
 	s.seqMu.Lock()
 	defer s.seqMu.Unlock()
 	if err := s.life.Err(); err != nil {
@@ -364,19 +364,19 @@ func (s *Source) pushDone(done func(), fs ...wire.Sequenced) (uint64, error) {
 }
 
 // LastSeq is the last sequence assigned.
-func (s *Source) LastSeq() uint64 {
+func (s *Stream) LastSeq() uint64 {
 	s.seqMu.Lock()
 	defer s.seqMu.Unlock()
 	return s.last
 }
 
-func (s *Source) signalLocked() {
+func (s *Stream) signalLocked() {
 	close(s.ackCh)
 	s.ackCh = make(chan struct{})
 }
 
 // onAck records the target's progress.
-func (s *Source) onAck(applied, durable uint64) {
+func (s *Stream) onAck(applied, durable uint64) {
 	s.ackMu.Lock()
 	moved := applied > s.acked
 	if moved {
@@ -396,7 +396,7 @@ func (s *Source) onAck(applied, durable uint64) {
 	}
 }
 
-func (s *Source) setConnected(up bool, tstate uint8) {
+func (s *Stream) setConnected(up bool, tstate uint8) {
 	s.ackMu.Lock()
 	s.conn = up
 	if tstate != 0 {
@@ -406,13 +406,13 @@ func (s *Source) setConnected(up bool, tstate uint8) {
 	s.ackMu.Unlock()
 }
 
-func (s *Source) setTargetState(st uint8) {
+func (s *Stream) setTargetState(st uint8) {
 	s.ackMu.Lock()
 	s.tstate = st
 	s.ackMu.Unlock()
 }
 
-func (s *Source) fail(err error) {
+func (s *Stream) fail(err error) {
 	s.ackMu.Lock()
 	if s.failed == nil {
 		s.failed = err
@@ -425,7 +425,7 @@ func (s *Source) fail(err error) {
 // waitAck waits until the target applied seq. Each waiter has its own
 // wake-up, sent when the target acknowledged its sequence (or the source
 // failed): an ack does not wake every request in flight.
-func (s *Source) waitAck(ctx context.Context, seq uint64) error {
+func (s *Stream) waitAck(ctx context.Context, seq uint64) error {
 	var ch chan struct{}
 	for {
 		s.ackMu.Lock()
@@ -485,10 +485,10 @@ func (h *ackWaiters) wake(seq uint64) {
 
 // WaitAcked waits until the target applied everything sequenced so far
 // (a drain, e.g. before a clean shutdown).
-func (s *Source) WaitAcked(ctx context.Context) error { return s.waitAck(ctx, s.LastSeq()) }
+func (s *Stream) WaitAcked(ctx context.Context) error { return s.waitAck(ctx, s.LastSeq()) }
 
 // waitConnected waits until a session is established.
-func (s *Source) waitConnected(ctx context.Context) error {
+func (s *Stream) waitConnected(ctx context.Context) error {
 	for {
 		s.ackMu.Lock()
 		conn, failed, ch := s.conn, s.failed, s.ackCh
@@ -508,7 +508,7 @@ func (s *Source) waitConnected(ctx context.Context) error {
 }
 
 // waitQueueBelow waits until the queue holds at most n bytes.
-func (s *Source) waitQueueBelow(ctx context.Context, n int64) error {
+func (s *Stream) waitQueueBelow(ctx context.Context, n int64) error {
 	for {
 		s.ackMu.Lock()
 		failed, ch := s.failed, s.ackCh
@@ -527,8 +527,8 @@ func (s *Source) waitQueueBelow(ctx context.Context, n int64) error {
 	}
 }
 
-// SourceStats is a snapshot of a source's state and counters.
-type SourceStats struct {
+// StreamStats is a snapshot of a stream's state and counters.
+type StreamStats struct {
 	Mode         string
 	Connected    bool
 	LastSeq      uint64           // last sequence assigned
@@ -549,8 +549,8 @@ type SourceStats struct {
 }
 
 // Stats returns a snapshot.
-func (s *Source) Stats() SourceStats {
-	st := SourceStats{Mode: s.cfg.Mode.String(), LastSeq: s.LastSeq(), SentSeq: s.st.sentSeq.Load(),
+func (s *Stream) Stats() StreamStats {
+	st := StreamStats{Mode: s.cfg.Mode.String(), LastSeq: s.LastSeq(), SentSeq: s.st.sentSeq.Load(),
 		SentBytes: map[string]int64{}, PayloadBytes: map[string]int64{},
 		SentFrames: s.st.sentFrames.Load(), RecvBytes: s.st.recvBytes.Load(),
 		MirrorActive: s.st.mirrorActive.Load(), MirrorDone: s.st.mirrorDone.Load(),

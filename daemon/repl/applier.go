@@ -20,8 +20,8 @@ import (
 	"github.com/doppelha/doppel/daemon/statefile"
 )
 
-// TargetConfig configures a [Target].
-type TargetConfig struct {
+// ApplierConfig configures an [Applier].
+type ApplierConfig struct {
 	// Backend receives the replicated data.
 	Backend blockdev.Backend
 	// StatePath is where the target persists its stream, last durable
@@ -41,18 +41,18 @@ type TargetConfig struct {
 	BeforeMirror func(applied uint64, purpose wire.Purpose) error
 }
 
-// TargetState is what a target persists.
-type TargetState struct {
+// ApplierState is what a target persists.
+type ApplierState struct {
 	StreamID   uint64 `json:"stream_id"`
 	Applied    uint64 `json:"applied_seq"` // durable when persisted
 	State      string `json:"data_state"`  // consistent | inconsistent
 	VolumeSize int64  `json:"volume_size"`
 }
 
-// Target is the receiving side: it accepts one source at a time and applies
-// its frames in sequence order.
-type Target struct {
-	cfg  TargetConfig
+// Applier is the target side of replication: it accepts one source at a
+// time and applies its frames in sequence order.
+type Applier struct {
+	cfg  ApplierConfig
 	log  *slog.Logger
 	b    blockdev.Backend
 	size int64
@@ -72,10 +72,10 @@ type Target struct {
 
 	sessMu sync.Mutex // one session at a time
 
-	tst targetStats
+	tst applierStats
 }
 
-type targetStats struct {
+type applierStats struct {
 	recvBytes    atomic.Int64
 	frames       atomic.Int64
 	appliedBytes atomic.Int64
@@ -83,8 +83,8 @@ type targetStats struct {
 	refused      atomic.Int64
 }
 
-// NewTarget returns a target, loading its persisted state when present.
-func NewTarget(cfg TargetConfig) (*Target, error) {
+// NewApplier returns an applier, loading its persisted state when present.
+func NewApplier(cfg ApplierConfig) (*Applier, error) {
 	if cfg.Backend == nil {
 		return nil, errors.New("replication target: no backend")
 	}
@@ -92,13 +92,13 @@ func NewTarget(cfg TargetConfig) (*Target, error) {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
 	cfg.Liveness = cfg.Liveness.withDefaults()
-	t := &Target{cfg: cfg, log: cfg.Log, b: cfg.Backend, size: cfg.Backend.Size(), ext: newExtents(cfg.Backend),
+	t := &Applier{cfg: cfg, log: cfg.Log, b: cfg.Backend, size: cfg.Backend.Size(), ext: newExtents(cfg.Backend),
 		state: wire.StateConsistent}
 	if cfg.StatePath != "" {
 		data, err := os.ReadFile(cfg.StatePath)
 		switch {
 		case err == nil:
-			var st TargetState
+			var st ApplierState
 			if err := json.Unmarshal(data, &st); err != nil {
 				return nil, fmt.Errorf("replication target: state %s: %w", cfg.StatePath, err)
 			}
@@ -120,15 +120,15 @@ func NewTarget(cfg TargetConfig) (*Target, error) {
 }
 
 // Status returns the target's state.
-func (t *Target) Status() (st TargetState, durable uint64, peer string) {
+func (t *Applier) Status() (st ApplierState, durable uint64, peer string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return TargetState{StreamID: t.stream, Applied: t.applied, State: stateName(t.state), VolumeSize: t.size}, t.durable, t.peer
+	return ApplierState{StreamID: t.stream, Applied: t.applied, State: stateName(t.state), VolumeSize: t.size}, t.durable, t.peer
 }
 
 // Quiesce runs f while no frame is being applied, with the last applied
 // sequence: the backend then holds exactly the source's history up to it.
-func (t *Target) Quiesce(f func(applied uint64) error) error {
+func (t *Applier) Quiesce(f func(applied uint64) error) error {
 	t.applyMu.Lock()
 	defer t.applyMu.Unlock()
 	t.mu.Lock()
@@ -140,7 +140,7 @@ func (t *Target) Quiesce(f func(applied uint64) error) error {
 // MarkConsistent records that the data is a consistent image again (the
 // source says the target holds its generation: a resync notice, an
 // adopting handshake), in case an interrupted resync left it inconsistent.
-func (t *Target) MarkConsistent() error {
+func (t *Applier) MarkConsistent() error {
 	t.applyMu.Lock()
 	defer t.applyMu.Unlock()
 	t.mu.Lock()
@@ -157,14 +157,14 @@ func (t *Target) MarkConsistent() error {
 // LastData is the sequence of the last applied frame that changed the
 // volume's data (0 when none in this stream): the image at any sequence
 // from it to Status's applied is the same.
-func (t *Target) LastData() uint64 {
+func (t *Applier) LastData() uint64 {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	return t.lastData
 }
 
 // Close syncs the backend and persists the state.
-func (t *Target) Close() error {
+func (t *Applier) Close() error {
 	t.applyMu.Lock()
 	defer t.applyMu.Unlock()
 	err := t.b.Sync()
@@ -180,7 +180,7 @@ func (t *Target) Close() error {
 // persist writes the state file (temp, fsync, rename, fsync dir). Unless
 // force, it writes at most once a second: a lagging durable sequence only
 // makes a resume after a target crash more conservative.
-func (t *Target) persist(force bool) error {
+func (t *Applier) persist(force bool) error {
 	if t.cfg.StatePath == "" {
 		return nil
 	}
@@ -189,7 +189,7 @@ func (t *Target) persist(force bool) error {
 		t.mu.Unlock()
 		return nil
 	}
-	st := TargetState{StreamID: t.stream, Applied: t.durable, State: stateName(t.state), VolumeSize: t.size}
+	st := ApplierState{StreamID: t.stream, Applied: t.durable, State: stateName(t.state), VolumeSize: t.size}
 	t.persisted = time.Now()
 	t.mu.Unlock()
 	data, err := json.MarshalIndent(st, "", "  ")
@@ -202,7 +202,7 @@ func (t *Target) persist(force bool) error {
 // Serve accepts sources on l until ctx is done. A newly authenticated
 // source replaces the current one (a reconnect after a partition finds the
 // old session half dead).
-func (t *Target) Serve(ctx context.Context, l net.Listener) error {
+func (t *Applier) Serve(ctx context.Context, l net.Listener) error {
 	return ServeConns(ctx, l, t.log, t.ServeConn)
 }
 
@@ -240,7 +240,7 @@ func ServeConns(ctx context.Context, l net.Listener, log *slog.Logger, serve fun
 }
 
 // refuse logs why a peer was refused and tells it (best effort).
-func (t *Target) refuse(c net.Conn, code uint16, msg string, err error) error {
+func (t *Applier) refuse(c net.Conn, code uint16, msg string, err error) error {
 	t.tst.refused.Add(1)
 	t.log.Error("refused replication peer", "peer", c.RemoteAddr().String(), "reason", msg, "err", err)
 	if code != 0 {
@@ -278,7 +278,7 @@ func truncate(s string, n int) string {
 
 // ServeConn runs one source connection: handshake, then apply frames
 // until it ends.
-func (t *Target) ServeConn(ctx context.Context, c net.Conn) error {
+func (t *Applier) ServeConn(ctx context.Context, c net.Conn) error {
 	defer c.Close()
 	peer := c.RemoteAddr().String()
 	if err := setUserTimeout(c, t.cfg.Liveness.Timeout); err != nil {
@@ -367,7 +367,7 @@ func (t *Target) ServeConn(ctx context.Context, c net.Conn) error {
 // idle). With kept (protocol version 2) a second goroutine sends
 // keepalives while nothing else is written, and a source silent for the
 // keepalive timeout ends the session.
-func (t *Target) session(ctx context.Context, c net.Conn, r *wire.Reader, kept bool) error {
+func (t *Applier) session(ctx context.Context, c net.Conn, r *wire.Reader, kept bool) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	go func() {
@@ -489,7 +489,7 @@ func (t *Target) session(ctx context.Context, c net.Conn, r *wire.Reader, kept b
 const ackEvery = 8
 
 // check validates a frame's range before it is queued for application.
-func (t *Target) check(f wire.Sequenced) error {
+func (t *Applier) check(f wire.Sequenced) error {
 	var off, n uint64
 	switch f := f.(type) {
 	case *wire.Write:
@@ -516,7 +516,7 @@ func (t *Target) check(f wire.Sequenced) error {
 }
 
 // apply applies one frame; it returns a reply to send, if any.
-func (t *Target) apply(f wire.Sequenced) (wire.Frame, error) {
+func (t *Applier) apply(f wire.Sequenced) (wire.Frame, error) {
 	t.applyMu.Lock()
 	defer t.applyMu.Unlock()
 	var (

@@ -9,8 +9,8 @@ import (
 	"github.com/doppelha/doppel/daemon/repl/wire"
 )
 
-// DefaultQueueBytes is the default bound of the in-memory replication queue.
-const DefaultQueueBytes = 128 << 20
+// DefaultBacklogBytes is the default bound of the in-memory backlog.
+const DefaultBacklogBytes = 128 << 20
 
 // Entry is one sequenced frame waiting to be sent to (or acknowledged by)
 // the target. Frame is plain data (a wire frame), so a queue may serialise it
@@ -27,13 +27,14 @@ type Entry struct {
 	Done func()
 }
 
-// Queue holds the sequenced frames between the sequencer and the sender, in
-// sequence order, until the target acknowledges them. It is the seam where
-// the memory → disk spilling queue (daemon/queue) plugs in.
+// Backlog holds the sequenced frames between the sequencer and the sender,
+// in sequence order, until the target acknowledges them. It is the seam
+// where the memory → disk queue (daemon/queue, through daemon/replstate)
+// plugs in.
 //
 // Seqs pushed are consecutive. Entries stay readable after they were read
 // (a reconnect re-sends from the target's applied sequence) until Release.
-type Queue interface {
+type Backlog interface {
 	// Push appends e. The in-memory queue waits while it is full (back
 	// pressure) until ctx is done; a spilling queue should not wait. An
 	// error means the entry was not queued: the caller treats its range
@@ -54,8 +55,8 @@ type Queue interface {
 // ErrGone reports that a queue no longer holds the entry a reader asked for.
 var ErrGone = errors.New("replication queue: entry already released")
 
-// MemQueue is the bounded in-memory [Queue].
-type MemQueue struct {
+// MemBacklog is the bounded in-memory [Backlog].
+type MemBacklog struct {
 	limit int64
 
 	mu      sync.Mutex
@@ -69,17 +70,17 @@ type MemQueue struct {
 	bytes   int64
 }
 
-// NewMemQueue returns an in-memory queue holding at most limit bytes
+// NewMemBacklog returns an in-memory backlog holding at most limit bytes
 // (one entry larger than limit is admitted when the queue is empty).
-func NewMemQueue(limit int64) *MemQueue {
+func NewMemBacklog(limit int64) *MemBacklog {
 	if limit <= 0 {
-		limit = DefaultQueueBytes
+		limit = DefaultBacklogBytes
 	}
-	return &MemQueue{limit: limit, pushed: make(chan struct{}), freed: make(chan struct{}), first: 1}
+	return &MemBacklog{limit: limit, pushed: make(chan struct{}), freed: make(chan struct{}), first: 1}
 }
 
-// Push implements [Queue]: it waits while the queue is full.
-func (q *MemQueue) Push(ctx context.Context, e Entry) error {
+// Push implements [Backlog]: it waits while the queue is full.
+func (q *MemBacklog) Push(ctx context.Context, e Entry) error {
 	q.mu.Lock()
 	if err := q.checkSeq(e.Seq); err != nil {
 		q.mu.Unlock()
@@ -119,7 +120,7 @@ func (q *MemQueue) Push(ctx context.Context, e Entry) error {
 }
 
 // checkSeq verifies that seq follows the last entry held.
-func (q *MemQueue) checkSeq(seq uint64) error {
+func (q *MemBacklog) checkSeq(seq uint64) error {
 	if n := len(q.ents) - q.head; n > 0 {
 		if want := q.first + uint64(n); seq != want {
 			return fmt.Errorf("replication queue: push seq %d, want %d", seq, want)
@@ -128,8 +129,8 @@ func (q *MemQueue) checkSeq(seq uint64) error {
 	return nil
 }
 
-// Read implements [Queue].
-func (q *MemQueue) Read(ctx context.Context, after uint64, max int) ([]Entry, error) {
+// Read implements [Backlog].
+func (q *MemBacklog) Read(ctx context.Context, after uint64, max int) ([]Entry, error) {
 	q.mu.Lock()
 	for {
 		n := len(q.ents) - q.head
@@ -162,8 +163,8 @@ func (q *MemQueue) Read(ctx context.Context, after uint64, max int) ([]Entry, er
 	}
 }
 
-// Release implements [Queue].
-func (q *MemQueue) Release(seq uint64) {
+// Release implements [Backlog].
+func (q *MemBacklog) Release(seq uint64) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	changed := false
@@ -194,8 +195,8 @@ func (q *MemQueue) Release(seq uint64) {
 	}
 }
 
-// Len implements [Queue].
-func (q *MemQueue) Len() (int64, int) {
+// Len implements [Backlog].
+func (q *MemBacklog) Len() (int64, int) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	return q.bytes, len(q.ents) - q.head
