@@ -88,7 +88,7 @@ func openStateSource(c *cli.Context, log *slog.Logger, f sourceFlags, st stateSo
 }
 
 func (s stateSource) collectors() []prometheus.Collector {
-	return []prometheus.Collector{s.Collector(), engineCollector{s.Source}}
+	return []prometheus.Collector{s.Collector(), s.EngineCollector()}
 }
 
 func (stateSource) started(context.Context, *slog.Logger) {}
@@ -100,23 +100,18 @@ func (s stateSource) state() []any {
 
 // failWaiters closes the engine only: its waiters are tracked, and the
 // state files stay open for the final Close.
-func (s stateSource) failWaiters() { s.Engine().Close() }
+func (s stateSource) failWaiters() { s.FailWaiters() }
 
 func (s stateSource) drain(ctx context.Context, log *slog.Logger) error {
-	eng := s.Engine()
-	if !eng.Connected() {
+	if !s.Connected() {
 		log.Info("target not connected: what it lacks stays tracked for the next start")
 		return nil
 	}
-	if err := eng.WaitAcked(ctx); err != nil {
+	if err := s.WaitAcked(ctx); err != nil {
 		log.Warn("drain incomplete: the rest is tracked for the next start", "err", err)
 	}
 	return nil
 }
-
-// engineCollector exposes the current engine's metrics (the engine is
-// replaced when the stream restarts).
-type engineCollector struct{ s *replstate.Source }
 
 // discardSourceHint is the answer to --discard-on source. The source's
 // data is overwritten only when it receives the other side's, and the
@@ -195,12 +190,7 @@ func openStateTarget(c *cli.Context, dir string, b blockdev.Backend, live repl.L
 	return stateTarget{Target: tgt, dir: dir}, nil
 }
 
-func (s stateTarget) Collector() prometheus.Collector { return s.Engine().Collector() }
-
 func (s stateTarget) state() []any {
 	st := s.Status()
 	return []any{"state_dir", s.dir, "generation", fmt.Sprintf("%016x", st.Generation), "data", st.Data, "refusal", st.Refusal}
 }
-
-func (e engineCollector) Describe(ch chan<- *prometheus.Desc) { prometheus.DescribeByCollect(e, ch) }
-func (e engineCollector) Collect(ch chan<- prometheus.Metric) { e.s.Engine().Collector().Collect(ch) }

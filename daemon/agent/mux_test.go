@@ -58,8 +58,8 @@ func TestTwoTargetJobsShareTheListener(t *testing.T) {
 	inSync := func(d *replPlane) func() bool {
 		return func() bool {
 			s, _ := d.source()
-			st, es := s.Status(), s.Engine().Stats()
-			return st.Synced && st.Connected && !st.ResyncActive && es.AckedSeq == es.LastSeq
+			st := s.Status()
+			return st.Synced && st.Connected && !st.ResyncActive && st.AckedSeq == st.LastSeq
 		}
 	}
 	waitFor(t, "job a in sync", inSync(sa))
@@ -82,7 +82,7 @@ func TestTwoTargetJobsShareTheListener(t *testing.T) {
 
 	// vm1 (pinned by job a) tries to feed job b.
 	before, _ := os.ReadFile(specB.TargetVolume)
-	appliedBefore, _, _ := tb.tgt.Engine().Status()
+	appliedBefore := tb.tgt.Status()
 	evil := specB
 	evil.Source = ep("vm1", vm1)
 	evil.Volume = filepath.Join(root, "evil.img")
@@ -97,7 +97,7 @@ func TestTwoTargetJobsShareTheListener(t *testing.T) {
 	if st := es.Status(); st.Connected || st.Synced {
 		t.Fatalf("vm1 fed job b: %+v", st)
 	}
-	appliedAfter, _, _ := tb.tgt.Engine().Status()
+	appliedAfter := tb.tgt.Status()
 	after, _ := os.ReadFile(specB.TargetVolume)
 	if appliedAfter.Applied != appliedBefore.Applied || !bytes.Equal(before, after) {
 		t.Fatalf("job b's target changed: applied %d -> %d, volume equal %v", appliedBefore.Applied, appliedAfter.Applied, bytes.Equal(before, after))

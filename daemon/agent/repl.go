@@ -510,22 +510,10 @@ func (d *replPlane) Quiesce(ctx context.Context) error {
 	if src == nil {
 		return errors.New("drain: no replication source on this host")
 	}
-	t := time.NewTicker(20 * time.Millisecond)
-	defer t.Stop()
-	for {
-		if err := src.Engine().WaitAcked(ctx); err != nil {
-			return fmt.Errorf("drain: %w", err)
-		}
-		rs := src.Status()
-		if rs.Connected && rs.Synced && !rs.Tracking && !rs.ResyncActive && rs.DirtyBytes == 0 && rs.QueueMemBytes+rs.QueueDiskBytes == 0 {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("drain: %w (target %s, %d bytes dirty, queue %d bytes)", ctx.Err(), rs.State, rs.DirtyBytes, rs.QueueMemBytes+rs.QueueDiskBytes)
-		case <-t.C:
-		}
+	if err := src.Drain(ctx); err != nil {
+		return fmt.Errorf("drain: %w", err)
 	}
+	return nil
 }
 
 // ResumeWrites implements DataPlane: the quiesce ends (its drain, if still
@@ -607,11 +595,7 @@ func (d *replPlane) Mark(ctx context.Context) (uint64, uint64, error) {
 	if rs := src.Status(); !rs.Connected || rs.Tracking {
 		return 0, 0, fmt.Errorf("%w: job %s's target is not connected: the point would not reach it", job.ErrInvalid, d.rec.Spec.Name)
 	}
-	if err := src.Apply(ctx, &blockdev.Mutation{Op: blockdev.OpFlush}); err != nil {
-		return 0, 0, err
-	}
-	eng := src.Engine()
-	return eng.StreamID(), eng.LastSeq(), nil
+	return src.Mark(ctx)
 }
 
 // Status implements DataPlane.
@@ -621,7 +605,7 @@ func (d *replPlane) Status() api.DataStatus {
 	if src == nil && tgt == nil && d.peeked == nil {
 		// Nothing open (a returned old source before reverse): what its
 		// state holds, read from copies, once.
-		n, err := peekDirty(d.stateDir())
+		n, err := replstate.PeekDirty(d.stateDir())
 		if err != nil {
 			d.log.Warn("read the replication state's dirty bytes", "err", err)
 			n = -1
@@ -635,23 +619,22 @@ func (d *replPlane) Status() api.DataStatus {
 		st.DirtyBytes = *peeked
 	}
 	if src != nil {
-		s := src.Engine().Stats()
 		rs := src.Status()
-		st.QueueMemory, st.QueueDisk = s.QueueBytes, rs.QueueDiskBytes
+		st.QueueMemory, st.QueueDisk = rs.BacklogBytes, rs.QueueDiskBytes
 		st.MirrorSent = rs.ResyncSent
-		if rs.ResyncActive && !s.MirrorActive {
+		if rs.ResyncActive && !rs.MirrorActive {
 			st.SyncTotal, st.SyncDone = rs.ResyncTotal, rs.ResyncDone
 			st.BytesRemaining = max(rs.ResyncTotal-rs.ResyncDone, 0)
 		}
-		if s.MirrorActive {
-			st.SyncTotal, st.SyncDone = s.MirrorTotal, s.MirrorDone
-			st.BytesRemaining = max(s.MirrorTotal-s.MirrorDone, 0)
+		if rs.MirrorActive {
+			st.SyncTotal, st.SyncDone = rs.MirrorTotal, rs.MirrorDone
+			st.BytesRemaining = max(rs.MirrorTotal-rs.MirrorDone, 0)
 		}
-		st.RPO = d.observeRPO(src)
+		st.RPO = d.observeRPO(rs)
 		st.DirtyBytes, st.HotExtents = rs.DirtyBytes, rs.HotExtents
 		st.ChangedBytes = d.changed.bytes()
-		if s.QueueEntries > 0 {
-			st.Note = fmt.Sprintf("%d writes not yet acknowledged by the target", s.QueueEntries)
+		if rs.BacklogEntries > 0 {
+			st.Note = fmt.Sprintf("%d writes not yet acknowledged by the target", rs.BacklogEntries)
 		}
 		switch {
 		case rs.Refusal != "":
@@ -661,27 +644,24 @@ func (d *replPlane) Status() api.DataStatus {
 		}
 	}
 	if tgt != nil {
-		ts, _, peer := tgt.Engine().Status()
-		st.Note = fmt.Sprintf("applied up to sequence %d from %s", ts.Applied, peer)
 		rs := tgt.Status()
+		st.Note = fmt.Sprintf("applied up to sequence %d from %s", rs.Applied, rs.Peer)
 		if rs.Refusal != "" {
 			st.Note = rs.Refusal
 		}
 		if src == nil {
 			st.DirtyBytes = rs.DirtyBytes
 		}
-		_, st.AppliedBytes = tgt.Engine().Received()
+		st.AppliedBytes = rs.AppliedBytes
 	}
 	return st
 }
 
-// observeRPO samples the source for the RPO estimate (see rpoEstimator).
-func (d *replPlane) observeRPO(src *replstate.Source) time.Duration {
-	eng := src.Engine()
-	s := eng.Stats()
-	rs := src.Status()
-	return d.rpo.observe(time.Now(), rpoInput{Stream: eng.StreamID(), Last: s.LastSeq, Applied: s.AckedSeq,
-		Sync: d.mode() == wire.ModeSync, Connected: s.Connected,
+// observeRPO records the source's status rs in the RPO estimate (see
+// rpoEstimator).
+func (d *replPlane) observeRPO(rs replstate.Status) time.Duration {
+	return d.rpo.observe(time.Now(), rpoInput{Stream: rs.Stream, Last: rs.LastSeq, Applied: rs.AckedSeq,
+		Sync: d.mode() == wire.ModeSync, Connected: rs.Connected,
 		AtRisk: rs.Tracking || !rs.Connected || rs.ResyncActive || !rs.Synced, Dirty: rs.DirtyBytes})
 }
 
@@ -694,7 +674,7 @@ func (d *replPlane) Verify(ctx context.Context) (api.VerifyResult, error) {
 	if src == nil || !running {
 		return api.VerifyResult{}, fmt.Errorf("%w: verify runs on the job's active source while it replicates", job.ErrInvalid)
 	}
-	res, err := src.Engine().Verify(ctx, false)
+	res, err := src.Verify(ctx)
 	if err != nil {
 		return api.VerifyResult{}, err
 	}
@@ -730,16 +710,16 @@ func (d *replPlane) startPoll() {
 			d.mu.Unlock()
 			link, state := false, ""
 			if src != nil {
-				d.observeRPO(src)
+				d.observeRPO(src.Status())
 			}
 			switch {
 			case src != nil && running:
 				// The source's sync state comes from its mirror.
-				link = src.Engine().Connected()
+				link = src.Connected()
 			case tgt != nil:
-				ts, _, peer := tgt.Engine().Status()
-				link, state = peer != "", ts.State
-				if tgt.Status().Data != "consistent" {
+				ts := tgt.Status()
+				link, state = ts.Peer != "", ts.ApplierState
+				if ts.Data != "consistent" {
 					// A fresh target, or one waiting for the end of
 					// a resync (its generation says so).
 					state = "inconsistent"

@@ -252,7 +252,7 @@ func runPartition(t *testing.T, seed uint64, steps int) {
 	var st Status
 	for {
 		st = src.Status()
-		eng := src.Engine()
+		eng := src.engine()
 		a, _ := eng.Progress()
 		if st.Connected && st.DirtyBytes == 0 && !st.ResyncActive && a == eng.LastSeq() && !st.QueueOverflow {
 			break

@@ -49,7 +49,7 @@ func TestRestartReplaysDiskQueue(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	stream := p.src.Engine().StreamID()
+	stream := p.src.engine().StreamID()
 	queued := st.QueueDiskBytes
 	if queued < 4<<20 {
 		t.Fatalf("only %d bytes in the disk queue: the link drained it", queued)
@@ -59,16 +59,16 @@ func TestRestartReplaysDiskQueue(t *testing.T) {
 	p.srcStop()
 	<-p.srcErr
 	p.startSource(cfg, aFile)
-	if got := p.src.Engine().StreamID(); got != stream {
+	if got := p.src.engine().StreamID(); got != stream {
 		t.Fatalf("restart started stream %016x, want the queued stream %016x resumed", got, stream)
 	}
 	open := p.src.Status()
 	end := p.converge(30 * time.Second)
 	var sent int64
-	for _, n := range p.src.Engine().Stats().PayloadBytes {
+	for _, n := range p.src.engine().Stats().PayloadBytes {
 		sent += n
 	}
-	resumedStream := p.src.Engine().StreamID() == stream
+	resumedStream := p.src.engine().StreamID() == stream
 	p.stopSource()
 	p.stopTarget()
 	sameFiles(t, aFile, bFile)

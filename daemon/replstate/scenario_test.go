@@ -109,7 +109,7 @@ func (p *pair) converge(timeout time.Duration) Status {
 	deadline := time.Now().Add(timeout)
 	for {
 		st := p.src.Status()
-		eng := p.src.Engine()
+		eng := p.src.engine()
 		a, _ := eng.Progress()
 		tg := p.tgt.Status()
 		if st.Connected && !st.Tracking && st.DirtyBytes == 0 && !st.ResyncActive && a == eng.LastSeq() && !st.QueueOverflow &&
@@ -287,7 +287,7 @@ func TestSplitBrainWriteDuringHandshake(t *testing.T) {
 				}
 				once.Do(func() {
 					s := p.src
-					if s.Engine().Connected() {
+					if s.engine().Connected() {
 						wrote <- errors.New("engine connected already: the write is not in the window")
 						return
 					}

@@ -73,7 +73,7 @@ func TestBeforeInconsistent(t *testing.T) {
 	p.nw.set(false)
 	time.Sleep(200 * time.Millisecond)
 	if err := p.tgt.AtPoint(func(snapshot.Point) error { return nil }); !errors.Is(err, ErrNotConsistent) {
-		es, _, _ := p.tgt.Engine().Status()
+		es, _, _ := p.tgt.eng.Status()
 		t.Fatalf("AtPoint mid-resync: %v (target %+v, engine %+v, source %+v)", err, p.tgt.Status(), es, p.src.Status())
 	}
 	p.nw.set(true)

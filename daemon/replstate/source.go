@@ -25,6 +25,7 @@ import (
 	"github.com/doppelha/doppel/daemon/resync"
 	"github.com/doppelha/doppel/daemon/statefile"
 	"github.com/doppelha/doppel/daemon/tlspin"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Defaults.
@@ -546,9 +547,72 @@ func (t *durableTracker) Acked(seq uint64) {
 	t.trk.Acked(seq)
 }
 
-// Engine returns the current replication engine (it changes when the
+// engine returns the current replication engine (it changes when the
 // stream restarts).
-func (s *Source) Engine() *repl.Stream { return s.cur.Load() }
+func (s *Source) engine() *repl.Stream { return s.cur.Load() }
+
+// Connected reports whether a replication session with the target is
+// established.
+func (s *Source) Connected() bool { return s.engine().Connected() }
+
+// WaitAcked waits until the target acknowledged every write sequenced so
+// far (or ctx ends, or the stream fails).
+func (s *Source) WaitAcked(ctx context.Context) error { return s.engine().WaitAcked(ctx) }
+
+// Drain returns once the target holds every acknowledged write: each
+// sequenced write acknowledged, connected, synced, not tracking, no
+// resync running, nothing dirty, nothing queued. The caller holds new
+// writes back meanwhile. It fails with ctx's error, saying what was left.
+func (s *Source) Drain(ctx context.Context) error {
+	t := time.NewTicker(20 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if err := s.WaitAcked(ctx); err != nil {
+			return err
+		}
+		rs := s.Status()
+		if rs.Connected && rs.Synced && !rs.Tracking && !rs.ResyncActive && rs.DirtyBytes == 0 && rs.QueueMemBytes+rs.QueueDiskBytes == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (target %s, %d bytes dirty, queue %d bytes)", ctx.Err(), rs.State, rs.DirtyBytes, rs.QueueMemBytes+rs.QueueDiskBytes)
+		case <-t.C:
+		}
+	}
+}
+
+// Verify compares the volume with the target's, chunk by chunk, in the
+// stream (exact while the application writes); it repairs nothing.
+func (s *Source) Verify(ctx context.Context) (repl.MirrorResult, error) {
+	return s.engine().Verify(ctx, false)
+}
+
+// Mark sends a flush through the stream (durable here and, in sync mode,
+// applied on the target when it returns) and returns the stream and the
+// last sequence issued: the target holds the image of this moment once
+// it applied that sequence.
+func (s *Source) Mark(ctx context.Context) (stream, seq uint64, err error) {
+	if err := s.Apply(ctx, &blockdev.Mutation{Op: blockdev.OpFlush}); err != nil {
+		return 0, 0, err
+	}
+	eng := s.engine()
+	return eng.StreamID(), eng.LastSeq(), nil
+}
+
+// FailWaiters closes the engine only: writes waiting for the target stop
+// waiting (their changes are tracked), and the state files stay open for
+// the final Close.
+func (s *Source) FailWaiters() { s.engine().Close() }
+
+// EngineCollector returns a Prometheus collector of the current engine's
+// metrics (the engine is replaced when the stream restarts).
+func (s *Source) EngineCollector() prometheus.Collector { return engineCollector{s} }
+
+type engineCollector struct{ s *Source }
+
+func (e engineCollector) Describe(ch chan<- *prometheus.Desc) { prometheus.DescribeByCollect(e, ch) }
+func (e engineCollector) Collect(ch chan<- prometheus.Metric) { e.s.engine().Collector().Collect(ch) }
 
 // Apply implements blockdev.Mutator.
 func (s *Source) Apply(ctx context.Context, m *blockdev.Mutation) error {

@@ -43,6 +43,18 @@ type Status struct {
 	// SetAside is where state of another job or volume was moved at
 	// open ("" when none was).
 	SetAside string
+	// The current stream (a new one starts when the stream cannot be
+	// resumed): its ID, the last sequence assigned and the last the
+	// target applied.
+	Stream, LastSeq, AckedSeq uint64
+	// BacklogBytes and BacklogEntries are what the stream sequenced and
+	// the target has not acknowledged (memory and disk).
+	BacklogBytes   int64
+	BacklogEntries int
+	// A full or diff mirror: running, bytes of the volume done and total
+	// (the current or last one).
+	MirrorActive            bool
+	MirrorDone, MirrorTotal int64
 }
 
 // Status returns a snapshot.
@@ -53,6 +65,10 @@ func (s *Source) Status() Status {
 		ResyncDone: s.resyncDone.Load(), ResyncSent: s.resyncSent.Load(), ResyncPasses: s.resyncPasses.Load(),
 		PeerGeneration: s.peerGen.Load(), ResyncScheduled: s.resyncScheduled.Load(),
 		OpenDirtyBytes: s.dirtyAtOpen, OpenHotExtents: s.hotAtOpen, OpenQueueBytes: s.queueAtOpen, Synced: s.synced.Load(), SetAside: s.setAside}
+	es := cur.Stats()
+	st.Stream, st.LastSeq, st.AckedSeq = cur.StreamID(), es.LastSeq, es.AckedSeq
+	st.BacklogBytes, st.BacklogEntries = es.QueueBytes, es.QueueEntries
+	st.MirrorActive, st.MirrorDone, st.MirrorTotal = es.MirrorActive, es.MirrorDone, es.MirrorTotal
 	if q := s.q.Load(); q != nil {
 		st.QueueMemBytes, st.QueueDiskBytes, st.QueueOverflow = q.q.MemBytes(), q.q.DiskBytes(), q.overflow.Load()
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/doppelha/doppel/daemon/repl"
 	"github.com/doppelha/doppel/daemon/snapshot"
 	"github.com/doppelha/doppel/daemon/splitbrain"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // TargetConfig configures a Target.
@@ -194,8 +195,8 @@ func (t *Target) AtSeq(ctx context.Context, stream, seq uint64, f func(p snapsho
 	})
 }
 
-// Engine returns the replication engine's target.
-func (t *Target) Engine() *repl.Applier { return t.eng }
+// Collector returns a Prometheus collector for the applier's metrics.
+func (t *Target) Collector() prometheus.Collector { return t.eng.Collector() }
 
 // Close closes the engine and the bitmap.
 func (t *Target) Close() error {
@@ -415,13 +416,24 @@ type TargetStatus struct {
 	// SetAside is where state of another job or volume was moved at
 	// open ("" when none was).
 	SetAside string
+	// The applier: the stream it follows, the last sequence it applied,
+	// its own data state (consistent | inconsistent), the source
+	// connected now ("" none) and the payload bytes it wrote since it
+	// opened.
+	Stream, Applied uint64
+	ApplierState    string
+	Peer            string
+	AppliedBytes    int64
 }
 
 // Status returns the target's state.
 func (t *Target) Status() TargetStatus {
+	es, _, peer := t.eng.Status()
+	_, applied := t.eng.Received()
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	st := TargetStatus{Generation: t.gen.Current, History: t.gen.History, Data: t.gen.Data.String(), Refusal: t.refusal, Saved: t.saved, SetAside: t.aside}
+	st := TargetStatus{Generation: t.gen.Current, History: t.gen.History, Data: t.gen.Data.String(), Refusal: t.refusal, Saved: t.saved, SetAside: t.aside,
+		Stream: es.StreamID, Applied: es.Applied, ApplierState: es.State, Peer: peer, AppliedBytes: applied}
 	if t.bm != nil {
 		st.DirtyBytes = t.bm.DirtyBytes()
 	}

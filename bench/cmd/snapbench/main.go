@@ -231,8 +231,7 @@ func runFS(fs string, size int64, d time.Duration) ([]phase, error) {
 		return took, err
 	})
 	if err != nil {
-		es, _, _ := tgt.Engine().Status()
-		return nil, fmt.Errorf("%w (target %+v, engine %+v, source %+v)", err, tgt.Status(), es, src.Status())
+		return nil, fmt.Errorf("%w (target %+v, source %+v)", err, tgt.Status(), src.Status())
 	}
 	p1.name = "taking 10 snapshots"
 	out = append(out, p1)

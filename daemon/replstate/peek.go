@@ -1,4 +1,4 @@
-package agent
+package replstate
 
 import (
 	"errors"
@@ -8,17 +8,17 @@ import (
 	"path/filepath"
 
 	"github.com/doppelha/doppel/daemon/bitmap"
-	"github.com/doppelha/doppel/daemon/replstate"
 )
 
-// peekDirty reports the dirty bytes a side's replication state in dir
+// PeekDirty reports the dirty bytes a side's replication state in dir
 // holds — its bitmap with the hot extents of its activity log folded in,
 // as the engine will count them when it opens the state — without
 // touching that state: it opens copies of the two files (the bitmap is one
 // bit per 64 KiB chunk: 2 KiB per GiB). For a side whose engine is not
-// open (a returned old source before reverse).
-func peekDirty(dir string) (int64, error) {
-	bmPath := filepath.Join(dir, replstate.BitmapFile)
+// open (a returned old source before reverse). An empty or missing dir
+// holds nothing dirty.
+func PeekDirty(dir string) (int64, error) {
+	bmPath := filepath.Join(dir, BitmapFile)
 	f, err := os.Open(bmPath)
 	if errors.Is(err, fs.ErrNotExist) {
 		return 0, nil // no state yet: nothing dirty
@@ -38,20 +38,20 @@ func peekDirty(dir string) (int64, error) {
 		return 0, err
 	}
 	defer os.RemoveAll(tmp)
-	if err := copyFile(bmPath, filepath.Join(tmp, replstate.BitmapFile)); err != nil {
+	if err := copyFile(bmPath, filepath.Join(tmp, BitmapFile)); err != nil {
 		return 0, err
 	}
-	bm, err := bitmap.Open(filepath.Join(tmp, replstate.BitmapFile), size, chunk)
+	bm, err := bitmap.Open(filepath.Join(tmp, BitmapFile), size, chunk)
 	if err != nil {
 		return 0, err
 	}
 	defer bm.Close()
-	logPath := filepath.Join(dir, replstate.LogFile)
+	logPath := filepath.Join(dir, LogFile)
 	if _, err := os.Stat(logPath); err == nil {
-		if err := copyFile(logPath, filepath.Join(tmp, replstate.LogFile)); err != nil {
+		if err := copyFile(logPath, filepath.Join(tmp, LogFile)); err != nil {
 			return 0, err
 		}
-		al, err := bitmap.OpenLog(filepath.Join(tmp, replstate.LogFile), bm, bitmap.LogOptions{})
+		al, err := bitmap.OpenLog(filepath.Join(tmp, LogFile), bm, bitmap.LogOptions{})
 		if err != nil {
 			return 0, err
 		}
