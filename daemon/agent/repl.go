@@ -620,28 +620,9 @@ func (d *replPlane) Status() api.DataStatus {
 	}
 	if src != nil {
 		rs := src.Status()
-		st.QueueMemory, st.QueueDisk = rs.BacklogBytes, rs.QueueDiskBytes
-		st.MirrorSent = rs.ResyncSent
-		if rs.ResyncActive && !rs.MirrorActive {
-			st.SyncTotal, st.SyncDone = rs.ResyncTotal, rs.ResyncDone
-			st.BytesRemaining = max(rs.ResyncTotal-rs.ResyncDone, 0)
-		}
-		if rs.MirrorActive {
-			st.SyncTotal, st.SyncDone = rs.MirrorTotal, rs.MirrorDone
-			st.BytesRemaining = max(rs.MirrorTotal-rs.MirrorDone, 0)
-		}
+		sourceData(&st, rs)
 		st.RPO = d.observeRPO(rs)
-		st.DirtyBytes, st.HotExtents = rs.DirtyBytes, rs.HotExtents
 		st.ChangedBytes = d.changed.bytes()
-		if rs.BacklogEntries > 0 {
-			st.Note = fmt.Sprintf("%d writes not yet acknowledged by the target", rs.BacklogEntries)
-		}
-		switch {
-		case rs.Refusal != "":
-			st.Note = rs.Refusal
-		case rs.Tracking || rs.DirtyBytes > 0:
-			st.Note = strings.TrimPrefix(fmt.Sprintf("%s; %d bytes dirty (tracked for the resync)", st.Note, rs.DirtyBytes), "; ")
-		}
 	}
 	if tgt != nil {
 		rs := tgt.Status()
@@ -655,6 +636,32 @@ func (d *replPlane) Status() api.DataStatus {
 		st.AppliedBytes = rs.AppliedBytes
 	}
 	return st
+}
+
+// sourceData fills st with what the source's replication state rs says:
+// queue (memory and disk apart), mirror or resync progress, dirty bytes,
+// and a note on what the target has not acknowledged or why it refused.
+func sourceData(st *api.DataStatus, rs replstate.Status) {
+	st.QueueMemory, st.QueueDisk = rs.QueueMemBytes, rs.QueueDiskBytes
+	st.MirrorSent = rs.ResyncSent
+	if rs.ResyncActive && !rs.MirrorActive {
+		st.SyncTotal, st.SyncDone = rs.ResyncTotal, rs.ResyncDone
+		st.BytesRemaining = max(rs.ResyncTotal-rs.ResyncDone, 0)
+	}
+	if rs.MirrorActive {
+		st.SyncTotal, st.SyncDone = rs.MirrorTotal, rs.MirrorDone
+		st.BytesRemaining = max(rs.MirrorTotal-rs.MirrorDone, 0)
+	}
+	st.DirtyBytes, st.HotExtents = rs.DirtyBytes, rs.HotExtents
+	if rs.BacklogEntries > 0 {
+		st.Note = fmt.Sprintf("%d writes not yet acknowledged by the target", rs.BacklogEntries)
+	}
+	switch {
+	case rs.Refusal != "":
+		st.Note = rs.Refusal
+	case rs.Tracking || rs.DirtyBytes > 0:
+		st.Note = strings.TrimPrefix(fmt.Sprintf("%s; %d bytes dirty (tracked for the resync)", st.Note, rs.DirtyBytes), "; ")
+	}
 }
 
 // observeRPO records the source's status rs in the RPO estimate (see

@@ -13,9 +13,11 @@ import (
 	"time"
 
 	"github.com/doppelha/doppel/blockdev"
+	"github.com/doppelha/doppel/daemon/api"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/repl"
+	"github.com/doppelha/doppel/daemon/replstate"
 )
 
 func TestRPOEstimator(t *testing.T) {
@@ -239,4 +241,18 @@ func TestRPOAsyncStalledTarget(t *testing.T) {
 	resumed := time.Now()
 	waitFor(t, "RPO back to 0 after catch-up", func() bool { return ds.Status().RPO == 0 })
 	t.Logf("RPO back to 0 %v after the stall ended", time.Since(resumed).Round(time.Millisecond))
+}
+
+// TestSourceDataQueueParts: the status's queue memory and disk are the
+// two parts of the source's queue, not the memory figure counting the
+// disk part again (the backlog holds both).
+func TestSourceDataQueueParts(t *testing.T) {
+	var st api.DataStatus
+	sourceData(&st, replstate.Status{QueueMemBytes: 128 << 20, QueueDiskBytes: 64 << 20, BacklogBytes: 192 << 20, BacklogEntries: 3})
+	if st.QueueMemory != 128<<20 || st.QueueDisk != 64<<20 {
+		t.Fatalf("queue memory %d, disk %d; want 128 MiB and 64 MiB", st.QueueMemory, st.QueueDisk)
+	}
+	if st.Note != "3 writes not yet acknowledged by the target" {
+		t.Fatalf("note %q", st.Note)
+	}
 }
