@@ -236,7 +236,7 @@ func runPartition(t *testing.T, seed uint64, steps int) {
 			crashSrc()
 			startSrc()
 			crashes++
-			if src.queueAtOpen > 0 {
+			if src.atOpen.queue > 0 {
 				resumed++
 			}
 		case p < 92:

@@ -29,6 +29,12 @@
 // (renamed, logged, never used), so that a volume whose content the state
 // does not describe is mirrored instead of being taken as in sync.
 //
+// Source's code is split by concern: source.go (configuration, open,
+// run, close, what the agent asks of it), write.go (the write path),
+// handshake.go (the state handshake and the generations), stream.go (the
+// engine's stream and its memory → disk backlog), track.go (tracking mode
+// and housekeeping), resync.go (resyncs and mirrors), status.go.
+//
 // Files under the state directory: identity.json, bitmap, activity.log,
 // generation, generation.unshared, queue/STREAM/ (the disk queue segments
 // of the current stream), repl-target.json (the engine's target state),

@@ -85,7 +85,7 @@ func (p *pair) startSource(cfg SourceConfig, file string) {
 		p.t.Fatal(err)
 	}
 	p.src = s
-	s.hook, p.hook = p.hook, nil
+	s.hs.hook, p.hook = p.hook, nil
 	ctx, stop := context.WithCancel(p.t.Context())
 	p.srcStop, p.srcErr = stop, make(chan error, 1)
 	go func() { p.srcErr <- s.Run(ctx) }()

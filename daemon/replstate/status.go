@@ -60,11 +60,11 @@ type Status struct {
 // Status returns a snapshot.
 func (s *Source) Status() Status {
 	cur := s.cur.Load()
-	st := Status{Connected: cur.Connected(), Tracking: s.tracking.Load() || !s.running.Load(), DirtyBytes: s.bm.DirtyBytes(),
-		HotExtents: s.al.HotExtents(), ResyncActive: s.resyncActive.Load(), ResyncTotal: s.resyncTotal.Load(),
-		ResyncDone: s.resyncDone.Load(), ResyncSent: s.resyncSent.Load(), ResyncPasses: s.resyncPasses.Load(),
-		PeerGeneration: s.peerGen.Load(), ResyncScheduled: s.resyncScheduled.Load(),
-		OpenDirtyBytes: s.dirtyAtOpen, OpenHotExtents: s.hotAtOpen, OpenQueueBytes: s.queueAtOpen, Synced: s.synced.Load(), SetAside: s.setAside}
+	st := Status{Connected: cur.Connected(), Tracking: s.tr.on.Load() || !s.running.Load(), DirtyBytes: s.bm.DirtyBytes(),
+		HotExtents: s.al.HotExtents(), ResyncActive: s.rsy.active.Load(), ResyncTotal: s.rsy.total.Load(),
+		ResyncDone: s.rsy.done.Load(), ResyncSent: s.rsy.sent.Load(), ResyncPasses: s.rsy.passes.Load(),
+		PeerGeneration: s.gens.peer.Load(), ResyncScheduled: s.rsy.scheduled.Load(),
+		OpenDirtyBytes: s.atOpen.dirty, OpenHotExtents: s.atOpen.hot, OpenQueueBytes: s.atOpen.queue, Synced: s.hs.synced.Load(), SetAside: s.atOpen.setAside}
 	es := cur.Stats()
 	st.Stream, st.LastSeq, st.AckedSeq = cur.StreamID(), es.LastSeq, es.AckedSeq
 	st.BacklogBytes, st.BacklogEntries = es.QueueBytes, es.QueueEntries
@@ -72,13 +72,13 @@ func (s *Source) Status() Status {
 	if q := s.q.Load(); q != nil {
 		st.QueueMemBytes, st.QueueDiskBytes, st.QueueOverflow = q.q.MemBytes(), q.q.DiskBytes(), q.overflow.Load()
 	}
-	s.genMu.Lock()
-	st.Generation, st.History = s.gen.Current, append([]uint64(nil), s.gen.History...)
-	s.genMu.Unlock()
-	if p := s.decision.Load(); p != nil {
+	s.gens.mu.Lock()
+	st.Generation, st.History = s.gens.state.Current, append([]uint64(nil), s.gens.state.History...)
+	s.gens.mu.Unlock()
+	if p := s.hs.decision.Load(); p != nil {
 		st.Decision = *p
 	}
-	switch p := s.refusal.Load(); {
+	switch p := s.hs.refusal.Load(); {
 	case p != nil:
 		st.Refusal, st.State = *p, "refused"
 	case st.Tracking:
