@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -160,11 +159,4 @@ func cutUnix(dev string) (string, bool) {
 		return dev[5:], true
 	}
 	return "", false
-}
-
-func closeBackend(b blockdev.Backend) error {
-	if c, ok := b.(io.Closer); ok {
-		return c.Close()
-	}
-	return nil
 }
