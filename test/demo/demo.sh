@@ -241,6 +241,11 @@ cli job events web --last 8 | sed 's/^/     /'
 ip -n $NS1 route del blackhole 172.17.22.12/32; ip -n $NS1 route del blackhole 192.168.0.12/32
 wait_for "the partition to heal" 30 is_state vm2 replicating
 say "healed: vm2 hears vm1 again and replicates"
+# During the partition vm1 recorded at the arbiter that vm2 is out of sync
+# (its writes went on under the lease alone); vm2 may take over again only
+# once vm1 has recorded it back in sync.
+in_sync() { [ "$(state_of vm1 target_out_of_sync)" != true ]; }
+wait_for "vm1 to record vm2 in sync at the arbiter" 20 in_sync
 
 # A crash folds the activity log's hot extents into the dirty bitmap
 # (resynced on return): let mkfs's extents cool first, as they do within
