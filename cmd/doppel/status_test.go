@@ -49,7 +49,7 @@ func statusOf(server string, role ha.Role, state ha.State, epoch uint64) *api.Jo
 		Mode: "sync", Failover: ha.FailoverAuto, ServiceIPs: []job.ServiceIP{{Prefix: "172.17.22.187/24", Iface: "eth0"}}}
 	st := &api.JobStatus{Spec: spec, Self: server,
 		HA: ha.Status{Role: role, State: state, Epoch: epoch, Consistent: true, LinkUp: true,
-			Paths: []ha.PathStatus{{Name: "repl", Up: true}, {Name: "app", Up: true}}, TicksToFail: -1},
+			Paths: []ha.PathStatus{{Name: "repl", Up: true}, {Name: "app", Up: true}}},
 		Probe: api.ProbeStatus{Mode: "xdp-generic", Interval: 250 * time.Millisecond, Missed: 8, TimeToFail: -1, Active: true},
 		Data:  api.DataStatus{Known: true, RPO: -1}}
 	if role == ha.RoleSource {

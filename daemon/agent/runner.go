@@ -109,13 +109,14 @@ func newRunner(a *Agent, rec job.Record, cl *claim, claimErr error) (*runner, er
 		r.arb = newArbiterSide(r, a.Subsystems.Arbiter)
 	}
 	r.epoch.Store(rec.HA.Epoch)
-	// With a probe, daemon/monitor decides (kernel arrival timestamps,
-	// rise hysteresis): the state machine takes its verdicts.
+	// The detector (detect: daemon/monitor over the probe's kernel
+	// arrival timestamps, rise hysteresis) decides when the peer is down;
+	// the state machine takes its verdicts. Without a probe there are
+	// none.
 	r.node, err = ha.NewNode(ha.Config{
 		Job: rec.Spec.Name, Self: me.Name, Peer: peer.Name, Home: rec.Spec.Source.Name,
 		Failover: rec.Spec.Failover, Paths: names, Missed: rec.Spec.Monitor.Missed,
-		ExternalDetector: a.Subsystems.Liveness != nil,
-		Arbiter:          r.arb != nil,
+		Arbiter: r.arb != nil,
 	}, rec.HA)
 	if err != nil {
 		return nil, err
@@ -703,9 +704,6 @@ func (r *runner) status() api.JobStatus {
 		}
 	} else {
 		st.Probe.Mode = "none: probe not wired, failure detection off"
-	}
-	if hs.TicksToFail >= 0 {
-		st.Probe.TimeToFail = time.Duration(hs.TicksToFail) * interval
 	}
 	if hs.Role == ha.RoleTarget && hs.State != ha.StateSourceDown && r.probeErrNow() == nil {
 		if ttf, ok := r.det.timeToFail(); ok {

@@ -6,15 +6,13 @@ import (
 	"testing"
 )
 
-// TestExternalDetector: with ExternalDetector the node never declares the
-// source down from its own tick count; the detector's verdicts decide, a
-// single heartbeat does not end source-down (the detector's rise
-// hysteresis does), and the manual failover's "still heard" refusal
-// follows the detector.
-func TestExternalDetector(t *testing.T) {
+// TestDetectorVerdicts: the node never declares the source down from its
+// own tick count; the detector's verdicts decide, a single heartbeat does
+// not end source-down (the detector's rise hysteresis does), and the
+// manual failover's "still heard" refusal follows the detector.
+func TestDetectorVerdicts(t *testing.T) {
 	c := testConfig("vm2")
 	c.Failover = FailoverManual
-	c.ExternalDetector = true
 	n, err := NewNode(c, HardState{Role: RoleTarget, Epoch: 1, Consistent: true})
 	if err != nil {
 		t.Fatal(err)
@@ -22,8 +20,8 @@ func TestExternalDetector(t *testing.T) {
 	n.Step(Event{Type: EvStart})
 	for range 10 * c.Missed {
 		n.Tick()
-		if st := n.Status(); st.State == StateSourceDown || st.TicksToFail != -1 {
-			t.Fatalf("silent ticks decided: state %s, ticks to fail %d", st.State, st.TicksToFail)
+		if st := n.Status(); st.State == StateSourceDown {
+			t.Fatalf("silent ticks decided: state %s", st.State)
 		}
 	}
 	var re *RefusedError
@@ -60,14 +58,6 @@ func TestExternalDetector(t *testing.T) {
 	if st := n.Status(); st.State != StateFailedOver {
 		t.Fatalf("auto: after peer-down: %s", st.State)
 	}
-
-	// Without an external detector the verdicts are refused.
-	c.ExternalDetector = false
-	n, _ = NewNode(c, HardState{Role: RoleTarget, Epoch: 1, Consistent: true})
-	n.Step(Event{Type: EvStart})
-	if err := n.Step(Event{Type: EvPeerDown}); err == nil {
-		t.Fatal("peer-down accepted without an external detector")
-	}
 }
 
 // TestArbiterCampaign: with an arbiter, the detector's peer-down starts a
@@ -76,7 +66,7 @@ func TestExternalDetector(t *testing.T) {
 // source coming back stops it.
 func TestArbiterCampaign(t *testing.T) {
 	c := testConfig("vm2")
-	c.ExternalDetector, c.Arbiter = true, true
+	c.Arbiter = true
 	n, _ := NewNode(c, HardState{Role: RoleTarget, Epoch: 3, Consistent: true})
 	n.Step(Event{Type: EvStart})
 	n.Ready()
@@ -126,7 +116,6 @@ func TestArbiterCampaign(t *testing.T) {
 // a target follows it.
 func TestEpochSeenFences(t *testing.T) {
 	c := testConfig("vm1")
-	c.ExternalDetector = true
 	n, _ := NewNode(c, HardState{Role: RoleSource, Epoch: 2})
 	n.Step(Event{Type: EvStart})
 	n.Step(Event{Type: EvEpochSeen, Epoch: 2})
@@ -138,7 +127,6 @@ func TestEpochSeenFences(t *testing.T) {
 		t.Fatalf("source after a newer epoch: %s", st.State)
 	}
 	t2 := testConfig("vm2")
-	t2.ExternalDetector = true
 	m, _ := NewNode(t2, HardState{Role: RoleTarget, Epoch: 2, Consistent: true})
 	m.Step(Event{Type: EvStart})
 	m.Step(Event{Type: EvEpochSeen, Epoch: 5})

@@ -18,19 +18,19 @@ var rewrite = flag.Bool("rewrite", false, "rewrite testdata/*.txt with the actua
 // command, a line "----" and the expected output; -rewrite regenerates the
 // outputs. Commands:
 //
-//	new home=vm1 failover=auto|manual missed=N paths=a,b [grace=N] [detector=external] [arbiter=on]   two nodes vm1, vm2
+//	new home=vm1 failover=auto|manual missed=N paths=a,b [grace=N] [arbiter=on]   two nodes vm1, vm2
 //	start NODE | crash NODE | restart NODE   (restart: from the last persisted state)
 //	net up|down PATH                          heartbeats on PATH flow or not
 //	link up|down                              the replication link, stepped on live nodes
 //	resync [NODE] | synced [NODE]             mirror/resync started/completed (NODE, else live nodes)
-//	tick [N]                                  N ticks; peers hear each other on up paths
+//	tick [N]                                  N ticks; peers hear each other on up paths (path status only)
 //	deliver                                   deliver queued messages until quiet
 //	deliver-one                               deliver the oldest queued message
 //	failover NODE [force] [discard-queue] | reverse NODE | failback NODE | switchover NODE
 //	pause NODE | resume NODE | drained NODE | status NODE
 //	action-failed NODE ACTION                 an action of NODE failed
 //	drop                                      lose every queued message
-//	peer-down NODE | peer-up NODE             the external detector's verdicts (detector=external)
+//	peer-down NODE | peer-up NODE             the failure detector's verdicts on NODE (daemon/monitor's, in production)
 //	promotion NODE epoch=N | promotion NODE refused=WORD [final]   the arbiter's answer to a campaign
 //	epoch-seen NODE N | lease NODE held|lost  arbiter facts
 func TestInteraction(t *testing.T) {
@@ -158,7 +158,7 @@ func (h *harness) run(cmd string) string {
 		grace, _ := strconv.Atoi(m["grace"])
 		h.cfg = Config{Job: "web", Home: m["home"], Failover: FailoverMode(m["failover"]),
 			Paths: strings.Split(m["paths"], ","), Missed: missed, StartGrace: grace,
-			ExternalDetector: m["detector"] == "external", Arbiter: m["arbiter"] == "on"}
+			Arbiter: m["arbiter"] == "on"}
 		h.names = []string{"vm1", "vm2"}
 		h.nodes = map[string]*simNode{}
 		h.pathsUp = map[string]bool{}
@@ -274,7 +274,7 @@ func (h *harness) run(cmd string) string {
 		h.inbox = nil
 	case "status":
 		st := h.node(arg(0)).n.Status()
-		h.printf("%s: role=%s state=%s epoch=%d consistent=%t link=%t ticks-to-fail=%d", st.Self, st.Role, st.State, st.Epoch, st.Consistent, st.LinkUp, st.TicksToFail)
+		h.printf("%s: role=%s state=%s epoch=%d consistent=%t link=%t", st.Self, st.Role, st.State, st.Epoch, st.Consistent, st.LinkUp)
 		for _, p := range st.Paths {
 			h.printf("  path %s silent=%d up=%t", p.Name, p.SilentTicks, p.Up)
 		}

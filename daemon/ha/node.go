@@ -12,12 +12,17 @@
 // effects are returned, so every scenario is a deterministic transcript
 // (testdata/*.txt, regenerated with go test -rewrite).
 //
+// Failure detection is not the node's: the agent's detector (daemon/monitor
+// over the probe's kernel timestamps, with rise hysteresis) declares the
+// peer down when every monitored path has been silent for interval ×
+// missed, and up again, and steps those verdicts in (EvPeerDown,
+// EvPeerUp). Ticks and heartbeats only feed the paths' status, a restarted
+// source's start grace, the switchover's timeouts and the "source still
+// heard" refusal.
+//
 // Safety rules it enforces:
-//   - the target declares the source failed only when every monitored path
-//     has been silent for Missed whole ticks (interval × missed): a tick
-//     in which a path was heard does not count towards its silence, so the
-//     silence before the declaration is at least interval × missed and less
-//     than interval × (missed + 1);
+//   - the target takes the source for failed only on the detector's
+//     verdict;
 //   - automatic failover only in auto mode and only onto a consistent target;
 //     the operator's failover is refused for an inconsistent target, a source
 //     still alive, or a job already failed over (the first two unless forced);
@@ -51,19 +56,13 @@ type Config struct {
 	Failover FailoverMode
 	// Paths names the monitored paths (e.g. "repl", "app").
 	Paths []string
-	// Missed is the number of silent ticks on every path after which the
-	// source is declared failed.
+	// Missed is the detector's number of silent intervals: a path silent
+	// for Missed ticks is shown down, and it sizes the start grace and
+	// the switchover's timeouts.
 	Missed int
 	// StartGrace is how many ticks a restarted source waits to hear its
 	// peer before serving; 0 means 2 × Missed.
 	StartGrace int
-	// ExternalDetector: a failure detector outside the node decides when
-	// the peer is down and up again (EvPeerDown, EvPeerUp: daemon/monitor,
-	// with kernel arrival timestamps and rise hysteresis). Ticks and
-	// heartbeats then only feed path status, the start grace and the
-	// "source still heard" refusal; TicksToFail is -1 (the detector
-	// reports its own countdown).
-	ExternalDetector bool
 	// Arbiter: promotions go through the arbiter (docs/safety.md): a
 	// failover asks it for the next epoch (ActCampaign) and happens only
 	// with the epoch it granted (EvPromotion); a newer epoch learned
@@ -81,8 +80,8 @@ type Node struct {
 	linkUp     bool
 	silent     map[string]int  // path -> whole ticks without hearing the peer
 	heard      map[string]bool // path -> heard since the last tick
-	sourceDown bool            // target: monitor declared the source failed
-	peerDown   bool            // ExternalDetector: its last verdict was down
+	sourceDown bool            // target: the detector declared the source failed
+	peerDown   bool            // the detector's last verdict was down
 	// campaign: Arbiter, a promotion asked for and not answered for good.
 	campaign   *campaign
 	startTicks int // ticks spent in StateStarting
@@ -182,9 +181,6 @@ func (n *Node) Tick() {
 		}
 	case n.switching():
 		n.tickSwitchover()
-	case n.hs.Role == RoleTarget && !n.sourceDown && !n.cfg.ExternalDetector && n.allSilent():
-		n.sourceDown = true
-		n.onSourceDown()
 	}
 }
 
@@ -220,13 +216,7 @@ func (n *Node) Step(ev Event) error {
 		}
 		n.silent[ev.Path] = 0
 		n.heard[ev.Path] = true
-		if !n.cfg.ExternalDetector {
-			n.sourceBack()
-		}
 	case EvPeerDown:
-		if !n.cfg.ExternalDetector {
-			return fmt.Errorf("ha: job %q: %s without an external detector", n.cfg.Job, ev.Type)
-		}
 		n.peerDown = true
 		if n.switching() {
 			n.abortSwitchover(n.cfg.Peer + " was declared down")
@@ -236,9 +226,6 @@ func (n *Node) Step(ev Event) error {
 			n.onSourceDown()
 		}
 	case EvPeerUp:
-		if !n.cfg.ExternalDetector {
-			return fmt.Errorf("ha: job %q: %s without an external detector", n.cfg.Job, ev.Type)
-		}
 		n.peerDown = false
 		if n.campaign != nil && n.campaign.auto {
 			// The source is back: it was not gone.
@@ -322,18 +309,10 @@ func (n *Node) Status() Status {
 		Home: n.cfg.Home, Role: n.hs.Role, State: n.state, Epoch: n.hs.Epoch,
 		Consistent: n.hs.Consistent, Failover: n.cfg.Failover,
 		LinkUp: n.linkUp, Reason: n.reason, LastError: n.lastErr,
-		TicksToFail: -1,
 	}
-	minSilent := -1
 	for _, p := range n.cfg.Paths {
 		s := n.silent[p]
 		st.Paths = append(st.Paths, PathStatus{Name: p, SilentTicks: s, Up: s < n.cfg.Missed})
-		if minSilent < 0 || s < minSilent {
-			minSilent = s
-		}
-	}
-	if n.hs.Role == RoleTarget && !n.hs.Superseded && !n.sourceDown && !n.cfg.ExternalDetector && minSilent >= 1 {
-		st.TicksToFail = n.cfg.Missed - minSilent
 	}
 	return st
 }
@@ -351,32 +330,20 @@ func (n *Node) sourceBack() {
 	}
 }
 
-func (n *Node) allSilent() bool {
-	for _, p := range n.cfg.Paths {
-		if n.silent[p] < n.cfg.Missed {
-			return false
-		}
-	}
-	return true
-}
-
-// peerAlive: the peer is not down, or (an external detector's verdict
-// being slower to rise) it was heard in the last tick: enough for an
+// peerAlive: the detector does not say the peer is down, or (its verdict
+// being slower to rise) the peer was heard in the last tick: enough for an
 // operator command that needs the peer, and the safe side for the
 // "source still heard" refusal.
 func (n *Node) peerAlive() bool {
-	if n.cfg.ExternalDetector {
-		if !n.peerDown {
+	if !n.peerDown {
+		return true
+	}
+	for _, p := range n.cfg.Paths {
+		if n.silent[p] == 0 {
 			return true
 		}
-		for _, p := range n.cfg.Paths {
-			if n.silent[p] == 0 {
-				return true
-			}
-		}
-		return false
 	}
-	return !n.allSilent()
+	return false
 }
 
 func (n *Node) act(a ...Action) { n.pending.Actions = append(n.pending.Actions, a...) }

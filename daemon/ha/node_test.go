@@ -79,29 +79,3 @@ func TestRefusalChangesNothing(t *testing.T) {
 		t.Fatalf("message from a stranger was acted on: %v", n.HardState())
 	}
 }
-
-// TestCountdown: the time-to-fail countdown follows the least silent path
-// and shows once every path has missed an interval.
-func TestCountdown(t *testing.T) {
-	c := testConfig("vm2")
-	c.Paths = []string{"repl", "app"}
-	c.Failover = FailoverManual
-	c.Missed = 4
-	n, _ := NewNode(c, HardState{Role: RoleTarget, Epoch: 1, Consistent: true})
-	n.Step(Event{Type: EvStart})
-	n.Tick()
-	n.Tick()
-	n.Step(Event{Type: EvHeartbeat, Path: "app"}) // repl silent 2, app heard: countdown restarts from app
-	// The tick that closes the interval app was heard in does not count;
-	// app's whole silent intervals after each tick: 0 (no countdown), 1, 2,
-	// 3, 4 (down: at least interval × missed without a heartbeat).
-	for i, want := range []int{-1, 3, 2, 1, -1} {
-		n.Tick()
-		if got := n.Status().TicksToFail; got != want {
-			t.Fatalf("tick %d: ticks to fail %d, want %d", i, got, want)
-		}
-	}
-	if n.Status().State != StateSourceDown {
-		t.Fatalf("state %s, want source-down", n.Status().State)
-	}
-}

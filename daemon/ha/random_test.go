@@ -40,6 +40,11 @@ func runRandom(t *testing.T, seed uint64, steps int, planned bool) {
 	var persisted [2]HardState
 	alive := [2]bool{true, true}
 	pathUp := map[string]bool{"repl": true, "app": true}
+	// The agent's detector, as daemon/monitor decides with rise 1: down
+	// after Missed ticks with every path silent, up at the first tick
+	// the peer is heard again; its verdicts are the node's events.
+	var silent [2]int
+	var down [2]bool
 	var inbox []Message
 	for i := range nodes {
 		persisted[i] = Initial(cfg(i))
@@ -91,9 +96,24 @@ func runRandom(t *testing.T, seed uint64, steps int, planned bool) {
 				if !alive[j] {
 					continue
 				}
+				heard := ""
 				for _, p := range base.Paths {
 					if pathUp[p] && alive[1-j] {
 						nodes[j].Step(Event{Type: EvHeartbeat, Path: p})
+						heard = p
+					}
+				}
+				switch {
+				case heard != "":
+					silent[j] = 0
+					if down[j] {
+						down[j] = false
+						nodes[j].Step(Event{Type: EvPeerUp, Path: heard})
+					}
+				case !down[j]:
+					if silent[j]++; silent[j] >= base.Missed {
+						down[j] = true
+						nodes[j].Step(Event{Type: EvPeerDown})
 					}
 				}
 				nodes[j].Tick()
@@ -122,6 +142,7 @@ func runRandom(t *testing.T, seed uint64, steps int, planned bool) {
 				serving[i] = false
 			} else {
 				alive[i] = true
+				silent[i], down[i] = 0, false
 				nodes[i], _ = NewNode(cfg(i), persisted[i])
 				nodes[i].Step(Event{Type: EvStart})
 				check(i, what)

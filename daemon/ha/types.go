@@ -178,12 +178,13 @@ const (
 	EvResync EventType = "resync"
 	// EvSynced: the mirror or resync completed (target consistent).
 	EvSynced EventType = "synced"
-	// EvHeartbeat: the monitor saw the peer's traffic on Path.
+	// EvHeartbeat: the probe saw the peer's traffic on Path (path status
+	// only: the detector's verdicts are EvPeerDown and EvPeerUp).
 	EvHeartbeat EventType = "heartbeat"
-	// EvPeerDown / EvPeerUp: an external failure detector
-	// (Config.ExternalDetector, e.g. daemon/monitor) declared the peer
-	// down (every path silent for interval × missed) or up again (its
-	// rise hysteresis passed; Path: the path that brought it back).
+	// EvPeerDown / EvPeerUp: the failure detector (the agent's, with
+	// daemon/monitor's policy) declared the peer down (every path silent
+	// for interval × missed) or up again (its rise hysteresis passed;
+	// Path: the path that brought it back).
 	EvPeerDown EventType = "peer-down"
 	EvPeerUp   EventType = "peer-up"
 	// EvPromotion: the arbiter's answer to ActCampaign (Config.Arbiter):
@@ -394,10 +395,6 @@ type Status struct {
 	Failover   FailoverMode `json:"failover"`
 	LinkUp     bool         `json:"link_up"`
 	Paths      []PathStatus `json:"paths"`
-	// TicksToFail counts down to the source being declared failed (target
-	// side, once every path has missed at least one interval); -1 when
-	// not counting.
-	TicksToFail int `json:"ticks_to_fail"`
 	// Reason explains a state that needs the operator.
 	Reason    string `json:"reason,omitempty"`
 	LastError string `json:"last_error,omitempty"`

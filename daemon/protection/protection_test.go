@@ -17,7 +17,7 @@ func side(server string, role ha.Role, state ha.State, tweak ...func(*api.JobSta
 		Spec: job.Spec{Name: "web", Source: job.Endpoint{Name: "vm1"}, Target: job.Endpoint{Name: "vm2"}, Mode: job.ModeSync, Failover: ha.FailoverAuto},
 		Self: server,
 		HA: ha.Status{Job: "web", Self: server, Role: role, State: state, Epoch: 3, Consistent: true, LinkUp: true,
-			Paths: []ha.PathStatus{{Name: "repl", Up: true}, {Name: "app", Up: true}}, TicksToFail: -1},
+			Paths: []ha.PathStatus{{Name: "repl", Up: true}, {Name: "app", Up: true}}},
 		Data:  api.DataStatus{Known: true, RPO: 0},
 		Probe: api.ProbeStatus{Mode: "xdp-generic", Interval: 250 * time.Millisecond, Missed: 8, TimeToFail: -1, Active: true},
 	}
