@@ -59,10 +59,10 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 		Usage:     "real-time block replication and failover",
 		Description: "doppel agent runs on each host; every other command is a client of the agents'\n" +
 			"control API (servers added with doppel server add). Operator commands: server,\n" +
-			"job, failover, reverse, switchover, failback, verify. Plumbing: nbd, repl,\n" +
-			"probe, ip. doppel job status exits 0 when the job is protected, 1\n" +
-			"degraded, 2 not protected or failed over, 3 when no agent answered; a usage\n" +
-			"error exits 64, any other error 1.",
+			"job, failover, reverse, switchover, failback, verify; doppel console serves\n" +
+			"them as a web page. Plumbing: nbd, repl, probe, ip. doppel job status exits 0\n" +
+			"when the job is protected, 1 degraded, 2 not protected or failed over, 3 when\n" +
+			"no agent answered; a usage error exits 64, any other error 1.",
 		EnableBashCompletion: true,
 		ExitErrHandler:       func(*cli.Context, error) {}, // main reports errors
 		Commands: []*cli.Command{
@@ -76,6 +76,7 @@ func newApp(stdout, stderr io.Writer) *cli.App {
 			verifyCommand(),
 			snapshotCommand(),
 			testFailoverCommand(),
+			consoleCommand(),
 			nbdCommand(),
 			replCommand(),
 			probeCommand(),

@@ -16,13 +16,15 @@
 #
 # Usage: test/demo/demo.sh [path/to/doppel]   (root; every name carries a
 # random suffix; everything is removed on exit, even on failure)
-# Exits non-zero when a check fails. DEMO_FAST=1 shortens the pauses.
+# Exits non-zero when a check fails. DEMO_FAST=1 shortens the pauses;
+# DEMO_HOLD=1 keeps the lab (and the web console, whose URL and password
+# step 4 prints) up at the end until Enter is pressed.
 set -euo pipefail
 
 DOPPEL=$(realpath "${1:-bin/doppel}")
 [ "$(id -u)" = 0 ] || { echo "demo: needs root (network namespaces, loop devices, FUSE)"; exit 1; }
 [ -x "$DOPPEL" ] || { echo "demo: no doppel binary at $DOPPEL (make build)"; exit 1; }
-for t in ip nsenter nbdfuse losetup mkfs.ext4 busybox curl sha256sum etcd; do
+for t in ip nsenter nbdfuse losetup mkfs.ext4 busybox curl sha256sum etcd systemd-socket-activate ss; do
 	command -v $t >/dev/null || { echo "demo: missing $t (make deps)"; exit 1; }
 done
 
@@ -72,6 +74,7 @@ cleanup() {
 		mkdir -p /tmp/doppel-demo-logs
 		for h in vm1 vm2; do cp $D/$h/agent.log /tmp/doppel-demo-logs/$h-agent.log 2>/dev/null; cp $D/$h/hook.log /tmp/doppel-demo-logs/$h-hook.log 2>/dev/null; done
 		for i in 1 2 3; do cp $D/etcd/$i.log /tmp/doppel-demo-logs/etcd-$i.log 2>/dev/null; done
+		cp $D/console.log /tmp/doppel-demo-logs/console.log 2>/dev/null
 		for h in vm1 vm2; do cli job events web --server $h --last 0 >/tmp/doppel-demo-logs/$h-events.txt 2>&1; done
 		echo "demo: failed; agent and hook logs in /tmp/doppel-demo-logs"
 	fi
@@ -155,6 +158,22 @@ say "a wrong token is refused:"
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >$D/bad.token
 if cli job list --server vm1 --token-file $D/bad.token >$D/out 2>&1; then fail "wrong token accepted"; fi
 say "  $(cat $D/out)"
+# The web console: doppel console runs in the client namespace, next to the
+# CLI's server list, and serves a listener made in this (the host's)
+# namespace by systemd-socket-activate, so a browser here (or through ssh
+# -L) reaches it; it starts at the first connection.
+CPORT=${DEMO_CONSOLE_PORT:-6330}
+for _ in $(seq 50); do [ -z "$(ss -Hltn "sport = :$CPORT")" ] && break; CPORT=$((CPORT + 1)); done
+head -c 9 /dev/urandom | od -An -tx1 | tr -d ' \n' >$D/console.pw
+systemd-socket-activate -l 127.0.0.1:$CPORT ip netns exec $NSC env DOPPEL_CONFIG=$DOPPEL_CONFIG \
+	"$DOPPEL" console --state-dir $D/console --init-password $D/console.pw </dev/null >>$D/console.log 2>&1 &
+PIDS+=($!)
+disown $!
+console_up() { curl -sk -m 2 -o /dev/null -w '%{http_code}' https://127.0.0.1:$CPORT/login | grep -q 200; }
+wait_for "the web console" 15 console_up
+say "web console (doppel console): https://127.0.0.1:$CPORT/  (from another machine: ssh -L $CPORT:127.0.0.1:$CPORT THIS-HOST)"
+say "  log in with the console password $(cat $D/console.pw) or an agent's token ($D/vm1/state/token)"
+say "  its certificate: $(grep -o 'sha256:[0-9a-f]*' $D/console.log | head -1)"
 
 bold "5. Create the protection job: vm1's volume replicated to vm2, service IP $SVC, automatic failover through the arbiter"
 truncate -s 256M $D/vm1.img $D/vm2.img
@@ -328,4 +347,8 @@ say "client -> $SVC: $(ip netns exec $NSC curl -sf -m 2 http://$SVC:8080/after-f
 cli verify web | sed 's/^/   /'
 
 bold "Done: protect, fail over (RTO ${RTO}s), fence, reverse, fail back."
+if [ -n "${DEMO_HOLD:-}" ]; then
+	say "DEMO_HOLD: the lab and the web console stay up: https://127.0.0.1:$CPORT/ (password $(cat $D/console.pw))"
+	read -r -p "   press Enter to remove the lab " _ || true
+fi
 printf 'RTO_SECONDS=%s\nREVERSE_BYTES=%s\nVM2_CHANGED_BYTES=%s\nVM1_DIRTY_BYTES=%s\n' "$RTO" "$REV" "$CHANGED2" "$DIRTY1" >"${DEMO_RESULT:-/dev/null}"

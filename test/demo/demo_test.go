@@ -24,7 +24,7 @@ func TestDemo(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: network namespaces, loop devices, FUSE")
 	}
-	for _, tool := range []string{"ip", "nsenter", "nbdfuse", "losetup", "mkfs.ext4", "busybox", "curl", "sha256sum", "etcd"} {
+	for _, tool := range []string{"ip", "nsenter", "nbdfuse", "losetup", "mkfs.ext4", "busybox", "curl", "sha256sum", "etcd", "systemd-socket-activate", "ss"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Skipf("%s not installed (test/deps.sh installs it)", tool)
 		}
