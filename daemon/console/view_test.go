@@ -30,7 +30,7 @@ func status(spec job.Spec, self string, role ha.Role, state ha.State, epoch uint
 		peer = "vm1"
 	}
 	st := &api.JobStatus{Spec: spec, Self: self,
-		HA:    ha.Status{Job: spec.Name, Self: self, Peer: peer, Home: "vm1", Role: role, State: state, Epoch: epoch, Consistent: true, LinkUp: state == ha.StateReplicating, TicksToFail: -1},
+		HA:    ha.Status{Job: spec.Name, Self: self, Peer: peer, Home: "vm1", Role: role, State: state, Epoch: epoch, Consistent: true, LinkUp: state == ha.StateReplicating},
 		Data:  api.DataStatus{Known: true, RPO: 0},
 		Probe: api.ProbeStatus{Mode: "xdp-generic", Interval: 200 * time.Millisecond, Missed: 5, TimeToFail: -1, Active: true}}
 	if role == ha.RoleTarget {
