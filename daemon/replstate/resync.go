@@ -13,6 +13,7 @@ import (
 func (s *Source) syncer(ctx context.Context, cur *repl.Stream) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
+	var lastNotify time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -60,6 +61,17 @@ func (s *Source) syncer(ctx context.Context, cur *repl.Stream) {
 			// inconsistent: nothing is missing now.
 			if err := cur.EndResync(ctx); err != nil && ctx.Err() == nil {
 				s.log.Warn("end of resync", "err", err)
+			}
+			// A write accepted while this session's state handshake ran
+			// (before the engine was connected) started a generation the
+			// target was not told of; its data streams in order, nothing
+			// is dirty, so no resync will tell it: do as a finished resync
+			// does, at most once a second. Without this the source stays
+			// "not synced" on a healthy link until the next reconnect.
+			if !s.hs.synced.Load() && time.Since(lastNotify) >= time.Second {
+				lastNotify = time.Now()
+				s.log.Info("the generation moved during the state handshake: telling the target")
+				s.notify(ctx)
 			}
 			continue
 		}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"os"
@@ -413,5 +414,69 @@ func resyncResumes(t *testing.T, crash bool) {
 	}
 	if ratio > 1.2 {
 		t.Fatalf("resync sent %.2f × the dirty bytes, want ≤ 1.2", ratio)
+	}
+}
+
+// TestSyncedAfterWriteDuringHandshake: a write accepted while the first
+// connection's state handshake runs starts a new generation the hello
+// did not carry. The source must not stay "not synced" for good on a
+// healthy link (the agent shows the job as mirroring, NOT PROTECTED, and
+// a sync target cannot be recorded in sync): it reconnects and tells the
+// target the new generation. Found by the fault suite (test/faults, async
+// schedule seed 1: a source agent killed and restarted while its
+// application kept writing stayed "mirroring" for 90 s).
+func TestSyncedAfterWriteDuringHandshake(t *testing.T) {
+	for _, mode := range []wire.Mode{wire.ModeAsync, wire.ModeSync} {
+		for _, point := range []string{"snapshot", "committed"} {
+			t.Run(fmt.Sprintf("%s/%s", mode, point), func(t *testing.T) {
+				dir := t.TempDir()
+				aDir, bDir := filepath.Join(dir, "a"), filepath.Join(dir, "b")
+				aFile, bFile := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
+				rng := rand.New(rand.NewPCG(9, 9))
+				p := &pair{t: t, nw: &memNet{up: true}, size: 8 << 20}
+				p.startTarget(bDir, bFile, "")
+				// A pair in sync, then the source restarts (an agent
+				// killed and started again): the target is consistent at
+				// the source's generation, so the handshake adopts it.
+				p.startSource(SourceConfig{Dir: aDir, Mode: mode}, aFile)
+				p.write(0, randBytes(rng, 64<<10))
+				p.converge(20 * time.Second)
+				p.stopSource()
+				data := randBytes(rng, 64<<10)
+				var once sync.Once
+				wrote := make(chan error, 1)
+				p.hook = func(at string) {
+					if at != point {
+						return
+					}
+					once.Do(func() {
+						go func() {
+							wrote <- p.src.Apply(t.Context(), &blockdev.Mutation{Op: blockdev.OpWrite, Length: int64(len(data)), Data: data})
+						}()
+						time.Sleep(50 * time.Millisecond) // the write lands in the window (sync: it waits for the target)
+					})
+				}
+				p.startSource(SourceConfig{Dir: aDir, Mode: mode}, aFile)
+				select {
+				case err := <-wrote:
+					if err != nil {
+						t.Fatal(err)
+					}
+				case <-time.After(20 * time.Second):
+					t.Fatal("the handshake hook never ran")
+				}
+				p.converge(20 * time.Second)
+				deadline := time.Now().Add(10 * time.Second)
+				for !p.src.Status().Synced {
+					if time.Now().After(deadline) {
+						t.Fatalf("source not synced 10 s after converging on a healthy link: %+v", p.src.Status())
+					}
+					time.Sleep(20 * time.Millisecond)
+				}
+				p.stopSource()
+				p.stopTarget()
+				sameFiles(t, aFile, bFile)
+			})
+		}
 	}
 }
