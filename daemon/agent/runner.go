@@ -48,6 +48,13 @@ type runner struct {
 	probeErr    error // the probe could not be read: ticks suspended
 	lastActions []string
 
+	// identityRetry is when to take the service IPs again after taking
+	// them failed (zero: nothing pending): a promoted side finds the
+	// address still answered by the old source's host (its agent was
+	// killed, the kernel still holds it) until that agent comes back
+	// fenced and releases it.
+	identityRetry time.Time
+
 	// history is the job's decision log (doppel job events).
 	history *eventLog
 	// arb is the job's arbiter (nil: none); epoch the node's epoch as of
@@ -313,6 +320,7 @@ func (r *runner) tick(ctx context.Context) {
 		}
 	}
 	r.node.Tick()
+	r.retryIdentity(ctx)
 	// While the link is down, say who we are every ~2 s: the peer may
 	// have missed a promotion (or this side may have).
 	r.ticks++
@@ -321,6 +329,35 @@ func (r *runner) tick(ctx context.Context) {
 	}
 	r.process(ctx)
 	r.publish()
+}
+
+// identityRetryEvery is how often an active source that could not take
+// its service IPs tries again.
+const identityRetryEvery = 2 * time.Second
+
+// retryIdentity takes the service IPs again when taking them failed and
+// this side is still the active source (holding its lease, with an
+// arbiter). Called with mu held.
+func (r *runner) retryIdentity(ctx context.Context) {
+	if r.identityRetry.IsZero() || time.Now().Before(r.identityRetry) {
+		return
+	}
+	hs := r.node.HardState()
+	if hs.Role != ha.RoleSource || hs.Superseded || hs.HandingOver {
+		r.identityRetry = time.Time{}
+		return
+	}
+	r.identityRetry = time.Now().Add(identityRetryEvery)
+	if r.arb != nil && !r.arb.statusView().Holding {
+		return
+	}
+	if err := r.do(ctx, ha.Action{Type: ha.ActApplyIdentity}); err != nil {
+		r.log.Warn("service IPs still not taken", "err", err)
+		return
+	}
+	r.identityRetry = time.Time{}
+	r.log.Info("action done", "action", "apply-identity (retried)")
+	r.history.add(hs.Epoch, "action", "service IPs taken on retry (the address is no longer answered elsewhere)")
 }
 
 // publish makes the current status readable without mu. Called with mu held.
@@ -377,6 +414,12 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 		}
 		for _, a := range rd.Actions {
 			err := r.do(ctx, a)
+			switch {
+			case a.Type == ha.ActApplyIdentity && err != nil:
+				r.identityRetry = time.Now().Add(identityRetryEvery)
+			case a.Type == ha.ActApplyIdentity, a.Type == ha.ActReleaseIdentity:
+				r.identityRetry = time.Time{}
+			}
 			desc := a.String()
 			if err != nil {
 				desc += " FAILED: " + err.Error()
