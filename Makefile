@@ -22,7 +22,7 @@ SYSCONFDIR ?= /etc
 GENDIR     ?= bin
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build static install uninstall generate check-generate vet check tidy-check staticcheck test test-go test-race test-fuzz test-soak test-unit test-vm bench bench-nbd bench-repl demo clean
+.PHONY: help deps build static install uninstall generate check-generate vet check tidy-check staticcheck test test-go test-race test-fuzz test-soak test-unit test-vm test-faults bench bench-nbd bench-repl demo clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -105,6 +105,9 @@ test-unit: ## unit tests only (no root, no network namespaces, no VMs)
 
 test-vm: deps ## the qemu VM tier alone (downloads a Debian kernel with apt-get download)
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) -v ./test/vm/...
+
+test-faults: deps ## the fault suite's long seeded random schedules, sync and async (root, tens of minutes); DOPPEL_FAULT_SEEDS=1,2 replays seeds, DOPPEL_FAULT_COUNT=N faults per schedule
+	DOPPEL_FAULTS=long $(GO) test -count=1 -timeout 85m -v -run '^TestFaultSchedule$$' ./test/faults/
 
 bench: bench-nbd bench-repl ## every benchmark; results go to bench/RESULTS.md
 

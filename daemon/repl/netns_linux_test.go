@@ -2,15 +2,12 @@ package repl
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/tls"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
-	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -25,6 +22,7 @@ import (
 	"github.com/doppelha/doppel/blockdev"
 	"github.com/doppelha/doppel/daemon/repl/wire"
 	"github.com/doppelha/doppel/daemon/tlspin"
+	"github.com/doppelha/doppel/test/lab"
 )
 
 // The namespace tier of the session keepalive: a source in one network
@@ -37,18 +35,7 @@ import (
 //
 //	DOPPEL_REPL_TRIALS=10 go test -count=1 -v -run '^TestSessionBlackholeNetns$' ./daemon/repl/
 
-func needNetns(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: network namespaces, veth, tcx")
-	}
-	if testing.Short() {
-		t.Skip("network-namespace tier skipped in -short mode")
-	}
-	if _, err := exec.LookPath("ip"); err != nil {
-		t.Fatalf("ip (iproute2) not found: %v", err)
-	}
-}
+func needNetns(t *testing.T) { t.Helper(); lab.Need(t) }
 
 func runCmd(t testing.TB, name string, args ...string) {
 	t.Helper()
@@ -59,36 +46,7 @@ func runCmd(t testing.TB, name string, args ...string) {
 
 // inNetns runs f on an OS thread switched into the named namespace:
 // sockets f creates stay in it.
-func inNetns(ns string, f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked if restoring fails: the thread dies with the goroutine
-		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		target, err := os.Open("/var/run/netns/" + ns)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer target.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("setns %s: %w", ns, err)
-			return
-		}
-		ferr := f()
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("restore netns: %w", err)
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+func inNetns(ns string, f func() error) error { return lab.DoIn(ns, f) }
 
 type vethLab struct {
 	nsA, nsB, vethA, vethB string
@@ -97,19 +55,10 @@ type vethLab struct {
 
 func newVethLab(t *testing.T) *vethLab {
 	t.Helper()
-	b := make([]byte, 3)
-	rand.Read(b)
-	id := hex.EncodeToString(b)
-	l := &vethLab{nsA: "drpa-" + id, nsB: "drpb-" + id, vethA: "drpa" + id, vethB: "drpb" + id, addrA: "10.99.0.1", addrB: "10.99.0.2"}
-	runCmd(t, "ip", "netns", "add", l.nsA)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", l.nsA).Run() })
-	runCmd(t, "ip", "netns", "add", l.nsB)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", l.nsB).Run() })
-	runCmd(t, "ip", "link", "add", l.vethA, "netns", l.nsA, "type", "veth", "peer", "name", l.vethB, "netns", l.nsB)
-	for _, s := range [][3]string{{l.nsA, l.vethA, l.addrA}, {l.nsB, l.vethB, l.addrB}} {
-		runCmd(t, "ip", "-n", s[0], "addr", "add", s[2]+"/24", "dev", s[1])
-		runCmd(t, "ip", "-n", s[0], "link", "set", s[1], "up")
-	}
+	lb := lab.New(t)
+	a, b := lb.Host("drpa"), lb.Host("drpb")
+	l := &vethLab{nsA: a.NS, nsB: b.NS, vethA: "drpa" + lb.Suffix, vethB: "drpb" + lb.Suffix, addrA: "10.99.0.1", addrB: "10.99.0.2"}
+	a.Link(l.vethA, b, l.vethB, l.addrA+"/24", l.addrB+"/24")
 	return l
 }
 
