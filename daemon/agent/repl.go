@@ -426,9 +426,11 @@ func (d *replPlane) StartTarget(ctx context.Context) error {
 	d.tgt, d.tgtRemove, d.peeked = t, remove, nil
 	d.lastLink, d.lastState = false, ""
 	d.linkGen++
-	if t.Status().Data != "consistent" {
+	if !t.Status().Consistent {
 		// Whatever the job's record says (its state was set aside, a
-		// resync was interrupted): this copy is not consistent.
+		// resync was interrupted, by the handshake or inside the
+		// stream): this copy is not consistent.
+		d.lastState = "inconsistent"
 		d.notify(ha.Event{Type: ha.EvResync})
 	}
 	d.startPoll()
@@ -724,12 +726,13 @@ func (d *replPlane) startPoll() {
 				// The source's sync state comes from its mirror.
 				link = src.Connected()
 			case tgt != nil:
+				// replstate is the truth about the copy (its
+				// generation and its applier together); the job
+				// record's flag follows it.
 				ts := tgt.Status()
-				link, state = ts.Peer != "", ts.ApplierState
-				if ts.Data != "consistent" {
-					// A fresh target, or one waiting for the end of
-					// a resync (its generation says so).
-					state = "inconsistent"
+				link, state = ts.Peer != "", "inconsistent"
+				if ts.Consistent {
+					state = "consistent"
 				}
 			}
 			// The facts are compared and recorded under d.mu, and
@@ -746,7 +749,11 @@ func (d *replPlane) startPoll() {
 						evs = append(evs, ha.Event{Type: ha.EvLinkDown})
 					}
 				}
-				if link && state != "" && state != d.lastState {
+				// A copy that turned inconsistent says so even
+				// when the source went away meanwhile (it may not
+				// come back to finish); it is taken for consistent
+				// again only from a connected source's session.
+				if state != "" && state != d.lastState && (link || state == "inconsistent") {
 					switch state {
 					case "consistent":
 						evs = append(evs, ha.Event{Type: ha.EvSynced})

@@ -113,11 +113,22 @@ func (t *Target) setGen(st generation.State) {
 	t.gen = st
 }
 
-// consistentLocked reports whether both the generation and the engine
-// say the data is a consistent image. Called with mu held.
+// consistentLocked reports whether this side's data is a consistent
+// image now (consistent). Called with mu held.
 func (t *Target) consistentLocked() bool {
 	es, _, _ := t.eng.Status()
-	return t.gen.Current != 0 && t.gen.Data == generation.Consistent && es.State == "consistent"
+	return consistent(t.gen, es)
+}
+
+// consistent is the one answer to "is the target's copy a consistent
+// image": its generation says so (no resync or mirror the handshake
+// began is pending) and so does its applier (no mirror or resync batch
+// inside the stream began and did not end). Both are persisted
+// (GenerationFile, TargetFile) and either alone can say inconsistent
+// after a crash; the job record's flag (ha.HardState.Consistent) is
+// derived from this one through TargetStatus.Consistent.
+func consistent(gen generation.State, es repl.ApplierState) bool {
+	return gen.Current != 0 && gen.Data == generation.Consistent && es.State == "consistent"
 }
 
 // AtPoint runs f with no frame being applied and no handshake changing
@@ -424,6 +435,9 @@ type TargetStatus struct {
 	ApplierState    string
 	Peer            string
 	AppliedBytes    int64
+	// Consistent: the copy is a consistent image now, by the generation
+	// and the applier together; Data and ApplierState are each one half.
+	Consistent bool
 }
 
 // Status returns the target's state.
@@ -433,7 +447,8 @@ func (t *Target) Status() TargetStatus {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	st := TargetStatus{Generation: t.gen.Current, History: t.gen.History, Data: t.gen.Data.String(), Refusal: t.refusal, Saved: t.saved, SetAside: t.aside,
-		Stream: es.StreamID, Applied: es.Applied, ApplierState: es.State, Peer: peer, AppliedBytes: applied}
+		Stream: es.StreamID, Applied: es.Applied, ApplierState: es.State, Peer: peer, AppliedBytes: applied,
+		Consistent: consistent(t.gen, es)}
 	if t.bm != nil {
 		st.DirtyBytes = t.bm.DirtyBytes()
 	}
