@@ -686,7 +686,7 @@ func (a *Agent) StopTestFailover(ctx context.Context, name string) error {
 type snapshotCollector struct{ a *Agent }
 
 var (
-	descSnapCount = prometheus.NewDesc("doppel_snapshot_count", "Snapshots of the job's volume on this host.", []string{"job"}, nil)
+	descSnapCount = prometheus.NewDesc("doppel_snapshots", "Snapshots of the job's volume on this host.", []string{"job"}, nil)
 	descSnapAge   = prometheus.NewDesc("doppel_snapshot_age_seconds", "Age of each snapshot.", []string{"job", "snapshot", "kind"}, nil)
 	descSnapSeq   = prometheus.NewDesc("doppel_snapshot_sequence", "Replication sequence number each snapshot was taken at.", []string{"job", "snapshot"}, nil)
 	descSnapAlloc = prometheus.NewDesc("doppel_snapshot_allocated_bytes", "Blocks allocated to each snapshot's image, shared ones included (what du reports; LVM: the thin snapshot's mapped data).", []string{"job", "snapshot"}, nil)

@@ -50,11 +50,18 @@ func b2f(b bool) float64 {
 	return 0
 }
 
-// streamCollector exports a Stream's Stats.
-type streamCollector struct{ s *Stream }
+// streamCollector exports a source's StreamStats.
+type streamCollector struct{ stats func() StreamStats }
 
 // Collector returns a Prometheus collector for the source's metrics.
-func (s *Stream) Collector() prometheus.Collector { return streamCollector{s} }
+func (s *Stream) Collector() prometheus.Collector { return streamCollector{s.Stats} }
+
+// NewStreamCollector returns a collector of the source metrics stats
+// reports: for an owner that replaces its Stream (a new stream) and keeps
+// the counters (SentBytes, PayloadBytes, RecvBytes) growing across them.
+func NewStreamCollector(stats func() StreamStats) prometheus.Collector {
+	return streamCollector{stats}
+}
 
 func (streamCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSent, descPayload, descRecv, descQueueBytes, descQueueEntries,
@@ -64,7 +71,7 @@ func (streamCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c streamCollector) Collect(ch chan<- prometheus.Metric) {
-	st := c.s.Stats()
+	st := c.stats()
 	for _, k := range kindNames {
 		ch <- counter(descSent, float64(st.SentBytes[k]), k)
 		ch <- counter(descPayload, float64(st.PayloadBytes[k]), k)

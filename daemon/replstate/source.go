@@ -126,6 +126,7 @@ type Source struct {
 	// the engine.
 	swap    sync.RWMutex
 	cur     atomic.Pointer[repl.Stream]
+	retired retiredTraffic // counters of the engines cur replaced (metrics)
 	q       atomic.Pointer[queueBacklog]
 	qq      *queue.Queue
 	running atomic.Bool // Run is active: without it, every write is tracked
@@ -340,15 +341,56 @@ func (s *Source) Mark(ctx context.Context) (stream, seq uint64, err error) {
 // the final Close.
 func (s *Source) FailWaiters() { s.engine().Close() }
 
-// EngineCollector returns a Prometheus collector of the current engine's
-// metrics (the engine is replaced when the stream restarts).
-func (s *Source) EngineCollector() prometheus.Collector { return engineCollector{s} }
+// EngineCollector returns a Prometheus collector of the engine's metrics:
+// the current engine's, with its counters continuing those of the engines
+// it replaced (a new one starts when the stream restarts), so that they
+// grow for the life of the Source.
+func (s *Source) EngineCollector() prometheus.Collector {
+	return repl.NewStreamCollector(s.streamStats)
+}
 
-type engineCollector struct{ s *Source }
+// retiredTraffic sums the counters of the engines a Source replaced.
+type retiredTraffic struct {
+	mu               sync.Mutex // also held while the engine is replaced
+	sent, payload    map[string]int64
+	recv, frames, nc int64
+}
 
-func (e engineCollector) Describe(ch chan<- *prometheus.Desc) { prometheus.DescribeByCollect(e, ch) }
+// retire adds the counters of an engine being replaced. Called with mu
+// held, together with the replacement.
+func (r *retiredTraffic) retire(st repl.StreamStats) {
+	if r.sent == nil {
+		r.sent, r.payload = map[string]int64{}, map[string]int64{}
+	}
+	for k, v := range st.SentBytes {
+		r.sent[k] += v
+	}
+	for k, v := range st.PayloadBytes {
+		r.payload[k] += v
+	}
+	r.recv += st.RecvBytes
+	r.frames += st.SentFrames
+	r.nc += st.Connects
+}
 
-func (e engineCollector) Collect(ch chan<- prometheus.Metric) { e.s.engine().Collector().Collect(ch) }
+// streamStats is the current engine's StreamStats, its counters
+// including those of the engines it replaced.
+func (s *Source) streamStats() repl.StreamStats {
+	r := &s.retired
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := s.engine().Stats()
+	for k, v := range r.sent {
+		st.SentBytes[k] += v
+	}
+	for k, v := range r.payload {
+		st.PayloadBytes[k] += v
+	}
+	st.RecvBytes += r.recv
+	st.SentFrames += r.frames
+	st.Connects += r.nc
+	return st
+}
 
 // Run replicates until ctx is done: connect, decide, resync, stream;
 // restart the stream from the bitmap when it cannot be resumed. It

@@ -97,8 +97,7 @@ var (
 	descTracking   = prometheus.NewDesc("doppel_repl_tracking", "1 while the source tracks changes locally (target absent) instead of replicating.", nil, nil)
 	descDirty      = prometheus.NewDesc("doppel_repl_dirty_bytes", "Bytes marked dirty in the bitmap.", nil, nil)
 	descHot        = prometheus.NewDesc("doppel_repl_hot_extents", "Activity-log extents hot.", nil, nil)
-	descRTotal     = prometheus.NewDesc("doppel_repl_resync_total_bytes", "Dirty bytes of the current or last resync pass.", nil, nil)
-	descRDone      = prometheus.NewDesc("doppel_repl_resync_done_bytes", "Bytes of the current or last resync pass done.", nil, nil)
+	descRPass      = prometheus.NewDesc("doppel_repl_resync_pass_bytes", "The current or last resync pass: its dirty bytes (total) and those done.", []string{"stage"}, nil)
 	descRSent      = prometheus.NewDesc("doppel_repl_resync_sent_bytes_total", "Payload bytes sent by resyncs and mirrors.", nil, nil)
 	descRSched     = prometheus.NewDesc("doppel_repl_resync_scheduled_bytes_total", "Dirty bytes resync passes set out to send.", nil, nil)
 	descOpenDirty  = prometheus.NewDesc("doppel_repl_open_dirty_bytes", "Dirty bytes found at start (bitmap plus the hot extents of a crash).", nil, nil)
@@ -118,7 +117,7 @@ type collector struct{ s *Source }
 func (s *Source) Collector() prometheus.Collector { return collector{s} }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descTracking, descDirty, descHot, descRTotal, descRDone, descRSent, descRSched, descOpenDirty, descOpenHot, descOpenQueue, descRActive, descQMem, descQDisk, descQOverflow, descGeneration, descRefused} {
+	for _, d := range []*prometheus.Desc{descTracking, descDirty, descHot, descRPass, descRSent, descRSched, descOpenDirty, descOpenHot, descOpenQueue, descRActive, descQMem, descQDisk, descQOverflow, descGeneration, descRefused} {
 		ch <- d
 	}
 }
@@ -136,8 +135,8 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descTracking, g, b2f(st.Tracking))
 	ch <- prometheus.MustNewConstMetric(descDirty, g, float64(st.DirtyBytes))
 	ch <- prometheus.MustNewConstMetric(descHot, g, float64(st.HotExtents))
-	ch <- prometheus.MustNewConstMetric(descRTotal, g, float64(st.ResyncTotal))
-	ch <- prometheus.MustNewConstMetric(descRDone, g, float64(st.ResyncDone))
+	ch <- prometheus.MustNewConstMetric(descRPass, g, float64(st.ResyncTotal), "total")
+	ch <- prometheus.MustNewConstMetric(descRPass, g, float64(st.ResyncDone), "done")
 	ch <- prometheus.MustNewConstMetric(descRSent, prometheus.CounterValue, float64(st.ResyncSent))
 	ch <- prometheus.MustNewConstMetric(descRSched, prometheus.CounterValue, float64(st.ResyncScheduled))
 	ch <- prometheus.MustNewConstMetric(descOpenDirty, g, float64(st.OpenDirtyBytes))

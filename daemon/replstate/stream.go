@@ -164,7 +164,12 @@ func (s *Source) startStream(qq *queue.Queue, rp *repl.ResumePoint) error {
 	q.durable = func() uint64 { _, d := src.Progress(); return d }
 	s.qq = qq
 	s.q.Store(q)
+	s.retired.mu.Lock()
+	if old := s.cur.Load(); old != nil {
+		s.retired.retire(old.Stats())
+	}
 	s.cur.Store(src)
+	s.retired.mu.Unlock()
 	return nil
 }
 
