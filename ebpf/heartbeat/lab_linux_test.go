@@ -2,21 +2,13 @@ package heartbeat
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	"fmt"
 	"net/netip"
-	"os"
-	"os/exec"
-	"runtime"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/doppelha/doppel/daemon/monitor"
+	testlab "github.com/doppelha/doppel/test/lab"
 )
 
 // lab is two network namespaces joined by a veth pair: the sender (peer)
@@ -29,48 +21,28 @@ type lab struct {
 	addrA, addrB netip.Addr
 }
 
+// needRoot skips without root or in -short mode (test/lab.Need).
 func needRoot(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: network namespaces, veth, XDP")
-	}
-	if testing.Short() {
-		t.Skip("network-namespace tier skipped in -short mode")
-	}
+	testlab.Need(t)
 }
 
-func run(t testing.TB, name string, args ...string) {
+// run runs a command (ip ...) and fails the test when it fails.
+func run(t testing.TB, argv ...string) {
 	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	if _, err := testlab.Run(argv...); err != nil {
+		t.Fatal(err)
 	}
 }
 
 func newLab(t testing.TB) *lab {
 	t.Helper()
 	needRoot(t)
-	if _, err := exec.LookPath("ip"); err != nil {
-		t.Fatalf("ip (iproute2) not found: %v", err)
-	}
-	b := make([]byte, 3)
-	rand.Read(b)
-	id := hex.EncodeToString(b)
-	l := &lab{t: t, nsA: "dpa-" + id, nsB: "dpb-" + id, vethA: "dpva" + id, vethB: "dpvb" + id,
+	tl := testlab.New(t)
+	a, b := tl.Host("dpa"), tl.Host("dpb")
+	l := &lab{t: t, nsA: a.NS, nsB: b.NS, vethA: "dpva" + tl.Suffix, vethB: "dpvb" + tl.Suffix,
 		addrA: netip.MustParseAddr("10.98.0.1"), addrB: netip.MustParseAddr("10.98.0.2")}
-	run(t, "ip", "netns", "add", l.nsA)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", l.nsA).Run() })
-	run(t, "ip", "netns", "add", l.nsB)
-	t.Cleanup(func() { exec.Command("ip", "netns", "del", l.nsB).Run() })
-	run(t, "ip", "link", "add", l.vethA, "netns", l.nsA, "type", "veth", "peer", "name", l.vethB, "netns", l.nsB)
-	for _, s := range []struct {
-		ns, dev string
-		a       netip.Addr
-	}{{l.nsA, l.vethA, l.addrA}, {l.nsB, l.vethB, l.addrB}} {
-		run(t, "ip", "-n", s.ns, "addr", "add", s.a.String()+"/24", "dev", s.dev)
-		run(t, "ip", "-n", s.ns, "link", "set", s.dev, "up")
-		run(t, "ip", "-n", s.ns, "link", "set", "lo", "up")
-	}
+	a.Link(l.vethA, b, l.vethB, l.addrA.String()+"/24", l.addrB.String()+"/24")
 	return l
 }
 
@@ -78,34 +50,7 @@ func newLab(t testing.TB) *lab {
 // and attachments made by f stay in that namespace.
 func inNS(t testing.TB, ns string, f func() error) error {
 	t.Helper()
-	errc := make(chan error)
-	go func() {
-		runtime.LockOSThread() // never unlocked if restoring fails: the thread dies with the goroutine
-		orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		target, err := os.Open("/var/run/netns/" + ns)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer target.Close()
-		if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("setns %s: %w", ns, err)
-			return
-		}
-		ferr := f()
-		if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("restore netns: %w", err)
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
+	return testlab.DoIn(ns, f)
 }
 
 // The lab's job: its heartbeats are sent by "A" (the peer) and watched
