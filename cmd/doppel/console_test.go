@@ -543,7 +543,6 @@ func TestConsoleBrowser(t *testing.T) {
 	if strings.Contains(servers, "no:") {
 		t.Fatalf("a server is unreachable: %s", servers)
 	}
-	b.shot("servers")
 
 	// Create the job: first with a hook script missing on both hosts (every
 	// problem of both sides at once, nothing created), then for real.
@@ -604,6 +603,14 @@ func TestConsoleBrowser(t *testing.T) {
 	b.waitText(row, 10*time.Second, "PROTECTED")
 	b.shot("jobs")
 
+	// The servers page with the job: each agent's version, probe and the
+	// paths on which it hears its peer.
+	b.run("servers page", b.goTo("#/servers", `#servers-table tr[data-server="vm1"]`))
+	for _, host := range []string{"vm1", "vm2"} {
+		b.waitText(`#servers-table tr[data-server="`+host+`"]`, 10*time.Second, "yes", "dev", "web: repl up, app up")
+	}
+	b.shot("servers")
+
 	// vm1 dies: agent killed, links down. The console shows vm2's monitor
 	// declaring it failed; the operator fails over.
 	b.run("job page", b.goTo("#/job/web", "#job-headline"))
@@ -612,6 +619,10 @@ func TestConsoleBrowser(t *testing.T) {
 	labRun(t, "ip", "-n", lab.ns["vm1"], "link", "set", "eth0", "down")
 	labRun(t, "ip", "-n", lab.ns["vm1"], "link", "set", "eth1", "down")
 	b.waitText("#job-countdown", 20*time.Second, "vm2 declared vm1 failed")
+	// The snapshots on vm2 stay listed with vm1 dead (emptied here, so
+	// only a list fetched with vm1 dead fills it again).
+	b.run("empty the snapshot list", b.eval(`document.getElementById("job-snapshots").replaceChildren()`))
+	b.waitText("#job-snapshots", 15*time.Second, "before-test", "manual")
 	plan := b.confirm("failover", "vm2 will take 172.17.22.187 on eth0", "vm1 will be fenced", "epoch 2", "lease has expired", "writes vm2 does not hold are lost")
 	t.Logf("failover confirmation:\n%s", plan)
 	b.shot("failover-confirm")
@@ -635,6 +646,7 @@ func TestConsoleBrowser(t *testing.T) {
 	if lab.hasIP("vm1", "172.17.22.187") {
 		t.Fatal("the returned vm1 holds the service IP")
 	}
+	b.waitText("#job-snapshots", 10*time.Second, "No target answers now")
 	b.shot("failed-over")
 	b.confirm("reverse", "vm1 (fenced since the failover) becomes the target of vm2", "only the chunks that differ")
 	b.run("confirm reverse", chromedp.Click(chromedp.CSS("#modal-ok")))

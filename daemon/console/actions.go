@@ -265,12 +265,15 @@ func (c *Console) snapshots(w http.ResponseWriter, r *http.Request, s *session) 
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), queryTimeout)
-	defer cancel()
-	server, cl, err := f.Pick(ctx, name, client.Target)
+	// The fleet bounds each server's answer to FindJob; the list gets its
+	// own bound: a dead source uses up the whole of the first (one side
+	// down is when the snapshots matter).
+	server, cl, err := f.Pick(r.Context(), name, client.Target)
 	if err != nil {
 		return errorf(http.StatusConflict, "no_target", "%v", err)
 	}
+	ctx, cancel := context.WithTimeout(r.Context(), queryTimeout)
+	defer cancel()
 	l, err := cl.Snapshots(ctx, name)
 	if err != nil {
 		return err

@@ -208,8 +208,8 @@ function renderJobs() {
         h("td", { "data-label": "Mirror" }, progress(j.sync)),
         h("td", { "data-label": "Replication", class: "replication", text: j.replication }),
         h("td", { "data-label": "Transmit", text: j.mode + ", compression " + j.compression }),
-        h("td", { "data-label": "Queue", text: bytes(j.queue_memory) + " / " + bytes(j.queue_disk) }),
-        h("td", { "data-label": "RPO", text: secs(j.rpo) }),
+        h("td", { "data-label": "Queue", class: "num", text: bytes(j.queue_memory) + " / " + bytes(j.queue_disk) }),
+        h("td", { "data-label": "RPO", class: "num", text: secs(j.rpo) }),
         h("td", { "data-label": "Arbiter", class: "small", text: j.arbiter || "none" }),
         h("td", { "data-label": "Failover monitor", class: "countdown" + (j.countdown ? " alert" : ""), text: j.countdown || ("heard, failover " + (j.failover || "–")) }),
       ))));
@@ -343,7 +343,9 @@ async function loadSnapshots(name) {
   try {
     d = (await api("GET", "/api/jobs/" + encodeURIComponent(name) + "/snapshots")).data;
   } catch (e) {
-    wrap.replaceChildren(h("p", { class: "muted", text: e.status === 501 ? "The target's agent has no snapshots." : e.message }));
+    wrap.replaceChildren(e.status === 409
+      ? h("p", { class: "muted" }, h("b", { text: "No target answers now; snapshots are listed from the job's target. " }), h("span", { class: "small", text: e.message }))
+      : h("p", { class: "muted", text: e.status === 501 ? "The target's agent has no snapshots." : e.message }));
     note.textContent = "";
     return;
   }
@@ -450,7 +452,7 @@ function renderJob(name) {
       h("td", { "data-label": "State", class: "side-state", text: s.reachable ? s.state : (s.state ? s.state + " (" + secs(s.age) + " ago)" : "unreachable") }),
       h("td", { "data-label": "Epoch", text: s.role ? s.epoch : "–" }),
       h("td", { "data-label": "Target data", text: s.role === "target" ? (s.consistent ? "consistent" : "inconsistent") : "–" }),
-      h("td", { "data-label": "Served at", class: "small", text: s.device || "–" }),
+      h("td", { "data-label": "Served at", class: "small path", text: s.device || "–" }),
       h("td", { "data-label": "Paths", text: (s.paths || []).join(", ") || "–" }),
       h("td", { "data-label": "Probe", class: "small", text: s.probe || "–" }),
       h("td", { "data-label": "Arbiter", class: "small", text: s.arbiter || "–" }),
