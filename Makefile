@@ -22,7 +22,7 @@ SYSCONFDIR ?= /etc
 GENDIR     ?= bin
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build static install uninstall generate check-generate vet check tidy-check staticcheck test test-go test-race test-fuzz test-soak test-unit test-vm test-faults bench bench-nbd bench-repl demo clean
+.PHONY: help deps build static install uninstall generate check-generate vet check tidy-check staticcheck vulncheck test test-go test-race test-fuzz test-soak test-unit test-vm test-faults bench bench-nbd bench-repl demo clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -83,6 +83,12 @@ tidy-check: ## fail if go mod tidy would change go.mod or go.sum
 	    git --no-pager diff -- go.mod go.sum; cp /tmp/doppel-go.mod.$$$$ go.mod; cp /tmp/doppel-go.sum.$$$$ go.sum; \
 	    rm -f /tmp/doppel-go.*.$$$$; echo "go mod tidy changes go.mod/go.sum: run it and commit"; exit 1; fi; \
 	  rm -f /tmp/doppel-go.*.$$$$
+
+# govulncheck, pinned; fetched by go run (not a module dependency).
+GOVULNCHECK ?= golang.org/x/vuln/cmd/govulncheck@v1.10.0
+
+vulncheck: ## govulncheck: known vulnerabilities reachable from the code (needs network: the module proxy and vuln.go.dev, so not part of make test)
+	$(GO) run $(GOVULNCHECK) ./...
 
 check: vet staticcheck tidy-check ## every static check CI runs (gofmt, vet, staticcheck, go mod tidy)
 
