@@ -111,7 +111,8 @@ type campaign struct {
 	planned      bool // a switchover's handover
 	force        bool
 	discardQueue bool
-	prevState    State // to go back to when it is refused
+	snapshot     string // failover to this snapshot (rolled back before the promotion)
+	prevState    State  // to go back to when it is refused
 	prevReason   string
 }
 
@@ -453,8 +454,10 @@ func (n *Node) failover(ev Event, auto bool) error {
 		return n.refuse(CmdFailover, ErrWrongRole, "%s is the source of job %s: fail over on its target %s", n.cfg.Self, n.cfg.Job, n.cfg.Peer)
 	case n.switching():
 		return n.refuse(CmdFailover, ErrBadState, "job %s is switching over", n.cfg.Job)
-	case !n.hs.Consistent && !ev.Force:
-		return n.refuse(CmdFailover, ErrInconsistent, "target %s is inconsistent (mirror or resync incomplete): its data is not a usable image; --force takes over anyway", n.cfg.Self)
+	case !n.hs.Consistent && !ev.Force && ev.Snapshot == "":
+		// A snapshot is a consistent image whatever the volume holds now:
+		// the failover rolls the volume back to it first.
+		return n.refuse(CmdFailover, ErrInconsistent, "target %s is inconsistent (mirror or resync incomplete): its data is not a usable image; --snapshot S fails over to a snapshot taken before (doppel snapshot list), --force takes over anyway", n.cfg.Self)
 	case !auto && n.peerAlive() && !ev.Force:
 		return n.refuse(CmdFailover, ErrSourceAlive, "source %s is still heard on %s: use doppel switchover for a planned switchover (no data loss), or --force (the source will be fenced)", n.cfg.Peer, n.alivePaths())
 	}
@@ -462,10 +465,10 @@ func (n *Node) failover(ev Event, auto bool) error {
 		if n.campaign != nil {
 			return n.refuse(CmdFailover, ErrBadState, "job %s: a promotion of %s is already under way (%s)", n.cfg.Job, n.cfg.Self, n.reason)
 		}
-		n.askArbiter(&campaign{auto: auto, force: ev.Force, discardQueue: ev.DiscardQueue})
+		n.askArbiter(&campaign{auto: auto, force: ev.Force, discardQueue: ev.DiscardQueue, snapshot: ev.Snapshot})
 		return nil
 	}
-	n.promoteFailover(max(n.hs.Epoch, n.peerEpoch)+1, ev.DiscardQueue)
+	n.promoteFailover(max(n.hs.Epoch, n.peerEpoch)+1, ev.DiscardQueue, ev.Snapshot)
 	return nil
 }
 
@@ -523,7 +526,7 @@ func (n *Node) onPromotion(ev Event) {
 		n.takeOver(ev.Epoch)
 		return
 	}
-	n.promoteFailover(ev.Epoch, c.discardQueue)
+	n.promoteFailover(ev.Epoch, c.discardQueue, c.snapshot)
 }
 
 // onEpochSeen: a newer epoch than this node's exists somewhere.
@@ -540,19 +543,27 @@ func (n *Node) onEpochSeen(epoch uint64) {
 	}
 }
 
-// promoteFailover makes this target the source at epoch.
-func (n *Node) promoteFailover(epoch uint64, discardQueue bool) {
-	n.act(
-		Action{Type: ActRunScript, Hook: HookPreFailover},
-		Action{Type: ActStopTarget, ApplyQueue: !discardQueue},
+// promoteFailover makes this target the source at epoch; with a
+// snapshot, its volume is rolled back to it (after the applier stopped,
+// before the promotion): the promoted copy is the snapshot's image, a
+// consistent one.
+func (n *Node) promoteFailover(epoch uint64, discardQueue bool, snapshot string) {
+	acts := []Action{
+		{Type: ActRunScript, Hook: HookPreFailover},
+		{Type: ActStopTarget, ApplyQueue: !discardQueue},
+	}
+	if snapshot != "" {
+		acts = append(acts, Action{Type: ActRollback, Snapshot: snapshot})
+	}
+	n.act(append(acts,
 		Action{Type: ActPromote, Epoch: epoch},
 		Action{Type: ActServe},
 		Action{Type: ActApplyIdentity},
 		Action{Type: ActRunScript, Hook: HookPostFailover},
-	)
+	)...)
 	// Every other flag (paused, alone, handing over) belonged to the
 	// role this node leaves.
-	n.hs = HardState{Role: RoleSource, Epoch: epoch, Consistent: n.hs.Consistent, FailedOver: true}
+	n.hs = HardState{Role: RoleSource, Epoch: epoch, Consistent: n.hs.Consistent || snapshot != "", FailedOver: true}
 	n.sourceDown = false
 	n.state = StateFailedOver
 	n.reason = ""

@@ -232,12 +232,15 @@ type Event struct {
 	// DiscardQueue: CmdFailover drops the target's unapplied queue instead
 	// of applying it first (the default).
 	DiscardQueue bool
-	Action       ActionType // EvActionFailed
-	Err          string     // EvActionFailed, EvPromotion (refused), EvLease (not held)
-	Msg          *Message   // EvMessage
-	Epoch        uint64     // EvPromotion, EvEpochSeen
-	Final        bool       // EvPromotion
-	Held         bool       // EvLease
+	// Snapshot: CmdFailover promotes this snapshot of the target's volume
+	// (a point in time before the latest data), not the latest data.
+	Snapshot string
+	Action   ActionType // EvActionFailed
+	Err      string     // EvActionFailed, EvPromotion (refused), EvLease (not held)
+	Msg      *Message   // EvMessage
+	Epoch    uint64     // EvPromotion, EvEpochSeen
+	Final    bool       // EvPromotion
+	Held     bool       // EvLease
 }
 
 // MessageType names a message between the two nodes of a job.
@@ -314,6 +317,7 @@ const (
 	ActStartTarget     ActionType = "start-target"     // accept the peer's stream and apply it
 	ActStopTarget      ActionType = "stop-target"      // stop applying (ApplyQueue: apply what is queued first)
 	ActPromote         ActionType = "promote"          // start a new generation at Epoch
+	ActRollback        ActionType = "rollback"         // roll the stopped target's volume back to Snapshot, keeping the newer data as a snapshot
 	ActPauseRepl       ActionType = "pause-repl"       // stop shipping, track in bitmap
 	ActResumeRepl      ActionType = "resume-repl"      // resume (resync dirty chunks)
 	ActQuiesce         ActionType = "quiesce"          // hold writes, drain the queue; step EvDrained when done
@@ -332,6 +336,7 @@ type Action struct {
 	Hook       Hook   // ActRunScript
 	Force      bool   // ActCampaign: forced takeover
 	Why        string // ActCampaign: what the promotion is for, in words
+	Snapshot   string // ActRollback
 }
 
 func (a Action) String() string {
@@ -345,6 +350,8 @@ func (a Action) String() string {
 		return string(a.Type) + " discard-queue"
 	case ActRunScript:
 		return fmt.Sprintf("%s %s", a.Type, a.Hook)
+	case ActRollback:
+		return fmt.Sprintf("%s to %s", a.Type, a.Snapshot)
 	case ActCampaign:
 		s := fmt.Sprintf("%s epoch=%d", a.Type, a.Epoch)
 		if a.Force {
