@@ -548,6 +548,27 @@ type StreamStats struct {
 	Connects     int64
 }
 
+// AddCounters adds o's counters (SentBytes, PayloadBytes, SentFrames,
+// RecvBytes, Connects) to st's: an owner that replaces its Stream keeps
+// them growing across streams.
+func (st *StreamStats) AddCounters(o StreamStats) {
+	if st.SentBytes == nil {
+		st.SentBytes = map[string]int64{}
+	}
+	if st.PayloadBytes == nil {
+		st.PayloadBytes = map[string]int64{}
+	}
+	for k, v := range o.SentBytes {
+		st.SentBytes[k] += v
+	}
+	for k, v := range o.PayloadBytes {
+		st.PayloadBytes[k] += v
+	}
+	st.SentFrames += o.SentFrames
+	st.RecvBytes += o.RecvBytes
+	st.Connects += o.Connects
+}
+
 // Stats returns a snapshot.
 func (s *Stream) Stats() StreamStats {
 	st := StreamStats{Mode: s.cfg.Mode.String(), LastSeq: s.LastSeq(), SentSeq: s.st.sentSeq.Load(),

@@ -11,6 +11,17 @@ import (
 	"github.com/doppelha/doppel/daemon/repl"
 )
 
+// startPair starts a target (state in bDir, volume bFile) and a source of
+// size bytes, each in a directory of its own under a temporary one.
+func startPair(t *testing.T, size int64) (p *pair, bDir, bFile string) {
+	dir := t.TempDir()
+	bDir, bFile = filepath.Join(dir, "b"), filepath.Join(dir, "b.img")
+	p = &pair{t: t, nw: &memNet{up: true}, size: size}
+	p.startTarget(bDir, bFile, "")
+	p.startSource(SourceConfig{Dir: filepath.Join(dir, "a")}, filepath.Join(dir, "a.img"))
+	return p, bDir, bFile
+}
+
 // TestTargetConsistentIsBothHalves: a target's copy is consistent only
 // when its generation (GenerationFile) and its applier (TargetFile) both
 // say so. After a crash either alone can say inconsistent (a resync the
@@ -19,12 +30,7 @@ import (
 // flag from, must then say inconsistent too.
 func TestTargetConsistentIsBothHalves(t *testing.T) {
 	const size = 1 << 20
-	dir := t.TempDir()
-	aFile, bFile := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
-	bDir := filepath.Join(dir, "b")
-	p := &pair{t: t, nw: &memNet{up: true}, size: size}
-	p.startTarget(bDir, bFile, "")
-	p.startSource(SourceConfig{Dir: filepath.Join(dir, "a")}, aFile)
+	p, bDir, bFile := startPair(t, size)
 	p.write(0, make([]byte, 4096))
 	p.converge(20 * time.Second)
 	if err := p.stopSource(); err != nil {

@@ -16,13 +16,7 @@ import (
 // and doppel_repl_payload_bytes_total must go on from where they were
 // (they restarted at 0: Prometheus's rate() read a counter reset).
 func TestEngineCountersMonotonic(t *testing.T) {
-	const size = 4 << 20
-	dir := t.TempDir()
-	aFile, bFile := filepath.Join(dir, "a.img"), filepath.Join(dir, "b.img")
-	bDir := filepath.Join(dir, "b")
-	p := &pair{t: t, nw: &memNet{up: true}, size: size}
-	p.startTarget(bDir, bFile, "")
-	p.startSource(SourceConfig{Dir: filepath.Join(dir, "a")}, aFile)
+	p, bDir, bFile := startPair(t, 4<<20)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(p.src.EngineCollector())
 	total := func(name string) float64 {

@@ -351,44 +351,17 @@ func (s *Source) EngineCollector() prometheus.Collector {
 
 // retiredTraffic sums the counters of the engines a Source replaced.
 type retiredTraffic struct {
-	mu               sync.Mutex // also held while the engine is replaced
-	sent, payload    map[string]int64
-	recv, frames, nc int64
-}
-
-// retire adds the counters of an engine being replaced. Called with mu
-// held, together with the replacement.
-func (r *retiredTraffic) retire(st repl.StreamStats) {
-	if r.sent == nil {
-		r.sent, r.payload = map[string]int64{}, map[string]int64{}
-	}
-	for k, v := range st.SentBytes {
-		r.sent[k] += v
-	}
-	for k, v := range st.PayloadBytes {
-		r.payload[k] += v
-	}
-	r.recv += st.RecvBytes
-	r.frames += st.SentFrames
-	r.nc += st.Connects
+	mu  sync.Mutex // also held while the engine is replaced
+	sum repl.StreamStats
 }
 
 // streamStats is the current engine's StreamStats, its counters
 // including those of the engines it replaced.
 func (s *Source) streamStats() repl.StreamStats {
-	r := &s.retired
-	r.mu.Lock()
-	defer r.mu.Unlock()
+	s.retired.mu.Lock()
+	defer s.retired.mu.Unlock()
 	st := s.engine().Stats()
-	for k, v := range r.sent {
-		st.SentBytes[k] += v
-	}
-	for k, v := range r.payload {
-		st.PayloadBytes[k] += v
-	}
-	st.RecvBytes += r.recv
-	st.SentFrames += r.frames
-	st.Connects += r.nc
+	st.AddCounters(s.retired.sum)
 	return st
 }
 

@@ -166,7 +166,7 @@ func (s *Source) startStream(qq *queue.Queue, rp *repl.ResumePoint) error {
 	s.q.Store(q)
 	s.retired.mu.Lock()
 	if old := s.cur.Load(); old != nil {
-		s.retired.retire(old.Stats())
+		s.retired.sum.AddCounters(old.Stats())
 	}
 	s.cur.Store(src)
 	s.retired.mu.Unlock()
