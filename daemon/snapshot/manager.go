@@ -240,10 +240,14 @@ func (m *Manager) Prune(keepAuto int) ([]string, error) {
 
 // Rollback makes the volume, through w (the job's backend, which nothing
 // else writes meanwhile), hold snapshot name's data again. It compares
-// only the chunks the mechanism says may differ, writes those that do,
-// syncs, and returns their indexes (chunk bytes each): exactly the chunks
-// the volume changed in since the snapshot.
-func (m *Manager) Rollback(name string, w io.WriterAt, r io.ReaderAt, size, chunk int64, sync func() error) ([]int64, error) {
+// only the chunks the mechanism says may differ and finds those that do:
+// exactly the chunks the volume changed in since the snapshot. mark
+// (when set) is called with them before the first write, so that the
+// caller records them durably (a crash in the middle leaves them known);
+// then they are written, the volume synced, and their indexes (chunk
+// bytes each) returned. Running it again after an interruption finishes
+// the job: the chunks already written compare equal.
+func (m *Manager) Rollback(name string, w io.WriterAt, r io.ReaderAt, size, chunk int64, sync func() error, mark func(chunks []int64) error) ([]int64, error) {
 	mech, err := m.Mechanism()
 	if err != nil {
 		return nil, err
@@ -273,26 +277,43 @@ func (m *Manager) Rollback(name string, w io.WriterAt, r io.ReaderAt, size, chun
 		}
 	}
 	a, b := make([]byte, chunk), make([]byte, chunk)
-	var changed []int64
-	for _, c := range cands {
+	read := func(c int64) (int64, error) {
 		off := c * chunk
 		n := min(chunk, size-off)
-		if n <= 0 {
-			break
-		}
 		if _, err := f.ReadAt(a[:n], off); err != nil && !errors.Is(err, io.EOF) {
-			return changed, fmt.Errorf("rollback to %s: read snapshot: %w", name, err)
+			return 0, fmt.Errorf("rollback to %s: read snapshot: %w", name, err)
 		}
 		if _, err := r.ReadAt(b[:n], off); err != nil && !errors.Is(err, io.EOF) {
-			return changed, fmt.Errorf("rollback to %s: read volume: %w", name, err)
+			return 0, fmt.Errorf("rollback to %s: read volume: %w", name, err)
 		}
-		if bytes.Equal(a[:n], b[:n]) {
-			continue
+		return n, nil
+	}
+	var changed []int64
+	for _, c := range cands {
+		if c*chunk >= size {
+			break
 		}
-		if _, err := w.WriteAt(a[:n], off); err != nil {
+		n, err := read(c)
+		if err != nil {
+			return nil, err
+		}
+		if !bytes.Equal(a[:n], b[:n]) {
+			changed = append(changed, c)
+		}
+	}
+	if mark != nil && len(changed) > 0 {
+		if err := mark(changed); err != nil {
+			return nil, fmt.Errorf("rollback to %s: mark the changed chunks: %w", name, err)
+		}
+	}
+	for _, c := range changed {
+		n, err := read(c)
+		if err != nil {
+			return changed, err
+		}
+		if _, err := w.WriteAt(a[:n], c*chunk); err != nil {
 			return changed, fmt.Errorf("rollback to %s: write volume: %w", name, err)
 		}
-		changed = append(changed, c)
 	}
 	if err := sync(); err != nil {
 		return changed, fmt.Errorf("rollback to %s: sync: %w", name, err)

@@ -132,13 +132,30 @@ func TestReflink(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			got, err := m.Rollback("s1", f, f, size, chunk, f.Sync)
+			// mark sees the changed chunks before any of them is
+			// written: the volume still holds the newer data then.
+			var marked []int64
+			mark := func(c []int64) error {
+				if v, _ := os.ReadFile(vol); !bytes.Equal(v, cur) {
+					t.Error("the volume was written before the changed chunks were marked")
+				}
+				marked = slices.Clone(c)
+				return nil
+			}
+			// A failing mark writes nothing.
+			if _, err := m.Rollback("s1", f, f, size, chunk, f.Sync, func([]int64) error { return errors.New("disk full") }); err == nil {
+				t.Fatal("rollback went on after mark failed")
+			}
+			if v, _ := os.ReadFile(vol); !bytes.Equal(v, cur) {
+				t.Fatal("rollback wrote the volume after mark failed")
+			}
+			got, err := m.Rollback("s1", f, f, size, chunk, f.Sync, mark)
 			f.Close()
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !slices.Equal(got, changed) {
-				t.Fatalf("rollback changed chunks %v, want %v", got, changed)
+			if !slices.Equal(got, changed) || !slices.Equal(marked, changed) {
+				t.Fatalf("rollback changed chunks %v, marked %v, want %v", got, marked, changed)
 			}
 			if v, _ := os.ReadFile(vol); !bytes.Equal(v, orig) {
 				t.Fatal("volume does not hold the snapshot's data after the rollback")
