@@ -38,6 +38,10 @@ const (
 	ModeQemuSync  = "qemu-sync"
 	ModeAsync     = "async"
 	ModeSync      = "sync"
+	// ModeAsyncB and ModeSyncB are doppel async and sync run with a second
+	// binary (ReplConfig.DoppelB), for A/B comparisons of a change.
+	ModeAsyncB = "async-b"
+	ModeSyncB  = "sync-b"
 )
 
 // ReplModes are the columns of the table.
@@ -51,7 +55,12 @@ var ModeTitle = map[string]string{
 	ModeAsync:        "doppel async",
 	ModeQemuSync:     "qemu mirror, write-blocking",
 	ModeSync:         "doppel sync",
+	ModeAsyncB:       "doppel async (B)",
+	ModeSyncB:        "doppel sync (B)",
 }
+
+// abModes maps each B configuration to its A.
+var abModes = map[string]string{ModeAsyncB: ModeAsync, ModeSyncB: ModeSync}
 
 // ReplMetricNames are the Prometheus series the harness reads from `doppel
 // repl source --metrics-listen`. Each is a metric name optionally followed
@@ -89,6 +98,7 @@ func (m Metrics) series(spec string) (float64, bool) {
 // ReplConfig configures RunRepl.
 type ReplConfig struct {
 	Doppel  string
+	DoppelB string // the binary of ModeAsyncB and ModeSyncB
 	Fio     string
 	Dir     string // volumes, sockets, logs
 	Size    int64  // volume of the fio rows
@@ -201,6 +211,8 @@ type replPair struct {
 	size           int64 // for the target's --size when its file is missing (0: not passed)
 	port           int   // replication port; metrics on port+1 (target) and port+2 (source)
 	mirror         string
+	bin            string // doppel binary (default cfg.Doppel)
+	label          string // process names (default mode)
 	// stateful: the source keeps its persistent state (--state-dir: bitmap,
 	// activity log, disk queue), as the agent's jobs do.
 	stateful bool
@@ -208,7 +220,11 @@ type replPair struct {
 }
 
 func (p replPair) argv() (tgt, src []string) {
-	tgt = In(p.link.Tgt, p.cfg.Doppel, "repl", "target", "--file", p.tgt, "--state-dir", p.tgt+".state")
+	bin := p.bin
+	if bin == "" {
+		bin = p.cfg.Doppel
+	}
+	tgt = In(p.link.Tgt, bin, "repl", "target", "--file", p.tgt, "--state-dir", p.tgt+".state")
 	if p.size > 0 {
 		tgt = append(tgt, "--size", fmt.Sprint(p.size))
 	}
@@ -218,7 +234,7 @@ func (p replPair) argv() (tgt, src []string) {
 	if size == 0 {
 		size = p.cfg.Size
 	}
-	src = In(p.link.Src, p.cfg.Doppel, "repl", "source", "--file", p.src, "--size", fmt.Sprint(size),
+	src = In(p.link.Src, bin, "repl", "source", "--file", p.src, "--size", fmt.Sprint(size),
 		"--listen", "unix:"+p.sock, "--target", fmt.Sprintf("tcp:%s:%d", replTgtIP, p.port),
 		"--mode", p.mode, "--mirror", p.mirror, "--insecure",
 		"--metrics-listen", fmt.Sprintf("%s:%d", replSrcIP, p.port+2))
@@ -241,14 +257,18 @@ func (p replPair) start(ctx context.Context, start func(string, []string) (*Proc
 		os.RemoveAll(p.src + ".state")
 	}
 	os.RemoveAll(p.tgt + ".state")
-	if tgt, err = start(p.mode+" target", tArgv); err != nil {
+	label := p.label
+	if label == "" {
+		label = p.mode
+	}
+	if tgt, err = start(label+" target", tArgv); err != nil {
 		return nil, nil, err
 	}
 	addr := fmt.Sprintf("%s:%d", replTgtIP, p.port)
 	if err := tgt.WaitReady(ctx, 15*time.Second, func() error { return dialClose(ctx, p.link.Tgt, addr) }); err != nil {
 		return tgt, nil, err
 	}
-	src, err = start(p.mode+" source", sArgv)
+	src, err = start(label+" source", sArgv)
 	return tgt, src, err
 }
 
@@ -348,6 +368,12 @@ func (e *replEnv) doppelTier(mode string, port int) (*replTier, error) {
 	}
 	pair := replPair{cfg: e.cfg, link: e.link, mode: mode, src: vols[0], tgt: vols[1], sock: filepath.Join(e.cfg.Dir, mode+".sock"),
 		port: port, mirror: "none", stateful: !e.cfg.NoStateDir}
+	if a, ok := abModes[mode]; ok {
+		if e.cfg.DoppelB == "" {
+			return nil, fmt.Errorf("%s needs a second binary (DoppelB)", mode)
+		}
+		pair.mode, pair.bin, pair.label = a, e.cfg.DoppelB, mode
+	}
 	tArgv, sArgv := pair.argv()
 	e.rep.Argv[mode+" target"] = displayArgv(tArgv, e.cfg.Dir)
 	e.rep.Argv[mode+" source"] = displayArgv(sArgv, e.cfg.Dir)
@@ -581,7 +607,7 @@ func RunRepl(ctx context.Context, cfg ReplConfig) (*ReplReport, error) {
 			t, err = env.unreplicatedTier(mode)
 		case ModeLimit:
 			t, err = env.limitTier(port)
-		case ModeAsync, ModeSync:
+		case ModeAsync, ModeSync, ModeAsyncB, ModeSyncB:
 			t, err = env.doppelTier(mode, port)
 		case ModeQemuAsync:
 			t, err = env.qemuTier(mode, "background", port)

@@ -109,7 +109,7 @@ func (r *ReplReport) Markdown(command, note string) string {
 	cfg := r.Config
 	w := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
 	var modes []string
-	for _, m := range ReplModes {
+	for _, m := range append(slices.Clone(ReplModes), ModeAsyncB, ModeSyncB) {
 		if r.has(m) {
 			modes = append(modes, m)
 		}
@@ -214,6 +214,19 @@ func (r *ReplReport) Markdown(command, note string) string {
 		w("| %s |", row.Name)
 		for _, c := range cols {
 			w(" %s |", FormatRatio(Ratio(r.Median(row.Slug, c.a, f), r.Median(row.Slug, c.b, f))))
+		}
+		w("\n")
+	}
+	for _, b := range []string{ModeAsyncB, ModeSyncB} {
+		if !r.has(b) || !r.has(abModes[b]) {
+			continue
+		}
+		a := abModes[b]
+		w("\nA/B, %s ÷ %s (the same configuration with binary A = `%s` and B = `%s`, alternated in the same run):", ModeTitle[a], ModeTitle[b],
+			displayArgv([]string{r.Config.Doppel}, r.Config.Dir), displayArgv([]string{r.Config.DoppelB}, r.Config.Dir))
+		for _, row := range cfg.Rows {
+			_, f := Headline(row)
+			w(" %s %s;", row.Name, FormatRatio(Ratio(r.Median(row.Slug, a, f), r.Median(row.Slug, b, f))))
 		}
 		w("\n")
 	}

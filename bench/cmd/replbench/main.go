@@ -43,6 +43,7 @@ func run(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("replbench", flag.ContinueOnError)
 	var (
 		doppel     = fs.String("doppel", "bin/doppel", "doppel binary")
+		doppelB    = fs.String("doppel-b", "", "a second doppel binary for A/B runs (configurations async-b, sync-b)")
 		fio        = fs.String("fio", "fio", "fio binary (with the nbd engine)")
 		dir        = fs.String("dir", "/var/tmp", "parent of the working directory")
 		size       = fs.Int64("size", 1<<30, "volume size of the fio rows, bytes")
@@ -113,6 +114,12 @@ func run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
+	var doppelBAbs string
+	if *doppelB != "" {
+		if doppelBAbs, err = filepath.Abs(*doppelB); err != nil {
+			return err
+		}
+	}
 	if err := bench.CheckRepl(doppelAbs); err != nil {
 		return fmt.Errorf("%w; the harness is ready and runs once `doppel repl source|target` exist (`make build`)", err)
 	}
@@ -131,7 +138,7 @@ func run(ctx context.Context, args []string) error {
 	var cols []string
 	if *modes != "" {
 		for _, m := range strings.Split(*modes, ",") {
-			if !slices.Contains(bench.ReplModes, strings.TrimSpace(m)) {
+			if m = strings.TrimSpace(m); !slices.Contains(bench.ReplModes, m) && m != bench.ModeAsyncB && m != bench.ModeSyncB {
 				return fmt.Errorf("unknown configuration %q (want some of %s)", m, strings.Join(bench.ReplModes, ","))
 			}
 			cols = append(cols, strings.TrimSpace(m))
@@ -170,9 +177,13 @@ func run(ctx context.Context, args []string) error {
 		"qemu":    {"qemu-storage-daemon", "--version"},
 	})
 	machine.Versions["doppel"] = "doppel " + bench.BinaryRevision(doppelAbs, ".")
+	if doppelBAbs != "" {
+		machine.Versions["doppel B"] = "doppel (B) " + bench.BinaryRevision(doppelBAbs, ".")
+	}
 
 	rep, err := bench.RunRepl(ctx, bench.ReplConfig{
 		Doppel:      doppelAbs,
+		DoppelB:     doppelBAbs,
 		Fio:         *fio,
 		Dir:         work,
 		Size:        *size,
