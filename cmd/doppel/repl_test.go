@@ -70,7 +70,9 @@ func replMetric(t *testing.T, addr, name string) float64 {
 // TestReplFioEndToEnd runs `doppel repl target` and `doppel repl source`
 // over real TCP with pinned TLS certificates, writes with fio's nbd engine
 // (verify=crc32c) into the source's socket, stops both, and compares the
-// files with cmp.
+// files with cmp; in both modes, with the bare engine and with the
+// persistent state (--state-dir on both sides: activity log, bitmap, the
+// memory → disk queue), as the agent runs it.
 func TestReplFioEndToEnd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("fio end to end: not in -short")
@@ -82,8 +84,9 @@ func TestReplFioEndToEnd(t *testing.T) {
 	if out, _ := exec.Command(fio, "--enghelp=nbd").CombinedOutput(); !strings.Contains(string(out), "uri") {
 		t.Skip("this fio has no nbd engine")
 	}
-	for _, mode := range []string{"sync", "async"} {
-		t.Run(mode, func(t *testing.T) {
+	for _, name := range []string{"sync", "async", "sync+state", "async+state"} {
+		mode, stateful := strings.CutSuffix(name, "+state")
+		t.Run(name, func(t *testing.T) {
 			dir := t.TempDir()
 			srcCerts, tgtCerts := filepath.Join(dir, "src-tls"), filepath.Join(dir, "tgt-tls")
 			_, srcFP, err := repl.LoadOrCreateCert(srcCerts)
@@ -101,20 +104,26 @@ func TestReplFioEndToEnd(t *testing.T) {
 			tctx, tcancel := context.WithCancel(context.Background())
 			defer tcancel()
 			tdone := make(chan error, 1)
-			go func() {
-				tdone <- run(tctx, []string{"doppel", "repl", "target", "--file", tgtFile, "--size", "64M",
-					"--listen", "tcp:" + replAddr, "--cert-dir", tgtCerts, "--peer-fingerprint", srcFP})
-			}()
+			tArgs := []string{"doppel", "repl", "target", "--file", tgtFile, "--size", "64M",
+				"--listen", "tcp:" + replAddr, "--cert-dir", tgtCerts, "--peer-fingerprint", srcFP}
+			tgtStateFile := tgtFile + ".repl-target.json"
+			if stateful {
+				tArgs = append(tArgs, "--state-dir", filepath.Join(dir, "tgt.state"))
+				tgtStateFile = filepath.Join(dir, "tgt.state", "repl-target.json")
+			}
+			go func() { tdone <- run(tctx, tArgs) }()
 			replWaitSocket(t, "tcp", replAddr, tdone)
 			sctx, scancel := context.WithCancel(context.Background())
 			defer scancel()
 			sdone := make(chan error, 1)
-			go func() {
-				sdone <- run(sctx, []string{"doppel", "repl", "source", "--file", srcFile, "--size", "64M",
-					"--listen", "unix:" + sock, "--target", "tcp:" + replAddr, "--mode", mode, "--mirror", "full",
-					"--cert-dir", srcCerts, "--peer-fingerprint", tgtFP, "--compress", "lz4",
-					"--metrics-listen", srcMetrics})
-			}()
+			sArgs := []string{"doppel", "repl", "source", "--file", srcFile, "--size", "64M",
+				"--listen", "unix:" + sock, "--target", "tcp:" + replAddr, "--mode", mode, "--mirror", "full",
+				"--cert-dir", srcCerts, "--peer-fingerprint", tgtFP, "--compress", "lz4",
+				"--metrics-listen", srcMetrics}
+			if stateful {
+				sArgs = append(sArgs, "--state-dir", filepath.Join(dir, "src.state"))
+			}
+			go func() { sdone <- run(sctx, sArgs) }()
 			replWaitSocket(t, "unix", sock, sdone)
 
 			uri := "nbd+unix:///?socket=" + sock
@@ -151,7 +160,7 @@ func TestReplFioEndToEnd(t *testing.T) {
 			if out, err := exec.Command("cmp", srcFile, tgtFile).CombinedOutput(); err != nil {
 				t.Fatalf("cmp: %v: %s", err, out)
 			}
-			state, err := os.ReadFile(tgtFile + ".repl-target.json")
+			state, err := os.ReadFile(tgtStateFile)
 			if err != nil || !strings.Contains(string(state), `"consistent"`) {
 				t.Fatalf("target state: %s %v", state, err)
 			}

@@ -90,6 +90,17 @@ type Options struct {
 type Record struct {
 	Seq  uint64
 	Data []byte
+	// Value is what PushValue was given, for a record it kept in memory
+	// (Data is nil then); nil for a record pushed as bytes and for every
+	// record read from disk.
+	Value any
+}
+
+// memRecord is a record of the memory part.
+type memRecord struct {
+	Record
+	size    int64  // bytes accounted: data (or PushValue's size) + Overhead
+	release func() // PushValue's, called once the record is acknowledged
 }
 
 // Recovery describes what Open found in the directory.
@@ -108,8 +119,8 @@ type Queue struct {
 	mu       sync.Mutex
 	closed   bool
 	lastSeq  uint64
-	mem      []Record // unacknowledged memory records, oldest first
-	memShip  int      // index in mem of the next record to hand out
+	mem      []memRecord // unacknowledged memory records, oldest first
+	memShip  int         // index in mem of the next record to hand out
 	memBytes int64
 
 	segs      []*segment // unacknowledged disk segments, oldest first
@@ -338,8 +349,27 @@ func readRecord(f *os.File, off int64, maxData int) (Record, int64, error) {
 // before. The data is copied. Push never blocks on the consumer: when neither
 // memory nor disk has room it returns ErrFull and the record is not queued.
 func (q *Queue) Push(seq uint64, data []byte) error {
-	if len(data) > q.opt.MaxRecord {
-		return fmt.Errorf("%w: %d bytes, limit %d", ErrTooLarge, len(data), q.opt.MaxRecord)
+	return q.push(seq, int64(len(data)), nil, func() ([]byte, error) { return data, nil }, nil)
+}
+
+// PushValue is Push of a record its producer holds as v (size bytes of
+// data): while it fits in memory the queue keeps v itself, neither encoded
+// nor copied, hands it out as Record.Value and calls release (when set) once
+// it is acknowledged. Only a record that goes to disk is encoded (encode is
+// then called once, under the queue's lock) and release is called as soon as
+// it is written. A record not queued (an error) is not released.
+func (q *Queue) PushValue(seq uint64, size int64, v any, encode func() ([]byte, error), release func()) error {
+	if v == nil {
+		return errors.New("queue: PushValue of a nil value")
+	}
+	return q.push(seq, size, v, encode, release)
+}
+
+// push queues a record of size data bytes: v in memory when set (else a
+// copy of encode's bytes), the bytes of encode on disk.
+func (q *Queue) push(seq uint64, n int64, v any, encode func() ([]byte, error), release func()) error {
+	if n > int64(q.opt.MaxRecord) {
+		return fmt.Errorf("%w: %d bytes, limit %d", ErrTooLarge, n, q.opt.MaxRecord)
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -349,14 +379,36 @@ func (q *Queue) Push(seq uint64, data []byte) error {
 	if seq <= q.lastSeq {
 		return fmt.Errorf("%w: %d after %d", ErrOrder, seq, q.lastSeq)
 	}
-	size := int64(len(data)) + Overhead
+	size := n + Overhead
 	switch {
 	case len(q.segs) == 0 && q.memBytes+size <= q.opt.MemLimit:
-		q.mem = append(q.mem, Record{Seq: seq, Data: append([]byte(nil), data...)})
+		r := memRecord{Record: Record{Seq: seq, Value: v}, size: size, release: release}
+		if v == nil {
+			data, err := encode()
+			if err != nil {
+				return err
+			}
+			r.Data = append([]byte(nil), data...)
+		}
+		q.mem = append(q.mem, r)
 		q.memBytes += size
 	case q.opt.DiskLimit > 0 && q.diskBytes+size+q.segmentCost(size) <= q.opt.DiskLimit:
+		data, err := encode()
+		if err != nil {
+			return err
+		}
+		if len(data) > q.opt.MaxRecord {
+			return fmt.Errorf("%w: %d bytes, limit %d", ErrTooLarge, len(data), q.opt.MaxRecord)
+		}
+		size = int64(len(data)) + Overhead
+		if q.diskBytes+size+q.segmentCost(size) > q.opt.DiskLimit {
+			return fmt.Errorf("%w: %d bytes in memory, %d on disk", ErrFull, q.memBytes, q.diskBytes)
+		}
 		if err := q.appendDisk(Record{Seq: seq, Data: data}, size); err != nil {
 			return err
+		}
+		if release != nil {
+			release()
 		}
 	default:
 		return fmt.Errorf("%w: %d bytes in memory, %d on disk", ErrFull, q.memBytes, q.diskBytes)
@@ -448,7 +500,7 @@ func (q *Queue) Next() (Record, bool, error) {
 		return Record{}, false, ErrClosed
 	}
 	if q.memShip < len(q.mem) {
-		r := q.mem[q.memShip]
+		r := q.mem[q.memShip].Record
 		q.memShip++
 		return r, true, nil
 	}
@@ -528,7 +580,7 @@ func (q *Queue) Seek(after uint64) error {
 	if q.closed {
 		return ErrClosed
 	}
-	q.memShip, _ = slices.BinarySearchFunc(q.mem, after+1, func(r Record, seq uint64) int {
+	q.memShip, _ = slices.BinarySearchFunc(q.mem, after+1, func(r memRecord, seq uint64) int {
 		switch {
 		case r.Seq < seq:
 			return -1
@@ -562,7 +614,7 @@ func (q *Queue) Peek() (Record, bool, error) {
 		return Record{}, false, ErrClosed
 	}
 	if len(q.mem) > 0 {
-		return q.mem[0], true, nil
+		return q.mem[0].Record, true, nil
 	}
 	if len(q.segs) == 0 {
 		return Record{}, false, nil
@@ -590,8 +642,11 @@ func (q *Queue) Ack(seq uint64) error {
 	}
 	i := 0
 	for i < len(q.mem) && q.mem[i].Seq <= seq {
-		q.memBytes -= int64(len(q.mem[i].Data)) + Overhead
-		q.mem[i] = Record{}
+		q.memBytes -= q.mem[i].size
+		if q.mem[i].release != nil {
+			q.mem[i].release()
+		}
+		q.mem[i] = memRecord{}
 		i++
 	}
 	if i > 0 {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -71,7 +72,7 @@ func TestRandomFIFO(t *testing.T) {
 			if q.DiskBytes() > diskBefore && diskBefore == 0 {
 				spills++
 			}
-			model = append(model, Record{seq, d})
+			model = append(model, Record{Seq: seq, Data: d})
 		case op < 8:
 			got, ok, err := q.Next()
 			if err != nil {
@@ -536,5 +537,82 @@ func TestSyncTail(t *testing.T) {
 	q.Close()
 	if _, err := q.SyncTail(); !errors.Is(err, ErrClosed) {
 		t.Fatalf("closed: %v", err)
+	}
+}
+
+// TestPushValue: a record pushed as a value stays in memory unencoded and
+// is released when acknowledged; once memory is full the next one is
+// encoded to disk and released at once; a record refused is neither
+// encoded nor released; Next, Seek and Peek hand out values and disk
+// records in order; the disk part survives a reopen.
+func TestPushValue(t *testing.T) {
+	dir := t.TempDir()
+	q := mustOpen(t, dir, Options{MemLimit: 2 * (100 + Overhead), DiskLimit: segmentHeader + 2*(100+Overhead), SegmentSize: 1 << 20})
+	type val struct{ seq uint64 }
+	encoded := map[uint64]int{}
+	released := map[uint64]int{}
+	push := func(seq uint64) error {
+		return q.PushValue(seq, 100, val{seq},
+			func() ([]byte, error) { encoded[seq]++; return payload(seq, 100), nil },
+			func() { released[seq]++ })
+	}
+	for seq := uint64(1); seq <= 4; seq++ {
+		if err := push(seq); err != nil {
+			t.Fatalf("push %d: %v", seq, err)
+		}
+	}
+	if err := push(5); !errors.Is(err, ErrFull) {
+		t.Fatalf("push 5 with memory and disk full: %v", err)
+	}
+	if want := map[uint64]int{3: 1, 4: 1}; !maps.Equal(encoded, want) {
+		t.Errorf("encoded %v, want only the records that went to disk: %v", encoded, want)
+	}
+	if want := map[uint64]int{3: 1, 4: 1}; !maps.Equal(released, want) {
+		t.Errorf("released %v, want the disk records at once: %v", released, want)
+	}
+	if q.MemBytes() != 2*(100+Overhead) || q.Len() != 4 {
+		t.Errorf("mem %d bytes, %d records", q.MemBytes(), q.Len())
+	}
+	for seq := uint64(1); seq <= 4; seq++ {
+		r, ok, err := q.Next()
+		if err != nil || !ok || r.Seq != seq {
+			t.Fatalf("next: %+v %v %v, want %d", r, ok, err, seq)
+		}
+		if seq <= 2 && (r.Value != val{seq} || r.Data != nil) {
+			t.Errorf("memory record %d: %+v, want its value", seq, r)
+		}
+		if seq > 2 && (r.Value != nil || !bytes.Equal(r.Data, payload(seq, 100))) {
+			t.Errorf("disk record %d: value %v, data %d bytes", seq, r.Value, len(r.Data))
+		}
+	}
+	if err := q.Seek(1); err != nil {
+		t.Fatal(err)
+	}
+	if r, _, _ := q.Next(); r.Value != (val{2}) {
+		t.Errorf("after Seek(1): %+v", r)
+	}
+	if err := q.Ack(1); err != nil {
+		t.Fatal(err)
+	}
+	if released[1] != 1 || released[2] != 0 {
+		t.Errorf("after Ack(1): released %v", released)
+	}
+	if r, ok, _ := q.Peek(); !ok || r.Value != (val{2}) {
+		t.Errorf("peek: %+v", r)
+	}
+	if q.MemBytes() != 100+Overhead {
+		t.Errorf("mem %d bytes after one ack", q.MemBytes())
+	}
+	if err := q.PushValue(9, 100, nil, nil, nil); err == nil {
+		t.Error("PushValue of nil accepted")
+	}
+	if err := q.Close(); err != nil {
+		t.Fatal(err)
+	}
+	q = mustOpen(t, dir, Options{})
+	defer q.Close()
+	r, ok, err := q.Next()
+	if err != nil || !ok || r.Seq != 3 || !bytes.Equal(r.Data, payload(3, 100)) {
+		t.Errorf("after reopen: %+v %v %v, want the disk record 3", r, ok, err)
 	}
 }

@@ -42,11 +42,10 @@ func (s *queueBacklog) Push(_ context.Context, e repl.Entry) error {
 	if s.overflow.Load() {
 		return fmt.Errorf("overflowed, tracking in the bitmap: %w", queue.ErrFull)
 	}
-	b, err := wire.Append(nil, e.Frame, nil)
-	if err != nil {
-		return err
-	}
-	if err := s.q.Push(e.Seq, b); err != nil {
+	// In memory the entry itself is kept (its payload is the NBD server's
+	// buffer, no copy); only an entry that goes to disk is encoded.
+	encode := func() ([]byte, error) { return wire.Append(nil, e.Frame, nil) }
+	if err := s.q.PushValue(e.Seq, e.Size, e, encode, e.Done); err != nil {
 		switch e.Frame.(type) {
 		case *wire.MirrorData, *wire.MirrorHole, *wire.MirrorState, *wire.SumRequest:
 			// A resync or mirror frame: the pass fails and is retried;
@@ -103,6 +102,10 @@ func (s *queueBacklog) Read(ctx context.Context, after uint64, max int) ([]repl.
 }
 
 func (s *queueBacklog) entry(r queue.Record) (repl.Entry, error) {
+	if e, ok := r.Value.(repl.Entry); ok {
+		e.Done = nil // the queue calls it
+		return e, nil
+	}
 	f, err := wire.Decode(r.Data)
 	if err != nil {
 		return repl.Entry{}, fmt.Errorf("queued frame %d: %w", r.Seq, err)
@@ -191,7 +194,7 @@ func (s *queueBacklog) records(after, upTo uint64, fn func(seq uint64, f wire.Fr
 		if !ok || r.Seq > upTo {
 			return nil
 		}
-		f, err := wire.Decode(r.Data)
+		f, err := recordFrame(r)
 		fn(r.Seq, f, err)
 	}
 }
@@ -206,6 +209,15 @@ func (s *queueBacklog) unkeep(early uint64) bool {
 	}
 	s.early = 0
 	return true
+}
+
+// recordFrame is the frame of a queued record: the entry itself for one
+// held in memory, else decoded.
+func recordFrame(r queue.Record) (wire.Frame, error) {
+	if e, ok := r.Value.(repl.Entry); ok {
+		return e.Frame, nil
+	}
+	return wire.Decode(r.Data)
 }
 
 // Len implements repl.Backlog.

@@ -187,7 +187,7 @@ func foldRecords(qq *queue.Queue, bm *bitmap.Bitmap, log *slog.Logger) error {
 		if !ok {
 			break
 		}
-		f, err := wire.Decode(r.Data)
+		f, err := recordFrame(r)
 		if err != nil {
 			// Unreadable (it passed its checksum): resync everything.
 			log.Warn("queued frame unreadable: marking the whole volume dirty", "seq", r.Seq, "err", err)
