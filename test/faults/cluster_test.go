@@ -389,7 +389,7 @@ func (c *cluster) epochHistory() ([]epochRecord, error) {
 		if rev > 0 {
 			args = append(args, "--rev", strconv.FormatInt(rev, 10))
 		}
-		out, err := c.hosts["client"].Run(args...)
+		out, err := c.hosts["client"].Output(args...)
 		if err != nil {
 			return recs, fmt.Errorf("read epoch history: %w", err)
 		}

@@ -175,6 +175,20 @@ func (h *Host) Run(argv ...string) ([]byte, error) {
 	return Run(append([]string{"ip", "netns", "exec", h.NS}, argv...)...)
 }
 
+// Output runs argv in the host's namespace and returns its standard output
+// only (a program that logs warnings to stderr, like etcdctl, still prints
+// parsable output); stderr is in the error when it fails.
+func (h *Host) Output(argv ...string) ([]byte, error) {
+	cmd := exec.Command("ip", append([]string{"netns", "exec", h.NS}, argv...)...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return out, fmt.Errorf("%s: %w: %s", strings.Join(argv, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return out, nil
+}
+
 // IP runs `ip ARGS` on the host's namespace.
 func (h *Host) IP(args ...string) error {
 	_, err := Run(append([]string{"ip", "-n", h.NS}, args...)...)
