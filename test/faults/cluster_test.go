@@ -100,6 +100,7 @@ type cluster struct {
 	seed     uint64
 	cur      *roundState
 	captured map[string][]heartbeat // real heartbeats of each agent, for replays
+	lastCut  *cutFromArbiter        // the last fault that kept a source from renewing
 
 	mu       sync.Mutex
 	rec      *recorder

@@ -87,6 +87,24 @@ var faults = []fault{
 	}},
 }
 
+// cutFromArbiter is a fault that kept host from renewing its lease from
+// from until healed.
+type cutFromArbiter struct {
+	host         string
+	from, healed time.Duration
+}
+
+// renewalsFrom is the time since which src may have made no successful
+// renewal when a fault starts at t0: t0, or the start of the previous fault
+// that cut src off if that was healed too recently for a renewal to have
+// completed since (a renewal runs every TTL/5 and may take TTL/5).
+func (c *cluster) renewalsFrom(src string, t0 time.Duration) time.Duration {
+	if p := c.lastCut; p != nil && p.host == src && t0-p.healed < 2*leaseTTL/5+100*time.Millisecond {
+		return p.from
+	}
+	return t0
+}
+
 // run injects f for hold, heals it, and checks what followed: no
 // promotion unless the fault allows one (e), none before the source's
 // lease can have expired, writes served on the promoted side within the
@@ -97,10 +115,16 @@ func (c *cluster) run(f fault, src string, hold time.Duration, rng *rand.Rand) s
 	tgt := other(src)
 	t0 := c.rec.since()
 	c.logf("fault %s (source %s, target %s) for %v", f.name, src, tgt, hold.Round(time.Millisecond))
+	from := c.renewalsFrom(src, t0)
 	heal := f.inject(c, src, tgt, rng, hold)
 	time.Sleep(hold)
 	tHeal := c.rec.since()
 	heal()
+	if f.leaseLost {
+		c.lastCut = &cutFromArbiter{host: src, from: from, healed: c.rec.since()}
+	} else {
+		c.lastCut = nil
+	}
 	c.logf("healed %s", f.name)
 	c.figures.count(f.name)
 
@@ -135,11 +159,11 @@ func (c *cluster) run(f fault, src string, hold time.Duration, rng *rand.Rand) s
 	if !f.failover {
 		c.fail("(e) %s: epoch %d granted to %s at %v although the source %s kept its lease (fault at %v)", f.name, p.Epoch, p.Holder, p.Granted, src, t0)
 	}
-	// The source's last renewal began at most TTL/5 before the fault; its
-	// lease cannot expire before that + TTL (etcd counts from when the
-	// renewal arrived).
-	if earliest := t0 - leaseTTL/5 + leaseTTL - 100*time.Millisecond; f.leaseLost && p.Granted < earliest {
-		c.fail("(e) %s: epoch %d granted at %v, before the source's lease can have expired (fault at %v, earliest %v)", f.name, p.Epoch, p.Granted, t0, earliest)
+	// The source's last renewal began at most TTL/5 before it was cut
+	// off (renewalsFrom); its lease cannot expire before that + TTL (etcd
+	// counts from when the renewal arrived).
+	if earliest := from - leaseTTL/5 + leaseTTL - 100*time.Millisecond; f.leaseLost && p.Granted < earliest {
+		c.fail("(e) %s: epoch %d granted at %v, before the source's lease can have expired (fault at %v, source cut off from renewing since %v, earliest %v)", f.name, p.Epoch, p.Granted, t0, from, earliest)
 	}
 	// (f) writes served again on the promoted side.
 	newSrc := p.Holder
