@@ -18,6 +18,7 @@ import (
 
 	"github.com/doppelha/doppel/daemon/api"
 	"github.com/doppelha/doppel/daemon/client"
+	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/snapshot/fstest"
 )
 
@@ -450,4 +451,140 @@ func snapshotScenario(t *testing.T, fs string) {
 		ents, _ := os.ReadDir(filepath.Join(tmnt, ".doppel-snapshots", "web"))
 		t.Fatalf("snapshots left after job delete: %v %v", err, ents)
 	}
+}
+
+// TestFailoverToSnapshotExt4: a file deleted on the source is recovered by
+// failing over to the snapshot taken before the deletion (ext4 on the
+// export, the target volume on XFS). The target's newer data is kept as a
+// snapshot; the promoted volume holds the deleted file and not what the
+// source wrote after the snapshot; the reverse resyncs only changed
+// chunks and leaves both sides equal (verify), and so does the failback,
+// after which the old source holds the recovered file and the writes made
+// on the target meanwhile.
+func TestFailoverToSnapshotExt4(t *testing.T) {
+	needTools(t, "nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "mount", "umount", "mkfs.xfs")
+	if testing.Short() {
+		t.Skip("agent processes: slow tier")
+	}
+	tmnt := fstest.Mount(t, "xfs")
+	agents := snapLab(t, tmnt)
+	ctx := context.Background()
+	job := func(n string) api.JobStatus {
+		st, err := agents[n].client.Job(ctx, "web")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	mnt, unmount := mountExport(t, job("vm1").Data.Device, "web", true, "")
+	victim := []byte(strings.Repeat("the file the ransomware deletes\n", 4096))
+	if err := writeSynced(filepath.Join(mnt, "victim"), victim); err != nil {
+		t.Fatal(err)
+	}
+	out := &bytes.Buffer{}
+	if err := runIO(ctx, []string{"doppel", "snapshot", "create", "web", "before-delete"}, out, out); err != nil {
+		t.Fatalf("snapshot create: %v\n%s", err, out)
+	}
+	if err := os.Remove(filepath.Join(mnt, "victim")); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeSynced(filepath.Join(mnt, "after-snapshot"), []byte("written after the snapshot")); err != nil {
+		t.Fatal(err)
+	}
+	unmount()
+	waitJob(t, agents, protected)
+
+	// Without --yes and without a terminal: refused, nothing done.
+	out.Reset()
+	if err := runIO(ctx, []string{"doppel", "failover", "web", "--snapshot", "before-delete", "--force"}, out, out); err == nil {
+		t.Fatalf("failover --snapshot without confirmation went on:\n%s", out)
+	}
+	out.Reset()
+	if err := runIO(ctx, []string{"doppel", "failover", "web", "--snapshot", "no-such", "--force", "--yes"}, out, out); err == nil {
+		t.Fatalf("failover to a missing snapshot went on:\n%s", out)
+	}
+	if st := job("vm2"); st.HA.Role != ha.RoleTarget {
+		t.Fatalf("a refused failover changed vm2: %s %s", st.HA.Role, st.HA.State)
+	}
+	out.Reset()
+	if err := runIO(ctx, []string{"doppel", "failover", "web", "--snapshot", "before-delete", "--force", "--yes"}, out, out); err != nil {
+		t.Fatalf("failover --snapshot: %v\n%s", err, out)
+	}
+	t.Logf("%s", out)
+	waitJob(t, agents, func(s, tg api.JobStatus) bool {
+		return tg.HA.Role == ha.RoleSource && tg.HA.State == ha.StateFailedOver && strings.HasPrefix(tg.Data.Device, "unix:") && s.HA.State == ha.StateSuperseded
+	})
+	l, err := agents["vm2"].client.Snapshots(ctx, "web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := ""
+	for _, s := range l.Snapshots {
+		if strings.HasPrefix(s.Name, "before-failover-to-before-delete-") {
+			kept = s.Location
+		}
+	}
+	if kept == "" {
+		t.Fatalf("the newer data was not kept as a snapshot: %+v", l.Snapshots)
+	}
+	// The kept snapshot is the data before the rollback: no victim.
+	checkFiles := func(dev, export, label string, want map[string][]byte, absent ...string) {
+		t.Helper()
+		m, um := mountExport(t, dev, export, false, "")
+		defer um()
+		for f, b := range want {
+			got, err := os.ReadFile(filepath.Join(m, f))
+			if err != nil || !bytes.Equal(got, b) {
+				t.Fatalf("%s: %s: %v (%d bytes, want %d)", label, f, err, len(got), len(b))
+			}
+		}
+		for _, f := range absent {
+			if _, err := os.Stat(filepath.Join(m, f)); !os.IsNotExist(err) {
+				t.Fatalf("%s: %s is there (%v)", label, f, err)
+			}
+		}
+	}
+	m, um := mountExport(t, job("vm2").Data.Device, "web", false, "")
+	if b, err := os.ReadFile(filepath.Join(m, "victim")); err != nil || !bytes.Equal(b, victim) {
+		t.Fatalf("the deleted file is not back after the failover to the snapshot: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(m, "after-snapshot")); !os.IsNotExist(err) {
+		t.Fatalf("a file written after the snapshot is on the promoted volume: %v", err)
+	}
+	if err := writeSynced(filepath.Join(m, "on-vm2"), []byte("written after the failover")); err != nil {
+		t.Fatal(err)
+	}
+	um()
+
+	out.Reset()
+	if err := runIO(ctx, []string{"doppel", "reverse", "web"}, out, out); err != nil {
+		t.Fatalf("reverse: %v\n%s", err, out)
+	}
+	reversed := func(s, tg api.JobStatus) bool {
+		return tg.HA.Role == ha.RoleSource && tg.HA.State == ha.StateReplicating && s.HA.Role == ha.RoleTarget && s.HA.State == ha.StateReplicating && s.HA.Consistent
+	}
+	waitJob(t, agents, reversed)
+	v, err := agents["vm2"].client.Verify(ctx, "web")
+	if err != nil || !v.Equal || v.Differing != 0 {
+		t.Fatalf("verify after the reverse: %+v, %v", v, err)
+	}
+	evs, _ := agents["vm2"].client.Events(ctx, "web")
+	for _, e := range evs {
+		if strings.Contains(fmt.Sprint(e), "rolled the volume back") {
+			t.Logf("vm2: %v", e)
+		}
+	}
+	t.Logf("after the reverse, verify: %+v", v)
+
+	out.Reset()
+	if err := runIO(ctx, []string{"doppel", "failback", "web"}, out, out); err != nil {
+		t.Fatalf("failback: %v\n%s", err, out)
+	}
+	waitJob(t, agents, protected)
+	v, err = agents["vm1"].client.Verify(ctx, "web")
+	if err != nil || !v.Equal || v.Differing != 0 {
+		t.Fatalf("verify after the failback: %+v, %v", v, err)
+	}
+	checkFiles(job("vm1").Data.Device, "web", "vm1 after the failback",
+		map[string][]byte{"victim": victim, "on-vm2": []byte("written after the failover")}, "after-snapshot")
 }

@@ -538,9 +538,21 @@ func (a *Agent) Command(ctx context.Context, name string, cmd ha.EventType, opts
 	if err != nil {
 		return api.JobStatus{}, err
 	}
-	a.Log.Info("operator command", "job", name, "command", cmd, "force", opts.Force, "discard_queue", opts.DiscardQueue)
-	r.history.add(r.epoch.Load(), "command", fmt.Sprintf("operator: %s (force %t, discard queue %t)", cmd, opts.Force, opts.DiscardQueue))
-	done, errs, err := r.step(ctx, ha.Event{Type: cmd, Force: opts.Force, DiscardQueue: opts.DiscardQueue})
+	if opts.Snapshot != "" {
+		if cmd != ha.CmdFailover {
+			return api.JobStatus{}, fmt.Errorf("%w: --snapshot is for a failover, not %s", job.ErrInvalid, cmd)
+		}
+		mgr, err := r.snaps.manager()
+		if err != nil {
+			return api.JobStatus{}, fmt.Errorf("failover of %s to snapshot %s: %w", name, opts.Snapshot, err)
+		}
+		if _, err := mgr.Get(opts.Snapshot); err != nil {
+			return api.JobStatus{}, fmt.Errorf("failover of %s to snapshot %s on %s: %w", name, opts.Snapshot, r.rec.Self, err)
+		}
+	}
+	a.Log.Info("operator command", "job", name, "command", cmd, "force", opts.Force, "discard_queue", opts.DiscardQueue, "snapshot", opts.Snapshot)
+	r.history.add(r.epoch.Load(), "command", fmt.Sprintf("operator: %s (force %t, discard queue %t, snapshot %q)", cmd, opts.Force, opts.DiscardQueue, opts.Snapshot))
+	done, errs, err := r.step(ctx, ha.Event{Type: cmd, Force: opts.Force, DiscardQueue: opts.DiscardQueue, Snapshot: opts.Snapshot})
 	if err != nil {
 		r.history.add(r.epoch.Load(), "command", fmt.Sprintf("operator: %s refused: %v", cmd, err))
 		return api.JobStatus{}, err

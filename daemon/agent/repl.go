@@ -786,3 +786,21 @@ func (d *replPlane) Close() error {
 	}
 	return err
 }
+
+// RollbackTo implements rollbacker: with the target stopped and no source
+// open, the volume is rolled back by roll (the snapshot's data written
+// through the backend) and the replication state with it
+// (replstate.RollbackTarget: the rewritten chunks dirty for the reverse,
+// the image consistent). gen is the snapshot's generation.
+func (d *replPlane) RollbackTo(gen uint64, roll func(b blockdev.Backend, chunk int64, mark func([]int64) error) error) error {
+	d.mu.Lock()
+	busy := d.tgt != nil || d.src != nil
+	d.mu.Unlock()
+	if busy {
+		return errors.New("roll back: the volume is in use by replication (the target must be stopped, no source open)")
+	}
+	chunk := int64(repl.DefaultChunkSize)
+	return replstate.RollbackTarget(d.stateDir(), d.vol.Backend.Size(), chunk, gen, func(mark func([]int64) error) error {
+		return roll(d.vol.Backend, chunk, mark)
+	})
+}

@@ -412,7 +412,21 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 			}
 			r.arb.reconcile(rd.HardState, false)
 		}
-		for _, a := range rd.Actions {
+		rolledBack := true
+		for i, a := range rd.Actions {
+			if !rolledBack {
+				// A failover to a snapshot whose rollback failed: the
+				// volume holds neither the snapshot nor (perhaps) all of
+				// the newer data, and promoting, serving it would hand
+				// out an image nobody chose.
+				msg := "not done: the rollback to a snapshot failed (the newer data is kept in a before-failover snapshot)"
+				for _, b := range rd.Actions[i:] {
+					errs = append(errs, fmt.Errorf("%s: %s", b.Type, msg))
+					done = append(done, b.String()+" "+msg)
+				}
+				r.log.Error("failover to a snapshot stopped: the volume is not served", "err", msg)
+				break
+			}
 			err := r.do(ctx, a)
 			switch {
 			case a.Type == ha.ActApplyIdentity && err != nil:
@@ -426,6 +440,7 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 				errs = append(errs, fmt.Errorf("%s: %w", a.Type, err))
 				r.log.Error("action failed", "action", a.String(), "err", err)
 				r.node.Step(ha.Event{Type: ha.EvActionFailed, Action: a.Type, Err: err.Error()})
+				rolledBack = a.Type != ha.ActRollback
 			} else {
 				r.log.Info("action done", "action", a.String())
 			}
@@ -653,6 +668,12 @@ func (r *runner) do(ctx context.Context, a ha.Action) error {
 			device = r.subs.Volumes.Device(spec.Name)
 		}
 		return r.subs.Scripts.Run(ctx, a.Hook, path, ScriptEnv(spec, r.rec.Self, a.Hook, r.node.Status(), device, ips))
+	case ha.ActRollback:
+		dp, err := r.dataPlane()
+		if err != nil {
+			return err
+		}
+		return r.snaps.rollback(a.Snapshot, dp)
 	case ha.ActQuiesce:
 		dp, err := r.dataPlane()
 		if err != nil {

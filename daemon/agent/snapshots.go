@@ -736,3 +736,49 @@ func (c snapshotCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descSnapTest, prometheus.GaugeValue, tf, n)
 	}
 }
+
+// rollbacker is what a failover to a snapshot needs of a data plane.
+type rollbacker interface {
+	RollbackTo(gen uint64, roll func(b blockdev.Backend, chunk int64, mark func([]int64) error) error) error
+}
+
+// rollback is the failover's ActRollback, on the stopped target: the
+// volume's current data is kept as a snapshot of its own
+// (before-failover-to-NAME-TIME), then the volume is rolled back to
+// snapshot name, the rewritten chunks marked dirty for the reverse. The
+// runner's lock is held (an action).
+func (s *jobSnapshots) rollback(name string, dp DataPlane) error {
+	mgr, err := s.manager()
+	if err != nil {
+		return err
+	}
+	target, err := mgr.Get(name)
+	if err != nil {
+		return err
+	}
+	rb, ok := dp.(rollbacker)
+	if !ok {
+		return fmt.Errorf("%w: this data plane cannot roll back", api.ErrNotWired)
+	}
+	keep := stampName("before-failover-to-"+name, time.Now())
+	if err := volsnap.ValidName(keep); err != nil {
+		keep = stampName("before-failover", time.Now())
+	}
+	kept, err := mgr.Create(keep, volsnap.KindBeforeRollback, volsnap.Point{}, "the data the failover to "+name+" replaced")
+	if err != nil {
+		return fmt.Errorf("keep the newer data before the rollback to %s: %w", name, err)
+	}
+	var changed []int64
+	err = rb.RollbackTo(target.Point.Generation, func(b blockdev.Backend, chunk int64, mark func([]int64) error) error {
+		var err error
+		changed, err = mgr.Rollback(name, b, b, b.Size(), chunk, b.Sync, mark)
+		return err
+	})
+	if err != nil {
+		s.failed(fmt.Sprintf("rollback to %s: %v (the newer data is in snapshot %s)", name, err, kept.Name))
+		return err
+	}
+	s.r.history.add(s.r.epoch.Load(), "snapshot", fmt.Sprintf("rolled the volume back to snapshot %s (sequence %d, %s): %d chunks rewritten, marked for the reverse; the newer data is kept in snapshot %s",
+		name, target.Point.Seq, target.Created.Format(time.RFC3339), len(changed), kept.Name))
+	return nil
+}

@@ -68,6 +68,9 @@ type Info struct {
 type CommandOptions struct {
 	Force        bool `json:"force,omitempty"`
 	DiscardQueue bool `json:"discard_queue,omitempty"`
+	// Snapshot: a failover promotes this snapshot of the target's volume
+	// (the newer data is kept as a snapshot of its own).
+	Snapshot string `json:"snapshot,omitempty"`
 }
 
 // DataStatus is the data side of a job on one agent.
