@@ -7,7 +7,6 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
-	"encoding/hex"
 	"encoding/pem"
 	"flag"
 	"fmt"
@@ -20,6 +19,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/doppelha/doppel/test/lab"
 
 	cdpruntime "github.com/chromedp/cdproto/runtime"
 	"github.com/chromedp/chromedp"
@@ -79,20 +80,12 @@ func newConsoleLab(t *testing.T) *consoleLab {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := make([]byte, 3)
-	rand.Read(b)
-	l := &consoleLab{t: t, dir: t.TempDir(), exe: exe, suffix: hex.EncodeToString(b), procs: map[string]*labProc{}}
-	l.ns = map[string]string{"vm1": "cvm1-" + l.suffix, "vm2": "cvm2-" + l.suffix, "client": "ccl-" + l.suffix}
-	brA, brR := "cba"+l.suffix, "cbr"+l.suffix
+	nl := lab.New(t)
+	l := &consoleLab{t: t, dir: t.TempDir(), exe: exe, suffix: nl.Suffix, procs: map[string]*labProc{}, ns: map[string]string{}}
 	t.Cleanup(func() {
 		for _, p := range l.procs {
 			p.kill()
 		}
-		for _, ns := range l.ns {
-			exec.Command("ip", "netns", "del", ns).Run()
-		}
-		exec.Command("ip", "link", "del", brA).Run()
-		exec.Command("ip", "link", "del", brR).Run()
 		if t.Failed() {
 			for name, p := range l.procs {
 				b, _ := os.ReadFile(p.log)
@@ -100,34 +93,23 @@ func newConsoleLab(t *testing.T) *consoleLab {
 			}
 		}
 	})
-	for _, br := range []string{brA, brR} {
-		labRun(t, "ip", "link", "add", br, "type", "bridge")
-		labRun(t, "ip", "link", "set", br, "up")
-	}
-	for _, ns := range l.ns {
-		labRun(t, "ip", "netns", "add", ns)
+	brA, brR := nl.Bridge("app"), nl.Bridge("repl")
+	hosts := map[string]*lab.Host{}
+	for _, name := range []string{"vm1", "vm2", "client"} {
+		h := nl.Host(name)
 		// IPv4 only: no IPv6 address appearing after its duplicate
 		// detection, which Chromium would take for a network change
 		// (ERR_NETWORK_CHANGED aborts the page's requests).
-		labRun(t, "ip", "netns", "exec", ns, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
-		labRun(t, "ip", "-n", ns, "link", "set", "lo", "up")
+		if _, err := h.Run("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"); err != nil {
+			t.Fatal(err)
+		}
+		hosts[name], l.ns[name] = h, h.NS
 	}
-	n := 0
-	veth := func(host, ifname, br, addr string) {
-		n++
-		peer, tmp := fmt.Sprintf("cv%s%d", l.suffix, n), fmt.Sprintf("ct%s%d", l.suffix, n)
-		labRun(t, "ip", "link", "add", peer, "type", "veth", "peer", "name", tmp)
-		labRun(t, "ip", "link", "set", tmp, "netns", l.ns[host])
-		labRun(t, "ip", "-n", l.ns[host], "link", "set", tmp, "name", ifname)
-		labRun(t, "ip", "link", "set", peer, "master", br, "up")
-		labRun(t, "ip", "-n", l.ns[host], "addr", "add", addr, "dev", ifname)
-		labRun(t, "ip", "-n", l.ns[host], "link", "set", ifname, "up")
-	}
-	veth("vm1", "eth0", brA, "172.17.22.11/24")
-	veth("vm1", "eth1", brR, "192.168.0.11/24")
-	veth("vm2", "eth0", brA, "172.17.22.12/24")
-	veth("vm2", "eth1", brR, "192.168.0.12/24")
-	veth("client", "eth0", brA, "172.17.22.100/24")
+	hosts["vm1"].Attach("eth0", brA, "172.17.22.11/24")
+	hosts["vm1"].Attach("eth1", brR, "192.168.0.11/24")
+	hosts["vm2"].Attach("eth0", brA, "172.17.22.12/24")
+	hosts["vm2"].Attach("eth1", brR, "192.168.0.12/24")
+	hosts["client"].Attach("eth0", brA, "172.17.22.100/24")
 	return l
 }
 
