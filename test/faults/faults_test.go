@@ -156,6 +156,11 @@ func (c *cluster) run(f fault, src string, hold time.Duration, rng *rand.Rand) s
 	}
 	p := ps[len(ps)-1]
 	c.logf("promotion: epoch %d granted to %s at %v (announced %v), %v after the fault", p.Epoch, p.Holder, p.Granted, p.Announced, p.Granted-t0)
+	if last, ok := c.lastAck(src, t0); ok {
+		c.logf("last write acknowledged by the old source %s: %v after the fault", src, last.Round(time.Millisecond))
+	} else {
+		c.logf("last write acknowledged by the old source %s: none after the fault", src)
+	}
 	if !f.failover {
 		c.fail("(e) %s: epoch %d granted to %s at %v although the source %s kept its lease (fault at %v)", f.name, p.Epoch, p.Holder, p.Granted, src, t0)
 	}
@@ -336,6 +341,19 @@ func (c *cluster) endRound(finalHost string) {
 		}
 		c.fail("round %d (seed %d): %v", rs.n, c.seed, v)
 	}
+}
+
+// lastAck is how long after the fault (at from) the last write host
+// acknowledged returned; false if it acknowledged none after it.
+func (c *cluster) lastAck(host string, from time.Duration) (time.Duration, bool) {
+	var last time.Duration
+	ok := false
+	for _, o := range c.rec.snapshot() {
+		if o.Host == host && o.Result == OK && o.Return >= from {
+			last, ok = max(last, o.Return-from), true
+		}
+	}
+	return last, ok
 }
 
 // stalls records the longest write of the source during the fault.
