@@ -651,6 +651,19 @@ func TestConsoleBrowser(t *testing.T) {
 	b.confirm("verify", "read and checksum")
 	b.run("confirm verify", chromedp.Click(chromedp.CSS("#modal-ok")))
 	b.waitText("#job-events", 60*time.Second, "source and target are identical")
+
+	// Pause (the job says it is not protected), then Resume.
+	b.confirm("pause", "vm1 stops shipping writes to vm2", "NOT PROTECTED until Resume", "every write since the pause is missing on vm2")
+	b.run("confirm pause", chromedp.Click(chromedp.CSS("#modal-ok")))
+	b.waitText("#job-head", 30*time.Second, "NOT PROTECTED", "replication paused by the operator")
+	b.confirm("resume", "vm1 resyncs", "then replicates every write")
+	b.run("confirm resume", chromedp.Click(chromedp.CSS("#modal-ok")))
+	b.waitText("#job-head", 60*time.Second, "PROTECTED", "vm1 → vm2", "every write on vm1 is replicated to vm2")
+
+	// Delete: gone from both agents (the jobs table lists what both report).
+	b.confirm("delete", "Delete job web from vm1 and vm2", "removes its state on both")
+	b.run("confirm delete", chromedp.Click(chromedp.CSS("#modal-ok")))
+	b.waitText("#jobs-table", 30*time.Second, "No jobs yet")
 	t.Logf("whole scenario from the console in %v", time.Since(start).Round(time.Millisecond))
 }
 

@@ -81,7 +81,12 @@ func NewClient(addr, token, fingerprint string) (*Client, error) {
 		TLSClientConfig:     pinnedTLS(fp),
 		TLSHandshakeTimeout: 10 * time.Second,
 		DialContext:         (&net.Dialer{Timeout: 5 * time.Second}).DialContext,
-		MaxIdleConnsPerHost: 2,
+		// A connection per request: callers make a Client per command
+		// or query (the console several a second, for hours), and idle
+		// keep-alive connections of dropped Clients stay open at the
+		// agent until it refuses more (its limit on control API
+		// connections).
+		DisableKeepAlives: true,
 	}
 	return &Client{addr: addr, token: token, hc: &http.Client{Transport: tr, Timeout: 60 * time.Second}}, nil
 }
