@@ -475,7 +475,8 @@ func (b *browser) confirm(action string, want ...string) string {
 // confirmation states who takes the service IP, who is fenced, what is
 // lost), see the service IP move to vm2 (ip -n NS addr), bring vm1 back,
 // press Reverse, wait for replicating, press Failback: the IP is back on
-// vm1. Then Verify. Screenshots of the main pages are saved
+// vm1. Then Verify, Switchover (the IP on vm2) and Failback, Pause and
+// Resume, and Delete (gone from both agents). Screenshots of the main pages are saved
 // (-update-screenshots writes them to docs/console/).
 func TestConsoleBrowser(t *testing.T) {
 	chromium := chromiumPath(t)
@@ -651,6 +652,17 @@ func TestConsoleBrowser(t *testing.T) {
 	b.confirm("verify", "read and checksum")
 	b.run("confirm verify", chromedp.Click(chromedp.CSS("#modal-ok")))
 	b.waitText("#job-events", 60*time.Second, "source and target are identical")
+
+	// Switchover to vm2 and Failback home again: the planned move both ways.
+	b.confirm("switchover", "vm1 holds new writes and drains", "vm1 releases 172.17.22.187; vm2 takes 172.17.22.187 on eth0", "no acknowledged write is lost")
+	b.run("confirm switchover", chromedp.Click(chromedp.CSS("#modal-ok")))
+	b.waitText("#job-head", 60*time.Second, "PROTECTED", "vm2 → vm1")
+	if !lab.hasIP("vm2", "172.17.22.187") || lab.hasIP("vm1", "172.17.22.187") {
+		t.Fatalf("after the switchover: vm1 has the IP %t, vm2 %t", lab.hasIP("vm1", "172.17.22.187"), lab.hasIP("vm2", "172.17.22.187"))
+	}
+	b.confirm("failback", "vm2 releases 172.17.22.187; vm1 takes 172.17.22.187 on eth0")
+	b.run("confirm failback", chromedp.Click(chromedp.CSS("#modal-ok")))
+	b.waitText("#job-head", 60*time.Second, "PROTECTED", "vm1 → vm2")
 
 	// Pause (the job says it is not protected), then Resume.
 	b.confirm("pause", "vm1 stops shipping writes to vm2", "NOT PROTECTED until Resume", "every write since the pause is missing on vm2")
