@@ -172,7 +172,7 @@ disown $!
 console_up() { curl -sk -m 2 -o /dev/null -w '%{http_code}' https://127.0.0.1:$CPORT/login | grep -q 200; }
 wait_for "the web console" 15 console_up
 say "web console (doppel console): https://127.0.0.1:$CPORT/  (from another machine: ssh -L $CPORT:127.0.0.1:$CPORT THIS-HOST)"
-say "  log in with the console password $(cat $D/console.pw) or an agent's token ($D/vm1/state/token)"
+say "  log in with the console password $(cat $D/console.pw) or vm1's API token $(cat $D/vm1/state/token) ($D/vm1/state/token)"
 say "  its certificate: $(grep -o 'sha256:[0-9a-f]*' $D/console.log | head -1)"
 
 bold "5. Create the protection job: vm1's volume replicated to vm2, service IP $SVC, automatic failover through the arbiter"

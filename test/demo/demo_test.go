@@ -49,6 +49,11 @@ func TestDemo(t *testing.T) {
 		t.Fatalf("demo failed: %v\n%s", err, out)
 	}
 	t.Logf("demo output:\n%s", out)
+	for _, want := range []string{"web console (doppel console): https://127.0.0.1:", "log in with the console password ", "or vm1's API token "} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("the demo does not print %q", want)
+		}
+	}
 	f, err := os.Open(result)
 	if err != nil {
 		t.Fatal(err)
