@@ -20,7 +20,7 @@ import (
 // Activity log defaults and limits.
 const (
 	DefaultExtentSize = 4 << 20
-	DefaultSlots      = 64
+	DefaultSlots      = 256
 	MaxSlots          = (pageSize - alHeader - 4) / 8
 
 	alRing    = 8 // transaction blocks in the on-disk ring
