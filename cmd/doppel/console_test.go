@@ -558,7 +558,7 @@ func TestConsoleBrowser(t *testing.T) {
 	// The jobs table: the job replicating, PROTECTED.
 	b.run("jobs page", b.goTo("#/", "#jobs-table"))
 	row := `#jobs-table tr[data-job="web"]`
-	b.waitText(row, 60*time.Second, "PROTECTED", "vm1 → vm2", "replicating", "consistent", "sync", "lease held", "target in sync")
+	b.waitText(row, 60*time.Second, "PROTECTED", "vm1 → vm2", "replicating", "consistent", "sync", "holds the lease", "target in sync")
 
 	// Some writes through vm1's export, for the charts.
 	lab.write(t, "vm1", 8<<20)

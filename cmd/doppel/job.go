@@ -12,6 +12,7 @@ import (
 	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/daemon/protection"
 	"github.com/urfave/cli/v2"
 )
 
@@ -224,7 +225,7 @@ func jobCreate(c *cli.Context) error {
 	}
 	what := string(st.HA.State)
 	if st.Data.BytesRemaining > 0 {
-		what += fmt.Sprintf(" (%s to copy)", bytesHuman(st.Data.BytesRemaining))
+		what += fmt.Sprintf(" (%s to copy)", protection.BytesHuman(st.Data.BytesRemaining))
 	}
 	fmt.Fprintf(w, "replication handshake done: %s\nfollow it with: doppel job status %s --watch\n", what, name)
 	return nil

@@ -10,6 +10,7 @@ import (
 	"github.com/doppelha/doppel/daemon/api"
 	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/daemon/protection"
 	"github.com/doppelha/doppel/daemon/snapshot"
 	"github.com/urfave/cli/v2"
 )
@@ -168,7 +169,7 @@ func printSnapshot(c *cli.Context, server string, info api.SnapshotInfo) error {
 		cons = "application-consistent"
 	}
 	fmt.Fprintf(c.App.Writer, "snapshot %s on %s: %s at sequence %d (%s), %s, the apply stream paused %v\n",
-		info.Name, server, cons, info.Point.Seq, info.Mechanism, bytesHuman(info.Size), info.Took.Round(time.Microsecond))
+		info.Name, server, cons, info.Point.Seq, info.Mechanism, protection.BytesHuman(info.Size), info.Took.Round(time.Microsecond))
 	return nil
 }
 
@@ -225,7 +226,7 @@ func sizeOrUnknown(n int64) string {
 	if n < 0 {
 		return "-"
 	}
-	return bytesHuman(n)
+	return protection.BytesHuman(n)
 }
 
 func scheduleLine(s snapshot.Schedule) string {

@@ -12,7 +12,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/doppelha/doppel/daemon/api"
 	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
@@ -235,22 +234,22 @@ func renderSide(w io.Writer, v client.Side, rates syncRates) {
 	}
 	if st.Data.Known {
 		if st.Data.SyncTotal > 0 && st.Data.BytesRemaining > 0 {
-			line := fmt.Sprintf("%s %s remaining", progressBar(st.Data.SyncDone, st.Data.SyncTotal, 30), bytesHuman(st.Data.BytesRemaining))
+			line := fmt.Sprintf("%s %s remaining", progressBar(st.Data.SyncDone, st.Data.SyncTotal, 30), protection.BytesHuman(st.Data.BytesRemaining))
 			if r := rates[v.Server]; r.rate > 0 {
 				left := time.Duration(float64(st.Data.BytesRemaining) / r.rate * float64(time.Second))
-				line += fmt.Sprintf(", %s/s, ~%v left", bytesHuman(int64(r.rate)), left.Round(time.Second))
+				line += fmt.Sprintf(", %s/s, ~%v left", protection.BytesHuman(int64(r.rate)), left.Round(time.Second))
 			}
 			fmt.Fprintf(w, "         sync     %s\n", line)
 		}
-		fmt.Fprintf(w, "         queue    memory %s, disk %s", bytesHuman(st.Data.QueueMemory), bytesHuman(st.Data.QueueDisk))
+		fmt.Fprintf(w, "         queue    memory %s, disk %s", protection.BytesHuman(st.Data.QueueMemory), protection.BytesHuman(st.Data.QueueDisk))
 		if st.Data.RPO >= 0 {
 			fmt.Fprintf(w, "   RPO %v", st.Data.RPO.Round(time.Millisecond))
 		}
 		if st.Data.DirtyBytes > 0 {
-			fmt.Fprintf(w, "   dirty %s", bytesHuman(st.Data.DirtyBytes))
+			fmt.Fprintf(w, "   dirty %s", protection.BytesHuman(st.Data.DirtyBytes))
 		}
 		if st.Data.ChangedBytes > 0 {
-			fmt.Fprintf(w, "   changed unreplicated %s", bytesHuman(st.Data.ChangedBytes))
+			fmt.Fprintf(w, "   changed unreplicated %s", protection.BytesHuman(st.Data.ChangedBytes))
 		}
 		fmt.Fprintln(w)
 		if st.Data.Note != "" {
@@ -273,37 +272,11 @@ func renderSide(w io.Writer, v client.Side, rates syncRates) {
 	}
 	fmt.Fprintln(w)
 	if a := st.Arbiter; a != nil {
-		fmt.Fprintf(w, "         arbiter  %s\n", arbiterLine(st.HA.Role, a))
+		fmt.Fprintf(w, "         arbiter  %s\n", protection.ArbiterLine(st.HA.Role, a))
 	}
 	if st.HA.LastError != "" {
 		fmt.Fprintf(w, "         last error: %s\n", st.HA.LastError)
 	}
-}
-
-// arbiterLine is one side's arbiter in words.
-func arbiterLine(role ha.Role, a *api.ArbiterStatus) string {
-	var parts []string
-	switch {
-	case a.Holding:
-		parts = append(parts, fmt.Sprintf("holds the lease (renewed %v ago, TTL %v)", a.LeaseAge.Round(10*time.Millisecond), a.TTL))
-	case role == ha.RoleSource && a.LeaseAge >= 0:
-		parts = append(parts, fmt.Sprintf("LEASE NOT HELD (last renewal %v ago, TTL %v): writes the target does not acknowledge are held", a.LeaseAge.Round(10*time.Millisecond), a.TTL))
-	case role == ha.RoleSource:
-		parts = append(parts, "LEASE NOT HELD yet")
-	}
-	if a.TargetOutOfSync {
-		parts = append(parts, "target recorded OUT OF SYNC (it cannot be promoted automatically)")
-	}
-	if a.Campaign != "" {
-		parts = append(parts, "promotion: "+a.Campaign)
-	}
-	if a.Error != "" && !a.Holding {
-		parts = append(parts, "error: "+a.Error)
-	}
-	if len(parts) == 0 {
-		parts = append(parts, "no lease on this side (etcd "+strings.Join(a.Endpoints, ",")+")")
-	}
-	return strings.Join(parts, "; ")
 }
 
 // jobListJSON is doppel job list --json.
@@ -379,17 +352,4 @@ func progressBar(done, total int64, width int) string {
 	done = min(max(done, 0), total)
 	n := int(int64(width) * done / total)
 	return "[" + strings.Repeat("#", n) + strings.Repeat("-", width-n) + "] " + strconv.FormatFloat(100*float64(done)/float64(total), 'f', 1, 64) + "%"
-}
-
-func bytesHuman(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/doppelha/doppel/daemon/client"
+	"github.com/doppelha/doppel/daemon/protection"
 	"github.com/urfave/cli/v2"
 )
 
@@ -30,7 +31,7 @@ func verifyCommand() *cli.Command {
 			if c.Bool("json") {
 				return writeJSONOut(c.App.Writer, res)
 			}
-			fmt.Fprintf(c.App.Writer, "verify %s: %d chunks, %s compared, %d differ\n", name, res.Chunks, bytesHuman(res.Bytes), res.Differing)
+			fmt.Fprintf(c.App.Writer, "verify %s: %d chunks, %s compared, %d differ\n", name, res.Chunks, protection.BytesHuman(res.Bytes), res.Differing)
 			if !res.Equal {
 				return fmt.Errorf("job %s: source and target differ in %d chunks", name, res.Differing)
 			}

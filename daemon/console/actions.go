@@ -14,6 +14,7 @@ import (
 	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/daemon/protection"
 )
 
 // liveReports asks the servers about the job now (the client package's
@@ -119,9 +120,9 @@ func (c *Console) act(w http.ResponseWriter, r *http.Request, s *session) error 
 			case err != nil:
 				c.record(s.who, name, server, "verify failed: "+err.Error())
 			case v.Equal:
-				c.record(s.who, name, server, fmt.Sprintf("verify: %d chunks, %s compared, source and target are identical", v.Chunks, bytesHuman(v.Bytes)))
+				c.record(s.who, name, server, fmt.Sprintf("verify: %d chunks, %s compared, source and target are identical", v.Chunks, protection.BytesHuman(v.Bytes)))
 			default:
-				c.record(s.who, name, server, fmt.Sprintf("verify: %d chunks, %s compared, %d DIFFER", v.Chunks, bytesHuman(v.Bytes), v.Differing))
+				c.record(s.who, name, server, fmt.Sprintf("verify: %d chunks, %s compared, %d DIFFER", v.Chunks, protection.BytesHuman(v.Bytes), v.Differing))
 			}
 		}()
 		writeJSON(w, http.StatusAccepted, ActionResult{Job: name, Action: action, Server: server,

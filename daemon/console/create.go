@@ -12,6 +12,7 @@ import (
 	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/daemon/protection"
 )
 
 // CreateRequest is the new-job form: the flags of doppel job create.
@@ -228,7 +229,7 @@ func (c *Console) createJob(w http.ResponseWriter, r *http.Request, s *session) 
 	} else {
 		res.Message += "; replication handshake done: " + string(st.HA.State)
 		if st.Data.BytesRemaining > 0 {
-			res.Message += fmt.Sprintf(" (%s to copy)", bytesHuman(st.Data.BytesRemaining))
+			res.Message += fmt.Sprintf(" (%s to copy)", protection.BytesHuman(st.Data.BytesRemaining))
 		}
 	}
 	writeJSON(w, http.StatusCreated, res)

@@ -9,6 +9,7 @@ import (
 	"github.com/doppelha/doppel/daemon/client"
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
+	"github.com/doppelha/doppel/daemon/protection"
 )
 
 // Plan is what an action would do, computed from the sides' status before
@@ -138,10 +139,10 @@ func planAction(name, action string, reports []sideReport, opts ActionOptions, n
 		p.Consequences = append(p.Consequences,
 			fmt.Sprintf("%s (fenced since the failover) becomes the target of %s; %s keeps serving the volume and the service IPs", old, fo.Server, fo.Server),
 			fmt.Sprintf("only the chunks that differ are sent to %s: %s changed on %s since the failover + %s dirty on %s (about %s)",
-				old, bytesHuman(changed), fo.Server, bytesHuman(dirty), old, bytesHuman(changed+dirty)),
+				old, protection.BytesHuman(changed), fo.Server, protection.BytesHuman(dirty), old, protection.BytesHuman(changed+dirty)),
 			fmt.Sprintf("%s's copy is inconsistent until the resync ends; then the job is protected again, %s → %s", old, fo.Server, old))
 		if dirty > 0 {
-			p.Loss = fmt.Sprintf("%s of writes %s made that %s never received (its dirty chunks) are overwritten with %s's data", bytesHuman(dirty), old, fo.Server, fo.Server)
+			p.Loss = fmt.Sprintf("%s of writes %s made that %s never received (its dirty chunks) are overwritten with %s's data", protection.BytesHuman(dirty), old, fo.Server, fo.Server)
 		}
 	case "switchover", "failback":
 		to := other(src.Server)
@@ -161,7 +162,7 @@ func planAction(name, action string, reports []sideReport, opts ActionOptions, n
 		}
 		p.Consequences = append(p.Consequences,
 			fmt.Sprintf("%s holds new writes and drains: %s queued, %s dirty, RPO %s must reach %s (applications on %s wait meanwhile)",
-				src.Server, bytesHuman(st.Data.QueueMemory+st.Data.QueueDisk), bytesHuman(st.Data.DirtyBytes), rpoText(st.Data.RPO), to, src.Server))
+				src.Server, protection.BytesHuman(st.Data.QueueMemory+st.Data.QueueDisk), protection.BytesHuman(st.Data.DirtyBytes), rpoText(st.Data.RPO), to, src.Server))
 		for _, ip := range spec.ServiceIPs {
 			p.Consequences = append(p.Consequences, fmt.Sprintf("%s releases %s; %s takes %s on %s", src.Server, ipOnly(ip.Prefix), to, ipOnly(ip.Prefix), ifaceOn(spec, ip, to)))
 		}
@@ -183,13 +184,13 @@ func planAction(name, action string, reports []sideReport, opts ActionOptions, n
 			p.Refusal = fmt.Sprintf("%s is %s, not paused", src.Server, src.Status.HA.State)
 		}
 		p.Consequences = append(p.Consequences,
-			fmt.Sprintf("%s resyncs %s of tracked writes to %s (inconsistent until done), then replicates every write", src.Server, bytesHuman(src.Status.Data.DirtyBytes), other(src.Server)))
+			fmt.Sprintf("%s resyncs %s of tracked writes to %s (inconsistent until done), then replicates every write", src.Server, protection.BytesHuman(src.Status.Data.DirtyBytes), other(src.Server)))
 	case "verify":
 		p.Title = fmt.Sprintf("Verify %s: compare %s and %s", name, src.Server, other(src.Server))
 		size := spec.VolumeSize
 		what := "the whole volume"
 		if size > 0 {
-			what = "the whole volume (" + bytesHuman(size) + ")"
+			what = "the whole volume (" + protection.BytesHuman(size) + ")"
 		}
 		p.Consequences = append(p.Consequences,
 			fmt.Sprintf("both agents read and checksum %s, chunk by chunk; replication goes on (expect read load on both hosts)", what),
@@ -341,9 +342,9 @@ func planFailover(p *Plan, spec *job.Spec, reports []sideReport, src, tgt *sideR
 	queue := t.Data.QueueMemory + t.Data.QueueDisk
 	switch {
 	case opts.DiscardQueue:
-		p.Consequences = append(p.Consequences, fmt.Sprintf("%s stops applying and drops %s of received writes it has not applied", to, bytesHuman(queue)))
+		p.Consequences = append(p.Consequences, fmt.Sprintf("%s stops applying and drops %s of received writes it has not applied", to, protection.BytesHuman(queue)))
 	case queue > 0:
-		p.Consequences = append(p.Consequences, fmt.Sprintf("%s applies the %s it has queued, then stops applying", to, bytesHuman(queue)))
+		p.Consequences = append(p.Consequences, fmt.Sprintf("%s applies the %s it has queued, then stops applying", to, protection.BytesHuman(queue)))
 	}
 	if path := spec.Scripts[ha.HookPreFailover]; path != "" {
 		p.Consequences = append(p.Consequences, fmt.Sprintf("%s runs its pre-failover script %s", to, path))
@@ -377,7 +378,7 @@ func failoverLoss(spec *job.Spec, old, src *sideReport, t *api.JobStatus, opts A
 	}
 	discard := ""
 	if q := t.Data.QueueMemory + t.Data.QueueDisk; opts.DiscardQueue && q > 0 {
-		discard = fmt.Sprintf("; plus the %s queued on %s that it drops", bytesHuman(q), to)
+		discard = fmt.Sprintf("; plus the %s queued on %s that it drops", protection.BytesHuman(q), to)
 	}
 	if st == nil || !st.Data.Known {
 		return fmt.Sprintf("writes %s does not hold are lost: %s has not reported what it held%s", to, from, discard)
@@ -390,7 +391,7 @@ func failoverLoss(spec *job.Spec, old, src *sideReport, t *api.JobStatus, opts A
 			to, from, age, to, rpoText(st.Data.RPO), discard)
 	}
 	line := fmt.Sprintf("writes %s does not hold are lost: %s%s had %s queued and %s dirty, RPO %s",
-		to, from, age, bytesHuman(st.Data.QueueMemory+st.Data.QueueDisk), bytesHuman(st.Data.DirtyBytes), rpoText(st.Data.RPO))
+		to, from, age, protection.BytesHuman(st.Data.QueueMemory+st.Data.QueueDisk), protection.BytesHuman(st.Data.DirtyBytes), rpoText(st.Data.RPO))
 	if outOfSync {
 		line += fmt.Sprintf("; %s was recorded OUT OF SYNC on the arbiter", to)
 	}

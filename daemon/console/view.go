@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net/netip"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/doppelha/doppel/daemon/api"
@@ -244,13 +243,13 @@ func buildJobView(name string, reports []sideReport, rate, throughput float64, n
 			jv.Sync = sv
 		}
 		if st.Arbiter != nil {
-			jv.Arbiter = arbiterLine(st.HA.Role, st.Arbiter)
+			jv.Arbiter = protection.ArbiterLine(st.HA.Role, st.Arbiter)
 		}
 	}
 	if jv.Arbiter == "" && spec != nil && spec.Arbiter != "" {
 		for _, r := range reports {
 			if r.Status != nil && r.Status.Arbiter != nil {
-				jv.Arbiter = r.Server + ": " + arbiterLine(r.Status.HA.Role, r.Status.Arbiter)
+				jv.Arbiter = r.Server + ": " + protection.ArbiterLine(r.Status.HA.Role, r.Status.Arbiter)
 				break
 			}
 		}
@@ -396,41 +395,10 @@ func sideView(r sideReport, now time.Time) SideView {
 		sv.Paths = append(sv.Paths, p.Name+" "+state)
 	}
 	if st.Arbiter != nil {
-		sv.Arbiter = arbiterLine(st.HA.Role, st.Arbiter)
+		sv.Arbiter = protection.ArbiterLine(st.HA.Role, st.Arbiter)
 	}
 	sv.Changed, sv.Dirty, sv.Applied = st.Data.ChangedBytes, st.Data.DirtyBytes, st.Data.AppliedBytes
 	return sv
-}
-
-// arbiterLine is one side's arbiter in a console line: the lease and
-// whether the target is in sync.
-func arbiterLine(role ha.Role, a *api.ArbiterStatus) string {
-	var parts []string
-	switch {
-	case a.Holding:
-		parts = append(parts, fmt.Sprintf("lease held (renewed %v ago, TTL %v)", a.LeaseAge.Round(10*time.Millisecond), a.TTL))
-	case role == ha.RoleSource && a.LeaseAge >= 0:
-		parts = append(parts, fmt.Sprintf("LEASE NOT HELD (last renewal %v ago, TTL %v): writes the target does not acknowledge are held", a.LeaseAge.Round(10*time.Millisecond), a.TTL))
-	case role == ha.RoleSource:
-		parts = append(parts, "LEASE NOT HELD yet")
-	}
-	if role == ha.RoleSource {
-		if a.TargetOutOfSync {
-			parts = append(parts, "target OUT OF SYNC (no automatic failover onto it)")
-		} else {
-			parts = append(parts, "target in sync")
-		}
-	}
-	if a.Campaign != "" {
-		parts = append(parts, "promotion: "+a.Campaign)
-	}
-	if a.Error != "" && !a.Holding {
-		parts = append(parts, "error: "+a.Error)
-	}
-	if len(parts) == 0 {
-		parts = append(parts, "no lease on this side (etcd "+strings.Join(a.Endpoints, ",")+")")
-	}
-	return strings.Join(parts, "; ")
 }
 
 func consistency(c bool) string {
@@ -577,18 +545,4 @@ func sortedNames[V any](m map[string]V) []string {
 	}
 	sort.Strings(out)
 	return out
-}
-
-// bytesHuman is 1.5 MiB.
-func bytesHuman(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

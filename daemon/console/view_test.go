@@ -224,7 +224,7 @@ func TestJobViewColumns(t *testing.T) {
 	if jv.QueueMemory != 1<<20 || jv.QueueDisk != 2<<20 || jv.RPO != 2 {
 		t.Errorf("queue %d/%d RPO %v", jv.QueueMemory, jv.QueueDisk, jv.RPO)
 	}
-	if !strings.Contains(jv.Arbiter, "lease held") || !strings.Contains(jv.Arbiter, "target in sync") {
+	if !strings.Contains(jv.Arbiter, "holds the lease") || !strings.Contains(jv.Arbiter, "target in sync") {
 		t.Errorf("arbiter line %q", jv.Arbiter)
 	}
 	if jv.Countdown != "" || jv.CountdownMS != -1 {

@@ -220,10 +220,10 @@ func judge(sides []Side, src, tgt *Side, peer func(string) *Side) (Level, string
 	case ha.StateStarting:
 		return NotProtected, fmt.Sprintf("%s restarted and waits to hear %s before serving", src.Server, other.Server), nil
 	case ha.StatePaused:
-		return NotProtected, fmt.Sprintf("replication paused by the operator: writes on %s are tracked (%s dirty), not sent", src.Server, bytesHuman(st.Data.DirtyBytes)),
+		return NotProtected, fmt.Sprintf("replication paused by the operator: writes on %s are tracked (%s dirty), not sent", src.Server, BytesHuman(st.Data.DirtyBytes)),
 			[]string{fmt.Sprintf("doppel job resume %s", name)}
 	case ha.StateDisconnected:
-		r := fmt.Sprintf("%s cannot reach %s for replication: writes are tracked for a resync (%s dirty)", src.Server, other.Server, bytesHuman(st.Data.DirtyBytes))
+		r := fmt.Sprintf("%s cannot reach %s for replication: writes are tracked for a resync (%s dirty)", src.Server, other.Server, BytesHuman(st.Data.DirtyBytes))
 		if a := st.Arbiter; a != nil && a.TargetOutOfSync {
 			r += fmt.Sprintf("; %s is recorded out of sync: it cannot be promoted automatically", other.Server)
 		}
@@ -235,7 +235,7 @@ func judge(sides []Side, src, tgt *Side, peer func(string) *Side) (Level, string
 		}
 		r := fmt.Sprintf("%s to %s in progress: its copy is unusable until it ends", what, other.Server)
 		if d := st.Data; d.SyncTotal > 0 {
-			r += fmt.Sprintf(" (%.1f%%, %s remaining)", 100*float64(d.SyncDone)/float64(d.SyncTotal), bytesHuman(d.BytesRemaining))
+			r += fmt.Sprintf(" (%.1f%%, %s remaining)", 100*float64(d.SyncDone)/float64(d.SyncTotal), BytesHuman(d.BytesRemaining))
 		}
 		return NotProtected, r, nil
 	case ha.StateSwitchingOver, ha.StateFailingBack:
@@ -267,10 +267,10 @@ func judge(sides []Side, src, tgt *Side, peer func(string) *Side) (Level, string
 		}
 	}
 	if d := st.Data; d.DirtyBytes > 0 {
-		why = append(why, fmt.Sprintf("%s dirty on %s, not yet on %s", bytesHuman(d.DirtyBytes), src.Server, other.Server))
+		why = append(why, fmt.Sprintf("%s dirty on %s, not yet on %s", BytesHuman(d.DirtyBytes), src.Server, other.Server))
 	}
 	if st.Data.QueueDisk > 0 {
-		why = append(why, fmt.Sprintf("the replication queue spilled to disk (%s)", bytesHuman(st.Data.QueueDisk)))
+		why = append(why, fmt.Sprintf("the replication queue spilled to disk (%s)", BytesHuman(st.Data.QueueDisk)))
 	}
 	if a := st.Arbiter; a != nil && a.TargetOutOfSync {
 		why = append(why, fmt.Sprintf("%s is recorded out of sync on the arbiter until its resync is acknowledged: no automatic failover onto it meanwhile", other.Server))
@@ -327,7 +327,7 @@ func (v Verdict) RiskLine() string {
 	r := v.Risk
 	s := "if " + v.Source + " died now: "
 	if r.Known {
-		s += fmt.Sprintf("lose %s / %v of writes", bytesHuman(r.LoseBytes), r.LoseFor.Round(time.Millisecond))
+		s += fmt.Sprintf("lose %s / %v of writes", BytesHuman(r.LoseBytes), r.LoseFor.Round(time.Millisecond))
 	} else {
 		s += "writes at risk unknown"
 	}
@@ -357,7 +357,8 @@ func errs(sides []Side) string {
 	return strings.Join(parts, "; ")
 }
 
-func bytesHuman(n int64) string {
+// BytesHuman is n in binary units: 512 B, 1.5 MiB.
+func BytesHuman(n int64) string {
 	const unit = 1024
 	if n < unit {
 		return fmt.Sprintf("%d B", n)
@@ -368,4 +369,35 @@ func bytesHuman(n int64) string {
 		exp++
 	}
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// ArbiterLine is one side's arbiter in words: the lease and, on a source,
+// whether its target is recorded in sync (what job status and the console
+// show).
+func ArbiterLine(role ha.Role, a *api.ArbiterStatus) string {
+	var parts []string
+	switch {
+	case a.Holding:
+		parts = append(parts, fmt.Sprintf("holds the lease (renewed %v ago, TTL %v)", a.LeaseAge.Round(10*time.Millisecond), a.TTL))
+	case role == ha.RoleSource && a.LeaseAge >= 0:
+		parts = append(parts, fmt.Sprintf("LEASE NOT HELD (last renewal %v ago, TTL %v): writes the target does not acknowledge are held", a.LeaseAge.Round(10*time.Millisecond), a.TTL))
+	case role == ha.RoleSource:
+		parts = append(parts, "LEASE NOT HELD yet")
+	}
+	switch {
+	case a.TargetOutOfSync:
+		parts = append(parts, "target recorded OUT OF SYNC (it cannot be promoted automatically)")
+	case role == ha.RoleSource:
+		parts = append(parts, "target in sync")
+	}
+	if a.Campaign != "" {
+		parts = append(parts, "promotion: "+a.Campaign)
+	}
+	if a.Error != "" && !a.Holding {
+		parts = append(parts, "error: "+a.Error)
+	}
+	if len(parts) == 0 {
+		parts = append(parts, "no lease on this side (etcd "+strings.Join(a.Endpoints, ",")+")")
+	}
+	return strings.Join(parts, "; ")
 }
