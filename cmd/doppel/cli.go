@@ -6,6 +6,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"strings"
+	"sync"
 
 	"github.com/urfave/cli/v2"
 )
@@ -47,14 +48,18 @@ func versionString() string {
 	return v + ", " + goVersion
 }
 
+var setCLIGlobals sync.Once
+
 // polish configures the app and every command: suggestions, usage errors,
 // unknown subcommands.
 func polish(app *cli.App) {
 	app.Version = versionString()
 	app.OnUsageError = onUsageError
 	app.Action = unknownCommand
-	cli.VersionPrinter = func(c *cli.Context) { fmt.Fprintf(c.App.Writer, "%s %s\n", c.App.Name, c.App.Version) }
-	cli.FlagStringer = flagString
+	setCLIGlobals.Do(func() { // urfave/cli's package variables: once per process
+		cli.VersionPrinter = func(c *cli.Context) { fmt.Fprintf(c.App.Writer, "%s %s\n", c.App.Name, c.App.Version) }
+		cli.FlagStringer = flagString
+	})
 	var walk func([]*cli.Command)
 	walk = func(cmds []*cli.Command) {
 		for _, c := range cmds {

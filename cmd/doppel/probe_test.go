@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -110,16 +111,23 @@ func TestProbeSendWatch(t *testing.T) {
 			port := probeFreePort(t)
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
-			sent := make(chan error, 1)
-			go func() {
-				sent <- run(ctx, []string{"doppel", "probe", "send", "--to", "127.0.0.1", "--port", port, "--interval", "10ms",
-					"--job", "web", "--secret", "s3cret", "--sender", tc.sender})
-			}()
+			// The sender is a process of its own: two CLI apps in one
+			// process share urfave/cli's global flags (a data race).
+			exe, err := os.Executable()
+			if err != nil {
+				t.Fatal(err)
+			}
+			send := exec.CommandContext(ctx, exe, "doppel", "probe", "send", "--to", "127.0.0.1", "--port", port, "--interval", "10ms",
+				"--job", "web", "--secret", "s3cret", "--sender", tc.sender)
+			send.Env = append(os.Environ(), childEnv+"=1")
+			if err := send.Start(); err != nil {
+				t.Fatal(err)
+			}
 			time.AfterFunc(500*time.Millisecond, cancel) // then the watcher declares the peer down and exits
 			out, err := runProbeCLI(t, "probe", "watch", "--mode", "userspace", "--peer", "127.0.0.1", "--port", port,
 				"--interval", "10ms", "--missed", "30", "--rise", "1", "--exit-on-down", "--job", "web", "--secret", "s3cret", "--sender", "vm1")
 			cancel()
-			<-sent
+			_ = send.Wait() // killed by the cancel
 			switch tc.sender {
 			case "vm1":
 				if probeExitCode(err) != exitPeerDown || !strings.Contains(out, "peer up") || !strings.Contains(out, "bad-mac 0") {
