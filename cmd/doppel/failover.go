@@ -25,7 +25,7 @@ func failoverCommand() *cli.Command {
 			"(next step: doppel reverse).\n" +
 			"With --snapshot S the target's volume is rolled back to its snapshot S first\n" +
 			"(after a confirmation; --yes skips it) and that point in time is promoted; the\n" +
-			"newer data is kept as a snapshot of its own (before-failover-to-S-TIME). An\n" +
+			"newer data is kept as a snapshot of its own (before-failover-epoch-N). An\n" +
 			"inconsistent target (a resync interrupted) fails over to a snapshot without\n" +
 			"--force. doppel reverse then resyncs only the chunks that differ.",
 		Flags: append(connFlags(),

@@ -520,7 +520,7 @@ func TestFailoverToSnapshotExt4(t *testing.T) {
 	}
 	kept := ""
 	for _, s := range l.Snapshots {
-		if strings.HasPrefix(s.Name, "before-failover-to-before-delete-") {
+		if s.Kind == "before-rollback" && strings.HasPrefix(s.Name, "before-failover-epoch-") {
 			kept = s.Location
 		}
 	}

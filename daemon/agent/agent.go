@@ -15,6 +15,7 @@ import (
 	"crypto/subtle"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"log/slog"
 	"net"
@@ -127,6 +128,9 @@ type Agent struct {
 	restarting atomic.Bool
 	handedOver atomic.Bool
 	ackTimeout time.Duration // tests: successorAck
+	// rollbackWrites wraps the writes of a rollback to a snapshot
+	// (tests: a failing writer).
+	rollbackWrites func(io.WriterAt) io.WriterAt
 	// BeforeHandover releases what the successor must open itself (the
 	// heartbeat probe's socket); AfterFailedHandover takes it back when
 	// the successor failed. OnServing runs once Serve resumed the jobs

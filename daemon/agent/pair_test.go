@@ -40,6 +40,8 @@ type pair struct {
 	next    chan *testAgent // a successor agent, once it serves
 	// extra adds to an agent's subsystems (an arbiter client).
 	extra func(name string, subs *Subsystems)
+	// configure sets an agent's test seams before it serves.
+	configure func(name string, a *Agent)
 }
 
 const pairSize = 4 << 20
@@ -52,7 +54,13 @@ func newPair(t *testing.T, failover ha.FailoverMode) *pair {
 // second, 0: none).
 func newPairWith(t *testing.T, failover ha.FailoverMode, mode string, rate int64) *pair {
 	t.Helper()
-	root := t.TempDir()
+	return newPairIn(t, t.TempDir(), failover, mode, rate)
+}
+
+// newPairIn: the agents' state and volumes under root (a file system
+// that takes snapshots, for one).
+func newPairIn(t *testing.T, root string, failover ha.FailoverMode, mode string, rate int64) *pair {
+	t.Helper()
 	os.WriteFile(filepath.Join(root, "mountinfo"), nil, 0o644)
 	p := &pair{t: t, root: root, agents: map[string]*testAgent{}, live: map[string]*memLiveness{},
 		repl: map[string]string{"vm1": freePort(t), "vm2": freePort(t)}, log: pairLog(), rate: rate}
@@ -71,7 +79,14 @@ func newPairWith(t *testing.T, failover ha.FailoverMode, mode string, rate int64
 		// monitor settings.
 		spec.Monitor = job.Monitor{Interval: 250 * time.Millisecond, Missed: 8}
 	}
-	spec.Volume, spec.TargetVolume = filepath.Join(root, "vol1.img"), filepath.Join(root, "vol2.img")
+	// Each volume in a directory of its own: snapshots of a file volume
+	// live next to it.
+	spec.Volume, spec.TargetVolume = filepath.Join(root, "data1", "vol1.img"), filepath.Join(root, "data2", "vol2.img")
+	for _, v := range []string{spec.Volume, spec.TargetVolume} {
+		if err := os.MkdirAll(filepath.Dir(v), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
 	p.model = make([]byte, pairSize)
 	rand.Read(p.model[:1<<20])
 	if err := os.WriteFile(spec.Volume, p.model, 0o600); err != nil {
@@ -108,6 +123,9 @@ func (p *pair) subsystems(name string) (Subsystems, func(*Agent)) {
 		planes := &ReplPlanes{Log: p.log, Cert: a.Credentials.Cert, ReplListen: p.repl[name], StateDir: filepath.Join(p.root, name), RateLimit: p.rate}
 		a.Subsystems.DataPlane = planes.Open
 		a.Subsystems.ReplListener = planes
+		if p.configure != nil {
+			p.configure(name, a)
+		}
 	}
 }
 

@@ -391,9 +391,11 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 	defer r.publish()
 	for i := 0; r.node.HasReady() && i < 16; i++ {
 		rd := r.node.Ready()
+		var persistErr error
 		if rd.MustPersist {
 			r.rec.HA = rd.HardState
 			if err := r.a.Store.Put(r.rec); err != nil {
+				persistErr = err
 				// Acting on a state that is not durable could repeat a
 				// promotion after a crash: log loudly, keep going (the
 				// state machine is still consistent in memory).
@@ -412,22 +414,16 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 			}
 			r.arb.reconcile(rd.HardState, false)
 		}
-		rolledBack := true
-		for i, a := range rd.Actions {
-			if !rolledBack {
-				// A failover to a snapshot whose rollback failed: the
-				// volume holds neither the snapshot nor (perhaps) all of
-				// the newer data, and promoting, serving it would hand
-				// out an image nobody chose.
-				msg := "not done: the rollback to a snapshot failed (the newer data is kept in a before-failover snapshot)"
-				for _, b := range rd.Actions[i:] {
-					errs = append(errs, fmt.Errorf("%s: %s", b.Type, msg))
-					done = append(done, b.String()+" "+msg)
-				}
-				r.log.Error("failover to a snapshot stopped: the volume is not served", "err", msg)
-				break
+		for _, a := range rd.Actions {
+			var err error
+			if a.Type == ha.ActRollback && persistErr != nil {
+				// The volume is not touched unless the rollback-pending
+				// marker is durable: a crash must not leave a half
+				// rolled-back volume that a restart would serve.
+				err = fmt.Errorf("not started: the rollback-pending marker is not durable: %w", persistErr)
+			} else {
+				err = r.do(ctx, a)
 			}
-			err := r.do(ctx, a)
 			switch {
 			case a.Type == ha.ActApplyIdentity && err != nil:
 				r.identityRetry = time.Now().Add(identityRetryEvery)
@@ -440,9 +436,13 @@ func (r *runner) process(ctx context.Context) (done []string, errs []error) {
 				errs = append(errs, fmt.Errorf("%s: %w", a.Type, err))
 				r.log.Error("action failed", "action", a.String(), "err", err)
 				r.node.Step(ha.Event{Type: ha.EvActionFailed, Action: a.Type, Err: err.Error()})
-				rolledBack = a.Type != ha.ActRollback
 			} else {
 				r.log.Info("action done", "action", a.String())
+				if a.Type == ha.ActRollback {
+					// Complete and synced: the marker goes (persisted by
+					// the next Ready), then the promotion.
+					r.node.Step(ha.Event{Type: ha.EvRolledBack, Snapshot: a.Snapshot})
+				}
 			}
 			done = append(done, desc)
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -744,9 +745,14 @@ type rollbacker interface {
 
 // rollback is the failover's ActRollback, on the stopped target: the
 // volume's current data is kept as a snapshot of its own
-// (before-failover-to-NAME-TIME), then the volume is rolled back to
-// snapshot name, the rewritten chunks marked dirty for the reverse. The
-// runner's lock is held (an action).
+// (before-failover-epoch-N, N the failover's epoch), then the volume is
+// rolled back to snapshot name, the rewritten chunks marked dirty for the
+// reverse. The job's state says the rollback is pending
+// (ha.HardState.RollingBack) from before this runs until it returned
+// nil: a rollback that fails or is interrupted is redone (on the
+// operator's retry, or when the agent restarts), and the redo finds the
+// kept snapshot already there: the half rolled-back volume is never
+// taken for the newer data. The runner's lock is held (an action).
 func (s *jobSnapshots) rollback(name string, dp DataPlane) error {
 	mgr, err := s.manager()
 	if err != nil {
@@ -760,25 +766,36 @@ func (s *jobSnapshots) rollback(name string, dp DataPlane) error {
 	if !ok {
 		return fmt.Errorf("%w: this data plane cannot roll back", api.ErrNotWired)
 	}
-	keep := stampName("before-failover-to-"+name, time.Now())
-	if err := volsnap.ValidName(keep); err != nil {
-		keep = stampName("before-failover", time.Now())
-	}
-	kept, err := mgr.Create(keep, volsnap.KindBeforeRollback, volsnap.Point{}, "the data the failover to "+name+" replaced")
-	if err != nil {
-		return fmt.Errorf("keep the newer data before the rollback to %s: %w", name, err)
+	epoch := s.r.epoch.Load()
+	keep := fmt.Sprintf("before-failover-epoch-%d", epoch)
+	kept, err := mgr.Get(keep)
+	switch {
+	case err == nil:
+		s.r.log.Info("rollback redone: the newer data was kept before the first attempt", "snapshot", name, "kept", keep)
+	case errors.Is(err, volsnap.ErrNotFound):
+		kept, err = mgr.Create(keep, volsnap.KindBeforeRollback, volsnap.Point{}, fmt.Sprintf("the data the failover to %s (epoch %d) replaced", name, epoch))
+		if err != nil {
+			return fmt.Errorf("keep the newer data before the rollback to %s: %w", name, err)
+		}
+	default:
+		return err
 	}
 	var changed []int64
 	err = rb.RollbackTo(target.Point.Generation, func(b blockdev.Backend, chunk int64, mark func([]int64) error) error {
+		var w io.WriterAt = b
+		if s.r.a.rollbackWrites != nil {
+			w = s.r.a.rollbackWrites(b)
+		}
 		var err error
-		changed, err = mgr.Rollback(name, b, b, b.Size(), chunk, b.Sync, mark)
+		changed, err = mgr.Rollback(name, w, b, b.Size(), chunk, b.Sync, mark)
 		return err
 	})
 	if err != nil {
-		s.failed(fmt.Sprintf("rollback to %s: %v (the newer data is in snapshot %s)", name, err, kept.Name))
+		err = fmt.Errorf("%w (the newer data is in snapshot %s)", err, kept.Name)
+		s.failed(err.Error())
 		return err
 	}
-	s.r.history.add(s.r.epoch.Load(), "snapshot", fmt.Sprintf("rolled the volume back to snapshot %s (sequence %d, %s): %d chunks rewritten, marked for the reverse; the newer data is kept in snapshot %s",
+	s.r.history.add(epoch, "snapshot", fmt.Sprintf("rolled the volume back to snapshot %s (sequence %d, %s): %d chunks rewritten, marked for the reverse; the newer data is kept in snapshot %s",
 		name, target.Point.Seq, target.Created.Format(time.RFC3339), len(changed), kept.Name))
 	return nil
 }

@@ -29,6 +29,8 @@ func TestPickers(t *testing.T) {
 		{"fenced source is not active", ActiveSource, []Side{side("vm1", ha.RoleSource, ha.StateSuperseded), side("vm2", ha.RoleSource, ha.StateFailedOver)}, "vm2"},
 		{"no active source", ActiveSource, []Side{down, side("vm2", ha.RoleTarget, ha.StateDisconnected)}, "cannot reach the job's active source (vm1: connection refused; vm2: target"},
 		{"failover on the target", ForFailover, []Side{down, side("vm2", ha.RoleTarget, ha.StateDisconnected)}, "vm2"},
+		{"failover retried on the side rolling back", ForFailover, []Side{side("vm1", ha.RoleSource, ha.StateSuperseded), side("vm2", ha.RoleSource, ha.StateRollingBack)}, "vm2"},
+		{"snapshots of the side rolling back", Target, []Side{side("vm1", ha.RoleSource, ha.StateSuperseded), side("vm2", ha.RoleSource, ha.StateRollingBack)}, "vm2"},
 		{"failover again on the failed-over side", ForFailover, []Side{down, side("vm2", ha.RoleSource, ha.StateFailedOver)}, "vm2"},
 		{"reverse on the failed-over side", ForReverse, []Side{side("vm1", ha.RoleSource, ha.StateSuperseded), side("vm2", ha.RoleSource, ha.StateFailedOver)}, "vm2"},
 		{"reverse elsewhere goes to the source", ForReverse, []Side{side("vm1", ha.RoleSource, ha.StateReplicating), side("vm2", ha.RoleTarget, ha.StateReplicating)}, "vm1"},

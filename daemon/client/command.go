@@ -25,10 +25,16 @@ func ActiveSource(sides []Side) (string, error) {
 	return "", unreachable(sides, "the job's active source")
 }
 
-// ForFailover picks the job's target; when no side is a target any more,
-// the failed-over side (whose state machine refuses a second failover
-// with the reason).
+// ForFailover picks the side whose failover to a snapshot is still
+// rolling its volume back (a retry finishes it), else the job's target;
+// when no side is a target any more, the failed-over side (whose state
+// machine refuses a second failover with the reason).
 func ForFailover(sides []Side) (string, error) {
+	for _, s := range sides {
+		if s.Status != nil && s.Status.HA.State == ha.StateRollingBack {
+			return s.Server, nil
+		}
+	}
 	for _, s := range sides {
 		if s.Status != nil && s.Status.HA.Role == ha.RoleTarget {
 			return s.Server, nil
@@ -53,10 +59,17 @@ func ForReverse(sides []Side) (string, error) {
 	return ActiveSource(sides)
 }
 
-// Target picks the job's target (where snapshots live).
+// Target picks the job's target (where snapshots live), or the side
+// whose failover to a snapshot is still rolling back (its snapshots are
+// what a retry chooses from).
 func Target(sides []Side) (string, error) {
 	for _, s := range sides {
 		if s.Status != nil && s.Status.HA.Role == ha.RoleTarget {
+			return s.Server, nil
+		}
+	}
+	for _, s := range sides {
+		if s.Status != nil && s.Status.HA.State == ha.StateRollingBack {
 			return s.Server, nil
 		}
 	}

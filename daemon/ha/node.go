@@ -93,6 +93,11 @@ type Node struct {
 	waitTicks     int
 	linkDownTicks int
 
+	// resumed: this node restarted with a rollback pending
+	// (HardState.RollingBack): once it completes, the node promotes and
+	// then waits to hear its peer like any restarted source.
+	resumed bool
+
 	peerKnown      bool
 	peerRole       Role
 	peerEpoch      uint64
@@ -255,6 +260,14 @@ func (n *Node) Step(ev Event) error {
 		if ev.Action == ActQuiesce && n.switching() && !n.drained {
 			n.abortSwitchover("the drain failed: " + ev.Err)
 		}
+		if ev.Action == ActRollback && n.hs.RollingBack != "" {
+			s := n.hs.RollingBack
+			n.state = StateRollingBack
+			n.reason = fmt.Sprintf("the rollback to snapshot %s failed: %s; the volume is NOT served: it holds part of %s and part of the newer data; fix the cause, then run doppel failover %s --snapshot %s again (or restart the agent: it redoes the rollback)",
+				s, ev.Err, s, n.cfg.Job, s)
+		}
+	case EvRolledBack:
+		n.rolledBack(ev.Snapshot)
 	case EvMessage:
 		if ev.Msg == nil {
 			return fmt.Errorf("ha: job %q: message event without message", n.cfg.Job)
@@ -310,6 +323,7 @@ func (n *Node) Status() Status {
 		Home: n.cfg.Home, Role: n.hs.Role, State: n.state, Epoch: n.hs.Epoch,
 		Consistent: n.hs.Consistent, Failover: n.cfg.Failover,
 		LinkUp: n.linkUp, Reason: n.reason, LastError: n.lastErr,
+		RollingBack: n.hs.RollingBack,
 	}
 	for _, p := range n.cfg.Paths {
 		s := n.silent[p]
@@ -370,6 +384,14 @@ func (n *Node) start() {
 	case n.hs.Superseded:
 		n.fence() // announces itself
 		return
+	case n.hs.RollingBack != "":
+		// A rollback that did not complete (agent killed, or it failed
+		// and the agent restarted): redo it before anything is served.
+		// It is idempotent: the chunks already rewritten compare equal.
+		n.resumed = true
+		n.state = StateRollingBack
+		n.reason = fmt.Sprintf("the rollback to snapshot %s did not complete before the agent stopped: redoing it; the volume is not served until it completes", n.hs.RollingBack)
+		n.act(Action{Type: ActRollback, Snapshot: n.hs.RollingBack})
 	case n.hs.Role == RoleSource:
 		n.state = StateStarting
 		n.reason = "waiting to hear " + n.cfg.Peer + " before serving"
@@ -399,7 +421,7 @@ func (n *Node) becomeActiveSource() {
 // follow from them (not the ones held by a procedure in progress).
 func (n *Node) refreshState() {
 	switch n.state {
-	case StateStarting, StateSuperseded, StateSplitBrain, StateFailingBack, StateSwitchingOver, StateSourceDown, StatePromoting:
+	case StateStarting, StateSuperseded, StateSplitBrain, StateFailingBack, StateSwitchingOver, StateSourceDown, StatePromoting, StateRollingBack:
 		return
 	case StateFailedOver:
 		if n.hs.FailedOver {
@@ -446,6 +468,17 @@ func (n *Node) refuse(cmd EventType, err error, format string, a ...any) error {
 
 func (n *Node) failover(ev Event, auto bool) error {
 	switch {
+	case n.hs.RollingBack != "" && ev.Snapshot == "":
+		return n.refuse(CmdFailover, ErrBadState, "job %s: the rollback of %s's volume to snapshot %s is not complete: the volume holds part of it and part of the newer data; run doppel failover %s --snapshot %s to finish it (or --snapshot another one)",
+			n.cfg.Job, n.cfg.Self, n.hs.RollingBack, n.cfg.Job, n.hs.RollingBack)
+	case n.hs.RollingBack != "":
+		// The epoch was granted already: only the rollback is redone
+		// (to the same snapshot, or another one the operator chose).
+		n.hs.RollingBack = ev.Snapshot
+		n.state = StateRollingBack
+		n.reason = fmt.Sprintf("rolling the volume back to snapshot %s again before serving it", ev.Snapshot)
+		n.act(Action{Type: ActRollback, Snapshot: ev.Snapshot})
+		return nil
 	case n.hs.Role == RoleSource && n.hs.FailedOver:
 		return n.refuse(CmdFailover, ErrAlreadyFailedOver, "job %s already failed over to %s (epoch %d); next step: doppel reverse", n.cfg.Job, n.cfg.Self, n.hs.Epoch)
 	case n.hs.Superseded:
@@ -544,32 +577,64 @@ func (n *Node) onEpochSeen(epoch uint64) {
 }
 
 // promoteFailover makes this target the source at epoch; with a
-// snapshot, its volume is rolled back to it (after the applier stopped,
-// before the promotion): the promoted copy is the snapshot's image, a
-// consistent one.
+// snapshot, its volume is rolled back to it first (after the applier
+// stopped): the promoted copy is the snapshot's image, a consistent one.
+// The rollback is recorded as pending (HardState.RollingBack) in the
+// same persisted state as the epoch, before the volume is touched, and
+// the promotion and serving wait for it to complete (EvRolledBack).
 func (n *Node) promoteFailover(epoch uint64, discardQueue bool, snapshot string) {
-	acts := []Action{
-		{Type: ActRunScript, Hook: HookPreFailover},
-		{Type: ActStopTarget, ApplyQueue: !discardQueue},
-	}
+	n.act(
+		Action{Type: ActRunScript, Hook: HookPreFailover},
+		Action{Type: ActStopTarget, ApplyQueue: !discardQueue},
+	)
+	// Every other flag (paused, alone, handing over) belonged to the
+	// role this node leaves.
+	n.hs = HardState{Role: RoleSource, Epoch: epoch, Consistent: n.hs.Consistent || snapshot != "", FailedOver: true, RollingBack: snapshot}
+	n.sourceDown = false
+	n.lastErr = ""
 	if snapshot != "" {
-		acts = append(acts, Action{Type: ActRollback, Snapshot: snapshot})
+		n.state = StateRollingBack
+		n.reason = "rolling the volume back to snapshot " + snapshot + " before serving it"
+		n.act(Action{Type: ActRollback, Snapshot: snapshot})
+	} else {
+		n.servePromoted()
 	}
-	n.act(append(acts,
-		Action{Type: ActPromote, Epoch: epoch},
+	// Tell the old source, in case it hears: it fences itself.
+	n.send(MsgPromoted, false)
+}
+
+// servePromoted ends a failover: promote, serve, take the service IPs.
+func (n *Node) servePromoted() {
+	n.act(
+		Action{Type: ActPromote, Epoch: n.hs.Epoch},
 		Action{Type: ActServe},
 		Action{Type: ActApplyIdentity},
 		Action{Type: ActRunScript, Hook: HookPostFailover},
-	)...)
-	// Every other flag (paused, alone, handing over) belonged to the
-	// role this node leaves.
-	n.hs = HardState{Role: RoleSource, Epoch: epoch, Consistent: n.hs.Consistent || snapshot != "", FailedOver: true}
-	n.sourceDown = false
+	)
 	n.state = StateFailedOver
 	n.reason = ""
+}
+
+// rolledBack: the pending rollback completed (the volume holds the
+// snapshot's data, synced): the marker goes, the promotion follows. A
+// node that restarted with the rollback pending then waits to hear its
+// peer before serving, like any restarted source.
+func (n *Node) rolledBack(snapshot string) {
+	if n.hs.RollingBack == "" || snapshot != n.hs.RollingBack {
+		n.lastErr = fmt.Sprintf("rolled back to snapshot %q with no such rollback pending (%q)", snapshot, n.hs.RollingBack)
+		return
+	}
+	n.hs.RollingBack = ""
 	n.lastErr = ""
-	// Tell the old source, in case it hears: it fences itself.
-	n.send(MsgPromoted, false)
+	if !n.resumed {
+		n.servePromoted()
+		return
+	}
+	n.resumed = false
+	n.act(Action{Type: ActPromote, Epoch: n.hs.Epoch})
+	n.state = StateStarting
+	n.startTicks = 0
+	n.reason = "rolled back to snapshot " + snapshot + "; waiting to hear " + n.cfg.Peer + " before serving"
 }
 
 func (n *Node) alivePaths() string {

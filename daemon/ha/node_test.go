@@ -2,6 +2,7 @@ package ha
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -96,7 +97,8 @@ func actionList(n *Node) string {
 // back before the arbiter grants the epoch; a refused promotion rolls
 // nothing back and a later failover does not inherit the snapshot.
 func TestFailoverToSnapshot(t *testing.T) {
-	const want = "run-script pre-failover; stop-target apply-queue; rollback to s1; promote epoch=2; serve; apply-identity; run-script post-failover"
+	const want = "run-script pre-failover; stop-target apply-queue; rollback to s1"
+	const after = "promote epoch=2; serve; apply-identity; run-script post-failover"
 	t.Run("no arbiter", func(t *testing.T) {
 		cfg := testConfig("vm2")
 		cfg.Failover = FailoverManual
@@ -116,8 +118,15 @@ func TestFailoverToSnapshot(t *testing.T) {
 		if got := actionList(n); got != want {
 			t.Fatalf("actions\n got %s\nwant %s", got, want)
 		}
-		if hs := n.HardState(); hs.Role != RoleSource || hs.Epoch != 2 || !hs.Consistent || !hs.FailedOver {
+		if hs := n.HardState(); hs.Role != RoleSource || hs.Epoch != 2 || !hs.Consistent || !hs.FailedOver || hs.RollingBack != "s1" {
 			t.Fatalf("hard state after the failover: %+v", hs)
+		}
+		n.Step(Event{Type: EvRolledBack, Snapshot: "s1"})
+		if got := actionList(n); got != after {
+			t.Fatalf("actions after the rollback\n got %s\nwant %s", got, after)
+		}
+		if hs, st := n.HardState(), n.Status(); hs.RollingBack != "" || st.State != StateFailedOver {
+			t.Fatalf("after the rollback: %+v %s", hs, st.State)
 		}
 	})
 	t.Run("arbiter", func(t *testing.T) {
@@ -149,6 +158,10 @@ func TestFailoverToSnapshot(t *testing.T) {
 		if got := actionList(n); got != want {
 			t.Fatalf("after the grant\n got %s\nwant %s", got, want)
 		}
+		n.Step(Event{Type: EvRolledBack, Snapshot: "s1"})
+		if got := actionList(n); got != after {
+			t.Fatalf("after the rollback\n got %s\nwant %s", got, after)
+		}
 	})
 	t.Run("later failover forgets it", func(t *testing.T) {
 		cfg := testConfig("vm2")
@@ -172,4 +185,93 @@ func TestFailoverToSnapshot(t *testing.T) {
 			t.Fatalf("a plain failover rolled back: %s", got)
 		}
 	})
+}
+
+// TestRollbackPending: a failover to a snapshot whose rollback fails, or
+// is interrupted by a restart, neither promotes nor serves the volume
+// (it holds part of the snapshot and part of the newer data): the state
+// says so and what to do, a plain failover is refused, the failover to
+// the snapshot again redoes only the rollback, and a node restarted
+// from the persisted state redoes the rollback first, promotes once it
+// completed, and serves only after the start grace like any restarted
+// source.
+func TestRollbackPending(t *testing.T) {
+	cfg := testConfig("vm2")
+	cfg.Failover = FailoverManual
+	n, _ := NewNode(cfg, HardState{Role: RoleTarget, Epoch: 1, Consistent: true})
+	n.Step(Event{Type: EvStart})
+	for range 3 {
+		n.Tick()
+	}
+	n.Step(Event{Type: EvPeerDown})
+	n.Ready()
+	if err := n.Step(Event{Type: CmdFailover, Snapshot: "s1"}); err != nil {
+		t.Fatal(err)
+	}
+	rd := n.Ready()
+	if !rd.MustPersist || rd.HardState.RollingBack != "s1" || rd.HardState.Epoch != 2 {
+		t.Fatalf("the rollback is not persisted as pending with the epoch before it starts: %+v", rd)
+	}
+	persisted := rd.HardState
+	n.Step(Event{Type: EvActionFailed, Action: ActRollback, Err: "rollback to s1: write volume: input/output error"})
+	st := n.Status()
+	if st.State != StateRollingBack || !strings.Contains(st.Reason, "NOT served") || !strings.Contains(st.Reason, "doppel failover web --snapshot s1") {
+		t.Fatalf("after a failed rollback: %s %q", st.State, st.Reason)
+	}
+	if got := actionList(n); got != "" {
+		t.Fatalf("a failed rollback acted: %s", got)
+	}
+	for range 3 * cfg.Missed {
+		n.Tick()
+	}
+	n.Step(Event{Type: EvLease, Held: true})
+	if got := actionList(n); got != "" {
+		t.Fatalf("a pending rollback acted on ticks or the lease: %s", got)
+	}
+	if err := n.Step(Event{Type: CmdFailover}); !errors.Is(err, ErrBadState) || !strings.Contains(err.Error(), "--snapshot s1") {
+		t.Fatalf("plain failover with a rollback pending: %v", err)
+	}
+	if err := n.Step(Event{Type: CmdFailover, Snapshot: "s1"}); err != nil {
+		t.Fatalf("failover --snapshot s1 again: %v", err)
+	}
+	if got := actionList(n); got != "rollback to s1" {
+		t.Fatalf("the retry: %s, want only the rollback", got)
+	}
+
+	// The agent is killed during the retry: restart from the persisted
+	// state.
+	n, _ = NewNode(cfg, persisted)
+	n.Step(Event{Type: EvStart})
+	if got := actionList(n); got != "rollback to s1" {
+		t.Fatalf("restart with a rollback pending: %s, want only the rollback", got)
+	}
+	if st := n.Status(); st.State != StateRollingBack {
+		t.Fatalf("restart with a rollback pending: state %s", st.State)
+	}
+	n.Step(Event{Type: EvActionFailed, Action: ActRollback, Err: "still failing"})
+	for range 3 * cfg.Missed {
+		n.Tick()
+	}
+	if got := actionList(n); got != "" {
+		t.Fatalf("restarted, the rollback failed again, and it acted: %s", got)
+	}
+	n.Step(Event{Type: CmdFailover, Snapshot: "s1"})
+	n.Ready()
+	n.Step(Event{Type: EvRolledBack, Snapshot: "s1"})
+	rd = n.Ready()
+	if rd.HardState.RollingBack != "" || !rd.MustPersist {
+		t.Fatalf("the marker is not cleared durably: %+v", rd)
+	}
+	if got := fmt.Sprint(rd.Actions); got != "[promote epoch=2]" {
+		t.Fatalf("after the rollback on a restarted node: %s, want the promotion only", got)
+	}
+	if st := n.Status(); st.State != StateStarting {
+		t.Fatalf("after the rollback on a restarted node: %s, want starting", st.State)
+	}
+	for range 2 * cfg.Missed {
+		n.Tick()
+	}
+	if got := actionList(n); !strings.HasPrefix(got, "serve; apply-identity") {
+		t.Fatalf("after the start grace: %s, want it served", got)
+	}
 }

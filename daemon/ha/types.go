@@ -66,6 +66,13 @@ const (
 	// (after its detector declared the source down, or the operator's
 	// failover) and waits for the answer; nothing was served yet.
 	StatePromoting State = "promoting"
+	// StateRollingBack: a failover to a snapshot won its epoch and the
+	// volume is being rolled back to the snapshot (HardState.RollingBack),
+	// or the rollback failed or was interrupted: the volume holds part of
+	// the snapshot and part of the newer data, so it is neither promoted
+	// nor served until a rollback completes (the agent redoes it when it
+	// restarts; the operator runs the failover to the snapshot again).
+	StateRollingBack State = "rolling-back"
 )
 
 // FailoverMode says whether the target takes over on its own.
@@ -141,6 +148,13 @@ type HardState struct {
 	// drained and demoted, and repeats the handover to its peer until the
 	// peer confirms it took over (or is seen as a newer source).
 	HandingOver bool `json:"handing_over,omitempty"`
+	// RollingBack names the snapshot a failover is rolling this node's
+	// volume back to, from before the first byte of the volume is
+	// rewritten (it is persisted with the promotion's epoch) until the
+	// rollback is complete and synced (EvRolledBack). While it is set the
+	// volume is neither promoted nor served: it holds part of the
+	// snapshot and part of the newer data.
+	RollingBack string `json:"rolling_back,omitempty"`
 }
 
 func (hs HardState) String() string {
@@ -160,6 +174,9 @@ func (hs HardState) String() string {
 	}
 	if hs.HandingOver {
 		b.WriteString(" handing-over")
+	}
+	if hs.RollingBack != "" {
+		b.WriteString(" rolling-back=" + hs.RollingBack)
 	}
 	return b.String()
 }
@@ -204,6 +221,9 @@ const (
 	EvDrained EventType = "drained"
 	// EvActionFailed: an action of a Ready failed; Err says how.
 	EvActionFailed EventType = "action-failed"
+	// EvRolledBack: ActRollback completed: the volume holds snapshot
+	// Snapshot's data, synced (the promotion and serving follow).
+	EvRolledBack EventType = "rolled-back"
 	// EvMessage: a message from the peer (Msg).
 	EvMessage EventType = "message"
 )
@@ -233,7 +253,8 @@ type Event struct {
 	// of applying it first (the default).
 	DiscardQueue bool
 	// Snapshot: CmdFailover promotes this snapshot of the target's volume
-	// (a point in time before the latest data), not the latest data.
+	// (a point in time before the latest data), not the latest data;
+	// EvRolledBack: the snapshot the volume was rolled back to.
 	Snapshot string
 	Action   ActionType // EvActionFailed
 	Err      string     // EvActionFailed, EvPromotion (refused), EvLease (not held)
@@ -405,4 +426,7 @@ type Status struct {
 	// Reason explains a state that needs the operator.
 	Reason    string `json:"reason,omitempty"`
 	LastError string `json:"last_error,omitempty"`
+	// RollingBack is the snapshot a failover is rolling the volume back
+	// to, until the rollback completed (StateRollingBack).
+	RollingBack string `json:"rolling_back,omitempty"`
 }

@@ -167,6 +167,12 @@ func judge(sides []Side, src, tgt *Side, peer func(string) *Side) (Level, string
 			return NotProtected, s.Status.HA.Reason, nil
 		}
 	}
+	if src != nil && src.Status.HA.State == ha.StateRollingBack {
+		// The volume holds part of the snapshot and part of the newer
+		// data: nothing serves it until the rollback completes.
+		return NotProtected, fmt.Sprintf("no host serves the volume: %s", src.Status.HA.Reason),
+			[]string{fmt.Sprintf("doppel failover %s --snapshot %s   # %s redoes the rollback, then serves the snapshot's data", name, src.Status.HA.RollingBack, src.Server)}
+	}
 	if src != nil && src.Status.HA.State == ha.StateFailedOver {
 		old := peer(src.Server)
 		reason := fmt.Sprintf("%s took over at epoch %d and serves the volume; nothing protects it until doppel reverse", src.Server, src.Status.HA.Epoch)

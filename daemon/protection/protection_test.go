@@ -188,6 +188,15 @@ func TestAssess(t *testing.T) {
 			risk: "no host can take over",
 		},
 		{
+			name: "failover to a snapshot whose rollback failed: not served, retry",
+			sides: []Side{side("vm1", ha.RoleSource, ha.StateSuperseded), side("vm2", ha.RoleSource, ha.StateRollingBack, func(s *api.JobStatus) {
+				s.HA.RollingBack = "s1"
+				s.HA.Reason = "the rollback to snapshot s1 failed: write volume: input/output error; the volume is NOT served"
+			})},
+			level: NotProtected, reason: "no host serves the volume: the rollback to snapshot s1 failed", src: "vm2", tgt: "vm1",
+			advice: "doppel failover web --snapshot s1   # vm2 redoes the rollback",
+		},
+		{
 			name:  "failed over, old source unreachable: no command would succeed",
 			sides: []Side{down("vm1", "connection refused"), side("vm2", ha.RoleSource, ha.StateFailedOver)},
 			level: FailedOver, reason: "vm1 is unreachable: start its agent, it comes back fenced", src: "vm2", tgt: "vm1",

@@ -18,8 +18,9 @@ import (
 // old source, which still holds the newer data there, gets the snapshot's.
 //
 // When roll succeeds the data is the snapshot's consistent image: the
-// generation state says consistent (a target interrupted inside a resync
-// says inconsistent until then). gen is the snapshot's generation, used
+// generation state says consistent. Until then, from the first mark, it
+// says inconsistent (as it did for a target interrupted inside a
+// resync). gen is the snapshot's generation, used
 // when this side holds none (a full mirror was interrupted): the peer
 // then finds it related or not, and mirrors when not.
 func RollbackTarget(dir string, size, chunk int64, gen uint64, roll func(mark func(chunks []int64) error) error) error {
@@ -39,7 +40,21 @@ func RollbackTarget(dir string, size, chunk int64, gen uint64, roll func(mark fu
 		for _, c := range chunks {
 			bm.Set(c*chunk, chunk)
 		}
-		return bm.Flush()
+		if err := bm.Flush(); err != nil {
+			return err
+		}
+		if ok && st.Current != 0 && st.Data != generation.Inconsistent {
+			// From the first rewritten byte until the roll completes the
+			// image is neither the snapshot nor the newer data: the
+			// replication state says inconsistent meanwhile (a source is
+			// then opened on it only by force).
+			mid := st
+			mid.Data = generation.Inconsistent
+			if err := saveGen(dir, mid); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
 	if err := roll(mark); err != nil {
 		return err

@@ -75,4 +75,28 @@ func TestRollbackTarget(t *testing.T) {
 	if !s.gens.state.Knows(src.Current) {
 		t.Errorf("the promoted generation %v lost the old source's %016x", s.gens.state, src.Current)
 	}
+
+	// A consistent target whose roll fails after its first mark is
+	// inconsistent until a roll completes.
+	if err := saveGen(dir, generation.State{Current: src.Current, Side: generation.SideTarget, Data: generation.Consistent}); err != nil {
+		t.Fatal(err)
+	}
+	err = RollbackTarget(dir, size, chunk, 0, func(mark func([]int64) error) error {
+		if err := mark([]int64{1}); err != nil {
+			return err
+		}
+		return errors.New("write failed halfway")
+	})
+	if err == nil {
+		t.Fatal("a failed roll was not reported")
+	}
+	if st, _, _ := loadGen(dir); st.Data != generation.Inconsistent {
+		t.Fatalf("a consistent target after a failed roll: %v, want inconsistent", st)
+	}
+	if err := RollbackTarget(dir, size, chunk, 0, func(mark func([]int64) error) error { return mark([]int64{1}) }); err != nil {
+		t.Fatal(err)
+	}
+	if st, _, _ := loadGen(dir); st.Data != generation.Consistent {
+		t.Fatalf("after the retry: %v, want consistent", st)
+	}
 }

@@ -91,6 +91,13 @@ func clone(src, dst string) (err error) {
 
 func (r *reflink) Take(name string) (string, error) {
 	dst := filepath.Join(r.dir, name+".img")
+	// The catalog has no snapshot of this name (Manager.Create checked,
+	// under its lock): an image there is the leftover of a Create
+	// interrupted between the clone and the catalog (an agent killed in
+	// the middle), not a snapshot anyone can use. It is replaced.
+	if err := os.Remove(dst); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("remove the leftover image %s: %w", dst, err)
+	}
 	if err := clone(r.vol, dst); err != nil {
 		return "", err
 	}
