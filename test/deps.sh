@@ -22,6 +22,7 @@ declare -A need=(
 	[vagrant]=vagrant
 	[etcd]=etcd-server [etcdctl]=etcd-client
 	[mkfs.xfs]=xfsprogs [mkfs.btrfs]=btrfs-progs [fsfreeze]=util-linux
+	[lvm]=lvm2 [thin_check]=thin-provisioning-tools
 	[chromium]=chromium [systemd-socket-activate]=systemd
 )
 missing=()

@@ -64,7 +64,7 @@ cat /run/stats.json`)
 // device, a bad device name.
 func TestNBDAttach(t *testing.T) {
 	kernelTests := GoTestBinary(t, "./blockdev/kernel")
-	l := NewLab(t, GuestConfig{Name: "vm1", Fio: true, Files: map[string]string{"/bin/kernel.test": kernelTests}})
+	l := NewLab(t, GuestConfig{Name: "vm1", Bundles: []Bundle{FioBundle}, Files: map[string]string{"/bin/kernel.test": kernelTests}})
 	g := l.Guests[0]
 	long := 3 * time.Minute
 

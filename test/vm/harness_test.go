@@ -60,6 +60,11 @@ func TestModuleOrder(t *testing.T) {
 	if name != "virtio_net" || !reflect.DeepEqual(deps, []string{"virtio_ring", "virtio"}) {
 		t.Errorf("modinfo: %q %v", name, deps)
 	}
+	// dm_thin_pool's depends names its modules with '-'.
+	name, deps = parseModinfo([]byte("depends=dm-persistent-data,dm-bio-prison,dm-mod\x00name=dm_thin_pool\x00"))
+	if name != "dm_thin_pool" || !reflect.DeepEqual(deps, []string{"dm_persistent_data", "dm_bio_prison", "dm_mod"}) {
+		t.Errorf("modinfo with dashes: %q %v", name, deps)
+	}
 }
 
 func TestParseLdd(t *testing.T) {

@@ -41,7 +41,10 @@ var Kernels = []Kernel{{
 		// these by alias, which this initramfs (no modules.alias) cannot.
 		"xfrm_user", "nfnetlink",
 	},
-	Extra: []string{"nbd"},
+	// dm_thin_pool (with dm_mod, dm_bufio, dm_bio_prison,
+	// dm_persistent_data) and dm_snapshot (lvcreate --snapshot checks
+	// for its target even for a thin snapshot): LVM thin snapshots.
+	Extra: []string{"nbd", "loop", "dm_thin_pool", "dm_snapshot"},
 }}
 
 // KernelImage is an extracted kernel in the cache.
@@ -295,7 +298,9 @@ func parseModinfo(data []byte) (name string, deps []string) {
 		case "depends":
 			for d := range strings.SplitSeq(string(v), ",") {
 				if d != "" {
-					deps = append(deps, d)
+					// Module names in depends may use '-' ("dm-mod");
+					// names are keyed with '_' (name=dm_mod).
+					deps = append(deps, strings.ReplaceAll(d, "-", "_"))
 				}
 			}
 		}

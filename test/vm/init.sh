@@ -33,13 +33,19 @@ for m in $(echo "$P_modules" | tr , ' '); do
 	modprobe "$m" || echo "init: modprobe $m failed"
 done
 
-# State and volumes: on the guest's disk when it has one (made ext4 at
-# first boot: e2fsck fails with 8 on a blank disk, corrects with 1 or 2
-# after a crash), else in RAM, beyond the rootfs's limit of half of it.
-if [ -b /dev/vda ]; then
-	e2fsck -p /dev/vda >/dev/console 2>&1
-	[ $? -ge 4 ] && mkfs.ext4 -q -F /dev/vda
-	mount -t ext4 /dev/vda /var/lib/doppel || echo "init: mount /dev/vda failed"
+# State and volumes: on the guest's state disk when it has one (the
+# virtio disk of serial doppel-state, made ext4 at first boot: e2fsck
+# fails with 8 on a blank disk, corrects with 1 or 2 after a crash), else
+# in RAM, beyond the rootfs's limit of half of it. Other disks are left
+# alone (raw disks for the tests).
+state=
+for d in /sys/block/vd*; do
+	[ "$(cat "$d/serial" 2>/dev/null)" = doppel-state ] && state=/dev/${d##*/}
+done
+if [ -n "$state" ]; then
+	e2fsck -p "$state" >/dev/console 2>&1
+	[ $? -ge 4 ] && mkfs.ext4 -q -F "$state"
+	mount -t ext4 "$state" /var/lib/doppel || echo "init: mount $state failed"
 else
 	mount -t tmpfs -o size=70% tmpfs /var/lib/doppel
 fi

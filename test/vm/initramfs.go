@@ -157,33 +157,96 @@ func parseLdd(out []byte) ([]string, error) {
 	return libs, sc.Err()
 }
 
-// tool is a host binary copied into guests, with its shared libraries.
-type tool struct {
-	host  string   // path on the host
-	guest []string // paths in the guest
+// Tool is a host program copied into guests with the shared libraries
+// ldd finds for it (and the dynamic loader).
+type Tool struct {
+	Host    string   // path on the host
+	Package string   // Debian package that installs it (for the error when missing)
+	Guest   []string // paths in the guest: the first a copy, the others symlinks to it
 }
 
-// baseTools are in every guest; fioTools only where a test asks for fio
-// (its libraries weigh 80 MiB, which every boot would copy).
-var (
-	baseTools = []tool{
-		{"/sbin/mke2fs", []string{"/sbin/mke2fs", "/sbin/mkfs.ext4"}},
-		{"/sbin/e2fsck", []string{"/sbin/e2fsck", "/sbin/fsck.ext4"}},
-	}
-	fioTools = []tool{{"/usr/bin/fio", []string{"/usr/bin/fio"}}}
-)
+// Bundle is a set of host programs and files that the guests asking for it
+// get (GuestConfig.Bundles): an archive built once per set of contents,
+// cached, and appended to the base initramfs. Programs come from the host
+// (install their package: test/deps.sh does for these bundles), libraries
+// are found with ldd, so a dynamically linked program runs in the guest
+// as on the host.
+type Bundle struct {
+	Name  string // names the cached archive
+	Tools []Tool
+	// Files are written into the guest: guest path -> content.
+	Files map[string]string
+}
+
+// key is a digest of what the bundle's archive holds, for the cache.
+func (b Bundle) key() uint32 {
+	return crc(fmt.Appendf(nil, "%v", b))
+}
+
+// baseTools are in every guest.
+var baseTools = []Tool{
+	{Host: "/sbin/mke2fs", Package: "e2fsprogs", Guest: []string{"/sbin/mke2fs", "/sbin/mkfs.ext4"}},
+	{Host: "/sbin/e2fsck", Package: "e2fsprogs", Guest: []string{"/sbin/e2fsck", "/sbin/fsck.ext4"}},
+}
+
+// FioBundle is fio (its libraries weigh 80 MiB, which every boot copies).
+var FioBundle = Bundle{Name: "fio", Tools: []Tool{{Host: "/usr/bin/fio", Package: "fio", Guest: []string{"/usr/bin/fio"}}}}
+
+// LVMBundle is LVM (lvm and its command names, thin_check from
+// thin-provisioning-tools) with an lvm.conf for a guest without udev or
+// dmeventd: LVM makes the /dev nodes itself and monitors nothing. The
+// device-mapper modules (dm_thin_pool and its dependencies) are in every
+// guest's image (Kernel.Extra); a test loads them with modprobe.
+var LVMBundle = Bundle{
+	Name: "lvm",
+	Tools: []Tool{
+		{Host: "/sbin/lvm", Package: "lvm2", Guest: []string{"/sbin/lvm",
+			"/sbin/pvcreate", "/sbin/pvs", "/sbin/pvremove",
+			"/sbin/vgcreate", "/sbin/vgs", "/sbin/vgchange", "/sbin/vgremove",
+			"/sbin/lvcreate", "/sbin/lvs", "/sbin/lvchange", "/sbin/lvremove", "/sbin/lvextend", "/sbin/lvdisplay"}},
+		{Host: "/usr/sbin/pdata_tools", Package: "thin-provisioning-tools", Guest: []string{"/usr/sbin/pdata_tools",
+			"/usr/sbin/thin_check", "/usr/sbin/thin_repair", "/usr/sbin/thin_dump", "/usr/sbin/thin_restore"}},
+	},
+	Files: map[string]string{"/etc/lvm/lvm.conf": `# The VM tier's guests: no udev, no dmeventd, no lvmpolld.
+devices {
+	obtain_device_list_from_udev = 0
+	external_device_info_source = "none"
+}
+activation {
+	udev_sync = 0
+	udev_rules = 0
+	monitoring = 0
+}
+global {
+	use_lvmpolld = 0
+	thin_check_executable = "/usr/sbin/thin_check"
+}
+backup {
+	backup = 0
+	archive = 0
+}
+`},
+}
 
 // addTools copies tools and the libraries they load.
-func (c *cpioWriter) addTools(tools []tool) error {
+func (c *cpioWriter) addTools(tools []Tool) error {
 	libs := map[string]bool{}
 	for _, t := range tools {
-		if _, err := os.Stat(t.host); err != nil {
-			return fmt.Errorf("guest tool: %w", err)
+		if _, err := os.Stat(t.Host); err != nil {
+			return fmt.Errorf("guest tool (install %s): %w", t.Package, err)
 		}
-		for _, g := range t.guest {
-			c.hostFile(t.host, g)
+		for i, g := range t.Guest {
+			if i == 0 {
+				c.hostFile(t.Host, g)
+				continue
+			}
+			target := t.Guest[0]
+			if path.Dir(target) == path.Dir(g) {
+				target = path.Base(target)
+			}
+			c.symlink(g, target)
 		}
-		ls, err := sharedLibs(t.host)
+		ls, err := sharedLibs(t.Host)
 		if err != nil {
 			return err
 		}
@@ -200,6 +263,23 @@ func (c *cpioWriter) addTools(tools []tool) error {
 		c.hostFile(l, l) // at the path the loader will look for
 	}
 	return nil
+}
+
+// buildBundle writes the archive that adds b to a guest.
+func buildBundle(w io.Writer, b Bundle) error {
+	c := newCPIO(w)
+	if err := c.addTools(b.Tools); err != nil {
+		return fmt.Errorf("bundle %s: %w", b.Name, err)
+	}
+	names := make([]string, 0, len(b.Files))
+	for n := range b.Files {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		c.file(n, 0o644, []byte(b.Files[n]))
+	}
+	return c.close()
 }
 
 // buildBase writes the part of the initramfs that does not change between
@@ -241,15 +321,6 @@ func buildBase(w io.Writer, k *KernelImage, initScript []byte) error {
 		return err
 	}
 	c.file("/init", 0o755, initScript)
-	return c.close()
-}
-
-// buildFio writes the archive that adds fio to a guest.
-func buildFio(w io.Writer) error {
-	c := newCPIO(w)
-	if err := c.addTools(fioTools); err != nil {
-		return err
-	}
 	return c.close()
 }
 

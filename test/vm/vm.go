@@ -1,6 +1,7 @@
 // Package vm is doppel's qemu VM tier: stock Debian kernels (declared as
 // data in [Kernels], fetched with apt-get download) booted under qemu with
-// an initramfs that holds busybox, e2fsprogs, fio and a static doppel, on a
+// an initramfs that holds busybox, e2fsprogs, a static doppel and the
+// bundles of host programs a test asks for (fio, lvm), on a
 // private virtual network (a network namespace with one bridge per subnet:
 // application 172.17.22.0/24, replication 192.168.0.0/24) so that the real
 // /dev/nbdN, XDP and IP takeover can be tested where the host kernel cannot.
@@ -48,10 +49,14 @@ const (
 
 // Assets are the files every guest boots from.
 type Assets struct {
-	Kernel    *KernelImage
-	Initrd    string // base archive + doppel overlay, concatenated
-	InitrdFio string // the same with fio
-	work      string // temporary directory of the above
+	Kernel  *KernelImage
+	Initrd  string // base archive + doppel overlay, concatenated
+	base    string // the base archive (cache)
+	overlay []byte // the doppel overlay archive
+	work    string // temporary directory of the above
+
+	mu      sync.Mutex
+	initrds map[string]string // bundle names -> base + bundles + overlay
 }
 
 var (
@@ -99,20 +104,52 @@ func GetAssets(t testing.TB) *Assets {
 	return assets
 }
 
+// lockCache takes the cache's lock (one test binary at a time fills it);
+// the returned function releases it.
+func lockCache(cache string) (func(), error) {
+	if err := os.MkdirAll(cache, 0o755); err != nil {
+		return nil, err
+	}
+	lock, err := os.OpenFile(filepath.Join(cache, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("lock %s: %w", cache, err)
+	}
+	return func() { lock.Close() }, nil
+}
+
+// cachedArchive returns the archive prefix-key.cpio in cache, built with
+// build when missing; archives of the same prefix and another key (other
+// kernels, tools or /init versions) are stale and removed. The caller
+// holds the cache's lock.
+func cachedArchive(cache, prefix, key string, build func(io.Writer) error) (string, error) {
+	p := filepath.Join(cache, prefix+"-"+key+".cpio")
+	old, _ := filepath.Glob(filepath.Join(cache, prefix+"-*.cpio"))
+	for _, o := range old {
+		if o != p {
+			os.Remove(o)
+		}
+	}
+	if _, err := os.Stat(p); err == nil {
+		return p, nil
+	}
+	var buf bytes.Buffer
+	if err := build(&buf); err != nil {
+		return "", fmt.Errorf("initramfs: %w", err)
+	}
+	return p, writeAtomic(p, buf.Bytes())
+}
+
 func buildAssets() (*Assets, string, error) {
 	cache := CacheDir()
-	if err := os.MkdirAll(cache, 0o755); err != nil {
-		return nil, "", err
-	}
-	// One test binary at a time fills the cache.
-	lock, err := os.OpenFile(filepath.Join(cache, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	unlock, err := lockCache(cache)
 	if err != nil {
 		return nil, "", err
 	}
-	defer lock.Close()
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		return nil, "", fmt.Errorf("lock %s: %w", cache, err)
-	}
+	defer unlock()
 	k := Kernels[0]
 	if pkg, err := cachedKernel(cache, k); err == nil && pkg == "" {
 		if _, err := exec.LookPath("apt-get"); err != nil {
@@ -124,35 +161,16 @@ func buildAssets() (*Assets, string, error) {
 	if err != nil {
 		return nil, "", err
 	}
-	// The base archives change only with the kernel, its modules, the tools
-	// and /init.
-	key := fmt.Sprintf("%s-%x", img.Package, crc(fmt.Appendf(initScript, "%v%v%v%v", baseTools, fioTools, k.Modules, k.Extra)))
-	base := filepath.Join(cache, "initrd-base-"+key+".cpio")
-	fio := filepath.Join(cache, "initrd-fio-"+key+".cpio")
-	// Archives of other kernels, tools or /init versions are stale.
-	old, _ := filepath.Glob(filepath.Join(cache, "initrd-*.cpio"))
-	for _, p := range old {
-		if p != base && p != fio {
-			os.Remove(p)
-		}
+	// The base archive changes only with the kernel, its modules, the
+	// tools and /init.
+	dep, err := os.ReadFile(filepath.Join(img.ModDir, "modules.dep"))
+	if err != nil {
+		return nil, "", err
 	}
-	for _, a := range []struct {
-		path  string
-		build func(io.Writer) error
-	}{
-		{base, func(w io.Writer) error { return buildBase(w, img, initScript) }},
-		{fio, buildFio},
-	} {
-		if _, err := os.Stat(a.path); err == nil {
-			continue
-		}
-		var buf bytes.Buffer
-		if err := a.build(&buf); err != nil {
-			return nil, "", fmt.Errorf("initramfs: %w", err)
-		}
-		if err := writeAtomic(a.path, buf.Bytes()); err != nil {
-			return nil, "", err
-		}
+	key := fmt.Sprintf("%s-%x", img.Package, crc(fmt.Appendf(initScript, "%v%v%v%s", baseTools, k.Modules, k.Extra, dep)))
+	base, err := cachedArchive(cache, "initrd-base", key, func(w io.Writer) error { return buildBase(w, img, initScript) })
+	if err != nil {
+		return nil, "", err
 	}
 	work, err := os.MkdirTemp("", "doppel-vm-")
 	if err != nil {
@@ -178,32 +196,68 @@ func buildAssets() (*Assets, string, error) {
 		os.RemoveAll(work)
 		return nil, "", err
 	}
-	as := &Assets{Kernel: img, work: work,
-		Initrd: filepath.Join(work, "initrd"), InitrdFio: filepath.Join(work, "initrd-fio")}
-	for _, out := range []struct {
-		path  string
-		parts []string
-	}{{as.Initrd, []string{base}}, {as.InitrdFio, []string{base, fio}}} {
-		var buf bytes.Buffer
-		for _, p := range out.parts {
-			b, err := os.ReadFile(p)
-			if err != nil {
-				os.RemoveAll(work)
-				return nil, "", err
-			}
-			buf.Write(b)
-		}
-		buf.Write(overlay.Bytes())
-		if err := os.WriteFile(out.path, buf.Bytes(), 0o644); err != nil {
-			os.RemoveAll(work)
-			return nil, "", err
-		}
+	as := &Assets{Kernel: img, work: work, base: base, overlay: overlay.Bytes(), initrds: map[string]string{}}
+	if as.Initrd, err = as.initrd(nil); err != nil {
+		os.RemoveAll(work)
+		return nil, "", err
 	}
 	st, _ := os.Stat(as.Initrd)
-	stf, _ := os.Stat(as.InitrdFio)
-	fmt.Fprintf(os.Stderr, "vm: kernel %s (%s), initramfs %d MiB (%d MiB with fio), prepared in %v\n",
-		img.Package, img.Release, st.Size()>>20, stf.Size()>>20, time.Since(start).Round(time.Millisecond))
+	fmt.Fprintf(os.Stderr, "vm: kernel %s (%s), initramfs %d MiB, prepared in %v\n",
+		img.Package, img.Release, st.Size()>>20, time.Since(start).Round(time.Millisecond))
 	return as, "", nil
+}
+
+// initrd returns the initramfs of guests with bundles: the base archive,
+// each bundle's (built and cached on first use) and the doppel overlay.
+func (a *Assets) initrd(bundles []Bundle) (string, error) {
+	var names []string
+	for _, b := range bundles {
+		names = append(names, b.Name)
+	}
+	id := strings.Join(names, "+")
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if p, ok := a.initrds[id]; ok {
+		return p, nil
+	}
+	parts := []string{a.base}
+	if len(bundles) > 0 {
+		cache := CacheDir()
+		unlock, err := lockCache(cache)
+		if err != nil {
+			return "", err
+		}
+		defer unlock()
+		for _, b := range bundles {
+			p, err := cachedArchive(cache, "initrd-bundle-"+b.Name, fmt.Sprintf("%x", b.key()), func(w io.Writer) error { return buildBundle(w, b) })
+			if err != nil {
+				return "", err
+			}
+			parts = append(parts, p)
+		}
+	}
+	var buf bytes.Buffer
+	for _, p := range parts {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return "", err
+		}
+		buf.Write(b)
+	}
+	buf.Write(a.overlay)
+	name := "initrd"
+	if id != "" {
+		name += "-" + id
+	}
+	out := filepath.Join(a.work, name)
+	if err := os.WriteFile(out, buf.Bytes(), 0o644); err != nil {
+		return "", err
+	}
+	if id != "" {
+		fmt.Fprintf(os.Stderr, "vm: initramfs with %s: %d MiB\n", id, buf.Len()>>20)
+	}
+	a.initrds[id] = out
+	return out, nil
 }
 
 // CleanupAssets removes the per-run files of GetAssets (TestMain calls it).
@@ -233,14 +287,24 @@ func writeAtomic(path string, b []byte) error {
 type GuestConfig struct {
 	Name  string // hostname; also names its log
 	MemMB int    // default 512
-	Fio   bool   // include fio (80 MiB more to boot)
+	// Bundles are added to the guest's initramfs (FioBundle: 80 MiB
+	// more to boot; LVMBundle).
+	Bundles []Bundle
 	// Files are copied into the guest: guest path -> host path.
 	Files map[string]string
 	// DiskMB > 0 gives the guest a disk (virtio-blk, a sparse file of the
 	// lab, ext4 made at first boot) mounted at /var/lib/doppel instead of
 	// a tmpfs: what is written there survives Lab.Restart.
 	DiskMB int
+	// RawDiskMB > 0 gives the guest another disk, blank, that nothing
+	// uses: its device is the virtio disk of serial doppel-raw
+	// (RawDisk finds it).
+	RawDiskMB int
 }
+
+// RawDisk is a shell expression for the device of a guest's raw disk
+// (GuestConfig.RawDiskMB).
+const RawDisk = `$(for d in /sys/block/vd*; do [ "$(cat $d/serial 2>/dev/null)" = doppel-raw ] && echo /dev/${d##*/}; done)`
 
 // Lab is a set of guests on one private network: a network namespace with
 // the bridges br-app (172.17.22.0/24) and br-repl (192.168.0.0/24). Guest
@@ -392,9 +456,9 @@ func (l *Lab) start(g *Guest, gc GuestConfig, a *Assets) {
 		"doppel.appmac=" + mac(g.N, 0), fmt.Sprintf("doppel.appip=%s/24", g.AppIP),
 		"doppel.replmac=" + mac(g.N, 1), fmt.Sprintf("doppel.replip=%s/24", g.ReplIP),
 	}, " ")
-	initrd := a.Initrd
-	if gc.Fio {
-		initrd = a.InitrdFio
+	initrd, err := a.initrd(gc.Bundles)
+	if err != nil {
+		t.Fatalf("%s: initramfs: %v", g.Name, err)
 	}
 	if len(gc.Files) > 0 {
 		initrd = l.withFiles(g.Name, initrd, gc.Files)
@@ -421,11 +485,17 @@ func (l *Lab) start(g *Guest, gc GuestConfig, a *Assets) {
 		"-device", "virtserialport,bus=vser.0,chardev=ctl,name=doppel.ctl",
 		"-device", "virtio-rng-pci",
 	)
-	if gc.DiskMB > 0 {
-		disk := filepath.Join(l.dir, g.Name+".disk")
+	for _, d := range []struct {
+		mb     int
+		serial string
+	}{{gc.DiskMB, "doppel-state"}, {gc.RawDiskMB, "doppel-raw"}} {
+		if d.mb <= 0 {
+			continue
+		}
+		disk := filepath.Join(l.dir, g.Name+"."+d.serial)
 		f, err := os.OpenFile(disk, os.O_CREATE|os.O_RDWR, 0o644)
 		if err == nil {
-			err = errors.Join(f.Truncate(int64(gc.DiskMB)<<20), f.Close())
+			err = errors.Join(f.Truncate(int64(d.mb)<<20), f.Close())
 		}
 		if err != nil {
 			t.Fatalf("%s: disk: %v", g.Name, err)
@@ -433,8 +503,8 @@ func (l *Lab) start(g *Guest, gc GuestConfig, a *Assets) {
 		// cache=unsafe: a killed qemu has still handed every write it
 		// received to the host's page cache; only the host crashing
 		// would lose them.
-		args = append(args, "-drive", "file="+disk+",if=none,id=disk,format=raw,cache=unsafe",
-			"-device", "virtio-blk-pci,drive=disk")
+		args = append(args, "-drive", "file="+disk+",if=none,id="+d.serial+",format=raw,cache=unsafe",
+			"-device", "virtio-blk-pci,drive="+d.serial+",serial="+d.serial)
 	}
 	for role, tap := range []string{fmt.Sprintf("tap%da", g.N), fmt.Sprintf("tap%dr", g.N)} {
 		id := fmt.Sprintf("n%d", role)
