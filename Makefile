@@ -22,7 +22,7 @@ SYSCONFDIR ?= /etc
 GENDIR     ?= bin
 
 .DEFAULT_GOAL := help
-.PHONY: help deps build static install uninstall generate check-generate vet check tidy-check staticcheck vulncheck test test-go test-race test-fuzz test-soak test-unit test-vm test-faults bench bench-nbd bench-repl bench-kernel demo clean
+.PHONY: help deps build static install uninstall generate check-generate vet check tidy-check staticcheck vulncheck test test-go test-race test-fuzz test-soak test-unit test-vm test-faults bench bench-nbd bench-repl bench-kernel bench-scale demo clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-15s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -115,7 +115,7 @@ test-vm: deps ## the qemu VM tier alone (downloads a Debian kernel with apt-get 
 test-faults: deps ## the fault suite's long seeded random schedules, sync and async (root, tens of minutes); DOPPEL_FAULT_SEEDS=1,2 replays seeds, DOPPEL_FAULT_COUNT=N faults per schedule
 	DOPPEL_FAULTS=long $(GO) test -count=1 -timeout 85m -v -run '^TestFaultSchedule$$' ./test/faults/
 
-bench: bench-nbd bench-repl bench-kernel ## every benchmark; results go to bench/RESULTS.md
+bench: bench-nbd bench-repl bench-kernel bench-scale ## every benchmark; results go to bench/RESULTS.md
 
 bench-nbd: deps build ## fio's nbd engine against doppel, nbdkit, qemu-nbd and go-nbd (~12 min; BENCH_FLAGS=-short for a quick check)
 	$(GO) build -o bin/gonbd-serve ./bench/cmd/gonbd-serve
@@ -127,6 +127,9 @@ bench-repl: deps build ## fio through doppel async/sync vs QEMU's mirror, the tw
 bench-kernel: deps ## fio on /dev/nbd0 (doppel nbd attach) against a loop device on the same volume, in a qemu guest (root, ~10 min); the table goes to bin/bench-kernel.md
 	@mkdir -p bin
 	DOPPEL_BENCH_KERNEL=full DOPPEL_BENCH_OUT=$(CURDIR)/bin/bench-kernel.md $(GO) test -count=1 -timeout 60m -run '^TestKernelPath$$' -v ./test/vm/
+
+bench-scale: deps build ## 32 jobs between one agent pair: agents' RSS/CPU idle and loaded, resync after a 60 s target outage, failover of all 32 at once (root, ~4 min; BENCH_FLAGS=-short for a quick check)
+	$(GO) run ./bench/cmd/scalebench -doppel $(BIN) $(BENCH_FLAGS)
 
 demo: deps build ## two-host lab in network namespaces: protect, fail over, reverse, fail back (root)
 	test/demo/demo.sh bin/doppel

@@ -176,3 +176,62 @@ func ProcCPU(pid int) time.Duration {
 // clockTicks is USER_HZ, the unit of /proc/PID/stat times: 100 on every
 // Linux architecture Go supports.
 const clockTicks = 100
+
+// Kill sends SIGKILL (a crash, not a shutdown) and waits for the process
+// to exit.
+func (p *Proc) Kill() {
+	if p.Alive() {
+		_ = p.cmd.Process.Kill()
+	}
+	<-p.done
+}
+
+// ProcMem is what /proc/PID/status and /proc/PID/fd say of a process's
+// footprint.
+type ProcMem struct {
+	RSS     int64 // VmRSS, bytes
+	Threads int
+	FDs     int   // open file descriptors
+	FDLimit int64 // soft RLIMIT_NOFILE
+}
+
+// ReadProcMem reads process pid's RSS, threads and open descriptors.
+func ReadProcMem(pid int) (ProcMem, error) {
+	var m ProcMem
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return m, fmt.Errorf("read process memory: %w", err)
+	}
+	for l := range strings.Lines(string(b)) {
+		k, v, ok := strings.Cut(l, ":")
+		if !ok {
+			continue
+		}
+		f := strings.Fields(v)
+		if len(f) == 0 {
+			continue
+		}
+		switch k {
+		case "VmRSS":
+			kb, _ := strconv.ParseInt(f[0], 10, 64)
+			m.RSS = kb << 10
+		case "Threads":
+			m.Threads, _ = strconv.Atoi(f[0])
+		}
+	}
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return m, fmt.Errorf("read process descriptors: %w", err)
+	}
+	m.FDs = len(fds)
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/limits", pid)); err == nil {
+		for l := range strings.Lines(string(b)) {
+			if rest, ok := strings.CutPrefix(l, "Max open files"); ok {
+				if f := strings.Fields(rest); len(f) > 0 {
+					m.FDLimit, _ = strconv.ParseInt(f[0], 10, 64)
+				}
+			}
+		}
+	}
+	return m, nil
+}
