@@ -6,8 +6,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -37,13 +39,19 @@ func (execRunner) Run(name string, args ...string) (string, error) {
 type lvmThin struct {
 	vg, lv, pool string
 	run          runner
+
+	// mu guards active: how many users (Open, Usage) each snapshot LV
+	// has; it is activated for the first and deactivated after the last.
+	mu     sync.Mutex
+	active map[string]int
 }
 
 // detectLVM checks that the block device at path is a thin LV.
-func detectLVM(path, job string, fi os.FileInfo, run runner) (Mechanism, error) {
-	st, ok := fi.Sys().(*unix.Stat_t)
-	if !ok {
-		return nil, fmt.Errorf("%w: stat %s", ErrUnsupported, path)
+func detectLVM(path, job string, run runner) (Mechanism, error) {
+	// os.Stat's Sys is a *syscall.Stat_t: stat again for the device number.
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return nil, fmt.Errorf("%w: stat %s: %w", ErrUnsupported, path, err)
 	}
 	sys := fmt.Sprintf("/sys/dev/block/%d:%d/dm/uuid", unix.Major(uint64(st.Rdev)), unix.Minor(uint64(st.Rdev)))
 	uuid, err := os.ReadFile(sys)
@@ -55,7 +63,7 @@ func detectLVM(path, job string, fi os.FileInfo, run runner) (Mechanism, error) 
 		return nil, fmt.Errorf("%w: %s: %w", ErrUnsupported, path, err)
 	}
 	kv := parseNamePrefixes(out)
-	m := &lvmThin{vg: kv["LVM2_VG_NAME"], lv: kv["LVM2_LV_NAME"], pool: kv["LVM2_POOL_LV"], run: run}
+	m := &lvmThin{vg: kv["LVM2_VG_NAME"], lv: kv["LVM2_LV_NAME"], pool: kv["LVM2_POOL_LV"], run: run, active: map[string]int{}}
 	if m.vg == "" || m.lv == "" {
 		return nil, fmt.Errorf("%w: lvs did not name the LV of %s: %q", ErrUnsupported, path, out)
 	}
@@ -87,6 +95,24 @@ func (m *lvmThin) cloneLV(name string) string { return m.lv + "_clone_" + name }
 
 func (m *lvmThin) Take(name string) (string, error) {
 	lv := m.snapLV(name)
+	// The catalog has no snapshot of this name (Manager.Create checked,
+	// under its lock): an LV of that name made by doppel (tagged) is the
+	// leftover of a Create interrupted between lvcreate and the catalog,
+	// and is replaced; one doppel did not make is left alone.
+	out, err := m.run.Run("lvs", "--noheadings", "--nameprefixes", "--unquoted", "-o", "lv_name,lv_tags", "--select", "lv_name="+lv, m.vg)
+	if err != nil {
+		return "", fmt.Errorf("thin snapshot: %w", err)
+	}
+	kv := parseNamePrefixes(out)
+	switch tags := kv["LVM2_LV_TAGS"]; {
+	case kv["LVM2_LV_NAME"] != lv:
+	case slices.Contains(strings.Split(tags, ","), "doppel"):
+		if _, err := m.run.Run("lvremove", "-qq", "--yes", m.vg+"/"+lv); err != nil {
+			return "", fmt.Errorf("remove the leftover thin snapshot %s/%s: %w", m.vg, lv, err)
+		}
+	default:
+		return "", fmt.Errorf("%w: %s/%s exists and was not made by doppel (tags %q)", ErrExists, m.vg, lv, tags)
+	}
 	if _, err := m.run.Run("lvcreate", "-qq", "--snapshot", "--name", lv, "--addtag", "doppel", m.vg+"/"+m.lv); err != nil {
 		return "", fmt.Errorf("thin snapshot: %w", err)
 	}
@@ -135,22 +161,54 @@ func (m *lvmThin) RemoveClone(path string) error {
 	return m.Remove(m.vg + "/" + filepath.Base(path))
 }
 
+// Open activates the snapshot LV (-K: its activation-skip flag kept) for
+// as long as someone reads it; the last done deactivates it.
 func (m *lvmThin) Open(loc string) (string, func() error, error) {
 	if err := m.mine(loc); err != nil {
 		return "", nil, err
 	}
-	if _, err := m.run.Run("lvchange", "-qq", "--activate", "y", "--ignoreactivationskip", loc); err != nil {
-		return "", nil, fmt.Errorf("activate thin snapshot: %w", err)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.active[loc] == 0 {
+		if _, err := m.run.Run("lvchange", "-qq", "--activate", "y", "--ignoreactivationskip", loc); err != nil {
+			return "", nil, fmt.Errorf("activate thin snapshot: %w", err)
+		}
 	}
+	m.active[loc]++
+	var once sync.Once
 	done := func() error {
-		_, err := m.run.Run("lvchange", "-qq", "--activate", "n", loc)
+		var err error
+		once.Do(func() {
+			m.mu.Lock()
+			defer m.mu.Unlock()
+			if m.active[loc]--; m.active[loc] > 0 {
+				return
+			}
+			delete(m.active, loc)
+			if _, e := m.run.Run("lvchange", "-qq", "--activate", "n", loc); e != nil {
+				err = fmt.Errorf("deactivate thin snapshot: %w", e)
+			}
+		})
 		return err
 	}
 	return filepath.Join("/dev", loc), done, nil
 }
 
+// Usage is the thin snapshot's mapped data: its size × data_percent
+// from lvs. LVM reports data_percent only for an active thin LV, so the
+// snapshot is activated for the reading (and deactivated again).
 func (m *lvmThin) Usage(loc string) Usage {
-	u := Usage{Allocated: -1, Exclusive: -1, How: "lvs data_percent of the thin snapshot (blocks shared with the volume included; LVM does not report exclusive ones)"}
+	u := Usage{Allocated: -1, Exclusive: -1, How: "lvs: size × data_percent of the thin snapshot (blocks shared with the volume included; LVM does not report exclusive ones)"}
+	if err := m.mine(loc); err != nil {
+		u.How = "unknown: " + err.Error()
+		return u
+	}
+	_, done, err := m.Open(loc)
+	if err != nil {
+		u.How = "unknown: " + err.Error()
+		return u
+	}
+	defer done()
 	out, err := m.run.Run("lvs", "--noheadings", "--units", "b", "--nosuffix", "--nameprefixes", "--unquoted", "-o", "lv_size,data_percent", loc)
 	if err != nil {
 		u.How = "unknown: " + err.Error()
@@ -159,9 +217,11 @@ func (m *lvmThin) Usage(loc string) Usage {
 	kv := parseNamePrefixes(out)
 	size, err1 := strconv.ParseFloat(kv["LVM2_LV_SIZE"], 64)
 	pct, err2 := strconv.ParseFloat(kv["LVM2_DATA_PERCENT"], 64)
-	if err1 == nil && err2 == nil {
-		u.Allocated = int64(size * pct / 100)
+	if err1 != nil || err2 != nil {
+		u.How = fmt.Sprintf("unknown: lvs printed %q", strings.TrimSpace(out))
+		return u
 	}
+	u.Allocated = int64(size * pct / 100)
 	return u
 }
 

@@ -91,10 +91,7 @@ func (m *Manager) Create(name string, kind Kind, p Point, note string) (Snapshot
 	if m.cat.find(name) >= 0 {
 		return Snapshot{}, fmt.Errorf("%w: %s", ErrExists, name)
 	}
-	size := int64(-1)
-	if fi, err := os.Stat(m.cfg.Volume); err == nil {
-		size = fi.Size()
-	}
+	size := volumeSize(m.cfg.Volume)
 	start := time.Now()
 	loc, err := mech.Take(name)
 	if err != nil {
@@ -111,6 +108,21 @@ func (m *Manager) Create(name string, kind Kind, p Point, note string) (Snapshot
 	m.cat = cat
 	m.log.Info("snapshot taken", "snapshot", name, "kind", kind, "seq", p.Seq, "mechanism", mech.Name(), "location", loc, "took", s.Took)
 	return s, nil
+}
+
+// volumeSize is the size of the file or block device at path (stat says
+// 0 for a block device: its end is found by seeking), -1 when unknown.
+func volumeSize(path string) int64 {
+	f, err := os.Open(path)
+	if err != nil {
+		return -1
+	}
+	defer f.Close()
+	n, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return -1
+	}
+	return n
 }
 
 // Delete removes snapshot name (image, then catalog entry).

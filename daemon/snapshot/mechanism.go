@@ -73,7 +73,7 @@ func detect(path, job string, run runner) (Mechanism, error) {
 		}
 		return r, nil
 	case fi.Mode().Type() == fs.ModeDevice:
-		return detectLVM(path, job, fi, run)
+		return detectLVM(path, job, run)
 	}
 	return nil, fmt.Errorf("%w: %s is neither a file nor a block device", ErrUnsupported, path)
 }
