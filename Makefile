@@ -112,7 +112,7 @@ test-unit: ## unit tests only (no root, no network namespaces, no VMs)
 test-vm: deps ## the qemu VM tier alone (downloads a Debian kernel with apt-get download)
 	$(GO) test -count=1 -timeout $(TEST_TIMEOUT) -v ./test/vm/...
 
-test-faults: deps ## the fault suite's long seeded random schedules, sync and async (root, tens of minutes); DOPPEL_FAULT_SEEDS=1,2 replays seeds, DOPPEL_FAULT_COUNT=N faults per schedule
+test-faults: deps ## the fault suite's long seeded random schedules, sync and async (root, tens of minutes); DOPPEL_FAULT_SEEDS=1,2 replays seeds, DOPPEL_FAULT_COUNT=N faults per schedule, DOPPEL_FAULT_MODES=sync one mode
 	DOPPEL_FAULTS=long $(GO) test -count=1 -timeout 85m -v -run '^TestFaultSchedule$$' ./test/faults/
 
 bench: bench-nbd bench-repl bench-kernel bench-scale ## every benchmark; results go to bench/RESULTS.md

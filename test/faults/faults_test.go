@@ -481,12 +481,36 @@ func TestFaultSchedule(t *testing.T) {
 			seeds = append(seeds, n)
 		}
 	}
+	if s := os.Getenv("DOPPEL_FAULT_MODES"); s != "" {
+		modes = strings.Split(s, ",")
+	}
+	// The failures again at the end: a CI log keeps only its tail.
+	var summary []string
+	defer func() {
+		if len(summary) > 0 {
+			t.Logf("the schedules' failures (details above, reports in /tmp/doppel-faults-FAIL-*):\n%s", strings.Join(summary, "\n"))
+		}
+	}()
 	for _, mode := range modes {
+		if mode != "sync" && mode != "async" {
+			t.Fatalf("DOPPEL_FAULT_MODES: mode %q: want sync or async", mode)
+		}
 		for _, seed := range seeds {
 			t.Run(fmt.Sprintf("%s/seed=%d", mode, seed), func(t *testing.T) {
-				t.Logf("schedule: mode %s, seed %d, %d faults (replay: DOPPEL_FAULT_SEEDS=%d)", mode, seed, count, seed)
+				t.Logf("schedule: mode %s, seed %d, %d faults (replay: DOPPEL_FAULT_SEEDS=%d DOPPEL_FAULT_MODES=%s)", mode, seed, count, seed, mode)
 				c := newCluster(t, mode)
 				c.seed = seed
+				defer func() {
+					c.mu.Lock()
+					defer c.mu.Unlock()
+					for i, f := range c.failures {
+						if i == 8 {
+							summary = append(summary, fmt.Sprintf("  %s seed %d: %d more", mode, seed, len(c.failures)-i))
+							break
+						}
+						summary = append(summary, fmt.Sprintf("  %s seed %d: %s", mode, seed, truncate(f, 400)))
+					}
+				}()
 				c.captureHeartbeats()
 				rng := rand.New(rand.NewPCG(seed, 0x5eed))
 				src := "vm1"
@@ -507,4 +531,12 @@ func TestFaultSchedule(t *testing.T) {
 			})
 		}
 	}
+}
+
+// truncate cuts s to n bytes at most, marking the cut.
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
 }
