@@ -38,12 +38,7 @@ type arbiterSide struct {
 	fenced   atomic.Bool
 	closed   atomic.Bool // the runner stopped: nothing will be acknowledged
 
-	// markMu orders the in-sync records (sync mode); outOfSync: this
-	// source recorded its target as missing writes; outSeq counts those
-	// records, so a late "in sync" never overwrites a newer "out of sync".
-	markMu    sync.Mutex
-	outOfSync atomic.Bool
-	outSeq    atomic.Uint64
+	marks syncMarks // the target's in-sync record (sync mode)
 }
 
 func newArbiterSide(r *runner, c *arbiter.Client) *arbiterSide {
@@ -53,8 +48,36 @@ func newArbiterSide(r *runner, c *arbiter.Client) *arbiterSide {
 	if ttl == 0 {
 		ttl = job.DefaultLeaseTTL
 	}
-	return &arbiterSide{r: r, c: c, ttl: ttl, suspend: spec.SuspendTimeout, sync: spec.Mode != job.ModeAsync,
+	a := &arbiterSide{r: r, c: c, ttl: ttl, suspend: spec.SuspendTimeout, sync: spec.Mode != job.ModeAsync,
 		peer: peer.Name, changed: make(chan struct{})}
+	a.marks = syncMarks{record: a.recordSync, note: a.noteSync, report: func(err error) { a.setErr(err.Error()) }, every: 200 * time.Millisecond}
+	return a
+}
+
+// recordSync records under this side's lease whether the target holds
+// every acknowledged write.
+func (a *arbiterSide) recordSync(ctx context.Context, inSync bool) error {
+	a.mu.Lock()
+	h := a.holder
+	a.mu.Unlock()
+	if h == nil || !h.Valid(time.Now()) {
+		return errNoLease
+	}
+	d := 5 * time.Second
+	if !inSync {
+		d = 2 * time.Second // a write waits for it
+	}
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	return h.MarkSync(ctx, a.peer, inSync)
+}
+
+func (a *arbiterSide) noteSync(inSync bool) {
+	if inSync {
+		a.r.history.add(a.r.epoch.Load(), "arbiter", fmt.Sprintf("recorded %s in sync: it holds every acknowledged write", a.peer))
+		return
+	}
+	a.r.history.add(a.r.epoch.Load(), "arbiter", fmt.Sprintf("recorded %s out of sync: this source continues without it (it cannot be promoted automatically until resynced)", a.peer))
 }
 
 // reconcile makes the holder follow the node's hard state: held at the
@@ -310,11 +333,14 @@ func (a *arbiterSide) AckLocal(ctx context.Context) error {
 		var hch <-chan struct{}
 		if h != nil {
 			if h.Valid(time.Now()) {
-				if !a.sync || a.outOfSync.Load() {
+				if !a.sync || a.marks.outOfSync() {
 					return nil
 				}
-				if err := a.markOut(ctx, h); err == nil {
+				if err := a.marks.markOut(ctx); err == nil {
+					a.marks.watch(a.r.ctx)
 					return nil
+				} else if !errors.Is(err, errNoLease) {
+					a.setErr(err.Error())
 				}
 			}
 			hch = h.Changed()
@@ -339,74 +365,14 @@ func (a *arbiterSide) suspendOrDefault() time.Duration {
 	return a.suspend
 }
 
-// markOut records the target out of sync under h's key (once: every
-// tracked write waits for the first).
-func (a *arbiterSide) markOut(ctx context.Context, h *arbiter.Holder) error {
-	a.markMu.Lock()
-	defer a.markMu.Unlock()
-	if a.outOfSync.Load() {
-		return nil
-	}
-	mctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	if err := h.MarkSync(mctx, a.peer, false); err != nil {
-		a.setErr(err.Error())
-		return err
-	}
-	a.outSeq.Add(1)
-	a.outOfSync.Store(true)
-	a.r.history.add(h.Epoch(), "arbiter", fmt.Sprintf("recorded %s out of sync: this source continues without it (it cannot be promoted automatically until resynced)", a.peer))
-	return nil
-}
-
 // TargetInSync implements replstate.Authority: the target holds every
 // acknowledged write again; recorded (retried until the lease is held)
-// unless a newer out-of-sync record was made meanwhile.
-func (a *arbiterSide) TargetInSync() {
+// while holds still says so.
+func (a *arbiterSide) TargetInSync(holds func() bool) {
 	if !a.sync {
 		return
 	}
-	seq := a.outSeq.Load()
-	go func() {
-		for a.r.ctx.Err() == nil {
-			done, err := a.markIn(seq)
-			if done {
-				return
-			}
-			if err != nil {
-				a.setErr(err.Error())
-			}
-			select {
-			case <-a.r.ctx.Done():
-				return
-			case <-time.After(200 * time.Millisecond):
-			}
-		}
-	}()
-}
-
-// markIn records the target in sync unless an out-of-sync record newer
-// than seq was made; done: nothing more to try.
-func (a *arbiterSide) markIn(seq uint64) (done bool, err error) {
-	a.markMu.Lock()
-	defer a.markMu.Unlock()
-	if a.outSeq.Load() != seq {
-		return true, nil
-	}
-	a.mu.Lock()
-	h := a.holder
-	a.mu.Unlock()
-	if h == nil || !h.Valid(time.Now()) {
-		return false, nil
-	}
-	ctx, cancel := context.WithTimeout(a.r.ctx, 5*time.Second)
-	defer cancel()
-	if err := h.MarkSync(ctx, a.peer, true); err != nil {
-		return false, err
-	}
-	a.outOfSync.Store(false)
-	a.r.history.add(h.Epoch(), "arbiter", fmt.Sprintf("recorded %s in sync: it holds every acknowledged write", a.peer))
-	return true, nil
+	a.marks.targetInSync(a.r.ctx, holds)
 }
 
 // status is the arbiter part of the job's status.
@@ -415,7 +381,7 @@ func (a *arbiterSide) statusView() *api.ArbiterStatus {
 	h, campaign, lastErr := a.holder, a.status, a.lastErr
 	a.mu.Unlock()
 	st := &api.ArbiterStatus{Endpoints: a.c.Endpoints(), TTL: a.ttl, LeaseAge: -1, Campaign: campaign, Error: lastErr,
-		TargetOutOfSync: a.sync && a.outOfSync.Load()}
+		TargetOutOfSync: a.sync && a.marks.out.Load()}
 	if h != nil {
 		st.Holding = h.Valid(time.Now())
 		if last := h.LastRenewal(); !last.IsZero() {

@@ -57,7 +57,7 @@ func (g *gate) AckLocal(ctx context.Context) error {
 	}
 }
 
-func (g *gate) TargetInSync() { g.inSync.Add(1) }
+func (g *gate) TargetInSync(func() bool) { g.inSync.Add(1) }
 
 // applyAsync runs one write and returns its result on a channel.
 func applyAsync(s *Source, off int64, data []byte) chan error {

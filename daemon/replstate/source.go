@@ -98,7 +98,10 @@ type Authority interface {
 	AckLocal(ctx context.Context) error
 	// TargetInSync reports that the target holds every acknowledged write
 	// again (sync mode: the stream is connected and the resync is done).
-	TargetInSync()
+	// holds checks it again, from any goroutine: the authority calls it
+	// when it records the target in sync, so a write acknowledged without
+	// the target meanwhile is never covered by that record.
+	TargetInSync(holds func() bool)
 }
 
 // ErrSuperseded: the target knows a newer epoch than this source's.

@@ -110,13 +110,26 @@ func (s *Source) authorityInSync(cur *repl.Stream, up bool, was bool) bool {
 	if s.cfg.Authority == nil || s.cfg.Mode != wire.ModeSync {
 		return false
 	}
-	acked, _ := cur.Progress()
-	now := up && cur.Connected() && !s.tr.on.Load() && s.bm.DirtyChunks() == 0 && !s.rsy.active.Load() &&
-		!s.rsy.needFull.Load() && acked >= s.tr.resumeSeq.Load() && s.hs.refusal.Load() == nil
+	now := up && s.targetHolds(cur)
 	if now && !was {
-		s.cfg.Authority.TargetInSync()
+		s.cfg.Authority.TargetInSync(s.targetHoldsAcked)
 	}
 	return now
+}
+
+// targetHolds: the target holds every write acknowledged so far on cur
+// (see authorityInSync).
+func (s *Source) targetHolds(cur *repl.Stream) bool {
+	acked, _ := cur.Progress()
+	return cur.Connected() && !s.tr.on.Load() && s.bm.DirtyChunks() == 0 && !s.rsy.active.Load() &&
+		!s.rsy.needFull.Load() && acked >= s.tr.resumeSeq.Load() && s.hs.refusal.Load() == nil
+}
+
+// targetHoldsAcked is targetHolds on the current stream, for the
+// authority (Authority.TargetInSync).
+func (s *Source) targetHoldsAcked() bool {
+	cur := s.cur.Load()
+	return cur != nil && s.targetHolds(cur)
 }
 
 func (s *Source) trackAfter() time.Duration {
