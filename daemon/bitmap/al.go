@@ -266,6 +266,9 @@ func (l *ActivityLog) Syncs() uint64 { return l.syncs.Load() }
 // ExtentSize is the size of one hot extent.
 func (l *ActivityLog) ExtentSize() int64 { return 1 << l.shift }
 
+// Slots is the number of extents the log holds hot at most.
+func (l *ActivityLog) Slots() int { return l.slots }
+
 // HotExtents is the number of extents currently hot.
 func (l *ActivityLog) HotExtents() int {
 	l.mu.Lock()

@@ -102,10 +102,7 @@ func (s *Source) resyncPass(ctx context.Context, cur *repl.Stream) error {
 	var sent int64
 	// A batch's ranges are hot together: it spans at most half the
 	// activity log's slots, so marking it never waits on itself.
-	slots := s.cfg.LogOptions.Slots
-	if slots == 0 {
-		slots = 64
-	}
+	slots := s.al.Slots()
 	span := max(1, int64(slots)/2-1) * s.al.ExtentSize()
 	// A batch fits in a quarter of the queue (resync frames must not
 	// overflow it) and waits for half of it to be free.

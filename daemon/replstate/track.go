@@ -18,10 +18,7 @@ func (s *Source) watch(ctx context.Context) {
 	t := time.NewTicker(50 * time.Millisecond)
 	defer t.Stop()
 	var lastClean, lastRelease, lastBarrier, lastLogBarrier int64
-	slots := s.cfg.LogOptions.Slots
-	if slots == 0 {
-		slots = 64
-	}
+	slots := s.al.Slots()
 	inSync := false // as last told to the authority
 	for {
 		select {
