@@ -44,6 +44,9 @@ type ScaleConfig struct {
 	// Outage: the target agent is killed for this long while the writes
 	// go on, then started again (0: skip the phase).
 	Outage time.Duration
+	// OutageSignal stops the target agent for the outage: SIGKILL (a
+	// crash, the default) or SIGTERM (a clean stop, as for maintenance).
+	OutageSignal syscall.Signal
 	// Verify runs `doppel verify` of every job after the resync (source
 	// and target compared chunk by chunk, the writes running).
 	Verify bool
@@ -83,8 +86,13 @@ type ScaleReport struct {
 	CreateTook, InSyncTook time.Duration
 	// ListTook: `doppel job list --json` with every job (median of 5).
 	ListTook time.Duration
-	Idle     ScaleWindow
-	Loaded   ScaleWindow
+	// Bare: the agents before any job (a Settle-long window); Idle and
+	// Loaded with every job; AfterResync under the writes again, once the
+	// outage's resync is done (what the outage left behind).
+	Bare        ScaleWindow
+	Idle        ScaleWindow
+	Loaded      ScaleWindow
+	AfterResync ScaleWindow
 	// State on disk after the idle window: apparent and allocated bytes of
 	// each agent's state directory, and one job's files on the source.
 	StateBytes, StateAlloc map[string]int64
@@ -574,6 +582,10 @@ func (l *scaleLab) run(ctx context.Context) error {
 		}
 	}
 	log.Info("agents up", "source", l.agents["vm1"].PID(), "target", l.agents["vm2"].PID())
+	var err error
+	if rep.Bare.Source, rep.Bare.Target, err = l.sample(ctx, cfg.Settle); err != nil {
+		return err
+	}
 
 	// The jobs, created one after the other as a script would.
 	t0 := time.Now()
@@ -623,7 +635,6 @@ func (l *scaleLab) run(ctx context.Context) error {
 
 	// 1. Idle, then under the writes.
 	time.Sleep(cfg.Settle)
-	var err error
 	if rep.Idle.Source, rep.Idle.Target, err = l.sample(ctx, cfg.Idle); err != nil {
 		return err
 	}
@@ -645,10 +656,7 @@ func (l *scaleLab) run(ctx context.Context) error {
 	if rep.Loaded.Source, rep.Loaded.Target, err = l.sample(ctx, cfg.Load); err != nil {
 		return err
 	}
-	recs := ws.between(w0, time.Now())
-	rep.Loaded.Writes = len(recs)
-	rep.Loaded.WritesPerSec = float64(len(recs)) / cfg.Load.Seconds()
-	rep.Loaded.P50, rep.Loaded.P99, rep.Loaded.Max = latencies(recs)
+	rep.Loaded.fill(ws.between(w0, time.Now()), cfg.Load)
 	if err := ws.failed(); err != nil {
 		return err
 	}
@@ -696,8 +704,14 @@ func (l *scaleLab) outage(ctx context.Context, ws *writers) error {
 	}
 	sent0 := sumData(before, "vm1", func(d api.DataStatus) int64 { return d.MirrorSent })
 	o0 := time.Now()
-	l.agents["vm2"].Kill()
-	log.Info("target agent killed", "for", cfg.Outage)
+	if cfg.OutageSignal == syscall.SIGTERM {
+		if err := l.agents["vm2"].Stop(30 * time.Second); err != nil {
+			return fmt.Errorf("stop the target agent: %w", err)
+		}
+	} else {
+		l.agents["vm2"].Kill()
+	}
+	log.Info("target agent stopped", "signal", cfg.OutageSignal, "for", cfg.Outage)
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
@@ -755,7 +769,19 @@ func (l *scaleLab) outage(ctx context.Context, ws *writers) error {
 		}
 	}
 	time.Sleep(cfg.Settle)
-	return nil
+	w0 := time.Now()
+	if rep.AfterResync.Source, rep.AfterResync.Target, err = l.sample(ctx, cfg.Load); err != nil {
+		return err
+	}
+	rep.AfterResync.fill(ws.between(w0, time.Now()), cfg.Load)
+	return ws.failed()
+}
+
+// fill sets the window's write figures from the writes in it.
+func (w *ScaleWindow) fill(recs []writeRec, d time.Duration) {
+	w.Writes = len(recs)
+	w.WritesPerSec = float64(len(recs)) / d.Seconds()
+	w.P50, w.P99, w.Max = latencies(recs)
 }
 
 // probe is a client of one job's promoted export on the target.

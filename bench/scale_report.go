@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -46,7 +47,10 @@ func (r *ScaleReport) Markdown() string {
 	for _, w := range []struct {
 		name string
 		w    ScaleWindow
-	}{{"idle", r.Idle}, {"loaded", r.Loaded}} {
+	}{{"no job yet", r.Bare}, {"idle", r.Idle}, {"loaded", r.Loaded}, {"loaded, after the outage's resync", r.AfterResync}} {
+		if w.w.Source.RSS == 0 {
+			continue // not measured (no outage)
+		}
 		for _, a := range []struct {
 			name string
 			s    AgentSample
@@ -54,16 +58,34 @@ func (r *ScaleReport) Markdown() string {
 			fmt.Fprintf(&b, "| %s | %s | %s | %.1f | %d | %.0f | %d (%d) |\n", w.name, a.name, mib(a.s.RSS), a.s.CPUPercent, a.s.Threads, a.s.Goroutines, a.s.FDs, a.s.FDLimit)
 		}
 	}
-	fmt.Fprintf(&b, "\nUnder the writes: %d acknowledged in %v (%.0f/s), latency p50 %v, p99 %v, max %v (the writer's, ack included).\n\n",
-		r.Loaded.Writes, c.Load, r.Loaded.WritesPerSec, r.Loaded.P50.Round(time.Microsecond), r.Loaded.P99.Round(time.Microsecond), r.Loaded.Max.Round(time.Microsecond))
+	fmt.Fprintf(&b, "\nPer job at idle (idle − no job, ÷ %d): source %s RSS, %.1f goroutines, %.1f fds; target %s RSS, %.1f goroutines, %.1f fds.\n",
+		c.Jobs, mib((r.Idle.Source.RSS-r.Bare.Source.RSS)/int64(max1(c.Jobs))), (r.Idle.Source.Goroutines-r.Bare.Source.Goroutines)/float64(max1(c.Jobs)),
+		float64(r.Idle.Source.FDs-r.Bare.Source.FDs)/float64(max1(c.Jobs)),
+		mib((r.Idle.Target.RSS-r.Bare.Target.RSS)/int64(max1(c.Jobs))), (r.Idle.Target.Goroutines-r.Bare.Target.Goroutines)/float64(max1(c.Jobs)),
+		float64(r.Idle.Target.FDs-r.Bare.Target.FDs)/float64(max1(c.Jobs)))
+	for _, w := range []struct {
+		name string
+		w    ScaleWindow
+	}{{"Under the writes", r.Loaded}, {"After the resync", r.AfterResync}} {
+		if w.w.Writes == 0 {
+			continue
+		}
+		fmt.Fprintf(&b, "%s: %d acknowledged in %v (%.0f/s), latency p50 %v, p99 %v, max %v (the writer's, ack included).\n",
+			w.name, w.w.Writes, c.Load, w.w.WritesPerSec, w.w.P50.Round(time.Microsecond), w.w.P99.Round(time.Microsecond), w.w.Max.Round(time.Microsecond))
+	}
+	b.WriteString("\n")
 
 	if c.Outage > 0 {
 		b.WriteString("### Resync after a target outage\n\n")
 		rmed, rmax := durStats(r.ResyncPerJob)
-		fmt.Fprintf(&b, "The target agent killed (SIGKILL) for %v while the writes went on (%d acknowledged meanwhile, %s; the longest write took %v: "+
+		how := "killed (SIGKILL, a crash)"
+		if c.OutageSignal == syscall.SIGTERM {
+			how = "stopped (SIGTERM, a clean stop)"
+		}
+		fmt.Fprintf(&b, "The target agent %s for %v while the writes went on (%d acknowledged meanwhile, %s; the longest write took %v: "+
 			"a sync source holds writes until it gives up on its target), then started again. "+
 			"From its start (the heal) until every job was in sync again (both sides replicating, the target consistent, nothing left to copy), "+
-			"polled every 250 ms with `doppel job list --json`:\n\n", c.Outage, r.OutageWrites, mib(int64(r.OutageWrites)*scaleBlock), r.OutageStall.Round(time.Millisecond))
+			"polled every 250 ms with `doppel job list --json`:\n\n", how, c.Outage, r.OutageWrites, mib(int64(r.OutageWrites)*scaleBlock), r.OutageStall.Round(time.Millisecond))
 		b.WriteString("| all jobs in sync | per job, median | per job, max | sources' queues at the heal | sources' dirty bitmaps at the heal | distinct 64 KiB chunks written in the outage | resent (source's mirror_sent) |\n|--:|--:|--:|--:|--:|--:|--:|\n")
 		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s |\n\n", secs(r.ResyncAll), secs(rmed), secs(rmax), mib(r.QueuedAtHeal), mib(r.DirtyAtHeal), mib(r.WrittenChunks), mib(r.Resent))
 		if c.Verify {

@@ -48,6 +48,7 @@ func run(ctx context.Context, args []string) error {
 		load    = fs.Duration("load", 20*time.Second, "loaded measurement window")
 		settle  = fs.Duration("settle", 5*time.Second, "wait before each window")
 		outage  = fs.Duration("outage", 60*time.Second, "how long the target agent stays down (0: skip the resync phase)")
+		outSig  = fs.String("outage-signal", "kill", "how the target agent is stopped for the outage: kill (SIGKILL, a crash) or term (SIGTERM, a clean stop)")
 		results = fs.String("results", "bench/RESULTS.md", "Markdown file whose scale section is replaced (empty: print only)")
 		note    = fs.String("note", "", "remark on the conditions, printed in bold in the report")
 		short   = fs.Bool("short", false, "quick check of the harness: 4 jobs of 64 MiB, 3 s windows, a 5 s outage, results printed not written (flags given override these)")
@@ -69,6 +70,10 @@ func run(ctx context.Context, args []string) error {
 		if !set["results"] {
 			*results = ""
 		}
+	}
+	sig := map[string]syscall.Signal{"kill": syscall.SIGKILL, "term": syscall.SIGTERM}[*outSig]
+	if sig == 0 {
+		return fmt.Errorf("-outage-signal %q: want kill or term", *outSig)
 	}
 	if os.Geteuid() != 0 {
 		return errors.New("needs root: it creates network namespaces and a veth pair")
@@ -97,7 +102,7 @@ func run(ctx context.Context, args []string) error {
 	machine.Versions["doppel"] = bench.BinaryRevision(doppelAbs, ".")
 	rep, err := bench.RunScale(ctx, bench.ScaleConfig{
 		Doppel: doppelAbs, Dir: work, Jobs: *jobs, Size: *size, Mode: *mode, Rate: *rate,
-		Idle: *idle, Load: *load, Settle: *settle, Outage: *outage, Log: log,
+		Idle: *idle, Load: *load, Settle: *settle, Outage: *outage, OutageSignal: sig, Log: log,
 	})
 	if rep != nil {
 		rep.Machine = machine
