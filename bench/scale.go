@@ -61,6 +61,8 @@ type AgentSample struct {
 	FDs        int
 	FDLimit    int64
 	Goroutines float64 // go_goroutines from the agent's /metrics
+	HeapInuse  float64 // go_memstats_heap_inuse_bytes: Go heap spans in use (garbage not yet collected included)
+	NextGC     float64 // go_memstats_next_gc_bytes: the heap goal, about twice the heap live at the last GC
 }
 
 // ScaleWindow is both agents over a window, and the writes in it.
@@ -320,6 +322,8 @@ func (l *scaleLab) sample(ctx context.Context, w time.Duration) (src, tgt AgentS
 		s.RSS, s.Threads, s.FDs, s.FDLimit = m.RSS, m.Threads, m.FDs, m.FDLimit
 		if mm, err := Scrape(ctx, HTTPClientIn(l.ns(h)), "http://"+l.ip(h)+":6321/metrics"); err == nil {
 			s.Goroutines, _ = mm.Get("go_goroutines")
+			s.HeapInuse, _ = mm.Get("go_memstats_heap_inuse_bytes")
+			s.NextGC, _ = mm.Get("go_memstats_next_gc_bytes")
 		}
 	}
 	return src, tgt, nil

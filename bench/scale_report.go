@@ -43,7 +43,7 @@ func (r *ScaleReport) Markdown() string {
 		c.Jobs, secs(r.CreateTook), secs(r.InSyncTook), c.Jobs, secs(r.ListTook))
 
 	b.WriteString("### Agents at idle and under the writes\n\n")
-	b.WriteString("| window | agent | RSS | CPU (% of one core) | threads | goroutines | open fds (limit) |\n|---|---|--:|--:|--:|--:|--:|\n")
+	b.WriteString("| window | agent | RSS | Go heap in use | Go heap goal | CPU (% of one core) | threads | goroutines | open fds (limit) |\n|---|---|--:|--:|--:|--:|--:|--:|--:|\n")
 	for _, w := range []struct {
 		name string
 		w    ScaleWindow
@@ -55,7 +55,7 @@ func (r *ScaleReport) Markdown() string {
 			name string
 			s    AgentSample
 		}{{"source", w.w.Source}, {"target", w.w.Target}} {
-			fmt.Fprintf(&b, "| %s | %s | %s | %.1f | %d | %.0f | %d (%d) |\n", w.name, a.name, mib(a.s.RSS), a.s.CPUPercent, a.s.Threads, a.s.Goroutines, a.s.FDs, a.s.FDLimit)
+			fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %.1f | %d | %.0f | %d (%d) |\n", w.name, a.name, mib(a.s.RSS), mib(int64(a.s.HeapInuse)), mib(int64(a.s.NextGC)), a.s.CPUPercent, a.s.Threads, a.s.Goroutines, a.s.FDs, a.s.FDLimit)
 		}
 	}
 	fmt.Fprintf(&b, "\nPer job at idle (idle − no job, ÷ %d): source %s RSS, %.1f goroutines, %.1f fds; target %s RSS, %.1f goroutines, %.1f fds.\n",
