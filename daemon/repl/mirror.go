@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/bits"
 	"sync"
 	"time"
 
@@ -198,15 +199,35 @@ func (s *Stream) fullPass(ctx context.Context) (MirrorResult, error) {
 
 func alignUp(v, a int64) int64 { return (v + a - 1) / a * a }
 
-// mirrorBufs recycles the mirror's read buffers (mirrorIO bytes each).
-var mirrorBufs sync.Pool
+// Mirror read buffers are recycled by power-of-two size class, from
+// minMirrorBuf to mirrorIO: a frame pins its read buffer until the target
+// acknowledges it, and the queue accounts for the frame's bytes only, so a
+// 64 KiB range (a resync of scattered dirty chunks) must not pin a 1 MiB
+// buffer (16 times what the mirror's queue cap allows in flight).
+const (
+	minMirrorShift = 12 // 4 KiB
+	maxMirrorShift = 20 // mirrorIO
+)
 
-func getMirrorBuf() *[]byte {
-	if p, ok := mirrorBufs.Get().(*[]byte); ok {
-		return p
+var mirrorBufs [maxMirrorShift - minMirrorShift + 1]sync.Pool
+
+func mirrorClass(n int64) int {
+	if n <= 1<<minMirrorShift {
+		return 0
 	}
-	b := make([]byte, mirrorIO)
-	return &b
+	return bits.Len64(uint64(n-1)) - minMirrorShift
+}
+
+// getMirrorBuf returns a buffer of at least n bytes (n <= mirrorIO), of
+// n's size class, and the function that gives it back.
+func getMirrorBuf(n int64) (buf []byte, put func()) {
+	c := mirrorClass(n)
+	p, ok := mirrorBufs[c].Get().(*[]byte)
+	if !ok {
+		b := make([]byte, 1<<(c+minMirrorShift))
+		p = &b
+	}
+	return (*p)[:n], func() { mirrorBufs[c].Put(p) }
 }
 
 // sendRange reads [off, off+n) under the range lock and sequences it as
@@ -216,9 +237,7 @@ func (s *Stream) sendRange(off, n int64, p wire.Purpose) (sent, holes int64, err
 		step := min(n, mirrorIO)
 		// Frames keep slices of buf until acknowledged; the queue then
 		// gives it back to the pool (Entry.Done of the last frame).
-		pb := getMirrorBuf()
-		buf := (*pb)[:step]
-		done := func() { mirrorBufs.Put(pb) }
+		buf, done := getMirrorBuf(step)
 		unlock := s.locks.lock(off, step)
 		if err = readFull(s.b, buf, off); err != nil {
 			unlock()
