@@ -48,6 +48,9 @@ func jobCommand() *cli.Command {
 					&cli.StringFlag{Name: "arbiter", Usage: "etcd: promotions need the agents' etcd arbiter (endpoints in each agent's config; docs/arbiter.md); strongly advised with --failover auto"},
 					&cli.DurationFlag{Name: "lease-ttl", Usage: "with --arbiter: the source's lease TTL (2s to 2m): the failover waits for it, an isolated source stops acknowledging before it", DefaultText: "5s"},
 					&cli.DurationFlag{Name: "suspend-timeout", Usage: "with --arbiter: how long writes the source may not acknowledge are held before they fail with EIO (-1s: forever)", DefaultText: "30s"},
+					&cli.StringFlag{Name: "queue-size", Usage: "the source's memory queue `SIZE` (at least 4M): writes the target has not taken yet wait there", DefaultText: "128M"},
+					&cli.StringFlag{Name: "disk-queue-size", Usage: "the disk queue `SIZE` beyond it (at least 4M; none: no disk queue); beyond both, writes are tracked in the bitmap and resynced", DefaultText: "2048M"},
+					&cli.StringFlag{Name: "rate-limit", Usage: "cap the replication traffic at `SIZE` bytes per second (at least 64K; e.g. 50M)", DefaultText: "none"},
 					&cli.DurationFlag{Name: "wait", Value: 30 * time.Second, Usage: "how long to wait for the first replication handshake (exit 0 only once it happened)"},
 				),
 				Action: jobCreate,
@@ -142,6 +145,23 @@ func buildSpec(c *cli.Context, name string) (job.Spec, error) {
 			return spec, fmt.Errorf("%w: --map-iface maps %s twice", job.ErrInvalid, src)
 		}
 		spec.MapIface[src] = tgt
+	}
+	for _, f := range []struct {
+		flag string
+		dst  *int64
+	}{{"queue-size", &spec.QueueMemory}, {"disk-queue-size", &spec.QueueDisk}, {"rate-limit", &spec.RateLimit}} {
+		v := c.String(f.flag)
+		switch {
+		case v == "":
+		case v == "none" && f.flag == "disk-queue-size":
+			*f.dst = -1
+		default:
+			n, err := job.ParseSize(v)
+			if err != nil {
+				return spec, fmt.Errorf("--%s: %w", f.flag, err)
+			}
+			*f.dst = n
+		}
 	}
 	m, err := job.ParseMonitor(c.String("monitor"))
 	if err != nil {

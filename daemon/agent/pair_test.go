@@ -59,7 +59,7 @@ func newPairWith(t *testing.T, failover ha.FailoverMode, mode string, rate int64
 
 // newPairIn: the agents' state and volumes under root (a file system
 // that takes snapshots, for one).
-func newPairIn(t *testing.T, root string, failover ha.FailoverMode, mode string, rate int64) *pair {
+func newPairIn(t *testing.T, root string, failover ha.FailoverMode, mode string, rate int64, opts ...func(*job.Spec)) *pair {
 	t.Helper()
 	os.WriteFile(filepath.Join(root, "mountinfo"), nil, 0o644)
 	p := &pair{t: t, root: root, agents: map[string]*testAgent{}, live: map[string]*memLiveness{},
@@ -86,6 +86,9 @@ func newPairIn(t *testing.T, root string, failover ha.FailoverMode, mode string,
 		if err := os.MkdirAll(filepath.Dir(v), 0o700); err != nil {
 			t.Fatal(err)
 		}
+	}
+	for _, o := range opts {
+		o(&spec)
 	}
 	p.model = make([]byte, pairSize)
 	rand.Read(p.model[:1<<20])
@@ -196,11 +199,25 @@ func (p *pair) nbd(name string) *nbdclient.Client {
 // the model.
 func (p *pair) write(name string, n int) {
 	p.t.Helper()
+	p.writeIn(name, n, pairSize)
+}
+
+// blockWrite is one acknowledged write.
+type blockWrite struct {
+	off  int
+	data []byte
+}
+
+// writeIn is write within the volume's first limit bytes; it returns
+// the writes in the order they were acknowledged.
+func (p *pair) writeIn(name string, n, limit int) []blockWrite {
+	p.t.Helper()
+	var done []blockWrite
 	c := p.nbd(name)
 	defer c.Close()
 	for range n {
 		l := 4096 * (1 + randN(16))
-		off := 4096 * randN((pairSize-l)/4096)
+		off := 4096 * randN((limit-l)/4096)
 		buf := make([]byte, l)
 		rand.Read(buf)
 		if _, err := c.WriteAt(buf, int64(off)); err != nil {
@@ -209,12 +226,14 @@ func (p *pair) write(name string, n int) {
 		p.modelMu.Lock()
 		copy(p.model[off:], buf)
 		p.modelMu.Unlock()
+		done = append(done, blockWrite{off: off, data: buf})
 	}
 	if err := c.Flush(); err != nil {
 		p.t.Fatalf("flush on %s: %v", name, err)
 	}
 	c.Close()
 	p.waitFor("the writer gone from "+name, func() bool { return len(p.status(name).Data.Users) == 0 })
+	return done
 }
 
 // check reads the whole volume through name's served volume and compares

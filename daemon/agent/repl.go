@@ -244,7 +244,8 @@ func (d *replPlane) source() (*replstate.Source, error) {
 	// Force: the state machine decided this side serves (a failover to
 	// an inconsistent copy is refused there unless forced).
 	src, err := replstate.OpenSource(replstate.SourceConfig{Dir: d.stateDir(),
-		Backend: d.vol.Backend, Mode: d.mode(), Log: d.log, RateLimit: d.p.RateLimit, Mirror: repl.MirrorDiff, Force: true,
+		Backend: d.vol.Backend, Mode: d.mode(), Log: d.log, RateLimit: d.rateLimit(), Mirror: repl.MirrorDiff, Force: true,
+		MemQueue: d.rec.Spec.QueueMemory, DiskQueue: d.rec.Spec.QueueDisk,
 		Dial: dial, Liveness: d.liveness(), Binding: d.vol.Binding,
 		Epoch: d.fence.Epoch, Superseded: d.fence.NewerEpoch, Authority: d.fence.Authority, SyncTimeout: d.fence.SyncTimeout,
 	})
@@ -769,6 +770,14 @@ func (d *replPlane) startPoll() {
 			}
 		}
 	}()
+}
+
+// rateLimit is the job's replication rate limit, else the agent's.
+func (d *replPlane) rateLimit() int64 {
+	if d.rec.Spec.RateLimit > 0 {
+		return d.rec.Spec.RateLimit
+	}
+	return d.p.RateLimit
 }
 
 // Close implements DataPlane.

@@ -111,7 +111,26 @@ type Spec struct {
 	// its tail is not used). 0: each side uses its volume's own size,
 	// which must then be equal.
 	VolumeSize int64 `json:"volume_size,omitempty"`
+	// QueueMemory and QueueDisk bound the source's replication queue,
+	// in bytes: writes the target has not taken yet (an outage, a slow
+	// link) wait there, and beyond both they are tracked in the dirty
+	// bitmap and resynced when the target is back. 0: the defaults (128
+	// MiB, 2048 MiB); QueueDisk -1: no disk queue.
+	QueueMemory int64 `json:"queue_memory,omitempty"`
+	QueueDisk   int64 `json:"queue_disk,omitempty"`
+	// RateLimit caps the source's replication traffic (stream, mirror
+	// and resync) in bytes per second; 0: the agent's setting (none by
+	// default).
+	RateLimit int64 `json:"rate_limit,omitempty"`
 }
+
+// Bounds of the queue and rate options. A memory queue below MinQueue
+// cannot hold the mirror's 1 MiB reads with room to spare: without a
+// disk queue, a 1 MiB one never completes the first mirror.
+const (
+	MinQueue     = 4 << 20
+	MinRateLimit = 64 << 10
+)
 
 var uuidRE = regexp.MustCompile(`^[0-9a-f][0-9a-f-]{7,63}$`)
 
@@ -217,6 +236,25 @@ func (s *Spec) Validate() error {
 	}
 	if s.VolumeSize < 0 || s.VolumeSize%512 != 0 {
 		return bad("volume size %d is not a non-negative multiple of 512", s.VolumeSize)
+	}
+	if s.QueueMemory != 0 && s.QueueMemory < MinQueue {
+		return bad("queue size %d: want at least %d bytes (4M), or 0 for the default", s.QueueMemory, MinQueue)
+	}
+	if s.QueueDisk != 0 && s.QueueDisk != -1 && s.QueueDisk < MinQueue {
+		return bad("disk queue size %d: want at least %d bytes (4M), 0 for the default or -1 for none", s.QueueDisk, MinQueue)
+	}
+	if s.RateLimit != 0 {
+		if s.RateLimit < MinRateLimit {
+			return bad("rate limit %d bytes/s: want at least %d (64K), or 0 for none", s.RateLimit, MinRateLimit)
+		}
+		// One resync chunk (64 KiB) must cross the link well within the
+		// replication session's keepalive timeout, which follows the
+		// monitor (interval × missed).
+		chunk := time.Duration(float64(64<<10) / float64(s.RateLimit) * float64(time.Second))
+		if bound := s.Monitor.Interval * time.Duration(s.Monitor.Missed) / 2; s.Monitor.Interval > 0 && chunk > bound {
+			return bad("rate limit %d bytes/s: a 64 KiB chunk takes %v, more than half the monitor's %v × %d: the replication session would time out; raise the rate or the monitor settings",
+				s.RateLimit, chunk.Round(time.Millisecond), s.Monitor.Interval, s.Monitor.Missed)
+		}
 	}
 	if s.UUID != "" && !uuidRE.MatchString(s.UUID) {
 		return bad("uuid %q: want 8-64 lowercase hex digits and dashes", s.UUID)

@@ -52,6 +52,16 @@ func TestValidate(t *testing.T) {
 		{"secret", "secret", func(s *Spec) { s.Secret = "" }},
 		{"repl addr", "replication address", func(s *Spec) { s.Target.Repl = "192.168.0.12" }},
 		{"fingerprint", "fingerprint", func(s *Spec) { s.Source.Fingerprint = "md5:00" }},
+		{"queue", "queue size", func(s *Spec) { s.QueueMemory = 4096 }},
+		{"queue below a mirror read", "queue size", func(s *Spec) { s.QueueMemory = 2 << 20 }},
+		{"negative queue", "queue size", func(s *Spec) { s.QueueMemory = -1 }},
+		{"disk queue", "disk queue size", func(s *Spec) { s.QueueDisk = 1000 }},
+		{"disk queue -2", "disk queue size", func(s *Spec) { s.QueueDisk = -2 }},
+		{"rate", "rate limit", func(s *Spec) { s.RateLimit = 1000 }},
+		{"rate vs keepalive", "session would time out", func(s *Spec) {
+			s.RateLimit = 128 << 10
+			s.Monitor = Monitor{Interval: 50e6, Missed: 3}
+		}},
 	} {
 		s := validSpec()
 		s.ServiceIPs = append([]ServiceIP(nil), s.ServiceIPs...)
@@ -59,6 +69,22 @@ func TestValidate(t *testing.T) {
 		err := s.Validate()
 		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: got %v, want ErrInvalid mentioning %q", tc.name, err, tc.want)
+		}
+	}
+}
+
+// TestQueueAndRateAccepted: the queue and rate options' valid values.
+func TestQueueAndRateAccepted(t *testing.T) {
+	for _, mut := range []func(*Spec){
+		func(s *Spec) { s.QueueMemory, s.QueueDisk = MinQueue, -1 },
+		func(s *Spec) { s.QueueMemory, s.QueueDisk = 64<<20, 1<<30 },
+		func(s *Spec) { s.RateLimit = 256 << 10 }, // 250 ms per chunk, monitor 250 ms × 8
+		func(s *Spec) { s.RateLimit = 100 << 20 },
+	} {
+		s := validSpec()
+		mut(&s)
+		if err := s.Validate(); err != nil {
+			t.Errorf("%+v refused: %v", s, err)
 		}
 	}
 }
