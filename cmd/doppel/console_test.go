@@ -471,9 +471,11 @@ func (b *browser) confirm(action string, want ...string) string {
 // with an etcd arbiter: log in (a wrong password refused), add both
 // servers (fingerprint shown for confirmation), create the job (the
 // pre-flight's problems of both sides shown at once first), see it
-// replicating, force-stop vm1, press Failover and confirm (the
+// replicating, force-stop vm1, press Failover, choose vm2's snapshot
+// before-test among the confirmation's choices and confirm (the
 // confirmation states who takes the service IP, who is fenced, what is
-// lost), see the service IP move to vm2 (ip -n NS addr), bring vm1 back,
+// lost, and, re-planned for the snapshot, the rollback and the newer
+// data kept), see the service IP move to vm2 (ip -n NS addr), bring vm1 back,
 // press Reverse, wait for replicating, press Failback: the IP is back on
 // vm1. Then Verify, Switchover (the IP on vm2) and Failback, Pause and
 // Resume, and Delete (gone from both agents). Screenshots of the main pages are saved
@@ -606,11 +608,29 @@ func TestConsoleBrowser(t *testing.T) {
 	// only a list fetched with vm1 dead fills it again).
 	b.run("empty the snapshot list", b.eval(`document.getElementById("job-snapshots").replaceChildren()`))
 	b.waitText("#job-snapshots", 15*time.Second, "before-test", "manual")
-	plan := b.confirm("failover", "vm2 will take 172.17.22.187 on eth0", "vm1 will be fenced", "epoch 2", "lease has expired", "writes vm2 does not hold are lost")
+	plan := b.confirm("failover", "vm2 will take 172.17.22.187 on eth0", "vm1 will be fenced", "epoch 2", "lease has expired", "writes vm2 does not hold are lost",
+		"fail over to this snapshot")
 	t.Logf("failover confirmation:\n%s", plan)
 	b.shot("failover-confirm")
+	// The confirmation offers vm2's snapshots; choosing one re-plans the
+	// failover as a rollback to it.
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(b.text("#snapshot-choices-values"), "before-test") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the failover's snapshot choices lack before-test: %q", b.text("#snapshot-choices-values"))
+		}
+		b.run("list the snapshot choices", b.eval(`(() => {
+			const d = document.getElementById("snapshot-choices"), p = document.getElementById("snapshot-choices-values") || document.body.appendChild(Object.assign(document.createElement("pre"), {id: "snapshot-choices-values"}));
+			p.textContent = d ? Array.from(d.options).map((o) => o.value).join(" ") : "";
+		})()`))
+		time.Sleep(100 * time.Millisecond)
+	}
+	b.run("choose the snapshot", b.eval(`(() => { const e = document.getElementById("in-snapshot"); e.value = "before-test"; e.dispatchEvent(new Event("change")); })()`))
+	plan = b.waitText("#modal .modal-box", 10*time.Second, "at snapshot before-test", "vm2 keeps its current data as snapshot before-failover-epoch-2",
+		"vm2 rolls its volume back to snapshot before-test", "goes back to snapshot before-test")
+	t.Logf("failover to a snapshot, confirmation:\n%s", plan)
 	b.run("confirm failover", chromedp.Click(chromedp.CSS("#modal-ok")))
-	deadline := time.Now().Add(30 * time.Second)
+	deadline = time.Now().Add(30 * time.Second)
 	for !lab.hasIP("vm2", "172.17.22.187") {
 		if time.Now().After(deadline) {
 			t.Fatalf("vm2 did not take 172.17.22.187 within 30 s of the failover: %s", b.text("main"))
@@ -619,7 +639,7 @@ func TestConsoleBrowser(t *testing.T) {
 	}
 	t.Logf("vm2 holds the service IP %v after vm1 was killed", time.Since(tKill).Round(time.Millisecond))
 	b.waitText("#job-headline", 20*time.Second, "FAILED OVER")
-	b.waitText("#job-events", 10*time.Second, "failover")
+	b.waitText("#job-events", 10*time.Second, "failover to snapshot before-test", "rolled the volume back to snapshot before-test")
 
 	// vm1 comes back fenced; Reverse makes it vm2's target.
 	labRun(t, "ip", "-n", lab.ns["vm1"], "link", "set", "eth0", "up")

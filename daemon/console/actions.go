@@ -131,7 +131,12 @@ func (c *Console) act(w http.ResponseWriter, r *http.Request, s *session) error 
 	case "snapshot", "test-failover", "stop-test-failover", "delete-snapshot":
 		return c.snapshotAction(w, r, s, f, name, action, opts)
 	}
-	server, st, err := f.Command(r.Context(), name, ha.EventType(action), api.CommandOptions{Force: opts.Force, DiscardQueue: opts.DiscardQueue}, pickerOf(action))
+	copts := api.CommandOptions{Force: opts.Force, DiscardQueue: opts.DiscardQueue}
+	if action == "failover" && opts.Snapshot != "" {
+		copts.Snapshot = opts.Snapshot
+		what += " to snapshot " + opts.Snapshot
+	}
+	server, st, err := f.Command(r.Context(), name, ha.EventType(action), copts, pickerOf(action))
 	res := ActionResult{Job: name, Action: action, Server: server, Steps: st.Actions}
 	if err != nil {
 		c.record(s.who, name, server, what+" refused: "+err.Error())

@@ -290,8 +290,19 @@ func planAction(name, action string, reports []sideReport, opts ActionOptions, n
 
 // planFailover: the target takes over.
 func planFailover(p *Plan, spec *job.Spec, reports []sideReport, src, tgt *sideReport, opts ActionOptions, now time.Time) {
+	for _, r := range reports {
+		if r.Server == p.Server && r.Status != nil && r.Status.HA.State == ha.StateRollingBack {
+			planFinishRollback(p, spec, r.Status, opts)
+			return
+		}
+	}
 	p.Options = []PlanOption{{Name: "force", Label: "force: override the data-safety refusals", Set: opts.Force},
 		{Name: "discard_queue", Label: "discard the target's unapplied queue (faster, loses those writes)", Set: opts.DiscardQueue}}
+	snapInput := PlanInput{Name: "snapshot", Label: "fail over to this snapshot of the target's volume, a point in time before its latest data (empty: the latest data)", Value: opts.Snapshot}
+	if tgt != nil && tgt.Status.Snapshots != nil && tgt.Status.Snapshots.Latest != nil {
+		snapInput.Placeholder = "e.g. " + tgt.Status.Snapshots.Latest.Name + " (the newest)"
+	}
+	p.Inputs = []PlanInput{snapInput}
 	if tgt == nil {
 		// The picker chose the failed-over side, whose state machine
 		// refuses a second failover.
@@ -321,7 +332,7 @@ func planFailover(p *Plan, spec *job.Spec, reports []sideReport, src, tgt *sideR
 		}
 	}
 	var refusals []string
-	if !t.HA.Consistent {
+	if !t.HA.Consistent && opts.Snapshot == "" {
 		refusals = append(refusals, fmt.Sprintf("%s's copy is INCONSISTENT (a mirror or resync did not finish): forced, it serves an incomplete image the file system may not survive", to))
 	}
 	if len(heard) > 0 {
@@ -349,7 +360,15 @@ func planFailover(p *Plan, spec *job.Spec, reports []sideReport, src, tgt *sideR
 	if path := spec.Scripts[ha.HookPreFailover]; path != "" {
 		p.Consequences = append(p.Consequences, fmt.Sprintf("%s runs its pre-failover script %s", to, path))
 	}
-	p.Consequences = append(p.Consequences, fmt.Sprintf("%s promotes its copy at epoch %d and serves the volume", to, epoch))
+	if opts.Snapshot != "" {
+		p.Title = fmt.Sprintf("Fail %s over to %s, at snapshot %s", spec.Name, to, opts.Snapshot)
+		p.Consequences = append(p.Consequences,
+			fmt.Sprintf("%s keeps its current data as snapshot before-failover-epoch-%d", to, epoch),
+			fmt.Sprintf("%s rolls its volume back to snapshot %s: only the chunks that differ are rewritten, and marked so that Reverse sends them to %s; if that fails, nothing is served until it is finished", to, opts.Snapshot, from),
+			fmt.Sprintf("%s promotes snapshot %s's image at epoch %d and serves the volume", to, opts.Snapshot, epoch))
+	} else {
+		p.Consequences = append(p.Consequences, fmt.Sprintf("%s promotes its copy at epoch %d and serves the volume", to, epoch))
+	}
 	for _, ip := range spec.ServiceIPs {
 		p.Consequences = append(p.Consequences, fmt.Sprintf("%s will take %s on %s", to, ipOnly(ip.Prefix), ifaceOn(spec, ip, to)))
 	}
@@ -359,6 +378,26 @@ func planFailover(p *Plan, spec *job.Spec, reports []sideReport, src, tgt *sideR
 	p.Consequences = append(p.Consequences, fmt.Sprintf("%s will be fenced: when it comes back it stays superseded (no service IP, volume not served) until Reverse", from))
 	p.Consequences = append(p.Consequences, fmt.Sprintf("nothing protects the volume until Reverse makes %s the target of %s", from, to))
 	p.Loss = failoverLoss(spec, old, src, t, opts, now)
+	if opts.Snapshot != "" {
+		p.Loss = fmt.Sprintf("the served volume goes back to snapshot %s: what %s applied after it is not served (kept in snapshot before-failover-epoch-%d), and Reverse overwrites %s's newer data. Besides, %s",
+			opts.Snapshot, to, epoch, from, p.Loss)
+	}
+}
+
+// planFinishRollback: a failover to a snapshot whose rollback failed or
+// was interrupted; the failover to a snapshot again finishes it.
+func planFinishRollback(p *Plan, spec *job.Spec, st *api.JobStatus, opts ActionOptions) {
+	snap := opts.Snapshot
+	if snap == "" {
+		snap = st.HA.RollingBack
+	}
+	p.Title = fmt.Sprintf("Finish the failover of %s to snapshot %s on %s", spec.Name, snap, p.Server)
+	p.Inputs = []PlanInput{{Name: "snapshot", Label: "roll back to this snapshot (the one the failover chose, or another, such as before-failover-epoch-N to undo it)", Value: snap}}
+	p.Consequences = append(p.Consequences,
+		fmt.Sprintf("%s is not serving the volume: %s", p.Server, st.HA.Reason),
+		fmt.Sprintf("%s rolls its volume back to snapshot %s again: only the chunks that still differ are rewritten (the newer data was kept before the first attempt)", p.Server, snap),
+		fmt.Sprintf("then %s is promoted at epoch %d (already granted), serves the volume and takes the service IPs", p.Server, st.HA.Epoch))
+	p.Loss = fmt.Sprintf("the served volume is snapshot %s's image: the newer data stays only in snapshot before-failover-epoch-%d", snap, st.HA.Epoch)
 }
 
 // failoverLoss says which acknowledged writes a failover loses: those

@@ -10,6 +10,7 @@ import (
 	"github.com/doppelha/doppel/daemon/ha"
 	"github.com/doppelha/doppel/daemon/job"
 	"github.com/doppelha/doppel/daemon/protection"
+	"github.com/doppelha/doppel/daemon/snapshot"
 )
 
 var t0 = time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)
@@ -136,6 +137,51 @@ func TestPlanFailoverRefusals(t *testing.T) {
 	p = planAction("web", "failover", reps, ActionOptions{}, t0)
 	if p.Server != "vm2" || !strings.Contains(p.Refusal, "Reverse next") {
 		t.Errorf("second failover: server %q refusal %q", p.Server, p.Refusal)
+	}
+}
+
+// TestPlanFailoverToSnapshot: the failover's confirmation offers a
+// snapshot; with one, an inconsistent target needs no force, and the
+// plan says the volume is rolled back to it, its newer data kept, and
+// what the served volume loses. A side whose rollback failed gets the
+// plan that finishes it, not "already failed over".
+func TestPlanFailoverToSnapshot(t *testing.T) {
+	spec := testSpec(job.ModeSync)
+	src := status(spec, "vm1", ha.RoleSource, ha.StateReplicating, 1)
+	tgt := status(spec, "vm2", ha.RoleTarget, ha.StateSourceDown, 1)
+	tgt.HA.Consistent = false
+	tgt.Snapshots = &api.SnapshotStatus{Count: 2, Latest: &snapshot.Snapshot{Name: "pre-resync-20260501-115900.000"}}
+	reps := []sideReport{silent("vm1", src, time.Second), answered("vm2", tgt)}
+	p := planAction("web", "failover", reps, ActionOptions{}, t0)
+	if len(p.Inputs) != 1 || p.Inputs[0].Name != "snapshot" || !strings.Contains(p.Inputs[0].Placeholder, "pre-resync-20260501-115900.000") {
+		t.Fatalf("inputs %+v: want the snapshot choice, the newest as the example", p.Inputs)
+	}
+	if !p.NeedsForce {
+		t.Fatalf("inconsistent target without a snapshot: force not asked for (%q)", p.Refusal)
+	}
+	p = planAction("web", "failover", reps, ActionOptions{Snapshot: "pre-resync-20260501-115900.000"}, t0)
+	if p.NeedsForce || p.Refusal != "" {
+		t.Errorf("to a snapshot: needs force %t, refusal %q", p.NeedsForce, p.Refusal)
+	}
+	for _, want := range []string{"vm2 keeps its current data as snapshot before-failover-epoch-2", "vm2 rolls its volume back to snapshot pre-resync-20260501-115900.000", "promotes snapshot pre-resync-20260501-115900.000's image at epoch 2", "vm2 will take 172.17.22.187"} {
+		if !hasLine(p.Consequences, want) {
+			t.Errorf("consequences %q lack %q", p.Consequences, want)
+		}
+	}
+	if !strings.Contains(p.Title, "at snapshot pre-resync-20260501-115900.000") || !strings.Contains(p.Loss, "goes back to snapshot pre-resync-20260501-115900.000") {
+		t.Errorf("title %q loss %q", p.Title, p.Loss)
+	}
+
+	rb := status(spec, "vm2", ha.RoleSource, ha.StateRollingBack, 2)
+	rb.HA.RollingBack = "s1"
+	rb.HA.Reason = "the rollback to snapshot s1 failed: write volume: input/output error"
+	reps = []sideReport{answered("vm1", status(spec, "vm1", ha.RoleSource, ha.StateSuperseded, 1)), answered("vm2", rb)}
+	p = planAction("web", "failover", reps, ActionOptions{}, t0)
+	if p.Server != "vm2" || p.Refusal != "" || len(p.Inputs) != 1 || p.Inputs[0].Value != "s1" || !strings.Contains(p.Title, "Finish the failover of web to snapshot s1") {
+		t.Fatalf("rolling back: server %q refusal %q inputs %+v title %q", p.Server, p.Refusal, p.Inputs, p.Title)
+	}
+	if !hasLine(p.Consequences, "input/output error") || !hasLine(p.Consequences, "rolls its volume back to snapshot s1 again") {
+		t.Errorf("rolling back: consequences %q", p.Consequences)
 	}
 }
 

@@ -590,6 +590,16 @@ async function confirmAction(name, action, opts) {
     el.addEventListener("change", () => confirmAction(name, action, Object.assign({}, opts, { [inp.name]: el.value.trim() })));
     inputs[inp.name] = el;
     body.push(h("label", { class: "field", for: el.id, text: inp.label }), el);
+    if (action === "failover" && inp.name === "snapshot") {
+      // The choice: the snapshots of the side that fails over, newest first.
+      const dl = h("datalist", { id: "snapshot-choices" });
+      el.setAttribute("list", dl.id);
+      body.push(dl);
+      api("GET", "/api/jobs/" + encodeURIComponent(name) + "/snapshots").then((r) => {
+        const l = (r.data && r.data.list && r.data.list.snapshots) || [];
+        dl.replaceChildren(...l.slice().reverse().map((x) => h("option", { value: x.name, text: x.kind + ", " + timeOf(x.created) })));
+      }).catch(() => {});
+    }
   }
   for (const o of plan.options || []) {
     const cb = h("input", { type: "checkbox", id: "opt-" + o.name, checked: o.set });
