@@ -97,6 +97,9 @@ type Node struct {
 	// (HardState.RollingBack): once it completes, the node promotes and
 	// then waits to hear its peer like any restarted source.
 	resumed bool
+	// postFailover: the failover's post-failover hook is still owed (a
+	// rollback redone after a restart); run when the node serves.
+	postFailover bool
 
 	peerKnown      bool
 	peerRole       Role
@@ -409,6 +412,10 @@ func (n *Node) start() {
 // shipping: the end of StateStarting.
 func (n *Node) becomeActiveSource() {
 	n.act(Action{Type: ActServe}, Action{Type: ActApplyIdentity})
+	if n.postFailover {
+		n.postFailover = false
+		n.act(Action{Type: ActRunScript, Hook: HookPostFailover})
+	}
 	if n.hs.Paused {
 		n.act(Action{Type: ActPauseRepl})
 	}
@@ -618,7 +625,8 @@ func (n *Node) servePromoted() {
 // rolledBack: the pending rollback completed (the volume holds the
 // snapshot's data, synced): the marker goes, the promotion follows. A
 // node that restarted with the rollback pending then waits to hear its
-// peer before serving, like any restarted source.
+// peer before serving, like any restarted source, and runs the
+// failover's post-failover hook once it serves.
 func (n *Node) rolledBack(snapshot string) {
 	if n.hs.RollingBack == "" || snapshot != n.hs.RollingBack {
 		n.lastErr = fmt.Sprintf("rolled back to snapshot %q with no such rollback pending (%q)", snapshot, n.hs.RollingBack)
@@ -631,6 +639,7 @@ func (n *Node) rolledBack(snapshot string) {
 		return
 	}
 	n.resumed = false
+	n.postFailover = true
 	n.act(Action{Type: ActPromote, Epoch: n.hs.Epoch})
 	n.state = StateStarting
 	n.startTicks = 0

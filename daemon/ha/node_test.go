@@ -194,7 +194,7 @@ func TestFailoverToSnapshot(t *testing.T) {
 // the snapshot again redoes only the rollback, and a node restarted
 // from the persisted state redoes the rollback first, promotes once it
 // completed, and serves only after the start grace like any restarted
-// source.
+// source, running the failover's post-failover hook then.
 func TestRollbackPending(t *testing.T) {
 	cfg := testConfig("vm2")
 	cfg.Failover = FailoverManual
@@ -271,7 +271,7 @@ func TestRollbackPending(t *testing.T) {
 	for range 2 * cfg.Missed {
 		n.Tick()
 	}
-	if got := actionList(n); !strings.HasPrefix(got, "serve; apply-identity") {
-		t.Fatalf("after the start grace: %s, want it served", got)
+	if got := actionList(n); !strings.HasPrefix(got, "serve; apply-identity; run-script post-failover") {
+		t.Fatalf("after the start grace: %s, want it served and the failover's post-failover hook run", got)
 	}
 }
