@@ -118,7 +118,7 @@ func TestDetect(t *testing.T) {
 					case mode != ModeAuto && got != mode:
 						t.Fatalf("mode %s, want %s", got, mode)
 					}
-					mon.expect(t, "up ", 2*time.Second)
+					mon.firstUp(t, 5*time.Second)
 					var fromCut, silence []time.Duration
 					for i := range trials {
 						time.Sleep(timeout / 2)
@@ -201,7 +201,7 @@ func TestUnprivilegedFallback(t *testing.T) {
 	if m := mon.expect(t, "mode ", 5*time.Second)[1]; m != string(ModeUserspace) {
 		t.Fatalf("unprivileged mode %s, want userspace", m)
 	}
-	mon.expect(t, "up ", 2*time.Second)
+	mon.firstUp(t, 5*time.Second)
 	time.Sleep(cfg.Timeout() / 2)
 	cutAt := parseNs(t, snd.command(t, "cut link-down", "cut ")[1])
 	f := mon.expect(t, "down ", 3*time.Second)
@@ -231,7 +231,7 @@ func TestSpoofedAndReplayed(t *testing.T) {
 			good := l.helperSend(cfg.Interval, labGood, inc, false)
 			mon := l.helperWatch(ModeAuto, cfg, true)
 			mon.expect(t, "mode ", 10*time.Second)
-			mon.expect(t, "up ", 2*time.Second)
+			mon.firstUp(t, 5*time.Second)
 			time.Sleep(time.Second) // the real sender is past sequence 5
 			if attack == "spoofed" {
 				l.helperSend(cfg.Interval/2, labSpoof, inc+1, false)
@@ -286,7 +286,7 @@ func TestNoFalseDownSIGSTOP(t *testing.T) {
 			sender := l.helperSend(cfg.Interval, labGood, incNow(), false)
 			mon := l.helperWatch(mode, cfg, false)
 			t.Log(mon.expect(t, "mode ", 10*time.Second))
-			mon.expect(t, "up ", 2*time.Second)
+			mon.firstUp(t, 5*time.Second)
 			pause := 2 * cfg.Timeout()
 			for range envInt("DOPPEL_PROBE_STOPS", 5) {
 				mon.cmd.Process.Signal(syscall.SIGSTOP)
@@ -335,7 +335,7 @@ func TestNoFalseDownBusyCPU(t *testing.T) {
 	l.helperSend(cfg.Interval, labGood, incNow(), false)
 	mon := l.helperWatch(ModeAuto, cfg, false) // normal priority: it competes with the busy loops
 	mon.expect(t, "mode ", 10*time.Second)
-	mon.expect(t, "up ", 2*time.Second)
+	mon.firstUp(t, 5*time.Second)
 	busyCPUs(t)
 	mon.quiet(t, envDuration("DOPPEL_PROBE_SOAK", 20*time.Second))
 }
@@ -349,7 +349,7 @@ func TestNoFalseDownLoss(t *testing.T) {
 	p := l.openProbe(ModeAuto)
 	l.startSender(cfg.Interval, labGood)
 	w := startWatch(t, p, l.addrA, cfg)
-	w.next(t, monitor.Up, 5*time.Second) // before the loss: ARP resolved
+	w.firstUp(t, 5*time.Second) // before the loss: ARP resolved
 	remove, how, err := l.addLoss(10)
 	if err != nil {
 		t.Fatal(err)
@@ -477,7 +477,7 @@ func TestTwoPaths(t *testing.T) {
 			go s.Run(ctx, mcfg.Interval, 0, nil)
 			defer s.Close()
 			w := startWatchPaths(t, p, []netip.Addr{l.addrA, a2}, mcfg)
-			w.next(t, monitor.Up, 2*time.Second)
+			w.firstUp(t, 5*time.Second)
 
 			run(t, "ip", "-n", l.nsA, "link", "set", l.vethA, "down")
 			w.quiet(t, 3*mcfg.Timeout())

@@ -117,6 +117,31 @@ func (h *helper) expect(t testing.TB, prefix string, within time.Duration) []str
 	return nil
 }
 
+// firstUp waits for the helper's first "up": a "down" before it is the
+// start-up silence of a loaded machine (the sender not running yet), not
+// what a test checks.
+func (h *helper) firstUp(t testing.TB, within time.Duration) []string {
+	t.Helper()
+	deadline := time.After(within)
+	for {
+		select {
+		case s, ok := <-h.lines:
+			if !ok {
+				t.Fatalf("helper exited, waiting for its first %q", "up ")
+			}
+			if strings.HasPrefix(s, "up ") {
+				return strings.Fields(s)
+			}
+			if !strings.HasPrefix(s, "down ") {
+				t.Fatalf("helper said %q, want %q", s, "up ")
+			}
+			t.Logf("before the first up (start-up): %s", s)
+		case <-deadline:
+			t.Fatalf("helper did not say %q within %v", "up ", within)
+		}
+	}
+}
+
 // quiet fails if the helper says anything within d.
 func (h *helper) quiet(t testing.TB, d time.Duration) {
 	t.Helper()

@@ -207,6 +207,29 @@ func (w *watcher) next(t testing.TB, want monitor.State, within time.Duration) m
 	panic("unreachable")
 }
 
+// firstUp waits for the first change to up: one to down from unknown
+// before it is the start-up silence of a loaded machine (the sender not
+// running yet), not what a test checks.
+func (w *watcher) firstUp(t testing.TB, within time.Duration) monitor.Change {
+	t.Helper()
+	deadline := time.After(within)
+	for {
+		select {
+		case c := <-w.changes:
+			switch {
+			case c.To == monitor.Up:
+				return c
+			case c.From == monitor.Unknown && c.To == monitor.Down:
+				t.Logf("before the first up (start-up): %v", c)
+			default:
+				t.Fatalf("change %v, want -> %v", c, monitor.Up)
+			}
+		case <-deadline:
+			t.Fatalf("no change to %v within %v", monitor.Up, within)
+		}
+	}
+}
+
 // quiet fails if any change arrives within d.
 func (w *watcher) quiet(t testing.TB, d time.Duration) {
 	t.Helper()
