@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -317,7 +318,8 @@ func TestDiffMirrorSurvivesReconnect(t *testing.T) {
 		copy(tgtB.data[off:], randBytes(r, 65536))
 	}
 	conns := make(chan net.Conn, 16)
-	p := newPair(t, srcB, slowBackend{tgtB, 200 * time.Microsecond}, pairOpts{mode: wire.ModeAsync,
+	tgt := &countingBackend{slowBackend: slowBackend{tgtB, 200 * time.Microsecond}}
+	p := newPair(t, srcB, tgt, pairOpts{mode: wire.ModeAsync,
 		dial: func(ctx context.Context, addr string) (net.Conn, error) {
 			var d net.Dialer
 			c, err := d.DialContext(ctx, "tcp", addr)
@@ -326,13 +328,22 @@ func TestDiffMirrorSurvivesReconnect(t *testing.T) {
 			}
 			return c, err
 		}})
+	// Each connection is cut once the target has read 100 more chunks
+	// for the comparison (of 1024): during the mirror, whatever the load.
+	var done atomic.Bool
 	go func() {
+		deadline := time.Now().Add(30 * time.Second)
 		for range 2 {
-			time.Sleep(30 * time.Millisecond)
-			(<-conns).Close()
+			c := <-conns
+			from := tgt.reads.Load()
+			for tgt.reads.Load() < from+100 && !done.Load() && time.Now().Before(deadline) {
+				time.Sleep(time.Millisecond)
+			}
+			c.Close()
 		}
 	}()
 	res, err := p.src.Mirror(context.Background(), MirrorDiff)
+	done.Store(true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -344,6 +355,20 @@ func TestDiffMirrorSurvivesReconnect(t *testing.T) {
 		t.Fatalf("only %d connections: the link was not cut during the mirror", c)
 	}
 	t.Logf("differing %d, sent %d, connects %d", res.DifferingBytes(), res.Sent, p.src.Stats().Connects)
+}
+
+// countingBackend counts the chunk-sized reads (checksums) of a
+// slowBackend.
+type countingBackend struct {
+	slowBackend
+	reads atomic.Int64
+}
+
+func (c *countingBackend) ReadAt(p []byte, off int64) (int, error) {
+	if len(p) >= 64<<10 {
+		c.reads.Add(1)
+	}
+	return c.slowBackend.ReadAt(p, off)
 }
 
 // TestMirrorBufSized: a mirror or resync frame pins its read buffer until
