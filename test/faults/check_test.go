@@ -67,6 +67,16 @@ func TestCheck(t *testing.T) {
 		{"a paused source answers long after the promotion", round("async", []Op{
 			op("vm1", 0, 1, 4000, 9000, OK),
 		}, failover, "vm2", 0), "(a) vm1 block 0 value 1 [4s, 9s] ok: answered 3.9s after epoch 2 was granted to vm2"},
+		{"sync: a paused source answers late what its target acknowledged", round("sync", []Op{
+			op("vm1", 0, 1, 4000, 9000, OK),
+			op("vm2", 1, 2, 5200, 5210, OK),
+		}, failover, "vm2", 1, 2), ""},
+		{"sync: a paused source's late answer of a write the promoted side lacks", round("sync", []Op{
+			op("vm1", 0, 1, 4000, 9000, OK),
+		}, failover, "vm2", 0), "(b) acknowledged write lost: vm1 block 0 value 1"},
+		{"sync: a superseded source acknowledges a write begun after the promotion", round("sync", []Op{
+			op("vm1", 0, 1, 5300, 5310, OK),
+		}, failover, "vm2", 1), "(a) vm1 block 0 value 1 [5.3s, 5.31s] ok: acknowledged while vm1 held no epoch"},
 		{"an answer seen within the grace is not late", round("sync", []Op{
 			op("vm1", 0, 1, 4000, 5300, OK),
 		}, failover, "vm2", 1), ""},
