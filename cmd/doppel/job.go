@@ -126,25 +126,12 @@ func buildSpec(c *cli.Context, name string) (job.Spec, error) {
 		}
 		spec.Size = n
 	}
-	for _, s := range c.StringSlice("service-ip") {
-		ip, err := job.ParseServiceIP(s)
-		if err != nil {
-			return spec, err
-		}
-		spec.ServiceIPs = append(spec.ServiceIPs, ip)
+	var err error
+	if spec.ServiceIPs, err = job.ParseServiceIPs(c.StringSlice("service-ip")); err != nil {
+		return spec, err
 	}
-	for _, s := range c.StringSlice("map-iface") {
-		src, tgt, ok := strings.Cut(s, "=")
-		if !ok || src == "" || tgt == "" {
-			return spec, fmt.Errorf("%w: --map-iface %q: want SRCIFACE=TGTIFACE", job.ErrInvalid, s)
-		}
-		if spec.MapIface == nil {
-			spec.MapIface = map[string]string{}
-		}
-		if _, dup := spec.MapIface[src]; dup {
-			return spec, fmt.Errorf("%w: --map-iface maps %s twice", job.ErrInvalid, src)
-		}
-		spec.MapIface[src] = tgt
+	if spec.MapIface, err = job.ParseInterfaceMap("--map-iface", c.StringSlice("map-iface")); err != nil {
+		return spec, err
 	}
 	for _, f := range []struct {
 		flag string

@@ -258,15 +258,7 @@ func renderSide(w io.Writer, v client.Side, rates syncRates) {
 	} else if st.Data.Note != "" {
 		fmt.Fprintf(w, "         data     unknown: %s\n", st.Data.Note)
 	}
-	var paths []string
-	for _, p := range st.HA.Paths {
-		state := "up"
-		if !p.Up {
-			state = "SILENT"
-		}
-		paths = append(paths, p.Name+" "+state)
-	}
-	fmt.Fprintf(w, "         probe    %s, %v × %d; peer %s; link %s", st.Probe.Mode, st.Probe.Interval, st.Probe.Missed, strings.Join(paths, ", "), upDown(st.HA.LinkUp))
+	fmt.Fprintf(w, "         probe    %s, %v × %d; peer %s; link %s", st.Probe.Mode, st.Probe.Interval, st.Probe.Missed, strings.Join(protection.PathStates(st.HA.Paths), ", "), upDown(st.HA.LinkUp))
 	if st.Probe.TimeToFail >= 0 {
 		fmt.Fprintf(w, "; source declared failed in %v", st.Probe.TimeToFail)
 	}

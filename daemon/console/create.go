@@ -75,25 +75,12 @@ func specFromRequest(req CreateRequest) (job.Spec, error) {
 		}
 		spec.Size = n
 	}
-	for _, s := range nonEmpty(req.ServiceIPs) {
-		ip, err := job.ParseServiceIP(s)
-		if err != nil {
-			return spec, err
-		}
-		spec.ServiceIPs = append(spec.ServiceIPs, ip)
+	var err error
+	if spec.ServiceIPs, err = job.ParseServiceIPs(nonEmpty(req.ServiceIPs)); err != nil {
+		return spec, err
 	}
-	for _, s := range nonEmpty(req.MapIface) {
-		src, tgt, ok := strings.Cut(s, "=")
-		if !ok || src == "" || tgt == "" {
-			return spec, fmt.Errorf("%w: interface map %q: want SRCIFACE=TGTIFACE", job.ErrInvalid, s)
-		}
-		if spec.MapIface == nil {
-			spec.MapIface = map[string]string{}
-		}
-		if _, dup := spec.MapIface[src]; dup {
-			return spec, fmt.Errorf("%w: interface map maps %s twice", job.ErrInvalid, src)
-		}
-		spec.MapIface[src] = tgt
+	if spec.MapIface, err = job.ParseInterfaceMap("interface map", nonEmpty(req.MapIface)); err != nil {
+		return spec, err
 	}
 	monitor := strings.TrimSpace(req.Monitor)
 	if monitor == "" {

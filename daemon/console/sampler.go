@@ -10,6 +10,7 @@ import (
 
 	"github.com/doppelha/doppel/daemon/api"
 	"github.com/doppelha/doppel/daemon/client"
+	"github.com/doppelha/doppel/daemon/protection"
 )
 
 // Sample is one point of a job's charts.
@@ -219,15 +220,7 @@ func (s *sampler) publish(servers []client.Server, list client.List, infos map[s
 					if sv.Probe == "" {
 						sv.Probe = st.Probe.Mode
 					}
-					var paths []string
-					for _, p := range st.HA.Paths {
-						state := "up"
-						if !p.Up {
-							state = "SILENT"
-						}
-						paths = append(paths, p.Name+" "+state)
-					}
-					if len(paths) > 0 {
+					if paths := protection.PathStates(st.HA.Paths); len(paths) > 0 {
 						sv.Paths = append(sv.Paths, j.Name+": "+strings.Join(paths, ", "))
 					}
 				}

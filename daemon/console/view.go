@@ -387,13 +387,7 @@ func sideView(r sideReport, now time.Time) SideView {
 	sv.Device, sv.Users, sv.Reason, sv.LastError = st.Data.Device, st.Data.Users, st.HA.Reason, st.HA.LastError
 	sv.Probe = fmt.Sprintf("%s, %v × %d", st.Probe.Mode, st.Probe.Interval, st.Probe.Missed)
 	sv.LinkUp = st.HA.LinkUp
-	for _, p := range st.HA.Paths {
-		state := "up"
-		if !p.Up {
-			state = "SILENT"
-		}
-		sv.Paths = append(sv.Paths, p.Name+" "+state)
-	}
+	sv.Paths = append(sv.Paths, protection.PathStates(st.HA.Paths)...)
 	if st.Arbiter != nil {
 		sv.Arbiter = protection.ArbiterLine(st.HA.Role, st.Arbiter)
 	}

@@ -367,6 +367,39 @@ func (s *Spec) Endpoints(self string) (me, peer Endpoint, ok bool) {
 	return Endpoint{}, Endpoint{}, false
 }
 
+// ParseServiceIPs parses each CIDR@IFACE of ss.
+func ParseServiceIPs(ss []string) ([]ServiceIP, error) {
+	var out []ServiceIP
+	for _, s := range ss {
+		ip, err := ParseServiceIP(s)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ip)
+	}
+	return out, nil
+}
+
+// ParseInterfaceMap parses SRCIFACE=TGTIFACE entries (what names them in
+// errors: a flag or a form field); nil when there are none.
+func ParseInterfaceMap(what string, entries []string) (map[string]string, error) {
+	var m map[string]string
+	for _, s := range entries {
+		src, tgt, ok := strings.Cut(s, "=")
+		if !ok || src == "" || tgt == "" {
+			return nil, fmt.Errorf("%w: %s %q: want SRCIFACE=TGTIFACE", ErrInvalid, what, s)
+		}
+		if m == nil {
+			m = map[string]string{}
+		}
+		if _, dup := m[src]; dup {
+			return nil, fmt.Errorf("%w: %s maps %s twice", ErrInvalid, what, src)
+		}
+		m[src] = tgt
+	}
+	return m, nil
+}
+
 // ParseServiceIP parses CIDR@IFACE.
 func ParseServiceIP(s string) (ServiceIP, error) {
 	cidr, iface, ok := strings.Cut(s, "@")

@@ -200,3 +200,18 @@ func TestCheckVolume(t *testing.T) {
 		t.Errorf("mounted device: %v", err)
 	}
 }
+
+func TestParseInterfaceMap(t *testing.T) {
+	m, err := ParseInterfaceMap("--map-iface", []string{"eth0=ens3", "eth1=ens4"})
+	if err != nil || len(m) != 2 || m["eth0"] != "ens3" || m["eth1"] != "ens4" {
+		t.Fatalf("got %v, %v", m, err)
+	}
+	if m, err := ParseInterfaceMap("--map-iface", nil); m != nil || err != nil {
+		t.Fatalf("no entries: got %v, %v", m, err)
+	}
+	for _, bad := range [][]string{{"eth0"}, {"=ens3"}, {"eth0="}, {"eth0=a", "eth0=b"}} {
+		if _, err := ParseInterfaceMap("--map-iface", bad); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "--map-iface") {
+			t.Errorf("%q: err %v, want ErrInvalid naming --map-iface", bad, err)
+		}
+	}
+}

@@ -407,3 +407,17 @@ func ArbiterLine(role ha.Role, a *api.ArbiterStatus) string {
 	}
 	return strings.Join(parts, "; ")
 }
+
+// PathStates is each probe path as "NAME up" or "NAME SILENT", the form
+// job status and the console show.
+func PathStates(ps []ha.PathStatus) []string {
+	var out []string
+	for _, p := range ps {
+		state := "up"
+		if !p.Up {
+			state = "SILENT"
+		}
+		out = append(out, p.Name+" "+state)
+	}
+	return out
+}
