@@ -57,7 +57,9 @@ func TestSyncMarksOutAfterInSyncReportIsCleared(t *testing.T) {
 		m := newMarks(f)
 		// The target came back while the lease was lost: the report waits.
 		m.targetInSync(ctx, func() bool { return true })
-		time.Sleep(time.Second)
+		// Between two of the watcher's retries (every 200 ms), so the
+		// lease and the out-of-sync record below come before its next.
+		time.Sleep(1100 * time.Millisecond)
 		if got := f.got(); len(got) != 0 {
 			t.Fatalf("records without the lease: %v", got)
 		}
